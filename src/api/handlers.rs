@@ -1,0 +1,286 @@
+//! Thin handlers: parse, call the manager, turn the result into JSON.
+
+use super::views::{ImageView, TemplateView, VmView};
+use super::{ApiError, AppState};
+use crate::manager::requests::{CreateImage, CreateTemplate, CreateVm};
+use crate::store::Owner;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Path, RawQuery, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+type St = State<Arc<AppState>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON request body. Content-Type is not required (curl -d sends a form
+/// type by default), an empty body counts as `{}`, and every parse failure is
+/// a 400 with serde's explanation, which names the offending field.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("cannot read request body: {e}")))?;
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(text)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("not found".into())
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("method not allowed".into())
+}
+
+// ---- vms ----
+
+pub async fn list_vms(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+) -> ApiResult<Json<Vec<VmView>>> {
+    let vms = s.manager.list_vms(&o).await?;
+    Ok(Json(vms.into_iter().map(VmView::from).collect()))
+}
+
+pub async fn create_vm(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    JsonBody(req): JsonBody<CreateVm>,
+) -> ApiResult<(StatusCode, Json<VmView>)> {
+    let vm = s.manager.create_vm(&o, req).await?;
+    Ok((StatusCode::CREATED, Json(vm.into())))
+}
+
+pub async fn get_vm(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<VmView>> {
+    Ok(Json(s.manager.get_vm(&o, &id).await?.into()))
+}
+
+pub async fn stop_vm(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<VmView>> {
+    Ok(Json(s.manager.stop_vm(&o, &id).await?.into()))
+}
+
+pub async fn start_vm(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<VmView>> {
+    Ok(Json(s.manager.start_vm(&o, &id).await?.into()))
+}
+
+pub async fn delete_vm(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.manager.delete_vm(&o, &id).await?;
+    Ok(Json(json!({ "status": "deleted" })))
+}
+
+fn parse_follow(query: Option<&str>) -> ApiResult<bool> {
+    let mut follow = false;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+        match (k, v) {
+            ("follow", "true" | "1") => follow = true,
+            ("follow", "false" | "0") => follow = false,
+            ("follow", other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "follow must be true or false, got {other:?}"
+                )))
+            }
+            (other, _) => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}"
+                )))
+            }
+        }
+    }
+    Ok(follow)
+}
+
+/// The guest's serial console. With `follow=true` the response stays open and
+/// streams new output until the VM's VMM exits or the client goes away.
+pub async fn vm_logs(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Response> {
+    let follow = parse_follow(query.as_deref())?;
+    let (path, _) = s.manager.console_log(&o, &id).await?;
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(ApiError::Internal(format!("reading console log: {e}"))),
+    };
+    let manager = s.manager.clone();
+    let stream =
+        futures_util::stream::unfold((file, path, 0u64), move |(mut file, path, mut offset)| {
+            let manager = manager.clone();
+            let id = id.clone();
+            async move {
+                loop {
+                    if file.is_none() {
+                        file = tokio::fs::File::open(&path).await.ok();
+                    }
+                    if let Some(f) = file.as_mut() {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        if f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                            if let Ok(n) = f.read(&mut buf).await {
+                                if n > 0 {
+                                    buf.truncate(n);
+                                    offset += n as u64;
+                                    return Some((
+                                        Ok::<_, std::io::Error>(Bytes::from(buf)),
+                                        (file, path, offset),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    // At the end of what is written: done, unless following a live VM.
+                    if !follow || !manager.is_running(&id) {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+// ---- images ----
+
+pub async fn list_images(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+) -> ApiResult<Json<Vec<ImageView>>> {
+    Ok(Json(
+        s.manager
+            .list_images(&o)
+            .await?
+            .into_iter()
+            .map(ImageView::from)
+            .collect(),
+    ))
+}
+
+pub async fn create_image(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    JsonBody(req): JsonBody<CreateImage>,
+) -> ApiResult<(StatusCode, Json<ImageView>)> {
+    let img = s.manager.create_image(&o, req).await?;
+    Ok((StatusCode::CREATED, Json(img.into())))
+}
+
+pub async fn get_image(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ImageView>> {
+    Ok(Json(s.manager.get_image(&o, &id).await?.into()))
+}
+
+pub async fn delete_image(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.manager.delete_image(&o, &id).await?;
+    Ok(Json(json!({ "status": "deleted" })))
+}
+
+// ---- templates ----
+
+pub async fn list_templates(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+) -> ApiResult<Json<Vec<TemplateView>>> {
+    Ok(Json(
+        s.manager
+            .list_templates(&o)
+            .await?
+            .into_iter()
+            .map(TemplateView::from)
+            .collect(),
+    ))
+}
+
+pub async fn create_template(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    JsonBody(req): JsonBody<CreateTemplate>,
+) -> ApiResult<(StatusCode, Json<TemplateView>)> {
+    let t = s.manager.create_template(&o, req).await?;
+    Ok((StatusCode::CREATED, Json(t.into())))
+}
+
+pub async fn get_template(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TemplateView>> {
+    Ok(Json(s.manager.get_template(&o, &id).await?.into()))
+}
+
+pub async fn delete_template(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.manager.delete_template(&o, &id).await?;
+    Ok(Json(json!({ "status": "deleted" })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_follow;
+
+    #[test]
+    fn follow_parameter() {
+        assert!(!parse_follow(None).unwrap());
+        assert!(parse_follow(Some("follow=true")).unwrap());
+        assert!(parse_follow(Some("follow=1")).unwrap());
+        assert!(!parse_follow(Some("follow=false")).unwrap());
+        assert!(parse_follow(Some("follow=yes")).is_err());
+        assert!(parse_follow(Some("tail=3")).is_err());
+    }
+}

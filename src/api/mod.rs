@@ -1,0 +1,57 @@
+//! HTTP only: routing, authentication, JSON in and out, and the one mapping
+//! from domain errors to status codes and `{"error": "..."}` bodies.
+
+mod auth;
+mod error;
+mod handlers;
+mod views;
+
+pub use auth::{hash_key, new_key};
+pub use error::ApiError;
+
+use crate::manager::Manager;
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+
+pub struct AppState {
+    pub manager: Arc<Manager>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let authed = Router::new()
+        .route("/vms", get(handlers::list_vms).post(handlers::create_vm))
+        .route(
+            "/vms/{id}",
+            get(handlers::get_vm).delete(handlers::delete_vm),
+        )
+        .route("/vms/{id}/stop", post(handlers::stop_vm))
+        .route("/vms/{id}/start", post(handlers::start_vm))
+        .route("/vms/{id}/logs", get(handlers::vm_logs))
+        .route(
+            "/images",
+            get(handlers::list_images).post(handlers::create_image),
+        )
+        .route(
+            "/images/{id}",
+            get(handlers::get_image).delete(handlers::delete_image),
+        )
+        .route(
+            "/templates",
+            get(handlers::list_templates).post(handlers::create_template),
+        )
+        .route(
+            "/templates/{id}",
+            get(handlers::get_template).delete(handlers::delete_template),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .route("/health", get(handlers::health))
+        .merge(authed)
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .with_state(state)
+}

@@ -1,0 +1,105 @@
+//! JSON shapes of the API's objects (seed 001 for VMs).
+
+use crate::store::{Image, Template, Vm};
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct VmView {
+    pub id: String,
+    pub image_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template_id: Option<String>,
+    pub state: String,
+    pub vcpu_count: i64,
+    pub mem_mib: i64,
+    pub boot_args: String,
+    pub guest_ip: Option<String>,
+    pub guest_mac: Option<String>,
+    pub tap_name: Option<String>,
+    pub ssh_port: Option<i64>,
+    pub enable_network: bool,
+    pub hypervisor: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<Vm> for VmView {
+    fn from(v: Vm) -> Self {
+        VmView {
+            id: v.id,
+            image_id: v.image_id,
+            template_id: v.template_id,
+            state: v.state,
+            vcpu_count: v.vcpu_count,
+            mem_mib: v.mem_mib,
+            boot_args: v.boot_args,
+            guest_ip: v.guest_ip,
+            guest_mac: v.guest_mac,
+            tap_name: v.tap_name,
+            ssh_port: v.ssh_port,
+            enable_network: v.enable_network,
+            hypervisor: v.hypervisor,
+            last_error: v.last_error,
+            created_at: v.created_at,
+            updated_at: v.updated_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ImageView {
+    pub id: String,
+    pub name: Option<String>,
+    pub kernel_path: String,
+    pub initrd_path: Option<String>,
+    pub rootfs_path: String,
+    pub boot_args: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<Image> for ImageView {
+    fn from(i: Image) -> Self {
+        ImageView {
+            id: i.id,
+            name: i.name,
+            kernel_path: i.kernel_path,
+            initrd_path: i.initrd_path,
+            rootfs_path: i.rootfs_path,
+            boot_args: i.boot_args,
+            created_at: i.created_at,
+            updated_at: i.updated_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct TemplateView {
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub image_id: Option<String>,
+    pub user_data: Option<String>,
+    pub vcpu_count: Option<i64>,
+    pub mem_mib: Option<i64>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<Template> for TemplateView {
+    fn from(t: Template) -> Self {
+        TemplateView {
+            id: t.id,
+            name: t.name,
+            description: t.description,
+            image_id: t.image_id,
+            user_data: t.user_data,
+            vcpu_count: t.vcpu_count,
+            mem_mib: t.mem_mib,
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+        }
+    }
+}

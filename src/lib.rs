@@ -1,0 +1,9 @@
+//! hatch: a self-hosted microVM control plane (daemon, REST API and CLI).
+
+pub mod api;
+pub mod config;
+pub mod ids;
+pub mod image;
+pub mod manager;
+pub mod store;
+pub mod vmm;

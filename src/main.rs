@@ -1,0 +1,223 @@
+//! The `hatch` binary: `hatch serve` runs the daemon; `keys` and `image` are
+//! administration tools that work on the data directory directly.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hatch::api::{self, AppState};
+use hatch::config::Config;
+use hatch::manager::Manager;
+use hatch::store::{self, ApiKey, Store};
+use hatch::vmm::qemu::{detect_accel, Qemu};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "hatch", version, about = "Self-hosted microVM control plane")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon (configured through HATCH_* environment variables).
+    Serve,
+    /// Manage API keys (works on HATCH_DATA_DIR directly).
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// Images: build the default guest image.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create an API key, for a new owner (--name) or an existing one (--owner).
+    /// The key is printed once, as the last line of standard output.
+    Create {
+        /// Name of a new owner to create.
+        #[arg(long, conflicts_with = "owner", required_unless_present = "owner")]
+        name: Option<String>,
+        /// Existing owner (id or name) that gets another key.
+        #[arg(long)]
+        owner: Option<String>,
+        /// A label for the key itself.
+        #[arg(long, default_value = "default")]
+        label: String,
+    },
+    /// List keys (never the keys themselves, only their prefixes).
+    List,
+    /// Revoke a key by its id (`key_...`).
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build the default image (Debian cloud kernel, busybox initramfs and rootfs) into DIR.
+    Build {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Image {
+            cmd: ImageCmd::Build { out },
+        } => hatch::image::build::build(&out),
+        Cmd::Serve => runtime()?.block_on(serve()),
+        Cmd::Keys { cmd } => runtime()?.block_on(keys(cmd)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn config() -> anyhow::Result<Config> {
+    Config::from_env().map_err(|e| anyhow::anyhow!(e))
+}
+
+async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    Store::open(&cfg.db_path())
+        .await
+        .context("opening the database")
+}
+
+async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
+    let cfg = config()?;
+    let store = open_store(&cfg).await?;
+    match cmd {
+        KeysCmd::Create { name, owner, label } => {
+            let owner = match (name, owner) {
+                (Some(name), _) => {
+                    let name = name.trim();
+                    anyhow::ensure!(!name.is_empty(), "--name must not be empty");
+                    store
+                        .create_owner(&hatch::ids::new_id("own"), name)
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("{e} (use --owner {name} to add a key to it)")
+                        })?
+                }
+                (None, Some(o)) => store
+                    .find_owner(&o)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no owner {o:?}; create one with --name"))?,
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            let key = api::new_key();
+            let record = ApiKey {
+                id: hatch::ids::new_id("key"),
+                owner_id: owner.id.clone(),
+                name: label,
+                prefix: key[..7].to_string(),
+                created_at: store::now(),
+                revoked_at: None,
+            };
+            store.insert_api_key(&record, &api::hash_key(&key)).await?;
+            println!(
+                "created key {} for owner {} ({})",
+                record.id, owner.name, owner.id
+            );
+            println!("{key}");
+        }
+        KeysCmd::List => {
+            println!(
+                "{:<18} {:<20} {:<12} {:<10} {:<22} REVOKED",
+                "ID", "OWNER", "LABEL", "PREFIX", "CREATED"
+            );
+            for (k, owner) in store.list_api_keys().await? {
+                println!(
+                    "{:<18} {:<20} {:<12} {:<10} {:<22} {}",
+                    k.id,
+                    owner,
+                    k.name,
+                    k.prefix,
+                    k.created_at,
+                    k.revoked_at.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        KeysCmd::Revoke { id } => {
+            anyhow::ensure!(store.revoke_api_key(&id).await?, "no live key {id:?}");
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+/// One daemon per data directory: a second one would kill the first one's VMs in recovery.
+fn lock_data_dir(cfg: &Config) -> anyhow::Result<std::fs::File> {
+    let path = cfg.data_dir.join("hatch.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    // SAFETY: flock on a file descriptor we own; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    anyhow::ensure!(
+        rc == 0,
+        "another hatch daemon is using {}",
+        cfg.data_dir.display()
+    );
+    Ok(file)
+}
+
+async fn serve() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HATCH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cfg = config()?;
+    let store = open_store(&cfg).await?;
+    let _lock = lock_data_dir(&cfg)?;
+    let accel = detect_accel(cfg.qemu_accel);
+    tracing::info!(requested = ?cfg.qemu_accel, chosen = accel.as_str(), "QEMU accelerator");
+    let vmm = Arc::new(Qemu::new(cfg.qemu_binary.clone(), accel));
+    let addr = cfg.http_addr;
+    let manager = Manager::new(store, vmm, cfg);
+    manager.recover().await?;
+    manager.seed_default_image().await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    tracing::info!(%addr, "hatch API listening");
+    let app = api::router(Arc::new(AppState {
+        manager: manager.clone(),
+    }));
+    // VMs are stopped before the server drains, so open `logs?follow=true` streams end.
+    let stopper = manager.clone();
+    let on_signal = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: stopping running VMs");
+        stopper.shutdown_all().await;
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(on_signal)
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

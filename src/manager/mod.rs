@@ -1,0 +1,734 @@
+//! Orchestration: the only place that changes VM state.
+//!
+//! Every flow takes the VM's lock, checks the transition against the state
+//! table, persists the new state *before* the side effect and again after it,
+//! so a crash at any point leaves a state that start-up recovery understands.
+
+pub mod requests;
+pub mod state;
+
+use crate::config::Config;
+use crate::ids;
+use crate::image::{self, ImageSource};
+use crate::store::{self, Image, Owner, Store, StoreError, Template, Vm};
+use crate::vmm::{self, process, VmSpec, Vmm};
+use requests::{CreateImage, CreateTemplate, CreateVm};
+use state::VmState;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, OwnedMutexGuard};
+
+pub const DEFAULT_IMAGE_ID: &str = "img_default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ManagerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => ManagerError::Conflict(m),
+            other => ManagerError::Internal(other.to_string()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ManagerError>;
+
+/// A VMM process this daemon started and is watching.
+struct Running {
+    boot_id: u64,
+    pid: u32,
+    exited: watch::Receiver<bool>,
+}
+
+pub struct Manager {
+    store: Store,
+    vmm: Arc<dyn Vmm>,
+    config: Config,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    running: Mutex<HashMap<String, Running>>,
+    next_boot: AtomicU64,
+}
+
+fn not_found(kind: &str, id: &str) -> ManagerError {
+    ManagerError::NotFound(format!("{kind} {id} not found"))
+}
+
+fn state_of(vm: &Vm) -> VmState {
+    // Unknown text in the database is treated as an error state, never as running.
+    vm.state.parse().unwrap_or(VmState::Error)
+}
+
+impl Manager {
+    pub fn new(store: Store, vmm: Arc<dyn Vmm>, config: Config) -> Arc<Manager> {
+        Arc::new(Manager {
+            store,
+            vmm,
+            config,
+            locks: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            next_boot: AtomicU64::new(1),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn hypervisor_name(&self) -> &'static str {
+        self.vmm.name()
+    }
+
+    async fn lock_vm(&self, id: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap();
+            Arc::clone(locks.entry(id.to_string()).or_default())
+        };
+        lock.lock_owned().await
+    }
+
+    fn work_dir(&self, vm_id: &str) -> PathBuf {
+        self.config.vms_dir().join(vm_id)
+    }
+
+    fn spec_for(&self, vm: &Vm) -> VmSpec {
+        let image_dir = PathBuf::from(&vm.image_dir);
+        let work_dir = self.work_dir(&vm.id);
+        VmSpec {
+            vm_id: vm.id.clone(),
+            disk: work_dir.join("disk.qcow2"),
+            work_dir,
+            kernel: image::kernel_in(&image_dir),
+            initrd: image::initrd_in(&image_dir),
+            boot_args: vm.boot_args.clone(),
+            vcpu_count: vm.vcpu_count as u32,
+            mem_mib: vm.mem_mib as u32,
+        }
+    }
+
+    /// Persists a checked transition.
+    async fn transition(&self, vm: &mut Vm, to: VmState, last_error: Option<&str>) -> Result<()> {
+        let from = state_of(vm);
+        if !from.can_become(to) {
+            return Err(ManagerError::Internal(format!(
+                "internal error: vm {} cannot go from {from} to {to}",
+                vm.id
+            )));
+        }
+        vm.updated_at = self
+            .store
+            .set_vm_state(&vm.id, to.as_str(), last_error)
+            .await?;
+        vm.state = to.as_str().to_string();
+        vm.last_error = last_error.map(str::to_string);
+        tracing::info!(vm = %vm.id, %from, %to, error = last_error.unwrap_or(""), "state change");
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- start-up
+
+    /// Start-up recovery: no VMM from before survives unaccounted for, and VMs
+    /// left in a transient state are marked `error` (seed 001).
+    pub async fn recover(&self) -> Result<()> {
+        let vms_dir = self.config.vms_dir();
+        let killed = tokio::task::spawn_blocking(move || process::kill_all_under(&vms_dir))
+            .await
+            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        if killed > 0 {
+            tracing::warn!(killed, "killed VMM processes left from a previous daemon");
+        }
+        for vm in self.store.all_vms().await? {
+            let st = state_of(&vm);
+            if st.is_transient() {
+                let msg = format!(
+                    "the hatch daemon restarted while this VM was {st}; its VMM process is gone"
+                );
+                self.store
+                    .set_vm_state(&vm.id, VmState::Error.as_str(), Some(&msg))
+                    .await?;
+                tracing::warn!(vm = %vm.id, was = %st, "marked error after restart");
+            }
+        }
+        Ok(())
+    }
+
+    /// Seeds (or refreshes) `img_default` from HATCH_DEFAULT_* and removes
+    /// imported image versions nothing uses any more.
+    pub async fn seed_default_image(&self) -> Result<()> {
+        let (Some(kernel), Some(rootfs)) =
+            (&self.config.default_kernel, &self.config.default_rootfs)
+        else {
+            if self.store.get_image(DEFAULT_IMAGE_ID).await?.is_none() {
+                tracing::warn!(
+                    "no default image: set HATCH_DEFAULT_KERNEL_PATH and HATCH_DEFAULT_ROOTFS_PATH"
+                );
+            }
+            return Ok(());
+        };
+        let bad = |e: String| ManagerError::BadRequest(format!("default image: {e}"));
+        let src = ImageSource {
+            kernel: image::check_source_path(
+                "HATCH_DEFAULT_KERNEL_PATH",
+                &kernel.to_string_lossy(),
+            )
+            .map_err(bad)?,
+            rootfs: image::check_source_path(
+                "HATCH_DEFAULT_ROOTFS_PATH",
+                &rootfs.to_string_lossy(),
+            )
+            .map_err(bad)?,
+            initrd: match &self.config.default_initrd {
+                Some(p) => Some(
+                    image::check_source_path("HATCH_DEFAULT_INITRD_PATH", &p.to_string_lossy())
+                        .map_err(bad)?,
+                ),
+                None => None,
+            },
+        };
+        let fp = src.fingerprint().map_err(|e| bad(e.to_string()))?;
+        let existing = self.store.get_image(DEFAULT_IMAGE_ID).await?;
+        if existing
+            .as_ref()
+            .is_some_and(|i| i.fingerprint == fp && Path::new(&i.dir).exists())
+        {
+            return self.collect_unused_image_versions().await;
+        }
+        let dir = self.config.images_dir().join(DEFAULT_IMAGE_ID).join(&fp);
+        if !dir.exists() {
+            tokio::fs::create_dir_all(dir.parent().unwrap())
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            image::import(&src, &dir).await.map_err(bad)?;
+        }
+        let now = store::now();
+        let img = Image {
+            id: DEFAULT_IMAGE_ID.into(),
+            owner_id: None,
+            name: Some("default".into()),
+            kernel_path: src.kernel.display().to_string(),
+            initrd_path: src.initrd.as_ref().map(|p| p.display().to_string()),
+            rootfs_path: src.rootfs.display().to_string(),
+            boot_args: self.config.default_boot_args.clone(),
+            dir: dir.display().to_string(),
+            fingerprint: fp,
+            created_at: existing
+                .as_ref()
+                .map(|i| i.created_at.clone())
+                .unwrap_or_else(|| now.clone()),
+            updated_at: now,
+        };
+        if existing.is_some() {
+            self.store.update_image(&img).await?;
+            tracing::info!(dir = %img.dir, "default image refreshed from changed source files");
+        } else {
+            self.store.insert_image(&img).await?;
+            tracing::info!(dir = %img.dir, "default image seeded");
+        }
+        self.collect_unused_image_versions().await
+    }
+
+    async fn collect_unused_image_versions(&self) -> Result<()> {
+        let in_use = self.store.image_dirs_in_use().await?;
+        let Ok(mut images) = tokio::fs::read_dir(self.config.images_dir()).await else {
+            return Ok(());
+        };
+        while let Ok(Some(img_dir)) = images.next_entry().await {
+            let id = img_dir.file_name().to_string_lossy().to_string();
+            let current = self.store.get_image(&id).await?.map(|i| i.dir);
+            let Ok(mut versions) = tokio::fs::read_dir(img_dir.path()).await else {
+                continue;
+            };
+            while let Ok(Some(v)) = versions.next_entry().await {
+                let path = v.path().display().to_string();
+                if current.as_deref() != Some(path.as_str()) && !in_use.contains(&path) {
+                    tracing::info!(%path, "removing unused image version");
+                    let _ = tokio::fs::remove_dir_all(v.path()).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- images
+
+    async fn visible_image(&self, owner: &Owner, id: &str) -> Result<Image> {
+        match self.store.get_image(id).await? {
+            Some(img) if img.owner_id.is_none() || img.owner_id.as_deref() == Some(&owner.id) => {
+                Ok(img)
+            }
+            _ => Err(not_found("image", id)),
+        }
+    }
+
+    pub async fn get_image(&self, owner: &Owner, id: &str) -> Result<Image> {
+        self.visible_image(owner, id).await
+    }
+
+    pub async fn list_images(&self, owner: &Owner) -> Result<Vec<Image>> {
+        Ok(self.store.list_images(&owner.id).await?)
+    }
+
+    pub async fn create_image(&self, owner: &Owner, req: CreateImage) -> Result<Image> {
+        req.validate().map_err(ManagerError::BadRequest)?;
+        let bad = ManagerError::BadRequest;
+        let src = ImageSource {
+            kernel: image::check_source_path(
+                "kernel_path",
+                req.kernel_path.as_deref().unwrap_or_default(),
+            )
+            .map_err(bad)?,
+            rootfs: image::check_source_path(
+                "rootfs_path",
+                req.rootfs_path.as_deref().unwrap_or_default(),
+            )
+            .map_err(bad)?,
+            initrd: match &req.initrd_path {
+                Some(p) => Some(image::check_source_path("initrd_path", p).map_err(bad)?),
+                None => None,
+            },
+        };
+        let fmt = image::disk_format_of(&src.rootfs)
+            .await
+            .map_err(ManagerError::Internal)?;
+        if fmt != "raw" {
+            return Err(ManagerError::BadRequest(format!(
+                "rootfs_path must be a raw filesystem image (such as ext4), but it is {fmt}"
+            )));
+        }
+        let id = ids::new_id("img");
+        let fp = src
+            .fingerprint()
+            .map_err(|e| ManagerError::BadRequest(e.to_string()))?;
+        let dir = self.config.images_dir().join(&id).join(&fp);
+        tokio::fs::create_dir_all(dir.parent().unwrap())
+            .await
+            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        if let Err(e) = image::import(&src, &dir).await {
+            let _ = tokio::fs::remove_dir_all(self.config.images_dir().join(&id)).await;
+            return Err(ManagerError::Internal(format!(
+                "importing image files: {e}"
+            )));
+        }
+        let now = store::now();
+        let img = Image {
+            id: id.clone(),
+            owner_id: Some(owner.id.clone()),
+            name: req.name,
+            kernel_path: src.kernel.display().to_string(),
+            initrd_path: src.initrd.as_ref().map(|p| p.display().to_string()),
+            rootfs_path: src.rootfs.display().to_string(),
+            boot_args: req.boot_args,
+            dir: dir.display().to_string(),
+            fingerprint: fp,
+            created_at: now.clone(),
+            updated_at: now,
+        };
+        if let Err(e) = self.store.insert_image(&img).await {
+            let _ = tokio::fs::remove_dir_all(self.config.images_dir().join(&id)).await;
+            return Err(e.into());
+        }
+        Ok(img)
+    }
+
+    pub async fn delete_image(&self, owner: &Owner, id: &str) -> Result<()> {
+        let img = self.visible_image(owner, id).await?;
+        if img.owner_id.is_none() {
+            return Err(ManagerError::Conflict(format!(
+                "{id} is the system default image and cannot be deleted through the API"
+            )));
+        }
+        let (vms, templates) = self.store.image_users(id).await?;
+        if vms > 0 || templates > 0 {
+            return Err(ManagerError::Conflict(format!(
+                "image {id} is in use by {vms} VM(s) and {templates} template(s); delete those first"
+            )));
+        }
+        self.store.delete_image(id).await?;
+        let _ = tokio::fs::remove_dir_all(self.config.images_dir().join(id)).await;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- templates
+
+    pub async fn create_template(&self, owner: &Owner, req: CreateTemplate) -> Result<Template> {
+        req.validate().map_err(ManagerError::BadRequest)?;
+        if let Some(img) = &req.image_id {
+            self.visible_image(owner, img).await.map_err(|_| {
+                ManagerError::BadRequest(format!("image_id: image {img} not found"))
+            })?;
+        }
+        let now = store::now();
+        let t = Template {
+            id: ids::new_id("tpl"),
+            owner_id: owner.id.clone(),
+            name: req.name.unwrap_or_default(),
+            description: req.description,
+            image_id: req.image_id,
+            user_data: req.user_data,
+            vcpu_count: req.vcpu_count,
+            mem_mib: req.mem_mib,
+            created_at: now.clone(),
+            updated_at: now,
+        };
+        self.store.insert_template(&t).await?;
+        Ok(t)
+    }
+
+    pub async fn get_template(&self, owner: &Owner, id: &str) -> Result<Template> {
+        self.store
+            .get_template(&owner.id, id)
+            .await?
+            .ok_or_else(|| not_found("template", id))
+    }
+
+    pub async fn list_templates(&self, owner: &Owner) -> Result<Vec<Template>> {
+        Ok(self.store.list_templates(&owner.id).await?)
+    }
+
+    pub async fn delete_template(&self, owner: &Owner, id: &str) -> Result<()> {
+        if self.store.delete_template(&owner.id, id).await? {
+            Ok(())
+        } else {
+            Err(not_found("template", id))
+        }
+    }
+
+    // ---------------------------------------------------------------- vms
+
+    async fn visible_vm(&self, owner: &Owner, id: &str) -> Result<Vm> {
+        match self.store.get_vm(id).await? {
+            Some(vm) if vm.owner_id == owner.id => Ok(vm),
+            _ => Err(not_found("vm", id)),
+        }
+    }
+
+    pub async fn get_vm(&self, owner: &Owner, id: &str) -> Result<Vm> {
+        self.visible_vm(owner, id).await
+    }
+
+    pub async fn list_vms(&self, owner: &Owner) -> Result<Vec<Vm>> {
+        Ok(self.store.list_vms(&owner.id).await?)
+    }
+
+    /// Creates and boots a VM. A failure after the row exists leaves the VM in
+    /// `error` with the reason, its console log kept for diagnosis.
+    pub async fn create_vm(self: &Arc<Self>, owner: &Owner, req: CreateVm) -> Result<Vm> {
+        req.validate().map_err(ManagerError::BadRequest)?;
+        let template = match &req.template_id {
+            Some(t) => Some(
+                self.store
+                    .get_template(&owner.id, t)
+                    .await?
+                    .ok_or_else(|| {
+                        ManagerError::BadRequest(format!("template_id: template {t} not found"))
+                    })?,
+            ),
+            None => None,
+        };
+        let tpl = template.as_ref();
+        // Explicit request values win over the template's (seed 001).
+        let image_id = req
+            .image_id
+            .clone()
+            .or_else(|| tpl.and_then(|t| t.image_id.clone()))
+            .unwrap_or_else(|| DEFAULT_IMAGE_ID.to_string());
+        let vcpu_count = req
+            .vcpu_count
+            .or_else(|| tpl.and_then(|t| t.vcpu_count))
+            .unwrap_or(requests::DEFAULT_VCPUS);
+        let mem_mib = req
+            .mem_mib
+            .or_else(|| tpl.and_then(|t| t.mem_mib))
+            .unwrap_or(requests::DEFAULT_MEM_MIB);
+        let user_data = req
+            .user_data
+            .clone()
+            .or_else(|| tpl.and_then(|t| t.user_data.clone()));
+        let image = match self.visible_image(owner, &image_id).await {
+            Ok(i) => i,
+            Err(_) if image_id == DEFAULT_IMAGE_ID => {
+                return Err(ManagerError::BadRequest(
+                    "no image_id given and no default image is configured \
+                     (set HATCH_DEFAULT_KERNEL_PATH and HATCH_DEFAULT_ROOTFS_PATH)"
+                        .into(),
+                ))
+            }
+            Err(_) => {
+                return Err(ManagerError::BadRequest(format!(
+                    "image_id: image {image_id} not found"
+                )))
+            }
+        };
+        let now = store::now();
+        let mut vm = Vm {
+            id: ids::new_id("vm"),
+            owner_id: owner.id.clone(),
+            image_id: image.id.clone(),
+            image_dir: image.dir.clone(),
+            template_id: tpl.map(|t| t.id.clone()),
+            state: VmState::Starting.as_str().into(),
+            vcpu_count,
+            mem_mib,
+            boot_args: requests::effective_boot_args(
+                req.boot_args.as_deref(),
+                image.boot_args.as_deref(),
+            ),
+            enable_network: req.enable_network.unwrap_or(true),
+            user_data,
+            guest_ip: None,
+            guest_mac: None,
+            tap_name: None,
+            ssh_port: None,
+            hypervisor: self.vmm.name().into(),
+            last_error: None,
+            created_at: now.clone(),
+            updated_at: now,
+        };
+        let _guard = self.lock_vm(&vm.id).await;
+        self.store.insert_vm(&vm).await?;
+        let work_dir = self.work_dir(&vm.id);
+        let prepared = async {
+            tokio::fs::create_dir_all(&work_dir)
+                .await
+                .map_err(|e| format!("creating work directory: {e}"))?;
+            image::create_vm_disk(
+                &image::rootfs_in(Path::new(&vm.image_dir)),
+                &work_dir,
+                self.vmm.capabilities().disk_format,
+            )
+            .await
+            .map_err(|e| format!("creating VM disk: {e}"))
+        }
+        .await;
+        let booted = match prepared {
+            Ok(_) => self.boot(&vm).await,
+            Err(e) => Err(e),
+        };
+        match booted {
+            Ok(()) => {
+                self.transition(&mut vm, VmState::Running, None).await?;
+                Ok(vm)
+            }
+            Err(e) => {
+                let msg = format!("failed to start vm {}: {e}", vm.id);
+                self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
+                Err(ManagerError::Internal(msg))
+            }
+        }
+    }
+
+    /// Boots the VMM for `vm` and starts watching its process.
+    async fn boot(self: &Arc<Self>, vm: &Vm) -> std::result::Result<(), String> {
+        let spec = self.spec_for(vm);
+        if !spec.disk.exists() {
+            return Err(format!("the VM's disk {} is missing", spec.disk.display()));
+        }
+        let proc = self.vmm.boot(&spec).await.map_err(|e| e.to_string())?;
+        let boot_id = self.next_boot.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(false);
+        self.running.lock().unwrap().insert(
+            vm.id.clone(),
+            Running {
+                boot_id,
+                pid: proc.pid,
+                exited: rx,
+            },
+        );
+        let mgr = Arc::clone(self);
+        let vm_id = vm.id.clone();
+        let mut child = proc.child;
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = tx.send(true);
+            mgr.on_vmm_exit(&vm_id, boot_id, status).await;
+        });
+        tracing::info!(vm = %vm.id, pid = proc.pid, "VMM started");
+        Ok(())
+    }
+
+    /// A VMM exited. If no flow was expecting it (the guest powered off or the
+    /// VMM crashed), record what happened.
+    async fn on_vmm_exit(
+        &self,
+        vm_id: &str,
+        boot_id: u64,
+        status: std::io::Result<std::process::ExitStatus>,
+    ) {
+        let _guard = self.lock_vm(vm_id).await;
+        {
+            let mut running = self.running.lock().unwrap();
+            if running.get(vm_id).map(|r| r.boot_id) != Some(boot_id) {
+                return; // a stop/delete flow already handled this process
+            }
+            running.remove(vm_id);
+        }
+        let Ok(Some(mut vm)) = self.store.get_vm(vm_id).await else {
+            return;
+        };
+        if state_of(&vm) != VmState::Running {
+            return;
+        }
+        let result = match status {
+            Ok(s) if s.success() => {
+                tracing::info!(vm = vm_id, "guest powered off");
+                self.transition(&mut vm, VmState::Stopped, None).await
+            }
+            other => {
+                let how = match other {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                let msg = format!("the VMM process exited unexpectedly ({how})");
+                self.transition(&mut vm, VmState::Error, Some(&msg)).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(vm = vm_id, "recording VMM exit: {e}");
+        }
+    }
+
+    /// Ends the VM's VMM process: first an ACPI power-off when `graceful`,
+    /// then SIGKILL after the stop timeout. Returns whether the guest shut down by itself.
+    async fn end_vmm(&self, vm: &Vm, graceful: bool) -> bool {
+        let entry = {
+            let running = self.running.lock().unwrap();
+            running.get(&vm.id).map(|r| (r.pid, r.exited.clone()))
+        };
+        let mut clean = false;
+        if let Some((pid, mut exited)) = entry {
+            if graceful && self.vmm.request_shutdown(&self.spec_for(vm)).await.is_ok() {
+                clean = tokio::time::timeout(self.config.stop_timeout, exited.wait_for(|e| *e))
+                    .await
+                    .is_ok();
+            }
+            if !clean {
+                tracing::warn!(vm = %vm.id, pid, graceful, "killing VMM");
+                tokio::task::spawn_blocking(move || {
+                    process::kill_and_wait(pid, Duration::from_secs(10))
+                })
+                .await
+                .ok();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+            }
+            self.running.lock().unwrap().remove(&vm.id);
+        }
+        // Anything else still running from this VM's directory is ours and must go.
+        let dir = self.work_dir(&vm.id);
+        tokio::task::spawn_blocking(move || process::kill_all_under(&dir))
+            .await
+            .ok();
+        clean
+    }
+
+    pub async fn stop_vm(&self, owner: &Owner, id: &str) -> Result<Vm> {
+        let _guard = self.lock_vm(id).await;
+        let mut vm = self.visible_vm(owner, id).await?;
+        self.stop_locked(&mut vm).await?;
+        Ok(vm)
+    }
+
+    async fn stop_locked(&self, vm: &mut Vm) -> Result<()> {
+        let st = state_of(vm);
+        if st != VmState::Running {
+            return Err(ManagerError::Conflict(format!(
+                "vm {} is {st}; only a running VM can be stopped",
+                vm.id
+            )));
+        }
+        self.transition(vm, VmState::Stopping, None).await?;
+        let clean = self.end_vmm(vm, true).await;
+        tracing::info!(vm = %vm.id, clean, "stopped");
+        self.transition(vm, VmState::Stopped, None).await
+    }
+
+    pub async fn start_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
+        let _guard = self.lock_vm(id).await;
+        let mut vm = self.visible_vm(owner, id).await?;
+        let st = state_of(&vm);
+        if !matches!(st, VmState::Stopped | VmState::Error) {
+            return Err(ManagerError::Conflict(format!(
+                "vm {id} is {st}; only a stopped VM (or one in error) can be started"
+            )));
+        }
+        self.transition(&mut vm, VmState::Starting, None).await?;
+        self.end_vmm(&vm, false).await;
+        match self.boot(&vm).await {
+            Ok(()) => {
+                self.transition(&mut vm, VmState::Running, None).await?;
+                Ok(vm)
+            }
+            Err(e) => {
+                let msg = format!("failed to start vm {id}: {e}");
+                self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
+                Err(ManagerError::Internal(msg))
+            }
+        }
+    }
+
+    /// Deletes a VM: VMM killed, work directory removed, row deleted.
+    pub async fn delete_vm(&self, owner: &Owner, id: &str) -> Result<()> {
+        let guard = self.lock_vm(id).await;
+        let vm = self.visible_vm(owner, id).await?;
+        self.end_vmm(&vm, false).await;
+        let dir = self.work_dir(id);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                let msg = format!("deleting vm {id}: removing {}: {e}", dir.display());
+                if state_of(&vm).is_transient() {
+                    self.store
+                        .set_vm_state(id, VmState::Error.as_str(), Some(&msg))
+                        .await?;
+                }
+                return Err(ManagerError::Internal(msg));
+            }
+        }
+        self.store.delete_vm(id).await?;
+        drop(guard);
+        self.locks.lock().unwrap().remove(id);
+        tracing::info!(vm = id, "deleted");
+        Ok(())
+    }
+
+    /// Where the VM's console output is kept, and whether it may still grow.
+    pub async fn console_log(&self, owner: &Owner, id: &str) -> Result<(PathBuf, bool)> {
+        let vm = self.visible_vm(owner, id).await?;
+        Ok((
+            vmm::console_log_path(&self.work_dir(&vm.id)),
+            self.is_running(id),
+        ))
+    }
+
+    pub fn is_running(&self, id: &str) -> bool {
+        self.running.lock().unwrap().contains_key(id)
+    }
+
+    /// Daemon shutdown: every running guest is powered off gracefully and
+    /// recorded `stopped`, so it can be started again after the restart.
+    pub async fn shutdown_all(&self) {
+        let ids: Vec<String> = self.running.lock().unwrap().keys().cloned().collect();
+        let stops = ids.into_iter().map(|id| async move {
+            let _guard = self.lock_vm(&id).await;
+            if let Ok(Some(mut vm)) = self.store.get_vm(&id).await {
+                if state_of(&vm) == VmState::Running {
+                    if let Err(e) = self.stop_locked(&mut vm).await {
+                        tracing::error!(vm = %id, "stopping at shutdown: {e}");
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(stops).await;
+    }
+}

@@ -1,0 +1,256 @@
+//! Typed requests with their validation: invalid input never reaches code that acts.
+
+use serde::Deserialize;
+
+pub const VCPU_RANGE: (i64, i64) = (1, 32);
+pub const MEM_RANGE: (i64, i64) = (128, 65536);
+pub const DEFAULT_VCPUS: i64 = 1;
+pub const DEFAULT_MEM_MIB: i64 = 512;
+const MAX_BOOT_ARGS: usize = 4096;
+const MAX_USER_DATA: usize = 256 * 1024;
+const MAX_NAME: usize = 128;
+const MAX_DESCRIPTION: usize = 4096;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub image_id: Option<String>,
+    pub template_id: Option<String>,
+    pub vcpu_count: Option<i64>,
+    pub mem_mib: Option<i64>,
+    pub boot_args: Option<String>,
+    pub enable_network: Option<bool>,
+    pub guest_ip: Option<String>,
+    pub guest_mac: Option<String>,
+    pub user_data: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImage {
+    pub name: Option<String>,
+    pub kernel_path: Option<String>,
+    pub rootfs_path: Option<String>,
+    pub initrd_path: Option<String>,
+    pub boot_args: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub image_id: Option<String>,
+    pub user_data: Option<String>,
+    pub vcpu_count: Option<i64>,
+    pub mem_mib: Option<i64>,
+}
+
+pub fn check_range(field: &str, value: i64, (lo, hi): (i64, i64)) -> Result<(), String> {
+    if value < lo || value > hi {
+        return Err(format!(
+            "{field} must be between {lo} and {hi}, got {value}"
+        ));
+    }
+    Ok(())
+}
+
+pub fn check_boot_args(args: &str) -> Result<(), String> {
+    if args.len() > MAX_BOOT_ARGS {
+        return Err(format!("boot_args must be at most {MAX_BOOT_ARGS} bytes"));
+    }
+    if args.chars().any(|c| c.is_control()) {
+        return Err("boot_args must be a single line without control characters".into());
+    }
+    Ok(())
+}
+
+pub fn check_user_data(data: &str) -> Result<(), String> {
+    if data.len() > MAX_USER_DATA {
+        return Err(format!("user_data must be at most {MAX_USER_DATA} bytes"));
+    }
+    Ok(())
+}
+
+fn check_name(field: &str, name: &str, max: usize) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err(format!("{field} must not be empty"));
+    }
+    if name.len() > max {
+        return Err(format!("{field} must be at most {max} characters"));
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Err(format!("{field} must not contain control characters"));
+    }
+    Ok(())
+}
+
+impl CreateVm {
+    /// Checks what can be checked without the store.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(v) = self.vcpu_count {
+            check_range("vcpu_count", v, VCPU_RANGE)?;
+        }
+        if let Some(m) = self.mem_mib {
+            check_range("mem_mib", m, MEM_RANGE)?;
+        }
+        if let Some(a) = &self.boot_args {
+            check_boot_args(a)?;
+        }
+        if let Some(u) = &self.user_data {
+            check_user_data(u)?;
+        }
+        // Networking (bridge, TAP, IP allocation) is not built yet: refusing is
+        // honest, accepting an address we would not apply is not.
+        for (field, value) in [("guest_ip", &self.guest_ip), ("guest_mac", &self.guest_mac)] {
+            if value.is_some() {
+                return Err(format!(
+                    "{field} cannot be set: this hatch version does not provide VM networking yet"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CreateImage {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(n) = &self.name {
+            check_name("name", n, MAX_NAME)?;
+        }
+        if self.kernel_path.is_none() {
+            return Err("kernel_path is required".into());
+        }
+        if self.rootfs_path.is_none() {
+            return Err("rootfs_path is required".into());
+        }
+        if let Some(a) = &self.boot_args {
+            check_boot_args(a)?;
+        }
+        Ok(())
+    }
+}
+
+impl CreateTemplate {
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.name {
+            None => return Err("name is required".into()),
+            Some(n) => check_name("name", n, MAX_NAME)?,
+        }
+        if let Some(d) = &self.description {
+            if d.len() > MAX_DESCRIPTION {
+                return Err(format!(
+                    "description must be at most {MAX_DESCRIPTION} characters"
+                ));
+            }
+        }
+        if let Some(v) = self.vcpu_count {
+            check_range("vcpu_count", v, VCPU_RANGE)?;
+        }
+        if let Some(m) = self.mem_mib {
+            check_range("mem_mib", m, MEM_RANGE)?;
+        }
+        if let Some(u) = &self.user_data {
+            check_user_data(u)?;
+        }
+        Ok(())
+    }
+}
+
+/// The kernel command line a VM boots with: the request's, else the image's,
+/// else ours; a serial console is added when none is named so logs work.
+pub fn effective_boot_args(requested: Option<&str>, image_default: Option<&str>) -> String {
+    let base = requested
+        .or(image_default)
+        .unwrap_or("console=ttyS0 root=/dev/vda rw")
+        .trim()
+        .to_string();
+    if base.split_whitespace().any(|w| w.starts_with("console=")) {
+        base
+    } else if base.is_empty() {
+        "console=ttyS0".into()
+    } else {
+        format!("{base} console=ttyS0")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_name_the_field() {
+        let r = CreateVm {
+            vcpu_count: Some(33),
+            ..Default::default()
+        };
+        assert!(r.validate().unwrap_err().starts_with("vcpu_count"));
+        let r = CreateVm {
+            vcpu_count: Some(0),
+            ..Default::default()
+        };
+        assert!(r.validate().is_err());
+        let r = CreateVm {
+            mem_mib: Some(127),
+            ..Default::default()
+        };
+        assert!(r.validate().unwrap_err().starts_with("mem_mib"));
+        let r = CreateVm {
+            mem_mib: Some(65537),
+            ..Default::default()
+        };
+        assert!(r.validate().is_err());
+        let ok = CreateVm {
+            vcpu_count: Some(32),
+            mem_mib: Some(128),
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+        let ok = CreateVm {
+            vcpu_count: Some(1),
+            mem_mib: Some(65536),
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn boot_args_get_a_console() {
+        assert_eq!(
+            effective_boot_args(None, None),
+            "console=ttyS0 root=/dev/vda rw"
+        );
+        assert_eq!(
+            effective_boot_args(Some("root=/dev/vda quiet"), None),
+            "root=/dev/vda quiet console=ttyS0"
+        );
+        assert_eq!(
+            effective_boot_args(None, Some("console=hvc0")),
+            "console=hvc0"
+        );
+        assert_eq!(
+            effective_boot_args(Some("a=1"), Some("b=2")),
+            "a=1 console=ttyS0"
+        );
+        assert!(check_boot_args("a\nb").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let e = serde_json::from_str::<CreateVm>(r#"{"memory_mib": 512}"#).unwrap_err();
+        assert!(e.to_string().contains("memory_mib"));
+    }
+
+    #[test]
+    fn template_needs_a_name() {
+        let t = CreateTemplate {
+            name: None,
+            description: None,
+            image_id: None,
+            user_data: None,
+            vcpu_count: None,
+            mem_mib: None,
+        };
+        assert_eq!(t.validate().unwrap_err(), "name is required");
+    }
+}

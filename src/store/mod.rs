@@ -1,0 +1,437 @@
+//! Durable state in SQLite: owners, API keys, images, templates and VMs.
+//!
+//! Every query is a static SQL string with bound parameters; schema changes
+//! are versioned migrations under `migrations/`, applied at start-up.
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Current time in the API's timestamp format (RFC 3339, seconds, `Z`).
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Owner {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct ApiKey {
+    pub id: String,
+    pub owner_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Image {
+    pub id: String,
+    pub owner_id: Option<String>,
+    pub name: Option<String>,
+    pub kernel_path: String,
+    pub initrd_path: Option<String>,
+    pub rootfs_path: String,
+    pub boot_args: Option<String>,
+    pub dir: String,
+    pub fingerprint: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Template {
+    pub id: String,
+    pub owner_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub image_id: Option<String>,
+    pub user_data: Option<String>,
+    pub vcpu_count: Option<i64>,
+    pub mem_mib: Option<i64>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Vm {
+    pub id: String,
+    pub owner_id: String,
+    pub image_id: String,
+    pub image_dir: String,
+    pub template_id: Option<String>,
+    pub state: String,
+    pub vcpu_count: i64,
+    pub mem_mib: i64,
+    pub boot_args: String,
+    pub enable_network: bool,
+    pub user_data: Option<String>,
+    pub guest_ip: Option<String>,
+    pub guest_mac: Option<String>,
+    pub tap_name: Option<String>,
+    pub ssh_port: Option<i64>,
+    pub hypervisor: String,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite file and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Store> {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a state change the API reported must survive power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    // ---- owners and keys ----
+
+    pub async fn create_owner(&self, id: &str, name: &str) -> Result<Owner> {
+        let created_at = now();
+        sqlx::query("INSERT INTO owners (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(name)
+            .bind(&created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict(format!("an owner named {name:?} already exists"))
+                } else {
+                    e.into()
+                }
+            })?;
+        Ok(Owner {
+            id: id.into(),
+            name: name.into(),
+            created_at,
+        })
+    }
+
+    /// Finds an owner by id or by name.
+    pub async fn find_owner(&self, id_or_name: &str) -> Result<Option<Owner>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM owners WHERE id = ? OR name = ?")
+                .bind(id_or_name)
+                .bind(id_or_name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn insert_api_key(&self, key: &ApiKey, key_hash: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, owner_id, name, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.owner_id)
+        .bind(&key.name)
+        .bind(key_hash)
+        .bind(&key.prefix)
+        .bind(&key.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The owner of a live (not revoked) key with this hash.
+    pub async fn owner_by_key_hash(&self, key_hash: &str) -> Result<Option<Owner>> {
+        Ok(sqlx::query_as(
+            "SELECT o.* FROM owners o JOIN api_keys k ON k.owner_id = o.id WHERE k.key_hash = ? AND k.revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn list_api_keys(&self) -> Result<Vec<(ApiKey, String)>> {
+        let keys: Vec<ApiKey> = sqlx::query_as(
+            "SELECT id, owner_id, name, prefix, created_at, revoked_at FROM api_keys ORDER BY created_at, rowid",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let owner: (String,) = sqlx::query_as("SELECT name FROM owners WHERE id = ?")
+                .bind(&k.owner_id)
+                .fetch_one(&self.pool)
+                .await?;
+            out.push((k, owner.0));
+        }
+        Ok(out)
+    }
+
+    /// Revokes a key; false when no live key has this id.
+    pub async fn revoke_api_key(&self, id: &str) -> Result<bool> {
+        let r =
+            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(now())
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    // ---- images ----
+
+    pub async fn insert_image(&self, img: &Image) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO images (id, owner_id, name, kernel_path, initrd_path, rootfs_path, boot_args, dir, fingerprint, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&img.id)
+        .bind(&img.owner_id)
+        .bind(&img.name)
+        .bind(&img.kernel_path)
+        .bind(&img.initrd_path)
+        .bind(&img.rootfs_path)
+        .bind(&img.boot_args)
+        .bind(&img.dir)
+        .bind(&img.fingerprint)
+        .bind(&img.created_at)
+        .bind(&img.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Replaces the files and source paths of an existing image (re-seeding img_default).
+    pub async fn update_image(&self, img: &Image) -> Result<()> {
+        sqlx::query(
+            "UPDATE images SET kernel_path = ?, initrd_path = ?, rootfs_path = ?, boot_args = ?, dir = ?, fingerprint = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&img.kernel_path)
+        .bind(&img.initrd_path)
+        .bind(&img.rootfs_path)
+        .bind(&img.boot_args)
+        .bind(&img.dir)
+        .bind(&img.fingerprint)
+        .bind(&img.updated_at)
+        .bind(&img.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_image(&self, id: &str) -> Result<Option<Image>> {
+        Ok(sqlx::query_as("SELECT * FROM images WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Images this owner can see: its own and the system ones.
+    pub async fn list_images(&self, owner_id: &str) -> Result<Vec<Image>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM images WHERE owner_id = ? OR owner_id IS NULL ORDER BY created_at DESC, rowid DESC",
+        )
+        .bind(owner_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn delete_image(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM images WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// How many VMs and templates refer to this image.
+    pub async fn image_users(&self, id: &str) -> Result<(i64, i64)> {
+        let vms: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM vms WHERE image_id = ?")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        let tpls: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM templates WHERE image_id = ?")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((vms.0, tpls.0))
+    }
+
+    /// Image directories that some VM still boots from.
+    pub async fn image_dirs_in_use(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT image_dir FROM vms")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    // ---- templates ----
+
+    pub async fn insert_template(&self, t: &Template) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO templates (id, owner_id, name, description, image_id, user_data, vcpu_count, mem_mib, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(&t.owner_id)
+        .bind(&t.name)
+        .bind(&t.description)
+        .bind(&t.image_id)
+        .bind(&t.user_data)
+        .bind(t.vcpu_count)
+        .bind(t.mem_mib)
+        .bind(&t.created_at)
+        .bind(&t.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("a template named {:?} already exists", t.name))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+
+    pub async fn get_template(&self, owner_id: &str, id: &str) -> Result<Option<Template>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM templates WHERE id = ? AND owner_id = ?")
+                .bind(id)
+                .bind(owner_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn list_templates(&self, owner_id: &str) -> Result<Vec<Template>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM templates WHERE owner_id = ? ORDER BY created_at DESC, rowid DESC",
+        )
+        .bind(owner_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn delete_template(&self, owner_id: &str, id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM templates WHERE id = ? AND owner_id = ?")
+            .bind(id)
+            .bind(owner_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    // ---- vms ----
+
+    pub async fn insert_vm(&self, vm: &Vm) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO vms (id, owner_id, image_id, image_dir, template_id, state, vcpu_count, mem_mib, boot_args,
+                              enable_network, user_data, guest_ip, guest_mac, tap_name, ssh_port, hypervisor,
+                              last_error, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&vm.id)
+        .bind(&vm.owner_id)
+        .bind(&vm.image_id)
+        .bind(&vm.image_dir)
+        .bind(&vm.template_id)
+        .bind(&vm.state)
+        .bind(vm.vcpu_count)
+        .bind(vm.mem_mib)
+        .bind(&vm.boot_args)
+        .bind(vm.enable_network)
+        .bind(&vm.user_data)
+        .bind(&vm.guest_ip)
+        .bind(&vm.guest_mac)
+        .bind(&vm.tap_name)
+        .bind(vm.ssh_port)
+        .bind(&vm.hypervisor)
+        .bind(&vm.last_error)
+        .bind(&vm.created_at)
+        .bind(&vm.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Persists a state change (and the reason, for `error`), returning the new updated_at.
+    pub async fn set_vm_state(
+        &self,
+        id: &str,
+        state: &str,
+        last_error: Option<&str>,
+    ) -> Result<String> {
+        let updated_at = now();
+        sqlx::query("UPDATE vms SET state = ?, last_error = ?, updated_at = ? WHERE id = ?")
+            .bind(state)
+            .bind(last_error)
+            .bind(&updated_at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(updated_at)
+    }
+
+    pub async fn get_vm(&self, id: &str) -> Result<Option<Vm>> {
+        Ok(sqlx::query_as("SELECT * FROM vms WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn list_vms(&self, owner_id: &str) -> Result<Vec<Vm>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM vms WHERE owner_id = ? ORDER BY created_at DESC, rowid DESC",
+        )
+        .bind(owner_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn all_vms(&self) -> Result<Vec<Vm>> {
+        Ok(sqlx::query_as("SELECT * FROM vms ORDER BY rowid")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn delete_vm(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM vms WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

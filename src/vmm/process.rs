@@ -1,0 +1,65 @@
+//! Finding and killing VMM processes by what their command line names.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Pids of processes (other than ourselves) whose command line contains `needle`.
+pub fn pids_mentioning(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|raw| {
+                    let text: Vec<u8> = raw
+                        .iter()
+                        .map(|b| if *b == 0 { b' ' } else { *b })
+                        .collect();
+                    String::from_utf8_lossy(&text).contains(needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+pub fn is_alive(pid: u32) -> bool {
+    // A zombie has exited already; only its parent's wait is missing.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|s| s != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// SIGKILLs `pid` and waits (bounded) until it is gone.
+pub fn kill_and_wait(pid: u32, limit: Duration) -> bool {
+    // SAFETY: kill(2) with a pid and signal number has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !is_alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    !is_alive(pid)
+}
+
+/// Kills every process that mentions `dir` on its command line: the VMMs of
+/// VMs under it. Returns how many were killed.
+pub fn kill_all_under(dir: &Path) -> usize {
+    let needle = format!("{}/", dir.display());
+    let pids = pids_mentioning(&needle);
+    for pid in &pids {
+        kill_and_wait(*pid, Duration::from_secs(5));
+    }
+    pids.len()
+}

@@ -1,0 +1,300 @@
+//! QEMU backend: one `qemu-system-x86_64` per VM, driven over QMP.
+
+use super::qmp::Qmp;
+use super::{Capabilities, DiskFormat, Result, SnapshotFiles, VmProcess, VmSpec, Vmm, VmmError};
+use crate::config::Accel;
+use async_trait::async_trait;
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// The accelerator QEMU really runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvedAccel {
+    Kvm,
+    Tcg,
+}
+
+impl ResolvedAccel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolvedAccel::Kvm => "kvm",
+            ResolvedAccel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Picks the accelerator. `auto` takes KVM only when /dev/kvm opens *and* the
+/// CPU has hardware virtualization: a software KVM (no vmx/svm) is far slower
+/// than TCG, so it is never chosen on its own.
+pub fn choose_accel(
+    requested: Accel,
+    kvm_device_usable: bool,
+    cpu_has_hw_virt: bool,
+) -> ResolvedAccel {
+    match requested {
+        Accel::Kvm => ResolvedAccel::Kvm,
+        Accel::Tcg => ResolvedAccel::Tcg,
+        Accel::Auto if kvm_device_usable && cpu_has_hw_virt => ResolvedAccel::Kvm,
+        Accel::Auto => ResolvedAccel::Tcg,
+    }
+}
+
+/// Looks at this host and resolves `requested`.
+pub fn detect_accel(requested: Accel) -> ResolvedAccel {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let hw = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| cpu_flags_have_hw_virt(&s))
+        .unwrap_or(false);
+    choose_accel(requested, kvm, hw)
+}
+
+fn cpu_flags_have_hw_virt(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+pub struct Qemu {
+    binary: String,
+    accel: ResolvedAccel,
+}
+
+impl Qemu {
+    pub fn new(binary: String, accel: ResolvedAccel) -> Qemu {
+        Qemu { binary, accel }
+    }
+
+    /// The full command line for `spec` (without the binary).
+    pub fn command_line(&self, spec: &VmSpec) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| args.push(s.into());
+        push("-name");
+        push(&format!("hatch-{}", spec.vm_id));
+        push("-M");
+        push("pc");
+        push("-accel");
+        push(self.accel.as_str());
+        if self.accel == ResolvedAccel::Kvm {
+            push("-cpu");
+            push("host");
+        }
+        push("-smp");
+        push(&spec.vcpu_count.to_string());
+        push("-m");
+        push(&spec.mem_mib.to_string());
+        for a in ["-nodefaults", "-no-user-config", "-display", "none"] {
+            push(a);
+        }
+        push("-chardev");
+        push(&format!(
+            "file,id=console,path={},append=on",
+            qemu_path(&spec.console_log())
+        ));
+        push("-serial");
+        push("chardev:console");
+        push("-kernel");
+        push(&qemu_path(&spec.kernel));
+        if let Some(initrd) = &spec.initrd {
+            push("-initrd");
+            push(&qemu_path(initrd));
+        }
+        push("-append");
+        push(&spec.boot_args);
+        push("-drive");
+        push(&format!(
+            "file={},if=none,id=vda,format=qcow2,discard=unmap",
+            qemu_path(&spec.disk)
+        ));
+        push("-device");
+        push("virtio-blk-pci,drive=vda");
+        push("-qmp");
+        push(&format!(
+            "unix:{},server=on,wait=off",
+            qemu_path(&spec.control_socket())
+        ));
+        push("-pidfile");
+        push(&qemu_path(&spec.pid_file()));
+        args
+    }
+}
+
+/// QEMU option values are comma-separated: a literal comma is written twice.
+fn qemu_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+fn tail_of(path: &Path, max: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    let start = (start..=text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    text[start..].trim().to_string()
+}
+
+async fn qmp(spec: &VmSpec) -> Result<Qmp> {
+    Qmp::connect(&spec.control_socket())
+        .await
+        .map_err(VmmError::Control)
+}
+
+async fn qmp_run(spec: &VmSpec, command: &str) -> Result<()> {
+    qmp(spec)
+        .await?
+        .execute(command, None)
+        .await
+        .map_err(VmmError::Control)?;
+    Ok(())
+}
+
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[async_trait]
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            snapshot: false,
+            graceful_shutdown: true,
+            disk_format: DiskFormat::Qcow2Overlay,
+        }
+    }
+
+    async fn boot(&self, spec: &VmSpec) -> Result<VmProcess> {
+        let sock = spec.control_socket();
+        // sun_path holds 108 bytes; a longer path would fail later with a confusing error.
+        if sock.as_os_str().len() >= 108 {
+            return Err(VmmError::Launch(format!(
+                "control socket path {} is too long for a Unix socket; use a shorter HATCH_DATA_DIR",
+                sock.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&sock);
+        let _ = std::fs::remove_file(spec.pid_file());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec.vmm_log())?;
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(self.command_line(spec))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Own process group: a Ctrl-C aimed at the daemon must not reach the guests.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| VmmError::Launch(format!("cannot run {}: {e}", self.binary)))?;
+        let pid = child.id().unwrap_or(0);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(VmmError::Launch(format!(
+                    "qemu exited during start-up ({status}): {}",
+                    tail_of(&spec.vmm_log(), 600)
+                )));
+            }
+            if sock.exists() {
+                if let Ok(mut q) = Qmp::connect(&sock).await {
+                    let status = q
+                        .execute("query-status", None)
+                        .await
+                        .map_err(VmmError::Control)?;
+                    if status.get("status").and_then(|s| s.as_str()) == Some("running") {
+                        return Ok(VmProcess { pid, child });
+                    }
+                }
+            }
+            if started.elapsed() > LAUNCH_TIMEOUT {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(VmmError::Launch(format!(
+                    "qemu did not come up within {}s: {}",
+                    LAUNCH_TIMEOUT.as_secs(),
+                    tail_of(&spec.vmm_log(), 600)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn request_shutdown(&self, spec: &VmSpec) -> Result<()> {
+        qmp_run(spec, "system_powerdown").await
+    }
+
+    async fn pause(&self, spec: &VmSpec) -> Result<()> {
+        qmp_run(spec, "stop").await
+    }
+
+    async fn resume(&self, spec: &VmSpec) -> Result<()> {
+        qmp_run(spec, "cont").await
+    }
+
+    async fn snapshot(&self, _spec: &VmSpec, _out: &SnapshotFiles) -> Result<()> {
+        Err(VmmError::Unsupported("snapshot", "qemu"))
+    }
+
+    async fn restore(&self, _spec: &VmSpec, _from: &SnapshotFiles) -> Result<VmProcess> {
+        Err(VmmError::Unsupported("restore", "qemu"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_never_picks_a_software_kvm() {
+        assert_eq!(choose_accel(Accel::Auto, true, false), ResolvedAccel::Tcg);
+        assert_eq!(choose_accel(Accel::Auto, false, true), ResolvedAccel::Tcg);
+        assert_eq!(choose_accel(Accel::Auto, true, true), ResolvedAccel::Kvm);
+        assert_eq!(choose_accel(Accel::Kvm, false, false), ResolvedAccel::Kvm);
+        assert_eq!(choose_accel(Accel::Tcg, true, true), ResolvedAccel::Tcg);
+    }
+
+    #[test]
+    fn reads_vmx_and_svm_flags() {
+        assert!(cpu_flags_have_hw_virt("flags\t\t: fpu vme vmx sse\n"));
+        assert!(cpu_flags_have_hw_virt("flags\t\t: fpu svm\n"));
+        assert!(!cpu_flags_have_hw_virt(
+            "flags\t\t: fpu vme sse hypervisor\nvmx flags\t: ept\n"
+        ));
+    }
+
+    #[test]
+    fn command_line_escapes_commas_and_uses_tcg() {
+        let q = Qemu::new("qemu-system-x86_64".into(), ResolvedAccel::Tcg);
+        let spec = VmSpec {
+            vm_id: "vm_x".into(),
+            work_dir: "/d/a,b".into(),
+            kernel: "/i/vmlinuz".into(),
+            initrd: None,
+            disk: "/d/a,b/disk.qcow2".into(),
+            boot_args: "console=ttyS0".into(),
+            vcpu_count: 2,
+            mem_mib: 256,
+        };
+        let args: Vec<String> = q
+            .command_line(&spec)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-accel tcg"));
+        assert!(!joined.contains("-cpu host"));
+        assert!(joined.contains("file=/d/a,,b/disk.qcow2,"));
+        assert!(!args.contains(&"-initrd".to_string()));
+        assert!(joined.contains("-smp 2 -m 256"));
+    }
+}
