@@ -550,18 +550,20 @@ impl<'a> Elf<'a> {
         let modinfo = self
             .section(".modinfo")?
             .ok_or_else(|| anyhow!("no .modinfo section"))?;
-        Ok(modinfo
+        let mut deps = Vec::new();
+        for value in modinfo
             .split(|&b| b == 0)
             .filter_map(|kv| kv.strip_prefix(b"depends="))
-            .flat_map(|v| {
-                String::from_utf8_lossy(v)
-                    .into_owned()
+        {
+            let value = String::from_utf8_lossy(value);
+            deps.extend(
+                value
                     .split(',')
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .filter(|d| !d.is_empty())
-            .collect())
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_string),
+            );
+        }
+        Ok(deps)
     }
 }
 
@@ -675,7 +677,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -857,7 +859,8 @@ mod tests {
         let text = String::from_utf8_lossy(&buf);
         assert!(text.contains("a/b\0"));
         assert!(text.contains("hello"));
-        assert!(text.ends_with("TRAILER!!!\0\0\0\0") || text.contains("TRAILER!!!\0"));
+        // Trailer name is 11 bytes with its NUL: 110 + 11 = 121, padded to 124.
+        assert!(text.ends_with("TRAILER!!!\0\0\0\0"));
     }
 
     #[test]

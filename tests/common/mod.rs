@@ -1,0 +1,367 @@
+//! End-to-end harness: the real `hatch` binary in a network namespace of its
+//! own, real QEMU guests under TCG, and curl (run inside the namespace) as the client.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BASE: &str = "http://127.0.0.1:8080";
+/// Under TCG a guest reaches its ready line in about 5 s; this leaves room for a loaded CI machine.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The default test image, built by `hatch image build` (the test script does it).
+pub fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("HATCH_TEST_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hatch-image"));
+    for f in ["vmlinuz", "initrd.img", "rootfs.ext4"] {
+        assert!(
+            dir.join(f).exists(),
+            "test image missing {}: run `hatch image build --out {}` (scripts/test does)",
+            dir.join(f).display(),
+            dir.display()
+        );
+    }
+    dir
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hatch"))
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Response {
+    pub fn error(&self) -> &str {
+        self.body
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("expected an error body, got {} {}", self.status, self.text))
+    }
+}
+
+pub struct Daemon {
+    pub ns: String,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    extra_env: Vec<(String, String)>,
+    /// Key of the owner `alice`, created before the daemon starts.
+    pub key: String,
+    log: PathBuf,
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// Starts a daemon with extra HATCH_* variables, in a fresh namespace and data dir.
+    pub fn start_with(env: &[(&str, &str)]) -> Daemon {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let ns = format!("hatch-e2e-{id}");
+        let data_dir = PathBuf::from(format!("/tmp/hatch-e2e-{id}"));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        run_ok(Command::new("ip").args(["netns", "add", &ns]));
+        run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
+        let mut d = Daemon {
+            ns,
+            log: data_dir.join("daemon.log"),
+            data_dir,
+            child: None,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            key: String::new(),
+        };
+        d.key = d.create_key(&["--name", "alice"]);
+        d.spawn();
+        d
+    }
+
+    /// Runs `hatch keys create ARGS` and returns the key (the last line of stdout).
+    pub fn create_key(&self, args: &[&str]) -> String {
+        let out = run_ok(self.hatch_cmd().args(["keys", "create"]).args(args));
+        out.lines().last().expect("a key line").trim().to_string()
+    }
+
+    pub fn hatch_cmd(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.env("HATCH_DATA_DIR", &self.data_dir);
+        c
+    }
+
+    fn spawn(&mut self) {
+        let img = image_dir();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns])
+            .arg(bin())
+            .arg("serve")
+            .env("HATCH_DATA_DIR", &self.data_dir)
+            .env("HATCH_HTTP_ADDR", "127.0.0.1:8080")
+            .env("HATCH_DEFAULT_KERNEL_PATH", img.join("vmlinuz"))
+            .env("HATCH_DEFAULT_INITRD_PATH", img.join("initrd.img"))
+            .env("HATCH_DEFAULT_ROOTFS_PATH", img.join("rootfs.ext4"))
+            .env("HATCH_LOG", "info,sqlx=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn hatch serve"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("hatch serve exited ({status}): {}", self.daemon_log());
+            }
+            if self.curl("GET", "/health", &[], None).status == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not answer /health: {}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Any request, with explicit headers, through curl inside the namespace.
+    pub fn curl(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[String],
+        body: Option<&str>,
+    ) -> Response {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "300",
+            "-X",
+            method,
+        ]);
+        for h in headers {
+            cmd.arg("-H").arg(h);
+        }
+        if let Some(b) = body {
+            cmd.arg("--data-binary").arg(b);
+        }
+        cmd.arg("-w")
+            .arg("\n%{http_code}")
+            .arg(format!("{BASE}{path}"));
+        let out = cmd.output().expect("run curl");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (text, code) = stdout.rsplit_once('\n').unwrap_or(("", "000"));
+        Response {
+            status: code.trim().parse().unwrap_or(0),
+            body: serde_json::from_str(text).unwrap_or(Value::Null),
+            text: text.to_string(),
+        }
+    }
+
+    pub fn as_key(&self, key: &str, method: &str, path: &str, body: Option<&str>) -> Response {
+        let h = [
+            format!("Authorization: Bearer {key}"),
+            "Content-Type: application/json".into(),
+        ];
+        self.curl(method, path, &h, body)
+    }
+
+    /// A request as alice.
+    pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> Response {
+        self.as_key(&self.key, method, path, body)
+    }
+
+    /// Creates a VM as alice and asserts the 201.
+    pub fn create_vm(&self, body: &str) -> Value {
+        let r = self.req("POST", "/vms", Some(body));
+        assert_eq!(
+            r.status,
+            201,
+            "create VM: {}\n{}",
+            r.text,
+            self.daemon_log()
+        );
+        r.body
+    }
+
+    pub fn vm(&self, id: &str) -> Value {
+        let r = self.req("GET", &format!("/vms/{id}"), None);
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.body
+    }
+
+    pub fn logs(&self, id: &str) -> String {
+        self.req("GET", &format!("/vms/{id}/logs"), None).text
+    }
+
+    /// Polls the console log through the API until it contains `needle`.
+    pub fn wait_console(&self, id: &str, needle: &str) -> String {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let text = self.logs(id);
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "console of {id} never showed {needle:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    pub fn work_dir(&self, vm_id: &str) -> PathBuf {
+        self.data_dir.join("vms").join(vm_id)
+    }
+
+    /// Processes (VMMs) whose command line names this daemon's VM directory.
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        pids_mentioning(&format!("{}/vms/", self.data_dir.display()))
+    }
+
+    pub fn vmm_pids_of(&self, vm_id: &str) -> Vec<u32> {
+        pids_mentioning(&format!("{}/", self.work_dir(vm_id).display()))
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // `ip netns exec` execs the daemon, so this pid is the daemon itself.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the daemon's graceful shutdown.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "-TERM");
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    panic!("daemon did not exit within 90s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        self.spawn();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(sig).arg(pid.to_string()).output();
+}
+
+pub fn pids_mentioning(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let line: Vec<u8> = raw
+            .iter()
+            .map(|b| if *b == 0 { b' ' } else { *b })
+            .collect();
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false);
+        if alive && String::from_utf8_lossy(&line).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Waits until `cond` holds, or panics with `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "-TERM");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in self.vmm_pids() {
+            signal(pid, "-KILL");
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- daemon log ({}) ----\n{}",
+                self.log.display(),
+                self.daemon_log()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}

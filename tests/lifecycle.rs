@@ -1,0 +1,156 @@
+//! A VM's whole life through the API with a real guest: create, console logs
+//! (also followed), graceful stop, start on the same disk, delete.
+
+mod common;
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[test]
+fn create_logs_stop_start_delete() {
+    let d = Daemon::start();
+
+    // An empty body creates a VM from the default image with seed 001's defaults.
+    let vm = d.create_vm("{}");
+    let id = vm["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("vm_"), "{vm}");
+    assert_eq!(vm["image_id"], "img_default");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["vcpu_count"], 1);
+    assert_eq!(vm["mem_mib"], 512);
+    assert_eq!(vm["enable_network"], true);
+    for field in ["guest_ip", "guest_mac", "tap_name", "ssh_port"] {
+        assert!(
+            vm[field].is_null(),
+            "{field} must stay empty without networking: {vm}"
+        );
+    }
+    assert!(vm["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(d.vmm_pids_of(&id).len(), 1, "exactly one VMM process");
+
+    // The guest really boots: the kernel's and our init's lines are in the log.
+    let log = d.wait_console(&id, "hatch-guest: ready boot=1");
+    assert!(log.contains("Linux version"), "kernel output kept: {log}");
+
+    let list = d.req("GET", "/vms", None);
+    assert_eq!(list.status, 200);
+    let ids: Vec<&str> = list
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id.as_str()]);
+
+    // Follow the console while stopping: the stream shows the shutdown and
+    // then ends by itself when the VMM exits.
+    let follower = Command::new("ip")
+        .args(["netns", "exec", &d.ns, "curl", "-sSN", "--max-time", "120"])
+        .arg("-H")
+        .arg(format!("X-API-Key: {}", d.key))
+        .arg(format!("{BASE}/vms/{id}/logs?follow=true"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let stopped = d.req("POST", &format!("/vms/{id}/stop"), None);
+    assert_eq!(stopped.status, 200, "{}", stopped.text);
+    assert_eq!(stopped.body["state"], "stopped");
+    assert!(d.vmm_pids_of(&id).is_empty(), "VMM gone after stop");
+    // Graceful: the guest ran its own shutdown instead of being killed.
+    assert!(
+        d.logs(&id).contains("hatch-guest: shutting down"),
+        "{}",
+        d.logs(&id)
+    );
+
+    let followed = follower.wait_with_output().unwrap();
+    assert!(
+        followed.status.success(),
+        "follow stream must end cleanly when the VM stops"
+    );
+    let followed = String::from_utf8_lossy(&followed.stdout);
+    assert!(
+        followed.contains("hatch-guest: ready boot=1")
+            && followed.contains("hatch-guest: shutting down")
+    );
+
+    // Wrong-state transitions are conflicts and change nothing.
+    let again = d.req("POST", &format!("/vms/{id}/stop"), None);
+    assert_eq!(again.status, 409, "{}", again.text);
+    assert!(again.error().contains("stopped"));
+    assert_eq!(d.vm(&id)["state"], "stopped");
+
+    // Start boots the same disk: the counter the guest keeps on it went on.
+    let started = d.req("POST", &format!("/vms/{id}/start"), None);
+    assert_eq!(started.status, 200, "{}", started.text);
+    assert_eq!(started.body["state"], "running");
+    d.wait_console(&id, "hatch-guest: ready boot=2");
+    let again = d.req("POST", &format!("/vms/{id}/start"), None);
+    assert_eq!(again.status, 409, "{}", again.text);
+
+    // Delete: VMM, work directory and the record are gone.
+    assert!(d.work_dir(&id).exists());
+    let del = d.req("DELETE", &format!("/vms/{id}"), None);
+    assert_eq!(del.status, 200, "{}", del.text);
+    assert_eq!(del.body, serde_json::json!({"status": "deleted"}));
+    assert!(d.vmm_pids().is_empty(), "no VMM left");
+    assert!(!d.work_dir(&id).exists(), "work dir removed");
+    assert_eq!(d.req("GET", &format!("/vms/{id}"), None).status, 404);
+    assert_eq!(d.req("GET", &format!("/vms/{id}/logs"), None).status, 404);
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 404);
+    assert_eq!(d.req("GET", "/vms", None).body, serde_json::json!([]));
+    let left: Vec<_> = std::fs::read_dir(d.data_dir.join("vms")).unwrap().collect();
+    assert!(left.is_empty(), "nothing left under vms/: {left:?}");
+}
+
+#[test]
+fn resources_are_given_to_the_guest() {
+    let d = Daemon::start();
+    let vm =
+        d.create_vm(r#"{"vcpu_count": 2, "mem_mib": 256, "boot_args": "root=/dev/vda rw quiet"}"#);
+    let id = vm["id"].as_str().unwrap();
+    assert_eq!(vm["vcpu_count"], 2);
+    assert_eq!(vm["mem_mib"], 256);
+    // A console is added to custom boot args so the log keeps working.
+    assert_eq!(vm["boot_args"], "root=/dev/vda rw quiet console=ttyS0");
+    let log = d.wait_console(id, "hatch-guest: ready");
+    // The guest's own view: two CPUs and about 256 MiB (the init prints both).
+    assert!(log.contains("cpus=2"), "{log}");
+    let mem_kib: u64 = log
+        .split("mem_kib=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no mem_kib in console: {log}"));
+    assert!(
+        (200_000..=262_144).contains(&mem_kib),
+        "guest sees {mem_kib} KiB"
+    );
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+}
+
+#[test]
+fn a_vmm_that_cannot_start_leaves_an_error_vm_and_no_process() {
+    // A hypervisor binary that exits at once: the create fails in the middle.
+    let d = Daemon::start_with(&[("HATCH_QEMU_BINARY", "/bin/false")]);
+    let r = d.req("POST", "/vms", Some("{}"));
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert!(r.error().contains("failed to start"), "{}", r.text);
+    let vms = d.req("GET", "/vms", None).body;
+    let vm = &vms.as_array().unwrap()[0];
+    assert_eq!(
+        vm["state"], "error",
+        "the API reports the failure truthfully"
+    );
+    assert!(
+        vm["last_error"].as_str().unwrap().contains("qemu exited"),
+        "{vm}"
+    );
+    assert!(d.vmm_pids().is_empty());
+    let id = vm["id"].as_str().unwrap();
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+    assert!(!d.work_dir(id).exists());
+}
