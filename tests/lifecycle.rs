@@ -27,6 +27,12 @@ fn create_logs_stop_start_delete() {
     }
     assert!(vm["created_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(d.vmm_pids_of(&id).len(), 1, "exactly one VMM process");
+    // The VM's disk is an overlay over the image, not a copy of the whole rootfs.
+    use std::os::unix::fs::MetadataExt;
+    let disk = std::fs::metadata(d.work_dir(&id).join("disk.qcow2")).unwrap();
+    let base = std::fs::metadata(image_dir().join("rootfs.ext4")).unwrap();
+    assert!(disk.blocks() * 512 < 16 << 20, "disk uses {} bytes", disk.blocks() * 512);
+    assert!(disk.len() < base.len() / 8, "disk {} vs rootfs {}", disk.len(), base.len());
 
     // The guest really boots: the kernel's and our init's lines are in the log.
     let log = d.wait_console(&id, "hatch-guest: ready boot=1");
@@ -153,4 +159,88 @@ fn a_vmm_that_cannot_start_leaves_an_error_vm_and_no_process() {
     let id = vm["id"].as_str().unwrap();
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
     assert!(!d.work_dir(id).exists());
+}
+
+/// Copies the test rootfs and puts an executable `/etc/hatch/rc.local` with
+/// `script` into it (debugfs writes into the ext4 file without mounting it).
+fn rootfs_with_rc_local(d: &Daemon, script: &str) -> std::path::PathBuf {
+    let dir = d.data_dir.join("custom-image");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rootfs = dir.join("rootfs.ext4");
+    let cp = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(image_dir().join("rootfs.ext4"))
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let rc = dir.join("rc.local");
+    std::fs::write(&rc, format!("#!/bin/sh\n{script}\n")).unwrap();
+    for req in [
+        "mkdir /etc/hatch".to_string(),
+        format!("write {} /etc/hatch/rc.local", rc.display()),
+        "sif /etc/hatch/rc.local mode 0100755".to_string(),
+    ] {
+        let out = Command::new("debugfs").args(["-w", "-R", &req]).arg(&rootfs).output().unwrap();
+        assert!(out.status.success(), "debugfs {req}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    rootfs
+}
+
+#[test]
+fn the_vm_state_follows_what_happens_to_the_guest() {
+    let d = Daemon::start();
+    // A guest that powers itself off once booted ends `stopped`, as if stopped through the API.
+    let rootfs = rootfs_with_rc_local(&d, "echo powering-off-by-itself; poweroff");
+    let img = image_dir();
+    let body = serde_json::json!({
+        "kernel_path": img.join("vmlinuz"),
+        "initrd_path": img.join("initrd.img"),
+        "rootfs_path": rootfs,
+    });
+    let r = d.req("POST", "/images", Some(&body.to_string()));
+    assert_eq!(r.status, 201, "{}", r.text);
+    let image_id = r.body["id"].as_str().unwrap();
+    let vm = d.create_vm(&format!(r#"{{"image_id": "{image_id}"}}"#));
+    let id = vm["id"].as_str().unwrap().to_string();
+    d.wait_console(&id, "powering-off-by-itself");
+    wait_until("guest power-off recorded", BOOT_TIMEOUT, || d.vm(&id)["state"] == "stopped");
+    assert!(d.vmm_pids_of(&id).is_empty());
+    assert!(d.vm(&id).get("last_error").is_none());
+
+    // A VMM that dies under the guest (here: SIGKILL from outside) is an error, with the reason.
+    let vm2 = d.create_vm("{}");
+    let id2 = vm2["id"].as_str().unwrap().to_string();
+    d.wait_console(&id2, "hatch-guest: ready");
+    let pids = d.vmm_pids_of(&id2);
+    assert_eq!(pids.len(), 1);
+    let killed = Command::new("kill").args(["-KILL", &pids[0].to_string()]).status().unwrap();
+    assert!(killed.success());
+    wait_until("VMM crash recorded", Duration::from_secs(30), || d.vm(&id2)["state"] == "error");
+    let vm2 = d.vm(&id2);
+    assert!(vm2["last_error"].as_str().unwrap().contains("exited unexpectedly"), "{vm2}");
+    // From error the VM can be started again on the same disk.
+    let r = d.req("POST", &format!("/vms/{id2}/start"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    d.wait_console(&id2, "hatch-guest: ready boot=2");
+    for id in [&id, &id2] {
+        assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+    }
+    assert!(d.vmm_pids().is_empty());
+}
+
+#[test]
+fn stop_right_after_create_is_still_graceful() {
+    // The guest is still booting and not yet listening for the power button;
+    // the stop must still end in a clean guest shutdown, not a kill.
+    let d = Daemon::start();
+    let id = d.create_vm("{}")["id"].as_str().unwrap().to_string();
+    let r = d.req("POST", &format!("/vms/{id}/stop"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["state"], "stopped");
+    let log = d.logs(&id);
+    assert!(log.contains("hatch-guest: ready boot=1"), "{log}");
+    assert!(log.contains("hatch-guest: shutting down"), "{log}");
+    assert!(!d.daemon_log().contains("killing VMM"), "{}", d.daemon_log());
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
 }

@@ -608,10 +608,19 @@ impl Manager {
         };
         let mut clean = false;
         if let Some((pid, mut exited)) = entry {
-            if graceful && self.vmm.request_shutdown(&self.spec_for(vm)).await.is_ok() {
-                clean = tokio::time::timeout(self.config.stop_timeout, exited.wait_for(|e| *e))
-                    .await
-                    .is_ok();
+            if graceful {
+                // The request is repeated: a guest still booting may not be
+                // listening for the power button yet, and would miss a single press.
+                let deadline = tokio::time::Instant::now() + self.config.stop_timeout;
+                while !clean && tokio::time::Instant::now() < deadline {
+                    if self.vmm.request_shutdown(&self.spec_for(vm)).await.is_err() {
+                        break;
+                    }
+                    let slice = deadline
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .min(Duration::from_secs(2));
+                    clean = tokio::time::timeout(slice, exited.wait_for(|e| *e)).await.is_ok();
+                }
             }
             if !clean {
                 tracing::warn!(vm = %vm.id, pid, graceful, "killing VMM");
