@@ -31,8 +31,17 @@ fn create_logs_stop_start_delete() {
     use std::os::unix::fs::MetadataExt;
     let disk = std::fs::metadata(d.work_dir(&id).join("disk.qcow2")).unwrap();
     let base = std::fs::metadata(image_dir().join("rootfs.ext4")).unwrap();
-    assert!(disk.blocks() * 512 < 16 << 20, "disk uses {} bytes", disk.blocks() * 512);
-    assert!(disk.len() < base.len() / 8, "disk {} vs rootfs {}", disk.len(), base.len());
+    assert!(
+        disk.blocks() * 512 < 16 << 20,
+        "disk uses {} bytes",
+        disk.blocks() * 512
+    );
+    assert!(
+        disk.len() < base.len() / 8,
+        "disk {} vs rootfs {}",
+        disk.len(),
+        base.len()
+    );
 
     // The guest really boots: the kernel's and our init's lines are in the log.
     let log = d.wait_console(&id, "hatch-guest: ready boot=1");
@@ -181,8 +190,16 @@ fn rootfs_with_rc_local(d: &Daemon, script: &str) -> std::path::PathBuf {
         format!("write {} /etc/hatch/rc.local", rc.display()),
         "sif /etc/hatch/rc.local mode 0100755".to_string(),
     ] {
-        let out = Command::new("debugfs").args(["-w", "-R", &req]).arg(&rootfs).output().unwrap();
-        assert!(out.status.success(), "debugfs {req}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("debugfs")
+            .args(["-w", "-R", &req])
+            .arg(&rootfs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "debugfs {req}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     rootfs
 }
@@ -204,7 +221,9 @@ fn the_vm_state_follows_what_happens_to_the_guest() {
     let vm = d.create_vm(&format!(r#"{{"image_id": "{image_id}"}}"#));
     let id = vm["id"].as_str().unwrap().to_string();
     d.wait_console(&id, "powering-off-by-itself");
-    wait_until("guest power-off recorded", BOOT_TIMEOUT, || d.vm(&id)["state"] == "stopped");
+    wait_until("guest power-off recorded", BOOT_TIMEOUT, || {
+        d.vm(&id)["state"] == "stopped"
+    });
     assert!(d.vmm_pids_of(&id).is_empty());
     assert!(d.vm(&id).get("last_error").is_none());
 
@@ -214,11 +233,22 @@ fn the_vm_state_follows_what_happens_to_the_guest() {
     d.wait_console(&id2, "hatch-guest: ready");
     let pids = d.vmm_pids_of(&id2);
     assert_eq!(pids.len(), 1);
-    let killed = Command::new("kill").args(["-KILL", &pids[0].to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
-    wait_until("VMM crash recorded", Duration::from_secs(30), || d.vm(&id2)["state"] == "error");
+    wait_until("VMM crash recorded", Duration::from_secs(30), || {
+        d.vm(&id2)["state"] == "error"
+    });
     let vm2 = d.vm(&id2);
-    assert!(vm2["last_error"].as_str().unwrap().contains("exited unexpectedly"), "{vm2}");
+    assert!(
+        vm2["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("exited unexpectedly"),
+        "{vm2}"
+    );
     // From error the VM can be started again on the same disk.
     let r = d.req("POST", &format!("/vms/{id2}/start"), None);
     assert_eq!(r.status, 200, "{}", r.text);
@@ -241,6 +271,10 @@ fn stop_right_after_create_is_still_graceful() {
     let log = d.logs(&id);
     assert!(log.contains("hatch-guest: ready boot=1"), "{log}");
     assert!(log.contains("hatch-guest: shutting down"), "{log}");
-    assert!(!d.daemon_log().contains("killing VMM"), "{}", d.daemon_log());
+    assert!(
+        !d.daemon_log().contains("killing VMM"),
+        "{}",
+        d.daemon_log()
+    );
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
 }

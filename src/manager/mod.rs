@@ -619,7 +619,9 @@ impl Manager {
                     let slice = deadline
                         .saturating_duration_since(tokio::time::Instant::now())
                         .min(Duration::from_secs(2));
-                    clean = tokio::time::timeout(slice, exited.wait_for(|e| *e)).await.is_ok();
+                    clean = tokio::time::timeout(slice, exited.wait_for(|e| *e))
+                        .await
+                        .is_ok();
                 }
             }
             if !clean {

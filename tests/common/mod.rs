@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub const BASE: &str = "http://127.0.0.1:8080";
-/// Under TCG a guest reaches its ready line in about 5 s; this leaves room for a loaded CI machine.
+/// Under TCG a guest reaches its ready line in about 2 s; this leaves room for a loaded CI machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -1,0 +1,861 @@
+#!/usr/bin/env python3
+"""bench/boot: how much hatch adds to a QEMU boot, and API latency with 1,000 VMs.
+
+Run through `bench/boot` (it builds, makes the network namespace and the temp
+dir, and passes them in HATCH_BENCH_*); this script runs inside that namespace
+and talks to the daemon on 127.0.0.1 directly. Standard library only.
+
+Measured, in one run, with the same image and accelerator:
+  1. hatch: POST /vms {} -> first console line / `hatch-guest: ready` line in
+     $HATCH_DATA_DIR/vms/<id>/console.log (file polled every 2 ms), then DELETE.
+  2. raw QEMU: the command line hatch used (from /proc/<pid>/cmdline) with only
+     the per-VM paths moved to a temp dir and a fresh qcow2 overlay; process
+     spawn -> first console line / ready line, then SIGKILL.
+  3. API: GET /health and GET /vms (empty store, then with 1,000 stopped VM rows
+     inserted into SQLite), and POST /vms {} with those rows present.
+"""
+
+import argparse
+import datetime
+import http.client
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import sqlite3
+import statistics
+import string
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+PORT = 8080
+READY = b"hatch-guest: ready"
+POLL_S = 0.002
+BOOT_TIMEOUT_S = 120.0
+DAEMON_START_TIMEOUT_S = 60.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def ms(x):
+    return x * 1000.0
+
+
+def nearest_rank(xs, p):
+    s = sorted(xs)
+    return s[max(0, math.ceil(p / 100.0 * len(s)) - 1)]
+
+
+def stats(xs):
+    return {
+        "n": len(xs),
+        "median": statistics.median(xs),
+        "min": min(xs),
+        "max": max(xs),
+        "p50": nearest_rank(xs, 50),
+        "p99": nearest_rank(xs, 99),
+    }
+
+
+def proc_cmdline(pid):
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
+def pid_alive(pid):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def pids_mentioning(needle):
+    """Live processes (not us) whose command line contains `needle`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        cmd = proc_cmdline(entry)
+        if cmd and needle in " ".join(cmd) and pid_alive(entry):
+            out.append(int(entry))
+    return out
+
+
+def other_qemus(tmp):
+    """QEMUs on this host that this run did not start (noise from concurrent tests)."""
+    n = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            cmd = proc_cmdline(entry)
+            if cmd and "qemu-system" in cmd[0] and f"{tmp}/" not in " ".join(cmd):
+                n += 1
+    return n
+
+
+def cpu_jiffies():
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(f[:8])  # guest time is already counted in user
+    return total - f[3] - f[4], total
+
+
+class CpuBusy:
+    """How many cores the whole host kept busy between start() and stop()."""
+
+    def __init__(self):
+        self.cores = None
+        self.b0 = self.t0 = 0
+
+    def start(self):
+        self.b0, self.t0 = cpu_jiffies()
+        return self
+
+    def stop(self):
+        b1, t1 = cpu_jiffies()
+        if t1 > self.t0:
+            self.cores = (b1 - self.b0) / (t1 - self.t0) * (os.cpu_count() or 1)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Console:
+    """Follows a console.log that may not exist yet; records when things first show up."""
+
+    def __init__(self, path):
+        self.path = path
+        self.f = None
+        self.buf = bytearray()
+        self.created = self.first_byte = self.first_line = self.ready = None
+        self.first_line_text = None
+
+    def poll(self, t):
+        if self.f is None:
+            try:
+                self.f = open(self.path, "rb", buffering=0)
+            except FileNotFoundError:
+                return
+            self.created = t
+        chunk = self.f.readall()
+        if not chunk:
+            return
+        start = len(self.buf)
+        self.buf += chunk
+        if self.first_byte is None:
+            self.first_byte = t
+        if self.first_line is None and b"\n" in chunk:
+            self.first_line = t
+            self.first_line_text = bytes(self.buf.split(b"\n", 1)[0]).decode(errors="replace").strip()
+        if self.ready is None and self.buf.find(READY, max(0, start - len(READY))) >= 0:
+            self.ready = t
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+    def tail(self, n=1500):
+        return bytes(self.buf[-n:]).decode(errors="replace")
+
+
+class Http:
+    """One keep-alive connection to the daemon; GETs are retried once on a dropped connection."""
+
+    def __init__(self, key, timeout=60):
+        self.key = key
+        self.timeout = timeout
+        self.conn = None
+
+    def headers(self, body):
+        h = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        if body is not None:
+            h["Content-Type"] = "application/json"
+        return h
+
+    def request(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        attempts = 2 if method == "GET" else 1
+        for attempt in range(attempts):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(HOST, PORT, timeout=self.timeout)
+            try:
+                self.conn.request(method, path, body=data, headers=self.headers(body))
+                resp = self.conn.getresponse()
+                raw = resp.read()
+                return resp.status, raw
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if attempt == attempts - 1:
+                    raise
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def one_request(key, method, path, body=None, timeout=300):
+    """A request on a fresh connection (as a CLI client would make it)."""
+    h = Http(key, timeout)
+    try:
+        return h.request(method, path, body)
+    finally:
+        h.close()
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = Path(os.environ["HATCH_BENCH_TMP"])
+        self.hatch = os.environ["HATCH_BENCH_BIN"]
+        self.image = Path(os.environ["HATCH_BENCH_IMAGE"])
+        self.data = self.tmp / "data"
+        self.vms_dir = self.data / "vms"
+        self.daemon = None
+        self.daemon_log = self.tmp / "daemon.log"
+        self.key = None
+        self.live_vms = set()  # hatch VMs created and not yet deleted
+        self.raw_procs = {}  # pid -> Popen
+        self.cmdline = None  # the QEMU argv hatch used
+        self.hatch_workdir = None  # the per-VM dir in that argv
+        self.rewritten = []
+        self.qemu_other_max = 0
+
+    # ------------------------------------------------------------ daemon
+
+    def daemon_tail(self, n=3000):
+        try:
+            return self.daemon_log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def start_daemon(self):
+        self.data.mkdir(parents=True)
+        env = dict(os.environ)
+        env.update(
+            HATCH_DATA_DIR=str(self.data),
+            HATCH_HTTP_ADDR=f"{HOST}:{PORT}",
+            HATCH_DEFAULT_KERNEL_PATH=str(self.image / "vmlinuz"),
+            HATCH_DEFAULT_INITRD_PATH=str(self.image / "initrd.img"),
+            HATCH_DEFAULT_ROOTFS_PATH=str(self.image / "rootfs.ext4"),
+            HATCH_LOG="info,sqlx=warn",
+            HATCH_STOP_TIMEOUT="5s",
+        )
+        for k in list(env):
+            if k.startswith("HATCH_BENCH_"):
+                del env[k]
+        out = subprocess.run(
+            [self.hatch, "keys", "create", "--name", "bench"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        if out.returncode != 0:
+            raise BenchError(f"hatch keys create failed: {out.stderr}")
+        self.key = out.stdout.strip().splitlines()[-1].strip()
+        logf = open(self.daemon_log, "ab")
+        # Own process group: a Ctrl-C reaches only this script, which then stops things in order.
+        self.daemon = subprocess.Popen(
+            [self.hatch, "serve"], env=env, stdin=subprocess.DEVNULL,
+            stdout=logf, stderr=logf, process_group=0,
+        )
+        logf.close()
+        (self.tmp / "daemon.pid").write_text(str(self.daemon.pid))
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+        while True:
+            if self.daemon.poll() is not None:
+                raise BenchError(f"hatch serve exited ({self.daemon.returncode}):\n{self.daemon_tail()}")
+            try:
+                if one_request(None, "GET", "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"daemon did not answer /health:\n{self.daemon_tail()}")
+            time.sleep(0.05)
+        log(f"daemon pid {self.daemon.pid} up, data dir {self.data}")
+
+    def delete_vm(self, vm_id):
+        status, raw = one_request(self.key, "DELETE", f"/vms/{vm_id}", timeout=60)
+        if status != 200:
+            raise BenchError(f"DELETE /vms/{vm_id}: {status} {raw[:300]!r}")
+        self.live_vms.discard(vm_id)
+
+    # ------------------------------------------------------------ boots
+
+    def wait_console(self, con, t0, deadline, alive, extra=None):
+        """Polls `con` until the ready line; `alive()` raises if the VMM died; `extra(t)` may stop early."""
+        while True:
+            now = time.monotonic()
+            t = now - t0
+            con.poll(t)
+            if extra is not None:
+                extra(t)
+            if con.ready is not None:
+                return
+            alive()
+            if now > deadline:
+                raise BenchError(f"no ready line within {BOOT_TIMEOUT_S:.0f}s; console tail:\n{con.tail()}")
+            time.sleep(POLL_S)
+
+    def hatch_boot(self):
+        """POST /vms {} and follow the new VM's console to the ready line; returns marks in seconds."""
+        before = set(os.listdir(self.vms_dir)) if self.vms_dir.exists() else set()
+        result = {}
+        started = threading.Event()
+
+        def post():
+            h = Http(self.key, timeout=BOOT_TIMEOUT_S)
+            try:
+                result["t0"] = time.monotonic()
+                started.set()
+                result["status"], result["body"] = h.request("POST", "/vms", {})
+            except Exception as e:  # reported by the polling thread
+                result["error"] = e
+            finally:
+                result["t_resp"] = time.monotonic()
+                started.set()
+                h.close()
+
+        th = threading.Thread(target=post, daemon=True)
+        th.start()
+        started.wait(10)
+        t0 = result["t0"]
+        marks = {}
+        state = {"vm": None, "con": None}
+
+        def find_vm(t):
+            if state["vm"] is None:
+                try:
+                    new = set(os.listdir(self.vms_dir)) - before
+                except FileNotFoundError:
+                    new = set()
+                if new:
+                    state["vm"] = new.pop()
+                    self.live_vms.add(state["vm"])
+                    marks["workdir"] = t
+                    state["con"] = Console(self.vms_dir / state["vm"] / "console.log")
+            vm = state["vm"]
+            if vm is not None:
+                for name in ("disk.qcow2", "vmm.pid"):
+                    if name not in marks and (self.vms_dir / vm / name).exists():
+                        marks[name] = t
+            if "t_resp" in result and "resp" not in marks:
+                marks["resp"] = result["t_resp"] - t0
+                if "error" in result:
+                    raise BenchError(f"POST /vms failed: {result['error']!r}")
+                if result["status"] != 201:
+                    raise BenchError(f"POST /vms: {result['status']} {result['body'][:500]!r}\n{self.daemon_tail()}")
+                vm_id = json.loads(result["body"])["id"]
+                self.live_vms.add(vm_id)
+                if state["vm"] not in (None, vm_id):
+                    raise BenchError(f"new dir {state['vm']} is not the created VM {vm_id}")
+
+        deadline = t0 + BOOT_TIMEOUT_S
+        # Until the work dir exists there is no console to follow.
+        while state["con"] is None:
+            find_vm(time.monotonic() - t0)
+            if state["con"] is None:
+                if time.monotonic() > deadline:
+                    raise BenchError("no VM work directory appeared")
+                time.sleep(POLL_S)
+        con = state["con"]
+
+        def alive():
+            if "resp" in marks:
+                cmd = self.vmm_cmdline(state["vm"])
+                if cmd is None and con.ready is None:
+                    raise BenchError(f"hatch's QEMU is gone before ready; console tail:\n{con.tail()}")
+
+        alive_every = {"n": 0}
+
+        def alive_sometimes():
+            alive_every["n"] += 1
+            if alive_every["n"] % 250 == 0:  # every ~0.5 s
+                alive()
+
+        try:
+            self.wait_console(con, t0, deadline, alive_sometimes, extra=find_vm)
+            # The ready line can only come after the 201, but wait for it to be sure.
+            while "resp" not in marks:
+                find_vm(time.monotonic() - t0)
+                if time.monotonic() > deadline:
+                    raise BenchError("POST /vms did not return")
+                time.sleep(POLL_S)
+            th.join(5)
+            vm_id = state["vm"]
+            cmd = self.vmm_cmdline(vm_id)
+        finally:
+            con.close()
+        marks.update(console=con.created, first_byte=con.first_byte, first_line=con.first_line, ready=con.ready)
+        return vm_id, cmd, con.first_line_text, marks
+
+    def vmm_cmdline(self, vm_id):
+        try:
+            pid = int((self.vms_dir / vm_id / "vmm.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        cmd = proc_cmdline(pid)
+        return cmd if cmd and pid_alive(pid) else None
+
+    def capture_cmdline(self, vm_id, cmd):
+        if not cmd:
+            raise BenchError(f"cannot read the QEMU command line of {vm_id}")
+        self.cmdline = cmd
+        self.hatch_workdir = str(self.vms_dir / vm_id)
+        self.rewritten = [a for a in cmd if self.hatch_workdir in a]
+
+    def raw_args(self, run_dir):
+        args = [a.replace(self.hatch_workdir, str(run_dir)) for a in self.cmdline]
+        leftover = [a for a in args if str(self.vms_dir) in a]
+        if leftover:
+            raise BenchError(f"per-VM paths left in the raw command line: {leftover}")
+        return args
+
+    def image_rootfs(self):
+        db = sqlite3.connect(self.data / "hatch.db", timeout=30)
+        try:
+            (d,) = db.execute("SELECT dir FROM images WHERE id = 'img_default'").fetchone()
+        finally:
+            db.close()
+        return Path(d) / "rootfs.ext4"
+
+    def raw_boot(self, i, rootfs):
+        run_dir = self.tmp / "raw" / f"run-{i:03d}"
+        run_dir.mkdir(parents=True)
+        disk = run_dir / "disk.qcow2"
+        t = time.monotonic()
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(rootfs), str(disk)],
+            check=True, timeout=60,
+        )
+        overlay_s = time.monotonic() - t
+        args = self.raw_args(run_dir)
+        con = Console(run_dir / "console.log")
+        logf = open(run_dir / "vmm.log", "wb")
+        t0 = time.monotonic()
+        p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, process_group=0)
+        self.raw_procs[p.pid] = p
+        logf.close()
+
+        def alive():
+            if p.poll() is not None:
+                raise BenchError(
+                    f"raw QEMU exited ({p.returncode}): {(run_dir / 'vmm.log').read_text(errors='replace')[-800:]}"
+                )
+
+        try:
+            self.wait_console(con, t0, t0 + BOOT_TIMEOUT_S, alive)
+        finally:
+            con.close()
+            self.kill_raw(p)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        marks = dict(console=con.created, first_byte=con.first_byte, first_line=con.first_line,
+                     ready=con.ready, overlay=overlay_s)
+        return con.first_line_text, marks
+
+    def kill_raw(self, p):
+        if p.poll() is None:
+            p.kill()
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            log(f"raw QEMU {p.pid} did not exit after SIGKILL")
+            return
+        self.raw_procs.pop(p.pid, None)
+
+    def boots(self):
+        runs = self.args.runs
+        log("warm-up hatch boot (not counted; its QEMU command line is the raw one)")
+        vm_id, cmd, first_text, warm = self.hatch_boot()
+        self.capture_cmdline(vm_id, cmd)
+        self.delete_vm(vm_id)
+        log(f"  warm-up: first line {warm['first_line']:.3f}s, ready {warm['ready']:.3f}s")
+        log(f"  QEMU: {' '.join(self.cmdline)}")
+        log(f"  per-VM args rewritten for raw runs: {self.rewritten}")
+        rootfs = self.image_rootfs()
+        hatch, raw, texts = [], [], set()
+        busy = CpuBusy().start()
+        # Interleaved, and alternating which goes first, so drift in host load hits both alike.
+        for i in range(runs):
+            self.qemu_other_max = max(self.qemu_other_max, other_qemus(self.tmp))
+            order = ("hatch", "raw") if i % 2 == 0 else ("raw", "hatch")
+            for which in order:
+                if which == "hatch":
+                    vm_id, _, text, m = self.hatch_boot()
+                    t = time.monotonic()
+                    self.delete_vm(vm_id)
+                    m["delete"] = time.monotonic() - t
+                    hatch.append(m)
+                else:
+                    text, m = self.raw_boot(i, rootfs)
+                    raw.append(m)
+                texts.add(text)
+                log(f"  run {i + 1}/{runs} {which:5}: console {m['console'] * 1000:6.0f} ms, "
+                    f"first line {m['first_line']:.3f}s, ready {m['ready']:.3f}s"
+                    + (f", 201 after {m['resp'] * 1000:.0f} ms" if which == "hatch" else ""))
+        busy.stop()
+        return {"warm": warm, "hatch": hatch, "raw": raw, "first_line_texts": sorted(texts), "busy": busy.cores}
+
+    # ------------------------------------------------------------ API latency
+
+    def interleaved_gets(self, n):
+        """n x GET /health and n x GET /vms, alternating, on one keep-alive connection."""
+        h = Http(self.key)
+        health, vms, size, count, hsize = [], [], None, None, None
+        try:
+            for _ in range(n):
+                for path, out in (("/health", health), ("/vms", vms)):
+                    t = time.monotonic()
+                    status, raw = h.request("GET", path)
+                    out.append(time.monotonic() - t)
+                    if status != 200:
+                        raise BenchError(f"GET {path}: {status} {raw[:300]!r}")
+                    if path == "/health":
+                        hsize = len(raw)
+                    else:
+                        size = len(raw)
+                        count = count if count is not None else len(json.loads(raw))
+        finally:
+            h.close()
+        return health, vms, size, count, hsize
+
+    def insert_vms(self, n):
+        db = sqlite3.connect(self.data / "hatch.db", timeout=30)
+        try:
+            (owner_id,) = db.execute("SELECT id FROM owners WHERE name = 'bench'").fetchone()
+            (image_dir,) = db.execute("SELECT dir FROM images WHERE id = 'img_default'").fetchone()
+            alphabet = string.ascii_lowercase + string.digits
+            base = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=n + 60)
+            rows = []
+            for i in range(n):
+                ts = (base + datetime.timedelta(seconds=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+                vm_id = "vm_" + "".join(secrets.choice(alphabet) for _ in range(12))
+                rows.append((vm_id, owner_id, "img_default", image_dir, None, "stopped", 1, 512,
+                             "console=ttyS0 root=/dev/vda rw", 1, None, None, None, None, None,
+                             "qemu", None, ts, ts))
+            with db:
+                db.executemany(
+                    "INSERT INTO vms (id, owner_id, image_id, image_dir, template_id, state, vcpu_count,"
+                    " mem_mib, boot_args, enable_network, user_data, guest_ip, guest_mac, tap_name,"
+                    " ssh_port, hypervisor, last_error, created_at, updated_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+        finally:
+            db.close()
+
+    def timed_posts(self, n):
+        out = []
+        for _ in range(n):
+            t = time.monotonic()
+            status, raw = one_request(self.key, "POST", "/vms", {})
+            out.append(time.monotonic() - t)
+            if status != 201:
+                raise BenchError(f"POST /vms: {status} {raw[:300]!r}\n{self.daemon_tail()}")
+            vm_id = json.loads(raw)["id"]
+            self.live_vms.add(vm_id)
+            self.delete_vm(vm_id)
+        return out
+
+    def api(self):
+        n, n_vms = self.args.get_requests, self.args.api_vms
+        log(f"API: {n} x GET /health + {n} x GET /vms, empty store")
+        with CpuBusy() as busy0:
+            h0, v0, size0, count0, hsize = self.interleaved_gets(n)
+        log(f"API: inserting {n_vms} stopped VM rows into {self.data / 'hatch.db'}")
+        self.insert_vms(n_vms)
+        log(f"API: {n} x GET /health + {n} x GET /vms, {n_vms} VMs")
+        with CpuBusy() as busy1:
+            h1, v1, size1, count1, _ = self.interleaved_gets(n)
+        if count1 != n_vms:
+            raise BenchError(f"GET /vms listed {count1} VMs, expected {n_vms}")
+        log(f"API: {self.args.post_requests} x POST /vms {{}} with {n_vms} VMs (each deleted after, untimed)")
+        posts = self.timed_posts(self.args.post_requests)
+        return {
+            "empty": {"health": h0, "vms": v0, "size": size0, "count": count0, "busy": busy0.cores},
+            "full": {"health": h1, "vms": v1, "size": size1, "count": count1, "busy": busy1.cores},
+            "posts": posts,
+            "health_size": hsize,
+        }
+
+    # ------------------------------------------------------------ cleanup
+
+    def cleanup(self):
+        for p in list(self.raw_procs.values()):
+            self.kill_raw(p)
+        if self.daemon is not None and self.daemon.poll() is None:
+            for vm_id in list(self.live_vms):
+                try:
+                    self.delete_vm(vm_id)
+                except Exception as e:
+                    log(f"cleanup: DELETE {vm_id}: {e}")
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                log("cleanup: daemon ignored SIGTERM for 30 s, killing it")
+                self.daemon.kill()
+                self.daemon.wait(10)
+        # Anything still naming our temp dir (a QEMU the daemon lost track of) is ours.
+        for pid in pids_mentioning(f"{self.tmp}/"):
+            log(f"cleanup: killing leftover {pid}: {' '.join(proc_cmdline(pid) or [])[:120]}")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------- report
+
+
+def qemu_version(binary):
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout
+        return out.splitlines()[0].replace("QEMU emulator version ", "")
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def arg_after(cmd, flag):
+    return cmd[cmd.index(flag) + 1] if flag in cmd and cmd.index(flag) + 1 < len(cmd) else "?"
+
+
+def fmt_s(st):
+    return f"{st['median']:.3f} s ({st['min']:.3f}-{st['max']:.3f})"
+
+
+def fmt_ms(st):
+    return f"{ms(st['median']):.0f} ms ({ms(st['min']):.0f}-{ms(st['max']):.0f})"
+
+
+def render(meta, boot, api):
+    H, R = boot["hatch"], boot["raw"]
+
+    def col(runs, key):
+        return stats([m[key] for m in runs])
+
+    lines = []
+    add = lines.append
+    add(f"Command: `{meta['command']}` (from the repository root, as root)  ")
+    add(f"Date: {meta['date']}  ")
+    add(f"Host: {meta['cpus']} cores ({meta['cpu']}), kernel {meta['kernel']}, load average "
+        f"{meta['load_before']:.2f} before / {meta['load_after']:.2f} after, "
+        f"at most {meta['other_qemus']} other QEMU(s) running on the host during the boot runs; "
+        f"host CPU busy (all processes, /proc/stat): {boot['busy']:.2f} of {meta['cpus']} cores during the boot runs, "
+        f"{api['full']['busy']:.2f} during the GET loop with {api['full']['count']} VMs  ")
+    add(f"QEMU: {meta['qemu']}, accelerator `{meta['accel']}`, machine `{meta['machine']}`, "
+        f"{meta['smp']} vCPU, {meta['mem']} MiB (hatch's defaults for `POST /vms {{}}`)  ")
+    add(f"Runs: {len(H)} hatch + {len(R)} raw QEMU, interleaved, after one uncounted hatch warm-up "
+        f"(warm-up: first line {boot['warm']['first_line']:.3f} s, ready {boot['warm']['ready']:.3f} s)")
+    add("")
+    add("### Boot: hatch vs the same QEMU command line run by hand")
+    add("")
+    add("Median (min-max). hatch: from sending `POST /vms {}`; raw: from spawning QEMU.")
+    add("")
+    add("| to ... | hatch | raw QEMU | hatch / raw | hatch - raw (medians) |")
+    add("|---|---|---|---|---|")
+    for key, label in (("first_line", "first console line"), ("ready", "`hatch-guest: ready` line")):
+        h, r = col(H, key), col(R, key)
+        add(f"| {label} | {fmt_s(h)} | {fmt_s(r)} | {h['median'] / r['median']:.3f} | "
+            f"{ms(h['median'] - r['median']):+.0f} ms |")
+    add("")
+    add("Where the time goes (median, min-max):")
+    add("")
+    add("| step | hatch | raw QEMU |")
+    add("|---|---|---|")
+    add(f"| VM work dir created (after the API checked the key, image, and inserted the row) | {fmt_ms(col(H, 'workdir'))} | - |")
+    add(f"| `disk.qcow2` overlay exists (`qemu-img create`) | {fmt_ms(col(H, 'disk.qcow2'))} | "
+        f"{fmt_ms(col(R, 'overlay'))} (run before the clock starts) |")
+    add(f"| `console.log` created (QEMU opened its chardev) | {fmt_ms(col(H, 'console'))} | {fmt_ms(col(R, 'console'))} |")
+    add(f"| 201 returned (QMP said `running`) | {fmt_ms(col(H, 'resp'))} | - |")
+    add(f"| first console byte | {fmt_s(col(H, 'first_byte'))} | {fmt_s(col(R, 'first_byte'))} |")
+    add(f"| console created -> ready line | "
+        f"{fmt_s(stats([m['ready'] - m['console'] for m in H]))} | "
+        f"{fmt_s(stats([m['ready'] - m['console'] for m in R]))} |")
+    add(f"| `DELETE /vms/{{id}}` (not in the figures above) | {fmt_ms(col(H, 'delete'))} | - |")
+    add("")
+    pre_h, pre_r = col(H, "console")["median"], col(R, "console")["median"]
+    spread = col(R, "ready")["max"] - col(R, "ready")["min"]
+    excess = col(H, "ready")["median"] - col(R, "ready")["median"] - (pre_h - pre_r)
+    add(f"hatch starts QEMU about {ms(pre_h - pre_r):.0f} ms later than a bare spawn "
+        f"(`console.log` created at {ms(pre_h):.0f} ms vs {ms(pre_r):.0f} ms, medians): the API, the SQLite "
+        f"insert, the work dir and the `qemu-img create` overlay. After that both are the same guest booting "
+        f"under {meta['accel'].upper()}; the raw ready line alone spreads over {ms(spread):.0f} ms, so "
+        + ("the rest of the hatch - raw difference is within that noise."
+           if abs(excess) <= spread / 2 else
+           f"a further {ms(excess):+.0f} ms (beyond the start-up overhead) is larger than half that "
+           "spread: look at the host load figures above before trusting it."))
+    add("")
+    add(f"First console line: `{' | '.join(t[:100] for t in boot['first_line_texts'])}`")
+    add("")
+    e, f = api["empty"], api["full"]
+    n = len(f["vms"])
+    add(f"### API latency with {f['count']} VMs in the store")
+    add("")
+    add(f"{n} requests each, `/health` and `/vms` alternating on one keep-alive connection; "
+        f"POST on a fresh connection per request, each VM deleted after (untimed).")
+    add("")
+    add("| request | VMs in store | n | p50 | p99 | max | response |")
+    add("|---|---|---|---|---|---|---|")
+    for label, d in (("0", e), (str(f["count"]), f)):
+        hs, vs = stats(d["health"]), stats(d["vms"])
+        add(f"| `GET /health` | {label} | {hs['n']} | {ms(hs['p50']):.2f} ms | {ms(hs['p99']):.2f} ms | "
+            f"{ms(hs['max']):.2f} ms | {api['health_size']} B |")
+        add(f"| `GET /vms` | {label} | {vs['n']} | {ms(vs['p50']):.2f} ms | {ms(vs['p99']):.2f} ms | "
+            f"{ms(vs['max']):.2f} ms | {d['size']:,} B ({d['count']} VMs) |")
+    hp = stats([m["resp"] for m in H])
+    ps = stats(api["posts"])
+    add(f"| `POST /vms {{}}` | 0 (boot runs) | {hp['n']} | {ms(hp['p50']):.0f} ms | - | {ms(hp['max']):.0f} ms | 201 |")
+    add(f"| `POST /vms {{}}` | {f['count']} | {ps['n']} | {ms(ps['p50']):.0f} ms | - | {ms(ps['max']):.0f} ms | 201 |")
+    add("")
+    hs, vs = stats(f["health"]), stats(f["vms"])
+    hs0, vs0 = stats(e["health"]), stats(e["vms"])
+    add(f"Ratios, {f['count']} VMs: `GET /vms` / `GET /health` = {vs['p50'] / hs['p50']:.1f}x at p50, "
+        f"{vs['p99'] / hs['p99']:.1f}x at p99 (empty store: {vs0['p50'] / hs0['p50']:.1f}x at p50); "
+        f"`POST /vms` with {f['count']} VMs / with 0 = {ps['p50'] / hp['p50']:.2f}x at p50.")
+    return "\n".join(lines)
+
+
+DOC_INTRO = """# Benchmarks
+
+Figures from the scripts in `bench/`, each run for real on a development
+machine of this project: 2 cores, Debian 12, QEMU 7.2 with the TCG
+accelerator (the host's KVM is a software one that is far slower than TCG,
+see `ENVIRONMENT.md`), so boot times are those of an emulated CPU; production
+hosts with hardware KVM boot much faster, while hatch's own overhead stays.
+
+How the figures are measured:
+
+- Every script runs as root, builds `cargo build --release`, makes a network
+  namespace of its own with only `lo` up, runs the daemon (`hatch serve`) and
+  itself inside it and sends requests to 127.0.0.1 only. The daemon, every
+  QEMU, the namespace and the temp data dir are removed at the end.
+- Boot times are wall-clock (monotonic clock) from the request or the process
+  spawn to the moment a line shows up in the VM's `console.log`, which is
+  polled every 2 ms, so figures are good to about 2-3 ms.
+- Each section is rewritten by its script on every run; figures from
+  different sections are not from the same run unless they say so.
+"""
+
+
+def write_docs(path, section):
+    text = path.read_text() if path.exists() else DOC_INTRO
+    block = "## bench/boot\n\n" + section.rstrip() + "\n"
+    m = re.search(r"^## bench/boot\s*$", text, flags=re.M)
+    if m:
+        nxt = re.search(r"^## ", text[m.end():], flags=re.M)
+        end = m.end() + nxt.start() if nxt else len(text)
+        text = text[: m.start()] + block + ("\n" + text[end:] if nxt else "")
+    else:
+        text = text.rstrip() + "\n\n" + block
+    path.write_text(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=10, help="boots of each kind (default 10)")
+    ap.add_argument("--api-vms", type=int, default=1000, help="VM rows inserted for the API part (default 1000)")
+    ap.add_argument("--get-requests", type=int, default=200, help="GET /vms and GET /health requests (default 200)")
+    ap.add_argument("--post-requests", type=int, default=10, help="POST /vms requests with the rows (default 10)")
+    ap.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    for name in ("runs", "api_vms", "get_requests", "post_requests"):
+        if not 1 <= getattr(args, name) <= 100000:
+            ap.error(f"--{name.replace('_', '-')} must be between 1 and 100000")
+    if "HATCH_BENCH_TMP" not in os.environ:
+        ap.error("run this through bench/boot (it makes the namespace and the temp dir)")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    bench = Bench(args)
+    meta = {
+        "command": os.environ.get("HATCH_BENCH_COMMAND", "bench/boot"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
+        "kernel": os.uname().release,
+        "load_before": os.getloadavg()[0],
+    }
+    if os.environ.get("SUDO_USER"):
+        meta["command"] = "sudo " + meta["command"]
+    def quiet():
+        # A second Ctrl-C must not cut the cleanup short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
+    try:
+        bench.start_daemon()
+        boot = bench.boots()
+        api = bench.api()
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        quiet()
+        bench.cleanup()
+        return 130
+    except BenchError as e:
+        log(f"FAILED: {e}")
+        quiet()
+        bench.cleanup()
+        return 1
+    except BaseException:
+        quiet()
+        bench.cleanup()
+        raise
+    quiet()
+    bench.cleanup()
+    cmd = bench.cmdline
+    meta.update(
+        load_after=os.getloadavg()[0],
+        other_qemus=bench.qemu_other_max,
+        qemu=qemu_version(cmd[0]),
+        accel=arg_after(cmd, "-accel"),
+        machine=arg_after(cmd, "-M"),
+        smp=arg_after(cmd, "-smp"),
+        mem=arg_after(cmd, "-m"),
+    )
+    section = render(meta, boot, api)
+    print("\n## bench/boot\n")
+    print(section)
+    if not args.no_docs:
+        doc = REPO / "docs" / "BENCHMARKS.md"
+        write_docs(doc, section)
+        log(f"updated {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
