@@ -4,6 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::net::ipam::{self, BridgeNet};
+use crate::net::NetConfig;
+
 /// Which accelerator QEMU is asked to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -38,6 +41,7 @@ pub struct Config {
     pub qemu_accel: Accel,
     /// How long a graceful (ACPI) shutdown may take before the VMM is killed.
     pub stop_timeout: Duration,
+    pub net: NetConfig,
 }
 
 impl Config {
@@ -68,6 +72,29 @@ impl Config {
             qemu_binary: get("HATCH_QEMU_BINARY").unwrap_or_else(|| "qemu-system-x86_64".into()),
             qemu_accel: get("HATCH_QEMU_ACCEL").unwrap_or_default().parse()?,
             stop_timeout,
+            net: NetConfig {
+                bridge: {
+                    let b = get("HATCH_BRIDGE_NAME").unwrap_or_else(|| "hatch0".into());
+                    if b.is_empty() || b.len() > 15 || b.contains(['/', ' ']) {
+                        return Err(format!(
+                            "HATCH_BRIDGE_NAME {b:?} is not a valid interface name"
+                        ));
+                    }
+                    b
+                },
+                net: BridgeNet::parse(
+                    &get("HATCH_BRIDGE_CIDR").unwrap_or_else(|| "172.16.0.1/24".into()),
+                )
+                .map_err(|e| format!("HATCH_BRIDGE_CIDR: {e}"))?,
+                ssh_ports: ipam::parse_port_range(
+                    &get("HATCH_SSH_PORT_RANGE").unwrap_or_else(|| "16000-16999".into()),
+                )
+                .map_err(|e| format!("HATCH_SSH_PORT_RANGE: {e}"))?,
+                ssh_allowed_sources: ipam::parse_cidr_list(
+                    &get("HATCH_SSH_ALLOWED_CIDRS").unwrap_or_else(|| "0.0.0.0/0".into()),
+                )
+                .map_err(|e| format!("HATCH_SSH_ALLOWED_CIDRS: {e}"))?,
+            },
         })
     }
 
@@ -79,6 +106,9 @@ impl Config {
     }
     pub fn images_dir(&self) -> PathBuf {
         self.data_dir.join("images")
+    }
+    pub fn net_dir(&self) -> PathBuf {
+        self.data_dir.join("net")
     }
 }
 
@@ -131,6 +161,10 @@ mod tests {
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(c.qemu_accel, Accel::Auto);
         assert_eq!(c.stop_timeout, Duration::from_secs(30));
+        assert_eq!(c.net.bridge, "hatch0");
+        assert_eq!(c.net.net.cidr(), "172.16.0.0/24");
+        assert_eq!(c.net.ssh_ports, (16000, 16999));
+        assert_eq!(c.net.ssh_allowed_sources, vec!["0.0.0.0/0"]);
     }
 
     #[test]

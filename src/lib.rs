@@ -5,5 +5,6 @@ pub mod config;
 pub mod ids;
 pub mod image;
 pub mod manager;
+pub mod net;
 pub mod store;
 pub mod vmm;

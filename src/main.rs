@@ -191,6 +191,7 @@ async fn serve() -> anyhow::Result<()> {
     let addr = cfg.http_addr;
     let manager = Manager::new(store, vmm, cfg);
     manager.recover().await?;
+    manager.init_network().await;
     manager.seed_default_image().await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -186,14 +186,36 @@ fn invalid_requests_are_refused_and_change_nothing() {
             "tpl_nope not found",
         ),
         (
-            r#"{"guest_ip": "192.168.241.50"}"#,
+            r#"{"guest_ip": "172.16.0.300"}"#,
             "guest_ip",
-            "networking",
+            "not an IPv4 address",
         ),
         (
-            r#"{"guest_mac": "02:fc:00:00:00:32"}"#,
+            r#"{"guest_ip": "192.168.241.50"}"#,
+            "guest_ip",
+            "outside the bridge network 172.16.0.0/24",
+        ),
+        (
+            r#"{"guest_ip": "172.16.0.0"}"#,
+            "guest_ip",
+            "network address",
+        ),
+        (r#"{"guest_ip": "172.16.0.255"}"#, "guest_ip", "broadcast"),
+        (r#"{"guest_ip": "172.16.0.1"}"#, "guest_ip", "bridge"),
+        (
+            r#"{"guest_mac": "02:fc:00:00:32"}"#,
             "guest_mac",
-            "networking",
+            "not a MAC address",
+        ),
+        (
+            r#"{"guest_mac": "03:fc:00:00:00:32"}"#,
+            "guest_mac",
+            "multicast",
+        ),
+        (
+            r#"{"enable_network": false, "guest_ip": "172.16.0.20"}"#,
+            "guest_ip",
+            "enable_network is false",
         ),
         ("{\"boot_args\": \"a\\nb\"}", "boot_args", "single line"),
     ];

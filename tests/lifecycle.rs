@@ -19,12 +19,12 @@ fn create_logs_stop_start_delete() {
     assert_eq!(vm["vcpu_count"], 1);
     assert_eq!(vm["mem_mib"], 512);
     assert_eq!(vm["enable_network"], true);
-    for field in ["guest_ip", "guest_mac", "tap_name", "ssh_port"] {
-        assert!(
-            vm[field].is_null(),
-            "{field} must stay empty without networking: {vm}"
-        );
-    }
+    // Networking is on by default: the first VM gets the first address (.10),
+    // a MAC derived from it, its own TAP and the first SSH port.
+    assert_eq!(vm["guest_ip"], "172.16.0.10", "{vm}");
+    assert_eq!(vm["guest_mac"], "02:fc:ac:10:00:0a");
+    assert_eq!(vm["tap_name"], format!("ht{}", &id[3..]));
+    assert_eq!(vm["ssh_port"], 16000);
     assert!(vm["created_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(d.vmm_pids_of(&id).len(), 1, "exactly one VMM process");
     // The VM's disk is an overlay over the image, not a copy of the whole rootfs.

@@ -6,6 +6,7 @@
 //! editing or deleting the source files never corrupts a VM built on them.
 
 pub mod build;
+pub mod seed;
 
 use crate::vmm::DiskFormat;
 use sha2::{Digest, Sha256};

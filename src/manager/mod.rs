@@ -9,15 +9,19 @@ pub mod state;
 
 use crate::config::Config;
 use crate::ids;
-use crate::image::{self, ImageSource};
+use crate::image::{self, seed, ImageSource};
+use crate::net::dhcp::Reservation;
+use crate::net::firewall::Forward;
+use crate::net::{ipam, Network};
 use crate::store::{self, Image, Owner, Store, StoreError, Template, Vm};
 use crate::vmm::{self, process, VmSpec, Vmm};
 use requests::{CreateImage, CreateTemplate, CreateVm};
 use state::VmState;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{watch, OwnedMutexGuard};
 
@@ -60,6 +64,10 @@ pub struct Manager {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     running: Mutex<HashMap<String, Running>>,
     next_boot: AtomicU64,
+    network: OnceLock<Arc<Network>>,
+    network_error: Mutex<Option<String>>,
+    /// Serializes choosing and recording network allocations.
+    alloc_lock: tokio::sync::Mutex<()>,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -80,6 +88,9 @@ impl Manager {
             locks: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             next_boot: AtomicU64::new(1),
+            network: OnceLock::new(),
+            network_error: Mutex::new(Some("networking has not been set up yet".into())),
+            alloc_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -106,7 +117,16 @@ impl Manager {
     fn spec_for(&self, vm: &Vm) -> VmSpec {
         let image_dir = PathBuf::from(&vm.image_dir);
         let work_dir = self.work_dir(&vm.id);
+        let seed = work_dir.join("seed.iso");
         VmSpec {
+            nic: match (&vm.tap_name, &vm.guest_mac) {
+                (Some(tap), Some(mac)) => Some(vmm::Nic {
+                    tap: tap.clone(),
+                    mac: mac.clone(),
+                }),
+                _ => None,
+            },
+            seed: seed.exists().then_some(seed),
             vm_id: vm.id.clone(),
             disk: work_dir.join("disk.qcow2"),
             work_dir,
@@ -259,6 +279,184 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    // ---------------------------------------------------------------- network
+
+    /// Sets up the host side of VM networking. A host that cannot (no root,
+    /// no dnsmasq, ...) still runs VMs without networking; the reason is kept
+    /// and given to whoever asks for a networked VM.
+    pub async fn init_network(&self) {
+        let result = async {
+            let reservations = self.reservations().await.map_err(|e| e.to_string())?;
+            let net = Network::setup(
+                self.config.net.clone(),
+                &self.config.net_dir(),
+                &reservations,
+            )
+            .await?;
+            // No VM runs right after start-up: every TAP in our bridge is stale.
+            let removed = net.remove_stale_taps(&HashSet::new()).await?;
+            if removed > 0 {
+                tracing::warn!(removed, "removed TAP devices left from a previous daemon");
+            }
+            Ok::<_, String>(net)
+        }
+        .await;
+        match result {
+            Ok(net) => {
+                tracing::info!(bridge = %net.cfg.bridge, cidr = %net.cfg.net.cidr(), "networking ready");
+                let _ = self.network.set(Arc::new(net));
+                *self.network_error.lock().unwrap() = None;
+                self.refresh_forwards().await;
+            }
+            Err(e) => {
+                tracing::error!(
+                    "networking unavailable, only VMs with enable_network false can run: {e}"
+                );
+                *self.network_error.lock().unwrap() = Some(e);
+            }
+        }
+    }
+
+    fn network(&self) -> Result<&Arc<Network>> {
+        self.network.get().ok_or_else(|| {
+            let why = self.network_error.lock().unwrap().clone().unwrap_or_default();
+            ManagerError::Internal(format!(
+                "networking is unavailable on this host ({why}); create the VM with \"enable_network\": false"
+            ))
+        })
+    }
+
+    async fn reservations(&self) -> Result<Vec<Reservation>> {
+        Ok(self
+            .store
+            .all_vms()
+            .await?
+            .into_iter()
+            .filter_map(|v| {
+                Some(Reservation {
+                    mac: v.guest_mac?,
+                    ip: v.guest_ip?,
+                })
+            })
+            .collect())
+    }
+
+    async fn refresh_reservations(&self) {
+        let Some(net) = self.network.get() else {
+            return;
+        };
+        let result = match self.reservations().await {
+            Ok(r) => net.sync_reservations(&r),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
+            tracing::error!("updating DHCP reservations: {e}");
+        }
+    }
+
+    /// Makes the SSH forwards match the VMs that are running now.
+    async fn refresh_forwards(&self) {
+        let Some(net) = self.network.get() else {
+            return;
+        };
+        let forwards = match self.store.all_vms().await {
+            Ok(vms) => vms
+                .into_iter()
+                .filter(|v| state_of(v) == VmState::Running)
+                .filter_map(|v| {
+                    Some(Forward {
+                        host_port: u16::try_from(v.ssh_port?).ok()?,
+                        guest_ip: v.guest_ip?,
+                        guest_port: 22,
+                        vm_id: v.id,
+                    })
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!("reading VMs for the firewall: {e}");
+                return;
+            }
+        };
+        if let Err(e) = net.sync_forwards(forwards).await {
+            tracing::error!("updating SSH forwards: {e}");
+        }
+    }
+
+    /// Chooses `vm`'s address, MAC, TAP and SSH port. Called with `alloc_lock`
+    /// held, right before the row is inserted (unique indexes back this up).
+    async fn allocate_network(&self, vm: &mut Vm, req: &CreateVm) -> Result<()> {
+        let net = self.network()?;
+        let mut ips = HashSet::new();
+        let mut macs = HashSet::new();
+        let mut ports = HashSet::new();
+        for (ip, mac, port) in self.store.network_allocations().await? {
+            ips.extend(ip.and_then(|i| i.parse::<Ipv4Addr>().ok()));
+            macs.extend(mac);
+            ports.extend(port.and_then(|p| u16::try_from(p).ok()));
+        }
+        let bridge = net.cfg.net;
+        let ip = match &req.guest_ip {
+            Some(text) => {
+                let ip: Ipv4Addr = text.parse().map_err(|_| {
+                    ManagerError::BadRequest(format!("guest_ip {text:?} is not an IPv4 address"))
+                })?;
+                bridge
+                    .check_guest_ip(ip)
+                    .map_err(ManagerError::BadRequest)?;
+                if ips.contains(&ip) {
+                    return Err(ManagerError::Conflict(format!(
+                        "guest_ip {ip} is already in use by another VM"
+                    )));
+                }
+                ip
+            }
+            None => bridge.first_free(&ips).ok_or_else(|| {
+                ManagerError::Conflict(format!("no free guest IP left in {}", bridge.cidr()))
+            })?,
+        };
+        let mac = match &req.guest_mac {
+            Some(text) => {
+                let mac = ipam::parse_mac(text).map_err(ManagerError::BadRequest)?;
+                if macs.contains(&mac) {
+                    return Err(ManagerError::Conflict(format!(
+                        "guest_mac {mac} is already in use by another VM"
+                    )));
+                }
+                mac
+            }
+            None => {
+                let mut mac = ipam::mac_for_ip(ip);
+                // A user may have claimed the derived MAC for another VM.
+                while macs.contains(&mac) {
+                    let r = ids::random_string(4);
+                    let b = r.as_bytes();
+                    mac = format!("02:fd:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
+                }
+                mac
+            }
+        };
+        let port = ipam::first_free_port(net.cfg.ssh_ports, &ports).ok_or_else(|| {
+            let (lo, hi) = net.cfg.ssh_ports;
+            ManagerError::Conflict(format!("no free SSH port left in {lo}-{hi}"))
+        })?;
+        vm.guest_ip = Some(ip.to_string());
+        vm.guest_mac = Some(mac);
+        vm.tap_name = Some(ipam::tap_name(&vm.id));
+        vm.ssh_port = Some(port as i64);
+        Ok(())
+    }
+
+    fn seed_net(&self, vm: &Vm) -> Option<seed::SeedNet> {
+        let net = self.network.get()?;
+        Some(seed::SeedNet {
+            mac: vm.guest_mac.clone()?,
+            ip: vm.guest_ip.clone()?,
+            prefix: net.cfg.net.prefix,
+            gateway: net.cfg.net.bridge_ip.to_string(),
+            dns: net.cfg.net.bridge_ip.to_string(),
+        })
     }
 
     // ---------------------------------------------------------------- images
@@ -497,8 +695,18 @@ impl Manager {
             updated_at: now,
         };
         let _guard = self.lock_vm(&vm.id).await;
-        self.store.insert_vm(&vm).await?;
+        {
+            let _alloc = self.alloc_lock.lock().await;
+            if vm.enable_network {
+                self.allocate_network(&mut vm, &req).await?;
+            }
+            self.store.insert_vm(&vm).await?;
+        }
+        if vm.enable_network {
+            self.refresh_reservations().await;
+        }
         let work_dir = self.work_dir(&vm.id);
+        let seed_net = self.seed_net(&vm);
         let prepared = async {
             tokio::fs::create_dir_all(&work_dir)
                 .await
@@ -509,7 +717,15 @@ impl Manager {
                 self.vmm.capabilities().disk_format,
             )
             .await
-            .map_err(|e| format!("creating VM disk: {e}"))
+            .map_err(|e| format!("creating VM disk: {e}"))?;
+            seed::write(
+                &work_dir,
+                &vm.id,
+                vm.user_data.as_deref(),
+                seed_net.as_ref(),
+            )
+            .await
+            .map_err(|e| format!("creating the cloud-init seed: {e}"))
         }
         .await;
         let booted = match prepared {
@@ -519,6 +735,7 @@ impl Manager {
         match booted {
             Ok(()) => {
                 self.transition(&mut vm, VmState::Running, None).await?;
+                self.refresh_forwards().await;
                 Ok(vm)
             }
             Err(e) => {
@@ -535,7 +752,19 @@ impl Manager {
         if !spec.disk.exists() {
             return Err(format!("the VM's disk {} is missing", spec.disk.display()));
         }
-        let proc = self.vmm.boot(&spec).await.map_err(|e| e.to_string())?;
+        if let Some(nic) = &spec.nic {
+            self.network()
+                .map_err(|e| e.to_string())?
+                .add_tap(&nic.tap)
+                .await?;
+        }
+        let proc = match self.vmm.boot(&spec).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.remove_tap(vm).await;
+                return Err(e.to_string());
+            }
+        };
         let boot_id = self.next_boot.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(false);
         self.running.lock().unwrap().insert(
@@ -597,6 +826,16 @@ impl Manager {
         if let Err(e) = result {
             tracing::error!(vm = vm_id, "recording VMM exit: {e}");
         }
+        self.remove_tap(&vm).await;
+        self.refresh_forwards().await;
+    }
+
+    async fn remove_tap(&self, vm: &Vm) {
+        if let (Some(tap), Some(net)) = (&vm.tap_name, self.network.get()) {
+            if let Err(e) = net.remove_tap(tap).await {
+                tracing::error!(vm = %vm.id, "removing TAP {tap}: {e}");
+            }
+        }
     }
 
     /// Ends the VM's VMM process: first an ACPI power-off when `graceful`,
@@ -641,6 +880,7 @@ impl Manager {
         tokio::task::spawn_blocking(move || process::kill_all_under(&dir))
             .await
             .ok();
+        self.remove_tap(vm).await;
         clean
     }
 
@@ -662,7 +902,10 @@ impl Manager {
         self.transition(vm, VmState::Stopping, None).await?;
         let clean = self.end_vmm(vm, true).await;
         tracing::info!(vm = %vm.id, clean, "stopped");
-        self.transition(vm, VmState::Stopped, None).await
+        self.transition(vm, VmState::Stopped, None).await?;
+        // Seed 001: stopping removes SSH forwarding and keeps the IP allocation.
+        self.refresh_forwards().await;
+        Ok(())
     }
 
     pub async fn start_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
@@ -679,6 +922,7 @@ impl Manager {
         match self.boot(&vm).await {
             Ok(()) => {
                 self.transition(&mut vm, VmState::Running, None).await?;
+                self.refresh_forwards().await;
                 Ok(vm)
             }
             Err(e) => {
@@ -707,6 +951,9 @@ impl Manager {
             }
         }
         self.store.delete_vm(id).await?;
+        // The row held the IP, MAC and port; with it gone they are free again.
+        self.refresh_reservations().await;
+        self.refresh_forwards().await;
         drop(guard);
         self.locks.lock().unwrap().remove(id);
         tracing::info!(vm = id, "deleted");
@@ -741,5 +988,8 @@ impl Manager {
             }
         });
         futures_util::future::join_all(stops).await;
+        if let Some(net) = self.network.get() {
+            net.shutdown().await;
+        }
     }
 }

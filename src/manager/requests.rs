@@ -100,13 +100,20 @@ impl CreateVm {
         if let Some(u) = &self.user_data {
             check_user_data(u)?;
         }
-        // Networking (bridge, TAP, IP allocation) is not built yet: refusing is
-        // honest, accepting an address we would not apply is not.
-        for (field, value) in [("guest_ip", &self.guest_ip), ("guest_mac", &self.guest_mac)] {
-            if value.is_some() {
-                return Err(format!(
-                    "{field} cannot be set: this hatch version does not provide VM networking yet"
-                ));
+        if let Some(ip) = &self.guest_ip {
+            ip.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| format!("guest_ip {ip:?} is not an IPv4 address"))?;
+        }
+        if let Some(mac) = &self.guest_mac {
+            crate::net::ipam::parse_mac(mac)?;
+        }
+        if self.enable_network == Some(false) {
+            for (field, value) in [("guest_ip", &self.guest_ip), ("guest_mac", &self.guest_mac)] {
+                if value.is_some() {
+                    return Err(format!(
+                        "{field} cannot be set when enable_network is false"
+                    ));
+                }
             }
         }
         Ok(())
@@ -209,6 +216,35 @@ mod tests {
         let ok = CreateVm {
             vcpu_count: Some(1),
             mem_mib: Some(65536),
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn network_fields_are_checked() {
+        let r = CreateVm {
+            guest_ip: Some("172.16.0.300".into()),
+            ..Default::default()
+        };
+        assert!(r.validate().unwrap_err().contains("not an IPv4 address"));
+        let r = CreateVm {
+            guest_mac: Some("zz".into()),
+            ..Default::default()
+        };
+        assert!(r.validate().unwrap_err().starts_with("guest_mac"));
+        let r = CreateVm {
+            enable_network: Some(false),
+            guest_ip: Some("172.16.0.5".into()),
+            ..Default::default()
+        };
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .contains("enable_network is false"));
+        let ok = CreateVm {
+            guest_ip: Some("172.16.0.5".into()),
+            guest_mac: Some("02:fc:00:00:00:05".into()),
             ..Default::default()
         };
         assert!(ok.validate().is_ok());

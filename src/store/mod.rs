@@ -356,6 +356,17 @@ impl Store {
 
     // ---- vms ----
 
+    /// Addresses, MACs and ports held by any VM (allocations are host-wide).
+    pub async fn network_allocations(
+        &self,
+    ) -> Result<Vec<(Option<String>, Option<String>, Option<i64>)>> {
+        Ok(
+            sqlx::query_as("SELECT guest_ip, guest_mac, ssh_port FROM vms")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn insert_vm(&self, vm: &Vm) -> Result<()> {
         sqlx::query(
             "INSERT INTO vms (id, owner_id, image_id, image_dir, template_id, state, vcpu_count, mem_mib, boot_args,
@@ -383,7 +394,14 @@ impl Store {
         .bind(&vm.created_at)
         .bind(&vm.updated_at)
         .execute(&self.pool)
-        .await?;
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("a network allocation of vm {} is already taken: {e}", vm.id))
+            } else {
+                e.into()
+            }
+        })?;
         Ok(())
     }
 

@@ -52,6 +52,16 @@ pub struct VmSpec {
     pub boot_args: String,
     pub vcpu_count: u32,
     pub mem_mib: u32,
+    /// The guest's network card, on a TAP the caller created.
+    pub nic: Option<Nic>,
+    /// A read-only second disk: the cloud-init NoCloud seed.
+    pub seed: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub tap: String,
+    pub mac: String,
 }
 
 impl VmSpec {

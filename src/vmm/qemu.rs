@@ -114,6 +114,24 @@ impl Qemu {
         ));
         push("-device");
         push("virtio-blk-pci,drive=vda");
+        if let Some(seed) = &spec.seed {
+            push("-drive");
+            push(&format!(
+                "file={},if=none,id=seed,format=raw,readonly=on",
+                qemu_path(seed)
+            ));
+            push("-device");
+            push("virtio-blk-pci,drive=seed");
+        }
+        if let Some(nic) = &spec.nic {
+            push("-netdev");
+            push(&format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                nic.tap
+            ));
+            push("-device");
+            push(&format!("virtio-net-pci,netdev=net0,mac={}", nic.mac));
+        }
         push("-qmp");
         push(&format!(
             "unix:{},server=on,wait=off",
@@ -284,6 +302,11 @@ mod tests {
             boot_args: "console=ttyS0".into(),
             vcpu_count: 2,
             mem_mib: 256,
+            nic: Some(super::super::Nic {
+                tap: "htx".into(),
+                mac: "02:fc:00:00:00:01".into(),
+            }),
+            seed: Some("/d/a,b/seed.iso".into()),
         };
         let args: Vec<String> = q
             .command_line(&spec)
@@ -296,5 +319,10 @@ mod tests {
         assert!(joined.contains("file=/d/a,,b/disk.qcow2,"));
         assert!(!args.contains(&"-initrd".to_string()));
         assert!(joined.contains("-smp 2 -m 256"));
+        assert!(joined.contains("tap,id=net0,ifname=htx,script=no,downscript=no"));
+        assert!(joined.contains("virtio-net-pci,netdev=net0,mac=02:fc:00:00:00:01"));
+        assert!(joined.contains("file=/d/a,,b/seed.iso,if=none,id=seed,format=raw,readonly=on"));
+        // The root disk comes first so the guest sees it as /dev/vda.
+        assert!(joined.find("drive=vda").unwrap() < joined.find("drive=seed").unwrap());
     }
 }
