@@ -56,12 +56,22 @@ enum KeysCmd {
     Revoke { id: String },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImageKind {
+    Busybox,
+    Debian,
+}
+
 #[derive(Subcommand)]
 enum ImageCmd {
-    /// Build the default image (Debian cloud kernel, busybox initramfs and rootfs) into DIR.
+    /// Build a guest image into DIR (DIR/vmlinuz, DIR/initrd.img, DIR/rootfs.ext4).
     Build {
         #[arg(long)]
         out: PathBuf,
+        /// `busybox`: the small default image (seconds to build and boot);
+        /// `debian`: Debian bookworm with systemd, cloud-init and OpenSSH (debootstrap).
+        #[arg(long, value_enum, default_value_t = ImageKind::Busybox)]
+        kind: ImageKind,
     },
 }
 
@@ -69,8 +79,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Image {
-            cmd: ImageCmd::Build { out },
-        } => hatch::image::build::build(&out),
+            cmd: ImageCmd::Build { out, kind },
+        } => match kind {
+            ImageKind::Busybox => hatch::image::build::build(&out),
+            ImageKind::Debian => hatch::image::debian::build(&out),
+        },
         Cmd::Serve => runtime()?.block_on(serve()),
         Cmd::Keys { cmd } => runtime()?.block_on(keys(cmd)),
     }

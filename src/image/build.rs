@@ -4,10 +4,12 @@
 //! - `vmlinuz`: the Debian bookworm cloud kernel (`linux-image-cloud-amd64`).
 //! - `initrd.img`: an uncompressed newc cpio with static busybox, `/init` and the
 //!   virtio + power-button modules that kernel builds as `=m`.
-//! - `rootfs.ext4`: a 256 MiB sparse ext4 (label `hatch-root`) with busybox init.
+//! - `rootfs.ext4`: a 256 MiB sparse ext4 (label `hatch-root`) with busybox init,
+//!   DHCP, a minimal cloud-init NoCloud reader and dropbear (`dropbear-bin`
+//!   and its libraries, fetched like the kernel; its libc is the host's).
 //!
 //! Host tools: apt-get/apt-cache/dpkg-deb, `busybox-static` (`/bin/busybox`),
-//! `e2fsprogs` (`mkfs.ext4`, and `debugfs` when not building as root).
+//! `e2fsprogs` (`mkfs.ext4`, and `debugfs` when not building as root), `ldd`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+const DROPBEAR_PACKAGE: &str = "dropbear-bin";
 const BUSYBOX: &str = "/bin/busybox";
 const ROOTFS_BYTES: u64 = 256 << 20;
 const ROOTFS_LABEL: &str = "hatch-root";
@@ -33,6 +36,9 @@ const BASE_MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
+    // The cloud-init NoCloud seed is an iso9660 volume labelled `cidata`.
+    "cdrom",
+    "isofs",
 ];
 
 /// Kernel options (and their module) that carry the ACPI power button to
@@ -49,6 +55,10 @@ const RCS: &str = include_str!("guest/rcS");
 const RCK: &str = include_str!("guest/rcK");
 const ACPI_POWER: &str = include_str!("guest/acpi-power");
 const PROFILE: &str = include_str!("guest/profile");
+const CIDATA: &str = include_str!("guest/cidata");
+const UDHCPC_SCRIPT: &str = include_str!("guest/udhcpc.script");
+/// Dropbear resolves root through glibc's NSS; spelled out so no default matters.
+const NSSWITCH: &str = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n";
 
 /// Build the default image into `out` (`vmlinuz`, `initrd.img`, `rootfs.ext4`).
 pub fn build(out: &Path) -> Result<()> {
@@ -80,6 +90,17 @@ pub fn build(out: &Path) -> Result<()> {
     ));
 
     let applets = busybox_applets(&busybox)?;
+    let dropbear = Dropbear::fetch(&cache, &work.path().join("dropbear"))?;
+    step(&format!(
+        "dropbear {}: {}",
+        dropbear.version,
+        dropbear
+            .files
+            .iter()
+            .map(|(guest, _)| format!("/{}", guest.display()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
 
     // Everything is written inside the work dir first and renamed at the end,
     // so a failed build never leaves a half-written image behind.
@@ -93,7 +114,7 @@ pub fn build(out: &Path) -> Result<()> {
 
     let rootfs = work.path().join("rootfs.ext4");
     let stage = work.path().join("rootfs");
-    stage_rootfs(&stage, &busybox, &applets)?;
+    stage_rootfs(&stage, &busybox, &applets, &dropbear)?;
     make_ext4(&mkfs, &stage, &rootfs)?;
 
     for (src, name) in [
@@ -203,21 +224,45 @@ const APT_UPDATE_HINT: &str =
 
 /// The kernel .deb in the cache, downloaded with `apt-get download` if needed.
 fn kernel_deb(cache: &Path) -> Result<PathBuf> {
-    let (package, version, file) = match resolve_kernel_package() {
-        Ok(found) => found,
-        Err(err) => {
-            // Offline with an empty apt state but a warm cache: still buildable.
-            if let Some(deb) = newest_cached_kernel(cache)? {
-                step(&format!(
-                    "warning: cannot resolve {KERNEL_METAPACKAGE} ({err:#}); using cached {}",
-                    deb.display()
-                ));
-                return Ok(deb);
-            }
-            return Err(err);
-        }
+    let is_kernel = |name: &str| name.starts_with("linux-image-") && name.contains("-cloud-amd64_");
+    let resolved = resolve_kernel_package().and_then(|package| {
+        let (version, file) = resolve_package(&package)?;
+        Ok((package, version, file))
+    });
+    match resolved {
+        Ok((package, version, file)) => download_deb(cache, &package, &version, &file),
+        Err(err) => offline_deb(cache, KERNEL_METAPACKAGE, err, is_kernel),
+    }
+}
+
+/// `package`'s candidate .deb in the cache, downloaded if needed.
+fn package_deb(cache: &Path, package: &str) -> Result<PathBuf> {
+    let prefix = format!("{package}_");
+    match resolve_package(package) {
+        Ok((version, file)) => download_deb(cache, package, &version, &file),
+        Err(err) => offline_deb(cache, package, err, |name| name.starts_with(&prefix)),
+    }
+}
+
+/// Offline with an empty apt state but a warm cache: still buildable.
+fn offline_deb(
+    cache: &Path,
+    package: &str,
+    err: anyhow::Error,
+    matches: impl Fn(&str) -> bool,
+) -> Result<PathBuf> {
+    let Some(deb) = newest_cached_deb(cache, matches)? else {
+        return Err(err);
     };
-    let cached = cache.join(&file);
+    step(&format!(
+        "warning: cannot resolve {package} ({err:#}); using cached {}",
+        deb.display()
+    ));
+    Ok(deb)
+}
+
+fn download_deb(cache: &Path, package: &str, version: &str, file: &str) -> Result<PathBuf> {
+    let cached = cache.join(file);
     if cached.is_file() {
         step(&format!("using cached {}", cached.display()));
         return Ok(cached);
@@ -253,8 +298,8 @@ fn kernel_deb(cache: &Path) -> Result<PathBuf> {
     downloaded
 }
 
-/// Metapackage -> (real package, version, pool file name).
-fn resolve_kernel_package() -> Result<(String, String, String)> {
+/// Metapackage -> the real kernel package it depends on.
+fn resolve_kernel_package() -> Result<String> {
     let missing = || anyhow!("apt knows no package {KERNEL_METAPACKAGE}; {APT_UPDATE_HINT}");
     let output = Command::new("apt-cache")
         .args(["depends", KERNEL_METAPACKAGE])
@@ -271,15 +316,20 @@ fn resolve_kernel_package() -> Result<(String, String, String)> {
         .find(|p| p.starts_with("linux-image-"))
         .ok_or_else(missing)?
         .to_string();
+    Ok(package)
+}
 
+/// Package -> (candidate version, pool file name).
+fn resolve_package(package: &str) -> Result<(String, String)> {
     let output = Command::new("apt-cache")
-        .args(["show", "--no-all-versions", &package])
+        .args(["show", "--no-all-versions", package])
         .output()
-        .context("running apt-cache show")?;
-    if !output.status.success() {
+        .context("running apt-cache show (is apt installed?)")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // apt-cache show exits 0 with no output for a package only named by others.
+    if !output.status.success() || stdout.trim().is_empty() {
         bail!("apt-cache show {package} failed; {APT_UPDATE_HINT}");
     }
-    let stdout = String::from_utf8_lossy(&output.stdout);
     let field = |name: &str| {
         stdout
             .lines()
@@ -290,18 +340,15 @@ fn resolve_kernel_package() -> Result<(String, String, String)> {
         .and_then(|f| f.rsplit('/').next().map(str::to_string))
         // apt-get download's own naming, in case the index has no Filename.
         .unwrap_or_else(|| format!("{package}_{}_amd64.deb", version.replace(':', "%3a")));
-    Ok((package, version, file))
+    Ok((version, file))
 }
 
-fn newest_cached_kernel(cache: &Path) -> Result<Option<PathBuf>> {
+fn newest_cached_deb(cache: &Path, matches: impl Fn(&str) -> bool) -> Result<Option<PathBuf>> {
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
     for entry in fs::read_dir(cache)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with("linux-image-")
-            && name.contains("-cloud-amd64_")
-            && name.ends_with(".deb")
-        {
+        if matches(name) && name.ends_with(".deb") {
             let mtime = fs::metadata(&path)?.modified()?;
             if best.as_ref().is_none_or(|(t, _)| mtime > *t) {
                 best = Some((mtime, path));
@@ -509,15 +556,24 @@ impl<'a> Elf<'a> {
 
     /// A PT_INTERP program header means the binary needs a dynamic loader.
     fn has_interpreter(&self) -> Result<bool> {
+        Ok(self.interpreter()?.is_some())
+    }
+
+    /// The dynamic loader's path from PT_INTERP, e.g. `/lib64/ld-linux-x86-64.so.2`.
+    fn interpreter(&self) -> Result<Option<String>> {
         let phoff = self.u64(0x20)?;
         let phentsize = u64::from(self.u16(0x36)?);
         let phnum = u64::from(self.u16(0x38)?);
         for i in 0..phnum {
-            if self.u32(phoff + i * phentsize)? == 3 {
-                return Ok(true);
+            let header = phoff + i * phentsize;
+            if self.u32(header)? == 3 {
+                // Program header: p_offset @8, p_filesz @32; the path is NUL-terminated.
+                let path = self.bytes(self.u64(header + 8)?, self.u64(header + 32)?)?;
+                let path = path.split(|&b| b == 0).next().unwrap_or_default();
+                return Ok(Some(String::from_utf8_lossy(path).into_owned()));
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     fn section(&self, wanted: &str) -> Result<Option<&'a [u8]>> {
@@ -565,6 +621,150 @@ impl<'a> Elf<'a> {
         }
         Ok(deps)
     }
+}
+
+/// The SSH server of the rootfs: Debian's dynamically linked dropbear, with
+/// the shared libraries and loader it needs (the rootfs has no libc).
+struct Dropbear {
+    version: String,
+    binary: PathBuf,
+    /// (path in the guest, file to copy it from)
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Always in the guest's loader search path, wherever the host keeps its libs.
+const GUEST_LIB_DIR: &str = "lib/x86_64-linux-gnu";
+/// The host's libc (and its loader) is used instead: ldd resolves libc with
+/// the host's loader anyway, and the two must match.
+const HOST_PACKAGES: &[&str] = &["libc6"];
+/// Bound on the dependency walk, far above dropbear-bin's five libraries.
+const MAX_PACKAGES: usize = 16;
+
+impl Dropbear {
+    /// Fetches dropbear-bin and the library packages it depends on (so the
+    /// host needs none of them), extracts them under `root`, and asks `ldd`
+    /// which libraries the binary loads.
+    fn fetch(cache: &Path, root: &Path) -> Result<Dropbear> {
+        let ldd = find_tool("ldd", "libc-bin")?;
+        let mut queue = vec![DROPBEAR_PACKAGE.to_string()];
+        let mut seen: BTreeSet<String> = queue.iter().cloned().collect();
+        let mut version = String::new();
+        while let Some(package) = queue.pop() {
+            let deb = package_deb(cache, &package)?;
+            run(
+                Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root),
+                "dpkg-deb -x",
+            )?;
+            let fields = run(
+                Command::new("dpkg-deb").arg("-f").arg(&deb).args([
+                    "Version",
+                    "Pre-Depends",
+                    "Depends",
+                ]),
+                "dpkg-deb -f",
+            )?;
+            let fields = String::from_utf8_lossy(&fields.stdout);
+            if package == DROPBEAR_PACKAGE {
+                version = control_field(&fields, "Version").unwrap_or_default();
+            }
+            for field in ["Pre-Depends", "Depends"] {
+                for dep in depends_names(&control_field(&fields, field).unwrap_or_default()) {
+                    if !HOST_PACKAGES.contains(&dep.as_str()) && seen.insert(dep.clone()) {
+                        queue.push(dep);
+                    }
+                }
+            }
+            if seen.len() > MAX_PACKAGES {
+                bail!("{DROPBEAR_PACKAGE} pulls in more than {MAX_PACKAGES} packages: {seen:?}");
+            }
+        }
+
+        let binary = root.join("usr/sbin/dropbear");
+        let data = fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
+        let loader = Elf::parse(&data)
+            .and_then(|elf| elf.interpreter())
+            .with_context(|| format!("reading {}", binary.display()))?
+            .ok_or_else(|| anyhow!("{} has no dynamic loader (PT_INTERP)", binary.display()))?;
+
+        let lib_path = [
+            "lib/x86_64-linux-gnu",
+            "usr/lib/x86_64-linux-gnu",
+            "lib",
+            "usr/lib",
+        ]
+        .iter()
+        .map(|d| root.join(d))
+        .filter(|d| d.is_dir())
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+        let output = run(
+            Command::new(&ldd)
+                .arg(&binary)
+                .env("LD_LIBRARY_PATH", lib_path),
+            "ldd dropbear",
+        )?;
+        let listing = String::from_utf8_lossy(&output.stdout);
+        let libs = parse_ldd(&listing).with_context(|| format!("ldd {}", binary.display()))?;
+
+        // The loader at its PT_INTERP path (the host's, as ldd used it), each
+        // library under its soname in a directory on the default search path.
+        let mut files = vec![(
+            PathBuf::from(loader.trim_start_matches('/')),
+            PathBuf::from(&loader),
+        )];
+        for (soname, path) in libs {
+            files.push((Path::new(GUEST_LIB_DIR).join(soname), path));
+        }
+        Ok(Dropbear {
+            version,
+            binary,
+            files,
+        })
+    }
+}
+
+/// One field of `dpkg-deb -f` output (continuation lines are not needed here).
+fn control_field(fields: &str, name: &str) -> Option<String> {
+    fields.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+/// Package names of a Depends field: the first of each `a | b` alternative,
+/// without version constraints or architecture qualifiers.
+fn depends_names(depends: &str) -> Vec<String> {
+    depends
+        .split(',')
+        .filter_map(|dep| {
+            let first = dep.split('|').next()?.trim();
+            let name = first.split([' ', '(', ':']).next()?.trim();
+            (!name.is_empty()).then(|| name.to_string())
+        })
+        .collect()
+}
+
+/// `(soname, resolved path)` of every library in `ldd` output; the loader
+/// line and the vDSO carry no `=>` and are skipped.
+fn parse_ldd(listing: &str) -> Result<Vec<(String, PathBuf)>> {
+    let mut libs = Vec::new();
+    for line in listing.lines() {
+        let Some((soname, rest)) = line.split_once("=>") else {
+            continue;
+        };
+        let soname = soname.trim();
+        let path = rest.split(" (").next().unwrap_or("").trim();
+        if path.is_empty() || path == "not found" {
+            bail!("shared library {soname} not found");
+        }
+        libs.push((soname.to_string(), PathBuf::from(path)));
+    }
+    if libs.is_empty() {
+        bail!("ldd listed no shared libraries");
+    }
+    Ok(libs)
 }
 
 fn initramfs(
@@ -689,7 +889,12 @@ impl Cpio {
     }
 }
 
-fn stage_rootfs(stage: &Path, busybox: &Path, applets: &[String]) -> Result<()> {
+fn stage_rootfs(
+    stage: &Path,
+    busybox: &Path,
+    applets: &[String],
+    dropbear: &Dropbear,
+) -> Result<()> {
     let dirs: &[(&str, u32)] = &[
         ("", 0o755),
         ("bin", 0o755),
@@ -699,6 +904,12 @@ fn stage_rootfs(stage: &Path, busybox: &Path, applets: &[String]) -> Result<()> 
         ("etc/init.d", 0o755),
         ("etc/acpi/PWRF", 0o755),
         ("etc/hatch", 0o755),
+        // Host keys, made by dropbear -R on the first connection.
+        ("etc/dropbear", 0o700),
+        (GUEST_LIB_DIR, 0o755),
+        ("lib64", 0o755),
+        ("usr/lib/hatch", 0o755),
+        ("usr/share/udhcpc", 0o755),
         ("dev", 0o755),
         ("proc", 0o555),
         ("sys", 0o555),
@@ -715,7 +926,15 @@ fn stage_rootfs(stage: &Path, busybox: &Path, applets: &[String]) -> Result<()> 
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(*mode))?;
     }
-    for parent in ["etc", "usr", "var", "etc/acpi"] {
+    for parent in [
+        "etc",
+        "usr",
+        "var",
+        "etc/acpi",
+        "lib",
+        "usr/lib",
+        "usr/share",
+    ] {
         fs::set_permissions(stage.join(parent), fs::Permissions::from_mode(0o755))?;
     }
 
@@ -724,6 +943,16 @@ fn stage_rootfs(stage: &Path, busybox: &Path, applets: &[String]) -> Result<()> 
     for applet in applets {
         std::os::unix::fs::symlink("/bin/busybox", stage.join(applet))
             .with_context(|| format!("linking applet {applet}"))?;
+    }
+    let sbin_dropbear = stage.join("usr/sbin/dropbear");
+    fs::copy(&dropbear.binary, &sbin_dropbear)
+        .with_context(|| format!("copying {}", dropbear.binary.display()))?;
+    fs::set_permissions(&sbin_dropbear, fs::Permissions::from_mode(0o755))?;
+    for (guest, source) in &dropbear.files {
+        let path = stage.join(guest);
+        // fs::copy follows symlinks: the guest gets real files under the sonames.
+        fs::copy(source, &path).with_context(|| format!("copying {}", source.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
     }
     // Programs that write pid files under /var/run find the tmpfs /run.
     std::os::unix::fs::symlink("../run", stage.join("var/run"))?;
@@ -742,6 +971,10 @@ fn stage_rootfs(stage: &Path, busybox: &Path, applets: &[String]) -> Result<()> 
         // should accept an empty one.
         ("etc/shadow", 0o600, "root:*:19000:0:99999:7:::\n"),
         ("etc/shells", 0o644, "/bin/sh\n/bin/ash\n"),
+        ("etc/nsswitch.conf", 0o644, NSSWITCH),
+        ("usr/lib/hatch/cidata", 0o755, CIDATA),
+        // udhcpc's default event script path.
+        ("usr/share/udhcpc/default.script", 0o755, UDHCPC_SCRIPT),
     ];
     for (name, mode, text) in files {
         let path = stage.join(name);
@@ -861,6 +1094,44 @@ mod tests {
         assert!(text.contains("hello"));
         // Trailer name is 11 bytes with its NUL: 110 + 11 = 121, padded to 124.
         assert!(text.ends_with("TRAILER!!!\0\0\0\0"));
+    }
+
+    #[test]
+    fn ldd_listing() {
+        let listing = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+            \tlibtomcrypt.so.1 => /tmp/x/usr/lib/x86_64-linux-gnu/libtomcrypt.so.1 (0x00007f1)\n\
+            \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f2)\n\
+            \t/lib64/ld-linux-x86-64.so.2 (0x00007f3)\n";
+        let libs = parse_ldd(listing).unwrap();
+        assert_eq!(
+            libs,
+            vec![
+                (
+                    "libtomcrypt.so.1".to_string(),
+                    PathBuf::from("/tmp/x/usr/lib/x86_64-linux-gnu/libtomcrypt.so.1")
+                ),
+                (
+                    "libc.so.6".to_string(),
+                    PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6")
+                ),
+            ]
+        );
+        let missing = parse_ldd("\tlibz.so.1 => not found\n").unwrap_err();
+        assert!(missing.to_string().contains("libz.so.1"));
+    }
+
+    #[test]
+    fn control_depends() {
+        let fields = "Version: 2022.83-1\nPre-Depends: libc6 (>= 2.34)\n\
+            Depends: libc6 (>= 2.34), libcrypt1 (>= 1:4.1.0), zlib1g:amd64 | zlib-alt, libx\n";
+        assert_eq!(
+            control_field(fields, "Version").as_deref(),
+            Some("2022.83-1")
+        );
+        assert_eq!(control_field(fields, "Conflicts"), None);
+        let deps = depends_names(&control_field(fields, "Depends").unwrap());
+        assert_eq!(deps, ["libc6", "libcrypt1", "zlib1g", "libx"]);
+        assert!(depends_names("").is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! editing or deleting the source files never corrupts a VM built on them.
 
 pub mod build;
+pub mod debian;
 pub mod seed;
 
 use crate::vmm::DiskFormat;

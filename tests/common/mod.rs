@@ -50,6 +50,10 @@ impl Response {
 }
 
 pub struct Daemon {
+    /// Namespaces made besides the daemon's own (client, upstream), removed on drop.
+    extra_ns: Vec<String>,
+    /// Processes started in those namespaces (DNS and HTTP servers), killed on drop.
+    helpers: Vec<Child>,
     pub ns: String,
     pub data_dir: PathBuf,
     child: Option<Child>,
@@ -79,6 +83,15 @@ impl Daemon {
 
     /// Starts a daemon with extra HATCH_* variables, in a fresh namespace and data dir.
     pub fn start_with(env: &[(&str, &str)]) -> Daemon {
+        Self::start_full(env, false)
+    }
+
+    /// A daemon whose host has an upstream network (see `add_upstream`).
+    pub fn start_with_upstream() -> Daemon {
+        Self::start_full(&[], true)
+    }
+
+    pub fn start_full(env: &[(&str, &str)], upstream: bool) -> Daemon {
         let id = format!(
             "{}-{}",
             std::process::id(),
@@ -92,6 +105,8 @@ impl Daemon {
         run_ok(Command::new("ip").args(["netns", "add", &ns]));
         run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
         let mut d = Daemon {
+            extra_ns: vec![],
+            helpers: vec![],
             ns,
             log: data_dir.join("daemon.log"),
             data_dir,
@@ -103,8 +118,127 @@ impl Daemon {
             key: String::new(),
         };
         d.key = d.create_key(&["--name", "alice"]);
+        if upstream {
+            d.add_upstream();
+        }
         d.spawn();
         d
+    }
+
+    /// An "internet" for the daemon's host: another namespace behind a veth,
+    /// the default route, a DNS server that knows `upstream.test` and an HTTP
+    /// server there. The daemon's resolver points at it (`ip netns exec`
+    /// bind-mounts /etc/netns/NS/resolv.conf), so dnsmasq forwards to it.
+    fn add_upstream(&mut self) {
+        let up = format!("{}-up", self.ns);
+        let _ = Command::new("ip").args(["netns", "del", &up]).output();
+        run_ok(Command::new("ip").args(["netns", "add", &up]));
+        self.extra_ns.push(up.clone());
+        run_ok(Command::new("ip").args(["-n", &up, "link", "set", "lo", "up"]));
+        run_ok(Command::new("ip").args([
+            "-n", &self.ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns",
+            &up,
+        ]));
+        run_ok(Command::new("ip").args([
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            "10.88.0.1/24",
+            "dev",
+            "up0",
+        ]));
+        run_ok(Command::new("ip").args(["-n", &self.ns, "link", "set", "up0", "up"]));
+        run_ok(Command::new("ip").args(["-n", &up, "addr", "add", "10.88.0.2/24", "dev", "up1"]));
+        run_ok(Command::new("ip").args(["-n", &up, "link", "set", "up1", "up"]));
+        run_ok(Command::new("ip").args([
+            "-n",
+            &self.ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.88.0.2",
+        ]));
+        let etc = PathBuf::from(format!("/etc/netns/{}", self.ns));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("resolv.conf"), "nameserver 10.88.0.2\n").unwrap();
+        let www = self.data_dir.join("upstream-www");
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("hello.txt"), "hello from upstream\n").unwrap();
+        let dns = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &up,
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-hosts",
+                "--no-resolv",
+                "--listen-address=10.88.0.2",
+                "--bind-interfaces",
+                "--address=/upstream.test/10.88.0.2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start upstream DNS");
+        self.helpers.push(dns);
+        let http = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &up,
+                "busybox",
+                "httpd",
+                "-f",
+                "-p",
+                "10.88.0.2:8000",
+                "-h",
+            ])
+            .arg(&www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start upstream HTTP");
+        self.helpers.push(http);
+    }
+
+    /// A client host: a namespace joined to the daemon's host by a veth
+    /// (client 10.77.0.2, daemon host 10.77.0.1). Returns its name.
+    pub fn add_client(&mut self) -> String {
+        let cl = format!("{}-cl", self.ns);
+        let _ = Command::new("ip").args(["netns", "del", &cl]).output();
+        run_ok(Command::new("ip").args(["netns", "add", &cl]));
+        self.extra_ns.push(cl.clone());
+        run_ok(Command::new("ip").args(["-n", &cl, "link", "set", "lo", "up"]));
+        run_ok(Command::new("ip").args([
+            "-n", &self.ns, "link", "add", "cl0", "type", "veth", "peer", "name", "cl1", "netns",
+            &cl,
+        ]));
+        run_ok(Command::new("ip").args([
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            "10.77.0.1/24",
+            "dev",
+            "cl0",
+        ]));
+        run_ok(Command::new("ip").args(["-n", &self.ns, "link", "set", "cl0", "up"]));
+        run_ok(Command::new("ip").args(["-n", &cl, "addr", "add", "10.77.0.2/24", "dev", "cl1"]));
+        run_ok(Command::new("ip").args(["-n", &cl, "link", "set", "cl1", "up"]));
+        cl
+    }
+
+    /// Runs `cmd` in namespace `ns` (the daemon's host when None).
+    pub fn in_ns(&self, ns: Option<&str>, cmd: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", ns.unwrap_or(&self.ns)])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec")
     }
 
     /// Runs `hatch keys create ARGS` and returns the key (the last line of stdout).
@@ -355,6 +489,14 @@ impl Drop for Daemon {
             signal(pid, "-KILL");
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        for h in &mut self.helpers {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+        for ns in &self.extra_ns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.ns));
         if std::thread::panicking() {
             eprintln!(
                 "---- daemon log ({}) ----\n{}",
@@ -363,5 +505,126 @@ impl Drop for Daemon {
             );
         }
         let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// An ed25519 key pair for the tests' SSH logins: (private key path, public key line).
+pub fn keypair(dir: &Path) -> (PathBuf, String) {
+    let key = dir.join("id_ed25519");
+    let _ = std::fs::remove_file(&key);
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "hatch-test", "-f"])
+            .arg(&key),
+    );
+    let public = std::fs::read_to_string(key.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    (key, public)
+}
+
+/// cloud-config user data that authorizes `public` for `user`.
+pub fn ssh_user_data(user: &str, public: &str) -> String {
+    format!("#cloud-config\nusers:\n  - name: {user}\n    ssh_authorized_keys:\n      - {public}\n")
+}
+
+impl Daemon {
+    /// `ssh -p PORT USER@HOST CMD` with the OpenSSH client, from namespace `ns`
+    /// (the daemon's host when None). Returns (success, stdout + stderr).
+    pub fn ssh(
+        &self,
+        ns: Option<&str>,
+        key: &Path,
+        target: &str,
+        port: u16,
+        cmd: &str,
+    ) -> (bool, String) {
+        let port = port.to_string();
+        let key = key.display().to_string();
+        let out = self.in_ns(
+            ns,
+            &[
+                "ssh",
+                "-i",
+                &key,
+                "-p",
+                &port,
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "LogLevel=ERROR",
+                target,
+                cmd,
+            ],
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Retries `ssh` until it succeeds (the guest may still be booting).
+    pub fn ssh_ok(
+        &self,
+        ns: Option<&str>,
+        key: &Path,
+        target: &str,
+        port: u16,
+        cmd: &str,
+    ) -> String {
+        self.ssh_within(BOOT_TIMEOUT, ns, key, target, port, cmd)
+    }
+
+    pub fn ssh_within(
+        &self,
+        timeout: Duration,
+        ns: Option<&str>,
+        key: &Path,
+        target: &str,
+        port: u16,
+        cmd: &str,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (ok, text) = self.ssh(ns, key, target, port, cmd);
+            if ok {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ssh {target} -p {port} {cmd:?} never worked: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Links in the daemon's namespace whose name starts with `prefix`.
+    pub fn links(&self, prefix: &str) -> Vec<String> {
+        let out = self.in_ns(None, &["ip", "-o", "link", "show"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with(prefix))
+            .collect()
+    }
+
+    /// The daemon's nftables table as text ("" when it does not exist).
+    pub fn nft_table(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .in_ns(None, &["nft", "list", "table", "ip", "hatch"])
+                .stdout,
+        )
+        .into_owned()
     }
 }
