@@ -92,9 +92,6 @@ const FILES: &[(&str, u32, &str)] = &[
     // Empty: systemd writes a new id on each VM's first boot, so VMs made
     // from one image do not share it (journal, DHCP client id).
     ("etc/machine-id", 0o444, ""),
-    // debootstrap copies the host's resolv.conf here; nothing of the build
-    // host belongs in the guest.
-    ("etc/resolvconf/resolv.conf.d/tail", 0o644, ""),
     (
         "etc/systemd/system/serial-getty@ttyS0.service.d/hatch-autologin.conf",
         0o644,
@@ -134,6 +131,7 @@ const MASKED_UNITS: &[&str] = &[
 /// Build the Debian image into `out` (`vmlinuz`, `initrd.img`, `rootfs.ext4`).
 pub fn build(out: &Path) -> Result<()> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    remove_dead_scratch(out, ".hatch-debian.");
     // Everything is assembled here and renamed into `out` at the end, so a
     // failed build never leaves the busybox rootfs (or half a Debian one)
     // where a Debian image is expected.
@@ -200,11 +198,16 @@ fn cached_rootfs(cache: &Path) -> Result<PathBuf> {
     }
     configure(&tree)?;
 
+    let raw = work.path().join("mkfs.ext4");
     let image = work.path().join("rootfs.ext4");
     let started = Instant::now();
-    make_ext4(&mkfs, &tree, &image)?;
+    make_ext4(&mkfs, &tree, &raw)?;
+    // mkfs zeroes the 64 MiB journal with fallocate, which leaves allocated
+    // (unwritten) extents; a sparse copy drops them from the cache entry.
+    copy_sparse(&raw, &image)?;
+    let _ = fs::remove_file(&raw);
     step(&format!(
-        "mkfs.ext4 -d took {:.1} s",
+        "mkfs.ext4 -d and copy took {:.1} s",
         started.elapsed().as_secs_f64()
     ));
     fs::rename(&image, &path).with_context(|| format!("moving rootfs to {}", path.display()))?;
@@ -258,7 +261,7 @@ impl Fnv {
     }
 }
 
-/// Other recipes' rootfs files (about 400 MB each) and scratch dirs of dead
+/// Other recipes' rootfs files (about 300 MB each) and scratch dirs of dead
 /// builds are of no further use.
 fn remove_stale_entries(cache: &Path, keep: &Path) {
     let Ok(entries) = fs::read_dir(cache) else {
@@ -270,10 +273,24 @@ fn remove_stale_entries(cache: &Path, keep: &Path) {
         if name.starts_with(&prefix) && name.ends_with(".ext4") && path != keep {
             step(&format!("removing stale {}", path.display()));
             let _ = fs::remove_file(&path);
-        } else if let Some(pid) = name.strip_prefix(".debian-build.") {
-            if !Path::new("/proc").join(pid).exists() {
-                remove_tree(&path);
-            }
+        }
+    }
+    remove_dead_scratch(cache, ".debian-build.");
+}
+
+/// Removes `dir/PREFIXpid` scratch dirs whose process is gone (killed builds
+/// never ran their cleanup).
+fn remove_dead_scratch(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let Some(pid) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            remove_tree(&path);
         }
     }
 }
@@ -530,7 +547,8 @@ fn configure(tree: &Path) -> Result<()> {
     // Host keys made by openssh-server's postinst would be shared by every
     // VM (and sit in the cache); cloud-init makes new ones on first boot.
     remove_matching(&tree.join("etc/ssh"), |n| n.starts_with("ssh_host_"))?;
-    // resolvconf saved the build host's resolv.conf here.
+    // debootstrap copied the build host's resolv.conf into the tree and
+    // resolvconf's postinst saved it here; nothing of the host belongs in a VM.
     let _ = fs::remove_file(tree.join("etc/resolvconf/resolv.conf.d/original"));
     // About 110 MB of .debs and package lists; `apt-get update` refetches lists.
     remove_matching(&tree.join("var/cache/apt/archives"), |n| {
@@ -591,14 +609,6 @@ fn make_ext4(mkfs: &Path, tree: &Path, image: &Path) -> Result<()> {
             .arg(image),
         "mkfs.ext4",
     )?;
-    // mkfs writes the zeroed inode tables out (~65 MB); punching them back
-    // into holes keeps the cache entry as small as its copies.
-    if let Err(e) = run(
-        Command::new("fallocate").arg("--dig-holes").arg(image),
-        "fallocate --dig-holes",
-    ) {
-        step(&format!("warning: {e:#}"));
-    }
     Ok(())
 }
 

@@ -37,9 +37,7 @@ pub fn network_config(n: &SeedNet) -> String {
                macaddress: \"{mac}\"\n    \
              set-name: eth0\n    \
              addresses: [\"{ip}/{prefix}\"]\n    \
-             routes:\n      \
-               - to: default\n        \
-                 via: {gw}\n    \
+             gateway4: {gw}\n    \
              nameservers:\n      \
                addresses: [{dns}]\n",
         mac = n.mac,
@@ -114,7 +112,8 @@ mod tests {
         });
         assert!(n.starts_with("version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"02:fc:ac:10:00:0a\"\n"));
         assert!(n.contains("    addresses: [\"172.16.0.10/24\"]\n"));
-        assert!(n.contains("      - to: default\n        via: 172.16.0.1\n"));
+        // cloud-init 22.4 (Debian 12) rejects `routes: - to: default`; gateway4 works.
+        assert!(n.contains("    gateway4: 172.16.0.1\n"));
         assert!(n.contains("    nameservers:\n      addresses: [172.16.0.1]\n"));
     }
 }
