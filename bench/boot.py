@@ -6,10 +6,11 @@ dir, and passes them in HATCH_BENCH_*); this script runs inside that namespace
 and talks to the daemon on 127.0.0.1 directly. Standard library only.
 
 Measured, in one run, with the same image and accelerator:
-  1. hatch: POST /vms {} -> first console line / `hatch-guest: ready` line in
+  1. hatch: POST /vms {"enable_network": false} -> first console line / `hatch-guest: ready` line in
      $HATCH_DATA_DIR/vms/<id>/console.log (file polled every 2 ms), then DELETE.
   2. raw QEMU: the command line hatch used (from /proc/<pid>/cmdline) with only
-     the per-VM paths moved to a temp dir and a fresh qcow2 overlay; process
+     the per-VM paths moved to a temp dir, a fresh qcow2 overlay and a copy of
+     the VM's cloud-init seed; process
      spawn -> first console line / ready line, then SIGKILL.
   3. API: GET /health and GET /vms (empty store, then with 1,000 stopped VM rows
      inserted into SQLite), and POST /vms {} with those rows present.
@@ -17,16 +18,11 @@ Measured, in one run, with the same image and accelerator:
 
 import argparse
 import datetime
-import http.client
 import json
-import math
 import os
-import re
 import secrets
 import shutil
-import signal
 import sqlite3
-import statistics
 import string
 import subprocess
 import sys
@@ -34,110 +30,18 @@ import threading
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"
-PORT = 8080
-READY = b"hatch-guest: ready"
+sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    DOCS, READY, BenchError, CpuBusy, Daemon, Http, arg_after, cpu_model, kill_leftovers, log,
+    ms, one_request, other_qemus, qemu_version, run_guarded, stats, write_docs,
+)
+
 POLL_S = 0.002
+# Boots are compared without a NIC: a raw QEMU would need hatch's TAP and DHCP
+# reservation, which go away with the VM. The cloud-init seed disk is kept.
+BOOT_BODY = {"enable_network": False}
 BOOT_TIMEOUT_S = 120.0
-DAEMON_START_TIMEOUT_S = 60.0
-REPO = Path(__file__).resolve().parent.parent
-
-
-class BenchError(Exception):
-    pass
-
-
-def log(msg):
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def ms(x):
-    return x * 1000.0
-
-
-def nearest_rank(xs, p):
-    s = sorted(xs)
-    return s[max(0, math.ceil(p / 100.0 * len(s)) - 1)]
-
-
-def stats(xs):
-    return {
-        "n": len(xs),
-        "median": statistics.median(xs),
-        "min": min(xs),
-        "max": max(xs),
-        "p50": nearest_rank(xs, 50),
-        "p99": nearest_rank(xs, 99),
-    }
-
-
-def proc_cmdline(pid):
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
-
-
-def pid_alive(pid):
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def pids_mentioning(needle):
-    """Live processes (not us) whose command line contains `needle`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        cmd = proc_cmdline(entry)
-        if cmd and needle in " ".join(cmd) and pid_alive(entry):
-            out.append(int(entry))
-    return out
-
-
-def other_qemus(tmp):
-    """QEMUs on this host that this run did not start (noise from concurrent tests)."""
-    n = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            cmd = proc_cmdline(entry)
-            if cmd and "qemu-system" in cmd[0] and f"{tmp}/" not in " ".join(cmd):
-                n += 1
-    return n
-
-
-def cpu_jiffies():
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
-    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    total = sum(f[:8])  # guest time is already counted in user
-    return total - f[3] - f[4], total
-
-
-class CpuBusy:
-    """How many cores the whole host kept busy between start() and stop()."""
-
-    def __init__(self):
-        self.cores = None
-        self.b0 = self.t0 = 0
-
-    def start(self):
-        self.b0, self.t0 = cpu_jiffies()
-        return self
-
-    def stop(self):
-        b1, t1 = cpu_jiffies()
-        if t1 > self.t0:
-            self.cores = (b1 - self.b0) / (t1 - self.t0) * (os.cpu_count() or 1)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 class Console:
@@ -179,63 +83,16 @@ class Console:
         return bytes(self.buf[-n:]).decode(errors="replace")
 
 
-class Http:
-    """One keep-alive connection to the daemon; GETs are retried once on a dropped connection."""
-
-    def __init__(self, key, timeout=60):
-        self.key = key
-        self.timeout = timeout
-        self.conn = None
-
-    def headers(self, body):
-        h = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        if body is not None:
-            h["Content-Type"] = "application/json"
-        return h
-
-    def request(self, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        attempts = 2 if method == "GET" else 1
-        for attempt in range(attempts):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(HOST, PORT, timeout=self.timeout)
-            try:
-                self.conn.request(method, path, body=data, headers=self.headers(body))
-                resp = self.conn.getresponse()
-                raw = resp.read()
-                return resp.status, raw
-            except (OSError, http.client.HTTPException):
-                self.close()
-                if attempt == attempts - 1:
-                    raise
-
-    def close(self):
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
-
-def one_request(key, method, path, body=None, timeout=300):
-    """A request on a fresh connection (as a CLI client would make it)."""
-    h = Http(key, timeout)
-    try:
-        return h.request(method, path, body)
-    finally:
-        h.close()
-
-
 class Bench:
     def __init__(self, args):
         self.args = args
         self.tmp = Path(os.environ["HATCH_BENCH_TMP"])
         self.hatch = os.environ["HATCH_BENCH_BIN"]
         self.image = Path(os.environ["HATCH_BENCH_IMAGE"])
-        self.data = self.tmp / "data"
-        self.vms_dir = self.data / "vms"
-        self.daemon = None
-        self.daemon_log = self.tmp / "daemon.log"
-        self.key = None
-        self.live_vms = set()  # hatch VMs created and not yet deleted
+        self.hatchd = Daemon(self.tmp, self.hatch, self.image)
+        self.data = self.hatchd.data
+        self.vms_dir = self.hatchd.vms_dir
+        self.live_vms = self.hatchd.live_vms  # hatch VMs created and not yet deleted (the same set)
         self.raw_procs = {}  # pid -> Popen
         self.cmdline = None  # the QEMU argv hatch used
         self.hatch_workdir = None  # the per-VM dir in that argv
@@ -244,61 +101,18 @@ class Bench:
 
     # ------------------------------------------------------------ daemon
 
+    @property
+    def key(self):
+        return self.hatchd.key
+
     def daemon_tail(self, n=3000):
-        try:
-            return self.daemon_log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return self.hatchd.tail(n)
 
     def start_daemon(self):
-        self.data.mkdir(parents=True)
-        env = dict(os.environ)
-        env.update(
-            HATCH_DATA_DIR=str(self.data),
-            HATCH_HTTP_ADDR=f"{HOST}:{PORT}",
-            HATCH_DEFAULT_KERNEL_PATH=str(self.image / "vmlinuz"),
-            HATCH_DEFAULT_INITRD_PATH=str(self.image / "initrd.img"),
-            HATCH_DEFAULT_ROOTFS_PATH=str(self.image / "rootfs.ext4"),
-            HATCH_LOG="info,sqlx=warn",
-            HATCH_STOP_TIMEOUT="5s",
-        )
-        for k in list(env):
-            if k.startswith("HATCH_BENCH_"):
-                del env[k]
-        out = subprocess.run(
-            [self.hatch, "keys", "create", "--name", "bench"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )
-        if out.returncode != 0:
-            raise BenchError(f"hatch keys create failed: {out.stderr}")
-        self.key = out.stdout.strip().splitlines()[-1].strip()
-        logf = open(self.daemon_log, "ab")
-        # Own process group: a Ctrl-C reaches only this script, which then stops things in order.
-        self.daemon = subprocess.Popen(
-            [self.hatch, "serve"], env=env, stdin=subprocess.DEVNULL,
-            stdout=logf, stderr=logf, process_group=0,
-        )
-        logf.close()
-        (self.tmp / "daemon.pid").write_text(str(self.daemon.pid))
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
-        while True:
-            if self.daemon.poll() is not None:
-                raise BenchError(f"hatch serve exited ({self.daemon.returncode}):\n{self.daemon_tail()}")
-            try:
-                if one_request(None, "GET", "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"daemon did not answer /health:\n{self.daemon_tail()}")
-            time.sleep(0.05)
-        log(f"daemon pid {self.daemon.pid} up, data dir {self.data}")
+        self.hatchd.start("bench")
 
     def delete_vm(self, vm_id):
-        status, raw = one_request(self.key, "DELETE", f"/vms/{vm_id}", timeout=60)
-        if status != 200:
-            raise BenchError(f"DELETE /vms/{vm_id}: {status} {raw[:300]!r}")
-        self.live_vms.discard(vm_id)
+        self.hatchd.delete_vm(vm_id)
 
     # ------------------------------------------------------------ boots
 
@@ -328,7 +142,7 @@ class Bench:
             try:
                 result["t0"] = time.monotonic()
                 started.set()
-                result["status"], result["body"] = h.request("POST", "/vms", {})
+                result["status"], result["body"] = h.request("POST", "/vms", BOOT_BODY)
             except Exception as e:  # reported by the polling thread
                 result["error"] = e
             finally:
@@ -410,18 +224,15 @@ class Bench:
         return vm_id, cmd, con.first_line_text, marks
 
     def vmm_cmdline(self, vm_id):
-        try:
-            pid = int((self.vms_dir / vm_id / "vmm.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-        cmd = proc_cmdline(pid)
-        return cmd if cmd and pid_alive(pid) else None
+        return self.hatchd.vmm_cmdline(vm_id)
 
     def capture_cmdline(self, vm_id, cmd):
         if not cmd:
             raise BenchError(f"cannot read the QEMU command line of {vm_id}")
         self.cmdline = cmd
         self.hatch_workdir = str(self.vms_dir / vm_id)
+        # The VM is deleted after the warm-up; keep its cloud-init seed for the raw runs.
+        shutil.copyfile(self.vms_dir / vm_id / "seed.iso", self.tmp / "seed.iso")
         self.rewritten = [a for a in cmd if self.hatch_workdir in a]
 
     def raw_args(self, run_dir):
@@ -449,6 +260,7 @@ class Bench:
             check=True, timeout=60,
         )
         overlay_s = time.monotonic() - t
+        shutil.copyfile(self.tmp / "seed.iso", run_dir / "seed.iso")
         args = self.raw_args(run_dir)
         con = Console(run_dir / "console.log")
         logf = open(run_dir / "vmm.log", "wb")
@@ -603,51 +415,11 @@ class Bench:
     def cleanup(self):
         for p in list(self.raw_procs.values()):
             self.kill_raw(p)
-        if self.daemon is not None and self.daemon.poll() is None:
-            for vm_id in list(self.live_vms):
-                try:
-                    self.delete_vm(vm_id)
-                except Exception as e:
-                    log(f"cleanup: DELETE {vm_id}: {e}")
-            self.daemon.terminate()
-            try:
-                self.daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                log("cleanup: daemon ignored SIGTERM for 30 s, killing it")
-                self.daemon.kill()
-                self.daemon.wait(10)
-        # Anything still naming our temp dir (a QEMU the daemon lost track of) is ours.
-        for pid in pids_mentioning(f"{self.tmp}/"):
-            log(f"cleanup: killing leftover {pid}: {' '.join(proc_cmdline(pid) or [])[:120]}")
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.hatchd.stop()
+        kill_leftovers(self.tmp)
 
 
 # ---------------------------------------------------------------- report
-
-
-def qemu_version(binary):
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout
-        return out.splitlines()[0].replace("QEMU emulator version ", "")
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def arg_after(cmd, flag):
-    return cmd[cmd.index(flag) + 1] if flag in cmd and cmd.index(flag) + 1 < len(cmd) else "?"
 
 
 def fmt_s(st):
@@ -746,41 +518,6 @@ def render(meta, boot, api):
     return "\n".join(lines)
 
 
-DOC_INTRO = """# Benchmarks
-
-Figures from the scripts in `bench/`, each run for real on a development
-machine of this project: 2 cores, Debian 12, QEMU 7.2 with the TCG
-accelerator (the host's KVM is a software one that is far slower than TCG,
-see `ENVIRONMENT.md`), so boot times are those of an emulated CPU; production
-hosts with hardware KVM boot much faster, while hatch's own overhead stays.
-
-How the figures are measured:
-
-- Every script runs as root, builds `cargo build --release`, makes a network
-  namespace of its own with only `lo` up, runs the daemon (`hatch serve`) and
-  itself inside it and sends requests to 127.0.0.1 only. The daemon, every
-  QEMU, the namespace and the temp data dir are removed at the end.
-- Boot times are wall-clock (monotonic clock) from the request or the process
-  spawn to the moment a line shows up in the VM's `console.log`, which is
-  polled every 2 ms, so figures are good to about 2-3 ms.
-- Each section is rewritten by its script on every run; figures from
-  different sections are not from the same run unless they say so.
-"""
-
-
-def write_docs(path, section):
-    text = path.read_text() if path.exists() else DOC_INTRO
-    block = "## bench/boot\n\n" + section.rstrip() + "\n"
-    m = re.search(r"^## bench/boot\s*$", text, flags=re.M)
-    if m:
-        nxt = re.search(r"^## ", text[m.end():], flags=re.M)
-        end = m.end() + nxt.start() if nxt else len(text)
-        text = text[: m.start()] + block + ("\n" + text[end:] if nxt else "")
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10, help="boots of each kind (default 10)")
@@ -795,12 +532,6 @@ def main():
     if "HATCH_BENCH_TMP" not in os.environ:
         ap.error("run this through bench/boot (it makes the namespace and the temp dir)")
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-
     bench = Bench(args)
     meta = {
         "command": os.environ.get("HATCH_BENCH_COMMAND", "bench/boot"),
@@ -812,31 +543,15 @@ def main():
     }
     if os.environ.get("SUDO_USER"):
         meta["command"] = "sudo " + meta["command"]
-    def quiet():
-        # A second Ctrl-C must not cut the cleanup short.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
 
-    try:
+    def body():
         bench.start_daemon()
-        boot = bench.boots()
-        api = bench.api()
-    except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        quiet()
-        bench.cleanup()
-        return 130
-    except BenchError as e:
-        log(f"FAILED: {e}")
-        quiet()
-        bench.cleanup()
-        return 1
-    except BaseException:
-        quiet()
-        bench.cleanup()
-        raise
-    quiet()
-    bench.cleanup()
+        return bench.boots(), bench.api()
+
+    status, result = run_guarded(body, bench.cleanup)
+    if status != 0:
+        return status
+    boot, api = result
     cmd = bench.cmdline
     meta.update(
         load_after=os.getloadavg()[0],
@@ -851,9 +566,8 @@ def main():
     print("\n## bench/boot\n")
     print(section)
     if not args.no_docs:
-        doc = REPO / "docs" / "BENCHMARKS.md"
-        write_docs(doc, section)
-        log(f"updated {doc}")
+        write_docs(DOCS, "bench/boot", section)
+        log(f"updated {DOCS}")
     return 0
 
 

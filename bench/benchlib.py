@@ -1,0 +1,388 @@
+"""Shared by the bench/*.py scripts: statistics, /proc helpers, the daemon, the docs file.
+
+Standard library only. The scripts run inside a network namespace their
+wrapper made and talk to the daemon on 127.0.0.1; every process they start
+is stopped again by them (and, as a last resort, by the wrapper).
+"""
+
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+PORT = 8080
+READY = b"hatch-guest: ready"
+DAEMON_START_TIMEOUT_S = 60.0
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "BENCHMARKS.md"
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def ms(x):
+    return x * 1000.0
+
+
+def nearest_rank(xs, p):
+    s = sorted(xs)
+    return s[max(0, math.ceil(p / 100.0 * len(s)) - 1)]
+
+
+def stats(xs):
+    return {
+        "n": len(xs),
+        "median": statistics.median(xs),
+        "min": min(xs),
+        "max": max(xs),
+        "p50": nearest_rank(xs, 50),
+        "p99": nearest_rank(xs, 99),
+    }
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def proc_cmdline(pid):
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
+def pid_alive(pid):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def pids_mentioning(needle):
+    """Live processes (not us) whose command line contains `needle`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        cmd = proc_cmdline(entry)
+        if cmd and needle in " ".join(cmd) and pid_alive(entry):
+            out.append(int(entry))
+    return out
+
+
+def other_qemu_pids(tmp):
+    """QEMUs on this host that this run did not start (noise from concurrent tests)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            cmd = proc_cmdline(entry)
+            if cmd and "qemu-system" in cmd[0] and f"{tmp}/" not in " ".join(cmd):
+                out.add(int(entry))
+    return out
+
+
+def other_qemus(tmp):
+    return len(other_qemu_pids(tmp))
+
+
+def cpu_jiffies():
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(f[:8])  # guest time is already counted in user
+    return total - f[3] - f[4], total
+
+
+class CpuBusy:
+    """How many cores the whole host kept busy between start() and stop()."""
+
+    def __init__(self):
+        self.cores = None
+        self.b0 = self.t0 = 0
+
+    def start(self):
+        self.b0, self.t0 = cpu_jiffies()
+        return self
+
+    def stop(self):
+        b1, t1 = cpu_jiffies()
+        if t1 > self.t0:
+            self.cores = (b1 - self.b0) / (t1 - self.t0) * (os.cpu_count() or 1)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# ---------------------------------------------------------------- API client
+
+
+class Http:
+    """One keep-alive connection to the daemon; GETs are retried once on a dropped connection."""
+
+    def __init__(self, key, timeout=60):
+        self.key = key
+        self.timeout = timeout
+        self.conn = None
+
+    def headers(self, body):
+        h = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        if body is not None:
+            h["Content-Type"] = "application/json"
+        return h
+
+    def request(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        attempts = 2 if method == "GET" else 1
+        for attempt in range(attempts):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(HOST, PORT, timeout=self.timeout)
+            try:
+                self.conn.request(method, path, body=data, headers=self.headers(body))
+                resp = self.conn.getresponse()
+                raw = resp.read()
+                return resp.status, raw
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if attempt == attempts - 1:
+                    raise
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def one_request(key, method, path, body=None, timeout=300):
+    """A request on a fresh connection (as a CLI client would make it)."""
+    h = Http(key, timeout)
+    try:
+        return h.request(method, path, body)
+    finally:
+        h.close()
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+class Daemon:
+    """`hatch serve` with its data dir in the run's temp dir, on 127.0.0.1:8080 of the namespace."""
+
+    def __init__(self, tmp, binary, image):
+        self.tmp = Path(tmp)
+        self.bin = binary
+        self.image = Path(image)
+        self.data = self.tmp / "data"
+        self.vms_dir = self.data / "vms"
+        self.log_path = self.tmp / "daemon.log"
+        self.proc = None
+        self.key = None
+        self.live_vms = set()  # VMs created and not yet deleted
+
+    def tail(self, n=3000):
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def start(self, owner="bench"):
+        self.data.mkdir(parents=True)
+        env = dict(os.environ)
+        env.update(
+            HATCH_DATA_DIR=str(self.data),
+            HATCH_HTTP_ADDR=f"{HOST}:{PORT}",
+            HATCH_DEFAULT_KERNEL_PATH=str(self.image / "vmlinuz"),
+            HATCH_DEFAULT_INITRD_PATH=str(self.image / "initrd.img"),
+            HATCH_DEFAULT_ROOTFS_PATH=str(self.image / "rootfs.ext4"),
+            HATCH_LOG="info,sqlx=warn",
+            HATCH_STOP_TIMEOUT="5s",
+        )
+        for k in list(env):
+            if k.startswith("HATCH_BENCH_"):
+                del env[k]
+        out = subprocess.run(
+            [self.bin, "keys", "create", "--name", owner],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        if out.returncode != 0:
+            raise BenchError(f"hatch keys create failed: {out.stderr}")
+        self.key = out.stdout.strip().splitlines()[-1].strip()
+        logf = open(self.log_path, "ab")
+        # Own process group: a Ctrl-C reaches only the script, which then stops things in order.
+        self.proc = subprocess.Popen(
+            [self.bin, "serve"], env=env, stdin=subprocess.DEVNULL,
+            stdout=logf, stderr=logf, process_group=0,
+        )
+        logf.close()
+        (self.tmp / "daemon.pid").write_text(str(self.proc.pid))
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"hatch serve exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                if one_request(None, "GET", "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"daemon did not answer /health:\n{self.tail()}")
+            time.sleep(0.05)
+        log(f"daemon pid {self.proc.pid} up, data dir {self.data}")
+
+    def delete_vm(self, vm_id):
+        status, raw = one_request(self.key, "DELETE", f"/vms/{vm_id}", timeout=60)
+        if status != 200:
+            raise BenchError(f"DELETE /vms/{vm_id}: {status} {raw[:300]!r}")
+        self.live_vms.discard(vm_id)
+
+    def vmm_pid(self, vm_id):
+        try:
+            pid = int((self.vms_dir / vm_id / "vmm.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def vmm_cmdline(self, vm_id):
+        pid = self.vmm_pid(vm_id)
+        return proc_cmdline(pid) if pid is not None else None
+
+    def stop(self):
+        """Deletes the VMs it still has, then SIGTERM (graceful: nft table, dnsmasq), SIGKILL after 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for vm_id in list(self.live_vms):
+            try:
+                self.delete_vm(vm_id)
+            except Exception as e:
+                log(f"cleanup: DELETE {vm_id}: {e}")
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            log("cleanup: daemon ignored SIGTERM for 30 s, killing it")
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def kill_leftovers(tmp):
+    """Anything still naming our temp dir (a QEMU the daemon lost track of) is ours."""
+    for pid in pids_mentioning(f"{tmp}/"):
+        log(f"cleanup: killing leftover {pid}: {' '.join(proc_cmdline(pid) or [])[:120]}")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_guarded(body, cleanup):
+    """Runs body() with SIGTERM/SIGHUP as Ctrl-C; cleanup() always runs, once, with signals ignored.
+
+    Returns (exit status, body's result or None).
+    """
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    def quiet():
+        # A second Ctrl-C must not cut the cleanup short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
+    try:
+        result = body()
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        quiet()
+        cleanup()
+        return 130, None
+    except BenchError as e:
+        log(f"FAILED: {e}")
+        quiet()
+        cleanup()
+        return 1, None
+    except BaseException:
+        quiet()
+        cleanup()
+        raise
+    quiet()
+    cleanup()
+    return 0, result
+
+
+# ---------------------------------------------------------------- report
+
+
+def qemu_version(binary):
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout
+        return out.splitlines()[0].replace("QEMU emulator version ", "")
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def arg_after(cmd, flag):
+    return cmd[cmd.index(flag) + 1] if flag in cmd and cmd.index(flag) + 1 < len(cmd) else "?"
+
+
+DOC_INTRO = """# Benchmarks
+
+Figures from the scripts in `bench/`, each run for real on a development
+machine of this project: 2 cores, Debian 12, QEMU 7.2 with the TCG
+accelerator (the host's KVM is a software one that is far slower than TCG,
+see `ENVIRONMENT.md`), so boot times are those of an emulated CPU; production
+hosts with hardware KVM boot much faster, while hatch's own overhead stays.
+
+How the figures are measured:
+
+- Every script runs as root, builds `cargo build --release`, makes a network
+  namespace of its own with only `lo` up, runs the daemon (`hatch serve`) and
+  itself inside it and sends requests to 127.0.0.1 only. The daemon, every
+  QEMU, the namespace and the temp data dir are removed at the end.
+- Boot times are wall-clock (monotonic clock) from the request or the process
+  spawn to the moment a line shows up in the VM's `console.log`, which is
+  polled every 2 ms, so figures are good to about 2-3 ms.
+- Each section is rewritten by its script on every run; figures from
+  different sections are not from the same run unless they say so.
+"""
+
+
+def write_docs(path, name, section):
+    """Replaces (or appends) the `## NAME` section of the docs file; other sections stay as they are."""
+    text = path.read_text() if path.exists() else DOC_INTRO
+    block = f"## {name}\n\n" + section.rstrip() + "\n"
+    m = re.search(rf"^## {re.escape(name)}\s*$", text, flags=re.M)
+    if m:
+        nxt = re.search(r"^## ", text[m.end():], flags=re.M)
+        end = m.end() + nxt.start() if nxt else len(text)
+        text = text[: m.start()] + block + ("\n" + text[end:] if nxt else "")
+    else:
+        text = text.rstrip() + "\n\n" + block
+    path.write_text(text)
