@@ -6,5 +6,6 @@ pub mod ids;
 pub mod image;
 pub mod manager;
 pub mod net;
+pub mod snapshot;
 pub mod store;
 pub mod vmm;

@@ -202,7 +202,9 @@ async fn serve() -> anyhow::Result<()> {
     tracing::info!(requested = ?cfg.qemu_accel, chosen = accel.as_str(), "QEMU accelerator");
     let vmm = Arc::new(Qemu::new(cfg.qemu_binary.clone(), accel));
     let addr = cfg.http_addr;
-    let manager = Manager::new(store, vmm, cfg);
+    let objects =
+        hatch::snapshot::Objects::local(&cfg.data_dir.join("objects")).context("snapshot store")?;
+    let manager = Manager::new(store, objects, vmm, cfg);
     manager.recover().await?;
     manager.init_network().await;
     manager.seed_default_image().await?;

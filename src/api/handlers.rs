@@ -1,6 +1,6 @@
 //! Thin handlers: parse, call the manager, turn the result into JSON.
 
-use super::views::{ImageView, TemplateView, VmView};
+use super::views::{HatchSnapshotView, ImageView, TemplateView, VmView};
 use super::{ApiError, AppState};
 use crate::manager::requests::{CreateImage, CreateTemplate, CreateVm};
 use crate::store::Owner;
@@ -184,6 +184,36 @@ pub async fn vm_logs(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+// ---- snapshots (Hatch API, seed 000) ----
+
+pub async fn snapshot_vm(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<HatchSnapshotView>)> {
+    let snap = s.manager.snapshot_vm(&o, &id).await?;
+    Ok((StatusCode::CREATED, Json(snap.into())))
+}
+
+pub async fn restore_vm(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<VmView>> {
+    Ok(Json(s.manager.restore_vm(&o, &id).await?.into()))
+}
+
+pub async fn list_vm_snapshots(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<HatchSnapshotView>>> {
+    let snaps = s.manager.list_vm_snapshots(&o, &id).await?;
+    Ok(Json(
+        snaps.into_iter().map(HatchSnapshotView::from).collect(),
+    ))
 }
 
 // ---- images ----

@@ -28,6 +28,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{id}/stop", post(handlers::stop_vm))
         .route("/vms/{id}/start", post(handlers::start_vm))
         .route("/vms/{id}/logs", get(handlers::vm_logs))
+        .route("/vms/{id}/snapshot", post(handlers::snapshot_vm))
+        .route("/vms/{id}/restore", post(handlers::restore_vm))
+        .route("/vms/{id}/snapshots", get(handlers::list_vm_snapshots))
         .route(
             "/images",
             get(handlers::list_images).post(handlers::create_image),

@@ -1,6 +1,6 @@
 //! JSON shapes of the API's objects (seed 001 for VMs).
 
-use crate::store::{Image, Template, Vm};
+use crate::store::{Image, Snapshot, Template, Vm};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -100,6 +100,34 @@ impl From<Template> for TemplateView {
             mem_mib: t.mem_mib,
             created_at: t.created_at,
             updated_at: t.updated_at,
+        }
+    }
+}
+
+/// A snapshot as the Hatch API shows it (seed 000).
+#[derive(Serialize)]
+pub struct HatchSnapshotView {
+    pub id: String,
+    pub vm_id: String,
+    pub state_key: String,
+    pub memory_key: String,
+    pub disk_key: String,
+    pub vm_config: String,
+    pub size_bytes: i64,
+    pub created_at: String,
+}
+
+impl From<Snapshot> for HatchSnapshotView {
+    fn from(s: Snapshot) -> Self {
+        HatchSnapshotView {
+            id: s.id,
+            vm_id: s.vm_id,
+            state_key: s.state_key,
+            memory_key: s.memory_key,
+            disk_key: s.disk_key,
+            vm_config: s.vm_config,
+            size_bytes: s.size_bytes,
+            created_at: s.created_at,
         }
     }
 }

@@ -13,7 +13,8 @@ use crate::image::{self, seed, ImageSource};
 use crate::net::dhcp::Reservation;
 use crate::net::firewall::Forward;
 use crate::net::{ipam, Network};
-use crate::store::{self, Image, Owner, Store, StoreError, Template, Vm};
+use crate::snapshot::{self, Objects};
+use crate::store::{self, Image, Owner, Snapshot, Store, StoreError, Template, Vm};
 use crate::vmm::{self, process, VmSpec, Vmm};
 use requests::{CreateImage, CreateTemplate, CreateVm};
 use state::VmState;
@@ -59,6 +60,7 @@ struct Running {
 
 pub struct Manager {
     store: Store,
+    objects: Objects,
     vmm: Arc<dyn Vmm>,
     config: Config,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -80,9 +82,10 @@ fn state_of(vm: &Vm) -> VmState {
 }
 
 impl Manager {
-    pub fn new(store: Store, vmm: Arc<dyn Vmm>, config: Config) -> Arc<Manager> {
+    pub fn new(store: Store, objects: Objects, vmm: Arc<dyn Vmm>, config: Config) -> Arc<Manager> {
         Arc::new(Manager {
             store,
+            objects,
             vmm,
             config,
             locks: Mutex::new(HashMap::new()),
@@ -168,6 +171,14 @@ impl Manager {
             .map_err(|e| ManagerError::Internal(e.to_string()))?;
         if killed > 0 {
             tracing::warn!(killed, "killed VMM processes left from a previous daemon");
+        }
+        // A snapshot a crash interrupted was never usable: remove it whole.
+        for s in self.store.unfinished_snapshots().await? {
+            for key in [&s.state_key, &s.memory_key, &s.disk_key] {
+                let _ = self.objects.delete(key).await;
+            }
+            self.store.delete_snapshot(&s.id).await?;
+            tracing::warn!(snapshot = %s.id, vm = %s.vm_id, "removed a snapshot left unfinished");
         }
         for vm in self.store.all_vms().await? {
             let st = state_of(&vm);
@@ -459,6 +470,245 @@ impl Manager {
         })
     }
 
+    // ---------------------------------------------------------------- snapshots
+
+    /// Snapshots of a VM the owner can see, newest first.
+    pub async fn list_vm_snapshots(&self, owner: &Owner, id: &str) -> Result<Vec<Snapshot>> {
+        let vm = self.visible_vm(owner, id).await?;
+        Ok(self.store.vm_snapshots(&vm.id).await?)
+    }
+
+    /// Captures memory, CPU/device state and disk of a running VM (a Standby
+    /// snapshot). The VM stays paused until every object is stored and
+    /// checksummed; only then is its VMM ended and the VM `snapshotted`. Any
+    /// failure before that resumes the guest and leaves no snapshot behind.
+    pub async fn snapshot_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Snapshot> {
+        let _guard = self.lock_vm(id).await;
+        let mut vm = self.visible_vm(owner, id).await?;
+        let st = state_of(&vm);
+        if st != VmState::Running {
+            return Err(ManagerError::Conflict(format!(
+                "vm {id} is {st}; only a running VM can be snapshotted"
+            )));
+        }
+        let snap_id = ids::new_id("snap");
+        let vm_config = serde_json::json!({
+            "vcpu_count": vm.vcpu_count,
+            "mem_mib": vm.mem_mib,
+            "image_id": vm.image_id,
+            "boot_args": vm.boot_args,
+            "enable_network": vm.enable_network,
+            "guest_ip": vm.guest_ip,
+            "guest_mac": vm.guest_mac,
+        });
+        let mut snap = Snapshot {
+            id: snap_id.clone(),
+            vm_id: vm.id.clone(),
+            owner_id: vm.owner_id.clone(),
+            kind: "Standby".into(),
+            name: None,
+            tags: "{}".into(),
+            status: "capturing".into(),
+            source_hypervisor: vm.hypervisor.clone(),
+            source_instance_name: None,
+            vm_config: vm_config.to_string(),
+            state_key: snapshot::key(&vm.id, &snap_id, "vmstate"),
+            memory_key: snapshot::key(&vm.id, &snap_id, "memory"),
+            disk_key: snapshot::key(&vm.id, &snap_id, "disk"),
+            state_sha256: None,
+            state_size: None,
+            memory_sha256: None,
+            memory_size: None,
+            disk_sha256: None,
+            disk_size: None,
+            size_bytes: 0,
+            compression: None,
+            compression_state: "none".into(),
+            compressed_size_bytes: None,
+            compression_error: None,
+            created_at: store::now(),
+        };
+        self.store.insert_snapshot(&snap).await?;
+        let spec = self.spec_for(&vm);
+        let capture = self.work_dir(&vm.id).join(format!("capture-{snap_id}"));
+        let captured = self.capture(&spec, &capture, &mut snap).await;
+        let _ = tokio::fs::remove_dir_all(&capture).await;
+        if let Err(e) = captured {
+            // Nothing is lost: the guest goes on where it was paused.
+            if let Err(r) = self.vmm.resume(&spec).await {
+                tracing::error!(vm = id, "resuming after a failed snapshot: {r}");
+            }
+            let _ = self
+                .objects
+                .delete_prefix(&format!("snapshots/{}/{snap_id}/", vm.id))
+                .await;
+            self.store.delete_snapshot(&snap_id).await?;
+            return Err(ManagerError::Internal(format!(
+                "snapshot of vm {id} failed, the VM keeps running: {e}"
+            )));
+        }
+        self.store.mark_snapshot_ready(&snap).await?;
+        snap.status = "ready".into();
+        self.end_vmm(&vm, false).await;
+        self.transition(&mut vm, VmState::Snapshotted, None).await?;
+        self.refresh_forwards().await;
+        tracing::info!(vm = id, snapshot = %snap_id, bytes = snap.size_bytes, "snapshotted");
+        Ok(snap)
+    }
+
+    /// Pauses and saves the guest into `dir`, then stores state, memory and disk.
+    async fn capture(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+        snap: &mut Snapshot,
+    ) -> std::result::Result<(), String> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let files = vmm::SnapshotFiles {
+            state: dir.join("vmstate"),
+            memory: dir.join("memory"),
+        };
+        self.vmm
+            .snapshot(spec, &files)
+            .await
+            .map_err(|e| e.to_string())?;
+        // The guest is paused and QEMU flushed the disk when saving completed.
+        let state = self
+            .objects
+            .put_file(&snap.state_key, &files.state)
+            .await
+            .map_err(|e| e.to_string())?;
+        let memory = self
+            .objects
+            .put_file(&snap.memory_key, &files.memory)
+            .await
+            .map_err(|e| e.to_string())?;
+        let disk = self
+            .objects
+            .put_file(&snap.disk_key, &spec.disk)
+            .await
+            .map_err(|e| e.to_string())?;
+        snap.size_bytes = (state.size + memory.size + disk.size) as i64;
+        snap.state_sha256 = Some(state.sha256);
+        snap.state_size = Some(state.size as i64);
+        snap.memory_sha256 = Some(memory.sha256);
+        snap.memory_size = Some(memory.size as i64);
+        snap.disk_sha256 = Some(disk.sha256);
+        snap.disk_size = Some(disk.size as i64);
+        Ok(())
+    }
+
+    /// Brings a snapshotted VM back from its most recent snapshot: the guest
+    /// continues where it was. A missing or corrupt object fails the restore
+    /// before anything changes: the VM stays `snapshotted`, its snapshots intact.
+    pub async fn restore_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
+        let _guard = self.lock_vm(id).await;
+        let mut vm = self.visible_vm(owner, id).await?;
+        let st = state_of(&vm);
+        if st != VmState::Snapshotted {
+            return Err(ManagerError::Conflict(format!(
+                "vm {id} is {st}; only a snapshotted VM can be restored"
+            )));
+        }
+        let snap = self
+            .store
+            .vm_snapshots(id)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no snapshot to restore")))?;
+        let work_dir = self.work_dir(id);
+        let dir = work_dir.join(format!("restore-{}", snap.id));
+        let fetched = self.fetch(&snap, &dir, &work_dir).await;
+        if let Err(e) = fetched {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(ManagerError::Internal(format!(
+                "restoring vm {id} from {} failed, the VM stays snapshotted: {e}",
+                snap.id
+            )));
+        }
+        self.transition(&mut vm, VmState::Starting, None).await?;
+        let files = vmm::SnapshotFiles {
+            state: dir.join("vmstate"),
+            memory: dir.join("memory"),
+        };
+        let booted = self.boot_from(&vm, Some(&files)).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        match booted {
+            Ok(()) => {
+                self.transition(&mut vm, VmState::Running, None).await?;
+                self.refresh_forwards().await;
+                tracing::info!(vm = id, snapshot = %snap.id, "restored");
+                Ok(vm)
+            }
+            Err(e) => {
+                self.transition(&mut vm, VmState::Snapshotted, None).await?;
+                Err(ManagerError::Internal(format!(
+                    "restoring vm {id} from {} failed, the VM stays snapshotted: {e}",
+                    snap.id
+                )))
+            }
+        }
+    }
+
+    /// Downloads and verifies every object of `snap` before touching the VM's disk.
+    async fn fetch(
+        &self,
+        snap: &Snapshot,
+        dir: &Path,
+        work_dir: &Path,
+    ) -> std::result::Result<(), String> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let stored = |sha: &Option<String>, size: Option<i64>| snapshot::Stored {
+            sha256: sha.clone().unwrap_or_default(),
+            size: size.unwrap_or(0) as u64,
+        };
+        let e = |e: snapshot::ObjectError| e.to_string();
+        self.objects
+            .get_file(
+                &snap.state_key,
+                &dir.join("vmstate"),
+                &stored(&snap.state_sha256, snap.state_size),
+            )
+            .await
+            .map_err(e)?;
+        self.objects
+            .get_file(
+                &snap.memory_key,
+                &dir.join("memory"),
+                &stored(&snap.memory_sha256, snap.memory_size),
+            )
+            .await
+            .map_err(e)?;
+        let disk = dir.join("disk.qcow2");
+        self.objects
+            .get_file(
+                &snap.disk_key,
+                &disk,
+                &stored(&snap.disk_sha256, snap.disk_size),
+            )
+            .await
+            .map_err(e)?;
+        // Everything arrived intact: only now is the VM's disk replaced.
+        tokio::fs::rename(&disk, work_dir.join("disk.qcow2"))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Deletes every snapshot of a VM, objects first.
+    async fn delete_vm_snapshots(&self, vm_id: &str) -> Result<()> {
+        self.objects
+            .delete_prefix(&snapshot::prefix_of_vm(vm_id))
+            .await
+            .map_err(|e| ManagerError::Internal(format!("deleting snapshots of {vm_id}: {e}")))?;
+        self.store.delete_vm_snapshots(vm_id).await?;
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- images
 
     async fn visible_image(&self, owner: &Owner, id: &str) -> Result<Image> {
@@ -748,6 +998,16 @@ impl Manager {
 
     /// Boots the VMM for `vm` and starts watching its process.
     async fn boot(self: &Arc<Self>, vm: &Vm) -> std::result::Result<(), String> {
+        self.boot_from(vm, None).await
+    }
+
+    /// Starts the VMM for `vm`: a fresh boot, or a restore from snapshot files
+    /// (then resumed), and starts watching its process.
+    async fn boot_from(
+        self: &Arc<Self>,
+        vm: &Vm,
+        snapshot: Option<&vmm::SnapshotFiles>,
+    ) -> std::result::Result<(), String> {
         let spec = self.spec_for(vm);
         if !spec.disk.exists() {
             return Err(format!("the VM's disk {} is missing", spec.disk.display()));
@@ -758,7 +1018,21 @@ impl Manager {
                 .add_tap(&nic.tap)
                 .await?;
         }
-        let proc = match self.vmm.boot(&spec).await {
+        let launched = match snapshot {
+            None => self.vmm.boot(&spec).await,
+            Some(files) => match self.vmm.restore(&spec, files).await {
+                Ok(mut p) => match self.vmm.resume(&spec).await {
+                    Ok(()) => Ok(p),
+                    Err(e) => {
+                        let _ = p.child.start_kill();
+                        let _ = p.child.wait().await;
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
+            },
+        };
+        let proc = match launched {
             Ok(p) => p,
             Err(e) => {
                 self.remove_tap(vm).await;
@@ -950,6 +1224,8 @@ impl Manager {
                 return Err(ManagerError::Internal(msg));
             }
         }
+        // Seed 001: deleting a VM deletes all its snapshots from storage.
+        self.delete_vm_snapshots(id).await?;
         self.store.delete_vm(id).await?;
         // The row held the IP, MAC and port; with it gone they are free again.
         self.refresh_reservations().await;

@@ -50,6 +50,7 @@ impl VmState {
                 | (Stopped, Starting)
                 | (Error, Starting)
                 | (Snapshotted, Starting)
+                | (Starting, Snapshotted)
                 | (Snapshotted, Error)
         ) || (to == Error && self.is_transient())
     }

@@ -95,6 +95,35 @@ pub struct Vm {
     pub updated_at: String,
 }
 
+#[derive(Debug, Clone, FromRow)]
+pub struct Snapshot {
+    pub id: String,
+    pub vm_id: String,
+    pub owner_id: String,
+    pub kind: String,
+    pub name: Option<String>,
+    pub tags: String,
+    pub status: String,
+    pub source_hypervisor: String,
+    pub source_instance_name: Option<String>,
+    pub vm_config: String,
+    pub state_key: String,
+    pub memory_key: String,
+    pub disk_key: String,
+    pub state_sha256: Option<String>,
+    pub state_size: Option<i64>,
+    pub memory_sha256: Option<String>,
+    pub memory_size: Option<i64>,
+    pub disk_sha256: Option<String>,
+    pub disk_size: Option<i64>,
+    pub size_bytes: i64,
+    pub compression: Option<String>,
+    pub compression_state: String,
+    pub compressed_size_bytes: Option<i64>,
+    pub compression_error: Option<String>,
+    pub created_at: String,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
@@ -443,6 +472,110 @@ impl Store {
         Ok(sqlx::query_as("SELECT * FROM vms ORDER BY rowid")
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    // ---- snapshots ----
+
+    pub async fn insert_snapshot(&self, s: &Snapshot) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO snapshots (id, vm_id, owner_id, kind, name, tags, status, source_hypervisor,
+                                    source_instance_name, vm_config, state_key, memory_key, disk_key,
+                                    compression, compression_state, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.vm_id)
+        .bind(&s.owner_id)
+        .bind(&s.kind)
+        .bind(&s.name)
+        .bind(&s.tags)
+        .bind(&s.status)
+        .bind(&s.source_hypervisor)
+        .bind(&s.source_instance_name)
+        .bind(&s.vm_config)
+        .bind(&s.state_key)
+        .bind(&s.memory_key)
+        .bind(&s.disk_key)
+        .bind(&s.compression)
+        .bind(&s.compression_state)
+        .bind(&s.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!(
+                    "a snapshot named {:?} already exists for instance {}",
+                    s.name.as_deref().unwrap_or_default(),
+                    s.vm_id
+                ))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Records the stored objects and makes the snapshot usable.
+    pub async fn mark_snapshot_ready(&self, s: &Snapshot) -> Result<()> {
+        sqlx::query(
+            "UPDATE snapshots SET status = 'ready', state_sha256 = ?, state_size = ?, memory_sha256 = ?,
+                    memory_size = ?, disk_sha256 = ?, disk_size = ?, size_bytes = ? WHERE id = ?",
+        )
+        .bind(&s.state_sha256)
+        .bind(s.state_size)
+        .bind(&s.memory_sha256)
+        .bind(s.memory_size)
+        .bind(&s.disk_sha256)
+        .bind(s.disk_size)
+        .bind(s.size_bytes)
+        .bind(&s.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_snapshot(&self, id: &str) -> Result<Option<Snapshot>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM snapshots WHERE id = ? AND status = 'ready'")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Usable snapshots of a VM, newest first.
+    pub async fn vm_snapshots(&self, vm_id: &str) -> Result<Vec<Snapshot>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM snapshots WHERE vm_id = ? AND status = 'ready' ORDER BY created_at DESC, rowid DESC",
+        )
+        .bind(vm_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Snapshots a crash left half-written.
+    pub async fn unfinished_snapshots(&self) -> Result<Vec<Snapshot>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM snapshots WHERE status != 'ready'")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM snapshots WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_vm_snapshots(&self, vm_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM snapshots WHERE vm_id = ?")
+            .bind(vm_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn delete_vm(&self, id: &str) -> Result<()> {

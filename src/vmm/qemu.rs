@@ -4,6 +4,7 @@ use super::qmp::Qmp;
 use super::{Capabilities, DiskFormat, Result, SnapshotFiles, VmProcess, VmSpec, Vmm, VmmError};
 use crate::config::Accel;
 use async_trait::async_trait;
+use serde_json::json;
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::Stdio;
@@ -173,22 +174,27 @@ async fn qmp_run(spec: &VmSpec, command: &str) -> Result<()> {
 }
 
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Saving or loading guest memory: generous, a large guest on a slow disk takes a while.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
-#[async_trait]
-impl Vmm for Qemu {
-    fn name(&self) -> &'static str {
-        "qemu"
+/// Quotes a path for the `sh -c` QEMU runs `exec:` migration commands with.
+fn shell_quote(p: &Path) -> Result<String> {
+    let s = p.display().to_string();
+    if s.contains('\'') {
+        return Err(VmmError::Launch(format!("path {s} contains a quote")));
     }
+    Ok(format!("'{s}'"))
+}
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            snapshot: false,
-            graceful_shutdown: true,
-            disk_format: DiskFormat::Qcow2Overlay,
-        }
-    }
-
-    async fn boot(&self, spec: &VmSpec) -> Result<VmProcess> {
+impl Qemu {
+    /// Starts QEMU for `spec` with `extra` arguments and waits until QMP
+    /// answers and the guest is running (a boot) or loaded and paused (`-incoming`).
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+        extra: &[OsString],
+        timeout: Duration,
+    ) -> Result<VmProcess> {
         let sock = spec.control_socket();
         // sun_path holds 108 bytes; a longer path would fail later with a confusing error.
         if sock.as_os_str().len() >= 108 {
@@ -205,6 +211,7 @@ impl Vmm for Qemu {
             .open(spec.vmm_log())?;
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(self.command_line(spec))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -229,22 +236,45 @@ impl Vmm for Qemu {
                         .execute("query-status", None)
                         .await
                         .map_err(VmmError::Control)?;
-                    if status.get("status").and_then(|s| s.as_str()) == Some("running") {
+                    // `inmigrate` while an incoming snapshot loads; `paused` once it has.
+                    if matches!(
+                        status.get("status").and_then(|s| s.as_str()),
+                        Some("running" | "paused")
+                    ) {
                         return Ok(VmProcess { pid, child });
                     }
                 }
             }
-            if started.elapsed() > LAUNCH_TIMEOUT {
+            if started.elapsed() > timeout {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 return Err(VmmError::Launch(format!(
                     "qemu did not come up within {}s: {}",
-                    LAUNCH_TIMEOUT.as_secs(),
+                    timeout.as_secs(),
                     tail_of(&spec.vmm_log(), 600)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+#[async_trait]
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            snapshot: true,
+            graceful_shutdown: true,
+            disk_format: DiskFormat::Qcow2Overlay,
+        }
+    }
+
+    async fn boot(&self, spec: &VmSpec) -> Result<VmProcess> {
+        self.launch(spec, &[], LAUNCH_TIMEOUT).await
     }
 
     async fn request_shutdown(&self, spec: &VmSpec) -> Result<()> {
@@ -259,12 +289,68 @@ impl Vmm for Qemu {
         qmp_run(spec, "cont").await
     }
 
-    async fn snapshot(&self, _spec: &VmSpec, _out: &SnapshotFiles) -> Result<()> {
-        Err(VmmError::Unsupported("snapshot", "qemu"))
+    async fn snapshot(&self, spec: &VmSpec, out: &SnapshotFiles) -> Result<()> {
+        let mut q = qmp(spec).await?;
+        q.execute("stop", None).await.map_err(VmmError::Control)?;
+        // The default bandwidth cap is meant for live migration over a
+        // network; a snapshot to a local file should go as fast as it can.
+        q.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 64u64 << 30 })),
+        )
+        .await
+        .map_err(VmmError::Control)?;
+        let uri = format!("exec:cat > {}", shell_quote(&out.memory)?);
+        q.execute("migrate", Some(json!({ "uri": uri })))
+            .await
+            .map_err(VmmError::Control)?;
+        let started = Instant::now();
+        loop {
+            let st = q
+                .execute("query-migrate", None)
+                .await
+                .map_err(VmmError::Control)?;
+            match st.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    let why = st
+                        .get("error-desc")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or("no reason given");
+                    return Err(VmmError::Control(format!("saving the guest failed: {why}")));
+                }
+                _ if started.elapsed() > SNAPSHOT_TIMEOUT => {
+                    let _ = q.execute("migrate_cancel", None).await;
+                    return Err(VmmError::Control("saving the guest timed out".into()));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        let version = q
+            .execute("query-version", None)
+            .await
+            .map_err(VmmError::Control)?;
+        let state = json!({
+            "hypervisor": "qemu",
+            "format": "qemu migration stream (device state and RAM) in the memory object",
+            "qemu": version.get("qemu"),
+        });
+        tokio::fs::write(
+            &out.state,
+            serde_json::to_vec_pretty(&state).unwrap_or_default(),
+        )
+        .await?;
+        Ok(())
     }
 
-    async fn restore(&self, _spec: &VmSpec, _from: &SnapshotFiles) -> Result<VmProcess> {
-        Err(VmmError::Unsupported("restore", "qemu"))
+    async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> Result<VmProcess> {
+        let incoming = format!("exec:cat {}", shell_quote(&from.memory)?);
+        self.launch(
+            spec,
+            &["-incoming".into(), incoming.into()],
+            SNAPSHOT_TIMEOUT,
+        )
+        .await
     }
 }
 

@@ -1,0 +1,272 @@
+//! Snapshots through the Hatch API (seed 000) with real guests: memory, CPU
+//! and disk are captured and stored; restore continues the guest where it
+//! was, with its address and SSH port; corrupt or missing objects are caught
+//! and nothing is lost; deleting the VM deletes its stored objects.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A guest that counts in memory (a shell loop, nothing on disk) and prints each tick.
+fn counting_guest(d: &Daemon, public: &str) -> Value {
+    let script = format!(
+        "#!/bin/sh\nmkdir -p /root/.ssh && echo '{public}' >> /root/.ssh/authorized_keys\n\
+         (i=0; while true; do i=$((i+1)); echo \"tick $i\" > /dev/console; sleep 1; done) &\n"
+    );
+    d.create_vm(&json!({ "user_data": script }).to_string())
+}
+
+fn last_tick(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.split("tick ").nth(1))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn objects_of(d: &Daemon, vm_id: &str) -> Vec<PathBuf> {
+    let dir = d.data_dir.join("objects/snapshots").join(vm_id);
+    let mut out = vec![];
+    if let Ok(snaps) = std::fs::read_dir(&dir) {
+        for s in snaps.flatten() {
+            for f in std::fs::read_dir(s.path()).unwrap().flatten() {
+                out.push(f.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn snapshot_and_restore_continue_the_guest() {
+    let d = Daemon::start();
+    let (key, public) = keypair(&d.data_dir);
+    let vm = counting_guest(&d, &public);
+    let id = vm["id"].as_str().unwrap().to_string();
+    let target = format!("root@{}", vm["guest_ip"].as_str().unwrap());
+    d.ssh_ok(
+        None,
+        &key,
+        &target,
+        22,
+        "echo in-ram > /tmp/ram-marker; echo on-disk > /root/disk-marker; sync",
+    );
+    wait_until("a few ticks", BOOT_TIMEOUT, || last_tick(&d.logs(&id)) >= 3);
+
+    // Wrong states first: nothing to restore yet, and a running VM cannot be restored.
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(r.status, 409, "{}", r.text);
+
+    let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    let snap = r.body.clone();
+    let snap_id = snap["id"].as_str().unwrap().to_string();
+    assert!(snap_id.starts_with("snap_"), "{snap}");
+    assert_eq!(snap["vm_id"], id.as_str());
+    for (field, part) in [
+        ("state_key", "vmstate"),
+        ("memory_key", "memory"),
+        ("disk_key", "disk"),
+    ] {
+        assert_eq!(
+            snap[field],
+            format!("snapshots/{id}/{snap_id}/{part}"),
+            "{snap}"
+        );
+    }
+    let config: Value = serde_json::from_str(snap["vm_config"].as_str().unwrap()).unwrap();
+    assert_eq!(config["vcpu_count"], 1);
+    assert_eq!(config["mem_mib"], 512);
+    let stored: u64 = objects_of(&d, &id)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(
+        snap["size_bytes"].as_u64().unwrap(),
+        stored,
+        "size_bytes is what is stored"
+    );
+    assert!(
+        stored > 1 << 20,
+        "the memory image is in the store ({stored} bytes)"
+    );
+
+    // Snapshotted: no VMM, no SSH forward, address and port kept.
+    let after = d.vm(&id);
+    assert_eq!(after["state"], "snapshotted");
+    assert_eq!(after["guest_ip"], vm["guest_ip"]);
+    assert_eq!(after["ssh_port"], vm["ssh_port"]);
+    assert!(d.vmm_pids_of(&id).is_empty(), "its VMM process is gone");
+    assert!(!d.nft_table().contains("dnat"));
+    let frozen = last_tick(&d.logs(&id));
+    for (m, p) in [("POST", "snapshot"), ("POST", "stop"), ("POST", "start")] {
+        let r = d.req(m, &format!("/vms/{id}/{p}"), None);
+        assert_eq!(r.status, 409, "{p} on a snapshotted VM: {}", r.text);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        last_tick(&d.logs(&id)),
+        frozen,
+        "nothing runs while snapshotted"
+    );
+
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["state"], "running");
+    assert_eq!(r.body["guest_ip"], vm["guest_ip"]);
+    assert_eq!(r.body["ssh_port"], vm["ssh_port"]);
+    // The counter in guest memory goes on from where it was, not from 1.
+    wait_until("ticks after restore", Duration::from_secs(30), || {
+        last_tick(&d.logs(&id)) > frozen
+    });
+    let log = d.logs(&id);
+    let after_restore = &log[log.rfind(&format!("tick {frozen}")).unwrap()..];
+    assert!(
+        after_restore.contains(&format!("tick {}", frozen + 1)),
+        "{after_restore}"
+    );
+    assert!(!log.contains("boot=2"), "no reboot happened");
+    // RAM-only and disk files are both there, reached through the same SSH port.
+    let port = vm["ssh_port"].as_u64().unwrap() as u16;
+    let out = d.ssh_ok(
+        None,
+        &key,
+        "root@127.0.0.1",
+        port,
+        "cat /tmp/ram-marker /root/disk-marker",
+    );
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        vec!["in-ram", "on-disk"]
+    );
+
+    // A second snapshot lists first.
+    let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    let second = r.body["id"].as_str().unwrap().to_string();
+    let list = d.req("GET", &format!("/vms/{id}/snapshots"), None);
+    assert_eq!(list.status, 200);
+    let ids: Vec<&str> = list
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![second.as_str(), snap_id.as_str()], "newest first");
+
+    // Deleting the VM deletes its snapshots from storage.
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+    assert!(objects_of(&d, &id).is_empty(), "{:?}", objects_of(&d, &id));
+    assert!(
+        !d.data_dir.join("objects/snapshots").join(&id).exists() || objects_of(&d, &id).is_empty()
+    );
+    assert_eq!(
+        d.req("GET", &format!("/vms/{id}/snapshots"), None).status,
+        404
+    );
+}
+
+#[test]
+fn corrupt_or_missing_objects_fail_the_restore_and_lose_nothing() {
+    let mut d = Daemon::start();
+    let (_key, public) = keypair(&d.data_dir);
+    let vm = counting_guest(&d, &public);
+    let id = vm["id"].as_str().unwrap().to_string();
+    wait_until("ticks", BOOT_TIMEOUT, || last_tick(&d.logs(&id)) >= 2);
+    let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    let memory = d
+        .data_dir
+        .join("objects")
+        .join(r.body["memory_key"].as_str().unwrap());
+    let disk = d
+        .data_dir
+        .join("objects")
+        .join(r.body["disk_key"].as_str().unwrap());
+    let good = std::fs::read(&memory).unwrap();
+
+    // One flipped byte in the memory image.
+    let mut bad = good.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x5a;
+    std::fs::write(&memory, &bad).unwrap();
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert!(
+        r.error().contains("corrupt") && r.error().contains("stays snapshotted"),
+        "{}",
+        r.text
+    );
+    assert_eq!(d.vm(&id)["state"], "snapshotted");
+    assert!(d.vmm_pids_of(&id).is_empty());
+    assert_eq!(
+        d.req("GET", &format!("/vms/{id}/snapshots"), None)
+            .body
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A missing disk object.
+    std::fs::write(&memory, &good).unwrap();
+    let disk_bytes = std::fs::read(&disk).unwrap();
+    std::fs::remove_file(&disk).unwrap();
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert!(r.error().contains("missing"), "{}", r.text);
+    assert_eq!(d.vm(&id)["state"], "snapshotted");
+
+    // Repaired, and across a daemon restart: the snapshot restores.
+    std::fs::write(&disk, &disk_bytes).unwrap();
+    d.kill9();
+    d.restart();
+    assert_eq!(
+        d.vm(&id)["state"],
+        "snapshotted",
+        "snapshotted is not a transient state"
+    );
+    let frozen = last_tick(&d.logs(&id));
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    wait_until("ticks after restore", Duration::from_secs(30), || {
+        last_tick(&d.logs(&id)) > frozen
+    });
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+    assert!(d.vmm_pids().is_empty());
+}
+
+#[test]
+fn snapshot_needs_a_running_vm_and_unknown_ids_are_404() {
+    let d = Daemon::start();
+    for (m, p) in [
+        ("POST", "/vms/vm_nope/snapshot"),
+        ("POST", "/vms/vm_nope/restore"),
+        ("GET", "/vms/vm_nope/snapshots"),
+    ] {
+        let r = d.req(m, p, None);
+        assert_eq!(r.status, 404, "{p}: {}", r.text);
+    }
+    let vm = d.create_vm(r#"{"enable_network": false}"#);
+    let id = vm["id"].as_str().unwrap();
+    d.wait_console(id, "hatch-guest: ready");
+    assert_eq!(d.req("POST", &format!("/vms/{id}/stop"), None).status, 200);
+    let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(r.error().contains("only a running VM"), "{}", r.text);
+    assert_eq!(
+        d.req("GET", &format!("/vms/{id}/snapshots"), None).body,
+        json!([])
+    );
+    let bob = d.create_key(&["--name", "bob"]);
+    assert_eq!(
+        d.as_key(&bob, "POST", &format!("/vms/{id}/snapshot"), None)
+            .status,
+        404
+    );
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+}
