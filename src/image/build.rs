@@ -129,12 +129,12 @@ pub fn build(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn step(msg: &str) {
+pub(super) fn step(msg: &str) {
     eprintln!("hatch image: {msg}");
 }
 
 /// Runs a command, capturing output; on failure the error carries its stderr.
-fn run(cmd: &mut Command, what: &str) -> Result<Output> {
+pub(super) fn run(cmd: &mut Command, what: &str) -> Result<Output> {
     let output = cmd
         .output()
         .with_context(|| format!("running {what} ({cmd:?})"))?;
@@ -149,7 +149,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<Output> {
 }
 
 /// Looks in PATH and the sbin directories (often missing from a user's PATH).
-fn find_tool(name: &str, package: &str) -> Result<PathBuf> {
+pub(super) fn find_tool(name: &str, package: &str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let dirs = std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
@@ -204,7 +204,7 @@ fn busybox_applets(busybox: &Path) -> Result<Vec<String>> {
     Ok(applets)
 }
 
-fn cache_dir() -> Result<PathBuf> {
+pub(super) fn cache_dir() -> Result<PathBuf> {
     let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
     let dir = if let Some(dir) = nonempty("HATCH_IMAGE_CACHE") {
         PathBuf::from(dir)

@@ -16,9 +16,10 @@ use anyhow::{bail, Context, Result};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use super::build::{cache_dir, find_tool, run, step};
 use super::{INITRD_FILE, KERNEL_FILE, ROOTFS_FILE};
 
 const SUITE: &str = "bookworm";
@@ -159,10 +160,6 @@ pub fn build(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn step(msg: &str) {
-    eprintln!("hatch image: {msg}");
-}
-
 /// The cached rootfs for the current recipe, built first if there is none.
 fn cached_rootfs(cache: &Path) -> Result<PathBuf> {
     let path = cache.join(format!("debian-{SUITE}-{}.ext4", recipe_key()));
@@ -293,51 +290,6 @@ fn remove_dead_scratch(dir: &Path, prefix: &str) {
             remove_tree(&path);
         }
     }
-}
-
-/// Same cache directory as the kernel .deb of the default image.
-fn cache_dir() -> Result<PathBuf> {
-    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    let dir = if let Some(dir) = nonempty("HATCH_IMAGE_CACHE") {
-        PathBuf::from(dir)
-    } else if let Some(xdg) = nonempty("XDG_CACHE_HOME") {
-        PathBuf::from(xdg).join("hatch")
-    } else if let Some(home) = nonempty("HOME") {
-        PathBuf::from(home).join(".cache").join("hatch")
-    } else {
-        bail!("no cache directory: set HATCH_IMAGE_CACHE (or XDG_CACHE_HOME / HOME)");
-    };
-    fs::create_dir_all(&dir).with_context(|| format!("creating cache dir {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// Runs a command, capturing output; on failure the error carries its stderr.
-fn run(cmd: &mut Command, what: &str) -> Result<Output> {
-    let output = cmd
-        .output()
-        .with_context(|| format!("running {what} ({cmd:?})"))?;
-    if !output.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(output)
-}
-
-/// Looks in PATH and the sbin directories (often missing from a user's PATH).
-fn find_tool(name: &str, package: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
-    for dir in dirs {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!("`{name}` not found; install it with `apt-get install {package}`")
 }
 
 fn ensure_debootstrap() -> Result<PathBuf> {
