@@ -270,3 +270,108 @@ fn snapshot_needs_a_running_vm_and_unknown_ids_are_404() {
     );
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
 }
+
+#[test]
+fn hypeman_list_get_and_delete_snapshots() {
+    let d = Daemon::start();
+    let vm = d.create_vm(r#"{"enable_network": false}"#);
+    let id = vm["id"].as_str().unwrap().to_string();
+    d.wait_console(&id, "hatch-guest: ready");
+    let first = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+    assert_eq!(first.status, 201, "{}", first.text);
+    assert_eq!(
+        d.req("POST", &format!("/vms/{id}/restore"), None).status,
+        200
+    );
+    let second = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+    assert_eq!(second.status, 201, "{}", second.text);
+    let (a, b) = (
+        first.body["id"].as_str().unwrap().to_string(),
+        second.body["id"].as_str().unwrap().to_string(),
+    );
+
+    // Seed 002's model, newest first.
+    let list = d.req("GET", "/snapshots", None);
+    assert_eq!(list.status, 200, "{}", list.text);
+    let items = list.body.as_array().unwrap();
+    assert_eq!(
+        items
+            .iter()
+            .map(|s| s["id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec![b.as_str(), a.as_str()]
+    );
+    let s = &items[1];
+    assert_eq!(s["kind"], "Standby");
+    assert_eq!(s["source_instance_id"], id.as_str());
+    assert_eq!(s["source_hypervisor"], "qemu");
+    assert_eq!(s["compression_state"], "none");
+    assert_eq!(s["tags"], json!({}));
+    assert_eq!(s["size_bytes"], first.body["size_bytes"]);
+    assert!(
+        s["uncompressed_size_bytes"].as_u64().unwrap() > 1 << 20,
+        "{s}"
+    );
+    assert!(s["created_at"].as_str().unwrap().ends_with('Z'));
+
+    let count = |q: &str| {
+        let r = d.req("GET", &format!("/snapshots?{q}"), None);
+        assert_eq!(r.status, 200, "{q}: {}", r.text);
+        r.body.as_array().unwrap().len()
+    };
+    assert_eq!(count(&format!("source_instance_id={id}")), 2);
+    assert_eq!(count("source_instance_id=vm_other"), 0);
+    assert_eq!(count("kind=Standby"), 2);
+    assert_eq!(count("kind=Stopped"), 0);
+    assert_eq!(count("name=nothing"), 0);
+    assert_eq!(count("tags%5Bteam%5D=backend"), 0);
+    for q in ["kind=Paused", "colour=red"] {
+        let r = d.req("GET", &format!("/snapshots?{q}"), None);
+        assert_eq!(r.status, 400, "{q}: {}", r.text);
+        r.error();
+    }
+
+    assert_eq!(
+        d.req("GET", &format!("/snapshots/{a}"), None).body["id"],
+        a.as_str()
+    );
+    assert_eq!(d.req("GET", "/snapshots/snap_nope", None).status, 404);
+    let bob = d.create_key(&["--name", "bob"]);
+    assert_eq!(d.as_key(&bob, "GET", "/snapshots", None).body, json!([]));
+    assert_eq!(
+        d.as_key(&bob, "GET", &format!("/snapshots/{a}"), None)
+            .status,
+        404
+    );
+    assert_eq!(
+        d.as_key(&bob, "DELETE", &format!("/snapshots/{a}"), None)
+            .status,
+        404
+    );
+
+    // The snapshot a snapshotted VM needs cannot be deleted; an older one can.
+    let r = d.req("DELETE", &format!("/snapshots/{b}"), None);
+    assert_eq!(r.status, 409, "{}", r.text);
+    let r = d.req("DELETE", &format!("/snapshots/{a}"), None);
+    assert_eq!(
+        (r.status, r.body.clone()),
+        (200, json!({"status": "deleted"})),
+        "{}",
+        r.text
+    );
+    assert_eq!(d.req("GET", &format!("/snapshots/{a}"), None).status, 404);
+    let left = objects_of(&d, &id);
+    assert!(
+        left.iter().all(|p| p.to_string_lossy().contains(&b)),
+        "objects of {a} removed: {left:?}"
+    );
+    assert_eq!(left.len(), 3);
+
+    // The VM still restores from the one it needs.
+    assert_eq!(
+        d.req("POST", &format!("/vms/{id}/restore"), None).status,
+        200
+    );
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+    assert!(objects_of(&d, &id).is_empty());
+}

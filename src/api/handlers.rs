@@ -1,7 +1,8 @@
 //! Thin handlers: parse, call the manager, turn the result into JSON.
 
-use super::views::{HatchSnapshotView, ImageView, TemplateView, VmView};
+use super::views::{HatchSnapshotView, ImageView, SnapshotView, TemplateView, VmView};
 use super::{ApiError, AppState};
+use crate::manager::requests::SnapshotFilter;
 use crate::manager::requests::{CreateImage, CreateTemplate, CreateVm};
 use crate::store::Owner;
 use axum::body::{Body, Bytes};
@@ -214,6 +215,40 @@ pub async fn list_vm_snapshots(
     Ok(Json(
         snaps.into_iter().map(HatchSnapshotView::from).collect(),
     ))
+}
+
+// ---- snapshots (Hypeman API, seed 002) ----
+
+pub async fn list_snapshots(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    query: Result<
+        axum::extract::Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> ApiResult<Json<Vec<SnapshotView>>> {
+    let axum::extract::Query(pairs) =
+        query.map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
+    let filter = SnapshotFilter::parse(&pairs).map_err(ApiError::BadRequest)?;
+    let snaps = s.manager.list_snapshots(&o, &filter).await?;
+    Ok(Json(snaps.into_iter().map(SnapshotView::from).collect()))
+}
+
+pub async fn get_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SnapshotView>> {
+    Ok(Json(s.manager.get_snapshot(&o, &id).await?.into()))
+}
+
+pub async fn delete_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.manager.delete_snapshot(&o, &id).await?;
+    Ok(Json(json!({ "status": "deleted" })))
 }
 
 // ---- images ----

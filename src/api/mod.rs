@@ -31,6 +31,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{id}/snapshot", post(handlers::snapshot_vm))
         .route("/vms/{id}/restore", post(handlers::restore_vm))
         .route("/vms/{id}/snapshots", get(handlers::list_vm_snapshots))
+        .route("/snapshots", get(handlers::list_snapshots))
+        .route(
+            "/snapshots/{id}",
+            get(handlers::get_snapshot).delete(handlers::delete_snapshot),
+        )
         .route(
             "/images",
             get(handlers::list_images).post(handlers::create_image),

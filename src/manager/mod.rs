@@ -699,6 +699,54 @@ impl Manager {
             .map_err(|e| e.to_string())
     }
 
+    /// The owner's snapshots that pass `filter` (Hypeman `GET /snapshots`).
+    pub async fn list_snapshots(
+        &self,
+        owner: &Owner,
+        filter: &requests::SnapshotFilter,
+    ) -> Result<Vec<Snapshot>> {
+        let all = self.store.owner_snapshots(&owner.id).await?;
+        Ok(all.into_iter().filter(|s| filter.matches(s)).collect())
+    }
+
+    pub async fn get_snapshot(&self, owner: &Owner, id: &str) -> Result<Snapshot> {
+        match self.store.get_snapshot(id).await? {
+            Some(s) if s.owner_id == owner.id => Ok(s),
+            _ => Err(not_found("snapshot", id)),
+        }
+    }
+
+    /// Deletes a snapshot and its objects. The most recent snapshot of a VM
+    /// that is `snapshotted` is what the VM would be restored from: deleting
+    /// it would lose the VM's memory, so it is refused.
+    pub async fn delete_snapshot(&self, owner: &Owner, id: &str) -> Result<()> {
+        let snap = self.get_snapshot(owner, id).await?;
+        let _guard = self.lock_vm(&snap.vm_id).await;
+        if let Some(vm) = self.store.get_vm(&snap.vm_id).await? {
+            let latest = self
+                .store
+                .vm_snapshots(&vm.id)
+                .await?
+                .into_iter()
+                .next()
+                .map(|s| s.id);
+            if state_of(&vm) == VmState::Snapshotted && latest.as_deref() == Some(id) {
+                return Err(ManagerError::Conflict(format!(
+                    "snapshot {id} holds the state of snapshotted instance {}; restore or delete the instance first",
+                    vm.id
+                )));
+            }
+        }
+        for key in [&snap.state_key, &snap.memory_key, &snap.disk_key] {
+            self.objects
+                .delete(key)
+                .await
+                .map_err(|e| ManagerError::Internal(format!("deleting snapshot {id}: {e}")))?;
+        }
+        self.store.delete_snapshot(id).await?;
+        Ok(())
+    }
+
     /// Deletes every snapshot of a VM, objects first.
     async fn delete_vm_snapshots(&self, vm_id: &str) -> Result<()> {
         self.objects

@@ -46,6 +46,51 @@ pub struct CreateTemplate {
     pub mem_mib: Option<i64>,
 }
 
+/// Filters of Hypeman's `GET /snapshots`: `kind`, `name`, `source_instance_id`
+/// and tags as `tags[KEY]=VALUE` (all must match).
+#[derive(Debug, Default, PartialEq)]
+pub struct SnapshotFilter {
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub source_instance_id: Option<String>,
+    pub tags: Vec<(String, String)>,
+}
+
+impl SnapshotFilter {
+    /// Parses an already percent-decoded query.
+    pub fn parse(pairs: &[(String, String)]) -> Result<SnapshotFilter, String> {
+        let mut f = SnapshotFilter::default();
+        for (k, v) in pairs {
+            match k.as_str() {
+                "kind" if v == "Standby" || v == "Stopped" => f.kind = Some(v.clone()),
+                "kind" => return Err(format!("kind must be Standby or Stopped, got {v:?}")),
+                "name" => f.name = Some(v.clone()),
+                "source_instance_id" => f.source_instance_id = Some(v.clone()),
+                _ => match k.strip_prefix("tags[").and_then(|t| t.strip_suffix(']')) {
+                    Some(tag) if !tag.is_empty() => f.tags.push((tag.to_string(), v.clone())),
+                    _ => return Err(format!("unknown query parameter {k:?}")),
+                },
+            }
+        }
+        Ok(f)
+    }
+
+    pub fn matches(&self, s: &crate::store::Snapshot) -> bool {
+        let tags: std::collections::HashMap<String, String> =
+            serde_json::from_str(&s.tags).unwrap_or_default();
+        self.kind.as_ref().is_none_or(|k| *k == s.kind)
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|n| Some(n) == s.name.as_ref())
+            && self
+                .source_instance_id
+                .as_ref()
+                .is_none_or(|i| *i == s.vm_id)
+            && self.tags.iter().all(|(k, v)| tags.get(k) == Some(v))
+    }
+}
+
 pub fn check_range(field: &str, value: i64, (lo, hi): (i64, i64)) -> Result<(), String> {
     if value < lo || value > hi {
         return Err(format!(
@@ -219,6 +264,68 @@ mod tests {
             ..Default::default()
         };
         assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn snapshot_filters() {
+        let p = |q: &[(&str, &str)]| {
+            SnapshotFilter::parse(
+                &q.iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let f = p(&[
+            ("kind", "Standby"),
+            ("tags[team]", "backend"),
+            ("source_instance_id", "vm_a"),
+        ])
+        .unwrap();
+        assert_eq!(f.tags, vec![("team".to_string(), "backend".to_string())]);
+        assert!(p(&[("kind", "Paused")])
+            .unwrap_err()
+            .contains("Standby or Stopped"));
+        assert!(p(&[("colour", "red")])
+            .unwrap_err()
+            .contains("unknown query parameter"));
+        assert!(p(&[("tags[]", "x")]).is_err());
+        let snap = |kind: &str, vm: &str, tags: &str| crate::store::Snapshot {
+            id: "snap_x".into(),
+            vm_id: vm.into(),
+            owner_id: "o".into(),
+            kind: kind.into(),
+            name: Some("pre-upgrade".into()),
+            tags: tags.into(),
+            status: "ready".into(),
+            source_hypervisor: "qemu".into(),
+            source_instance_name: None,
+            vm_config: "{}".into(),
+            state_key: String::new(),
+            memory_key: String::new(),
+            disk_key: String::new(),
+            state_sha256: None,
+            state_size: None,
+            memory_sha256: None,
+            memory_size: None,
+            disk_sha256: None,
+            disk_size: None,
+            size_bytes: 0,
+            compression: None,
+            compression_state: "none".into(),
+            compressed_size_bytes: None,
+            compression_error: None,
+            created_at: String::new(),
+        };
+        assert!(f.matches(&snap("Standby", "vm_a", r#"{"team":"backend","env":"x"}"#)));
+        assert!(!f.matches(&snap("Stopped", "vm_a", r#"{"team":"backend"}"#)));
+        assert!(!f.matches(&snap("Standby", "vm_b", r#"{"team":"backend"}"#)));
+        assert!(!f.matches(&snap("Standby", "vm_a", r#"{"team":"frontend"}"#)));
+        assert!(p(&[("name", "pre-upgrade")])
+            .unwrap()
+            .matches(&snap("Standby", "vm_z", "{}")));
+        assert!(!p(&[("name", "other")])
+            .unwrap()
+            .matches(&snap("Standby", "vm_z", "{}")));
     }
 
     #[test]

@@ -553,6 +553,16 @@ impl Store {
         .await?)
     }
 
+    /// Usable snapshots of an owner, newest first.
+    pub async fn owner_snapshots(&self, owner_id: &str) -> Result<Vec<Snapshot>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM snapshots WHERE owner_id = ? AND status = 'ready' ORDER BY created_at DESC, rowid DESC",
+        )
+        .bind(owner_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Snapshots a crash left half-written.
     pub async fn unfinished_snapshots(&self) -> Result<Vec<Snapshot>> {
         Ok(
