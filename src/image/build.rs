@@ -115,7 +115,7 @@ pub fn build(out: &Path) -> Result<()> {
     let rootfs = work.path().join("rootfs.ext4");
     let stage = work.path().join("rootfs");
     stage_rootfs(&stage, &busybox, &applets, &dropbear)?;
-    make_ext4(&mkfs, &stage, &rootfs)?;
+    make_ext4(&mkfs, &stage, &rootfs, ROOTFS_BYTES)?;
 
     for (src, name) in [
         (&vmlinuz, "vmlinuz"),
@@ -984,10 +984,11 @@ fn stage_rootfs(
     Ok(())
 }
 
-fn make_ext4(mkfs: &Path, stage: &Path, image: &Path) -> Result<()> {
+/// Turns the tree `stage` into a sparse ext4 image of `bytes` labelled `hatch-root`.
+pub(super) fn make_ext4(mkfs: &Path, stage: &Path, image: &Path, bytes: u64) -> Result<()> {
     // A sparse file: only the blocks mkfs writes take disk space.
     fs::File::create(image)
-        .and_then(|f| f.set_len(ROOTFS_BYTES))
+        .and_then(|f| f.set_len(bytes))
         .with_context(|| format!("creating {}", image.display()))?;
     run(
         Command::new(mkfs)

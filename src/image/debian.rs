@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use super::build::{cache_dir, find_tool, run, step};
+use super::build::{cache_dir, find_tool, make_ext4, run, step};
 use super::{INITRD_FILE, KERNEL_FILE, ROOTFS_FILE};
 
 const SUITE: &str = "bookworm";
@@ -198,7 +198,11 @@ fn cached_rootfs(cache: &Path) -> Result<PathBuf> {
     let raw = work.path().join("mkfs.ext4");
     let image = work.path().join("rootfs.ext4");
     let started = Instant::now();
-    make_ext4(&mkfs, &tree, &raw)?;
+    step(&format!(
+        "mkfs.ext4 -d ({} MiB sparse, label {ROOTFS_LABEL})",
+        ROOTFS_BYTES >> 20
+    ));
+    make_ext4(&mkfs, &tree, &raw, ROOTFS_BYTES)?;
     // mkfs zeroes the 64 MiB journal with fallocate, which leaves allocated
     // (unwritten) extents; a sparse copy drops them from the cache entry.
     copy_sparse(&raw, &image)?;
@@ -529,38 +533,6 @@ fn remove_matching(dir: &Path, matches: impl Fn(&str) -> bool) -> Result<()> {
         fs::remove_file(entry.path())
             .with_context(|| format!("removing {}", entry.path().display()))?;
     }
-    Ok(())
-}
-
-fn make_ext4(mkfs: &Path, tree: &Path, image: &Path) -> Result<()> {
-    step(&format!(
-        "mkfs.ext4 -d ({} MiB sparse, label {ROOTFS_LABEL})",
-        ROOTFS_BYTES >> 20
-    ));
-    // A sparse file: only the blocks mkfs writes take disk space.
-    fs::File::create(image)
-        .and_then(|f| f.set_len(ROOTFS_BYTES))
-        .with_context(|| format!("creating {}", image.display()))?;
-    run(
-        Command::new(mkfs)
-            .args([
-                "-F",
-                "-q",
-                "-t",
-                "ext4",
-                "-T",
-                "default",
-                "-L",
-                ROOTFS_LABEL,
-            ])
-            // Initialize inode tables now so a guest's first boot does not
-            // spend time (and overlay space) doing it in the background.
-            .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
-            .arg("-d")
-            .arg(tree)
-            .arg(image),
-        "mkfs.ext4",
-    )?;
     Ok(())
 }
 
