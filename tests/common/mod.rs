@@ -130,27 +130,7 @@ impl Daemon {
     /// server there. The daemon's resolver points at it (`ip netns exec`
     /// bind-mounts /etc/netns/NS/resolv.conf), so dnsmasq forwards to it.
     fn add_upstream(&mut self) {
-        let up = format!("{}-up", self.ns);
-        let _ = Command::new("ip").args(["netns", "del", &up]).output();
-        run_ok(Command::new("ip").args(["netns", "add", &up]));
-        self.extra_ns.push(up.clone());
-        run_ok(Command::new("ip").args(["-n", &up, "link", "set", "lo", "up"]));
-        run_ok(Command::new("ip").args([
-            "-n", &self.ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns",
-            &up,
-        ]));
-        run_ok(Command::new("ip").args([
-            "-n",
-            &self.ns,
-            "addr",
-            "add",
-            "10.88.0.1/24",
-            "dev",
-            "up0",
-        ]));
-        run_ok(Command::new("ip").args(["-n", &self.ns, "link", "set", "up0", "up"]));
-        run_ok(Command::new("ip").args(["-n", &up, "addr", "add", "10.88.0.2/24", "dev", "up1"]));
-        run_ok(Command::new("ip").args(["-n", &up, "link", "set", "up1", "up"]));
+        let up = self.add_peer_ns("up", "10.88.0");
         run_ok(Command::new("ip").args([
             "-n",
             &self.ns,
@@ -208,28 +188,36 @@ impl Daemon {
     /// A client host: a namespace joined to the daemon's host by a veth
     /// (client 10.77.0.2, daemon host 10.77.0.1). Returns its name.
     pub fn add_client(&mut self) -> String {
-        let cl = format!("{}-cl", self.ns);
-        let _ = Command::new("ip").args(["netns", "del", &cl]).output();
-        run_ok(Command::new("ip").args(["netns", "add", &cl]));
-        self.extra_ns.push(cl.clone());
-        run_ok(Command::new("ip").args(["-n", &cl, "link", "set", "lo", "up"]));
-        run_ok(Command::new("ip").args([
-            "-n", &self.ns, "link", "add", "cl0", "type", "veth", "peer", "name", "cl1", "netns",
-            &cl,
-        ]));
-        run_ok(Command::new("ip").args([
-            "-n",
+        self.add_peer_ns("cl", "10.77.0")
+    }
+
+    /// A namespace `{ns}-{tag}` joined to the daemon's host by a veth:
+    /// `{tag}0` = `{net}.1/24` on the daemon's side, `{tag}1` = `{net}.2/24` on the peer's.
+    fn add_peer_ns(&mut self, tag: &str, net: &str) -> String {
+        let peer = format!("{}-{tag}", self.ns);
+        let (host_if, peer_if) = (format!("{tag}0"), format!("{tag}1"));
+        let ip = |ns: &str, args: &[&str]| run_ok(Command::new("ip").arg("-n").arg(ns).args(args));
+        let _ = Command::new("ip").args(["netns", "del", &peer]).output();
+        run_ok(Command::new("ip").args(["netns", "add", &peer]));
+        self.extra_ns.push(peer.clone());
+        ip(&peer, &["link", "set", "lo", "up"]);
+        ip(
             &self.ns,
-            "addr",
-            "add",
-            "10.77.0.1/24",
-            "dev",
-            "cl0",
-        ]));
-        run_ok(Command::new("ip").args(["-n", &self.ns, "link", "set", "cl0", "up"]));
-        run_ok(Command::new("ip").args(["-n", &cl, "addr", "add", "10.77.0.2/24", "dev", "cl1"]));
-        run_ok(Command::new("ip").args(["-n", &cl, "link", "set", "cl1", "up"]));
-        cl
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if, "netns", &peer,
+            ],
+        );
+        ip(
+            &self.ns,
+            &["addr", "add", &format!("{net}.1/24"), "dev", &host_if],
+        );
+        ip(&self.ns, &["link", "set", &host_if, "up"]);
+        ip(
+            &peer,
+            &["addr", "add", &format!("{net}.2/24"), "dev", &peer_if],
+        );
+        ip(&peer, &["link", "set", &peer_if, "up"]);
+        peer
     }
 
     /// Runs `cmd` in namespace `ns` (the daemon's host when None).
