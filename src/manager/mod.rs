@@ -501,33 +501,14 @@ impl Manager {
             "guest_ip": vm.guest_ip,
             "guest_mac": vm.guest_mac,
         });
-        let mut snap = Snapshot {
-            id: snap_id.clone(),
-            vm_id: vm.id.clone(),
-            owner_id: vm.owner_id.clone(),
-            kind: "Standby".into(),
-            name: None,
-            tags: "{}".into(),
-            status: "capturing".into(),
-            source_hypervisor: vm.hypervisor.clone(),
-            source_instance_name: None,
-            vm_config: vm_config.to_string(),
-            state_key: snapshot::key(&vm.id, &snap_id, "vmstate"),
-            memory_key: snapshot::key(&vm.id, &snap_id, "memory"),
-            disk_key: snapshot::key(&vm.id, &snap_id, "disk"),
-            state_sha256: None,
-            state_size: None,
-            memory_sha256: None,
-            memory_size: None,
-            disk_sha256: None,
-            disk_size: None,
-            size_bytes: 0,
-            compression: None,
-            compression_state: "none".into(),
-            compressed_size_bytes: None,
-            compression_error: None,
-            created_at: store::now(),
-        };
+        let mut snap = snapshot::capturing_record(
+            &snap_id,
+            &vm.id,
+            &vm.owner_id,
+            "Standby",
+            &vm.hypervisor,
+            vm_config.to_string(),
+        );
         self.store.insert_snapshot(&snap).await?;
         let spec = self.spec_for(&vm);
         let capture = self.work_dir(&vm.id).join(format!("capture-{snap_id}"));

@@ -290,31 +290,9 @@ mod tests {
             .contains("unknown query parameter"));
         assert!(p(&[("tags[]", "x")]).is_err());
         let snap = |kind: &str, vm: &str, tags: &str| crate::store::Snapshot {
-            id: "snap_x".into(),
-            vm_id: vm.into(),
-            owner_id: "o".into(),
-            kind: kind.into(),
             name: Some("pre-upgrade".into()),
             tags: tags.into(),
-            status: "ready".into(),
-            source_hypervisor: "qemu".into(),
-            source_instance_name: None,
-            vm_config: "{}".into(),
-            state_key: String::new(),
-            memory_key: String::new(),
-            disk_key: String::new(),
-            state_sha256: None,
-            state_size: None,
-            memory_sha256: None,
-            memory_size: None,
-            disk_sha256: None,
-            disk_size: None,
-            size_bytes: 0,
-            compression: None,
-            compression_state: "none".into(),
-            compressed_size_bytes: None,
-            compression_error: None,
-            created_at: String::new(),
+            ..crate::snapshot::capturing_record("snap_x", vm, "o", kind, "qemu", "{}".into())
         };
         assert!(f.matches(&snap("Standby", "vm_a", r#"{"team":"backend","env":"x"}"#)));
         assert!(!f.matches(&snap("Stopped", "vm_a", r#"{"team":"backend"}"#)));

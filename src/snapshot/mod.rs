@@ -48,6 +48,45 @@ pub fn prefix_of_vm(vm_id: &str) -> String {
     format!("snapshots/{vm_id}/")
 }
 
+/// The record of a snapshot being captured: keys laid out as seed 000 says,
+/// nothing stored yet, not usable until marked ready.
+pub fn capturing_record(
+    id: &str,
+    vm_id: &str,
+    owner_id: &str,
+    kind: &str,
+    hypervisor: &str,
+    vm_config: String,
+) -> crate::store::Snapshot {
+    crate::store::Snapshot {
+        id: id.to_string(),
+        vm_id: vm_id.to_string(),
+        owner_id: owner_id.to_string(),
+        kind: kind.to_string(),
+        name: None,
+        tags: "{}".into(),
+        status: "capturing".into(),
+        source_hypervisor: hypervisor.to_string(),
+        source_instance_name: None,
+        vm_config,
+        state_key: key(vm_id, id, "vmstate"),
+        memory_key: key(vm_id, id, "memory"),
+        disk_key: key(vm_id, id, "disk"),
+        state_sha256: None,
+        state_size: None,
+        memory_sha256: None,
+        memory_size: None,
+        disk_sha256: None,
+        disk_size: None,
+        size_bytes: 0,
+        compression: None,
+        compression_state: "none".into(),
+        compressed_size_bytes: None,
+        compression_error: None,
+        created_at: crate::store::now(),
+    }
+}
+
 #[derive(Clone)]
 pub struct Objects {
     store: Arc<dyn ObjectStore>,
