@@ -5,15 +5,6 @@ mod common;
 use common::*;
 use serde_json::json;
 
-fn ids(r: &Response) -> Vec<String> {
-    r.body
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn auth_headers_owners_and_revocation() {
     let d = Daemon::start();
@@ -87,12 +78,15 @@ fn auth_headers_owners_and_revocation() {
         "bob's attempts changed nothing"
     );
     // The default image is shared by every owner.
-    assert!(ids(&d.as_key(&bob, "GET", "/images", None)).contains(&"img_default".to_string()));
+    assert!(d
+        .as_key(&bob, "GET", "/images", None)
+        .ids()
+        .contains(&"img_default".to_string()));
 
     // A second key for alice (--owner) sees her VM; a new --name that exists is refused.
     let alice2 = d.create_key(&["--owner", "alice"]);
     assert_eq!(
-        ids(&d.as_key(&alice2, "GET", "/vms", None)),
+        d.as_key(&alice2, "GET", "/vms", None).ids(),
         vec![id.to_string()]
     );
     let dup = d
@@ -293,7 +287,7 @@ fn invalid_requests_are_refused_and_change_nothing() {
         assert_eq!(r.status, 400, "{body}: {}", r.text);
         assert!(r.error().contains(needle), "{body}: {}", r.text);
     }
-    assert_eq!(ids(&d.req("GET", "/images", None)), vec!["img_default"]);
+    assert_eq!(d.req("GET", "/images", None).ids(), vec!["img_default"]);
 
     // Unknown ids are 404 with a JSON error; unknown paths too; wrong methods 405.
     for (m, p) in [
@@ -352,7 +346,7 @@ fn images_and_templates_feed_vm_creation() {
         "busybox"
     );
     assert_eq!(
-        ids(&d.req("GET", "/images", None)),
+        d.req("GET", "/images", None).ids(),
         vec![img_id.clone(), "img_default".into()]
     );
 
@@ -370,7 +364,7 @@ fn images_and_templates_feed_vm_creation() {
             .status,
         409
     );
-    assert_eq!(ids(&d.req("GET", "/templates", None)), vec![tpl_id.clone()]);
+    assert_eq!(d.req("GET", "/templates", None).ids(), vec![tpl_id.clone()]);
     assert_eq!(
         d.req("GET", &format!("/templates/{tpl_id}"), None).body["vcpu_count"],
         2

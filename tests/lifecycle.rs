@@ -49,14 +49,7 @@ fn create_logs_stop_start_delete() {
 
     let list = d.req("GET", "/vms", None);
     assert_eq!(list.status, 200);
-    let ids: Vec<&str> = list
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, vec![id.as_str()]);
+    assert_eq!(list.ids(), vec![id.clone()]);
 
     // Follow the console while stopping: the stream shows the shutdown and
     // then ends by itself when the VMM exits.

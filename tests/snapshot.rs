@@ -149,14 +149,11 @@ fn snapshot_and_restore_continue_the_guest() {
     let second = r.body["id"].as_str().unwrap().to_string();
     let list = d.req("GET", &format!("/vms/{id}/snapshots"), None);
     assert_eq!(list.status, 200);
-    let ids: Vec<&str> = list
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, vec![second.as_str(), snap_id.as_str()], "newest first");
+    assert_eq!(
+        list.ids(),
+        vec![second.clone(), snap_id.clone()],
+        "newest first"
+    );
 
     // Deleting the VM deletes its snapshots from storage.
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);

@@ -41,6 +41,18 @@ pub struct Response {
 }
 
 impl Response {
+    /// The `id`s of a JSON array body, in order.
+    pub fn ids(&self) -> Vec<String> {
+        let items = self
+            .body
+            .as_array()
+            .unwrap_or_else(|| panic!("expected a JSON array: {}", self.text));
+        items
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     pub fn error(&self) -> &str {
         self.body
             .get("error")
