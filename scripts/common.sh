@@ -33,3 +33,22 @@ require_cargo() {
         exit 1
     }
 }
+
+# The S3-compatible server the snapshot store tests run against; newer releases need a newer
+# rustc than Debian-era toolchains have.
+S3S_FS_VERSION=0.14.1
+
+# Finds s3s-fs on PATH or in cargo's bin directory, installing it from crates.io if it is in
+# neither, and exports its path as HATCH_TEST_S3S_FS for the tests.
+require_s3s_fs() {
+    local bin root="${CARGO_HOME:-$HOME/.cargo}"
+    bin=$(command -v s3s-fs || true)
+    if [ -z "$bin" ]; then
+        bin="$root/bin/s3s-fs"
+        if [ ! -x "$bin" ]; then
+            echo "hatch: installing s3s-fs $S3S_FS_VERSION for the snapshot store tests (a few minutes)" >&2
+            cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked --root "$root"
+        fi
+    fi
+    export HATCH_TEST_S3S_FS="$bin"
+}

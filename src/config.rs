@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::net::ipam::{self, BridgeNet};
 use crate::net::NetConfig;
+use crate::snapshot::CompressionConfig;
 
 /// Which accelerator QEMU is asked to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,69 @@ pub struct Config {
     /// How long a graceful (ACPI) shutdown may take before the VMM is killed.
     pub stop_timeout: Duration,
     pub net: NetConfig,
+    /// Where snapshots are stored: an S3 bucket when set, else `data_dir/objects`.
+    pub s3: Option<S3Config>,
+    /// The compression a snapshot gets when its request does not say (seed 003's server default).
+    pub snapshot_compression: CompressionConfig,
+}
+
+/// An S3-compatible bucket for snapshot objects (AWS, or MinIO, s3s-fs, ... at `endpoint`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// `http(s)://host[:port]`; AWS itself when `None`.
+    pub endpoint: Option<String>,
+    pub access_key: String,
+    pub secret_key: String,
+    pub region: String,
+}
+
+// By hand so that logging a `Config` never prints the secret key.
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"<redacted>")
+            .field("region", &self.region)
+            .finish()
+    }
+}
+
+impl S3Config {
+    /// S3 is on when `HATCH_S3_BUCKET` is set; the keys are then required.
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<Option<S3Config>, String> {
+        let Some(bucket) = get("HATCH_S3_BUCKET") else {
+            return Ok(None);
+        };
+        if bucket.contains('/') {
+            return Err(format!(
+                "HATCH_S3_BUCKET must be a bucket name, not a path: {bucket:?}"
+            ));
+        }
+        let required = |name: &str| {
+            get(name).ok_or_else(|| format!("{name} must be set when HATCH_S3_BUCKET is set"))
+        };
+        let endpoint = match get("HATCH_S3_ENDPOINT") {
+            Some(e) if e.starts_with("http://") || e.starts_with("https://") => {
+                Some(e.trim_end_matches('/').to_string())
+            }
+            Some(e) => {
+                return Err(format!(
+                    "HATCH_S3_ENDPOINT must be an http:// or https:// URL, not {e:?}"
+                ))
+            }
+            None => None,
+        };
+        Ok(Some(S3Config {
+            bucket,
+            endpoint,
+            access_key: required("HATCH_S3_ACCESS_KEY")?,
+            secret_key: required("HATCH_S3_SECRET_KEY")?,
+            region: get("HATCH_S3_REGION").unwrap_or_else(|| "us-east-1".into()),
+        }))
+    }
 }
 
 impl Config {
@@ -59,6 +123,12 @@ impl Config {
         let stop_timeout = match get("HATCH_STOP_TIMEOUT") {
             Some(v) => parse_duration(&v).map_err(|e| format!("HATCH_STOP_TIMEOUT: {e}"))?,
             None => Duration::from_secs(30),
+        };
+        let s3 = S3Config::from_lookup(&get)?;
+        let snapshot_compression = match get("HATCH_SNAPSHOT_COMPRESSION") {
+            Some(v) => CompressionConfig::parse_setting(&v)
+                .map_err(|e| format!("HATCH_SNAPSHOT_COMPRESSION: {e}"))?,
+            None => CompressionConfig::default(),
         };
         Ok(Config {
             http_addr,
@@ -95,6 +165,8 @@ impl Config {
                 )
                 .map_err(|e| format!("HATCH_SSH_ALLOWED_CIDRS: {e}"))?,
             },
+            s3,
+            snapshot_compression,
         })
     }
 
@@ -178,6 +250,89 @@ mod tests {
         assert!(cfg(&[("HATCH_STOP_TIMEOUT", "3x")])
             .unwrap_err()
             .contains("HATCH_STOP_TIMEOUT"));
+    }
+
+    #[test]
+    fn s3_is_off_unless_a_bucket_is_named() {
+        assert_eq!(cfg(&[]).unwrap().s3, None);
+        // Keys alone do not turn it on.
+        let c = cfg(&[("HATCH_S3_ACCESS_KEY", "a"), ("HATCH_S3_SECRET_KEY", "s")]).unwrap();
+        assert_eq!(c.s3, None);
+    }
+
+    #[test]
+    fn s3_settings() {
+        let keys = [
+            ("HATCH_S3_BUCKET", "snaps"),
+            ("HATCH_S3_ACCESS_KEY", "AK"),
+            ("HATCH_S3_SECRET_KEY", "SK"),
+        ];
+        let s3 = cfg(&keys).unwrap().s3.unwrap();
+        assert_eq!(
+            s3,
+            S3Config {
+                bucket: "snaps".into(),
+                endpoint: None,
+                access_key: "AK".into(),
+                secret_key: "SK".into(),
+                region: "us-east-1".into(),
+            }
+        );
+        assert!(!format!("{s3:?}").contains("SK"), "{s3:?}");
+        let mut vars = keys.to_vec();
+        vars.push(("HATCH_S3_ENDPOINT", "http://127.0.0.1:9000/"));
+        vars.push(("HATCH_S3_REGION", "eu-west-3"));
+        let s3 = cfg(&vars).unwrap().s3.unwrap();
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region, "eu-west-3");
+    }
+
+    #[test]
+    fn s3_errors_name_the_variable() {
+        let only_bucket = cfg(&[("HATCH_S3_BUCKET", "b")]).unwrap_err();
+        assert!(only_bucket.contains("HATCH_S3_ACCESS_KEY"), "{only_bucket}");
+        let no_secret = cfg(&[("HATCH_S3_BUCKET", "b"), ("HATCH_S3_ACCESS_KEY", "a")]).unwrap_err();
+        assert!(no_secret.contains("HATCH_S3_SECRET_KEY"), "{no_secret}");
+        let no_access = cfg(&[("HATCH_S3_BUCKET", "b"), ("HATCH_S3_SECRET_KEY", "s")]).unwrap_err();
+        assert!(no_access.contains("HATCH_S3_ACCESS_KEY"), "{no_access}");
+        let keys = [
+            ("HATCH_S3_BUCKET", "b"),
+            ("HATCH_S3_ACCESS_KEY", "a"),
+            ("HATCH_S3_SECRET_KEY", "s"),
+        ];
+        let mut vars = keys.to_vec();
+        vars.push(("HATCH_S3_ENDPOINT", "127.0.0.1:9000"));
+        assert!(cfg(&vars).unwrap_err().contains("HATCH_S3_ENDPOINT"));
+        let mut vars = keys.to_vec();
+        vars[0] = ("HATCH_S3_BUCKET", "b/prefix");
+        assert!(cfg(&vars).unwrap_err().contains("HATCH_S3_BUCKET"));
+    }
+
+    #[test]
+    fn snapshot_compression_default() {
+        use crate::snapshot::Algorithm;
+        assert_eq!(
+            cfg(&[]).unwrap().snapshot_compression,
+            CompressionConfig::default()
+        );
+        let c = cfg(&[("HATCH_SNAPSHOT_COMPRESSION", "lz4:3")]).unwrap();
+        assert_eq!(
+            c.snapshot_compression,
+            CompressionConfig {
+                enabled: true,
+                algorithm: Some(Algorithm::Lz4),
+                level: Some(3),
+            }
+        );
+        let c = cfg(&[("HATCH_SNAPSHOT_COMPRESSION", "zstd")]).unwrap();
+        assert_eq!(
+            c.snapshot_compression.effective(),
+            Some((Algorithm::Zstd, 1))
+        );
+        for bad in ["zstd:0", "lz4:12", "brotli", "zstd:x"] {
+            let e = cfg(&[("HATCH_SNAPSHOT_COMPRESSION", bad)]).unwrap_err();
+            assert!(e.starts_with("HATCH_SNAPSHOT_COMPRESSION: "), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -202,8 +202,8 @@ async fn serve() -> anyhow::Result<()> {
     tracing::info!(requested = ?cfg.qemu_accel, chosen = accel.as_str(), "QEMU accelerator");
     let vmm = Arc::new(Qemu::new(cfg.qemu_binary.clone(), accel));
     let addr = cfg.http_addr;
-    let objects =
-        hatch::snapshot::Objects::local(&cfg.data_dir.join("objects")).context("snapshot store")?;
+    let objects = hatch::snapshot::Objects::from_config(&cfg).context("snapshot store")?;
+    tracing::info!(store = %objects.describe(), "snapshot store");
     let manager = Manager::new(store, objects, vmm, cfg);
     manager.recover().await?;
     manager.init_network().await;

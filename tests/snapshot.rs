@@ -1,48 +1,38 @@
 //! Snapshots through the Hatch API (seed 000) with real guests: memory, CPU
 //! and disk are captured and stored; restore continues the guest where it
 //! was, with its address and SSH port; corrupt or missing objects are caught
-//! and nothing is lost; deleting the VM deletes its stored objects.
+//! and nothing is lost; deleting the VM deletes its stored objects. Each
+//! scenario runs against the local store and against a real S3-compatible
+//! server (s3s-fs), looking at the objects through the store itself.
 
 mod common;
 use common::*;
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::time::Duration;
 
-/// A guest that counts in memory (a shell loop, nothing on disk) and prints each tick.
-fn counting_guest(d: &Daemon, public: &str) -> Value {
-    let script = format!(
-        "#!/bin/sh\nmkdir -p /root/.ssh && echo '{public}' >> /root/.ssh/authorized_keys\n\
-         (i=0; while true; do i=$((i+1)); echo \"tick $i\" > /dev/console; sleep 1; done) &\n"
-    );
-    d.create_vm(&json!({ "user_data": script }).to_string())
-}
-
-fn last_tick(log: &str) -> u64 {
-    log.lines()
-        .filter_map(|l| l.split("tick ").nth(1))
-        .filter_map(|n| n.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-fn objects_of(d: &Daemon, vm_id: &str) -> Vec<PathBuf> {
-    let dir = d.data_dir.join("objects/snapshots").join(vm_id);
-    let mut out = vec![];
-    if let Ok(snaps) = std::fs::read_dir(&dir) {
-        for s in snaps.flatten() {
-            for f in std::fs::read_dir(s.path()).unwrap().flatten() {
-                out.push(f.path());
-            }
+/// One `#[test]` per storage backend for a scenario taking a `Storage`.
+macro_rules! on_both_stores {
+    ($scenario:ident: $local:ident, $s3:ident) => {
+        #[test]
+        fn $local() {
+            $scenario(Storage::Local)
         }
-    }
-    out.sort();
-    out
+        #[test]
+        fn $s3() {
+            $scenario(Storage::S3)
+        }
+    };
 }
 
-#[test]
-fn snapshot_and_restore_continue_the_guest() {
-    let d = Daemon::start();
+/// The VM's stored objects (key, size), as the store lists them.
+fn objects_of(d: &Daemon, vm_id: &str) -> Vec<(String, u64)> {
+    d.stored_objects(&format!("snapshots/{vm_id}/"))
+}
+
+on_both_stores!(snapshot_and_restore: snapshot_and_restore_continue_the_guest, snapshot_and_restore_continue_the_guest_s3);
+
+fn snapshot_and_restore(storage: Storage) {
+    let d = Daemon::start_storage(storage, false);
     let (key, public) = keypair(&d.data_dir);
     let vm = counting_guest(&d, &public);
     let id = vm["id"].as_str().unwrap().to_string();
@@ -80,10 +70,7 @@ fn snapshot_and_restore_continue_the_guest() {
     let config: Value = serde_json::from_str(snap["vm_config"].as_str().unwrap()).unwrap();
     assert_eq!(config["vcpu_count"], 1);
     assert_eq!(config["mem_mib"], 512);
-    let stored: u64 = objects_of(&d, &id)
-        .iter()
-        .map(|p| std::fs::metadata(p).unwrap().len())
-        .sum();
+    let stored: u64 = objects_of(&d, &id).iter().map(|(_, size)| size).sum();
     assert_eq!(
         snap["size_bytes"].as_u64().unwrap(),
         stored,
@@ -158,39 +145,31 @@ fn snapshot_and_restore_continue_the_guest() {
     // Deleting the VM deletes its snapshots from storage.
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
     assert!(objects_of(&d, &id).is_empty(), "{:?}", objects_of(&d, &id));
-    assert!(
-        !d.data_dir.join("objects/snapshots").join(&id).exists() || objects_of(&d, &id).is_empty()
-    );
     assert_eq!(
         d.req("GET", &format!("/vms/{id}/snapshots"), None).status,
         404
     );
 }
 
-#[test]
-fn corrupt_or_missing_objects_fail_the_restore_and_lose_nothing() {
-    let mut d = Daemon::start();
+on_both_stores!(corrupt_or_missing: corrupt_or_missing_objects_fail_the_restore_and_lose_nothing, corrupt_or_missing_objects_fail_the_restore_and_lose_nothing_s3);
+
+fn corrupt_or_missing(storage: Storage) {
+    let mut d = Daemon::start_storage(storage, false);
     let (_key, public) = keypair(&d.data_dir);
     let vm = counting_guest(&d, &public);
     let id = vm["id"].as_str().unwrap().to_string();
     wait_until("ticks", BOOT_TIMEOUT, || last_tick(&d.logs(&id)) >= 2);
     let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
     assert_eq!(r.status, 201, "{}", r.text);
-    let memory = d
-        .data_dir
-        .join("objects")
-        .join(r.body["memory_key"].as_str().unwrap());
-    let disk = d
-        .data_dir
-        .join("objects")
-        .join(r.body["disk_key"].as_str().unwrap());
-    let good = std::fs::read(&memory).unwrap();
+    let memory = r.body["memory_key"].as_str().unwrap().to_string();
+    let disk = r.body["disk_key"].as_str().unwrap().to_string();
+    let good = d.read_object(&memory);
 
     // One flipped byte in the memory image.
     let mut bad = good.clone();
     let at = bad.len() / 2;
     bad[at] ^= 0x5a;
-    std::fs::write(&memory, &bad).unwrap();
+    d.write_object(&memory, &bad);
     let r = d.req("POST", &format!("/vms/{id}/restore"), None);
     assert_eq!(r.status, 500, "{}", r.text);
     assert!(
@@ -210,16 +189,16 @@ fn corrupt_or_missing_objects_fail_the_restore_and_lose_nothing() {
     );
 
     // A missing disk object.
-    std::fs::write(&memory, &good).unwrap();
-    let disk_bytes = std::fs::read(&disk).unwrap();
-    std::fs::remove_file(&disk).unwrap();
+    d.write_object(&memory, &good);
+    let disk_bytes = d.read_object(&disk);
+    d.remove_object(&disk);
     let r = d.req("POST", &format!("/vms/{id}/restore"), None);
     assert_eq!(r.status, 500, "{}", r.text);
     assert!(r.error().contains("missing"), "{}", r.text);
     assert_eq!(d.vm(&id)["state"], "snapshotted");
 
     // Repaired, and across a daemon restart: the snapshot restores.
-    std::fs::write(&disk, &disk_bytes).unwrap();
+    d.write_object(&disk, &disk_bytes);
     d.kill9();
     d.restart();
     assert_eq!(
@@ -359,7 +338,7 @@ fn hypeman_list_get_and_delete_snapshots() {
     assert_eq!(d.req("GET", &format!("/snapshots/{a}"), None).status, 404);
     let left = objects_of(&d, &id);
     assert!(
-        left.iter().all(|p| p.to_string_lossy().contains(&b)),
+        left.iter().all(|(k, _)| k.contains(&b)),
         "objects of {a} removed: {left:?}"
     );
     assert_eq!(left.len(), 3);

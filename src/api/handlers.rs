@@ -3,7 +3,9 @@
 use super::views::{HatchSnapshotView, ImageView, SnapshotView, TemplateView, VmView};
 use super::{ApiError, AppState};
 use crate::manager::requests::SnapshotFilter;
-use crate::manager::requests::{CreateImage, CreateTemplate, CreateVm};
+use crate::manager::requests::{
+    CreateImage, CreateSnapshot, CreateTemplate, CreateVm, FromSnapshot,
+};
 use crate::store::Owner;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Path, RawQuery, Request, State};
@@ -232,6 +234,40 @@ pub async fn list_snapshots(
     let filter = SnapshotFilter::parse(&pairs).map_err(ApiError::BadRequest)?;
     let snaps = s.manager.list_snapshots(&o, &filter).await?;
     Ok(Json(snaps.into_iter().map(SnapshotView::from).collect()))
+}
+
+pub async fn create_instance_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<CreateSnapshot>,
+) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
+    let snap = s.manager.create_snapshot(&o, &id, req).await?;
+    Ok((StatusCode::CREATED, Json(snap.into())))
+}
+
+pub async fn restore_instance_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path((id, snap_id)): Path<(String, String)>,
+    JsonBody(req): JsonBody<FromSnapshot>,
+) -> ApiResult<Json<VmView>> {
+    Ok(Json(
+        s.manager
+            .restore_snapshot(&o, &id, &snap_id, req)
+            .await?
+            .into(),
+    ))
+}
+
+pub async fn fork_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<FromSnapshot>,
+) -> ApiResult<(StatusCode, Json<VmView>)> {
+    let vm = s.manager.fork_snapshot(&o, &id, req).await?;
+    Ok((StatusCode::CREATED, Json(vm.into())))
 }
 
 pub async fn get_snapshot(

@@ -31,7 +31,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{id}/snapshot", post(handlers::snapshot_vm))
         .route("/vms/{id}/restore", post(handlers::restore_vm))
         .route("/vms/{id}/snapshots", get(handlers::list_vm_snapshots))
+        .route(
+            "/instances/{id}/snapshots",
+            post(handlers::create_instance_snapshot),
+        )
+        .route(
+            "/instances/{id}/snapshots/{snapshot_id}/restore",
+            post(handlers::restore_instance_snapshot),
+        )
         .route("/snapshots", get(handlers::list_snapshots))
+        .route("/snapshots/{id}/fork", post(handlers::fork_snapshot))
         .route(
             "/snapshots/{id}",
             get(handlers::get_snapshot).delete(handlers::delete_snapshot),

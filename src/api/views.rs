@@ -6,6 +6,8 @@ use serde::Serialize;
 #[derive(Serialize)]
 pub struct VmView {
     pub id: String,
+    /// Hypeman's instance name (null when none was given).
+    pub name: Option<String>,
     pub image_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub template_id: Option<String>,
@@ -21,6 +23,9 @@ pub struct VmView {
     pub hypervisor: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The VM's own default for snapshot compression, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_compression: Option<serde_json::Value>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -29,6 +34,10 @@ impl From<Vm> for VmView {
     fn from(v: Vm) -> Self {
         VmView {
             id: v.id,
+            name: v.name,
+            snapshot_compression: v
+                .snapshot_compression
+                .and_then(|c| serde_json::from_str(&c).ok()),
             image_id: v.image_id,
             template_id: v.template_id,
             state: v.state,
@@ -132,8 +141,8 @@ impl From<Snapshot> for HatchSnapshotView {
     }
 }
 
-/// A snapshot as the Hypeman API shows it (seed 002). Until instances have
-/// names, `source_instance_name` is the instance id.
+/// A snapshot as the Hypeman API shows it (seed 002). An instance created
+/// without a name is named by its id in `source_instance_name`.
 #[derive(Serialize)]
 pub struct SnapshotView {
     pub id: String,

@@ -5,6 +5,7 @@
 //! so a crash at any point leaves a state that start-up recovery understands.
 
 pub mod requests;
+mod snapshots;
 pub mod state;
 
 use crate::config::Config;
@@ -13,8 +14,8 @@ use crate::image::{self, seed, ImageSource};
 use crate::net::dhcp::Reservation;
 use crate::net::firewall::Forward;
 use crate::net::{ipam, Network};
-use crate::snapshot::{self, Objects};
-use crate::store::{self, Image, Owner, Snapshot, Store, StoreError, Template, Vm};
+use crate::snapshot::Objects;
+use crate::store::{self, Image, Owner, Store, StoreError, Template, Vm};
 use crate::vmm::{self, process, VmSpec, Vmm};
 use requests::{CreateImage, CreateTemplate, CreateVm};
 use state::VmState;
@@ -70,6 +71,9 @@ pub struct Manager {
     network_error: Mutex<Option<String>>,
     /// Serializes choosing and recording network allocations.
     alloc_lock: tokio::sync::Mutex<()>,
+    /// Per snapshot: restores and forks read its objects (shared), compression
+    /// and deletion replace or remove them (exclusive).
+    snap_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -94,6 +98,7 @@ impl Manager {
             network: OnceLock::new(),
             network_error: Mutex::new(Some("networking has not been set up yet".into())),
             alloc_lock: tokio::sync::Mutex::new(()),
+            snap_locks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -121,14 +126,18 @@ impl Manager {
         let image_dir = PathBuf::from(&vm.image_dir);
         let work_dir = self.work_dir(&vm.id);
         let seed = work_dir.join("seed.iso");
+        // A guest resumed from another VM's memory keeps that VM's MAC, behind
+        // its own network namespace (see `isolation`).
+        let mac = vm.inner_mac.as_ref().or(vm.guest_mac.as_ref());
         VmSpec {
-            nic: match (&vm.tap_name, &vm.guest_mac) {
+            nic: match (&vm.tap_name, mac) {
                 (Some(tap), Some(mac)) => Some(vmm::Nic {
                     tap: tap.clone(),
                     mac: mac.clone(),
                 }),
                 _ => None,
             },
+            netns: self.isolation(vm).map(|i| i.netns),
             seed: seed.exists().then_some(seed),
             vm_id: vm.id.clone(),
             disk: work_dir.join("disk.qcow2"),
@@ -139,6 +148,18 @@ impl Manager {
             vcpu_count: vm.vcpu_count as u32,
             mem_mib: vm.mem_mib as u32,
         }
+    }
+
+    /// The network namespace a VM runs in when its guest believes it has an
+    /// address that is not its own (a fork of another VM's memory).
+    fn isolation(&self, vm: &Vm) -> Option<crate::net::isolate::Isolation> {
+        let tap = vm.tap_name.as_ref()?;
+        let outer = vm.guest_ip.as_ref()?.parse().ok()?;
+        let inner = vm.inner_ip.as_ref()?.parse().ok()?;
+        let outer_mac = vm.guest_mac.clone()?;
+        Some(crate::net::isolate::isolation_for(
+            &vm.id, tap, outer, inner, &outer_mac,
+        ))
     }
 
     /// Persists a checked transition.
@@ -164,13 +185,18 @@ impl Manager {
 
     /// Start-up recovery: no VMM from before survives unaccounted for, and VMs
     /// left in a transient state are marked `error` (seed 001).
-    pub async fn recover(&self) -> Result<()> {
+    pub async fn recover(self: &Arc<Self>) -> Result<()> {
         let vms_dir = self.config.vms_dir();
         let killed = tokio::task::spawn_blocking(move || process::kill_all_under(&vms_dir))
             .await
             .map_err(|e| ManagerError::Internal(e.to_string()))?;
         if killed > 0 {
             tracing::warn!(killed, "killed VMM processes left from a previous daemon");
+        }
+        match self.objects.remove_unfinished_uploads().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(files = n, "removed uploads a crash left unfinished"),
+            Err(e) => tracing::error!("removing unfinished uploads: {e}"),
         }
         // A snapshot a crash interrupted was never usable: remove it whole.
         for s in self.store.unfinished_snapshots().await? {
@@ -182,7 +208,18 @@ impl Manager {
         }
         for vm in self.store.all_vms().await? {
             let st = state_of(&vm);
-            if st.is_transient() {
+            let standby = match &vm.standby_snapshot_id {
+                Some(s) => self.store.get_snapshot(s).await?.is_some(),
+                None => false,
+            };
+            if st.is_transient() && standby {
+                // Its memory and disk were stored before the VMM went (a snapshot
+                // or restore was cut short): it stands by on that snapshot.
+                self.store
+                    .set_vm_state(&vm.id, VmState::Snapshotted.as_str(), None)
+                    .await?;
+                tracing::warn!(vm = %vm.id, was = %st, "back to snapshotted after restart");
+            } else if st.is_transient() {
                 let msg = format!(
                     "the hatch daemon restarted while this VM was {st}; its VMM process is gone"
                 );
@@ -192,7 +229,7 @@ impl Manager {
                 tracing::warn!(vm = %vm.id, was = %st, "marked error after restart");
             }
         }
-        Ok(())
+        self.recover_compression().await
     }
 
     /// Seeds (or refreshes) `img_default` from HATCH_DEFAULT_* and removes
@@ -310,6 +347,13 @@ impl Manager {
             let removed = net.remove_stale_taps(&HashSet::new()).await?;
             if removed > 0 {
                 tracing::warn!(removed, "removed TAP devices left from a previous daemon");
+            }
+            // Namespaces of isolated VMs survive a daemon crash; none of them runs now.
+            for vm in self.store.all_vms().await.map_err(|e| e.to_string())? {
+                let ns = crate::net::isolate::netns_name(&vm.id);
+                if let Err(e) = net.remove_isolation(&ns).await {
+                    tracing::error!(vm = %vm.id, "removing network namespace {ns}: {e}");
+                }
             }
             Ok::<_, String>(net)
         }
@@ -468,274 +512,6 @@ impl Manager {
             gateway: net.cfg.net.bridge_ip.to_string(),
             dns: net.cfg.net.bridge_ip.to_string(),
         })
-    }
-
-    // ---------------------------------------------------------------- snapshots
-
-    /// Snapshots of a VM the owner can see, newest first.
-    pub async fn list_vm_snapshots(&self, owner: &Owner, id: &str) -> Result<Vec<Snapshot>> {
-        let vm = self.visible_vm(owner, id).await?;
-        Ok(self.store.vm_snapshots(&vm.id).await?)
-    }
-
-    /// Captures memory, CPU/device state and disk of a running VM (a Standby
-    /// snapshot). The VM stays paused until every object is stored and
-    /// checksummed; only then is its VMM ended and the VM `snapshotted`. Any
-    /// failure before that resumes the guest and leaves no snapshot behind.
-    pub async fn snapshot_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Snapshot> {
-        let _guard = self.lock_vm(id).await;
-        let mut vm = self.visible_vm(owner, id).await?;
-        let st = state_of(&vm);
-        if st != VmState::Running {
-            return Err(ManagerError::Conflict(format!(
-                "vm {id} is {st}; only a running VM can be snapshotted"
-            )));
-        }
-        let snap_id = ids::new_id("snap");
-        let vm_config = serde_json::json!({
-            "vcpu_count": vm.vcpu_count,
-            "mem_mib": vm.mem_mib,
-            "image_id": vm.image_id,
-            "boot_args": vm.boot_args,
-            "enable_network": vm.enable_network,
-            "guest_ip": vm.guest_ip,
-            "guest_mac": vm.guest_mac,
-        });
-        let mut snap = snapshot::capturing_record(
-            &snap_id,
-            &vm.id,
-            &vm.owner_id,
-            "Standby",
-            &vm.hypervisor,
-            vm_config.to_string(),
-        );
-        self.store.insert_snapshot(&snap).await?;
-        let spec = self.spec_for(&vm);
-        let capture = self.work_dir(&vm.id).join(format!("capture-{snap_id}"));
-        let captured = self.capture(&spec, &capture, &mut snap).await;
-        let _ = tokio::fs::remove_dir_all(&capture).await;
-        if let Err(e) = captured {
-            // Nothing is lost: the guest goes on where it was paused.
-            if let Err(r) = self.vmm.resume(&spec).await {
-                tracing::error!(vm = id, "resuming after a failed snapshot: {r}");
-            }
-            let _ = self
-                .objects
-                .delete_prefix(&format!("snapshots/{}/{snap_id}/", vm.id))
-                .await;
-            self.store.delete_snapshot(&snap_id).await?;
-            return Err(ManagerError::Internal(format!(
-                "snapshot of vm {id} failed, the VM keeps running: {e}"
-            )));
-        }
-        self.store.mark_snapshot_ready(&snap).await?;
-        snap.status = "ready".into();
-        self.end_vmm(&vm, false).await;
-        self.transition(&mut vm, VmState::Snapshotted, None).await?;
-        self.refresh_forwards().await;
-        tracing::info!(vm = id, snapshot = %snap_id, bytes = snap.size_bytes, "snapshotted");
-        Ok(snap)
-    }
-
-    /// Pauses and saves the guest into `dir`, then stores state, memory and disk.
-    async fn capture(
-        &self,
-        spec: &VmSpec,
-        dir: &Path,
-        snap: &mut Snapshot,
-    ) -> std::result::Result<(), String> {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| e.to_string())?;
-        let files = vmm::SnapshotFiles {
-            state: dir.join("vmstate"),
-            memory: dir.join("memory"),
-        };
-        self.vmm
-            .snapshot(spec, &files)
-            .await
-            .map_err(|e| e.to_string())?;
-        // The guest is paused and QEMU flushed the disk when saving completed.
-        let state = self
-            .objects
-            .put_file(&snap.state_key, &files.state)
-            .await
-            .map_err(|e| e.to_string())?;
-        let memory = self
-            .objects
-            .put_file(&snap.memory_key, &files.memory)
-            .await
-            .map_err(|e| e.to_string())?;
-        let disk = self
-            .objects
-            .put_file(&snap.disk_key, &spec.disk)
-            .await
-            .map_err(|e| e.to_string())?;
-        snap.size_bytes = (state.size + memory.size + disk.size) as i64;
-        snap.state_sha256 = Some(state.sha256);
-        snap.state_size = Some(state.size as i64);
-        snap.memory_sha256 = Some(memory.sha256);
-        snap.memory_size = Some(memory.size as i64);
-        snap.disk_sha256 = Some(disk.sha256);
-        snap.disk_size = Some(disk.size as i64);
-        Ok(())
-    }
-
-    /// Brings a snapshotted VM back from its most recent snapshot: the guest
-    /// continues where it was. A missing or corrupt object fails the restore
-    /// before anything changes: the VM stays `snapshotted`, its snapshots intact.
-    pub async fn restore_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
-        let _guard = self.lock_vm(id).await;
-        let mut vm = self.visible_vm(owner, id).await?;
-        let st = state_of(&vm);
-        if st != VmState::Snapshotted {
-            return Err(ManagerError::Conflict(format!(
-                "vm {id} is {st}; only a snapshotted VM can be restored"
-            )));
-        }
-        let snap = self
-            .store
-            .vm_snapshots(id)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no snapshot to restore")))?;
-        let work_dir = self.work_dir(id);
-        let dir = work_dir.join(format!("restore-{}", snap.id));
-        let fetched = self.fetch(&snap, &dir, &work_dir).await;
-        if let Err(e) = fetched {
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            return Err(ManagerError::Internal(format!(
-                "restoring vm {id} from {} failed, the VM stays snapshotted: {e}",
-                snap.id
-            )));
-        }
-        self.transition(&mut vm, VmState::Starting, None).await?;
-        let files = vmm::SnapshotFiles {
-            state: dir.join("vmstate"),
-            memory: dir.join("memory"),
-        };
-        let booted = self.boot_from(&vm, Some(&files)).await;
-        let _ = tokio::fs::remove_dir_all(&dir).await;
-        match booted {
-            Ok(()) => {
-                self.transition(&mut vm, VmState::Running, None).await?;
-                self.refresh_forwards().await;
-                tracing::info!(vm = id, snapshot = %snap.id, "restored");
-                Ok(vm)
-            }
-            Err(e) => {
-                self.transition(&mut vm, VmState::Snapshotted, None).await?;
-                Err(ManagerError::Internal(format!(
-                    "restoring vm {id} from {} failed, the VM stays snapshotted: {e}",
-                    snap.id
-                )))
-            }
-        }
-    }
-
-    /// Downloads and verifies every object of `snap` before touching the VM's disk.
-    async fn fetch(
-        &self,
-        snap: &Snapshot,
-        dir: &Path,
-        work_dir: &Path,
-    ) -> std::result::Result<(), String> {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| e.to_string())?;
-        let stored = |sha: &Option<String>, size: Option<i64>| snapshot::Stored {
-            sha256: sha.clone().unwrap_or_default(),
-            size: size.unwrap_or(0) as u64,
-        };
-        let e = |e: snapshot::ObjectError| e.to_string();
-        self.objects
-            .get_file(
-                &snap.state_key,
-                &dir.join("vmstate"),
-                &stored(&snap.state_sha256, snap.state_size),
-            )
-            .await
-            .map_err(e)?;
-        self.objects
-            .get_file(
-                &snap.memory_key,
-                &dir.join("memory"),
-                &stored(&snap.memory_sha256, snap.memory_size),
-            )
-            .await
-            .map_err(e)?;
-        let disk = dir.join("disk.qcow2");
-        self.objects
-            .get_file(
-                &snap.disk_key,
-                &disk,
-                &stored(&snap.disk_sha256, snap.disk_size),
-            )
-            .await
-            .map_err(e)?;
-        // Everything arrived intact: only now is the VM's disk replaced.
-        tokio::fs::rename(&disk, work_dir.join("disk.qcow2"))
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    /// The owner's snapshots that pass `filter` (Hypeman `GET /snapshots`).
-    pub async fn list_snapshots(
-        &self,
-        owner: &Owner,
-        filter: &requests::SnapshotFilter,
-    ) -> Result<Vec<Snapshot>> {
-        let all = self.store.owner_snapshots(&owner.id).await?;
-        Ok(all.into_iter().filter(|s| filter.matches(s)).collect())
-    }
-
-    pub async fn get_snapshot(&self, owner: &Owner, id: &str) -> Result<Snapshot> {
-        match self.store.get_snapshot(id).await? {
-            Some(s) if s.owner_id == owner.id => Ok(s),
-            _ => Err(not_found("snapshot", id)),
-        }
-    }
-
-    /// Deletes a snapshot and its objects. The most recent snapshot of a VM
-    /// that is `snapshotted` is what the VM would be restored from: deleting
-    /// it would lose the VM's memory, so it is refused.
-    pub async fn delete_snapshot(&self, owner: &Owner, id: &str) -> Result<()> {
-        let snap = self.get_snapshot(owner, id).await?;
-        let _guard = self.lock_vm(&snap.vm_id).await;
-        if let Some(vm) = self.store.get_vm(&snap.vm_id).await? {
-            let latest = self
-                .store
-                .vm_snapshots(&vm.id)
-                .await?
-                .into_iter()
-                .next()
-                .map(|s| s.id);
-            if state_of(&vm) == VmState::Snapshotted && latest.as_deref() == Some(id) {
-                return Err(ManagerError::Conflict(format!(
-                    "snapshot {id} holds the state of snapshotted instance {}; restore or delete the instance first",
-                    vm.id
-                )));
-            }
-        }
-        for key in [&snap.state_key, &snap.memory_key, &snap.disk_key] {
-            self.objects
-                .delete(key)
-                .await
-                .map_err(|e| ManagerError::Internal(format!("deleting snapshot {id}: {e}")))?;
-        }
-        self.store.delete_snapshot(id).await?;
-        Ok(())
-    }
-
-    /// Deletes every snapshot of a VM, objects first.
-    async fn delete_vm_snapshots(&self, vm_id: &str) -> Result<()> {
-        self.objects
-            .delete_prefix(&snapshot::prefix_of_vm(vm_id))
-            .await
-            .map_err(|e| ManagerError::Internal(format!("deleting snapshots of {vm_id}: {e}")))?;
-        self.store.delete_vm_snapshots(vm_id).await?;
-        Ok(())
     }
 
     // ---------------------------------------------------------------- images
@@ -972,18 +748,20 @@ impl Manager {
             last_error: None,
             created_at: now.clone(),
             updated_at: now,
+            name: req.name.clone(),
+            standby_snapshot_id: None,
+            inner_ip: None,
+            inner_mac: None,
+            snapshot_compression: match &req.snapshot_compression {
+                Some(c) => Some(
+                    serde_json::to_string(&c.normalized())
+                        .map_err(|e| ManagerError::Internal(e.to_string()))?,
+                ),
+                None => None,
+            },
         };
         let _guard = self.lock_vm(&vm.id).await;
-        {
-            let _alloc = self.alloc_lock.lock().await;
-            if vm.enable_network {
-                self.allocate_network(&mut vm, &req).await?;
-            }
-            self.store.insert_vm(&vm).await?;
-        }
-        if vm.enable_network {
-            self.refresh_reservations().await;
-        }
+        self.insert_with_network(&mut vm, &req).await?;
         let work_dir = self.work_dir(&vm.id);
         let seed_net = self.seed_net(&vm);
         let prepared = async {
@@ -1025,6 +803,22 @@ impl Manager {
         }
     }
 
+    /// Chooses the VM's network allocations (when it has networking) and
+    /// inserts its row; the row is what holds them.
+    async fn insert_with_network(&self, vm: &mut Vm, req: &CreateVm) -> Result<()> {
+        {
+            let _alloc = self.alloc_lock.lock().await;
+            if vm.enable_network {
+                self.allocate_network(vm, req).await?;
+            }
+            self.store.insert_vm(vm).await?;
+        }
+        if vm.enable_network {
+            self.refresh_reservations().await;
+        }
+        Ok(())
+    }
+
     /// Boots the VMM for `vm` and starts watching its process.
     async fn boot(self: &Arc<Self>, vm: &Vm) -> std::result::Result<(), String> {
         self.boot_from(vm, None).await
@@ -1042,10 +836,11 @@ impl Manager {
             return Err(format!("the VM's disk {} is missing", spec.disk.display()));
         }
         if let Some(nic) = &spec.nic {
-            self.network()
-                .map_err(|e| e.to_string())?
-                .add_tap(&nic.tap)
-                .await?;
+            let net = self.network().map_err(|e| e.to_string())?;
+            match self.isolation(vm) {
+                Some(iso) => net.isolate(&iso).await?,
+                None => net.add_tap(&nic.tap).await?,
+            }
         }
         let launched = match snapshot {
             None => self.vmm.boot(&spec).await,
@@ -1133,10 +928,15 @@ impl Manager {
         self.refresh_forwards().await;
     }
 
+    /// Removes the VM's TAP, or its whole namespace when it ran isolated.
     async fn remove_tap(&self, vm: &Vm) {
         if let (Some(tap), Some(net)) = (&vm.tap_name, self.network.get()) {
             if let Err(e) = net.remove_tap(tap).await {
                 tracing::error!(vm = %vm.id, "removing TAP {tap}: {e}");
+            }
+            let ns = crate::net::isolate::netns_name(&vm.id);
+            if let Err(e) = net.remove_isolation(&ns).await {
+                tracing::error!(vm = %vm.id, "removing network namespace {ns}: {e}");
             }
         }
     }
@@ -1214,23 +1014,36 @@ impl Manager {
     pub async fn start_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
         let _guard = self.lock_vm(id).await;
         let mut vm = self.visible_vm(owner, id).await?;
-        let st = state_of(&vm);
+        self.start_locked(&mut vm).await?;
+        Ok(vm)
+    }
+
+    /// Boots a stopped VM (or one in error) afresh from its disk.
+    async fn start_locked(self: &Arc<Self>, vm: &mut Vm) -> Result<()> {
+        let id = vm.id.clone();
+        let st = state_of(vm);
         if !matches!(st, VmState::Stopped | VmState::Error) {
             return Err(ManagerError::Conflict(format!(
                 "vm {id} is {st}; only a stopped VM (or one in error) can be started"
             )));
         }
-        self.transition(&mut vm, VmState::Starting, None).await?;
-        self.end_vmm(&vm, false).await;
-        match self.boot(&vm).await {
+        self.transition(vm, VmState::Starting, None).await?;
+        self.end_vmm(vm, false).await;
+        // A fresh boot asks DHCP for the VM's own address: no isolation any more.
+        if vm.inner_ip.is_some() || vm.inner_mac.is_some() {
+            self.store.set_vm_inner_address(&id, None, None).await?;
+            vm.inner_ip = None;
+            vm.inner_mac = None;
+        }
+        match self.boot(vm).await {
             Ok(()) => {
-                self.transition(&mut vm, VmState::Running, None).await?;
+                self.transition(vm, VmState::Running, None).await?;
                 self.refresh_forwards().await;
-                Ok(vm)
+                Ok(())
             }
             Err(e) => {
                 let msg = format!("failed to start vm {id}: {e}");
-                self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
+                self.transition(vm, VmState::Error, Some(&msg)).await?;
                 Err(ManagerError::Internal(msg))
             }
         }

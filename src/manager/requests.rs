@@ -1,6 +1,8 @@
 //! Typed requests with their validation: invalid input never reaches code that acts.
 
+use crate::snapshot::CompressionConfig;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 
 pub const VCPU_RANGE: (i64, i64) = (1, 32);
 pub const MEM_RANGE: (i64, i64) = (128, 65536);
@@ -10,6 +12,11 @@ const MAX_BOOT_ARGS: usize = 4096;
 const MAX_USER_DATA: usize = 256 * 1024;
 const MAX_NAME: usize = 128;
 const MAX_DESCRIPTION: usize = 4096;
+/// Instance and snapshot names (seed 003): DNS-label-like, at most 63 characters.
+const MAX_RESOURCE_NAME: usize = 63;
+const MAX_TAGS: usize = 50;
+const MAX_TAG_KEY: usize = 128;
+const MAX_TAG_VALUE: usize = 256;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +30,186 @@ pub struct CreateVm {
     pub guest_ip: Option<String>,
     pub guest_mac: Option<String>,
     pub user_data: Option<String>,
+    /// Hypeman's instance name: lowercase letters, digits and dashes, unique per owner.
+    pub name: Option<String>,
+    /// This VM's default compression for its snapshots (overrides the server's).
+    pub snapshot_compression: Option<CompressionConfig>,
+}
+
+/// Seed 003's snapshot kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// Memory, CPU/device state and disk; the instance goes to standby.
+    Standby,
+    /// Disk only; the guest is shut down first.
+    Stopped,
+}
+
+impl SnapshotKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Standby => "Standby",
+            SnapshotKind::Stopped => "Stopped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<SnapshotKind, String> {
+        match s {
+            "Standby" => Ok(SnapshotKind::Standby),
+            "Stopped" => Ok(SnapshotKind::Stopped),
+            other => Err(format!("kind must be Standby or Stopped, got {other:?}")),
+        }
+    }
+}
+
+/// `POST /instances/{id}/snapshots` (seed 003).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub kind: Option<String>,
+    pub compression: Option<CompressionConfig>,
+    pub name: Option<String>,
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+impl CreateSnapshot {
+    pub fn validate(&self) -> Result<SnapshotKind, String> {
+        let kind = match &self.kind {
+            None => return Err("kind is required: Standby or Stopped".into()),
+            Some(k) => SnapshotKind::parse(k)?,
+        };
+        if let Some(n) = &self.name {
+            check_resource_name("name", n)?;
+        }
+        if let Some(c) = &self.compression {
+            c.validate()?;
+            if kind == SnapshotKind::Stopped && c.enabled {
+                return Err(
+                    "compression applies to the memory of a Standby snapshot; a Stopped snapshot has none"
+                        .into(),
+                );
+            }
+        }
+        if let Some(t) = &self.tags {
+            check_tags(t)?;
+        }
+        Ok(kind)
+    }
+}
+
+/// What a restored or forked instance becomes (seed 002's `target_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetState {
+    Stopped,
+    Standby,
+    Running,
+}
+
+/// The body of a restore (`POST /instances/{id}/snapshots/{sid}/restore`) and
+/// of a fork (`POST /snapshots/{id}/fork`, which also names the new instance).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FromSnapshot {
+    pub name: Option<String>,
+    pub target_state: Option<String>,
+    pub target_hypervisor: Option<String>,
+}
+
+/// The hypervisors seed 002 names.
+const HYPERVISORS: [&str; 4] = ["cloud-hypervisor", "firecracker", "qemu", "vz"];
+
+impl FromSnapshot {
+    /// Resolves `target_state` and checks `target_hypervisor` for a snapshot
+    /// of `kind` on a host whose hypervisor is `available`. A Standby snapshot
+    /// holds a memory image only its own hypervisor can load, so only a
+    /// Stopped one may move to another; a Stopped one has no memory to resume.
+    pub fn target(&self, kind: SnapshotKind, available: &str) -> Result<TargetState, String> {
+        let state = match self.target_state.as_deref() {
+            None => match kind {
+                SnapshotKind::Standby => TargetState::Running,
+                SnapshotKind::Stopped => TargetState::Stopped,
+            },
+            Some("Running") => TargetState::Running,
+            Some("Standby") => TargetState::Standby,
+            Some("Stopped") => TargetState::Stopped,
+            Some(other) => {
+                return Err(format!(
+                    "target_state must be Stopped, Standby or Running, got {other:?}"
+                ))
+            }
+        };
+        if kind == SnapshotKind::Stopped && state == TargetState::Standby {
+            return Err(
+                "target_state Standby needs a Standby snapshot; a Stopped snapshot holds no memory"
+                    .into(),
+            );
+        }
+        if let Some(h) = &self.target_hypervisor {
+            if !HYPERVISORS.contains(&h.as_str()) {
+                return Err(format!(
+                    "target_hypervisor must be one of {}, got {h:?}",
+                    HYPERVISORS.join(", ")
+                ));
+            }
+            if kind == SnapshotKind::Standby {
+                return Err(
+                    "target_hypervisor can only be given for a Stopped snapshot: a Standby snapshot's memory loads only in the hypervisor that saved it"
+                        .into(),
+                );
+            }
+            if h != available {
+                return Err(format!(
+                    "target_hypervisor {h} is not available on this host (it runs {available})"
+                ));
+            }
+        }
+        Ok(state)
+    }
+}
+
+/// Instance and snapshot names: lowercase letters, digits and dashes, not
+/// starting or ending with a dash, at most 63 characters (seed 003).
+pub fn check_resource_name(field: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_RESOURCE_NAME {
+        return Err(format!(
+            "{field} must be 1 to {MAX_RESOURCE_NAME} characters, got {}",
+            name.len()
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "{field} {name:?} may contain only lowercase letters, digits and dashes"
+        ));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(format!("{field} {name:?} cannot start or end with a dash"));
+    }
+    Ok(())
+}
+
+fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
+    if tags.len() > MAX_TAGS {
+        return Err(format!(
+            "at most {MAX_TAGS} tags are allowed, got {}",
+            tags.len()
+        ));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.len() > MAX_TAG_KEY || k.chars().any(char::is_control) {
+            return Err(format!(
+                "tag key {k:?} must be 1 to {MAX_TAG_KEY} characters without control characters"
+            ));
+        }
+        if v.len() > MAX_TAG_VALUE || v.chars().any(char::is_control) {
+            return Err(format!(
+                "tag {k:?}: the value must be at most {MAX_TAG_VALUE} characters without control characters"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +338,13 @@ impl CreateVm {
         }
         if let Some(mac) = &self.guest_mac {
             crate::net::ipam::parse_mac(mac)?;
+        }
+        if let Some(n) = &self.name {
+            check_resource_name("name", n)?;
+        }
+        if let Some(c) = &self.snapshot_compression {
+            c.validate()
+                .map_err(|e| format!("snapshot_compression: {e}"))?;
         }
         if self.enable_network == Some(false) {
             for (field, value) in [("guest_ip", &self.guest_ip), ("guest_mac", &self.guest_mac)] {
@@ -360,6 +554,91 @@ mod tests {
     fn unknown_fields_are_rejected() {
         let e = serde_json::from_str::<CreateVm>(r#"{"memory_mib": 512}"#).unwrap_err();
         assert!(e.to_string().contains("memory_mib"));
+    }
+
+    #[test]
+    fn resource_names_follow_seed_003() {
+        for ok in ["a", "pre-upgrade", "web1", "0-0", &"x".repeat(63)] {
+            assert!(check_resource_name("name", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "a b",
+            "é",
+            &"x".repeat(64),
+        ] {
+            assert!(check_resource_name("name", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn snapshot_requests() {
+        let req = |j: &str| {
+            serde_json::from_str::<CreateSnapshot>(j)
+                .unwrap()
+                .validate()
+        };
+        assert_eq!(req(r#"{"kind":"Standby"}"#), Ok(SnapshotKind::Standby));
+        assert_eq!(
+            req(r#"{"kind":"Stopped","tags":{"a":"b"}}"#),
+            Ok(SnapshotKind::Stopped)
+        );
+        assert!(req("{}").unwrap_err().contains("kind is required"));
+        assert!(req(r#"{"kind":"standby"}"#)
+            .unwrap_err()
+            .contains("Standby or Stopped"));
+        assert!(req(r#"{"kind":"Standby","name":"Bad"}"#).is_err());
+        assert!(req(r#"{"kind":"Stopped","compression":{"enabled":true}}"#)
+            .unwrap_err()
+            .contains("Stopped snapshot has none"));
+        // Disabled compression is ignored whatever else it says (seed 003).
+        assert!(req(r#"{"kind":"Stopped","compression":{"enabled":false,"level":99}}"#).is_ok());
+        assert!(req(
+            r#"{"kind":"Standby","compression":{"enabled":true,"algorithm":"lz4","level":10}}"#
+        )
+        .is_err());
+        let many: BTreeMap<String, String> =
+            (0..51).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert!(check_tags(&many).unwrap_err().contains("at most 50"));
+        assert!(
+            serde_json::from_str::<CreateSnapshot>(r#"{"kind":"Standby","colour":1}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn restore_and_fork_targets() {
+        let t = |state: Option<&str>, hv: Option<&str>, kind| {
+            FromSnapshot {
+                name: None,
+                target_state: state.map(str::to_string),
+                target_hypervisor: hv.map(str::to_string),
+            }
+            .target(kind, "qemu")
+        };
+        use SnapshotKind::*;
+        assert_eq!(t(None, None, Standby), Ok(TargetState::Running));
+        assert_eq!(t(None, None, Stopped), Ok(TargetState::Stopped));
+        assert_eq!(t(Some("Standby"), None, Standby), Ok(TargetState::Standby));
+        assert_eq!(
+            t(Some("Running"), Some("qemu"), Stopped),
+            Ok(TargetState::Running)
+        );
+        assert!(t(Some("Standby"), None, Stopped).is_err());
+        assert!(t(Some("Paused"), None, Standby).is_err());
+        assert!(t(None, Some("qemu"), Standby)
+            .unwrap_err()
+            .contains("only be given for a Stopped snapshot"));
+        assert!(t(None, Some("firecracker"), Stopped)
+            .unwrap_err()
+            .contains("not available"));
+        assert!(t(None, Some("xen"), Stopped)
+            .unwrap_err()
+            .contains("one of"));
     }
 
     #[test]

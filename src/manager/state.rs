@@ -52,6 +52,12 @@ impl VmState {
                 | (Snapshotted, Starting)
                 | (Starting, Snapshotted)
                 | (Snapshotted, Error)
+                // A restore or fork that only puts a disk (or a standby) in place.
+                | (Starting, Stopped)
+                | (Stopped, Snapshotted)
+                | (Error, Snapshotted)
+                | (Snapshotted, Stopped)
+                | (Error, Stopped)
         ) || (to == Error && self.is_transient())
     }
 }

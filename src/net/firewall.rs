@@ -28,16 +28,16 @@ pub struct Desired {
     pub forwards: Vec<Forward>,
 }
 
-fn prefix(cidr: &str) -> Value {
+pub(super) fn prefix(cidr: &str) -> Value {
     let (addr, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
     json!({ "prefix": { "addr": addr, "len": len.parse::<u32>().unwrap_or(32) } })
 }
 
-fn matches(left: Value, op: &str, right: Value) -> Value {
+pub(super) fn matches(left: Value, op: &str, right: Value) -> Value {
     json!({ "match": { "op": op, "left": left, "right": right } })
 }
 
-fn ip_field(field: &str) -> Value {
+pub(super) fn ip_field(field: &str) -> Value {
     json!({ "payload": { "protocol": "ip", "field": field } })
 }
 
@@ -117,7 +117,7 @@ pub fn ruleset(d: &Desired) -> Value {
     json!({ "nftables": cmds })
 }
 
-fn apply(doc: &Value) -> Result<(), String> {
+pub(super) fn apply(doc: &Value) -> Result<(), String> {
     let typed: Nftables =
         serde_json::from_value(doc.clone()).map_err(|e| format!("nftables document: {e}"))?;
     nftables::helper::apply_ruleset(&typed).map_err(|e| format!("nft: {e}"))

@@ -89,7 +89,8 @@ impl Netlink {
         Ok(index)
     }
 
-    async fn set_up(&self, name: &str, controller: Option<u32>) -> Result<(), String> {
+    /// Brings `name` up, enslaved to the bridge `controller` when given.
+    pub async fn set_up(&self, name: &str, controller: Option<u32>) -> Result<(), String> {
         let mut msg = LinkUnspec::new_with_name(name).up();
         if let Some(c) = controller {
             msg = msg.controller(c);
@@ -165,7 +166,11 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-fn make_persistent_tap(name: &str) -> Result<(), String> {
+/// Opens the TAP `name` in the calling thread's network namespace, creating
+/// it when it does not exist (as root), and returns the queue's file: frames
+/// written to it are what the "guest" sends, frames read are what it receives.
+/// This is what QEMU does with `-netdev tap,ifname=...`.
+pub fn open_tap(name: &str) -> Result<std::fs::File, String> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(format!("bad TAP name {name:?}"));
     }
@@ -189,6 +194,13 @@ fn make_persistent_tap(name: &str) -> Result<(), String> {
             std::io::Error::last_os_error(),
         ));
     }
+    Ok(tun)
+}
+
+/// Creates a TAP that outlives the file that made it, in the calling
+/// thread's network namespace, so QEMU can open it later by name.
+pub fn make_persistent_tap(name: &str) -> Result<(), String> {
+    let tun = open_tap(name)?;
     // SAFETY: TUNSETPERSIST takes an integer argument by value; the fd is the TAP's.
     let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
     if rc < 0 {

@@ -1,6 +1,8 @@
 //! VM networking: a Linux bridge with the host's side of the guest network,
 //! one TAP per running VM, DHCP reservations and DNS (dnsmasq), outbound NAT
-//! and SSH port forwards (nftables). See README.md for the layout.
+//! and SSH port forwards (nftables), and a network namespace of its own for
+//! a VM whose guest believes it has another VM's address (a fork; see
+//! `isolate`). See README.md for the layout.
 //!
 //! This module holds no per-VM state: the manager computes what should exist
 //! from the store and hands it over (`sync_*`), so a restart rebuilds it all.
@@ -8,11 +10,13 @@
 pub mod dhcp;
 pub mod firewall;
 pub mod ipam;
+pub mod isolate;
 pub mod link;
 
 use dhcp::{Dnsmasq, Reservation};
 use firewall::{Desired, Forward};
 use ipam::BridgeNet;
+use isolate::Isolation;
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -66,16 +70,67 @@ impl Network {
         self.nl.delete(name).await
     }
 
-    /// Deletes TAPs in our bridge that no VM should have (left by a crash).
+    /// Deletes ports of our bridge that no VM should have (left by a crash):
+    /// TAPs (`ht*`) and the bridge ends of isolations' veths (`hv*`). Every
+    /// port with those prefixes in our bridge is ours: other daemons on the
+    /// host have bridges of their own. An isolation's namespace outlives its
+    /// veth; `remove_isolation` for each of our VMs removes it.
     pub async fn remove_stale_taps(&self, keep: &HashSet<String>) -> Result<usize, String> {
         let mut removed = 0;
         for port in self.nl.ports_of(self.bridge_index).await? {
-            if port.starts_with("ht") && !keep.contains(&port) {
+            let ours = port.starts_with("ht") || port.starts_with("hv");
+            if ours && !keep.contains(&port) {
                 self.nl.delete(&port).await?;
                 removed += 1;
             }
         }
         Ok(removed)
+    }
+
+    /// Gives a VM whose guest believes it has `iso.inner_ip` a network
+    /// namespace of its own, reachable at `iso.outer_ip` on the bridge,
+    /// with the guest's TAP inside (see isolate.rs). Whatever an earlier
+    /// call left under the same names is removed first, so this can be
+    /// repeated; on failure nothing is left behind. The VMM must then run
+    /// in `iso.netns` (`VmSpec::netns`); `add_tap` is not used for such a VM.
+    pub async fn isolate(&self, iso: &Isolation) -> Result<(), String> {
+        isolate::check(iso)?;
+        self.remove_isolation_parts(&iso.netns, &iso.veth).await?;
+        let made = self.make_isolation(iso).await;
+        if let Err(e) = &made {
+            tracing::warn!(netns = %iso.netns, "isolation failed, removing what was made: {e}");
+            if let Err(e) = self.remove_isolation_parts(&iso.netns, &iso.veth).await {
+                tracing::error!(netns = %iso.netns, "removing a failed isolation: {e}");
+            }
+        }
+        made
+    }
+
+    async fn make_isolation(&self, iso: &Isolation) -> Result<(), String> {
+        let i = iso.clone();
+        blocking(move || isolate::create(&i)).await?;
+        self.nl.set_up(&iso.veth, Some(self.bridge_index)).await?;
+        let (i, net) = (iso.clone(), self.cfg.net);
+        blocking(move || isolate::in_netns(&i.netns, || isolate::configure_inside(&i, &net))).await
+    }
+
+    /// Removes the isolation whose namespace is `netns` (a name `isolate::
+    /// netns_name` made): the bridge end of its veth, which unplugs the
+    /// namespace at once even while a process (a VMM not yet reaped) still
+    /// holds the namespace, then the namespace with the TAP in it. Nothing
+    /// there is fine.
+    pub async fn remove_isolation(&self, netns: &str) -> Result<(), String> {
+        isolate::check_netns_name(netns)?;
+        let vm_id = isolate::vm_id_of_netns(netns)
+            .ok_or_else(|| format!("{netns:?} is not the name of a VM's network namespace"))?;
+        self.remove_isolation_parts(netns, &isolate::veth_name(vm_id))
+            .await
+    }
+
+    async fn remove_isolation_parts(&self, netns: &str, veth: &str) -> Result<(), String> {
+        self.nl.delete(veth).await?;
+        let ns = netns.to_string();
+        blocking(move || isolate::delete_netns(&ns)).await
     }
 
     pub async fn sync_forwards(&self, forwards: Vec<Forward>) -> Result<(), String> {
@@ -101,4 +156,13 @@ impl Network {
         }
         self.dnsmasq.stop();
     }
+}
+
+/// Runs blocking work (processes, a namespace-bound thread) off the runtime's workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())?
 }

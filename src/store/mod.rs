@@ -93,6 +93,16 @@ pub struct Vm {
     pub last_error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// Hypeman's instance name, unique per owner.
+    pub name: Option<String>,
+    /// The snapshot a `snapshotted` VM resumes from.
+    pub standby_snapshot_id: Option<String>,
+    /// The address and MAC the guest's memory believes it has, when they are
+    /// not its own (a fork of another VM's memory); None otherwise.
+    pub inner_ip: Option<String>,
+    pub inner_mac: Option<String>,
+    /// This VM's default for snapshot compression (JSON of seed 003's config).
+    pub snapshot_compression: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -122,6 +132,8 @@ pub struct Snapshot {
     pub compressed_size_bytes: Option<i64>,
     pub compression_error: Option<String>,
     pub created_at: String,
+    pub compressed_key: Option<String>,
+    pub compressed_sha256: Option<String>,
 }
 
 #[derive(Clone)]
@@ -400,8 +412,9 @@ impl Store {
         sqlx::query(
             "INSERT INTO vms (id, owner_id, image_id, image_dir, template_id, state, vcpu_count, mem_mib, boot_args,
                               enable_network, user_data, guest_ip, guest_mac, tap_name, ssh_port, hypervisor,
-                              last_error, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              last_error, created_at, updated_at, name, standby_snapshot_id, inner_ip,
+                              inner_mac, snapshot_compression)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&vm.id)
         .bind(&vm.owner_id)
@@ -422,10 +435,20 @@ impl Store {
         .bind(&vm.last_error)
         .bind(&vm.created_at)
         .bind(&vm.updated_at)
+        .bind(&vm.name)
+        .bind(&vm.standby_snapshot_id)
+        .bind(&vm.inner_ip)
+        .bind(&vm.inner_mac)
+        .bind(&vm.snapshot_compression)
         .execute(&self.pool)
         .await
         .map_err(|e| {
-            if is_unique_violation(&e) {
+            if is_unique_violation(&e) && e.to_string().contains("vms.name") {
+                StoreError::Conflict(format!(
+                    "an instance named {:?} already exists",
+                    vm.name.as_deref().unwrap_or_default()
+                ))
+            } else if is_unique_violation(&e) {
                 StoreError::Conflict(format!("a network allocation of vm {} is already taken: {e}", vm.id))
             } else {
                 e.into()
@@ -450,6 +473,32 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(updated_at)
+    }
+
+    /// Records (or clears) the snapshot a VM resumes from.
+    pub async fn set_vm_standby(&self, id: &str, snapshot_id: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE vms SET standby_snapshot_id = ? WHERE id = ?")
+            .bind(snapshot_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records the address and MAC the guest's memory believes it has (None: its own).
+    pub async fn set_vm_inner_address(
+        &self,
+        id: &str,
+        ip: Option<&str>,
+        mac: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE vms SET inner_ip = ?, inner_mac = ? WHERE id = ?")
+            .bind(ip)
+            .bind(mac)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn get_vm(&self, id: &str) -> Result<Option<Vm>> {
@@ -532,6 +581,43 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Background compression moved on: `compressing`, `compressed` (with the
+    /// compressed object) or `error` (with the reason; the raw memory stays).
+    pub async fn set_snapshot_compression(&self, s: &Snapshot) -> Result<()> {
+        sqlx::query(
+            "UPDATE snapshots SET compression_state = ?, compression_error = ?, compressed_key = ?,
+                    compressed_sha256 = ?, compressed_size_bytes = ?, size_bytes = ? WHERE id = ?",
+        )
+        .bind(&s.compression_state)
+        .bind(&s.compression_error)
+        .bind(&s.compressed_key)
+        .bind(&s.compressed_sha256)
+        .bind(s.compressed_size_bytes)
+        .bind(s.size_bytes)
+        .bind(&s.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Usable snapshots whose compression has not finished (a restart interrupted it).
+    pub async fn snapshots_in_compression(&self) -> Result<Vec<Snapshot>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM snapshots WHERE status = 'ready' AND compression_state = 'compressing'",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Usable snapshots whose memory is stored compressed.
+    pub async fn compressed_snapshots(&self) -> Result<Vec<Snapshot>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM snapshots WHERE status = 'ready' AND compression_state = 'compressed'",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     pub async fn get_snapshot(&self, id: &str) -> Result<Option<Snapshot>> {

@@ -56,6 +56,10 @@ pub struct VmSpec {
     pub nic: Option<Nic>,
     /// A read-only second disk: the cloud-init NoCloud seed.
     pub seed: Option<PathBuf>,
+    /// The network namespace (a name under /run/netns, as `ip netns` keeps
+    /// them) the VMM runs in; `None` runs it in the daemon's own. The NIC's
+    /// TAP is looked up by name in this namespace.
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -1,6 +1,9 @@
-//! Finding and killing VMM processes by what their command line names.
+//! Finding and killing VMM processes by what their command line names, and
+//! starting them in a network namespace.
 
-use std::path::Path;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Pids of processes (other than ourselves) whose command line contains `needle`.
@@ -62,4 +65,32 @@ pub fn kill_all_under(dir: &Path) -> usize {
         kill_and_wait(*pid, Duration::from_secs(5));
     }
     pids.len()
+}
+
+/// Where `ip netns` keeps named network namespaces (bind mounts of nsfs files).
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+/// Makes `cmd`'s child join the network namespace `name` between fork and
+/// exec, so the program itself (not a wrapper) is the child: the pid the
+/// caller gets is the VMM's, and its command line is the VMM's, which
+/// `kill_all_under` relies on. The returned file must stay open until the
+/// child is spawned; it is close-on-exec, so the child does not keep it.
+pub fn join_netns_on_exec(cmd: &mut tokio::process::Command, name: &str) -> std::io::Result<File> {
+    let ns = File::open(netns_path(name))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("network namespace {name}: {e}")))?;
+    let fd = ns.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // setns(2), which is async-signal-safe; `fd` stays open in the child
+    // because the parent keeps `ns` open until after spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(ns)
 }

@@ -218,9 +218,23 @@ impl Qemu {
             // Own process group: a Ctrl-C aimed at the daemon must not reach the guests.
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| VmmError::Launch(format!("cannot run {}: {e}", self.binary)))?;
+        // QEMU opens the TAP by name, so it must run where the TAP is. Only
+        // the network namespace changes: the control socket, pid file and
+        // disks are paths in the daemon's own filesystem view.
+        let _netns = match &spec.netns {
+            Some(ns) => Some(
+                super::process::join_netns_on_exec(&mut cmd, ns)
+                    .map_err(|e| VmmError::Launch(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut child = cmd.spawn().map_err(|e| {
+            let place = match &spec.netns {
+                Some(ns) => format!(" in network namespace {ns}"),
+                None => String::new(),
+            };
+            VmmError::Launch(format!("cannot run {}{place}: {e}", self.binary))
+        })?;
         let pid = child.id().unwrap_or(0);
         let started = Instant::now();
         loop {
@@ -393,6 +407,7 @@ mod tests {
                 mac: "02:fc:00:00:00:01".into(),
             }),
             seed: Some("/d/a,b/seed.iso".into()),
+            netns: None,
         };
         let args: Vec<String> = q
             .command_line(&spec)
@@ -410,5 +425,67 @@ mod tests {
         assert!(joined.contains("file=/d/a,,b/seed.iso,if=none,id=seed,format=raw,readonly=on"));
         // The root disk comes first so the guest sees it as /dev/vda.
         assert!(joined.find("drive=vda").unwrap() < joined.find("drive=seed").unwrap());
+    }
+
+    /// A VM with `netns` gets a QEMU that runs in that namespace and opens
+    /// the VM's TAP there, and whose pid and command line are QEMU's own (the
+    /// pid the manager watches, the command line `kill_all_under` matches).
+    /// The caller runs in a namespace of its own too, so a QEMU started in
+    /// the wrong place would make its TAP there, not on the host. The guest
+    /// "kernel" is zeros: QEMU starts, and the vCPU runs harmlessly.
+    #[test]
+    fn qemu_runs_in_the_vms_network_namespace_and_opens_its_tap_there() {
+        use crate::net::isolate::testing::{block_on_in, Netns, TestDir};
+        use crate::vmm::process;
+        use std::os::unix::fs::MetadataExt;
+
+        let caller = Netns::new("qemu-caller");
+        let vm_ns = Netns::new("qemu-vm");
+        vm_ns.ip(&["tuntap", "add", "dev", "htq", "mode", "tap"]);
+        vm_ns.ip(&["link", "set", "htq", "up"]);
+        let dir = TestDir::new("qemu-netns");
+        let kernel = dir.0.join("vmlinuz");
+        std::fs::write(&kernel, vec![0u8; 64 * 1024]).unwrap();
+        let disk = dir.0.join("disk.qcow2");
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("16M")
+            .status()
+            .expect("qemu-img (apt-get install qemu-utils)");
+        assert!(made.success());
+        let spec = VmSpec {
+            vm_id: "vm_q".into(),
+            work_dir: dir.0.clone(),
+            kernel,
+            initrd: None,
+            disk,
+            boot_args: "console=ttyS0".into(),
+            vcpu_count: 1,
+            mem_mib: 64,
+            nic: Some(super::super::Nic {
+                tap: "htq".into(),
+                mac: "02:fc:00:00:00:01".into(),
+            }),
+            seed: None,
+            netns: Some(vm_ns.0.clone()),
+        };
+        block_on_in(&caller.0, || async {
+            let q = Qemu::new("qemu-system-x86_64".into(), ResolvedAccel::Tcg);
+            let mut p = q.boot(&spec).await.unwrap();
+            let ns = std::fs::read_link(format!("/proc/{}/ns/net", p.pid)).unwrap();
+            let want = std::fs::metadata(process::netns_path(&vm_ns.0))
+                .unwrap()
+                .ino();
+            assert_eq!(ns.to_string_lossy(), format!("net:[{want}]"));
+            let cmdline = std::fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap();
+            assert!(String::from_utf8_lossy(&cmdline).starts_with("qemu-system-x86_64\0"));
+            // A TAP has carrier once a queue is attached: QEMU holds it.
+            assert!(vm_ns.ip(&["link", "show", "htq"]).contains("LOWER_UP"));
+            assert!(!caller.try_ip(&["link", "show", "htq"]).status.success());
+            assert_eq!(process::kill_all_under(&dir.0), 1);
+            let _ = p.child.wait().await;
+            assert!(!vm_ns.ip(&["link", "show", "htq"]).contains("LOWER_UP"));
+        });
     }
 }

@@ -61,7 +61,39 @@ impl Response {
     }
 }
 
+/// Where the daemon keeps snapshots: its local directory, or a real
+/// S3-compatible server (s3s-fs) on the loopback of the daemon's namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    Local,
+    S3,
+}
+
+pub const S3_BUCKET: &str = "hatch-snapshots";
+const S3_ADDR: &str = "127.0.0.1:9000";
+const S3_ACCESS_KEY: &str = "hatch-test-access";
+const S3_SECRET_KEY: &str = "hatch-test-secret-key";
+
+/// The s3s-fs binary scripts/test installs.
+fn s3s_fs() -> PathBuf {
+    if let Some(p) = std::env::var_os("HATCH_TEST_S3S_FS") {
+        return p.into();
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let candidates = [
+        home.join(".cargo/bin/s3s-fs"),
+        "/usr/local/bin/s3s-fs".into(),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("s3s-fs not found: scripts/test installs it (cargo install s3s-fs)")
+}
+
 pub struct Daemon {
+    pub storage: Storage,
     /// Namespaces made besides the daemon's own (client, upstream), removed on drop.
     extra_ns: Vec<String>,
     /// Processes started in those namespaces (DNS and HTTP servers), killed on drop.
@@ -103,7 +135,16 @@ impl Daemon {
         Self::start_full(&[], true)
     }
 
+    /// A daemon whose snapshots go to `storage`.
+    pub fn start_storage(storage: Storage, upstream: bool) -> Daemon {
+        Self::start_inner(&[], upstream, storage)
+    }
+
     pub fn start_full(env: &[(&str, &str)], upstream: bool) -> Daemon {
+        Self::start_inner(env, upstream, Storage::Local)
+    }
+
+    fn start_inner(env: &[(&str, &str)], upstream: bool, storage: Storage) -> Daemon {
         let id = format!(
             "{}-{}",
             std::process::id(),
@@ -117,6 +158,7 @@ impl Daemon {
         run_ok(Command::new("ip").args(["netns", "add", &ns]));
         run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
         let mut d = Daemon {
+            storage,
             extra_ns: vec![],
             helpers: vec![],
             ns,
@@ -133,8 +175,165 @@ impl Daemon {
         if upstream {
             d.add_upstream();
         }
+        if storage == Storage::S3 {
+            d.add_s3();
+        }
         d.spawn();
         d
+    }
+
+    /// A real S3-compatible server (s3s-fs) on the loopback of the daemon's
+    /// namespace, with one bucket, and the daemon configured to use it.
+    fn add_s3(&mut self) {
+        let root = self.data_dir.join("s3");
+        std::fs::create_dir_all(root.join(S3_BUCKET)).unwrap();
+        let (host, port) = S3_ADDR.split_once(':').unwrap();
+        let server = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(s3s_fs())
+            .args(["--host", host, "--port", port])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        self.helpers.push(server);
+        wait_until("s3s-fs answers", Duration::from_secs(30), || {
+            self.s3(&["-o", "/dev/null", "-w", "%{http_code}"], "GET", "")
+                .starts_with('2')
+        });
+        for (k, v) in [
+            ("HATCH_S3_BUCKET", S3_BUCKET),
+            ("HATCH_S3_ENDPOINT", &format!("http://{S3_ADDR}")),
+            ("HATCH_S3_ACCESS_KEY", S3_ACCESS_KEY),
+            ("HATCH_S3_SECRET_KEY", S3_SECRET_KEY),
+            ("HATCH_S3_REGION", "us-east-1"),
+        ] {
+            self.extra_env.push((k.to_string(), v.to_string()));
+        }
+    }
+
+    /// A signed (SigV4) request to the bucket with curl, a real S3 client.
+    fn s3(&self, args: &[&str], method: &str, path_and_query: &str) -> String {
+        let out = self.in_ns(
+            None,
+            &[
+                // curl 7.88 does not add the payload hash header S3 wants; it signs the one given.
+                &["curl", "-sS", "--aws-sigv4", "aws:amz:us-east-1:s3"][..],
+                &["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"],
+                &["--user", &format!("{S3_ACCESS_KEY}:{S3_SECRET_KEY}")],
+                &["-X", method],
+                args,
+                &[&format!("http://{S3_ADDR}/{S3_BUCKET}{path_and_query}")],
+            ]
+            .concat(),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Keys and sizes of the stored objects under `prefix`, from the store itself.
+    pub fn stored_objects(&self, prefix: &str) -> Vec<(String, u64)> {
+        let mut out = vec![];
+        match self.storage {
+            Storage::Local => {
+                fn walk(dir: &Path, base: &Path, out: &mut Vec<(String, u64)>) {
+                    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                        let p = e.path();
+                        if p.is_dir() {
+                            walk(&p, base, out);
+                        } else {
+                            let key = p.strip_prefix(base).unwrap().to_string_lossy().to_string();
+                            out.push((key, e.metadata().unwrap().len()));
+                        }
+                    }
+                }
+                let base = self.data_dir.join("objects");
+                walk(&base, &base, &mut out);
+                out.retain(|(k, _)| k.starts_with(prefix));
+            }
+            Storage::S3 => {
+                let query = format!("?list-type=2&prefix={}", prefix.replace('/', "%2F"));
+                let xml = self.s3(&[], "GET", &query);
+                assert!(
+                    xml.contains("ListBucketResult"),
+                    "listing the bucket: {xml}"
+                );
+                for item in xml.split("<Contents>").skip(1) {
+                    let field = |name: &str| {
+                        item.split(&format!("<{name}>"))
+                            .nth(1)
+                            .and_then(|r| r.split(&format!("</{name}>")).next())
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    out.push((field("Key"), field("Size").parse().unwrap_or(0)));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn read_object(&self, key: &str) -> Vec<u8> {
+        match self.storage {
+            Storage::Local => std::fs::read(self.data_dir.join("objects").join(key)).unwrap(),
+            Storage::S3 => {
+                let tmp = self.data_dir.join("object.download");
+                let code = self.s3(
+                    &["-o", tmp.to_str().unwrap(), "-w", "%{http_code}"],
+                    "GET",
+                    &format!("/{key}"),
+                );
+                assert_eq!(code, "200", "GET {key}");
+                let bytes = std::fs::read(&tmp).unwrap();
+                let _ = std::fs::remove_file(&tmp);
+                bytes
+            }
+        }
+    }
+
+    /// Replaces an object's bytes behind the daemon's back (to corrupt it).
+    pub fn write_object(&self, key: &str, bytes: &[u8]) {
+        match self.storage {
+            Storage::Local => {
+                std::fs::write(self.data_dir.join("objects").join(key), bytes).unwrap()
+            }
+            Storage::S3 => {
+                let tmp = self.data_dir.join("object.upload");
+                std::fs::write(&tmp, bytes).unwrap();
+                let code = self.s3(
+                    &[
+                        "-T",
+                        tmp.to_str().unwrap(),
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                    ],
+                    "PUT",
+                    &format!("/{key}"),
+                );
+                let _ = std::fs::remove_file(&tmp);
+                assert_eq!(code, "200", "PUT {key}");
+            }
+        }
+    }
+
+    pub fn remove_object(&self, key: &str) {
+        match self.storage {
+            Storage::Local => {
+                std::fs::remove_file(self.data_dir.join("objects").join(key)).unwrap()
+            }
+            Storage::S3 => {
+                let code = self.s3(
+                    &["-o", "/dev/null", "-w", "%{http_code}"],
+                    "DELETE",
+                    &format!("/{key}"),
+                );
+                assert!(code.starts_with('2'), "DELETE {key}: {code}");
+            }
+        }
     }
 
     /// An "internet" for the daemon's host: another namespace behind a veth,
@@ -627,4 +826,21 @@ impl Daemon {
         )
         .into_owned()
     }
+}
+
+/// A guest that counts in memory (a shell loop, nothing on disk) and prints each tick.
+pub fn counting_guest(d: &Daemon, public: &str) -> Value {
+    let script = format!(
+        "#!/bin/sh\nmkdir -p /root/.ssh && echo '{public}' >> /root/.ssh/authorized_keys\n\
+         (i=0; while true; do i=$((i+1)); echo \"tick $i\" > /dev/console; sleep 1; done) &\n"
+    );
+    d.create_vm(&serde_json::json!({ "user_data": script }).to_string())
+}
+
+pub fn last_tick(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.split("tick ").nth(1))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
 }

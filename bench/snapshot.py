@@ -1,0 +1,1232 @@
+#!/usr/bin/env python3
+"""bench/snapshot: hatch snapshot/restore against the same QEMU driven by hand,
+stored bytes per compression algorithm, and the daemon's memory while it stores
+a large guest.
+
+Run through `bench/snapshot` (it builds, makes the network namespace and the
+temp dir, and passes them in HATCH_BENCH_*); this script runs inside that
+namespace and talks to the daemon on 127.0.0.1. Standard library only.
+
+For each guest size (default 256 and 1024 MiB; 1 vCPU, no NIC), a user-data
+`#!` script in the default busybox image first fills HALF of the guest's RAM
+in a tmpfs: a quarter of RAM from /dev/urandom (incompressible) and a quarter
+of one repeating text line (very compressible). It then starts a ticking loop
+that prints `bench-tick N` on the console every 20 ms without forking (a shell
+`read -t` on a fifo), which is how both sides tell that a restored guest runs
+again. Two such guests run: one made by hatch (`POST /vms`) and a raw QEMU with
+the command line hatch used for it (read from /proc), only the per-VM paths
+moved, on a fresh qcow2 overlay of the same rootfs and a copy of its seed.
+
+Measured in one run, each `--runs` times (median, min-max), hatch and raw
+interleaved, alternating which goes first:
+
+  1. snapshot: hatch `POST /vms/{id}/snapshot` (201 = stored) against QMP
+     `stop`, `migrate-set-parameters max-bandwidth` (the value hatch sets),
+     `migrate` to `exec:cat > FILE`, `query-migrate` every 2 ms until
+     `completed`, the `cat` QEMU forked has exited, and fsync of FILE and its
+     directory.
+  2. restore: hatch `POST /vms/{id}/restore` -> the first new `bench-tick`
+     line in console.log, against spawning QEMU with the same command line
+     plus `-incoming "exec:cat FILE"`, QMP `query-status` every 2 ms until
+     `paused`, `cont` -> the same.
+  3. compression (Hypeman API): `POST /instances/{id}/snapshots` with
+     `{"kind":"Standby","compression":...}` for none, lz4 level 0 and zstd
+     level 1, `GET /snapshots/{id}` every 10 ms until `compression_state` is
+     no longer `compressing`; sizes from that record; then `POST
+     /vms/{id}/restore` (timed the same way as in 2) and `DELETE
+     /snapshots/{id}`.
+  4. the daemon's peak RSS: VmHWM of `hatch serve`, reset before each
+     operation (`/proc/PID/clear_refs` = 5), and VmRSS sampled every 2 ms.
+
+While hatch works, the work dir and the object store are polled every 2 ms, so
+each phase (migration done, each object stored, QEMU gone or started) gets a
+time. Before measuring, the script waits (bounded) until no QEMU but its own
+runs on the host, and records how many it saw while measuring.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
+    ms, one_request, other_qemu_pids, pid_alive, proc_cmdline, qemu_version, run_guarded,
+    stats, write_docs,
+)
+
+MiB = 1 << 20
+POLL_S = 0.002
+TICK_S = 0.02
+FILL_TIMEOUT_S = 900.0
+OP_TIMEOUT_S = 900.0
+COMPRESS_POLL_S = 0.01
+# What hatch sets before saving (src/vmm/qemu.rs): QEMU's default cap (128 MiB/s) is
+# meant for live migration over a network; the raw side gets the same setting.
+MAX_BANDWIDTH = 64 << 30
+FILLED = b"bench-fill: done"
+TICK_RE = re.compile(rb"bench-tick (\d+)\r?\n")
+ALGORITHMS = (
+    ("none", {"enabled": False}),
+    ("lz4 (level 0)", {"enabled": True, "algorithm": "lz4", "level": 0}),
+    ("zstd (level 1)", {"enabled": True, "algorithm": "zstd", "level": 1}),
+)
+DOC_SECTION = "Snapshots"
+
+
+def now():
+    return time.monotonic()
+
+
+def user_data(mem_mib):
+    rand = mem_mib // 4
+    text = mem_mib // 2 - rand
+    return f"""#!/bin/sh
+# bench/snapshot: fill half of RAM in a tmpfs ({rand} MiB random + {text} MiB of one
+# repeating text line), then print a tick every {int(TICK_S * 1000)} ms without forking.
+set -e
+mkdir -p /run/bench-fill
+mount -t tmpfs -o size={rand + text + 4}m bench-fill /run/bench-fill
+dd if=/dev/urandom of=/run/bench-fill/random bs=1M count={rand} 2>/dev/null
+yes 'hatch bench/snapshot: one line of text repeated, 0123456789 abcdefghijklmnopqrstuvwxyz' |
+    head -c {text * MiB} >/run/bench-fill/text
+echo "{FILLED.decode()} random_kib=$(du -k /run/bench-fill/random | cut -f1) text_kib=$(du -k /run/bench-fill/text | cut -f1) $(grep -E '^(MemFree|Shmem):' /proc/meminfo | tr -s ' ' | tr '\\n' ' ')"
+mkfifo /run/bench-tick
+(
+    exec 3<>/run/bench-tick
+    i=0
+    while :; do
+        i=$((i + 1))
+        echo "bench-tick $i"
+        read -t {TICK_S} -u 3 _ || :
+    done
+) </dev/null >/dev/console 2>&1 &
+"""
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def proc_status(pid, field):
+    """A `kB` field of /proc/PID/status in bytes, or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_hwm(pid):
+    """Resets VmHWM to the current RSS (Linux >= 4.0, needs ptrace rights: root)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def children(pid):
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                out += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        for c in children(todo.pop()):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_and_hash(src, dst):
+    """Reference for hatch's fetch: copy `src` to `dst` with SHA-256, 1 MiB reads; seconds (dst removed)."""
+    t0 = now()
+    h = hashlib.sha256()
+    with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
+        while True:
+            chunk = fi.read(MiB)
+            if not chunk:
+                break
+            h.update(chunk)
+            fo.write(chunk)
+    h.hexdigest()
+    t = now() - t0
+    os.unlink(dst)
+    return t
+
+
+def du(path):
+    """Bytes allocated under path (files only)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z\s+(\w+)\s+([\w:]+): (.*)$")
+
+
+def log_events(path, offset, wall0):
+    """The daemon's log lines written after byte `offset`: [(label, seconds after wall0)].
+
+    The label is the message, plus `-> STATE` for a state change."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        m = LOG_LINE.match(ANSI.sub("", line))
+        if not m:
+            continue
+        frac = (m.group(2) or ".0")[:7]
+        ts = datetime.datetime.fromisoformat(m.group(1) + frac + "+00:00").timestamp()
+        rest = m.group(5)
+        msg = re.split(r" \w+=", rest, maxsplit=1)[0].strip()
+        to = re.search(r"\bto=(\w+)", rest)
+        out.append((f"{msg} -> {to.group(1)}" if to else msg, ts - wall0))
+    return out
+
+
+def log_size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+class Qmp:
+    """A minimal QMP client on a Unix socket; events are skipped."""
+
+    def __init__(self, path, timeout=OP_TIMEOUT_S):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+            self.buf = b""
+            self.recv_msg()  # greeting
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def recv_msg(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise BenchError("QMP connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, command, arguments=None):
+        msg = {"execute": command}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            r = self.recv_msg()
+            if "event" in r:
+                continue
+            if "error" in r:
+                raise BenchError(f"QMP {command}: {r['error']}")
+            return r.get("return")
+
+    def close(self):
+        self.sock.close()
+
+
+class Console:
+    """Follows a console.log from an offset, looking for a pattern in what is new."""
+
+    def __init__(self, path, offset=0):
+        self.path = path
+        self.offset = offset
+        self.f = None
+        self.buf = bytearray()
+
+    def read(self):
+        if self.f is None:
+            try:
+                self.f = open(self.path, "rb", buffering=0)
+            except FileNotFoundError:
+                return
+            self.f.seek(self.offset)
+        chunk = self.f.readall()
+        if chunk:
+            self.buf += chunk
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+    def tick(self):
+        """The first complete tick line in the new bytes, or None."""
+        m = TICK_RE.search(self.buf)
+        return int(m.group(1)) if m else None
+
+    def last_tick(self):
+        ticks = TICK_RE.findall(self.buf)
+        return int(ticks[-1]) if ticks else None
+
+    def tail(self, n=1500):
+        return bytes(self.buf[-n:]).decode(errors="replace")
+
+
+def console_size(path):
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+class Watcher(threading.Thread):
+    """Polls `checks` (name -> callable, true once) every 2 ms and samples processes' VmRSS.
+
+    marks[name] = seconds after t0 at which the check first held.
+    """
+
+    def __init__(self, t0, checks, rss_pids=None):
+        super().__init__(daemon=True)
+        self.t0 = t0
+        self.checks = dict(checks)
+        self.rss_pids = dict(rss_pids or {})
+        self.marks = {}
+        self.rss_max = {k: 0 for k in self.rss_pids}
+        self.samples = 0
+        self.error = None
+        self.halt = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self):
+        try:
+            while not self.halt.is_set():
+                t = now() - self.t0
+                for name, fn in list(self.checks.items()):
+                    if name not in self.marks and fn():
+                        with self.lock:
+                            self.marks[name] = t
+                for k, pid in self.rss_pids.items():
+                    r = proc_status(pid, "VmRSS")
+                    if r is not None and r > self.rss_max[k]:
+                        self.rss_max[k] = r
+                self.samples += 1
+                time.sleep(POLL_S)
+        except Exception as e:  # reported by the caller
+            self.error = e
+
+    def wait_for(self, name, deadline, alive=None):
+        while True:
+            if self.error is not None:
+                raise BenchError(f"watcher failed: {self.error!r}")
+            with self.lock:
+                if name in self.marks:
+                    return self.marks[name]
+            if alive is not None:
+                alive()
+            if now() > deadline:
+                raise BenchError(f"timed out waiting for {name}")
+            time.sleep(POLL_S)
+
+    def stop(self):
+        self.halt.set()
+        self.join(5)
+        if self.error is not None:
+            raise BenchError(f"watcher failed: {self.error!r}")
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+class Guest:
+    """Per size: the hatch VM, the raw QEMU running the same command line, what was seen of both."""
+
+    def __init__(self, mem_mib):
+        self.mem = mem_mib
+        self.vm_id = None
+        self.work = None  # the hatch VM's work dir
+        self.cmdline = None
+        self.raw_dir = None
+        self.raw_proc = None
+        self.raw_args = None
+        self.facts = {}
+        self.hatch_snap, self.hatch_restore = [], []
+        self.raw_snap, self.raw_restore = [], []
+        self.compress = {name: [] for name, _ in ALGORITHMS}
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = Path(os.environ["HATCH_BENCH_TMP"])
+        self.hatch = os.environ["HATCH_BENCH_BIN"]
+        self.image = Path(os.environ["HATCH_BENCH_IMAGE"])
+        self.hatchd = Daemon(self.tmp, self.hatch, self.image)
+        self.data = self.hatchd.data
+        self.vms_dir = self.hatchd.vms_dir
+        self.objects = self.data / "objects"
+        self.raw_procs = {}  # pid -> Popen
+        self.guests = []
+        self.others_seen = set()
+        self.others_max = 0
+        self.quiet = {}
+        self.load_before = None
+        self.busy = None
+
+    @property
+    def key(self):
+        return self.hatchd.key
+
+    @property
+    def dpid(self):
+        return self.hatchd.proc.pid
+
+    def api(self, method, path, body=None, expect=(200,), timeout=OP_TIMEOUT_S):
+        status, raw = one_request(self.key, method, path, body, timeout=timeout)
+        if status not in expect:
+            raise BenchError(f"{method} {path}: {status} {raw[:500]!r}\n{self.hatchd.tail()}")
+        return json.loads(raw) if raw else None
+
+    def sample_others(self):
+        pids = other_qemu_pids(self.tmp)
+        self.others_seen |= pids
+        self.others_max = max(self.others_max, len(pids))
+
+    def wait_quiet(self):
+        """Waits (bounded, polling) until no QEMU but ours runs on the host."""
+        limit = self.args.wait_quiet
+        t0 = now()
+        others = other_qemu_pids(self.tmp)
+        last_log = -30.0
+        while others and now() - t0 < limit:
+            if now() - t0 - last_log >= 30:
+                last_log = now() - t0
+                log(f"waiting for {len(others)} other QEMU(s) to finish (pids {sorted(others)}), "
+                    f"{limit - last_log:.0f}s left")
+            time.sleep(5)
+            others = other_qemu_pids(self.tmp)
+        self.quiet = {"waited": now() - t0, "left": len(others), "limit": limit}
+        if others:
+            log(f"still {len(others)} other QEMU(s) after {limit}s; measuring anyway (recorded)")
+        else:
+            log(f"no other QEMU running (waited {self.quiet['waited']:.0f}s)")
+
+    # ------------------------------------------------------------ guests
+
+    def wait_console(self, path, offset, what, pred, timeout, alive):
+        con = Console(path, offset)
+        deadline = now() + timeout
+        try:
+            while True:
+                con.read()
+                if pred(con):
+                    return con
+                alive()
+                if now() > deadline:
+                    raise BenchError(f"no {what} within {timeout:.0f}s; console tail:\n{con.tail()}")
+                time.sleep(0.05)
+        finally:
+            con.close()
+
+    def wait_filled(self, path, alive, who):
+        t0 = now()
+        con = self.wait_console(path, 0, "fill line, ready line and ticks",
+                                lambda c: READY in c.buf and FILLED in c.buf and (c.last_tick() or 0) >= 3,
+                                FILL_TIMEOUT_S, alive)
+        text = con.buf.decode(errors="replace")
+        fill = next(line for line in text.splitlines() if FILLED.decode() in line).strip()
+        ready = next(line for line in text.splitlines() if READY.decode() in line).strip()
+        log(f"  {who}: filled and ticking after {now() - t0:.1f}s: {fill}")
+        return fill, ready
+
+    def create_hatch_guest(self, g):
+        body = {"mem_mib": g.mem, "vcpu_count": 1, "enable_network": False, "user_data": user_data(g.mem)}
+        vm = self.api("POST", "/vms", body, expect=(201,))
+        g.vm_id = vm["id"]
+        self.hatchd.live_vms.add(g.vm_id)
+        g.work = self.vms_dir / g.vm_id
+
+        def alive():
+            if self.hatchd.vmm_pid(g.vm_id) is None:
+                raise BenchError(f"hatch's QEMU for {g.vm_id} is gone:\n{self.hatchd.tail()}")
+
+        g.facts["fill"], g.facts["ready"] = self.wait_filled(g.work / "console.log", alive, f"hatch {g.vm_id}")
+        g.cmdline = self.hatchd.vmm_cmdline(g.vm_id)
+        if not g.cmdline:
+            raise BenchError(f"cannot read the QEMU command line of {g.vm_id}")
+
+    def raw_alive(self, g):
+        p = g.raw_proc
+        if p is None or p.poll() is not None:
+            raise BenchError(f"raw QEMU exited: {(g.raw_dir / 'vmm.log').read_text(errors='replace')[-800:]}")
+
+    def image_rootfs(self):
+        db = sqlite3.connect(self.data / "hatch.db", timeout=30)
+        try:
+            (d,) = db.execute("SELECT dir FROM images WHERE id = 'img_default'").fetchone()
+        finally:
+            db.close()
+        return Path(d) / "rootfs.ext4"
+
+    def create_raw_guest(self, g):
+        g.raw_dir = self.tmp / "raw" / f"m{g.mem}"
+        g.raw_dir.mkdir(parents=True)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.image_rootfs()),
+             str(g.raw_dir / "disk.qcow2")],
+            check=True, timeout=60,
+        )
+        shutil.copyfile(g.work / "seed.iso", g.raw_dir / "seed.iso")
+        g.raw_args = [a.replace(str(g.work), str(g.raw_dir)) for a in g.cmdline]
+        leftover = [a for a in g.raw_args if str(self.vms_dir) in a]
+        if leftover:
+            raise BenchError(f"per-VM paths left in the raw command line: {leftover}")
+        g.facts["rewritten"] = [a for a in g.cmdline if str(g.work) in a]
+        self.spawn_raw(g, [])
+        g.facts["raw_fill"], g.facts["raw_ready"] = self.wait_filled(
+            g.raw_dir / "console.log", lambda: self.raw_alive(g), f"raw m{g.mem}")
+
+    def spawn_raw(self, g, extra):
+        for name in ("vmm.sock", "vmm.pid"):
+            try:
+                (g.raw_dir / name).unlink()
+            except FileNotFoundError:
+                pass
+        logf = open(g.raw_dir / "vmm.log", "ab")
+        p = subprocess.Popen(g.raw_args + extra, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                             process_group=0)
+        logf.close()
+        self.raw_procs[p.pid] = p
+        g.raw_proc = p
+        return p
+
+    def kill_raw(self, p):
+        if p.poll() is None:
+            p.kill()
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            log(f"raw QEMU {p.pid} did not exit after SIGKILL")
+            return
+        self.raw_procs.pop(p.pid, None)
+
+    def raw_qmp(self, g, deadline):
+        sock = g.raw_dir / "vmm.sock"
+        while True:
+            self.raw_alive(g)
+            if sock.exists():
+                try:
+                    return Qmp(sock)
+                except (OSError, BenchError):
+                    pass
+            if now() > deadline:
+                raise BenchError("raw QEMU's QMP socket did not answer")
+            time.sleep(POLL_S)
+
+    # ------------------------------------------------------------ hatch: snapshot and restore
+
+    def hatch_snapshot(self, g, path="/vms/{id}/snapshot", body=None, fsync_after=True):
+        """One snapshot through the API with the work dir and the store watched; returns (record, marks).
+
+        marks["t_response"] is the monotonic time of the response; with `fsync_after`, every stored
+        object is fsynced after it (timed separately)."""
+        work = g.work
+        qemu = self.hatchd.vmm_pid(g.vm_id)
+        if qemu is None:
+            raise BenchError(f"{g.vm_id} has no running QEMU before the snapshot")
+        found = {}
+
+        def capture_dir():
+            for e in os.scandir(work):
+                if e.name.startswith("capture-"):
+                    found["dir"] = Path(e.path)
+                    found["snap"] = e.name[len("capture-"):]
+                    return True
+            return False
+
+        def obj(part):
+            return lambda: "snap" in found and (
+                self.objects / "snapshots" / g.vm_id / found["snap"] / part).exists()
+
+        checks = {
+            "capture dir": capture_dir,
+            "saved (vmstate written)": lambda: "dir" in found and (found["dir"] / "vmstate").exists(),
+            "vmstate stored": obj("vmstate"),
+            "memory stored": obj("memory"),
+            "disk stored": obj("disk"),
+            "capture dir removed": lambda: "dir" in found and not found["dir"].exists(),
+            "QEMU gone": lambda: not pid_alive(qemu),
+        }
+        reset_hwm(self.dpid)
+        hwm0 = proc_status(self.dpid, "VmHWM")
+        log_off = log_size(self.hatchd.log_path)
+        t0, wall0 = now(), time.time()
+        w = Watcher(t0, checks, {"daemon": self.dpid})
+        w.start()
+        try:
+            snap = self.api("POST", path.format(id=g.vm_id), body, expect=(201,))
+            t_response = now()
+        finally:
+            w.stop()
+        marks = dict(w.marks)
+        marks["response"] = t_response - t0
+        marks["t_response"] = t_response
+        marks["rss_max"] = w.rss_max["daemon"]
+        marks["hwm"] = proc_status(self.dpid, "VmHWM")
+        marks["hwm_before"] = hwm0
+        marks["log"] = log_events(self.hatchd.log_path, log_off, wall0)
+        # How far from durable the store was when the 201 came: fsync every object now.
+        sdir = self.objects / "snapshots" / g.vm_id / snap["id"]
+        marks["objects"] = {}
+        for f in sorted(sdir.iterdir()):
+            try:
+                marks["objects"][f.name] = f.stat().st_size
+            except FileNotFoundError:  # the raw memory object goes once compressed
+                pass
+        if fsync_after:
+            t1 = now()
+            for f in sorted(sdir.iterdir()):
+                fsync_path(f)
+            fsync_path(sdir)
+            marks["fsync_after"] = now() - t1
+            marks["ref_copy"] = copy_and_hash(sdir / "memory", self.tmp / "ref-copy")
+        return snap, marks
+
+    def hatch_restore(self, g):
+        """POST /vms/{id}/restore -> first new tick line; returns marks."""
+        work = g.work
+        con_path = work / "console.log"
+        con = Console(con_path, console_size(con_path))
+        disk_ino = os.stat(work / "disk.qcow2").st_ino
+        try:
+            sock_ino = os.stat(work / "vmm.sock").st_ino
+        except FileNotFoundError:
+            sock_ino = None
+        old_pid = (work / "vmm.pid").read_text().strip() if (work / "vmm.pid").exists() else None
+        found = {}
+
+        def restore_dir():
+            for e in os.scandir(work):
+                if e.name.startswith("restore-"):
+                    found["dir"] = Path(e.path)
+                    return True
+            return False
+
+        def new_pid():
+            try:
+                pid = (work / "vmm.pid").read_text().strip()
+            except OSError:
+                return False
+            return bool(pid) and pid != old_pid and pid_alive(pid)
+
+        def disk_replaced():
+            try:
+                return os.stat(work / "disk.qcow2").st_ino != disk_ino
+            except FileNotFoundError:
+                return False
+
+        def new_socket():
+            try:
+                return os.stat(work / "vmm.sock").st_ino != sock_ino
+            except FileNotFoundError:
+                return False
+
+        def tick():
+            con.read()
+            return con.tick() is not None
+
+        checks = {
+            "restore dir": restore_dir,
+            "QMP socket made": new_socket,
+            "vmstate fetched": lambda: "dir" in found and (found["dir"] / "vmstate").exists(),
+            "memory fetched": lambda: "dir" in found and (found["dir"] / "memory").exists(),
+            "disk in place": disk_replaced,
+            "QEMU started (pid file)": new_pid,
+            "restore dir removed (resumed)": lambda: "dir" in found and not found["dir"].exists(),
+            "tick": tick,
+        }
+        reset_hwm(self.dpid)
+        log_off = log_size(self.hatchd.log_path)
+        t0, wall0 = now(), time.time()
+        w = Watcher(t0, checks, {"daemon": self.dpid})
+        w.start()
+        try:
+            self.api("POST", f"/vms/{g.vm_id}/restore", None, expect=(200,))
+            t = now() - t0
+            w.wait_for("tick", now() + 60)
+        finally:
+            w.stop()
+            con.close()
+        marks = dict(w.marks)
+        marks["response"] = t
+        marks["rss_max"] = w.rss_max["daemon"]
+        marks["hwm"] = proc_status(self.dpid, "VmHWM")
+        marks["first_tick"] = con.tick()
+        marks["log"] = log_events(self.hatchd.log_path, log_off, wall0)
+        return marks
+
+    # ------------------------------------------------------------ raw QEMU: snapshot and restore
+
+    def raw_snapshot(self, g, i):
+        out = g.raw_dir / f"snap-{i:03d}.mig"
+        p = g.raw_proc
+        q = self.raw_qmp(g, now() + 30)  # connected before the clock, as a script driving QEMU would be
+        marks = {}
+        try:
+            t0 = now()
+            q.execute("stop")
+            marks["stopped"] = now() - t0
+            q.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+            q.execute("migrate", {"uri": f"exec:cat > '{out}'"})
+            while True:
+                st = q.execute("query-migrate")
+                status = st.get("status", "")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise BenchError(f"raw migrate {status}: {st.get('error-desc')}")
+                if now() - t0 > OP_TIMEOUT_S:
+                    raise BenchError("raw migrate did not complete")
+                time.sleep(POLL_S)
+            marks["completed"] = now() - t0
+            # query-migrate says completed before QEMU's cleanup closed the pipe to `cat`:
+            # the file is whole only once that child is gone.
+            while descendants(p.pid):
+                if now() - t0 > OP_TIMEOUT_S:
+                    raise BenchError("the migration's cat did not exit")
+                time.sleep(POLL_S)
+            marks["writer exited"] = now() - t0
+            fsync_path(out)
+            fsync_path(out.parent)
+            marks["response"] = now() - t0
+            marks["stats"] = {k: st.get("ram", {}).get(k) for k in ("transferred", "normal", "duplicate",
+                                                                      "total", "mbps")}
+            marks["total-time"] = st.get("total-time")
+        finally:
+            q.close()
+        marks["file"] = out.stat().st_size
+        self.kill_raw(p)
+        return out, marks
+
+    def raw_restore(self, g, snap_file):
+        con_path = g.raw_dir / "console.log"
+        con = Console(con_path, console_size(con_path))
+        marks = {}
+        t0 = now()
+        try:
+            self.spawn_raw(g, ["-incoming", f"exec:cat '{snap_file}'"])
+            q = self.raw_qmp(g, t0 + 60)
+            marks["QMP up"] = now() - t0
+            try:
+                while True:
+                    status = q.execute("query-status").get("status")
+                    if status == "paused":
+                        break
+                    if status not in ("inmigrate", "prelaunch"):
+                        raise BenchError(f"raw restore: QEMU is {status!r}, expected paused")
+                    if now() - t0 > OP_TIMEOUT_S:
+                        raise BenchError("raw restore did not load")
+                    time.sleep(POLL_S)
+                marks["loaded (paused)"] = now() - t0
+                q.execute("cont")
+                marks["cont"] = now() - t0
+            finally:
+                q.close()
+            deadline = now() + 60
+            while True:
+                con.read()
+                if con.tick() is not None:
+                    marks["tick"] = now() - t0
+                    break
+                self.raw_alive(g)
+                if now() > deadline:
+                    raise BenchError(f"raw guest did not tick after restore:\n{con.tail()}")
+                time.sleep(POLL_S)
+        finally:
+            con.close()
+        marks["first_tick"] = con.tick()
+        snap_file.unlink()
+        return marks
+
+    # ------------------------------------------------------------ runs
+
+    def snapshot_runs(self, g):
+        for i in range(self.args.runs):
+            self.sample_others()
+            order = ("hatch", "raw") if i % 2 == 0 else ("raw", "hatch")
+            for which in order:
+                if which == "hatch":
+                    last = Console(g.work / "console.log")
+                    last.read()
+                    last.close()
+                    snap, s = self.hatch_snapshot(g)
+                    s["last_tick"] = last.last_tick()
+                    r = self.hatch_restore(g)
+                    s["size_bytes"] = snap["size_bytes"]
+                    self.api("DELETE", f"/snapshots/{snap['id']}")
+                    g.hatch_snap.append(s)
+                    g.hatch_restore.append(r)
+                    log(f"  m{g.mem} run {i + 1}/{self.args.runs} hatch: snapshot {s['response']:.3f}s "
+                        f"(+{ms(s['fsync_after']):.0f} ms fsync after), {snap['size_bytes'] / MiB:.0f} MiB stored, "
+                        f"daemon HWM {s['hwm'] / MiB:.1f} MiB; restore {r['response']:.3f}s, tick "
+                        f"{r['tick']:.3f}s (tick {s['last_tick']} -> {r['first_tick']})")
+                else:
+                    f, s = self.raw_snapshot(g, i)
+                    r = self.raw_restore(g, f)
+                    g.raw_snap.append(s)
+                    g.raw_restore.append(r)
+                    log(f"  m{g.mem} run {i + 1}/{self.args.runs} raw:   snapshot {s['response']:.3f}s "
+                        f"({s['file'] / MiB:.0f} MiB file); restore {r['tick']:.3f}s")
+
+    def compression_runs(self, g):
+        for name, comp in ALGORITHMS:
+            for i in range(self.args.runs):
+                self.sample_others()
+                body = {"kind": "Standby", "compression": comp}
+                snap, s = self.hatch_snapshot(g, "/instances/{id}/snapshots", body, fsync_after=False)
+                sid = snap["id"]
+                rec = snap
+                # Compression starts in the background when the 201 is sent: the clock starts there.
+                t0 = s["t_response"]
+                reset_hwm(self.dpid)
+                w = Watcher(t0, {}, {"daemon": self.dpid})
+                w.start()
+                try:
+                    while rec.get("compression_state") == "compressing":
+                        if now() - t0 > OP_TIMEOUT_S:
+                            raise BenchError(f"{sid} still compressing after {OP_TIMEOUT_S:.0f}s")
+                        time.sleep(COMPRESS_POLL_S)
+                        rec = self.api("GET", f"/snapshots/{sid}")
+                finally:
+                    w.stop()
+                compress_s = now() - t0 if snap.get("compression_state") == "compressing" else None
+                if rec.get("compression_state") not in ("none", "compressed"):
+                    raise BenchError(f"{sid}: compression ended {rec.get('compression_state')}: "
+                                     f"{rec.get('compression_error')}")
+                r = self.hatch_restore(g)
+                self.api("DELETE", f"/snapshots/{sid}")
+                row = {
+                    "snapshot": s["response"],
+                    "compress": compress_s,
+                    "state": rec.get("compression_state"),
+                    "size_bytes": rec.get("size_bytes"),
+                    "uncompressed": rec.get("uncompressed_size_bytes"),
+                    "compressed": rec.get("compressed_size_bytes"),
+                    "initial_size": snap.get("size_bytes"),
+                    "hwm_snapshot": s["hwm"],
+                    "hwm_compress": proc_status(self.dpid, "VmHWM") if compress_s else None,
+                    "rss_compress": w.rss_max["daemon"] if compress_s else None,
+                    "restore": r["tick"],
+                    "restore_response": r["response"],
+                    "hwm_restore": r["hwm"],
+                    "objects": s["objects"],
+                }
+                g.compress[name].append(row)
+                log(f"  m{g.mem} {name} run {i + 1}/{self.args.runs}: snapshot {s['response']:.3f}s, "
+                    + (f"compressed in {compress_s:.3f}s, " if compress_s else "")
+                    + f"stored {row['size_bytes'] / MiB:.1f} MiB (memory {row['uncompressed'] / MiB:.1f}"
+                    + (f" -> {row['compressed'] / MiB:.1f}" if row["compressed"] else "")
+                    + f" MiB); restore -> tick {r['tick']:.3f}s")
+
+    def run(self):
+        self.hatchd.start("bench")
+        for mem in self.args.sizes:
+            g = Guest(mem)
+            self.guests.append(g)
+            log(f"guest {mem} MiB: booting the hatch VM and the raw QEMU, each filling {mem // 2} MiB")
+            self.create_hatch_guest(g)
+            self.create_raw_guest(g)
+        self.wait_quiet()
+        self.load_before = os.getloadavg()[0]
+        busy = CpuBusy().start()
+        for g in self.guests:
+            log(f"guest {g.mem} MiB: snapshot + restore, hatch and raw interleaved, {self.args.runs} runs each")
+            self.snapshot_runs(g)
+            self.kill_raw(g.raw_proc)  # not needed any more: one fewer busy guest for the rest
+            if not self.args.no_compression:
+                log(f"guest {g.mem} MiB: compression none / lz4 / zstd through the Hypeman API")
+                self.compression_runs(g)
+            g.facts["data_dir_bytes"] = du(self.data)
+            self.hatchd.delete_vm(g.vm_id)
+        busy.stop()
+        self.busy = busy.cores
+        self.sample_others()
+
+    def cleanup(self):
+        for p in list(self.raw_procs.values()):
+            self.kill_raw(p)
+        self.hatchd.stop()
+        kill_leftovers(self.tmp)
+
+
+# ---------------------------------------------------------------- report
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return stats(xs)["median"] if xs else None
+
+
+def fmt_s(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    st = stats(xs)
+    return f"{st['median']:.3f} s ({st['min']:.3f}-{st['max']:.3f})"
+
+
+def fmt_ms(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    st = stats(xs)
+    return f"{ms(st['median']):.0f} ms ({ms(st['min']):.0f}-{ms(st['max']):.0f})"
+
+
+def mib(b):
+    return "-" if b is None else f"{b / MiB:.1f} MiB"
+
+
+def f0(x, sign=False):
+    """Seconds as whole milliseconds, `?` when there is no figure."""
+    if x is None:
+        return "?"
+    return f"{ms(x):+.0f}" if sign else f"{ms(x):.0f}"
+
+
+def rate(nbytes, secs):
+    return "?" if not nbytes or not secs or secs <= 0 else f"{nbytes / secs / 1e6:.0f} MB/s"
+
+
+def verdict(ratio, target):
+    return f"{'within' if ratio <= target else 'MISSES'} {target}x"
+
+
+def render(meta, bench, markdown):
+    """The section text (markdown) or the plain tables for stdout."""
+    lines = []
+    add = lines.append
+    gs = bench.guests
+
+    def table(header, rows):
+        if markdown:
+            add("| " + " | ".join(header) + " |")
+            add("|" + "---|" * len(header))
+            for r in rows:
+                add("| " + " | ".join(str(c) for c in r) + " |")
+        else:
+            w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+            add("  ".join(str(h).ljust(n) for h, n in zip(header, w)))
+            add("  ".join("-" * n for n in w))
+            for r in rows:
+                add("  ".join(str(c).ljust(n) for c, n in zip(r, w)))
+        add("")
+
+    def head(text):
+        add(f"### {text}" if markdown else f"== {text}")
+        add("")
+
+    q = bench.quiet
+    add(f"Command: `{meta['command']}` (from the repository root, as root)  ")
+    add(f"Date: {meta['date']}  ")
+    add(f"Host: {meta['cpus']} cores ({meta['cpu']}), kernel {meta['kernel']}, load average "
+        f"{meta['load_before']:.2f} before / {meta['load_after']:.2f} after the measurements; host CPU busy "
+        f"(all processes, /proc/stat) {bench.busy:.2f} of {meta['cpus']} cores while measuring  ")
+    add(f"Other QEMUs: waited {q['waited']:.0f} s (limit {q['limit']} s) until none other than ours ran; "
+        f"while measuring, {len(bench.others_seen)} other QEMU process(es) seen, at most {bench.others_max} "
+        f"at once (sampled between runs)  ")
+    add(f"QEMU: {meta['qemu']}, accelerator `{meta['accel']}`, machine `{meta['machine']}`, {meta['smp']} vCPU, "
+        f"no NIC (`enable_network: false`), root disk qcow2 overlay + cloud-init seed; snapshot store: the "
+        f"local directory `$HATCH_DATA_DIR/objects` on the same ext4 disk as the raw side's files  ")
+    add(f"Guests: {', '.join(str(g.mem) for g in gs)} MiB; a user-data script fills half of RAM in a tmpfs "
+        f"(a quarter of RAM from `/dev/urandom`, a quarter of one repeating text line), then prints "
+        f"`bench-tick N` every {int(TICK_S * 1000)} ms; " +
+        "; ".join(f"{g.mem} MiB guest: `{g.facts['fill']}`" for g in gs) + "  ")
+    add(f"Runs: {meta['runs']} of each measurement per size (median, min-max), hatch and raw interleaved, "
+        f"alternating which goes first")
+    add("")
+
+    head("Snapshot and restore: hatch vs the same QEMU driven by hand")
+    add("hatch snapshot: `POST /vms/{id}/snapshot` until the 201 (memory, device state and disk stored). "
+        "raw: QMP `stop`, `migrate-set-parameters max-bandwidth` (hatch's value), `migrate` to "
+        "`exec:cat > FILE`, `query-migrate` until `completed`, `cat` exited, fsync of FILE and its directory. "
+        "restore: from `POST /vms/{id}/restore` / from spawning QEMU with `-incoming \"exec:cat FILE\"` "
+        "(then `cont` once `paused`) to the first new `bench-tick` line in console.log.")
+    add("")
+    rows = []
+    for g in gs:
+        hs = med([m["response"] for m in g.hatch_snap])
+        rs = med([m["response"] for m in g.raw_snap])
+        hr = med([m["tick"] for m in g.hatch_restore])
+        rr = med([m["tick"] for m in g.raw_restore])
+        rows.append([f"{g.mem} MiB", "snapshot", fmt_s([m["response"] for m in g.hatch_snap]),
+                     fmt_s([m["response"] for m in g.raw_snap]), f"{hs / rs:.2f}", verdict(hs / rs, 1.5)])
+        hd = med([m["response"] + m["fsync_after"] for m in g.hatch_snap])
+        rows.append([f"{g.mem} MiB", "snapshot, then fsync of hatch's stored objects (both sides durable)",
+                     fmt_s([m["response"] + m["fsync_after"] for m in g.hatch_snap]),
+                     fmt_s([m["response"] for m in g.raw_snap]), f"{hd / rs:.2f}", verdict(hd / rs, 1.5)])
+        rows.append([f"{g.mem} MiB", "restore -> guest ticks", fmt_s([m["tick"] for m in g.hatch_restore]),
+                     fmt_s([m["tick"] for m in g.raw_restore]), f"{hr / rr:.2f}", verdict(hr / rr, 1.3)])
+    table(["guest", "operation", "hatch", "raw QEMU", "hatch / raw", "target"], rows)
+
+    head("Where the time goes")
+    add("Milliseconds (median, min-max) from the request (hatch) or from `stop` / the spawn (raw) to each "
+        "step. hatch's steps are seen from outside: its work dir and the object store polled every 2 ms.")
+    add("")
+
+    def mm(runs, k):
+        return fmt_ms([m.get(k) for m in runs])
+
+    def dur(runs, a, b):
+        return med([m[b] - (m[a] if a else 0) for m in runs if m.get(b) is not None and (not a or m.get(a) is not None)])
+
+    rows = []
+    for g in gs:
+        H, R = g.hatch_snap, g.raw_snap
+        rows += [
+            [f"{g.mem} MiB", "hatch: capture dir made (key checked, snapshot row inserted)", mm(H, "capture dir"), "-"],
+            [f"{g.mem} MiB", "guest saved (hatch: its `vmstate` note written after `completed`; raw: `completed`)",
+             mm(H, "saved (vmstate written)"), mm(R, "completed")],
+            [f"{g.mem} MiB", "raw: the migration's `cat` exited", "-", mm(R, "writer exited")],
+            [f"{g.mem} MiB", "hatch: memory object stored (copy + SHA-256) / raw: fsync of the file done",
+             mm(H, "memory stored"), mm(R, "response")],
+            [f"{g.mem} MiB", "hatch: disk object stored", mm(H, "disk stored"), "-"],
+            [f"{g.mem} MiB", "hatch: capture dir removed", mm(H, "capture dir removed"), "-"],
+            [f"{g.mem} MiB", "hatch: QEMU gone", mm(H, "QEMU gone"), "-"],
+            [f"{g.mem} MiB", "**snapshot done** (hatch: 201; raw: fsync done)", mm(H, "response"), mm(R, "response")],
+            [f"{g.mem} MiB", "hatch, not in the figure above: fsync of the stored objects after the 201",
+             f"+{mm(H, 'fsync_after')}", "-"],
+        ]
+    table(["guest", "snapshot step", "hatch", "raw QEMU"], rows)
+    rows = []
+    for g in gs:
+        H, R = g.hatch_restore, g.raw_restore
+        rows += [
+            [f"{g.mem} MiB", "hatch: restore dir made", mm(H, "restore dir"), "-"],
+            [f"{g.mem} MiB", "hatch: memory object fetched (copy + SHA-256 check)", mm(H, "memory fetched"), "-"],
+            [f"{g.mem} MiB", "hatch: snapshot's disk in place", mm(H, "disk in place"), "-"],
+            [f"{g.mem} MiB", "QEMU started (hatch: new pid file; raw: QMP answers)",
+             mm(H, "QEMU started (pid file)"), mm(R, "QMP up")],
+            [f"{g.mem} MiB", "hatch: QEMU's QMP socket made", mm(H, "QMP socket made"), "-"],
+            [f"{g.mem} MiB", "raw: migration stream loaded (`paused`)", "-", mm(R, "loaded (paused)")],
+            [f"{g.mem} MiB", "resumed (hatch: restore dir removed, after `cont`; raw: `cont` returned)",
+             mm(H, "restore dir removed (resumed)"), mm(R, "cont")],
+            [f"{g.mem} MiB", "hatch: 200 returned", mm(H, "response"), "-"],
+            [f"{g.mem} MiB", "**first new tick**", mm(H, "tick"), mm(R, "tick")],
+        ]
+    table(["guest", "restore step", "hatch", "raw QEMU"], rows)
+    for g in gs:
+        H, R, HR, RR = g.hatch_snap, g.raw_snap, g.hatch_restore, g.raw_restore
+        mem_bytes = med([m["objects"].get("memory") for m in H])
+        store = dur(H, "saved (vmstate written)", "memory stored")
+        fetch = dur(HR, "vmstate fetched", "memory fetched")
+        hs, rs = med([m["response"] for m in H]), med([m["response"] for m in R])
+        hr, rr = med([m["tick"] for m in HR]), med([m["tick"] for m in RR])
+        add(f"- {g.mem} MiB, snapshot (medians of per-run durations): hatch {f0(dur(H, None, 'capture dir'))} ms "
+            f"before the capture starts, {f0(dur(H, 'capture dir', 'saved (vmstate written)'))} ms to save the "
+            f"guest (raw: {f0(dur(R, None, 'completed'))} ms), {f0(store)} ms to store the "
+            f"{mib(mem_bytes)} memory object ({rate(mem_bytes, store)}), "
+            f"{f0(dur(H, 'memory stored', 'disk stored'))} ms for the disk, "
+            f"{f0(dur(H, 'disk stored', 'response'))} ms to end QEMU and answer; raw spends "
+            f"{f0(dur(R, 'writer exited', 'response'))} ms in fsync. hatch - raw = {ms(hs - rs):+.0f} ms; "
+            f"with the fsync hatch leaves out, hatch would take {hs + med([m['fsync_after'] for m in H]):.3f} s "
+            f"({(hs + med([m['fsync_after'] for m in H])) / rs:.2f}x raw).")
+        ref = med([m.get("ref_copy") for m in H])
+        add(f"- {g.mem} MiB, restore: hatch {f0(fetch)} ms to fetch the memory object "
+            f"({rate(mem_bytes, fetch)}; for reference, this script copies the same object with SHA-256, "
+            f"1 MiB reads, in {f0(ref)} ms, {rate(mem_bytes, ref)}), QEMU from its start to the resumed guest "
+            f"{f0(dur(HR, 'QEMU started (pid file)', 'restore dir removed (resumed)'))} ms (raw: QMP up to "
+            f"`cont` {f0(dur(RR, 'QMP up', 'cont'))} ms); resumed -> tick: hatch "
+            f"{f0(dur(HR, 'restore dir removed (resumed)', 'tick'), True)} ms, raw {f0(dur(RR, 'cont', 'tick'))} ms "
+            f"(the tick comes every {int(TICK_S * 1000)} ms of guest time). hatch - raw = {ms(hr - rr):+.0f} ms.")
+    add("")
+    add("Daemon log (`HATCH_LOG=info`), median ms from the request to each line:")
+    add("")
+    for g in gs:
+        for label, runs in (("snapshot", g.hatch_snap), ("restore", g.hatch_restore)):
+            firsts = []
+            for m in runs:
+                d = {}
+                for name, t in m.get("log", []):
+                    d.setdefault(name, t)
+                firsts.append(d)
+            names = list(dict.fromkeys(n for d in firsts for n in d))
+            add(f"- {g.mem} MiB {label}: " + ", ".join(
+                f"`{n}` {ms(med([d.get(n) for d in firsts])):.0f}" for n in names))
+    add("")
+
+    head("Stored bytes per compression (Hypeman API `POST /instances/{id}/snapshots`)")
+    add("`size_bytes`, `uncompressed_size_bytes` (the memory object: QEMU's migration stream) and "
+        "`compressed_size_bytes` from `GET /snapshots/{id}` once `compression_state` left `compressing` "
+        "(polled every 10 ms from the 201; that time is \"compression\"). stored / RAM = `size_bytes` / "
+        "guest RAM. Restore: `POST /vms/{id}/restore` -> first new tick, from the compressed object.")
+    add("")
+    rows = []
+    for g in gs:
+        ram = g.mem * MiB
+        for name, _ in ALGORITHMS:
+            runs = g.compress.get(name) or []
+            if not runs:
+                continue
+            size = med([r["size_bytes"] for r in runs])
+            unc = med([r["uncompressed"] for r in runs])
+            comp = med([r["compressed"] for r in runs])
+            rows.append([
+                f"{g.mem} MiB", name, mib(size), mib(unc), mib(comp),
+                f"{size / ram:.3f}",
+                "-" if comp is None else f"{comp / unc:.3f}",
+                fmt_s([r["snapshot"] for r in runs]),
+                fmt_s([r["compress"] for r in runs]),
+                "-" if comp is None else f"{unc / med([r['compress'] for r in runs]) / 1e6:.0f} MB/s",
+                fmt_s([r["restore"] for r in runs]),
+            ])
+    table(["guest", "compression", "size_bytes", "uncompressed", "compressed", "stored / RAM",
+           "memory ratio", "snapshot (201)", "compression", "compression speed", "restore -> tick"], rows)
+
+    head("hatch's memory while it stores a guest (daemon VmHWM, reset before each operation)")
+    rows = []
+    for g in gs:
+        ram = g.mem * MiB
+        hwm = max(m["hwm"] for m in g.hatch_snap)
+        rss = max(m["rss_max"] for m in g.hatch_snap)
+        before = max(m["hwm_before"] for m in g.hatch_snap)
+        rows.append([f"{g.mem} MiB", "`POST /vms/{id}/snapshot`", mib(before), mib(hwm), mib(rss),
+                     f"{hwm / ram:.3f}"])
+        hwm = max(m["hwm"] for m in g.hatch_restore)
+        rows.append([f"{g.mem} MiB", "`POST /vms/{id}/restore`", "-", mib(hwm),
+                     mib(max(m["rss_max"] for m in g.hatch_restore)), f"{hwm / ram:.3f}"])
+        for name, _ in ALGORITHMS[1:]:
+            runs = g.compress.get(name) or []
+            vals = [r["hwm_compress"] for r in runs if r["hwm_compress"]]
+            if vals:
+                rows.append([f"{g.mem} MiB", f"compression {name} (after the 201)", "-", mib(max(vals)),
+                             mib(max(r["rss_compress"] for r in runs if r["rss_compress"])),
+                             f"{max(vals) / ram:.3f}"])
+    table(["guest", "operation", "RSS before", "peak (VmHWM, max of runs)", "peak VmRSS sampled", "peak / guest RAM"],
+          rows)
+
+    head("Details")
+    for g in gs:
+        add(f"- {g.mem} MiB guest, hatch VM `{g.vm_id}`: ready line `{g.facts['ready']}`. Raw QEMU: hatch's "
+            f"command line with {len(g.facts['rewritten'])} per-VM argument(s) moved to the temp dir.")
+        add(f"  - snapshot, every run (s): hatch " + ", ".join(f"{m['response']:.3f}" for m in g.hatch_snap)
+            + "; raw " + ", ".join(f"{m['response']:.3f}" for m in g.raw_snap)
+            + "; raw `stop` alone: " + fmt_ms([m["stopped"] for m in g.raw_snap])
+            + f". hatch stored `size_bytes` {mib(med([m['size_bytes'] for m in g.hatch_snap]))} (objects: "
+            + ", ".join(f"{k} {mib(v)}" for k, v in sorted(g.hatch_snap[0]["objects"].items()))
+            + f"); raw migration file {mib(med([m['file'] for m in g.raw_snap]))}; QEMU's own `total-time` "
+            + fmt_ms([m["total-time"] / 1000 if m["total-time"] else None for m in g.raw_snap]) + ", pages: "
+            + ", ".join(f"{k} {v}" for k, v in g.raw_snap[0]["stats"].items()) + " (raw, first run).")
+        add(f"  - restore -> tick, every run (s): hatch " + ", ".join(f"{m['tick']:.3f}" for m in g.hatch_restore)
+            + "; raw " + ", ".join(f"{m['tick']:.3f}" for m in g.raw_restore)
+            + ". Ticks continued from the snapshot (last tick before -> first after, hatch): "
+            + ", ".join(f"{m['last_tick']} -> {r['first_tick']}" for m, r in zip(g.hatch_snap, g.hatch_restore))
+            + ".")
+    add(f"- The local object store is `object_store`'s `LocalFileSystem` as hatch builds it; the "
+        f"\"fsync of the stored objects right after the 201\" row shows how much was not yet on disk when "
+        f"hatch answered (the raw side's figure includes its fsync).")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="runs of each timed measurement (default 3)")
+    ap.add_argument("--sizes", default="256,1024", help="guest RAM sizes in MiB, comma-separated (default 256,1024)")
+    ap.add_argument("--no-compression", action="store_true", help="skip part 3 (Hypeman API compression)")
+    ap.add_argument("--wait-quiet", type=int, default=600,
+                    help="seconds to wait for other QEMUs to finish before measuring (default 600, 0: no wait)")
+    ap.add_argument("--markdown", action="store_true",
+                    help=f"print the `## {DOC_SECTION}` section for docs/BENCHMARKS.md instead of plain tables, "
+                         "and write it there (unless --no-docs)")
+    ap.add_argument("--no-docs", action="store_true", help="with --markdown: only print, do not update the docs")
+    args = ap.parse_args()
+    if not 1 <= args.runs <= 100:
+        ap.error("--runs must be between 1 and 100")
+    if not 0 <= args.wait_quiet <= 3600:
+        ap.error("--wait-quiet must be between 0 and 3600")
+    try:
+        args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    except ValueError:
+        ap.error("--sizes must be numbers separated by commas")
+    if not args.sizes or not all(128 <= s <= 16384 for s in args.sizes):
+        ap.error("--sizes must be between 128 and 16384 MiB each")
+    if "HATCH_BENCH_TMP" not in os.environ:
+        ap.error("run this through bench/snapshot (it makes the namespace and the temp dir)")
+
+    bench = Bench(args)
+    meta = {
+        "command": os.environ.get("HATCH_BENCH_COMMAND", "bench/snapshot"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
+        "kernel": os.uname().release,
+        "runs": args.runs,
+    }
+    if os.environ.get("SUDO_USER"):
+        meta["command"] = "sudo " + meta["command"]
+    status, _ = run_guarded(bench.run, bench.cleanup)
+    if status != 0:
+        return status
+    cmd = bench.guests[0].cmdline
+    meta.update(
+        load_before=bench.load_before,
+        load_after=os.getloadavg()[0],
+        qemu=qemu_version(cmd[0]),
+        accel=arg_after(cmd, "-accel"),
+        machine=arg_after(cmd, "-M"),
+        smp=arg_after(cmd, "-smp"),
+    )
+    section = render(meta, bench, args.markdown)
+    if args.markdown:
+        print(f"\n## {DOC_SECTION}\n")
+        print(section)
+        if not args.no_docs:
+            write_docs(DOCS, DOC_SECTION, section)
+            log(f"updated {DOCS}")
+    else:
+        print()
+        print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,915 @@
+//! Snapshot flows: capture (Standby and Stopped), background compression,
+//! restore (the latest or a chosen snapshot) and fork into a new VM.
+//!
+//! A snapshot row is `capturing` until every object is stored and
+//! checksummed; only `ready` rows are ever listed or restored. A VM that is
+//! `snapshotted` records the snapshot it resumes from (`standby_snapshot_id`),
+//! set *before* its VMM is ended, so a crash in between is recovered as
+//! `snapshotted`, not lost.
+
+use super::requests::{CreateSnapshot, FromSnapshot, SnapshotKind, TargetState};
+use super::state::VmState;
+use super::{not_found, state_of, Manager, ManagerError, Result};
+use crate::ids;
+use crate::image::seed;
+use crate::snapshot::{self, CompressionConfig, Stored};
+use crate::store::{Owner, Snapshot, Vm};
+use crate::vmm::{self, VmSpec};
+use std::path::Path;
+use std::sync::Arc;
+
+/// What a snapshot's guest believes about itself, read from its `vm_config`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+struct SavedConfig {
+    vcpu_count: Option<i64>,
+    mem_mib: Option<i64>,
+    boot_args: Option<String>,
+    enable_network: Option<bool>,
+    user_data: Option<String>,
+    guest_ip: Option<String>,
+    guest_mac: Option<String>,
+    /// The address in the guest's memory (differs from guest_ip for a fork).
+    inner_ip: Option<String>,
+    inner_mac: Option<String>,
+}
+
+impl SavedConfig {
+    fn of(snap: &Snapshot) -> SavedConfig {
+        serde_json::from_str(&snap.vm_config).unwrap_or_default()
+    }
+
+    /// The address and MAC the snapshot's guest memory holds.
+    fn memory_address(&self) -> (Option<String>, Option<String>) {
+        (
+            self.inner_ip.clone().or_else(|| self.guest_ip.clone()),
+            self.inner_mac.clone().or_else(|| self.guest_mac.clone()),
+        )
+    }
+}
+
+fn stored(sha: &Option<String>, size: Option<i64>) -> Stored {
+    Stored {
+        sha256: sha.clone().unwrap_or_default(),
+        size: size.unwrap_or(0) as u64,
+    }
+}
+
+fn kind_of(snap: &Snapshot) -> SnapshotKind {
+    SnapshotKind::parse(&snap.kind).unwrap_or(SnapshotKind::Standby)
+}
+
+fn compression_of(snap: &Snapshot) -> CompressionConfig {
+    snap.compression
+        .as_deref()
+        .and_then(|c| serde_json::from_str(c).ok())
+        .unwrap_or_default()
+}
+
+impl Manager {
+    fn snap_lock(&self, id: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut locks = self.snap_locks.lock().unwrap();
+        Arc::clone(locks.entry(id.to_string()).or_default())
+    }
+
+    /// The VM's configuration as a snapshot records it (seed 000's `vm_config`).
+    fn vm_config(vm: &Vm) -> String {
+        serde_json::json!({
+            "vcpu_count": vm.vcpu_count,
+            "mem_mib": vm.mem_mib,
+            "image_id": vm.image_id,
+            "boot_args": vm.boot_args,
+            "enable_network": vm.enable_network,
+            "guest_ip": vm.guest_ip,
+            "guest_mac": vm.guest_mac,
+            "inner_ip": vm.inner_ip.as_ref().or(vm.guest_ip.as_ref()),
+            "inner_mac": vm.inner_mac.as_ref().or(vm.guest_mac.as_ref()),
+            "user_data": vm.user_data,
+            "name": vm.name,
+        })
+        .to_string()
+    }
+
+    /// Request, else the VM's own default, else the server's (seed 003).
+    fn compression_for(&self, vm: &Vm, requested: Option<&CompressionConfig>) -> CompressionConfig {
+        requested
+            .cloned()
+            .or_else(|| {
+                vm.snapshot_compression
+                    .as_deref()
+                    .and_then(|c| serde_json::from_str(c).ok())
+            })
+            .unwrap_or_else(|| self.config.snapshot_compression.clone())
+            .normalized()
+    }
+
+    /// Snapshots of a VM the owner can see, newest first.
+    pub async fn list_vm_snapshots(&self, owner: &Owner, id: &str) -> Result<Vec<Snapshot>> {
+        let vm = self.visible_vm(owner, id).await?;
+        Ok(self.store.vm_snapshots(&vm.id).await?)
+    }
+
+    /// Hatch's `POST /vms/{id}/snapshot`: a Standby snapshot with the VM's
+    /// (or the server's) compression default.
+    pub async fn snapshot_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Snapshot> {
+        let req = CreateSnapshot {
+            kind: Some("Standby".into()),
+            ..Default::default()
+        };
+        self.create_snapshot(owner, id, req).await
+    }
+
+    /// Hypeman's `POST /instances/{id}/snapshots`. Standby: memory, CPU/device
+    /// state and disk, captured while the guest is paused; the VM ends
+    /// `snapshotted`. Stopped: the guest is powered off first and only its
+    /// disk is stored; the VM ends `stopped`. Returns once the snapshot is
+    /// durable; compression, if asked for, continues in the background.
+    pub async fn create_snapshot(
+        self: &Arc<Self>,
+        owner: &Owner,
+        id: &str,
+        req: CreateSnapshot,
+    ) -> Result<Snapshot> {
+        let kind = req.validate().map_err(ManagerError::BadRequest)?;
+        let _guard = self.lock_vm(id).await;
+        let mut vm = self.visible_vm(owner, id).await?;
+        let st = state_of(&vm);
+        match kind {
+            SnapshotKind::Standby if st != VmState::Running => {
+                return Err(ManagerError::Conflict(format!(
+                    "vm {id} is {st}; only a running VM can be snapshotted"
+                )))
+            }
+            SnapshotKind::Stopped if !matches!(st, VmState::Running | VmState::Stopped) => {
+                return Err(ManagerError::Conflict(format!(
+                    "vm {id} is {st}; a Stopped snapshot needs a running or stopped VM"
+                )))
+            }
+            _ => {}
+        }
+        let snap_id = ids::new_id("snap");
+        let mut snap = snapshot::capturing_record(
+            &snap_id,
+            &vm.id,
+            &vm.owner_id,
+            kind.as_str(),
+            &vm.hypervisor,
+            Self::vm_config(&vm),
+        );
+        snap.name = req.name.clone();
+        snap.tags = serde_json::to_string(&req.tags.clone().unwrap_or_default())
+            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        snap.source_instance_name = vm.name.clone();
+        let compression = match kind {
+            SnapshotKind::Standby => self.compression_for(&vm, req.compression.as_ref()),
+            SnapshotKind::Stopped => CompressionConfig::default(),
+        };
+        snap.compression = Some(
+            serde_json::to_string(&compression)
+                .map_err(|e| ManagerError::Internal(e.to_string()))?,
+        );
+        if kind == SnapshotKind::Stopped {
+            // Disk only: there is no memory or device state to point at.
+            snap.state_key.clear();
+            snap.memory_key.clear();
+        }
+        // A duplicate name fails here, before the guest is touched.
+        self.store.insert_snapshot(&snap).await?;
+        let result = match kind {
+            SnapshotKind::Standby => self.capture_standby(&mut vm, &mut snap).await,
+            SnapshotKind::Stopped => self.capture_stopped(&mut vm, &mut snap).await,
+        };
+        if let Err(e) = result {
+            let _ = self
+                .objects
+                .delete_prefix(&format!("{}{snap_id}/", snapshot::prefix_of_vm(&vm.id)))
+                .await;
+            self.store.delete_snapshot(&snap_id).await?;
+            return Err(e);
+        }
+        if compression.enabled {
+            snap.compression_state = "compressing".into();
+            self.store.set_snapshot_compression(&snap).await?;
+            self.spawn_compression(snap.clone());
+        }
+        tracing::info!(vm = id, snapshot = %snap_id, kind = kind.as_str(), bytes = snap.size_bytes, "snapshot stored");
+        Ok(snap)
+    }
+
+    /// Standby capture. The guest stays paused until every object is stored;
+    /// any failure before that resumes it, so nothing is lost.
+    async fn capture_standby(&self, vm: &mut Vm, snap: &mut Snapshot) -> Result<()> {
+        let spec = self.spec_for(vm);
+        let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
+        let captured = self.capture(&spec, &dir, snap).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        if let Err(e) = captured {
+            if let Err(r) = self.vmm.resume(&spec).await {
+                tracing::error!(vm = %vm.id, "resuming after a failed snapshot: {r}");
+            }
+            return Err(ManagerError::Internal(format!(
+                "snapshot of vm {} failed, the VM keeps running: {e}",
+                vm.id
+            )));
+        }
+        self.store.mark_snapshot_ready(snap).await?;
+        snap.status = "ready".into();
+        // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
+        self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
+        vm.standby_snapshot_id = Some(snap.id.clone());
+        self.end_vmm(vm, false).await;
+        self.transition(vm, VmState::Snapshotted, None).await?;
+        self.refresh_forwards().await;
+        Ok(())
+    }
+
+    /// Pauses and saves the guest into `dir`, then stores state, memory and disk.
+    async fn capture(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+        snap: &mut Snapshot,
+    ) -> std::result::Result<(), String> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let files = vmm::SnapshotFiles {
+            state: dir.join("vmstate"),
+            memory: dir.join("memory"),
+        };
+        self.vmm
+            .snapshot(spec, &files)
+            .await
+            .map_err(|e| e.to_string())?;
+        // The guest is paused and QEMU flushed the disk when saving completed.
+        let e = |e: snapshot::ObjectError| e.to_string();
+        let state = self
+            .objects
+            .put_file(&snap.state_key, &files.state)
+            .await
+            .map_err(e)?;
+        let memory = self
+            .objects
+            .put_file(&snap.memory_key, &files.memory)
+            .await
+            .map_err(e)?;
+        let disk = self
+            .objects
+            .put_file(&snap.disk_key, &spec.disk)
+            .await
+            .map_err(e)?;
+        snap.size_bytes = (state.size + memory.size + disk.size) as i64;
+        snap.state_sha256 = Some(state.sha256);
+        snap.state_size = Some(state.size as i64);
+        snap.memory_sha256 = Some(memory.sha256);
+        snap.memory_size = Some(memory.size as i64);
+        snap.disk_sha256 = Some(disk.sha256);
+        snap.disk_size = Some(disk.size as i64);
+        Ok(())
+    }
+
+    /// Stopped capture: the guest powers off (as a stop does), then its disk is stored.
+    async fn capture_stopped(&self, vm: &mut Vm, snap: &mut Snapshot) -> Result<()> {
+        if state_of(vm) == VmState::Running {
+            self.stop_locked(vm).await?;
+        }
+        let disk = self.spec_for(vm).disk;
+        let stored = self
+            .objects
+            .put_file(&snap.disk_key, &disk)
+            .await
+            .map_err(|e| {
+                ManagerError::Internal(format!(
+                    "snapshot of vm {} failed, the VM is stopped and its disk unchanged: {e}",
+                    vm.id
+                ))
+            })?;
+        snap.size_bytes = stored.size as i64;
+        snap.disk_sha256 = Some(stored.sha256);
+        snap.disk_size = Some(stored.size as i64);
+        self.store.mark_snapshot_ready(snap).await?;
+        snap.status = "ready".into();
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ compression
+
+    pub(super) fn spawn_compression(self: &Arc<Self>, snap: Snapshot) {
+        let mgr = Arc::clone(self);
+        tokio::spawn(async move { mgr.compress(snap).await });
+    }
+
+    /// Compresses the memory object of `snap` into a second object, then
+    /// switches the snapshot to it and deletes the raw one. Until the switch
+    /// the raw object is what restores use; a failure leaves it in place.
+    async fn compress(&self, mut snap: Snapshot) {
+        let Some((algorithm, level)) = compression_of(&snap).effective() else {
+            return;
+        };
+        let ckey = format!("{}.{}", snap.memory_key, algorithm.as_str());
+        let result = self
+            .objects
+            .compress(&snap.memory_key, &ckey, algorithm, level)
+            .await;
+        let lock = self.snap_lock(&snap.id);
+        let _w = lock.write().await;
+        match self.store.get_snapshot(&snap.id).await {
+            Ok(Some(_)) => {}
+            _ => {
+                // Deleted while compressing: what was written goes too.
+                let _ = self.objects.delete(&ckey).await;
+                return;
+            }
+        }
+        match result {
+            Ok(c) => {
+                snap.compression_state = "compressed".into();
+                snap.compressed_key = Some(ckey);
+                snap.compressed_sha256 = Some(c.sha256);
+                snap.compressed_size_bytes = Some(c.size as i64);
+                snap.size_bytes =
+                    snap.state_size.unwrap_or(0) + c.size as i64 + snap.disk_size.unwrap_or(0);
+                if let Err(e) = self.store.set_snapshot_compression(&snap).await {
+                    tracing::error!(snapshot = %snap.id, "recording compression: {e}");
+                    return;
+                }
+                if let Err(e) = self.objects.delete(&snap.memory_key).await {
+                    tracing::warn!(snapshot = %snap.id, "removing the uncompressed memory: {e}");
+                }
+                tracing::info!(snapshot = %snap.id, algorithm = algorithm.as_str(), level,
+                    raw = snap.memory_size.unwrap_or(0), compressed = c.size, "memory compressed");
+            }
+            Err(e) => {
+                let _ = self.objects.delete(&ckey).await;
+                snap.compression_state = "error".into();
+                snap.compression_error = Some(e.to_string());
+                tracing::error!(snapshot = %snap.id, "compression failed, the uncompressed memory stays: {e}");
+                if let Err(e) = self.store.set_snapshot_compression(&snap).await {
+                    tracing::error!(snapshot = %snap.id, "recording compression failure: {e}");
+                }
+            }
+        }
+    }
+
+    /// Start-up: compression a restart interrupted starts again from the raw
+    /// memory (still there); a raw object left beside a finished compression goes.
+    pub(super) async fn recover_compression(self: &Arc<Self>) -> Result<()> {
+        for snap in self.store.snapshots_in_compression().await? {
+            tracing::info!(snapshot = %snap.id, "resuming interrupted compression");
+            self.spawn_compression(snap);
+        }
+        let leftovers: Vec<String> = self
+            .store
+            .compressed_snapshots()
+            .await?
+            .into_iter()
+            .map(|s| s.memory_key)
+            .collect();
+        let objects = self.objects.clone();
+        tokio::spawn(async move {
+            for key in leftovers {
+                let _ = objects.delete(&key).await;
+            }
+        });
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- restore
+
+    /// Hatch's `POST /vms/{id}/restore`: the VM continues from the snapshot it
+    /// went to standby in (its most recent). A missing or corrupt object fails
+    /// the restore before anything changes: the VM stays `snapshotted`.
+    pub async fn restore_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
+        let _guard = self.lock_vm(id).await;
+        let mut vm = self.visible_vm(owner, id).await?;
+        let st = state_of(&vm);
+        if st != VmState::Snapshotted {
+            return Err(ManagerError::Conflict(format!(
+                "vm {id} is {st}; only a snapshotted VM can be restored"
+            )));
+        }
+        let snap = self
+            .standby_snapshot(&vm)
+            .await?
+            .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no snapshot to restore")))?;
+        self.resume_from(&mut vm, &snap).await?;
+        Ok(vm)
+    }
+
+    /// The snapshot a snapshotted VM resumes from.
+    async fn standby_snapshot(&self, vm: &Vm) -> Result<Option<Snapshot>> {
+        Ok(match &vm.standby_snapshot_id {
+            Some(s) => self.store.get_snapshot(s).await?,
+            // Rows from before standby_snapshot_id existed: the most recent one.
+            None => self.store.vm_snapshots(&vm.id).await?.into_iter().next(),
+        })
+    }
+
+    /// Loads a Standby snapshot into `vm` and resumes it (VM lock held).
+    async fn resume_from(self: &Arc<Self>, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
+        let id = vm.id.clone();
+        let lock = self.snap_lock(&snap.id);
+        let _r = lock.read().await;
+        let work_dir = self.work_dir(&id);
+        let dir = work_dir.join(format!("restore-{}", snap.id));
+        if let Err(e) = self.fetch(snap, &dir, &work_dir, true).await {
+            // Nothing was replaced: the VM is as it was.
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(ManagerError::Internal(format!(
+                "restoring vm {id} from {} failed, the VM stays {}: {e}",
+                snap.id, vm.state
+            )));
+        }
+        self.store.set_vm_standby(&id, Some(&snap.id)).await?;
+        vm.standby_snapshot_id = Some(snap.id.clone());
+        self.adopt_memory_address(vm, snap).await?;
+        self.transition(vm, VmState::Starting, None).await?;
+        let files = vmm::SnapshotFiles {
+            state: dir.join("vmstate"),
+            memory: dir.join("memory"),
+        };
+        let booted = self.boot_from(vm, Some(&files)).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        match booted {
+            Ok(()) => {
+                self.store.set_vm_standby(&id, None).await?;
+                vm.standby_snapshot_id = None;
+                self.transition(vm, VmState::Running, None).await?;
+                self.refresh_forwards().await;
+                tracing::info!(vm = %id, snapshot = %snap.id, "restored");
+                Ok(())
+            }
+            Err(e) => {
+                // The disk is the snapshot's now; the VM stands by on it, nothing lost.
+                self.transition(vm, VmState::Snapshotted, None).await?;
+                Err(ManagerError::Internal(format!(
+                    "restoring vm {id} from {} failed, the VM stays snapshotted: {e}",
+                    snap.id
+                )))
+            }
+        }
+    }
+
+    /// A VM whose memory comes from `snap` believes it has the address the
+    /// snapshot's guest had. When that is not its own (a fork), it runs behind
+    /// an isolation that translates between the two (see src/net/README.md).
+    async fn adopt_memory_address(&self, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
+        let (ip, mac) = SavedConfig::of(snap).memory_address();
+        let (inner_ip, inner_mac) = if vm.enable_network && ip.is_some() && ip != vm.guest_ip {
+            (ip, mac)
+        } else {
+            (None, None)
+        };
+        self.store
+            .set_vm_inner_address(&vm.id, inner_ip.as_deref(), inner_mac.as_deref())
+            .await?;
+        vm.inner_ip = inner_ip;
+        vm.inner_mac = inner_mac;
+        Ok(())
+    }
+
+    /// Moves `vm` to `snapshotted`, resuming from `snap` (VM lock held).
+    async fn settle_standby(&self, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
+        self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
+        vm.standby_snapshot_id = Some(snap.id.clone());
+        if state_of(vm) != VmState::Snapshotted {
+            self.transition(vm, VmState::Snapshotted, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Downloads and verifies the objects of `snap` (memory and state too when
+    /// `memory`) before the VM's disk is replaced by the snapshot's.
+    async fn fetch(
+        &self,
+        snap: &Snapshot,
+        dir: &Path,
+        work_dir: &Path,
+        memory: bool,
+    ) -> std::result::Result<(), String> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let e = |e: snapshot::ObjectError| e.to_string();
+        if memory {
+            self.objects
+                .get_file(
+                    &snap.state_key,
+                    &dir.join("vmstate"),
+                    &stored(&snap.state_sha256, snap.state_size),
+                )
+                .await
+                .map_err(e)?;
+            let raw = stored(&snap.memory_sha256, snap.memory_size);
+            let compressed = compression_of(snap).effective();
+            match (&snap.compressed_key, compressed) {
+                (Some(key), Some((algorithm, _))) if snap.compression_state == "compressed" => self
+                    .objects
+                    .get_file_decompressed(
+                        key,
+                        &dir.join("memory"),
+                        &stored(&snap.compressed_sha256, snap.compressed_size_bytes),
+                        algorithm,
+                        &raw,
+                    )
+                    .await
+                    .map_err(e)?,
+                _ => self
+                    .objects
+                    .get_file(&snap.memory_key, &dir.join("memory"), &raw)
+                    .await
+                    .map_err(e)?,
+            }
+        }
+        let disk = dir.join("disk.qcow2");
+        self.objects
+            .get_file(
+                &snap.disk_key,
+                &disk,
+                &stored(&snap.disk_sha256, snap.disk_size),
+            )
+            .await
+            .map_err(e)?;
+        tokio::fs::create_dir_all(work_dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Everything arrived intact: only now is the VM's disk replaced.
+        tokio::fs::rename(&disk, work_dir.join("disk.qcow2"))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Hypeman's `POST /instances/{id}/snapshots/{snapshot_id}/restore`: the
+    /// instance (stopped, in standby or in error) takes the snapshot's state
+    /// and ends in `target_state`.
+    pub async fn restore_snapshot(
+        self: &Arc<Self>,
+        owner: &Owner,
+        id: &str,
+        snap_id: &str,
+        req: FromSnapshot,
+    ) -> Result<Vm> {
+        if req.name.is_some() {
+            return Err(ManagerError::BadRequest(
+                "name is not accepted by restore (it names the new instance of a fork)".into(),
+            ));
+        }
+        let _guard = self.lock_vm(id).await;
+        let mut vm = self.visible_vm(owner, id).await?;
+        let snap = match self.store.get_snapshot(snap_id).await? {
+            Some(s) if s.vm_id == vm.id => s,
+            _ => {
+                return Err(ManagerError::NotFound(format!(
+                    "snapshot {snap_id} of instance {id} not found"
+                )))
+            }
+        };
+        let kind = kind_of(&snap);
+        let target = req
+            .target(kind, self.vmm.name())
+            .map_err(ManagerError::BadRequest)?;
+        let st = state_of(&vm);
+        if !matches!(st, VmState::Stopped | VmState::Snapshotted | VmState::Error) {
+            return Err(ManagerError::Conflict(format!(
+                "instance {id} is {st}; stop it or put it in standby before restoring a snapshot"
+            )));
+        }
+        // Whatever is left of an earlier VMM (a VM in error) goes first.
+        self.end_vmm(&vm, false).await;
+        match (kind, target) {
+            (SnapshotKind::Standby, TargetState::Running) => {
+                self.resume_from(&mut vm, &snap).await?
+            }
+            (SnapshotKind::Standby, TargetState::Standby) => {
+                self.settle_standby(&mut vm, &snap).await?
+            }
+            (_, target) => {
+                // The snapshot's disk, booted fresh (Running) or not at all (Stopped).
+                let lock = self.snap_lock(&snap.id);
+                let _r = lock.read().await;
+                let work_dir = self.work_dir(id);
+                let dir = work_dir.join(format!("restore-{}", snap.id));
+                let fetched = self.fetch(&snap, &dir, &work_dir, false).await;
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                fetched.map_err(|e| {
+                    ManagerError::Internal(format!(
+                        "restoring instance {id} from {snap_id} failed, it is unchanged: {e}"
+                    ))
+                })?;
+                self.store.set_vm_standby(id, None).await?;
+                vm.standby_snapshot_id = None;
+                if state_of(&vm) != VmState::Stopped {
+                    self.transition(&mut vm, VmState::Stopped, None).await?;
+                }
+                if target == TargetState::Running {
+                    self.start_locked(&mut vm).await?;
+                }
+            }
+        }
+        tracing::info!(vm = id, snapshot = snap_id, state = %vm.state, "restored from snapshot");
+        Ok(vm)
+    }
+
+    // ---------------------------------------------------------------- fork
+
+    /// Hypeman's `POST /snapshots/{id}/fork`: a new VM with its own id,
+    /// address, MAC and SSH port, from the snapshot's disk (and memory, for a
+    /// Standby snapshot resumed as Running or kept as Standby).
+    pub async fn fork_snapshot(
+        self: &Arc<Self>,
+        owner: &Owner,
+        snap_id: &str,
+        req: FromSnapshot,
+    ) -> Result<Vm> {
+        let name = match &req.name {
+            None => {
+                return Err(ManagerError::BadRequest(
+                    "name is required: the fork is a new instance".into(),
+                ))
+            }
+            Some(n) => {
+                super::requests::check_resource_name("name", n)
+                    .map_err(ManagerError::BadRequest)?;
+                n.clone()
+            }
+        };
+        let snap = self.get_snapshot(owner, snap_id).await?;
+        let kind = kind_of(&snap);
+        let target = req
+            .target(kind, self.vmm.name())
+            .map_err(ManagerError::BadRequest)?;
+        let source = self
+            .store
+            .get_vm(&snap.vm_id)
+            .await?
+            .ok_or_else(|| not_found("instance", &snap.vm_id))?;
+        let saved = SavedConfig::of(&snap);
+        let now = crate::store::now();
+        let mut vm = Vm {
+            id: ids::new_id("vm"),
+            owner_id: owner.id.clone(),
+            image_id: source.image_id.clone(),
+            image_dir: source.image_dir.clone(),
+            template_id: None,
+            state: VmState::Starting.as_str().into(),
+            vcpu_count: saved.vcpu_count.unwrap_or(source.vcpu_count),
+            mem_mib: saved.mem_mib.unwrap_or(source.mem_mib),
+            boot_args: saved.boot_args.clone().unwrap_or(source.boot_args.clone()),
+            enable_network: saved.enable_network.unwrap_or(source.enable_network),
+            user_data: saved.user_data.clone().or(source.user_data.clone()),
+            guest_ip: None,
+            guest_mac: None,
+            tap_name: None,
+            ssh_port: None,
+            hypervisor: self.vmm.name().into(),
+            last_error: None,
+            created_at: now.clone(),
+            updated_at: now,
+            name: Some(name),
+            standby_snapshot_id: None,
+            inner_ip: None,
+            inner_mac: None,
+            snapshot_compression: source.snapshot_compression.clone(),
+        };
+        let _guard = self.lock_vm(&vm.id).await;
+        self.insert_with_network(&mut vm, &Default::default())
+            .await?;
+        let result = self
+            .prepare_fork(&mut vm, &source, &snap, kind, target)
+            .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(vm = %vm.id, snapshot = snap_id, state = %vm.state, "forked");
+                Ok(vm)
+            }
+            Err(e) => {
+                let msg = format!("fork {} of snapshot {snap_id} failed: {e}", vm.id);
+                if state_of(&vm).is_transient() {
+                    self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
+                }
+                Err(ManagerError::Internal(msg))
+            }
+        }
+    }
+
+    /// Fills the fork's work directory and brings it to `target`.
+    async fn prepare_fork(
+        self: &Arc<Self>,
+        vm: &mut Vm,
+        source: &Vm,
+        snap: &Snapshot,
+        kind: SnapshotKind,
+        target: TargetState,
+    ) -> std::result::Result<(), String> {
+        let work_dir = self.work_dir(&vm.id);
+        tokio::fs::create_dir_all(&work_dir)
+            .await
+            .map_err(|e| format!("creating work directory: {e}"))?;
+        // A restored guest needs the devices it was saved with: the seed disk
+        // is attached when the source had one (its content is the fork's own).
+        if self.work_dir(&source.id).join("seed.iso").exists() || kind == SnapshotKind::Stopped {
+            let seed_net = self.seed_net(vm);
+            seed::write(
+                &work_dir,
+                &vm.id,
+                vm.user_data.as_deref(),
+                seed_net.as_ref(),
+            )
+            .await
+            .map_err(|e| format!("creating the cloud-init seed: {e}"))?;
+        }
+        match (kind, target) {
+            (SnapshotKind::Standby, TargetState::Standby) => {
+                // The fork sleeps in a snapshot of its own, so deleting the
+                // source (and its snapshots) never takes the fork's memory away.
+                let own = self
+                    .copy_snapshot(snap, vm)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.settle_standby_new(vm, &own)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            (SnapshotKind::Standby, TargetState::Running) => {
+                let lock = self.snap_lock(&snap.id);
+                let _r = lock.read().await;
+                let dir = work_dir.join(format!("restore-{}", snap.id));
+                let fetched = self.fetch(snap, &dir, &work_dir, true).await;
+                if let Err(e) = fetched {
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    return Err(e);
+                }
+                self.adopt_memory_address(vm, snap)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let files = vmm::SnapshotFiles {
+                    state: dir.join("vmstate"),
+                    memory: dir.join("memory"),
+                };
+                let booted = self.boot_from(vm, Some(&files)).await;
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                booted?;
+                self.transition(vm, VmState::Running, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.refresh_forwards().await;
+                Ok(())
+            }
+            (_, target) => {
+                let lock = self.snap_lock(&snap.id);
+                let _r = lock.read().await;
+                let dir = work_dir.join(format!("restore-{}", snap.id));
+                let fetched = self.fetch(snap, &dir, &work_dir, false).await;
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                fetched?;
+                if target == TargetState::Running {
+                    self.boot(vm).await?;
+                    self.transition(vm, VmState::Running, None)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    self.refresh_forwards().await;
+                } else {
+                    self.transition(vm, VmState::Stopped, None)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A new VM's first state is standby on its own snapshot `own`.
+    async fn settle_standby_new(&self, vm: &mut Vm, own: &Snapshot) -> Result<()> {
+        self.store.set_vm_standby(&vm.id, Some(&own.id)).await?;
+        vm.standby_snapshot_id = Some(own.id.clone());
+        self.transition(vm, VmState::Snapshotted, None).await
+    }
+
+    /// Copies `snap`'s objects to a new snapshot owned by `vm` (store-side copy).
+    async fn copy_snapshot(&self, snap: &Snapshot, vm: &Vm) -> Result<Snapshot> {
+        let lock = self.snap_lock(&snap.id);
+        let _r = lock.read().await;
+        let snap = self
+            .store
+            .get_snapshot(&snap.id)
+            .await?
+            .ok_or_else(|| not_found("snapshot", &snap.id))?;
+        let new_id = ids::new_id("snap");
+        let mut own = snapshot::capturing_record(
+            &new_id,
+            &vm.id,
+            &vm.owner_id,
+            &snap.kind,
+            &snap.source_hypervisor,
+            snap.vm_config.clone(),
+        );
+        own.source_instance_name = vm.name.clone();
+        own.compression = snap.compression.clone();
+        self.store.insert_snapshot(&own).await?;
+        let compressed = snap.compression_state == "compressed";
+        let mut pairs = vec![
+            (snap.state_key.clone(), own.state_key.clone()),
+            (snap.disk_key.clone(), own.disk_key.clone()),
+        ];
+        match (&snap.compressed_key, compressed) {
+            (Some(k), true) => {
+                let algo = k.rsplit('.').next().unwrap_or_default();
+                own.compressed_key = Some(format!("{}.{algo}", own.memory_key));
+                pairs.push((k.clone(), own.compressed_key.clone().unwrap_or_default()));
+            }
+            _ => pairs.push((snap.memory_key.clone(), own.memory_key.clone())),
+        }
+        for (from, to) in &pairs {
+            if let Err(e) = self.objects.copy(from, to).await {
+                let _ = self
+                    .objects
+                    .delete_prefix(&format!("{}{new_id}/", snapshot::prefix_of_vm(&vm.id)))
+                    .await;
+                self.store.delete_snapshot(&new_id).await?;
+                return Err(ManagerError::Internal(format!(
+                    "copying snapshot {}: {e}",
+                    snap.id
+                )));
+            }
+        }
+        own.state_sha256 = snap.state_sha256.clone();
+        own.state_size = snap.state_size;
+        own.memory_sha256 = snap.memory_sha256.clone();
+        own.memory_size = snap.memory_size;
+        own.disk_sha256 = snap.disk_sha256.clone();
+        own.disk_size = snap.disk_size;
+        own.size_bytes = snap.size_bytes;
+        self.store.mark_snapshot_ready(&own).await?;
+        own.status = "ready".into();
+        own.compression_state = if compressed {
+            "compressed".into()
+        } else {
+            "none".into()
+        };
+        own.compressed_sha256 = snap.compressed_sha256.clone();
+        own.compressed_size_bytes = snap.compressed_size_bytes;
+        self.store.set_snapshot_compression(&own).await?;
+        Ok(own)
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// The owner's snapshots that pass `filter` (Hypeman `GET /snapshots`).
+    pub async fn list_snapshots(
+        &self,
+        owner: &Owner,
+        filter: &super::requests::SnapshotFilter,
+    ) -> Result<Vec<Snapshot>> {
+        let all = self.store.owner_snapshots(&owner.id).await?;
+        Ok(all.into_iter().filter(|s| filter.matches(s)).collect())
+    }
+
+    pub async fn get_snapshot(&self, owner: &Owner, id: &str) -> Result<Snapshot> {
+        match self.store.get_snapshot(id).await? {
+            Some(s) if s.owner_id == owner.id => Ok(s),
+            _ => Err(not_found("snapshot", id)),
+        }
+    }
+
+    /// Deletes a snapshot and its objects. The snapshot a `snapshotted` VM
+    /// resumes from holds its memory: deleting it would lose the VM, so it is refused.
+    pub async fn delete_snapshot(&self, owner: &Owner, id: &str) -> Result<()> {
+        let snap = self.get_snapshot(owner, id).await?;
+        let _guard = self.lock_vm(&snap.vm_id).await;
+        if let Some(vm) = self.store.get_vm(&snap.vm_id).await? {
+            let standby = self.standby_snapshot(&vm).await?.map(|s| s.id);
+            if state_of(&vm) == VmState::Snapshotted && standby.as_deref() == Some(id) {
+                return Err(ManagerError::Conflict(format!(
+                    "snapshot {id} holds the state of snapshotted instance {}; restore or delete the instance first",
+                    vm.id
+                )));
+            }
+        }
+        let lock = self.snap_lock(id);
+        let _w = lock.write().await;
+        let keys = [
+            Some(&snap.state_key),
+            Some(&snap.memory_key),
+            Some(&snap.disk_key),
+            snap.compressed_key.as_ref(),
+        ];
+        for key in keys.into_iter().flatten().filter(|k| !k.is_empty()) {
+            self.objects
+                .delete(key)
+                .await
+                .map_err(|e| ManagerError::Internal(format!("deleting snapshot {id}: {e}")))?;
+        }
+        self.store.delete_snapshot(id).await?;
+        self.snap_locks.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    /// Deletes every snapshot of a VM, objects first.
+    pub(super) async fn delete_vm_snapshots(&self, vm_id: &str) -> Result<()> {
+        self.objects
+            .delete_prefix(&snapshot::prefix_of_vm(vm_id))
+            .await
+            .map_err(|e| ManagerError::Internal(format!("deleting snapshots of {vm_id}: {e}")))?;
+        self.store.delete_vm_snapshots(vm_id).await?;
+        Ok(())
+    }
+}

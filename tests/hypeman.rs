@@ -1,0 +1,621 @@
+//! Hypeman's snapshot API (seeds 002, 003) with real guests under TCG:
+//! Standby and Stopped snapshots, compression in the background at every
+//! level edge, names and tags, restore by snapshot id, and forks that run
+//! beside their source. Each scenario runs against a real S3-compatible
+//! server (s3s-fs) and against the local store.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+macro_rules! on_both_stores {
+    ($scenario:ident: $local:ident, $s3:ident) => {
+        #[test]
+        fn $local() {
+            $scenario(Storage::Local)
+        }
+        #[test]
+        fn $s3() {
+            $scenario(Storage::S3)
+        }
+    };
+}
+
+const COMPRESSION_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn id_of(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_string()
+}
+
+fn snapshot(d: &Daemon, vm: &str, body: Value) -> Response {
+    d.req(
+        "POST",
+        &format!("/instances/{vm}/snapshots"),
+        Some(&body.to_string()),
+    )
+}
+
+/// Waits for background compression to end and returns the snapshot.
+fn compressed(d: &Daemon, snap: &str) -> Value {
+    let mut last = Value::Null;
+    wait_until("compression to finish", COMPRESSION_TIMEOUT, || {
+        last = d.req("GET", &format!("/snapshots/{snap}"), None).body;
+        last["compression_state"] != "compressing"
+    });
+    last
+}
+
+/// Keys under the snapshot's prefix, relative to it (`vmstate`, `memory.zstd`, ...).
+fn parts(d: &Daemon, vm: &str, snap: &str) -> Vec<(String, u64)> {
+    let prefix = format!("snapshots/{vm}/{snap}/");
+    d.stored_objects(&prefix)
+        .into_iter()
+        .map(|(k, s)| (k[prefix.len()..].to_string(), s))
+        .collect()
+}
+
+on_both_stores!(standby_compression: standby_snapshots_compress_at_every_level_edge, standby_snapshots_compress_at_every_level_edge_s3);
+
+fn standby_compression(storage: Storage) {
+    let d = Daemon::start_storage(storage, false);
+    let script = "#!/bin/sh\n(i=0; while true; do i=$((i+1)); echo \"tick $i\" > /dev/console; sleep 1; done) &\n";
+    let vm = d.create_vm(
+        &json!({"name": "counter", "mem_mib": 128, "enable_network": false, "user_data": script})
+            .to_string(),
+    );
+    let id = id_of(&vm);
+    assert_eq!(vm["name"], "counter");
+    wait_until("ticks", BOOT_TIMEOUT, || last_tick(&d.logs(&id)) >= 2);
+
+    // Bad requests change nothing: the guest keeps running, no snapshot appears.
+    for (body, needle) in [
+        (json!({}), "kind is required"),
+        (json!({"kind": "Paused"}), "Standby or Stopped"),
+        (json!({"kind": "Standby", "name": "Bad_Name"}), "lowercase"),
+        (json!({"kind": "Standby", "name": "-x"}), "dash"),
+        (json!({"kind": "Standby", "name": "x".repeat(64)}), "63"),
+        (
+            json!({"kind": "Standby", "compression": {"enabled": true, "level": 0}}),
+            "between 1 and 19",
+        ),
+        (
+            json!({"kind": "Standby", "compression": {"enabled": true, "algorithm": "zstd", "level": 20}}),
+            "between 1 and 19",
+        ),
+        (
+            json!({"kind": "Standby", "compression": {"enabled": true, "algorithm": "lz4", "level": -1}}),
+            "between 0 and 9",
+        ),
+        (
+            json!({"kind": "Standby", "compression": {"enabled": true, "algorithm": "lz4", "level": 10}}),
+            "between 0 and 9",
+        ),
+        (
+            json!({"kind": "Standby", "compression": {"enabled": true, "algorithm": "gzip"}}),
+            "gzip",
+        ),
+        (
+            json!({"kind": "Standby", "compression": {"algorithm": "zstd"}}),
+            "enabled",
+        ),
+        (json!({"kind": "Standby", "tags": {"team": 5}}), "invalid"),
+        (
+            json!({"kind": "Stopped", "compression": {"enabled": true}}),
+            "Stopped snapshot has none",
+        ),
+    ] {
+        let r = snapshot(&d, &id, body.clone());
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert!(r.error().contains(needle), "{body}: {}", r.text);
+    }
+    assert_eq!(d.req("GET", "/snapshots", None).body, json!([]));
+    assert_eq!(d.vm(&id)["state"], "running");
+    assert_eq!(
+        snapshot(&d, "vm_nope", json!({"kind": "Standby"})).status,
+        404
+    );
+
+    // Every level edge of both algorithms, then no compression at all.
+    let cycles: [(Value, Value); 5] = [
+        (
+            json!({"enabled": true, "algorithm": "zstd", "level": 19}),
+            json!({"enabled": true, "algorithm": "zstd", "level": 19}),
+        ),
+        (
+            json!({"enabled": true, "algorithm": "lz4", "level": 9}),
+            json!({"enabled": true, "algorithm": "lz4", "level": 9}),
+        ),
+        (
+            json!({"enabled": true, "algorithm": "lz4"}),
+            json!({"enabled": true, "algorithm": "lz4", "level": 0}),
+        ),
+        (
+            json!({"enabled": true}),
+            json!({"enabled": true, "algorithm": "zstd", "level": 1}),
+        ),
+        (
+            json!({"enabled": false, "algorithm": "lz4", "level": 99}),
+            json!({"enabled": false}),
+        ),
+    ];
+    let mut snaps = vec![];
+    for (n, (asked, shown)) in cycles.iter().enumerate() {
+        let algo = shown["algorithm"].as_str().unwrap_or("none");
+        let r = snapshot(
+            &d,
+            &id,
+            json!({"kind": "Standby", "name": format!("s-{n}"), "compression": asked,
+                   "tags": {"cycle": n.to_string(), "algo": algo}}),
+        );
+        assert_eq!(r.status, 201, "{asked}: {}", r.text);
+        let s = r.body.clone();
+        assert_eq!(s["compression"], *shown, "{s}");
+        assert_eq!(s["kind"], "Standby");
+        assert_eq!(s["name"], format!("s-{n}"));
+        assert_eq!(s["source_instance_id"], id.as_str());
+        assert_eq!(s["source_instance_name"], "counter");
+        assert_eq!(s["source_hypervisor"], "qemu");
+        assert_eq!(s["tags"]["algo"], algo);
+        let enabled = shown["enabled"] == true;
+        assert_eq!(
+            s["compression_state"],
+            if enabled { "compressing" } else { "none" },
+            "the create call returns before compression: {s}"
+        );
+        assert_eq!(d.vm(&id)["state"], "snapshotted");
+        let frozen = last_tick(&d.logs(&id));
+        let sid = id_of(&s);
+
+        let done = compressed(&d, &sid);
+        let stored = parts(&d, &id, &sid);
+        let names: Vec<&str> = stored.iter().map(|(k, _)| k.as_str()).collect();
+        let total: u64 = stored.iter().map(|(_, size)| size).sum();
+        assert_eq!(
+            done["size_bytes"].as_u64().unwrap(),
+            total,
+            "{done} {stored:?}"
+        );
+        let raw = done["uncompressed_size_bytes"].as_u64().unwrap();
+        if enabled {
+            assert_eq!(done["compression_state"], "compressed", "{done}");
+            assert!(done.get("compression_error").is_none(), "{done}");
+            let c = done["compressed_size_bytes"].as_u64().unwrap();
+            assert!(c < raw, "compressed {c} < raw {raw}");
+            let key = format!("memory.{algo}");
+            assert_eq!(
+                names,
+                vec!["disk", key.as_str(), "vmstate"],
+                "raw memory replaced"
+            );
+            assert_eq!(stored[1].1, c);
+        } else {
+            assert_eq!(done["compression_state"], "none");
+            assert!(done.get("compressed_size_bytes").is_none(), "{done}");
+            assert_eq!(names, vec!["disk", "memory", "vmstate"]);
+            assert_eq!(stored[1].1, raw);
+        }
+
+        // Restore by id: the counter in guest memory goes on.
+        let r = d.req(
+            "POST",
+            &format!("/instances/{id}/snapshots/{sid}/restore"),
+            Some("{}"),
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.body["state"], "running");
+        wait_until("ticks after restore", Duration::from_secs(60), || {
+            last_tick(&d.logs(&id)) > frozen
+        });
+        let log = d.logs(&id);
+        let after = &log[log.rfind(&format!("tick {frozen}")).unwrap()..];
+        assert!(after.contains(&format!("tick {}", frozen + 1)), "{after}");
+        snaps.push(sid);
+    }
+
+    // Names are unique per instance; a duplicate is refused before the guest is touched.
+    let r = snapshot(&d, &id, json!({"kind": "Standby", "name": "s-0"}));
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(d.vm(&id)["state"], "running");
+    assert_eq!(d.req("GET", "/snapshots", None).ids().len(), 5);
+
+    // Filters, tags among them.
+    let ids = |q: &str| {
+        let r = d.req("GET", &format!("/snapshots?{q}"), None);
+        assert_eq!(r.status, 200, "{q}: {}", r.text);
+        r.ids()
+    };
+    assert_eq!(
+        ids("tags%5Balgo%5D=lz4"),
+        vec![snaps[2].clone(), snaps[1].clone()]
+    );
+    assert_eq!(
+        ids("tags%5Balgo%5D=lz4&tags%5Bcycle%5D=1"),
+        vec![snaps[1].clone()]
+    );
+    assert_eq!(ids("name=s-3"), vec![snaps[3].clone()]);
+    assert_eq!(
+        ids(&format!("source_instance_id={id}&kind=Standby")).len(),
+        5
+    );
+    assert!(ids("kind=Stopped").is_empty());
+
+    // Wrong states and targets.
+    let restore = |sid: &str, body: Value| {
+        d.req(
+            "POST",
+            &format!("/instances/{id}/snapshots/{sid}/restore"),
+            Some(&body.to_string()),
+        )
+    };
+    assert_eq!(
+        restore(&snaps[0], json!({})).status,
+        409,
+        "restoring a running instance"
+    );
+    assert_eq!(restore("snap_nope", json!({})).status, 404);
+    let r = restore(&snaps[0], json!({"target_hypervisor": "qemu"}));
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(
+        restore(&snaps[0], json!({"target_state": "Paused"})).status,
+        400
+    );
+
+    // Standby target: the instance stands by on an older snapshot, then resumes from it.
+    assert_eq!(
+        snapshot(&d, &id, json!({"kind": "Standby", "name": "latest"})).status,
+        201
+    );
+    let r = restore(&snaps[3], json!({"target_state": "Standby"}));
+    assert_eq!(
+        (r.status, r.body["state"].clone()),
+        (200, json!("snapshotted")),
+        "{}",
+        r.text
+    );
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // Deleting the instance deletes every object it had.
+    assert!(!d.stored_objects(&format!("snapshots/{id}/")).is_empty());
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+    assert_eq!(d.stored_objects(&format!("snapshots/{id}/")), vec![]);
+    assert_eq!(d.req("GET", "/snapshots", None).body, json!([]));
+}
+
+on_both_stores!(stopped_and_fork: stopped_snapshot_keeps_the_disk_for_restore_and_fork, stopped_snapshot_keeps_the_disk_for_restore_and_fork_s3);
+
+fn stopped_and_fork(storage: Storage) {
+    let d = Daemon::start_storage(storage, false);
+    let (key, public) = keypair(&d.data_dir);
+    let vm = d.create_vm(
+        &json!({"name": "web", "user_data": ssh_user_data("root", &public)}).to_string(),
+    );
+    let id = id_of(&vm);
+    let ip = vm["guest_ip"].as_str().unwrap().to_string();
+    let ssh = |ip: &str, cmd: &str| d.ssh_ok(None, &key, &format!("root@{ip}"), 22, cmd);
+    ssh(&ip, "echo golden > /root/marker; sync");
+
+    // A Stopped snapshot powers the guest off first and stores only its disk.
+    let r = snapshot(
+        &d,
+        &id,
+        json!({"kind": "Stopped", "name": "golden", "tags": {"stage": "base"}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    let snap = r.body.clone();
+    let sid = id_of(&snap);
+    assert_eq!(snap["kind"], "Stopped");
+    assert_eq!(snap["compression_state"], "none");
+    assert_eq!(d.vm(&id)["state"], "stopped");
+    assert!(d.vmm_pids_of(&id).is_empty());
+    let stored = parts(&d, &id, &sid);
+    assert_eq!(
+        stored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        vec!["disk"]
+    );
+    assert_eq!(snap["size_bytes"].as_u64().unwrap(), stored[0].1);
+    // A stopped VM can be snapshotted (Stopped) again; a Standby needs it running.
+    assert_eq!(snapshot(&d, &id, json!({"kind": "Standby"})).status, 409);
+
+    // Fork requests that are wrong change nothing.
+    let fork = |body: Value| {
+        d.req(
+            "POST",
+            &format!("/snapshots/{sid}/fork"),
+            Some(&body.to_string()),
+        )
+    };
+    for (body, code) in [
+        (json!({}), 400),
+        (json!({"name": "Clone"}), 400),
+        (json!({"name": "clone", "target_state": "Standby"}), 400),
+        (
+            json!({"name": "clone", "target_hypervisor": "firecracker"}),
+            400,
+        ),
+        (json!({"name": "clone", "target_hypervisor": "hyperv"}), 400),
+        (json!({"name": "web"}), 409),
+    ] {
+        let r = fork(body.clone());
+        assert_eq!(r.status, code, "{body}: {}", r.text);
+        r.error();
+    }
+    assert_eq!(
+        d.req("GET", "/vms", None).ids(),
+        vec![id.clone()],
+        "no fork was left behind"
+    );
+    assert_eq!(
+        d.req("POST", "/snapshots/snap_nope/fork", Some(r#"{"name":"x"}"#))
+            .status,
+        404
+    );
+
+    // The fork: a new instance, stopped (the default for a Stopped snapshot), with the disk.
+    let r = fork(json!({"name": "clone", "target_hypervisor": "qemu"}));
+    assert_eq!(r.status, 201, "{}", r.text);
+    let clone = r.body.clone();
+    let cid = id_of(&clone);
+    assert_ne!(cid, id);
+    assert_eq!(clone["name"], "clone");
+    assert_eq!(clone["state"], "stopped");
+    assert_ne!(clone["guest_ip"], vm["guest_ip"]);
+    assert_ne!(clone["guest_mac"], vm["guest_mac"]);
+    assert_ne!(clone["ssh_port"], vm["ssh_port"]);
+    let r = d.req("POST", &format!("/vms/{cid}/start"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    let cip = clone["guest_ip"].as_str().unwrap();
+    assert_eq!(ssh(cip, "cat /root/marker").trim(), "golden");
+    // Running straight away works too.
+    let r = fork(json!({"name": "runner", "target_state": "Running"}));
+    assert_eq!(
+        (r.status, r.body["state"].clone()),
+        (201, json!("running")),
+        "{}",
+        r.text
+    );
+    let runner = id_of(&r.body);
+    assert_eq!(
+        ssh(r.body["guest_ip"].as_str().unwrap(), "cat /root/marker").trim(),
+        "golden"
+    );
+
+    // Restore by id on the source: its disk goes back to the snapshot's.
+    assert_eq!(d.req("POST", &format!("/vms/{id}/start"), None).status, 200);
+    ssh(&ip, "echo later > /root/later; sync");
+    assert_eq!(d.req("POST", &format!("/vms/{id}/stop"), None).status, 200);
+    let r = d.req(
+        "POST",
+        &format!("/instances/{id}/snapshots/{sid}/restore"),
+        Some(r#"{"target_state": "Running"}"#),
+    );
+    assert_eq!(
+        (r.status, r.body["state"].clone()),
+        (200, json!("running")),
+        "{}",
+        r.text
+    );
+    assert_eq!(ssh(&ip, "cat /root/marker").trim(), "golden");
+    assert!(ssh(&ip, "ls /root/later 2>&1 || true").contains("No such file"));
+
+    for v in [&runner, &cid, &id] {
+        assert_eq!(d.req("DELETE", &format!("/vms/{v}"), None).status, 200);
+    }
+    assert!(d.vmm_pids().is_empty());
+    assert!(d.links("ht").is_empty(), "{:?}", d.links("ht"));
+    assert_eq!(d.stored_objects("snapshots/"), vec![]);
+}
+
+on_both_stores!(standby_fork: a_fork_of_a_standby_snapshot_runs_beside_its_source, a_fork_of_a_standby_snapshot_runs_beside_its_source_s3);
+
+fn standby_fork(storage: Storage) {
+    let d = Daemon::start_storage(storage, true);
+    let (key, public) = keypair(&d.data_dir);
+    let source = counting_guest(&d, &public);
+    let sid_vm = id_of(&source);
+    let src_ip = source["guest_ip"].as_str().unwrap().to_string();
+    let ssh = |ip: &str, cmd: &str| d.ssh_ok(None, &key, &format!("root@{ip}"), 22, cmd);
+    ssh(&src_ip, "echo before-fork > /tmp/ram-marker");
+    wait_until("ticks", BOOT_TIMEOUT, || last_tick(&d.logs(&sid_vm)) >= 2);
+
+    let r = snapshot(
+        &d,
+        &sid_vm,
+        json!({"kind": "Standby", "name": "base", "compression": {"enabled": true, "algorithm": "lz4"}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    let snap = id_of(&r.body);
+    let frozen = last_tick(&d.logs(&sid_vm));
+    assert_eq!(
+        d.req("POST", &format!("/vms/{sid_vm}/restore"), None)
+            .status,
+        200
+    );
+
+    // The fork runs from the same memory, beside its source.
+    let r = d.req(
+        "POST",
+        &format!("/snapshots/{snap}/fork"),
+        Some(r#"{"name": "twin"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    let twin = r.body.clone();
+    let tid = id_of(&twin);
+    assert_eq!(twin["state"], "running");
+    let twin_ip = twin["guest_ip"].as_str().unwrap().to_string();
+    assert_ne!(twin_ip, src_ip);
+    // Its memory continued: the counter goes on from the snapshot, not from 1.
+    wait_until("the fork's ticks", Duration::from_secs(60), || {
+        last_tick(&d.logs(&tid)) > frozen
+    });
+    let first_tick = d
+        .logs(&tid)
+        .lines()
+        .filter_map(|l| l.split("tick ").nth(1))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .next()
+        .unwrap();
+    assert!(
+        first_tick > frozen,
+        "fork resumed at tick {first_tick}, snapshot at {frozen}"
+    );
+
+    // Both at their own address at the same time, each its own machine.
+    assert_eq!(ssh(&twin_ip, "cat /tmp/ram-marker").trim(), "before-fork");
+    ssh(&src_ip, "echo source > /tmp/who");
+    ssh(&twin_ip, "echo twin > /tmp/who");
+    assert_eq!(ssh(&src_ip, "cat /tmp/who").trim(), "source");
+    assert_eq!(ssh(&twin_ip, "cat /tmp/who").trim(), "twin");
+    // Through its own SSH forward, and out to the upstream network by name.
+    let port = twin["ssh_port"].as_u64().unwrap() as u16;
+    assert_eq!(
+        d.ssh_ok(None, &key, "root@127.0.0.1", port, "cat /tmp/who")
+            .trim(),
+        "twin"
+    );
+    let out = ssh(&twin_ip, "wget -q -O - http://upstream.test:8000/hello.txt");
+    assert_eq!(out.trim(), "hello from upstream");
+    assert_eq!(ssh(&src_ip, "cat /tmp/who").trim(), "source");
+
+    // A fork kept in standby sleeps in a snapshot of its own: it outlives its source.
+    let r = d.req(
+        "POST",
+        &format!("/snapshots/{snap}/fork"),
+        Some(r#"{"name": "sleeper", "target_state": "Standby"}"#),
+    );
+    assert_eq!(
+        (r.status, r.body["state"].clone()),
+        (201, json!("snapshotted")),
+        "{}",
+        r.text
+    );
+    let sleeper = r.body.clone();
+    let slid = id_of(&sleeper);
+    let own = d.req(
+        "GET",
+        &format!("/snapshots?source_instance_id={slid}"),
+        None,
+    );
+    assert_eq!(own.ids().len(), 1, "{}", own.text);
+    assert_eq!(d.req("DELETE", &format!("/vms/{tid}"), None).status, 200);
+    assert_eq!(d.req("DELETE", &format!("/vms/{sid_vm}"), None).status, 200);
+    let netns =
+        String::from_utf8_lossy(&d.in_ns(None, &["ip", "netns", "list"]).stdout).to_string();
+    assert!(
+        !netns.contains(&tid),
+        "the fork's namespace is gone: {netns}"
+    );
+    let r = d.req("POST", &format!("/vms/{slid}/restore"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    let slip = sleeper["guest_ip"].as_str().unwrap();
+    assert_eq!(ssh(slip, "cat /tmp/ram-marker").trim(), "before-fork");
+
+    // Stopped and started again, the fork boots afresh on its own address, no namespace.
+    assert_eq!(
+        d.req("POST", &format!("/vms/{slid}/stop"), None).status,
+        200
+    );
+    assert_eq!(
+        d.req("POST", &format!("/vms/{slid}/start"), None).status,
+        200
+    );
+    assert!(ssh(slip, "cat /tmp/ram-marker 2>&1 || true").contains("No such file"));
+    let netns =
+        String::from_utf8_lossy(&d.in_ns(None, &["ip", "netns", "list"]).stdout).to_string();
+    assert!(!netns.contains(&slid), "{netns}");
+    assert_eq!(d.req("DELETE", &format!("/vms/{slid}"), None).status, 200);
+    assert!(d.vmm_pids().is_empty());
+    assert_eq!(d.stored_objects("snapshots/"), vec![]);
+}
+
+/// Server default, instance default and request, in that order of precedence.
+#[test]
+fn compression_defaults_come_from_server_instance_and_request() {
+    let d = Daemon::start_with(&[("HATCH_SNAPSHOT_COMPRESSION", "zstd:3")]);
+    let plain = d.create_vm(r#"{"enable_network": false, "mem_mib": 128}"#);
+    let own = d.create_vm(
+        r#"{"enable_network": false, "mem_mib": 128, "snapshot_compression": {"enabled": true, "algorithm": "lz4"}}"#,
+    );
+    assert_eq!(
+        own["snapshot_compression"],
+        json!({"enabled": true, "algorithm": "lz4", "level": 0})
+    );
+    let r = d.req(
+        "POST",
+        "/vms",
+        Some(r#"{"snapshot_compression": {"enabled": true, "algorithm": "lz4", "level": 12}}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.text);
+    let (p, o) = (id_of(&plain), id_of(&own));
+    d.wait_console(&p, "hatch-guest: ready");
+    d.wait_console(&o, "hatch-guest: ready");
+
+    let hatch_snapshot = |vm: &str| {
+        let r = d.req("POST", &format!("/vms/{vm}/snapshot"), None);
+        assert_eq!(r.status, 201, "{}", r.text);
+        compressed(&d, &id_of(&r.body))
+    };
+    let s = hatch_snapshot(&p);
+    assert_eq!(
+        s["compression"],
+        json!({"enabled": true, "algorithm": "zstd", "level": 3})
+    );
+    assert_eq!(s["compression_state"], "compressed", "{s}");
+    let s = hatch_snapshot(&o);
+    assert_eq!(
+        s["compression"],
+        json!({"enabled": true, "algorithm": "lz4", "level": 0})
+    );
+    assert_eq!(s["compression_state"], "compressed", "{s}");
+    // Restored from compressed memory, then a request that turns it off.
+    assert_eq!(
+        d.req("POST", &format!("/vms/{o}/restore"), None).status,
+        200
+    );
+    let r = snapshot(
+        &d,
+        &o,
+        json!({"kind": "Standby", "compression": {"enabled": false}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["compression_state"], "none");
+    assert_eq!(
+        d.req("POST", &format!("/vms/{o}/restore"), None).status,
+        200
+    );
+    for v in [&p, &o] {
+        assert_eq!(d.req("DELETE", &format!("/vms/{v}"), None).status, 200);
+    }
+}
+
+/// A daemon killed while compressing picks the work up again after restart.
+#[test]
+fn compression_survives_a_daemon_crash() {
+    let mut d = Daemon::start();
+    let vm = d.create_vm(r#"{"enable_network": false, "mem_mib": 128}"#);
+    let id = id_of(&vm);
+    d.wait_console(&id, "hatch-guest: ready");
+    let r = snapshot(
+        &d,
+        &id,
+        json!({"kind": "Standby", "compression": {"enabled": true, "level": 19}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    let sid = id_of(&r.body);
+    d.kill9();
+    d.restart();
+    let s = compressed(&d, &sid);
+    assert_eq!(s["compression_state"], "compressed", "{s}");
+    let stored = parts(&d, &id, &sid);
+    assert_eq!(
+        stored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        vec!["disk", "memory.zstd", "vmstate"]
+    );
+    assert_eq!(d.vm(&id)["state"], "snapshotted");
+    assert_eq!(
+        d.req("POST", &format!("/vms/{id}/restore"), None).status,
+        200
+    );
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+}
