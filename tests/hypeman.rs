@@ -599,7 +599,7 @@ fn compression_survives_a_daemon_crash() {
     let r = snapshot(
         &d,
         &id,
-        json!({"kind": "Standby", "compression": {"enabled": true, "level": 19}}),
+        json!({"kind": "Standby", "compression": {"enabled": true, "level": 9}}),
     );
     assert_eq!(r.status, 201, "{}", r.text);
     let sid = id_of(&r.body);

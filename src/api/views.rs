@@ -132,7 +132,11 @@ impl From<Snapshot> for HatchSnapshotView {
             id: s.id,
             vm_id: s.vm_id,
             state_key: s.state_key,
-            memory_key: s.memory_key,
+            // Once compressed, the memory lives in the compressed object.
+            memory_key: match (s.compression_state.as_str(), s.compressed_key) {
+                ("compressed", Some(k)) => k,
+                _ => s.memory_key,
+            },
             disk_key: s.disk_key,
             vm_config: s.vm_config,
             size_bytes: s.size_bytes,

@@ -65,6 +65,35 @@ fn compression_of(snap: &Snapshot) -> CompressionConfig {
         .unwrap_or_default()
 }
 
+/// A FIFO the VMM writes guest memory into while the daemon uploads it.
+/// The reader is opened first (non-blocking, so a VMM that never starts
+/// writing cannot hang us); `keeper` is a write end held by us, so the reader
+/// sees no end of stream before the VMM's writer has come and gone.
+struct MemoryPipe {
+    reader: tokio::net::unix::pipe::Receiver,
+    keeper: std::fs::File,
+}
+
+impl MemoryPipe {
+    fn open(path: &Path) -> std::io::Result<MemoryPipe> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(path);
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let reader = tokio::net::unix::pipe::OpenOptions::new().open_receiver(path)?;
+        let keeper = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        Ok(MemoryPipe { reader, keeper })
+    }
+}
+
 impl Manager {
     fn snap_lock(&self, id: &str) -> Arc<tokio::sync::RwLock<()>> {
         let mut locks = self.snap_locks.lock().unwrap();
@@ -222,7 +251,9 @@ impl Manager {
         Ok(())
     }
 
-    /// Pauses and saves the guest into `dir`, then stores state, memory and disk.
+    /// Pauses and saves the guest, streaming its memory straight into the
+    /// store through a FIFO (never a whole copy on local disk or in RAM),
+    /// then stores state and disk.
     async fn capture(
         &self,
         spec: &VmSpec,
@@ -236,20 +267,22 @@ impl Manager {
             state: dir.join("vmstate"),
             memory: dir.join("memory"),
         };
-        self.vmm
-            .snapshot(spec, &files)
-            .await
-            .map_err(|e| e.to_string())?;
-        // The guest is paused and QEMU flushed the disk when saving completed.
+        let pipe = MemoryPipe::open(&files.memory).map_err(|e| format!("memory pipe: {e}"))?;
+        let (reader, keeper) = (pipe.reader, pipe.keeper);
+        let save = async {
+            let saved = self.vmm.snapshot(spec, &files).await;
+            // The VMM's writer is done (or never came): let the reader see the end.
+            drop(keeper);
+            saved
+        };
+        let (saved, memory) = tokio::join!(save, self.objects.put_reader(&snap.memory_key, reader));
+        saved.map_err(|e| e.to_string())?;
         let e = |e: snapshot::ObjectError| e.to_string();
+        let memory = memory.map_err(e)?;
+        // The guest is paused and QEMU flushed the disk when saving completed.
         let state = self
             .objects
             .put_file(&snap.state_key, &files.state)
-            .await
-            .map_err(e)?;
-        let memory = self
-            .objects
-            .put_file(&snap.memory_key, &files.memory)
             .await
             .map_err(e)?;
         let disk = self

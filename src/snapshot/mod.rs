@@ -378,6 +378,12 @@ impl Objects {
         self.upload(key, f, ObjectError::Io).await
     }
 
+    /// Streams whatever `reader` yields until its end into `key` (a pipe
+    /// the VMM is writing its memory into), hashing as it goes.
+    pub async fn put_reader(&self, key: &str, reader: impl AsyncRead + Unpin) -> Result<Stored> {
+        self.upload(key, reader, ObjectError::Io).await
+    }
+
     /// Streams `key` into `dest` and checks it against `expected`. `dest`
     /// appears only once the whole object arrived intact.
     pub async fn get_file(&self, key: &str, dest: &Path, expected: &Stored) -> Result<()> {

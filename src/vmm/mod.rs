@@ -114,6 +114,7 @@ pub trait Vmm: Send + Sync {
     async fn pause(&self, spec: &VmSpec) -> Result<()>;
     async fn resume(&self, spec: &VmSpec) -> Result<()>;
     /// Writes memory + CPU/device state of a paused guest to `out`.
+    /// `out.memory` may be a FIFO the caller reads while this runs.
     async fn snapshot(&self, spec: &VmSpec, out: &SnapshotFiles) -> Result<()>;
     /// Starts a VMM from `from` instead of booting; the guest comes back paused.
     async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> Result<VmProcess>;
