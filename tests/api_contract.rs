@@ -17,6 +17,10 @@ fn auth_headers_owners_and_revocation() {
         ("GET", "/images"),
         ("GET", "/templates"),
         ("GET", "/vms/vm_x/logs"),
+        ("POST", "/instances/vm_x/snapshots"),
+        ("POST", "/instances/vm_x/snapshots/snap_x/restore"),
+        ("POST", "/snapshots/snap_x/fork"),
+        ("GET", "/snapshots"),
     ] {
         let r = d.curl(method, path, &[], Some("{}"));
         assert_eq!(r.status, 401, "{method} {path}: {}", r.text);
@@ -306,12 +310,24 @@ fn invalid_requests_are_refused_and_change_nothing() {
         assert_eq!(r.status, 404, "{m} {p}: {}", r.text);
         r.error();
     }
+    for (p, body) in [
+        ("/instances/vm_nope/snapshots", r#"{"kind": "Standby"}"#),
+        ("/instances/vm_nope/snapshots/snap_nope/restore", "{}"),
+        ("/snapshots/snap_nope/fork", r#"{"name": "x"}"#),
+    ] {
+        let r = d.req("POST", p, Some(body));
+        assert_eq!(r.status, 404, "POST {p}: {}", r.text);
+        r.error();
+    }
     for (m, p) in [
         ("PUT", "/vms"),
         ("PATCH", "/vms/vm_x"),
         ("GET", "/vms/vm_x/stop"),
         ("DELETE", "/images"),
         ("POST", "/health"),
+        ("GET", "/instances/vm_x/snapshots"),
+        ("GET", "/snapshots/snap_x/fork"),
+        ("PUT", "/snapshots/snap_x"),
     ] {
         let r = d.req(m, p, None);
         assert_eq!(r.status, 405, "{m} {p}: {}", r.text);
