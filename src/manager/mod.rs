@@ -52,6 +52,11 @@ impl From<StoreError> for ManagerError {
 
 pub type Result<T> = std::result::Result<T, ManagerError>;
 
+/// Streams a snapshot's memory into a VMM's FIFO, verifying as it goes;
+/// resolves once every byte was sent and checked.
+type MemoryFeed =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send>>;
+
 /// A VMM process this daemon started and is watching.
 struct Running {
     boot_id: u64,
@@ -829,7 +834,7 @@ impl Manager {
     async fn boot_from(
         self: &Arc<Self>,
         vm: &Vm,
-        snapshot: Option<&vmm::SnapshotFiles>,
+        snapshot: Option<(&vmm::SnapshotFiles, MemoryFeed)>,
     ) -> std::result::Result<(), String> {
         let spec = self.spec_for(vm);
         if !spec.disk.exists() {
@@ -843,24 +848,14 @@ impl Manager {
             }
         }
         let launched = match snapshot {
-            None => self.vmm.boot(&spec).await,
-            Some(files) => match self.vmm.restore(&spec, files).await {
-                Ok(mut p) => match self.vmm.resume(&spec).await {
-                    Ok(()) => Ok(p),
-                    Err(e) => {
-                        let _ = p.child.start_kill();
-                        let _ = p.child.wait().await;
-                        Err(e)
-                    }
-                },
-                Err(e) => Err(e),
-            },
+            None => self.vmm.boot(&spec).await.map_err(|e| e.to_string()),
+            Some((files, feed)) => self.load_and_resume(&spec, files, feed).await,
         };
         let proc = match launched {
             Ok(p) => p,
             Err(e) => {
                 self.remove_tap(vm).await;
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         let boot_id = self.next_boot.fetch_add(1, Ordering::Relaxed);
@@ -883,6 +878,55 @@ impl Manager {
         });
         tracing::info!(vm = %vm.id, pid = proc.pid, "VMM started");
         Ok(())
+    }
+
+    /// Starts a VMM that loads the snapshot memory `feed` streams into
+    /// `files.memory` (a FIFO), and resumes the guest only once the feed has
+    /// verified every byte it sent. Whatever fails, no VMM is left behind.
+    async fn load_and_resume(
+        &self,
+        spec: &VmSpec,
+        files: &vmm::SnapshotFiles,
+        feed: MemoryFeed,
+    ) -> std::result::Result<vmm::VmProcess, String> {
+        let launch = self.vmm.restore(spec, files);
+        tokio::pin!(launch);
+        let mut feed = feed;
+        let loaded = tokio::select! {
+            launched = &mut launch => match launched {
+                Err(e) => Err(e.to_string()),
+                // Loaded: the feed has sent its last bytes and is checking them.
+                Ok(mut p) => match tokio::time::timeout(Duration::from_secs(60), &mut feed).await {
+                    Ok(Ok(())) => Ok(p),
+                    other => {
+                        let _ = p.child.start_kill();
+                        let _ = p.child.wait().await;
+                        Err(match other {
+                            Ok(Err(e)) => e,
+                            _ => "the snapshot memory did not finish streaming".into(),
+                        })
+                    }
+                },
+            },
+            fed = &mut feed => match fed {
+                Ok(()) => launch.await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            },
+        };
+        if loaded.is_err() {
+            // A VMM still waiting for memory that will never come goes too.
+            let dir = spec.work_dir.clone();
+            tokio::task::spawn_blocking(move || process::kill_all_under(&dir))
+                .await
+                .ok();
+        }
+        let mut p = loaded?;
+        if let Err(e) = self.vmm.resume(spec).await {
+            let _ = p.child.start_kill();
+            let _ = p.child.wait().await;
+            return Err(e.to_string());
+        }
+        Ok(p)
     }
 
     /// A VMM exited. If no flow was expecting it (the guest powered off or the

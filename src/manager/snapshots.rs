@@ -65,6 +65,46 @@ fn compression_of(snap: &Snapshot) -> CompressionConfig {
         .unwrap_or_default()
 }
 
+/// The snapshot's disk put in place of the VM's, the previous one kept
+/// beside it until the restore either worked (commit) or did not (rollback).
+struct DiskSwap {
+    disk: std::path::PathBuf,
+    backup: Option<std::path::PathBuf>,
+}
+
+impl DiskSwap {
+    async fn commit(self) {
+        if let Some(b) = &self.backup {
+            let _ = tokio::fs::remove_file(b).await;
+        }
+    }
+
+    async fn rollback(self) {
+        match &self.backup {
+            Some(b) => {
+                if let Err(e) = tokio::fs::rename(b, &self.disk).await {
+                    tracing::error!("putting back the disk {}: {e}", b.display());
+                }
+            }
+            None => {
+                let _ = tokio::fs::remove_file(&self.disk).await;
+            }
+        }
+    }
+}
+
+fn make_fifo(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A FIFO the VMM writes guest memory into while the daemon uploads it.
 /// The reader is opened first (non-blocking, so a VMM that never starts
 /// writing cannot hang us); `keeper` is a write end held by us, so the reader
@@ -76,15 +116,8 @@ struct MemoryPipe {
 
 impl MemoryPipe {
     fn open(path: &Path) -> std::io::Result<MemoryPipe> {
-        use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(path);
-        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        make_fifo(path)?;
         let reader = tokio::net::unix::pipe::OpenOptions::new().open_receiver(path)?;
         let keeper = std::fs::OpenOptions::new()
             .write(true)
@@ -437,32 +470,24 @@ impl Manager {
         })
     }
 
-    /// Loads a Standby snapshot into `vm` and resumes it (VM lock held).
+    /// Loads a Standby snapshot into `vm` and resumes it (VM lock held). A
+    /// failure leaves the VM as it was: state, disk and what it resumes from.
     async fn resume_from(self: &Arc<Self>, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
         let id = vm.id.clone();
         let lock = self.snap_lock(&snap.id);
         let _r = lock.read().await;
-        let work_dir = self.work_dir(&id);
-        let dir = work_dir.join(format!("restore-{}", snap.id));
-        if let Err(e) = self.fetch(snap, &dir, &work_dir, true).await {
-            // Nothing was replaced: the VM is as it was.
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            return Err(ManagerError::Internal(format!(
-                "restoring vm {id} from {} failed, the VM stays {}: {e}",
-                snap.id, vm.state
-            )));
-        }
+        let before = (
+            state_of(vm),
+            vm.standby_snapshot_id.clone(),
+            vm.inner_ip.clone(),
+            vm.inner_mac.clone(),
+        );
+        // Recorded before a VMM starts: a crash while loading recovers as snapshotted on it.
         self.store.set_vm_standby(&id, Some(&snap.id)).await?;
         vm.standby_snapshot_id = Some(snap.id.clone());
         self.adopt_memory_address(vm, snap).await?;
         self.transition(vm, VmState::Starting, None).await?;
-        let files = vmm::SnapshotFiles {
-            state: dir.join("vmstate"),
-            memory: dir.join("memory"),
-        };
-        let booted = self.boot_from(vm, Some(&files)).await;
-        let _ = tokio::fs::remove_dir_all(&dir).await;
-        match booted {
+        match self.load_standby(vm, snap).await {
             Ok(()) => {
                 self.store.set_vm_standby(&id, None).await?;
                 vm.standby_snapshot_id = None;
@@ -472,12 +497,21 @@ impl Manager {
                 Ok(())
             }
             Err(e) => {
-                // The disk is the snapshot's now; the VM stands by on it, nothing lost.
-                self.transition(vm, VmState::Snapshotted, None).await?;
-                Err(ManagerError::Internal(format!(
-                    "restoring vm {id} from {} failed, the VM stays snapshotted: {e}",
+                let (state, standby, ip, mac) = before;
+                self.store.set_vm_standby(&id, standby.as_deref()).await?;
+                vm.standby_snapshot_id = standby;
+                self.store
+                    .set_vm_inner_address(&id, ip.as_deref(), mac.as_deref())
+                    .await?;
+                vm.inner_ip = ip;
+                vm.inner_mac = mac;
+                let msg = format!(
+                    "restoring vm {id} from {} failed, the VM stays {state}: {e}",
                     snap.id
-                )))
+                );
+                let last_error = (state == VmState::Error).then_some(msg.as_str());
+                self.transition(vm, state, last_error).await?;
+                Err(ManagerError::Internal(msg))
             }
         }
     }
@@ -510,20 +544,21 @@ impl Manager {
         Ok(())
     }
 
-    /// Downloads and verifies the objects of `snap` (memory and state too when
-    /// `memory`) before the VM's disk is replaced by the snapshot's.
+    /// Downloads and verifies the snapshot's disk (and its device state
+    /// when `state`) into `dir`, then puts the disk in place; the VM's
+    /// previous disk is kept until the swap is committed or rolled back.
     async fn fetch(
         &self,
         snap: &Snapshot,
         dir: &Path,
         work_dir: &Path,
-        memory: bool,
-    ) -> std::result::Result<(), String> {
+        state: bool,
+    ) -> std::result::Result<DiskSwap, String> {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| e.to_string())?;
         let e = |e: snapshot::ObjectError| e.to_string();
-        if memory {
+        if state {
             self.objects
                 .get_file(
                     &snap.state_key,
@@ -532,32 +567,12 @@ impl Manager {
                 )
                 .await
                 .map_err(e)?;
-            let raw = stored(&snap.memory_sha256, snap.memory_size);
-            let compressed = compression_of(snap).effective();
-            match (&snap.compressed_key, compressed) {
-                (Some(key), Some((algorithm, _))) if snap.compression_state == "compressed" => self
-                    .objects
-                    .get_file_decompressed(
-                        key,
-                        &dir.join("memory"),
-                        &stored(&snap.compressed_sha256, snap.compressed_size_bytes),
-                        algorithm,
-                        &raw,
-                    )
-                    .await
-                    .map_err(e)?,
-                _ => self
-                    .objects
-                    .get_file(&snap.memory_key, &dir.join("memory"), &raw)
-                    .await
-                    .map_err(e)?,
-            }
         }
-        let disk = dir.join("disk.qcow2");
+        let fetched = dir.join("disk.qcow2");
         self.objects
             .get_file(
                 &snap.disk_key,
-                &disk,
+                &fetched,
                 &stored(&snap.disk_sha256, snap.disk_size),
             )
             .await
@@ -566,9 +581,123 @@ impl Manager {
             .await
             .map_err(|e| e.to_string())?;
         // Everything arrived intact: only now is the VM's disk replaced.
-        tokio::fs::rename(&disk, work_dir.join("disk.qcow2"))
+        let disk = work_dir.join("disk.qcow2");
+        let backup = work_dir.join("disk.qcow2.before-restore");
+        let had_disk = match tokio::fs::rename(&disk, &backup).await {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(format!("keeping the current disk: {e}")),
+        };
+        if let Err(e) = tokio::fs::rename(&fetched, &disk).await {
+            if had_disk {
+                let _ = tokio::fs::rename(&backup, &disk).await;
+            }
+            return Err(e.to_string());
+        }
+        Ok(DiskSwap {
+            disk,
+            backup: had_disk.then_some(backup),
+        })
+    }
+
+    /// Where a snapshot's memory is and how to check it: the key, its
+    /// recorded checksum, and the algorithm and raw checksum when compressed.
+    fn memory_source(snap: &Snapshot) -> (String, Stored, Option<(snapshot::Algorithm, Stored)>) {
+        let raw = stored(&snap.memory_sha256, snap.memory_size);
+        match (&snap.compressed_key, compression_of(snap).effective()) {
+            (Some(key), Some((algorithm, _))) if snap.compression_state == "compressed" => (
+                key.clone(),
+                stored(&snap.compressed_sha256, snap.compressed_size_bytes),
+                Some((algorithm, raw)),
+            ),
+            _ => (snap.memory_key.clone(), raw, None),
+        }
+    }
+
+    /// The stream of `snap`'s memory into the FIFO at `fifo`, verified.
+    fn memory_feed(
+        &self,
+        snap: &Snapshot,
+        fifo: &Path,
+    ) -> std::result::Result<super::MemoryFeed, String> {
+        make_fifo(fifo).map_err(|e| format!("memory pipe: {e}"))?;
+        // Read-write: opening never waits for (or fails without) the VMM's
+        // reader; once we close it, the reader sees the end of the stream.
+        let mut tx = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_sender(fifo)
+            .map_err(|e| format!("memory pipe: {e}"))?;
+        let objects = self.objects.clone();
+        let (key, expected, decompress) = Self::memory_source(snap);
+        Ok(Box::pin(async move {
+            let sent = objects
+                .stream_to(
+                    &key,
+                    &mut tx,
+                    &expected,
+                    decompress.as_ref().map(|(a, r)| (*a, r)),
+                )
+                .await;
+            drop(tx);
+            sent.map_err(|e| e.to_string())
+        }))
+    }
+
+    /// Verified state and disk in place, then the memory streamed into a new
+    /// VMM for `vm`, which resumes. On failure the VM's disk is as it was.
+    async fn load_standby(
+        self: &Arc<Self>,
+        vm: &Vm,
+        snap: &Snapshot,
+    ) -> std::result::Result<(), String> {
+        let work_dir = self.work_dir(&vm.id);
+        let dir = work_dir.join(format!("restore-{}", snap.id));
+        let result = async {
+            let swap = self.fetch(snap, &dir, &work_dir, true).await?;
+            let files = vmm::SnapshotFiles {
+                state: dir.join("vmstate"),
+                memory: dir.join("memory"),
+            };
+            let loaded = match self.memory_feed(snap, &files.memory) {
+                Ok(feed) => self.boot_from(vm, Some((&files, feed))).await,
+                Err(e) => Err(e),
+            };
+            match loaded {
+                Ok(()) => {
+                    swap.commit().await;
+                    Ok(())
+                }
+                Err(e) => {
+                    swap.rollback().await;
+                    Err(self.explain_load_failure(snap, e).await)
+                }
+            }
+        }
+        .await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        result
+    }
+
+    /// A VMM that could not load streamed memory says little about why; when
+    /// the stored memory itself is corrupt or missing, that is the reason to give.
+    async fn explain_load_failure(&self, snap: &Snapshot, error: String) -> String {
+        if error.contains("corrupt") || error.contains("missing") {
+            return error;
+        }
+        let (key, expected, decompress) = Self::memory_source(snap);
+        match self
+            .objects
+            .stream_to(
+                &key,
+                &mut tokio::io::sink(),
+                &expected,
+                decompress.as_ref().map(|(a, r)| (*a, r)),
+            )
             .await
-            .map_err(|e| e.to_string())
+        {
+            Err(e) => e.to_string(),
+            Ok(()) => error,
+        }
     }
 
     /// Hypeman's `POST /instances/{id}/snapshots/{snapshot_id}/restore`: the
@@ -623,11 +752,14 @@ impl Manager {
                 let dir = work_dir.join(format!("restore-{}", snap.id));
                 let fetched = self.fetch(&snap, &dir, &work_dir, false).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
-                fetched.map_err(|e| {
-                    ManagerError::Internal(format!(
-                        "restoring instance {id} from {snap_id} failed, it is unchanged: {e}"
-                    ))
-                })?;
+                fetched
+                    .map(DiskSwap::commit)
+                    .map_err(|e| {
+                        ManagerError::Internal(format!(
+                            "restoring instance {id} from {snap_id} failed, it is unchanged: {e}"
+                        ))
+                    })?
+                    .await;
                 self.store.set_vm_standby(id, None).await?;
                 vm.standby_snapshot_id = None;
                 if state_of(&vm) != VmState::Stopped {
@@ -765,22 +897,10 @@ impl Manager {
             (SnapshotKind::Standby, TargetState::Running) => {
                 let lock = self.snap_lock(&snap.id);
                 let _r = lock.read().await;
-                let dir = work_dir.join(format!("restore-{}", snap.id));
-                let fetched = self.fetch(snap, &dir, &work_dir, true).await;
-                if let Err(e) = fetched {
-                    let _ = tokio::fs::remove_dir_all(&dir).await;
-                    return Err(e);
-                }
                 self.adopt_memory_address(vm, snap)
                     .await
                     .map_err(|e| e.to_string())?;
-                let files = vmm::SnapshotFiles {
-                    state: dir.join("vmstate"),
-                    memory: dir.join("memory"),
-                };
-                let booted = self.boot_from(vm, Some(&files)).await;
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-                booted?;
+                self.load_standby(vm, snap).await?;
                 self.transition(vm, VmState::Running, None)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -793,7 +913,7 @@ impl Manager {
                 let dir = work_dir.join(format!("restore-{}", snap.id));
                 let fetched = self.fetch(snap, &dir, &work_dir, false).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
-                fetched?;
+                fetched?.commit().await;
                 if target == TargetState::Running {
                     self.boot(vm).await?;
                     self.transition(vm, VmState::Running, None)

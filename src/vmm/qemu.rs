@@ -237,6 +237,7 @@ impl Qemu {
         })?;
         let pid = child.id().unwrap_or(0);
         let started = Instant::now();
+        let mut control: Option<Qmp> = None;
         loop {
             if let Some(status) = child.try_wait()? {
                 return Err(VmmError::Launch(format!(
@@ -244,19 +245,24 @@ impl Qemu {
                     tail_of(&spec.vmm_log(), 600)
                 )));
             }
-            if sock.exists() {
-                if let Ok(mut q) = Qmp::connect(&sock).await {
-                    let status = q
-                        .execute("query-status", None)
-                        .await
-                        .map_err(VmmError::Control)?;
+            // One connection for the whole wait: a new QMP session every poll
+            // costs QEMU's main loop work while it loads an incoming snapshot.
+            if control.is_none() && sock.exists() {
+                control = Qmp::connect(&sock).await.ok();
+            }
+            if let Some(q) = control.as_mut() {
+                match q.execute("query-status", None).await {
                     // `inmigrate` while an incoming snapshot loads; `paused` once it has.
-                    if matches!(
-                        status.get("status").and_then(|s| s.as_str()),
-                        Some("running" | "paused")
-                    ) {
+                    Ok(status)
+                        if matches!(
+                            status.get("status").and_then(|s| s.as_str()),
+                            Some("running" | "paused")
+                        ) =>
+                    {
                         return Ok(VmProcess { pid, child });
                     }
+                    Ok(_) => {}
+                    Err(_) => control = None,
                 }
             }
             if started.elapsed() > timeout {
