@@ -354,7 +354,16 @@ impl Objects {
     /// A store in an S3 bucket. Nothing is contacted yet: a wrong endpoint or key shows up at
     /// the first snapshot.
     pub fn s3(s3: &S3Config) -> Result<Objects> {
+        // No limit on a whole request: a memory image streams for as long as
+        // its consumer (a compressor at zstd 19, a loading VMM) takes, far
+        // beyond the client's default 30 s. A connection that goes silent
+        // still fails, through the connect and read timeouts.
+        let client = object_store::ClientOptions::new()
+            .with_timeout_disabled()
+            .with_connect_timeout(std::time::Duration::from_secs(10))
+            .with_read_timeout(std::time::Duration::from_secs(60));
         let mut builder = object_store::aws::AmazonS3Builder::new()
+            .with_client_options(client)
             .with_bucket_name(&s3.bucket)
             .with_region(&s3.region)
             .with_access_key_id(&s3.access_key)
