@@ -4,23 +4,11 @@
 //! beside their source. Each scenario runs against a real S3-compatible
 //! server (s3s-fs) and against the local store.
 
+#[macro_use]
 mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
-
-macro_rules! on_both_stores {
-    ($scenario:ident: $local:ident, $s3:ident) => {
-        #[test]
-        fn $local() {
-            $scenario(Storage::Local)
-        }
-        #[test]
-        fn $s3() {
-            $scenario(Storage::S3)
-        }
-    };
-}
 
 const COMPRESSION_TIMEOUT: Duration = Duration::from_secs(300);
 

@@ -5,24 +5,11 @@
 //! scenario runs against the local store and against a real S3-compatible
 //! server (s3s-fs), looking at the objects through the store itself.
 
+#[macro_use]
 mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
-
-/// One `#[test]` per storage backend for a scenario taking a `Storage`.
-macro_rules! on_both_stores {
-    ($scenario:ident: $local:ident, $s3:ident) => {
-        #[test]
-        fn $local() {
-            $scenario(Storage::Local)
-        }
-        #[test]
-        fn $s3() {
-            $scenario(Storage::S3)
-        }
-    };
-}
 
 /// The VM's stored objects (key, size), as the store lists them.
 fn objects_of(d: &Daemon, vm_id: &str) -> Vec<(String, u64)> {

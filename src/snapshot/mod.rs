@@ -194,35 +194,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for Tallied<R> {
 
 type Body = StreamReader<BoxStream<'static, io::Result<Bytes>>, Bytes>;
 
-/// Streams `body` into `tmp`, returning the size and checksum of what was written. Read
-/// errors go through `on_read`, so each caller decides what a broken body means. Nothing is
-/// left at `tmp` on failure.
-async fn write_file(
-    body: impl AsyncRead + Unpin,
-    tmp: &Path,
-    on_read: impl Fn(io::Error) -> ObjectError,
-) -> Result<Stored> {
-    let mut body = Tallied::new(body);
-    let result = async {
-        let mut out = tokio::fs::File::create(tmp).await?;
-        let mut buf = vec![0u8; COPY_BUF];
-        loop {
-            let n = body.read(&mut buf).await.map_err(&on_read)?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buf[..n]).await?;
-        }
-        out.flush().await?;
-        Ok(body.tally())
-    }
-    .await;
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(tmp).await;
-    }
-    result
-}
-
 /// Moves `tmp` to `dest` if `verdict` is Ok, else removes it: `dest` only ever holds
 /// verified bytes.
 async fn settle(tmp: &Path, dest: &Path, verdict: Result<()>) -> Result<()> {
@@ -505,10 +476,25 @@ impl Objects {
     /// Streams `key` into `dest` and checks it against `expected`. `dest`
     /// appears only once the whole object arrived intact.
     pub async fn get_file(&self, key: &str, dest: &Path, expected: &Stored) -> Result<()> {
-        let body = self.open(key).await?;
+        self.get_into_file(key, dest, expected, None).await
+    }
+
+    /// `stream_to` a `.partial` file beside `dest`, renamed to `dest` only
+    /// once every check passed.
+    async fn get_into_file(
+        &self,
+        key: &str,
+        dest: &Path,
+        stored: &Stored,
+        decompress: Option<(Algorithm, &Stored)>,
+    ) -> Result<()> {
         let tmp = partial_path(dest);
-        let written = write_file(body, &tmp, |e| read_err(key, e)).await?;
-        settle(&tmp, dest, check(key, "", expected, &written)).await
+        let verdict = async {
+            let mut out = tokio::fs::File::create(&tmp).await?;
+            self.stream_to(key, &mut out, stored, decompress).await
+        }
+        .await;
+        settle(&tmp, dest, verdict).await
     }
 
     /// Stores a compressed copy of `src_key` at `dst_key`, streaming: the source is read,
@@ -545,29 +531,8 @@ impl Objects {
         algorithm: Algorithm,
         raw: &Stored,
     ) -> Result<()> {
-        let mut compressed = Tallied::new(self.open(key).await?);
-        let tmp = partial_path(dest);
-        let decoded = {
-            let decoder = algorithm.decoder(BufReader::with_capacity(COPY_BUF, &mut compressed));
-            write_file(decoder, &tmp, |e| match read_err(key, e) {
-                // Not from the store, so from the decoder: the bytes are not a valid stream.
-                ObjectError::Io(e) => ObjectError::Corrupt {
-                    key: key.to_string(),
-                    expected: format!("a {algorithm} stream, {}", describe_stored(stored)),
-                    actual: format!("undecodable data ({e})"),
-                },
-                other => other,
-            })
-            .await?
-        };
-        // The decoder stops at the end of its frame; anything after it still counts.
-        let drained = tokio::io::copy(&mut compressed, &mut tokio::io::sink()).await;
-        let verdict = match drained {
-            Err(e) => Err(read_err(key, e)),
-            Ok(_) => check(key, "compressed ", stored, &compressed.tally())
-                .and_then(|()| check(key, "uncompressed ", raw, &decoded)),
-        };
-        settle(&tmp, dest, verdict).await
+        self.get_into_file(key, dest, stored, Some((algorithm, raw)))
+            .await
     }
 
     /// Streams the object `key` into `out` (a pipe a VMM loads guest memory

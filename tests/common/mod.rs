@@ -61,6 +61,21 @@ impl Response {
     }
 }
 
+/// One `#[test]` per storage backend for a scenario taking a `Storage`.
+#[allow(unused_macros)]
+macro_rules! on_both_stores {
+    ($scenario:ident: $local:ident, $s3:ident) => {
+        #[test]
+        fn $local() {
+            $scenario(Storage::Local)
+        }
+        #[test]
+        fn $s3() {
+            $scenario(Storage::S3)
+        }
+    };
+}
+
 /// Where the daemon keeps snapshots: its local directory, or a real
 /// S3-compatible server (s3s-fs) on the loopback of the daemon's namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
