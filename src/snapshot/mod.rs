@@ -214,7 +214,7 @@ async fn copy_into(
 ) -> Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
-        let n = body.read(&mut buf).await.map_err(&on_read)?;
+        let n = read_full(body, &mut buf).await.map_err(&on_read)?;
         if n == 0 {
             break;
         }
@@ -222,6 +222,21 @@ async fn copy_into(
     }
     out.flush().await?;
     Ok(())
+}
+
+/// Reads until `buf` is full or the stream ends. A pipe hands out at most
+/// its buffer per read; writing each piece to a file on its own would cost a
+/// blocking-pool round trip per few KiB.
+async fn read_full(body: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = body.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
 }
 
 /// Where the local store keeps `key` (keys are `/`-separated relative paths we make).
@@ -255,7 +270,7 @@ async fn write_durably(
         let mut buf = vec![0u8; COPY_BUF];
         let (mut flushed, mut written) = (0u64, 0u64);
         loop {
-            let n = body.read(&mut buf).await.map_err(&on_read)?;
+            let n = read_full(&mut body, &mut buf).await.map_err(&on_read)?;
             if n == 0 {
                 break;
             }
