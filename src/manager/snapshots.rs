@@ -493,8 +493,10 @@ impl Manager {
             vm.inner_mac.clone(),
         );
         // Recorded before a VMM starts: a crash while loading recovers as snapshotted on it.
-        self.store.set_vm_standby(&id, Some(&snap.id)).await?;
-        vm.standby_snapshot_id = Some(snap.id.clone());
+        if vm.standby_snapshot_id.as_deref() != Some(snap.id.as_str()) {
+            self.store.set_vm_standby(&id, Some(&snap.id)).await?;
+            vm.standby_snapshot_id = Some(snap.id.clone());
+        }
         self.adopt_memory_address(vm, snap).await?;
         self.transition(vm, VmState::Starting, None).await?;
         match self.load_standby(vm, snap).await {
@@ -536,6 +538,10 @@ impl Manager {
         } else {
             (None, None)
         };
+        // Each write is a synced transaction: skip it when nothing changes (the usual restore).
+        if (&inner_ip, &inner_mac) == (&vm.inner_ip, &vm.inner_mac) {
+            return Ok(());
+        }
         self.store
             .set_vm_inner_address(&vm.id, inner_ip.as_deref(), inner_mac.as_deref())
             .await?;

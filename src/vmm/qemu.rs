@@ -174,6 +174,8 @@ async fn qmp_run(spec: &VmSpec, command: &str) -> Result<()> {
 }
 
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
+/// The fd a restoring QEMU reads its incoming migration stream from.
+const INCOMING_FD: i32 = 3;
 /// Saving or loading guest memory: generous, a large guest on a slow disk takes a while.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -193,6 +195,7 @@ impl Qemu {
         &self,
         spec: &VmSpec,
         extra: &[OsString],
+        incoming: Option<&std::fs::File>,
         timeout: Duration,
     ) -> Result<VmProcess> {
         let sock = spec.control_socket();
@@ -228,6 +231,24 @@ impl Qemu {
             ),
             None => None,
         };
+        if let Some(file) = incoming {
+            use std::os::fd::AsRawFd;
+            let fd = file.as_raw_fd();
+            // SAFETY: between fork and exec only async-signal-safe calls are
+            // made (dup2, fcntl) on an fd the parent keeps open until spawn
+            // returns. This runs after the namespace hook, so fd 3 being the
+            // namespace file in the parent does not matter any more.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if fd == INCOMING_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0);
+                    } else if libc::dup2(fd, INCOMING_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().map_err(|e| {
             let place = match &spec.netns {
                 Some(ns) => format!(" in network namespace {ns}"),
@@ -294,7 +315,7 @@ impl Vmm for Qemu {
     }
 
     async fn boot(&self, spec: &VmSpec) -> Result<VmProcess> {
-        self.launch(spec, &[], LAUNCH_TIMEOUT).await
+        self.launch(spec, &[], None, LAUNCH_TIMEOUT).await
     }
 
     async fn request_shutdown(&self, spec: &VmSpec) -> Result<()> {
@@ -364,10 +385,24 @@ impl Vmm for Qemu {
     }
 
     async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> Result<VmProcess> {
-        let incoming = format!("exec:cat {}", shell_quote(&from.memory)?);
+        // QEMU reads the memory (a file, or a FIFO the caller feeds) from an
+        // inherited fd: no `cat` and no extra pipe between the two. Opened
+        // non-blocking so a FIFO without a writer yet cannot hang us, then
+        // made blocking again for QEMU.
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let memory = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&from.memory)?;
+        // SAFETY: F_SETFL on an fd we own only changes its status flags.
+        unsafe {
+            libc::fcntl(memory.as_raw_fd(), libc::F_SETFL, 0);
+        }
         self.launch(
             spec,
-            &["-incoming".into(), incoming.into()],
+            &["-incoming".into(), format!("fd:{INCOMING_FD}").into()],
+            Some(&memory),
             SNAPSHOT_TIMEOUT,
         )
         .await
