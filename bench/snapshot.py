@@ -40,8 +40,15 @@ interleaved, alternating which goes first:
 
 While hatch works, the work dir and the object store are polled every 2 ms, so
 each phase (migration done, each object stored, QEMU gone or started) gets a
-time. Before measuring, the script waits (bounded) until no QEMU but its own
+time, with the daemon's CPU time at each; the daemon's own log lines are timed
+too. After each hatch snapshot every stored object is fsynced (timed apart): it
+shows whether hatch's 201 came before the data was on disk. Every timed
+operation starts after a `sync`, so none pays for the writeback of the one
+before. Before measuring, the script waits (bounded) until no QEMU but its own
 runs on the host, and records how many it saw while measuring.
+
+Output: plain tables on stdout; with --markdown the `## Snapshots` section for
+docs/BENCHMARKS.md instead, also written there unless --no-docs.
 """
 
 import argparse
@@ -53,6 +60,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -62,8 +70,8 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
-    ms, one_request, other_qemu_pids, pid_alive, proc_cmdline, qemu_version, run_guarded,
+    DOCS, READY, REPO, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
+    ms, one_request, other_qemu_pids, pid_alive, qemu_version, run_guarded,
     stats, write_docs,
 )
 
@@ -130,6 +138,18 @@ def proc_status(pid, field):
     return None
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """(user + system, children's user + system) CPU seconds of a process; (0, 0) if it is gone."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0, 0.0
+    return (int(f[11]) + int(f[12])) / CLK_TCK, (int(f[13]) + int(f[14])) / CLK_TCK
+
+
 def reset_hwm(pid):
     """Resets VmHWM to the current RSS (Linux >= 4.0, needs ptrace rights: root)."""
     try:
@@ -167,6 +187,12 @@ def fsync_path(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def settle():
+    """Before each timed operation: no dirty data left from the one before (sync), a moment of quiet."""
+    os.sync()
+    time.sleep(0.2)
 
 
 def copy_and_hash(src, dst):
@@ -322,7 +348,8 @@ def console_size(path):
 class Watcher(threading.Thread):
     """Polls `checks` (name -> callable, true once) every 2 ms and samples processes' VmRSS.
 
-    marks[name] = seconds after t0 at which the check first held.
+    marks[name] = seconds after t0 at which the check first held; cpu[name] = the CPU time
+    (user + system, seconds) the first of `rss_pids` had used by then.
     """
 
     def __init__(self, t0, checks, rss_pids=None):
@@ -330,6 +357,9 @@ class Watcher(threading.Thread):
         self.t0 = t0
         self.checks = dict(checks)
         self.rss_pids = dict(rss_pids or {})
+        self.cpu_pid = next(iter(self.rss_pids.values()), None)
+        self.cpu0 = cpu_seconds(self.cpu_pid)[0] if self.cpu_pid else None
+        self.cpu = {}
         self.marks = {}
         self.rss_max = {k: 0 for k in self.rss_pids}
         self.samples = 0
@@ -345,6 +375,8 @@ class Watcher(threading.Thread):
                     if name not in self.marks and fn():
                         with self.lock:
                             self.marks[name] = t
+                        if self.cpu_pid:
+                            self.cpu[name] = cpu_seconds(self.cpu_pid)[0] - self.cpu0
                 for k, pid in self.rss_pids.items():
                     r = proc_status(pid, "VmRSS")
                     if r is not None and r > self.rss_max[k]:
@@ -587,8 +619,20 @@ class Bench:
             return lambda: "snap" in found and (
                 self.objects / "snapshots" / g.vm_id / found["snap"] / part).exists()
 
+        def memory_in_capture_dir():
+            # A FIFO when hatch streams the migration into the store, a file when QEMU writes one first.
+            try:
+                st = os.stat(found["dir"] / "memory") if "dir" in found else None
+            except FileNotFoundError:
+                return False
+            if st is None:
+                return False
+            found["fifo"] = stat.S_ISFIFO(st.st_mode)
+            return True
+
         checks = {
             "capture dir": capture_dir,
+            "memory in capture dir": memory_in_capture_dir,
             "saved (vmstate written)": lambda: "dir" in found and (found["dir"] / "vmstate").exists(),
             "vmstate stored": obj("vmstate"),
             "memory stored": obj("memory"),
@@ -596,6 +640,7 @@ class Bench:
             "capture dir removed": lambda: "dir" in found and not found["dir"].exists(),
             "QEMU gone": lambda: not pid_alive(qemu),
         }
+        settle()
         reset_hwm(self.dpid)
         hwm0 = proc_status(self.dpid, "VmHWM")
         log_off = log_size(self.hatchd.log_path)
@@ -614,6 +659,9 @@ class Bench:
         marks["hwm"] = proc_status(self.dpid, "VmHWM")
         marks["hwm_before"] = hwm0
         marks["log"] = log_events(self.hatchd.log_path, log_off, wall0)
+        marks["fifo"] = found.get("fifo")
+        marks["daemon_cpu"] = dict(w.cpu)
+        marks["daemon_cpu"]["end"] = cpu_seconds(self.dpid)[0] - w.cpu0
         # How far from durable the store was when the 201 came: fsync every object now.
         sdir = self.objects / "snapshots" / g.vm_id / snap["id"]
         marks["objects"] = {}
@@ -637,10 +685,14 @@ class Bench:
         con_path = work / "console.log"
         con = Console(con_path, console_size(con_path))
         disk_ino = os.stat(work / "disk.qcow2").st_ino
+        def sock_id():
+            st = os.stat(work / "vmm.sock")
+            return st.st_ino, st.st_ctime_ns
+
         try:
-            sock_ino = os.stat(work / "vmm.sock").st_ino
+            sock_before = sock_id()
         except FileNotFoundError:
-            sock_ino = None
+            sock_before = None
         old_pid = (work / "vmm.pid").read_text().strip() if (work / "vmm.pid").exists() else None
         found = {}
 
@@ -666,9 +718,20 @@ class Bench:
 
         def new_socket():
             try:
-                return os.stat(work / "vmm.sock").st_ino != sock_ino
+                return sock_id() != sock_before
             except FileNotFoundError:
                 return False
+
+        def memory_in_restore_dir():
+            # A FIFO the daemon feeds from the store, or a file fetched whole (it appears once complete).
+            try:
+                st = os.stat(found["dir"] / "memory") if "dir" in found else None
+            except FileNotFoundError:
+                return False
+            if st is None:
+                return False
+            found["fifo"] = stat.S_ISFIFO(st.st_mode)
+            return True
 
         def tick():
             con.read()
@@ -678,12 +741,13 @@ class Bench:
             "restore dir": restore_dir,
             "QMP socket made": new_socket,
             "vmstate fetched": lambda: "dir" in found and (found["dir"] / "vmstate").exists(),
-            "memory fetched": lambda: "dir" in found and (found["dir"] / "memory").exists(),
+            "memory in restore dir": memory_in_restore_dir,
             "disk in place": disk_replaced,
             "QEMU started (pid file)": new_pid,
             "restore dir removed (resumed)": lambda: "dir" in found and not found["dir"].exists(),
             "tick": tick,
         }
+        settle()
         reset_hwm(self.dpid)
         log_off = log_size(self.hatchd.log_path)
         t0, wall0 = now(), time.time()
@@ -702,6 +766,10 @@ class Bench:
         marks["hwm"] = proc_status(self.dpid, "VmHWM")
         marks["first_tick"] = con.tick()
         marks["log"] = log_events(self.hatchd.log_path, log_off, wall0)
+        marks["daemon_cpu"] = dict(w.cpu)
+        marks["daemon_cpu"]["end"] = cpu_seconds(self.dpid)[0] - w.cpu0
+        marks["qemu_cpu"] = cpu_seconds(self.hatchd.vmm_pid(g.vm_id) or 0)
+        marks["fifo"] = found.get("fifo")
         return marks
 
     # ------------------------------------------------------------ raw QEMU: snapshot and restore
@@ -712,6 +780,7 @@ class Bench:
         q = self.raw_qmp(g, now() + 30)  # connected before the clock, as a script driving QEMU would be
         marks = {}
         try:
+            settle()
             t0 = now()
             q.execute("stop")
             marks["stopped"] = now() - t0
@@ -751,6 +820,7 @@ class Bench:
         con_path = g.raw_dir / "console.log"
         con = Console(con_path, console_size(con_path))
         marks = {}
+        settle()
         t0 = now()
         try:
             self.spawn_raw(g, ["-incoming", f"exec:cat '{snap_file}'"])
@@ -776,6 +846,7 @@ class Bench:
                 con.read()
                 if con.tick() is not None:
                     marks["tick"] = now() - t0
+                    marks["qemu_cpu"] = cpu_seconds(g.raw_proc.pid)
                     break
                 self.raw_alive(g)
                 if now() > deadline:
@@ -795,10 +866,11 @@ class Bench:
             order = ("hatch", "raw") if i % 2 == 0 else ("raw", "hatch")
             for which in order:
                 if which == "hatch":
+                    snap, s = self.hatch_snapshot(g)
+                    # The guest is saved and its QEMU gone: the console ends where it stopped.
                     last = Console(g.work / "console.log")
                     last.read()
                     last.close()
-                    snap, s = self.hatch_snapshot(g)
                     s["last_tick"] = last.last_tick()
                     r = self.hatch_restore(g)
                     s["size_bytes"] = snap["size_bytes"]
@@ -856,6 +928,7 @@ class Bench:
                     "hwm_compress": proc_status(self.dpid, "VmHWM") if compress_s else None,
                     "rss_compress": w.rss_max["daemon"] if compress_s else None,
                     "restore": r["tick"],
+                    "restore_cpu": r["daemon_cpu"]["end"],
                     "restore_response": r["response"],
                     "hwm_restore": r["hwm"],
                     "objects": s["objects"],
@@ -974,6 +1047,7 @@ def render(meta, bench, markdown):
     add(f"Other QEMUs: waited {q['waited']:.0f} s (limit {q['limit']} s) until none other than ours ran; "
         f"while measuring, {len(bench.others_seen)} other QEMU process(es) seen, at most {bench.others_max} "
         f"at once (sampled between runs)  ")
+    add(f"hatch: release build of {meta['source']}  ")
     add(f"QEMU: {meta['qemu']}, accelerator `{meta['accel']}`, machine `{meta['machine']}`, {meta['smp']} vCPU, "
         f"no NIC (`enable_network: false`), root disk qcow2 overlay + cloud-init seed; snapshot store: the "
         f"local directory `$HATCH_DATA_DIR/objects` on the same ext4 disk as the raw side's files  ")
@@ -1019,16 +1093,23 @@ def render(meta, bench, markdown):
     def dur(runs, a, b):
         return med([m[b] - (m[a] if a else 0) for m in runs if m.get(b) is not None and (not a or m.get(a) is not None)])
 
+    def cpu(runs, a, b):
+        """Median daemon CPU seconds between marks a and b (a None: from the request)."""
+        return med([m["daemon_cpu"][b] - (m["daemon_cpu"][a] if a else 0) for m in runs
+                    if b in m.get("daemon_cpu", {}) and (not a or a in m["daemon_cpu"])])
+
     rows = []
     for g in gs:
         H, R = g.hatch_snap, g.raw_snap
         rows += [
             [f"{g.mem} MiB", "hatch: capture dir made (key checked, snapshot row inserted)", mm(H, "capture dir"), "-"],
+            [f"{g.mem} MiB", "hatch: `memory` in the capture dir (FIFO or file) made", mm(H, "memory in capture dir"), "-"],
             [f"{g.mem} MiB", "guest saved (hatch: its `vmstate` note written after `completed`; raw: `completed`)",
              mm(H, "saved (vmstate written)"), mm(R, "completed")],
             [f"{g.mem} MiB", "raw: the migration's `cat` exited", "-", mm(R, "writer exited")],
-            [f"{g.mem} MiB", "hatch: memory object stored (copy + SHA-256) / raw: fsync of the file done",
+            [f"{g.mem} MiB", "hatch: memory object complete in the store / raw: fsync of the file done",
              mm(H, "memory stored"), mm(R, "response")],
+            [f"{g.mem} MiB", "hatch: vmstate object stored", mm(H, "vmstate stored"), "-"],
             [f"{g.mem} MiB", "hatch: disk object stored", mm(H, "disk stored"), "-"],
             [f"{g.mem} MiB", "hatch: capture dir removed", mm(H, "capture dir removed"), "-"],
             [f"{g.mem} MiB", "hatch: QEMU gone", mm(H, "QEMU gone"), "-"],
@@ -1042,7 +1123,8 @@ def render(meta, bench, markdown):
         H, R = g.hatch_restore, g.raw_restore
         rows += [
             [f"{g.mem} MiB", "hatch: restore dir made", mm(H, "restore dir"), "-"],
-            [f"{g.mem} MiB", "hatch: memory object fetched (copy + SHA-256 check)", mm(H, "memory fetched"), "-"],
+            [f"{g.mem} MiB", "hatch: `memory` in the restore dir (a FIFO it feeds, or the fetched file)",
+             mm(H, "memory in restore dir"), "-"],
             [f"{g.mem} MiB", "hatch: snapshot's disk in place", mm(H, "disk in place"), "-"],
             [f"{g.mem} MiB", "QEMU started (hatch: new pid file; raw: QMP answers)",
              mm(H, "QEMU started (pid file)"), mm(R, "QMP up")],
@@ -1057,28 +1139,48 @@ def render(meta, bench, markdown):
     for g in gs:
         H, R, HR, RR = g.hatch_snap, g.raw_snap, g.hatch_restore, g.raw_restore
         mem_bytes = med([m["objects"].get("memory") for m in H])
-        store = dur(H, "saved (vmstate written)", "memory stored")
-        fetch = dur(HR, "vmstate fetched", "memory fetched")
+        raw_bytes = med([m["file"] for m in R])
+        fifo = any(m.get("fifo") for m in H)
+        save = dur(H, "capture dir", "memory stored")
         hs, rs = med([m["response"] for m in H]), med([m["response"] for m in R])
         hr, rr = med([m["tick"] for m in HR]), med([m["tick"] for m in RR])
-        add(f"- {g.mem} MiB, snapshot (medians of per-run durations): hatch {f0(dur(H, None, 'capture dir'))} ms "
-            f"before the capture starts, {f0(dur(H, 'capture dir', 'saved (vmstate written)'))} ms to save the "
-            f"guest (raw: {f0(dur(R, None, 'completed'))} ms), {f0(store)} ms to store the "
-            f"{mib(mem_bytes)} memory object ({rate(mem_bytes, store)}), "
-            f"{f0(dur(H, 'memory stored', 'disk stored'))} ms for the disk, "
-            f"{f0(dur(H, 'disk stored', 'response'))} ms to end QEMU and answer; raw spends "
-            f"{f0(dur(R, 'writer exited', 'response'))} ms in fsync. hatch - raw = {ms(hs - rs):+.0f} ms; "
-            f"with the fsync hatch leaves out, hatch would take {hs + med([m['fsync_after'] for m in H]):.3f} s "
-            f"({(hs + med([m['fsync_after'] for m in H])) / rs:.2f}x raw).")
+        fs = med([m["fsync_after"] for m in H])
+        how = ("QEMU's migration stream goes through a FIFO in the capture dir straight into the store, hashed on "
+               "the way" if fifo else "QEMU writes the migration stream to a file in the capture dir, which is "
+               "then copied into the store, hashed on the way")
+        add(f"- {g.mem} MiB, snapshot (medians of per-run durations): {how}. hatch: {f0(dur(H, None, 'capture dir'))} ms "
+            f"before the capture starts, {f0(save)} ms from there until the {mib(mem_bytes)} memory object is "
+            f"complete in the store ({rate(mem_bytes, save)}; the daemon used {f0(cpu(H, 'capture dir', 'memory stored'))} "
+            f"ms of CPU meanwhile), {f0(dur(H, 'memory stored', 'disk stored'))} ms more for the vmstate and disk "
+            f"objects, {f0(dur(H, 'disk stored', 'response'))} ms to end QEMU and answer. raw: "
+            f"{f0(dur(R, None, 'completed'))} ms until `completed` ({rate(raw_bytes, dur(R, None, 'completed'))} into "
+            f"the page cache through `cat`), then {f0(dur(R, 'writer exited', 'response'))} ms of fsync. hatch - raw = "
+            f"{ms(hs - rs):+.0f} ms; hatch with the fsync it leaves out would be {hs + fs:.3f} s "
+            f"({(hs + fs) / rs:.2f}x raw).")
         ref = med([m.get("ref_copy") for m in H])
-        add(f"- {g.mem} MiB, restore: hatch {f0(fetch)} ms to fetch the memory object "
-            f"({rate(mem_bytes, fetch)}; for reference, this script copies the same object with SHA-256, "
-            f"1 MiB reads, in {f0(ref)} ms, {rate(mem_bytes, ref)}), QEMU from its start to the resumed guest "
-            f"{f0(dur(HR, 'QEMU started (pid file)', 'restore dir removed (resumed)'))} ms (raw: QMP up to "
-            f"`cont` {f0(dur(RR, 'QMP up', 'cont'))} ms); resumed -> tick: hatch "
+        qemu_h = med([sum(m["qemu_cpu"]) for m in HR if m.get("qemu_cpu")])
+        qemu_r = med([sum(m["qemu_cpu"]) for m in RR if m.get("qemu_cpu")])
+        load_h = dur(HR, "QEMU started (pid file)", "restore dir removed (resumed)")
+        if any(m.get("fifo") for m in HR):
+            how = (f"the daemon streams the memory object from the store through a FIFO in the restore dir "
+                   f"into QEMU's `exec:cat`, checking its SHA-256 on the way: QEMU from its start to the resumed "
+                   f"guest {f0(load_h)} ms ({rate(mem_bytes, load_h)}), the daemon using "
+                   f"{f0(cpu(HR, 'QEMU started (pid file)', 'restore dir removed (resumed)'))} ms of CPU meanwhile")
+        else:
+            fetch = dur(HR, "vmstate fetched", "memory in restore dir")
+            how = (f"hatch {f0(fetch)} ms to fetch the memory object into the restore dir "
+                   f"({rate(mem_bytes, fetch)}, the daemon using "
+                   f"{f0(cpu(HR, 'vmstate fetched', 'memory in restore dir'))} ms of CPU), then QEMU from its start "
+                   f"to the resumed guest {f0(load_h)} ms")
+        add(f"- {g.mem} MiB, restore: {f0(dur(HR, None, 'QEMU started (pid file)'))} ms before QEMU starts, then "
+            f"{how} (raw: spawn to `cont` {f0(dur(RR, None, 'cont'))} ms, {rate(raw_bytes, dur(RR, None, 'cont'))}; "
+            f"for reference, this script reads, hashes and writes the same object, 1 MiB at a time, in "
+            f"{f0(ref)} ms, {rate(mem_bytes, ref)}). CPU time of QEMU and its `cat` by the first tick: hatch "
+            f"{f0(qemu_h)} ms, raw {f0(qemu_r)} ms. Resumed -> tick: hatch "
             f"{f0(dur(HR, 'restore dir removed (resumed)', 'tick'), True)} ms, raw {f0(dur(RR, 'cont', 'tick'))} ms "
-            f"(the tick comes every {int(TICK_S * 1000)} ms of guest time). hatch - raw = {ms(hr - rr):+.0f} ms.")
+            f"(a tick every {int(TICK_S * 1000)} ms of guest time). hatch - raw = {ms(hr - rr):+.0f} ms.")
     add("")
+
     add("Daemon log (`HATCH_LOG=info`), median ms from the request to each line:")
     add("")
     for g in gs:
@@ -1098,7 +1200,9 @@ def render(meta, bench, markdown):
     add("`size_bytes`, `uncompressed_size_bytes` (the memory object: QEMU's migration stream) and "
         "`compressed_size_bytes` from `GET /snapshots/{id}` once `compression_state` left `compressing` "
         "(polled every 10 ms from the 201; that time is \"compression\"). stored / RAM = `size_bytes` / "
-        "guest RAM. Restore: `POST /vms/{id}/restore` -> first new tick, from the compressed object.")
+        "guest RAM. Restore: `POST /vms/{id}/restore` -> first new tick, from the compressed object (read, "
+        "decompressed and both checksums checked by the daemon, whose CPU time over the whole restore is the "
+        "last column).")
     add("")
     rows = []
     for g in gs:
@@ -1118,9 +1222,11 @@ def render(meta, bench, markdown):
                 fmt_s([r["compress"] for r in runs]),
                 "-" if comp is None else f"{unc / med([r['compress'] for r in runs]) / 1e6:.0f} MB/s",
                 fmt_s([r["restore"] for r in runs]),
+                fmt_ms([r["restore_cpu"] for r in runs]),
             ])
     table(["guest", "compression", "size_bytes", "uncompressed", "compressed", "stored / RAM",
-           "memory ratio", "snapshot (201)", "compression", "compression speed", "restore -> tick"], rows)
+           "memory ratio", "snapshot (201)", "compression", "compression speed", "restore -> tick",
+           "daemon CPU during the restore"], rows)
 
     head("hatch's memory while it stores a guest (daemon VmHWM, reset before each operation)")
     rows = []
@@ -1161,10 +1267,29 @@ def render(meta, bench, markdown):
             + ". Ticks continued from the snapshot (last tick before -> first after, hatch): "
             + ", ".join(f"{m['last_tick']} -> {r['first_tick']}" for m, r in zip(g.hatch_snap, g.hatch_restore))
             + ".")
-    add(f"- The local object store is `object_store`'s `LocalFileSystem` as hatch builds it; the "
-        f"\"fsync of the stored objects right after the 201\" row shows how much was not yet on disk when "
-        f"hatch answered (the raw side's figure includes its fsync).")
+    add("- \"fsync of the stored objects after the 201\": this script fsyncs every object of the snapshot "
+        "(and their directory) right after hatch answered; it takes long only if what hatch stored was not on "
+        "disk yet. The raw side's figure includes its own fsync. Before every timed operation the script runs "
+        "`sync` and waits 0.2 s, so no operation pays for the writeback of the one before.")
     return "\n".join(lines)
+
+
+def git_state():
+    """Which source the release binary was built from (the wrapper builds just before this runs)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=30).stdout
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        dirty = [line[3:] for line in git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock",
+                                          "migrations").splitlines()]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown source state (git failed)"
+    if not head:
+        return "unknown source state (not a git checkout)"
+    if not dirty:
+        return f"commit `{head}`, no uncommitted changes to the daemon's sources"
+    return (f"commit `{head}` plus uncommitted changes to {', '.join(f'`{d}`' for d in dirty)} "
+            f"(the work tree at the time of the build)")
 
 
 def main():
@@ -1200,6 +1325,7 @@ def main():
         "cpu": cpu_model(),
         "kernel": os.uname().release,
         "runs": args.runs,
+        "source": git_state(),
     }
     if os.environ.get("SUDO_USER"):
         meta["command"] = "sudo " + meta["command"]
