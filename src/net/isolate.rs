@@ -85,12 +85,16 @@ pub fn vm_id_of_netns(netns: &str) -> Option<&str> {
     netns.strip_prefix("hatch-").filter(|id| !id.is_empty())
 }
 
-fn check_ifname(what: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
+/// Letters, digits, `_`, `.` and `-` only: safe in a path and on a command line.
+fn is_plain(name: &str) -> bool {
+    !name.is_empty()
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+fn check_ifname(what: &str, name: &str) -> Result<(), String> {
+    let ok = is_plain(name) && name.len() < libc::IFNAMSIZ;
     if ok {
         Ok(())
     } else {
@@ -101,12 +105,7 @@ fn check_ifname(what: &str, name: &str) -> Result<(), String> {
 /// A namespace name ends up in a path under /run/netns and on `ip`'s
 /// command line: only plain ones pass.
 pub fn check_netns_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    let ok = is_plain(name) && name.len() <= 64 && !name.starts_with('.');
     if ok {
         Ok(())
     } else {
