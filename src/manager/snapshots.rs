@@ -637,6 +637,10 @@ impl Manager {
         fifo: &Path,
     ) -> std::result::Result<super::MemoryFeed, String> {
         make_fifo(fifo).map_err(|e| format!("memory pipe: {e}"))?;
+        let (key, expected, decompress) = Self::memory_source(snap);
+        if let (Some(src), None) = (self.objects.local_file(&key), &decompress) {
+            return Self::blocking_feed(src, key, expected, fifo);
+        }
         // Read-write: opening never waits for (or fails without) the VMM's
         // reader; once we close it, the reader sees the end of the stream.
         let mut tx = tokio::net::unix::pipe::OpenOptions::new()
@@ -645,7 +649,6 @@ impl Manager {
             .map_err(|e| format!("memory pipe: {e}"))?;
         grow_pipe(&tx);
         let objects = self.objects.clone();
-        let (key, expected, decompress) = Self::memory_source(snap);
         Ok(Box::pin(async move {
             let sent = objects
                 .stream_to(
@@ -657,6 +660,44 @@ impl Manager {
                 .await;
             drop(tx);
             sent.map_err(|e| e.to_string())
+        }))
+    }
+
+    /// The local, uncompressed case of `memory_feed`: a blocking thread that
+    /// reads, hashes and writes each MiB once. Dropping the feed (the VMM
+    /// failed) tells the thread to stop.
+    fn blocking_feed(
+        src: std::path::PathBuf,
+        key: String,
+        expected: Stored,
+        fifo: &Path,
+    ) -> std::result::Result<super::MemoryFeed, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Read-write: never waits for the VMM's reader; non-blocking, so the
+        // thread can notice it was abandoned.
+        let out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+            .map_err(|e| format!("memory pipe: {e}"))?;
+        grow_pipe(&out);
+        struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for CancelOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = CancelOnDrop(Arc::clone(&cancel));
+        Ok(Box::pin(async move {
+            let _guard = guard;
+            tokio::task::spawn_blocking(move || {
+                snapshot::feed_blocking(&src, &key, out, &expected, &cancel)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
         }))
     }
 
