@@ -324,8 +324,8 @@ mod tests {
     /// goes, its lease goes too, so the address can go to another MAC.
     #[test]
     fn an_address_whose_reservation_moved_goes_to_the_new_mac() {
-        use crate::net::isolate::testing::{block_on_in, Netns, TestDir};
-        use crate::net::{NetConfig, Network};
+        use crate::net::isolate::testing::{block_on_in, test_net_config, Netns, TestDir};
+        use crate::net::Network;
 
         let daemon = Netns::new("dhcp-daemon");
         let client = Netns::new("dhcp-client");
@@ -363,12 +363,7 @@ mod tests {
             );
         };
         block_on_in(&daemon.0, || async {
-            let cfg = NetConfig {
-                bridge: "hatch0".into(),
-                net: BridgeNet::parse("172.16.0.1/24").unwrap(),
-                ssh_ports: (16000, 16999),
-                ssh_allowed_sources: vec!["0.0.0.0/0".into()],
-            };
+            let cfg = test_net_config();
             let first = vec![Reservation {
                 mac: mac_a.into(),
                 ip: "172.16.0.20".into(),

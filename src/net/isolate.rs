@@ -337,6 +337,16 @@ pub fn delete_netns(name: &str) -> Result<(), String> {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
+
+    /// The daemon's default network settings, for tests that set networking up for real.
+    pub fn test_net_config() -> crate::net::NetConfig {
+        crate::net::NetConfig {
+            bridge: "hatch0".into(),
+            net: BridgeNet::parse("172.16.0.1/24").unwrap(),
+            ssh_ports: (16000, 16999),
+            ssh_allowed_sources: vec!["0.0.0.0/0".into()],
+        }
+    }
     use std::path::PathBuf;
 
     /// A network namespace made for a test; deleted when dropped.
@@ -452,7 +462,7 @@ mod tests {
     use super::testing::*;
     use super::*;
     use crate::net::firewall::Forward;
-    use crate::net::{NetConfig, Network};
+    use crate::net::Network;
     use nftables::schema::Nftables;
     use std::collections::HashSet;
     use std::io::{BufRead, BufReader, Read, Write};
@@ -708,12 +718,7 @@ mod tests {
         let _other_ns = NetnsCleanup(netns_name(&other_id));
         let state = TestDir::new("isolate");
         block_on_in(&daemon.0, || async {
-            let cfg = NetConfig {
-                bridge: "hatch0".into(),
-                net: BridgeNet::parse("172.16.0.1/24").unwrap(),
-                ssh_ports: (16000, 16999),
-                ssh_allowed_sources: vec!["0.0.0.0/0".into()],
-            };
+            let cfg = test_net_config();
             let net = Network::setup(cfg, &state.0, &[]).await.unwrap();
             daemon.ip(&["link", "set", "lo", "up"]);
 
