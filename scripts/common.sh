@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 # Debian packages hatch needs at run time and for its tests.
-HATCH_APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs iproute2 curl procps coreutils nftables dnsmasq-base genisoimage openssh-client dropbear-bin)
+HATCH_APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs iproute2 curl procps coreutils nftables dnsmasq-base genisoimage openssh-client dropbear-bin wrk)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

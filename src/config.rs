@@ -47,6 +47,28 @@ pub struct Config {
     pub s3: Option<S3Config>,
     /// The compression a snapshot gets when its request does not say (seed 003's server default).
     pub snapshot_compression: CompressionConfig,
+    pub proxy: ProxyConfig,
+    pub idle: IdleConfig,
+}
+
+/// The reverse proxy: `{subdomain}.{base_domain}` on `addr` -> a VM's port.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// None when HATCH_PROXY_ADDR is `off`.
+    pub addr: Option<SocketAddr>,
+    pub base_domain: String,
+    /// How long the guest may take to start answering a request (then 504).
+    pub request_timeout: Duration,
+    /// How long a request waits for its VM to wake (restore or boot).
+    pub wake_timeout: Duration,
+}
+
+/// Idle sleep: running VMs without traffic are put to standby.
+#[derive(Debug, Clone)]
+pub struct IdleConfig {
+    /// The server's idle timeout; None: only VMs with their own timeout sleep.
+    pub timeout: Option<Duration>,
+    pub check_interval: Duration,
 }
 
 /// An S3-compatible bucket for snapshot objects (AWS, or MinIO, s3s-fs, ... at `endpoint`).
@@ -130,7 +152,43 @@ impl Config {
                 .map_err(|e| format!("HATCH_SNAPSHOT_COMPRESSION: {e}"))?,
             None => CompressionConfig::default(),
         };
+        let duration = |name: &str, default: Duration| match get(name) {
+            Some(v) => parse_duration(&v).map_err(|e| format!("{name}: {e}")),
+            None => Ok(default),
+        };
+        let proxy = ProxyConfig {
+            addr: match get("HATCH_PROXY_ADDR").as_deref() {
+                Some("off") => None,
+                Some(a) => Some(a.parse().map_err(|_| {
+                    format!("HATCH_PROXY_ADDR must be HOST:PORT or off, not {a:?}")
+                })?),
+                None => Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
+            },
+            base_domain: {
+                let d = get("HATCH_PROXY_BASE_DOMAIN")
+                    .unwrap_or_else(|| "localhost".into())
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase();
+                check_domain(&d).map_err(|e| format!("HATCH_PROXY_BASE_DOMAIN: {e}"))?;
+                d
+            },
+            request_timeout: duration("HATCH_PROXY_TIMEOUT", Duration::from_secs(60))?,
+            wake_timeout: duration("HATCH_PROXY_WAKE_TIMEOUT", Duration::from_secs(60))?,
+        };
+        let idle = IdleConfig {
+            timeout: match get("HATCH_IDLE_TIMEOUT").as_deref() {
+                None | Some("off") => None,
+                Some(v) => Some(parse_duration(v).map_err(|e| format!("HATCH_IDLE_TIMEOUT: {e}"))?),
+            }
+            .filter(|d| !d.is_zero()),
+            check_interval: duration("HATCH_IDLE_CHECK_INTERVAL", Duration::from_secs(30))?,
+        };
+        if idle.check_interval < Duration::from_millis(100) {
+            return Err("HATCH_IDLE_CHECK_INTERVAL must be at least 100ms".into());
+        }
         Ok(Config {
+            proxy,
+            idle,
             http_addr,
             data_dir: get("HATCH_DATA_DIR")
                 .map(PathBuf::from)
@@ -181,6 +239,24 @@ impl Config {
     }
     pub fn net_dir(&self) -> PathBuf {
         self.data_dir.join("net")
+    }
+}
+
+/// A DNS name of letters, digits, dashes and dots (no empty label).
+fn check_domain(d: &str) -> Result<(), String> {
+    let ok = !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{d:?} is not a DNS name"))
     }
 }
 
@@ -332,6 +408,48 @@ mod tests {
         for bad in ["zstd:0", "lz4:12", "brotli", "zstd:x"] {
             let e = cfg(&[("HATCH_SNAPSHOT_COMPRESSION", bad)]).unwrap_err();
             assert!(e.starts_with("HATCH_SNAPSHOT_COMPRESSION: "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn proxy_and_idle_settings() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.proxy.addr.unwrap().to_string(), "127.0.0.1:8081");
+        assert_eq!(c.proxy.base_domain, "localhost");
+        assert_eq!(c.proxy.wake_timeout, Duration::from_secs(60));
+        assert_eq!(c.idle.timeout, None, "idle sleep is off unless asked for");
+        assert_eq!(c.idle.check_interval, Duration::from_secs(30));
+        let c = cfg(&[
+            ("HATCH_PROXY_ADDR", "0.0.0.0:80"),
+            ("HATCH_PROXY_BASE_DOMAIN", "VMs.Example.com."),
+            ("HATCH_PROXY_WAKE_TIMEOUT", "5s"),
+            ("HATCH_IDLE_TIMEOUT", "10m"),
+            ("HATCH_IDLE_CHECK_INTERVAL", "500ms"),
+        ])
+        .unwrap();
+        assert_eq!(c.proxy.addr.unwrap().port(), 80);
+        assert_eq!(c.proxy.base_domain, "vms.example.com");
+        assert_eq!(c.proxy.wake_timeout, Duration::from_secs(5));
+        assert_eq!(c.idle.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(c.idle.check_interval, Duration::from_millis(500));
+        assert!(cfg(&[("HATCH_PROXY_ADDR", "off")])
+            .unwrap()
+            .proxy
+            .addr
+            .is_none());
+        assert_eq!(
+            cfg(&[("HATCH_IDLE_TIMEOUT", "0")]).unwrap().idle.timeout,
+            None
+        );
+        for (k, v) in [
+            ("HATCH_PROXY_ADDR", "8081"),
+            ("HATCH_PROXY_BASE_DOMAIN", "a..b"),
+            ("HATCH_PROXY_BASE_DOMAIN", "bad_domain"),
+            ("HATCH_PROXY_TIMEOUT", "x"),
+            ("HATCH_IDLE_TIMEOUT", "soon"),
+            ("HATCH_IDLE_CHECK_INTERVAL", "10ms"),
+        ] {
+            assert!(cfg(&[(k, v)]).unwrap_err().contains(k), "{k}={v}");
         }
     }
 

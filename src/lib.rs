@@ -6,6 +6,7 @@ pub mod ids;
 pub mod image;
 pub mod manager;
 pub mod net;
+pub mod proxy;
 pub mod snapshot;
 pub mod store;
 pub mod vmm;

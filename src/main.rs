@@ -208,10 +208,30 @@ async fn serve() -> anyhow::Result<()> {
     manager.recover().await?;
     manager.init_network().await;
     manager.seed_default_image().await?;
+    manager.init_routes().await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;
     tracing::info!(%addr, "hatch API listening");
+    let proxy_cfg = manager.proxy_config().clone();
+    if let Some(paddr) = proxy_cfg.addr {
+        let proxy_listener = tokio::net::TcpListener::bind(paddr)
+            .await
+            .with_context(|| {
+                format!("listening on {paddr} (HATCH_PROXY_ADDR; `off` disables the proxy)")
+            })?;
+        tracing::info!(addr = %paddr, base_domain = %proxy_cfg.base_domain, "hatch proxy listening");
+        tokio::spawn(hatch::proxy::serve(
+            proxy_listener,
+            manager.clone(),
+            proxy_cfg,
+        ));
+    }
+    match manager.idle_timeout() {
+        Some(t) => tracing::info!(timeout_secs = t.as_secs_f64(), "idle sleep on (HATCH_IDLE_TIMEOUT)"),
+        None => tracing::info!("idle sleep only for VMs with their own idle_timeout_seconds (HATCH_IDLE_TIMEOUT is off)"),
+    }
+    tokio::spawn(manager.clone().idle_monitor());
     let app = api::router(Arc::new(AppState {
         manager: manager.clone(),
     }));

@@ -321,7 +321,8 @@ fn invalid_requests_are_refused_and_change_nothing() {
     }
     for (m, p) in [
         ("PUT", "/vms"),
-        ("PATCH", "/vms/vm_x"),
+        ("PUT", "/vms/vm_x"),
+        ("PATCH", "/vms/vm_x/routes"),
         ("GET", "/vms/vm_x/stop"),
         ("DELETE", "/images"),
         ("POST", "/health"),

@@ -1,10 +1,10 @@
 //! Thin handlers: parse, call the manager, turn the result into JSON.
 
-use super::views::{HatchSnapshotView, ImageView, SnapshotView, TemplateView, VmView};
+use super::views::{HatchSnapshotView, ImageView, RouteView, SnapshotView, TemplateView, VmView};
 use super::{ApiError, AppState};
 use crate::manager::requests::SnapshotFilter;
 use crate::manager::requests::{
-    CreateImage, CreateSnapshot, CreateTemplate, CreateVm, FromSnapshot,
+    CreateImage, CreateRoute, CreateSnapshot, CreateTemplate, CreateVm, FromSnapshot, UpdateVm,
 };
 use crate::store::Owner;
 use axum::body::{Body, Bytes};
@@ -81,6 +81,51 @@ pub async fn get_vm(
     Path(id): Path<String>,
 ) -> ApiResult<Json<VmView>> {
     Ok(Json(s.manager.get_vm(&o, &id).await?.into()))
+}
+
+pub async fn update_vm(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<UpdateVm>,
+) -> ApiResult<Json<VmView>> {
+    Ok(Json(s.manager.update_vm(&o, &id, req).await?.into()))
+}
+
+// ---- proxy routes ----
+
+pub async fn create_route(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<CreateRoute>,
+) -> ApiResult<(StatusCode, Json<RouteView>)> {
+    let r = s.manager.create_route(&o, &id, req).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(RouteView::new(r, s.manager.proxy_config())),
+    ))
+}
+
+pub async fn list_routes(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<RouteView>>> {
+    let routes = s.manager.list_routes(&o, &id).await?;
+    let cfg = s.manager.proxy_config();
+    Ok(Json(
+        routes.into_iter().map(|r| RouteView::new(r, cfg)).collect(),
+    ))
+}
+
+pub async fn delete_route(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path((id, route_id)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.manager.delete_route(&o, &id, &route_id).await?;
+    Ok(Json(json!({ "status": "deleted" })))
 }
 
 pub async fn stop_vm(

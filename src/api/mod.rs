@@ -23,7 +23,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms", get(handlers::list_vms).post(handlers::create_vm))
         .route(
             "/vms/{id}",
-            get(handlers::get_vm).delete(handlers::delete_vm),
+            get(handlers::get_vm)
+                .patch(handlers::update_vm)
+                .delete(handlers::delete_vm),
+        )
+        .route(
+            "/vms/{id}/routes",
+            get(handlers::list_routes).post(handlers::create_route),
+        )
+        .route(
+            "/vms/{id}/routes/{route_id}",
+            axum::routing::delete(handlers::delete_route),
         )
         .route("/vms/{id}/stop", post(handlers::stop_vm))
         .route("/vms/{id}/start", post(handlers::start_vm))

@@ -1,6 +1,7 @@
 //! JSON shapes of the API's objects (seed 001 for VMs).
 
-use crate::store::{Image, Snapshot, Template, Vm};
+use crate::config::ProxyConfig;
+use crate::store::{Image, Route, Snapshot, Template, Vm};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -26,6 +27,13 @@ pub struct VmView {
     /// The VM's own default for snapshot compression, when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_compression: Option<serde_json::Value>,
+    /// Idle sleep: false when this VM opted out.
+    pub auto_sleep: bool,
+    /// Its own idle timeout (null: the server's HATCH_IDLE_TIMEOUT).
+    pub idle_timeout_seconds: Option<i64>,
+    /// When the idle monitor last put it to sleep, and a request last woke it.
+    pub last_sleep_at: Option<String>,
+    pub last_wake_at: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -51,8 +59,45 @@ impl From<Vm> for VmView {
             enable_network: v.enable_network,
             hypervisor: v.hypervisor,
             last_error: v.last_error,
+            auto_sleep: v.auto_sleep,
+            idle_timeout_seconds: v.idle_timeout_seconds,
+            last_sleep_at: v.last_sleep_at,
+            last_wake_at: v.last_wake_at,
             created_at: v.created_at,
             updated_at: v.updated_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct RouteView {
+    pub id: String,
+    pub vm_id: String,
+    pub subdomain: String,
+    /// The host name the proxy serves this route under.
+    pub host: String,
+    /// Where to reach it: the proxy's own address (null when the proxy is off).
+    pub url: Option<String>,
+    pub target_port: i64,
+    pub auto_wake: bool,
+    pub created_at: String,
+}
+
+impl RouteView {
+    pub fn new(r: Route, proxy: &ProxyConfig) -> RouteView {
+        let host = format!("{}.{}", r.subdomain, proxy.base_domain);
+        RouteView {
+            url: proxy.addr.map(|a| match a.port() {
+                80 => format!("http://{host}/"),
+                p => format!("http://{host}:{p}/"),
+            }),
+            host,
+            id: r.id,
+            vm_id: r.vm_id,
+            subdomain: r.subdomain,
+            target_port: r.target_port,
+            auto_wake: r.auto_wake,
+            created_at: r.created_at,
         }
     }
 }

@@ -4,9 +4,14 @@
 //! table, persists the new state *before* the side effect and again after it,
 //! so a crash at any point leaves a state that start-up recovery understands.
 
+mod idle;
 pub mod requests;
+mod routes;
 mod snapshots;
 pub mod state;
+
+pub use idle::Busy;
+pub use routes::RouteTarget;
 
 use crate::config::Config;
 use crate::ids;
@@ -79,6 +84,12 @@ pub struct Manager {
     /// Per snapshot: restores and forks read its objects (shared), compression
     /// and deletion replace or remove them (exclusive).
     snap_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// Proxy routes by subdomain.
+    routes: routes::RouteTable,
+    /// Proxied requests and SSH sessions per VM, for idle sleep.
+    activity: Arc<idle::ActivityTable>,
+    /// Wakes in progress, each shared by the requests waiting for it.
+    wakes: Mutex<HashMap<String, watch::Receiver<routes::WakeResult>>>,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -104,11 +115,22 @@ impl Manager {
             network_error: Mutex::new(Some("networking has not been set up yet".into())),
             alloc_lock: tokio::sync::Mutex::new(()),
             snap_locks: Mutex::new(HashMap::new()),
+            routes: Default::default(),
+            activity: Default::default(),
+            wakes: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn proxy_config(&self) -> &crate::config::ProxyConfig {
+        &self.config.proxy
+    }
+
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.config.idle.timeout
     }
 
     pub fn hypervisor_name(&self) -> &'static str {
@@ -182,6 +204,10 @@ impl Manager {
             .await?;
         vm.state = to.as_str().to_string();
         vm.last_error = last_error.map(str::to_string);
+        if to == VmState::Running {
+            // The idle clock starts when the guest runs (boot, start, restore).
+            self.activity.touch(&vm.id);
+        }
         tracing::info!(vm = %vm.id, %from, %to, error = last_error.unwrap_or(""), "state change");
         Ok(())
     }
@@ -764,6 +790,10 @@ impl Manager {
                 ),
                 None => None,
             },
+            auto_sleep: req.auto_sleep.unwrap_or(true),
+            idle_timeout_seconds: req.idle_timeout_seconds,
+            last_sleep_at: None,
+            last_wake_at: None,
         };
         let _guard = self.lock_vm(&vm.id).await;
         self.insert_with_network(&mut vm, &req).await?;
@@ -1110,8 +1140,9 @@ impl Manager {
                 return Err(ManagerError::Internal(msg));
             }
         }
-        // Seed 001: deleting a VM deletes all its snapshots from storage.
+        // Seed 001: deleting a VM deletes all its snapshots from storage and its proxy routes.
         self.delete_vm_snapshots(id).await?;
+        self.delete_vm_routes(id).await?;
         self.store.delete_vm(id).await?;
         // The row held the IP, MAC and port; with it gone they are free again.
         self.refresh_reservations().await;

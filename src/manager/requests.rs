@@ -34,6 +34,133 @@ pub struct CreateVm {
     pub name: Option<String>,
     /// This VM's default compression for its snapshots (overrides the server's).
     pub snapshot_compression: Option<CompressionConfig>,
+    /// Idle sleep for this VM (default true: the server's HATCH_IDLE_TIMEOUT applies).
+    pub auto_sleep: Option<bool>,
+    /// This VM's own idle timeout, in seconds (also turns idle sleep on for it
+    /// when the server has none).
+    pub idle_timeout_seconds: Option<i64>,
+}
+
+/// The longest idle timeout a VM may have: 30 days.
+pub const MAX_IDLE_TIMEOUT_SECONDS: i64 = 30 * 24 * 3600;
+
+fn check_idle_timeout(t: i64) -> Result<(), String> {
+    check_range("idle_timeout_seconds", t, (1, MAX_IDLE_TIMEOUT_SECONDS))
+}
+
+/// `PATCH /vms/{id}`: the settings that can change on an existing VM. An
+/// absent field is left alone; `null` clears a nullable one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVm {
+    pub auto_sleep: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    pub idle_timeout_seconds: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "present")]
+    pub snapshot_compression: Option<Option<CompressionConfig>>,
+}
+
+/// Tells `"field": null` (Some(None)) apart from an absent field (None).
+fn present<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl UpdateVm {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.auto_sleep.is_none()
+            && self.idle_timeout_seconds.is_none()
+            && self.snapshot_compression.is_none()
+        {
+            return Err(
+                "nothing to change: give auto_sleep, idle_timeout_seconds or snapshot_compression"
+                    .into(),
+            );
+        }
+        if let Some(Some(t)) = self.idle_timeout_seconds {
+            check_idle_timeout(t)?;
+        }
+        if let Some(Some(c)) = &self.snapshot_compression {
+            c.validate()
+                .map_err(|e| format!("snapshot_compression: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// `POST /vms/{id}/routes`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRoute {
+    pub target_port: Option<i64>,
+    pub subdomain: Option<String>,
+    pub auto_wake: Option<bool>,
+}
+
+/// Subdomains no route may take: names users expect to be the service's own.
+pub const RESERVED_SUBDOMAINS: &[&str] = &[
+    "admin",
+    "api",
+    "app",
+    "auth",
+    "dashboard",
+    "docs",
+    "ftp",
+    "hatch",
+    "localhost",
+    "login",
+    "mail",
+    "proxy",
+    "smtp",
+    "static",
+    "status",
+    "support",
+    "www",
+];
+
+const MAX_SUBDOMAIN: usize = 63;
+
+/// A route's subdomain: one DNS label of lowercase letters, digits and inner
+/// dashes, at most 63 characters, and not a reserved name.
+pub fn check_subdomain(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_SUBDOMAIN {
+        return Err(format!(
+            "subdomain must be 1 to {MAX_SUBDOMAIN} characters, got {}",
+            s.len()
+        ));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "subdomain {s:?} may contain only lowercase letters, digits and dashes"
+        ));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err(format!("subdomain {s:?} cannot start or end with a dash"));
+    }
+    if RESERVED_SUBDOMAINS.contains(&s) {
+        return Err(format!("subdomain {s:?} is reserved"));
+    }
+    Ok(())
+}
+
+impl CreateRoute {
+    /// Returns the target port.
+    pub fn validate(&self) -> Result<u16, String> {
+        let port = self
+            .target_port
+            .ok_or("target_port is required (1-65535)")?;
+        check_range("target_port", port, (1, 65535))?;
+        if let Some(s) = &self.subdomain {
+            check_subdomain(s)?;
+        }
+        Ok(port as u16)
+    }
 }
 
 /// Seed 003's snapshot kinds.
@@ -345,6 +472,9 @@ impl CreateVm {
         if let Some(c) = &self.snapshot_compression {
             c.validate()
                 .map_err(|e| format!("snapshot_compression: {e}"))?;
+        }
+        if let Some(t) = self.idle_timeout_seconds {
+            check_idle_timeout(t)?;
         }
         if self.enable_network == Some(false) {
             for (field, value) in [("guest_ip", &self.guest_ip), ("guest_mac", &self.guest_mac)] {

@@ -204,7 +204,18 @@ impl Manager {
         let kind = req.validate().map_err(ManagerError::BadRequest)?;
         let _guard = self.lock_vm(id).await;
         let mut vm = self.visible_vm(owner, id).await?;
-        let st = state_of(&vm);
+        self.snapshot_locked(&mut vm, kind, &req).await
+    }
+
+    /// Takes a snapshot of `vm` (its lock held); see `create_snapshot`.
+    pub(super) async fn snapshot_locked(
+        self: &Arc<Self>,
+        vm: &mut Vm,
+        kind: SnapshotKind,
+        req: &CreateSnapshot,
+    ) -> Result<Snapshot> {
+        let id = vm.id.clone();
+        let st = state_of(vm);
         match kind {
             SnapshotKind::Standby if st != VmState::Running => {
                 return Err(ManagerError::Conflict(format!(
@@ -225,14 +236,14 @@ impl Manager {
             &vm.owner_id,
             kind.as_str(),
             &vm.hypervisor,
-            Self::vm_config(&vm),
+            Self::vm_config(vm),
         );
         snap.name = req.name.clone();
         snap.tags = serde_json::to_string(&req.tags.clone().unwrap_or_default())
             .map_err(|e| ManagerError::Internal(e.to_string()))?;
         snap.source_instance_name = vm.name.clone();
         let compression = match kind {
-            SnapshotKind::Standby => self.compression_for(&vm, req.compression.as_ref()),
+            SnapshotKind::Standby => self.compression_for(vm, req.compression.as_ref()),
             SnapshotKind::Stopped => CompressionConfig::default(),
         };
         snap.compression = Some(
@@ -247,8 +258,8 @@ impl Manager {
         // A duplicate name fails here, before the guest is touched.
         self.store.insert_snapshot(&snap).await?;
         let result = match kind {
-            SnapshotKind::Standby => self.capture_standby(&mut vm, &mut snap).await,
-            SnapshotKind::Stopped => self.capture_stopped(&mut vm, &mut snap).await,
+            SnapshotKind::Standby => self.capture_standby(vm, &mut snap).await,
+            SnapshotKind::Stopped => self.capture_stopped(vm, &mut snap).await,
         };
         if let Err(e) = result {
             let _ = self
@@ -263,13 +274,15 @@ impl Manager {
             self.store.set_snapshot_compression(&snap).await?;
             self.spawn_compression(snap.clone());
         }
-        tracing::info!(vm = id, snapshot = %snap_id, kind = kind.as_str(), bytes = snap.size_bytes, "snapshot stored");
+        tracing::info!(vm = %id, snapshot = %snap_id, kind = kind.as_str(), bytes = snap.size_bytes, "snapshot stored");
         Ok(snap)
     }
 
     /// Standby capture. The guest stays paused until every object is stored;
     /// any failure before that resumes it, so nothing is lost.
     async fn capture_standby(&self, vm: &mut Vm, snap: &mut Snapshot) -> Result<()> {
+        // Proxied requests wait for a wake instead of reaching a guest about to pause.
+        let _pausing = self.activity.pause(&vm.id);
         let spec = self.spec_for(vm);
         let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
         let captured = self.capture(&spec, &dir, snap).await;
@@ -472,7 +485,7 @@ impl Manager {
     }
 
     /// The snapshot a snapshotted VM resumes from.
-    async fn standby_snapshot(&self, vm: &Vm) -> Result<Option<Snapshot>> {
+    pub(super) async fn standby_snapshot(&self, vm: &Vm) -> Result<Option<Snapshot>> {
         Ok(match &vm.standby_snapshot_id {
             Some(s) => self.store.get_snapshot(s).await?,
             // Rows from before standby_snapshot_id existed: the most recent one.
@@ -482,7 +495,7 @@ impl Manager {
 
     /// Loads a Standby snapshot into `vm` and resumes it (VM lock held). A
     /// failure leaves the VM as it was: state, disk and what it resumes from.
-    async fn resume_from(self: &Arc<Self>, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
+    pub(super) async fn resume_from(self: &Arc<Self>, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
         let id = vm.id.clone();
         let lock = self.snap_lock(&snap.id);
         let _r = lock.read().await;
@@ -892,6 +905,10 @@ impl Manager {
             inner_ip: None,
             inner_mac: None,
             snapshot_compression: source.snapshot_compression.clone(),
+            auto_sleep: source.auto_sleep,
+            idle_timeout_seconds: source.idle_timeout_seconds,
+            last_sleep_at: None,
+            last_wake_at: None,
         };
         let _guard = self.lock_vm(&vm.id).await;
         self.insert_with_network(&mut vm, &Default::default())

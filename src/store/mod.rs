@@ -103,6 +103,24 @@ pub struct Vm {
     pub inner_mac: Option<String>,
     /// This VM's default for snapshot compression (JSON of seed 003's config).
     pub snapshot_compression: Option<String>,
+    /// Idle sleep: false opts the VM out.
+    pub auto_sleep: bool,
+    /// The VM's own idle timeout; the server's when None.
+    pub idle_timeout_seconds: Option<i64>,
+    pub last_sleep_at: Option<String>,
+    pub last_wake_at: Option<String>,
+}
+
+/// A proxy route: `{subdomain}.{base_domain}` -> the VM's `guest_ip:target_port`.
+#[derive(Debug, Clone, FromRow)]
+pub struct Route {
+    pub id: String,
+    pub vm_id: String,
+    pub owner_id: String,
+    pub subdomain: String,
+    pub target_port: i64,
+    pub auto_wake: bool,
+    pub created_at: String,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -413,8 +431,8 @@ impl Store {
             "INSERT INTO vms (id, owner_id, image_id, image_dir, template_id, state, vcpu_count, mem_mib, boot_args,
                               enable_network, user_data, guest_ip, guest_mac, tap_name, ssh_port, hypervisor,
                               last_error, created_at, updated_at, name, standby_snapshot_id, inner_ip,
-                              inner_mac, snapshot_compression)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              inner_mac, snapshot_compression, auto_sleep, idle_timeout_seconds)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&vm.id)
         .bind(&vm.owner_id)
@@ -440,6 +458,8 @@ impl Store {
         .bind(&vm.inner_ip)
         .bind(&vm.inner_mac)
         .bind(&vm.snapshot_compression)
+        .bind(vm.auto_sleep)
+        .bind(vm.idle_timeout_seconds)
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -499,6 +519,39 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// The settings `PATCH /vms/{id}` changes.
+    pub async fn set_vm_settings(&self, vm: &Vm) -> Result<String> {
+        let updated_at = now();
+        sqlx::query(
+            "UPDATE vms SET auto_sleep = ?, idle_timeout_seconds = ?, snapshot_compression = ?,
+                            updated_at = ? WHERE id = ?",
+        )
+        .bind(vm.auto_sleep)
+        .bind(vm.idle_timeout_seconds)
+        .bind(&vm.snapshot_compression)
+        .bind(&updated_at)
+        .bind(&vm.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated_at)
+    }
+
+    /// Records an idle sleep (`slept`) or a wake on request, returning the time.
+    pub async fn mark_vm_sleep_or_wake(&self, id: &str, slept: bool) -> Result<String> {
+        let at = now();
+        let sql = if slept {
+            "UPDATE vms SET last_sleep_at = ? WHERE id = ?"
+        } else {
+            "UPDATE vms SET last_wake_at = ? WHERE id = ?"
+        };
+        sqlx::query(sql)
+            .bind(&at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(at)
     }
 
     pub async fn get_vm(&self, id: &str) -> Result<Option<Vm>> {
@@ -677,6 +730,65 @@ impl Store {
     pub async fn delete_vm(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM vms WHERE id = ?")
             .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- proxy routes ----
+
+    pub async fn insert_route(&self, r: &Route) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO routes (id, vm_id, owner_id, subdomain, target_port, auto_wake, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.vm_id)
+        .bind(&r.owner_id)
+        .bind(&r.subdomain)
+        .bind(r.target_port)
+        .bind(r.auto_wake)
+        .bind(&r.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("subdomain {:?} is already taken", r.subdomain))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+
+    pub async fn vm_routes(&self, vm_id: &str) -> Result<Vec<Route>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM routes WHERE vm_id = ? ORDER BY created_at, rowid")
+                .bind(vm_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn all_routes(&self) -> Result<Vec<Route>> {
+        Ok(sqlx::query_as("SELECT * FROM routes ORDER BY rowid")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Deletes one route of `vm_id`; false when it has no such route.
+    pub async fn delete_route(&self, vm_id: &str, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM routes WHERE id = ? AND vm_id = ?")
+            .bind(id)
+            .bind(vm_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn delete_vm_routes(&self, vm_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM routes WHERE vm_id = ?")
+            .bind(vm_id)
             .execute(&self.pool)
             .await?;
         Ok(())

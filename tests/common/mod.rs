@@ -2,6 +2,8 @@
 //! own, real QEMU guests under TCG, and curl (run inside the namespace) as the client.
 #![allow(dead_code)]
 
+pub mod web;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -153,6 +155,11 @@ impl Daemon {
     /// A daemon whose snapshots go to `storage`.
     pub fn start_storage(storage: Storage, upstream: bool) -> Daemon {
         Self::start_inner(&[], upstream, storage)
+    }
+
+    /// A daemon whose snapshots go to `storage`, with extra HATCH_* variables.
+    pub fn start_storage_with(storage: Storage, env: &[(&str, &str)]) -> Daemon {
+        Self::start_inner(env, false, storage)
     }
 
     pub fn start_full(env: &[(&str, &str)], upstream: bool) -> Daemon {

@@ -1,0 +1,409 @@
+//! The reverse proxy: `{subdomain}.{base_domain}` -> the route's VM at
+//! `guest_ip:target_port`, waking the VM first when it sleeps.
+//!
+//! Clients speak HTTP/1.1 or HTTP/2 (cleartext, prior knowledge); the guest is
+//! spoken to in HTTP/1.1 over pooled keep-alive connections. Bodies stream
+//! both ways with back-pressure, and HTTP/1.1 upgrades (WebSocket) become a
+//! byte pipe between the client and the guest.
+
+use crate::config::ProxyConfig;
+use crate::manager::{Busy, Manager, RouteTarget};
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+struct Proxy {
+    manager: Arc<Manager>,
+    cfg: ProxyConfig,
+    client: Client<HttpConnector, Incoming>,
+}
+
+/// Serves the proxy on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, manager: Arc<Manager>, cfg: ProxyConfig) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(cfg.request_timeout.min(Duration::from_secs(10))));
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_timer(TokioTimer::new())
+        .build(connector);
+    let proxy = Arc::new(Proxy {
+        manager,
+        cfg,
+        client,
+    });
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!("proxy accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let proxy = Arc::clone(&proxy);
+                async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // Errors here are the client's connection ending; nothing to report.
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// `{"error": "..."}` with `status`.
+fn error(status: StatusCode, msg: impl Into<String>) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": msg.into() }).to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// The subdomain a request's host names under `base`: `app` for
+/// `app.base[:port]`. One label only; anything else is no route.
+pub fn subdomain_of<'a>(host: &'a str, base: &str) -> Option<&'a str> {
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.len() <= base.len() + 1 {
+        return None;
+    }
+    let (sub, rest) = host.split_at(host.len() - base.len() - 1);
+    let sub_ok = !sub.is_empty() && !sub.contains('.');
+    (sub_ok && rest[1..].eq_ignore_ascii_case(base) && rest.starts_with('.')).then_some(sub)
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Removes hop-by-hop headers, those `Connection` names included. `Upgrade`
+/// goes too unless the message is an upgrade being passed on.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Is this an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`)?
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Waits until `ip:port` accepts a TCP connection, or `deadline`.
+async fn port_opens(ip: std::net::Ipv4Addr, port: u16, deadline: tokio::time::Instant) -> bool {
+    loop {
+        let attempt = tokio::net::TcpStream::connect((ip, port));
+        if let Ok(Ok(_)) = tokio::time::timeout_at(deadline, attempt).await {
+            return true;
+        }
+        if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A response body that keeps its VM counted busy until the body ends.
+struct Tracked {
+    inner: Incoming,
+    _busy: Busy,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Proxy {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        // HTTP/2 carries the host in :authority, HTTP/1.1 in Host.
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let Some(sub) = subdomain_of(&host, &self.cfg.base_domain) else {
+            return error(StatusCode::NOT_FOUND, format!("no route for host {host:?}"));
+        };
+        let Some(target) = self.manager.route_for(&sub.to_ascii_lowercase()) else {
+            return error(StatusCode::NOT_FOUND, format!("no route for host {host:?}"));
+        };
+        let busy = match self.reach(&target).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        self.forward(req, peer, host, &target, busy).await
+    }
+
+    /// Counts the request on the route's VM, waking the VM first if it sleeps.
+    async fn reach(&self, target: &RouteTarget) -> Result<Busy, Response<ProxyBody>> {
+        let vm = &target.vm_id;
+        let deadline = tokio::time::Instant::now() + self.cfg.wake_timeout;
+        let late = || {
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "vm {vm} did not wake within {} s (HATCH_PROXY_WAKE_TIMEOUT)",
+                    self.cfg.wake_timeout.as_secs_f64()
+                ),
+            )
+        };
+        // A second try covers a VM put to sleep again right after it woke.
+        for _ in 0..2 {
+            if let Some(busy) = self.manager.enter_vm(vm) {
+                return Ok(busy);
+            }
+            if !target.auto_wake {
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "vm {vm} is not running and route {} does not wake it (auto_wake is false)",
+                        target.route_id
+                    ),
+                ));
+            }
+            match tokio::time::timeout_at(deadline, self.manager.wake(vm)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(error(
+                        StatusCode::BAD_GATEWAY,
+                        format!("waking vm {vm} failed: {e}"),
+                    ))
+                }
+                Err(_) => return Err(late()),
+            }
+            // A restored guest answers at once; a booted one once its server is up.
+            if let Some(ip) = target.guest_ip {
+                if !port_opens(ip, target.port, deadline).await {
+                    return Err(late());
+                }
+            }
+        }
+        Err(error(
+            StatusCode::BAD_GATEWAY,
+            format!("vm {vm} went back to sleep while waking"),
+        ))
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        host: String,
+        target: &RouteTarget,
+        busy: Busy,
+    ) -> Response<ProxyBody> {
+        let vm = &target.vm_id;
+        let Some(ip) = target.guest_ip else {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("vm {vm} has no network address"),
+            );
+        };
+        let upgrade = wants_upgrade(&req);
+        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_version = req.version();
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = match Uri::try_from(format!("http://{ip}:{}{path}", target.port)) {
+            Ok(u) => u,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request target: {e}")),
+        };
+        parts.version = Version::HTTP_11;
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers, upgrade);
+        if let Ok(h) = HeaderValue::from_str(&host) {
+            headers.insert(header::HOST, h.clone());
+            if !headers.contains_key("x-forwarded-host") {
+                headers.insert("x-forwarded-host", h);
+            }
+        }
+        let peer_ip = peer.ip().to_string();
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {peer_ip}"),
+            None => peer_ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert("x-forwarded-for", v);
+        }
+        if !headers.contains_key("x-forwarded-proto") {
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+        let sent = tokio::time::timeout(
+            self.cfg.request_timeout,
+            self.client.request(Request::from_parts(parts, body)),
+        )
+        .await;
+        let mut resp = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let why = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string());
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("vm {vm} did not answer on {ip}:{}: {why}", target.port),
+                );
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "vm {vm} did not answer within {} s (HATCH_PROXY_TIMEOUT)",
+                        self.cfg.request_timeout.as_secs_f64()
+                    ),
+                )
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_side) = client_side {
+                let guest_side = hyper::upgrade::on(&mut resp);
+                let vm = vm.clone();
+                tokio::spawn(async move {
+                    // The VM stays busy while the upgraded connection is open.
+                    let _busy = busy;
+                    match tokio::try_join!(client_side, guest_side) {
+                        Ok((c, g)) => {
+                            let (mut c, mut g) = (TokioIo::new(c), TokioIo::new(g));
+                            let _ = tokio::io::copy_bidirectional(&mut c, &mut g).await;
+                        }
+                        Err(e) => tracing::debug!(vm = %vm, "proxy upgrade failed: {e}"),
+                    }
+                });
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers, true);
+                return Response::from_parts(parts, body.boxed());
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        parts.version = client_version;
+        let body = Tracked {
+            inner: body,
+            _busy: busy,
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subdomains_under_the_base_domain() {
+        let base = "vms.example.com";
+        assert_eq!(subdomain_of("app.vms.example.com", base), Some("app"));
+        assert_eq!(subdomain_of("app.vms.example.com:8081", base), Some("app"));
+        assert_eq!(subdomain_of("APP.VMS.example.com.", base), Some("APP"));
+        assert_eq!(subdomain_of("vms.example.com", base), None);
+        assert_eq!(subdomain_of(".vms.example.com", base), None);
+        assert_eq!(subdomain_of("a.b.vms.example.com", base), None);
+        assert_eq!(subdomain_of("appvms.example.com", base), None);
+        assert_eq!(subdomain_of("app.other.com", base), None);
+        assert_eq!(subdomain_of("", base), None);
+        assert_eq!(subdomain_of("app.localhost:8081", "localhost"), Some("app"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        let names: Vec<&str> = plain.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert!(h.get("x-secret").is_none());
+    }
+}

@@ -1,0 +1,684 @@
+//! The reverse proxy end to end: routes API, Host routing to real guests
+//! (busybox httpd, a shell WebSocket echo server), wake on request, and idle
+//! sleep. Clients are curl (HTTP/1.1 and HTTP/2), tokio-tungstenite
+//! (WebSocket) and wrk (load), all inside the daemon's namespace.
+
+#[macro_use]
+mod common;
+use common::web::*;
+use common::*;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PROXY: &str = "127.0.0.1:8081";
+
+/// A curl through the proxy for `host`: returns (status, body). `args` go before the URL.
+fn via_proxy(d: &Daemon, host: &str, path: &str, args: &[&str]) -> (u16, String) {
+    let url = format!("http://{host}:8081{path}");
+    let resolve = format!("{host}:8081:127.0.0.1");
+    let out = d.in_ns(
+        None,
+        &[
+            &["curl", "-sS", "--max-time", "120", "--resolve", &resolve][..],
+            args,
+            &["-w", "\n%{http_code}", &url],
+        ]
+        .concat(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn id_of(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_string()
+}
+
+fn web_vm(d: &Daemon, extra: Value) -> String {
+    let mut body = json!({ "user_data": web_user_data(None) });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let id = id_of(&d.create_vm(&body.to_string()));
+    d.wait_console(&id, "web-guest: ready");
+    id
+}
+
+fn add_route(d: &Daemon, vm: &str, body: Value) -> Value {
+    let r = d.req(
+        "POST",
+        &format!("/vms/{vm}/routes"),
+        Some(&body.to_string()),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    r.body
+}
+
+/// Log lines of the daemon that mention `vm` and `what`.
+fn log_count(d: &Daemon, vm: &str, what: &str) -> usize {
+    d.daemon_log()
+        .lines()
+        .filter(|l| l.contains(vm) && l.contains(what))
+        .count()
+}
+
+fn state(d: &Daemon, vm: &str) -> String {
+    d.vm(vm)["state"].as_str().unwrap().to_string()
+}
+
+fn wait_state(d: &Daemon, vm: &str, want: &str, timeout: Duration) {
+    wait_until(&format!("{vm} {want}"), timeout, || state(d, vm) == want);
+}
+
+#[test]
+fn routes_api_validates_conflicts_and_goes_with_the_vm() {
+    let d = Daemon::start();
+    let vm = id_of(&d.create_vm("{}"));
+    let other = id_of(&d.create_vm("{}"));
+    let path = format!("/vms/{vm}/routes");
+    let post = |p: &str, body: &str| d.req("POST", p, Some(body));
+
+    // Validation: nothing is created by a bad request.
+    for (body, needle) in [
+        ("{}", "target_port is required"),
+        (r#"{"target_port": 0}"#, "target_port"),
+        (r#"{"target_port": 65536}"#, "target_port"),
+        (r#"{"target_port": "80"}"#, "invalid JSON"),
+        (r#"{"target_port": 80, "subdomain": "api"}"#, "reserved"),
+        (r#"{"target_port": 80, "subdomain": "www"}"#, "reserved"),
+        (r#"{"target_port": 80, "subdomain": "Shop"}"#, "lowercase"),
+        (r#"{"target_port": 80, "subdomain": "my_app"}"#, "lowercase"),
+        (r#"{"target_port": 80, "subdomain": "a.b"}"#, "lowercase"),
+        (r#"{"target_port": 80, "subdomain": "-app"}"#, "dash"),
+        (r#"{"target_port": 80, "subdomain": "app-"}"#, "dash"),
+        (r#"{"target_port": 80, "subdomain": ""}"#, "1 to 63"),
+        (r#"{"target_port": 80, "port": 80}"#, "unknown field"),
+    ] {
+        let r = post(&path, body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert!(r.error().contains(needle), "{body}: {}", r.text);
+    }
+    let long = "a".repeat(64);
+    let r = post(
+        &path,
+        &json!({"target_port": 80, "subdomain": long}).to_string(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text);
+    let r = d.req("GET", &path, None);
+    assert_eq!(r.body, json!([]), "no route was created by bad requests");
+
+    // A valid route: given subdomain, defaults filled in.
+    let max = format!("x{}", "-9".repeat(31));
+    assert_eq!(max.len(), 63);
+    let shop = add_route(&d, &vm, json!({"target_port": 8080, "subdomain": "shop-1"}));
+    assert!(shop["id"].as_str().unwrap().starts_with("rt_"), "{shop}");
+    assert_eq!(shop["vm_id"], vm.as_str());
+    assert_eq!(shop["subdomain"], "shop-1");
+    assert_eq!(shop["host"], "shop-1.localhost");
+    assert_eq!(shop["url"], "http://shop-1.localhost:8081/");
+    assert_eq!(shop["target_port"], 8080);
+    assert_eq!(shop["auto_wake"], true);
+    let edge = add_route(
+        &d,
+        &vm,
+        json!({"target_port": 65535, "subdomain": max, "auto_wake": false}),
+    );
+    assert_eq!(edge["auto_wake"], false);
+    // Omitted subdomain: a random valid one, different each time.
+    let r1 = add_route(&d, &vm, json!({"target_port": 1}));
+    let r2 = add_route(&d, &other, json!({"target_port": 1}));
+    let (s1, s2) = (
+        r1["subdomain"].as_str().unwrap(),
+        r2["subdomain"].as_str().unwrap(),
+    );
+    assert_ne!(s1, s2);
+    for s in [s1, s2] {
+        assert!(
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "{s}"
+        );
+    }
+
+    // A taken subdomain is a conflict, on the same VM or another one.
+    for target in [&vm, &other] {
+        let r = post(
+            &format!("/vms/{target}/routes"),
+            r#"{"target_port": 80, "subdomain": "shop-1"}"#,
+        );
+        assert_eq!(r.status, 409, "{}", r.text);
+        assert!(r.error().contains("shop-1"), "{}", r.text);
+    }
+
+    // Listing, in creation order; another owner sees nothing.
+    let r = d.req("GET", &path, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.ids(),
+        [&shop, &edge, &r1].map(id_of).to_vec(),
+        "{}",
+        r.text
+    );
+    let bob = d.create_key(&["--name", "bob"]);
+    for (m, p, b) in [
+        ("GET", path.clone(), None),
+        ("POST", path.clone(), Some(r#"{"target_port": 80}"#)),
+        ("DELETE", format!("{path}/{}", id_of(&shop)), None),
+    ] {
+        let r = d.as_key(&bob, m, &p, b);
+        assert_eq!(r.status, 404, "{m} {p} as bob: {}", r.text);
+    }
+    let r = d.curl("GET", &path, &[], None);
+    assert_eq!(r.status, 401);
+
+    // Delete one route; unknown ids and a route of another VM are 404.
+    let r = d.req("DELETE", &format!("{path}/rt_nope"), None);
+    assert_eq!(r.status, 404, "{}", r.text);
+    let r = d.req("DELETE", &format!("{path}/{}", id_of(&r2)), None);
+    assert_eq!(r.status, 404, "a route of another VM: {}", r.text);
+    let r = d.req("DELETE", &format!("{path}/{}", id_of(&edge)), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body, json!({"status": "deleted"}));
+    assert_eq!(d.req("GET", &path, None).ids().len(), 2);
+
+    // A VM without networking cannot have a route.
+    let offline = id_of(&d.create_vm(r#"{"enable_network": false}"#));
+    let r = post(&format!("/vms/{offline}/routes"), r#"{"target_port": 80}"#);
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.error().contains("no network"), "{}", r.text);
+
+    // Deleting the VM deletes its routes: the subdomain is free again, and the
+    // proxy no longer knows the host.
+    let r = d.req("DELETE", &format!("/vms/{vm}"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (code, body) = via_proxy(&d, "shop-1.localhost", "/", &[]);
+    assert_eq!(code, 404, "{body}");
+    add_route(
+        &d,
+        &other,
+        json!({"target_port": 80, "subdomain": "shop-1"}),
+    );
+    let r = d.req("GET", &format!("/vms/{vm}/routes"), None);
+    assert_eq!(r.status, 404, "{}", r.text);
+}
+
+#[test]
+fn vm_idle_settings_at_create_and_patch() {
+    let d = Daemon::start();
+    let vm = d.create_vm(r#"{"enable_network": false}"#);
+    assert_eq!(vm["auto_sleep"], true);
+    assert_eq!(vm["idle_timeout_seconds"], Value::Null);
+    assert_eq!(vm["last_sleep_at"], Value::Null);
+    assert_eq!(vm["last_wake_at"], Value::Null);
+    let own = d
+        .create_vm(r#"{"enable_network": false, "auto_sleep": false, "idle_timeout_seconds": 90}"#);
+    assert_eq!(own["auto_sleep"], false);
+    assert_eq!(own["idle_timeout_seconds"], 90);
+    for body in [
+        r#"{"idle_timeout_seconds": 0}"#,
+        r#"{"idle_timeout_seconds": -5}"#,
+        r#"{"idle_timeout_seconds": 2592001}"#,
+        r#"{"auto_sleep": "no"}"#,
+    ] {
+        let r = d.req("POST", "/vms", Some(body));
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+    }
+
+    let id = id_of(&vm);
+    let path = format!("/vms/{id}");
+    for (body, needle) in [
+        ("{}", "nothing to change"),
+        (r#"{"idle_timeout_seconds": 0}"#, "idle_timeout_seconds"),
+        (r#"{"vcpu_count": 2}"#, "unknown field"),
+        (
+            r#"{"snapshot_compression": {"enabled": true, "algorithm": "zstd", "level": 30}}"#,
+            "snapshot_compression",
+        ),
+    ] {
+        let r = d.req("PATCH", &path, Some(body));
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert!(r.error().contains(needle), "{body}: {}", r.text);
+    }
+    assert_eq!(d.vm(&id)["updated_at"], vm["updated_at"], "nothing changed");
+
+    let r = d.req(
+        "PATCH",
+        &path,
+        Some(r#"{"auto_sleep": false, "idle_timeout_seconds": 120}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["auto_sleep"], false);
+    assert_eq!(r.body["idle_timeout_seconds"], 120);
+    // Fields not given stay; null clears a timeout.
+    let r = d.req(
+        "PATCH",
+        &path,
+        Some(r#"{"idle_timeout_seconds": null, "snapshot_compression": {"enabled": true, "algorithm": "lz4"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["auto_sleep"], false);
+    assert_eq!(r.body["idle_timeout_seconds"], Value::Null);
+    assert_eq!(r.body["snapshot_compression"]["algorithm"], "lz4");
+    assert_eq!(d.vm(&id)["snapshot_compression"]["algorithm"], "lz4");
+    let r = d.req("PATCH", "/vms/vm_nope", Some(r#"{"auto_sleep": true}"#));
+    assert_eq!(r.status, 404, "{}", r.text);
+}
+
+/// sha256 of a file, with the host's sha256sum.
+fn sha256_file(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn proxy_routes_by_host_streams_upgrades_and_reports_errors() {
+    let d = Daemon::start_with(&[("HATCH_PROXY_TIMEOUT", "5s")]);
+    let vm = web_vm(&d, json!({}));
+    let ip = d.vm(&vm)["guest_ip"].as_str().unwrap().to_string();
+    add_route(&d, &vm, json!({"target_port": 80, "subdomain": "web"}));
+    add_route(
+        &d,
+        &vm,
+        json!({"target_port": HEADERS_PORT, "subdomain": "hdr"}),
+    );
+    add_route(&d, &vm, json!({"target_port": WS_PORT, "subdomain": "ws"}));
+    add_route(&d, &vm, json!({"target_port": 81, "subdomain": "closed"}));
+
+    // Routing by Host, HTTP/1.1: the guest's own page, as straight from it.
+    let (code, body) = via_proxy(&d, "web.localhost", "/", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("hello from "), "{body}");
+    let direct = d.in_ns(None, &["curl", "-sS", &format!("http://{ip}/")]);
+    assert_eq!(body, String::from_utf8_lossy(&direct.stdout));
+
+    // HTTP/2 (cleartext, prior knowledge) to the proxy.
+    let resolve = "web.localhost:8081:127.0.0.1";
+    let out = d.in_ns(
+        None,
+        &[
+            "curl",
+            "-sS",
+            "--http2-prior-knowledge",
+            "--resolve",
+            resolve,
+            "-w",
+            "\n%{http_version} %{http_code}",
+            "http://web.localhost:8081/",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (h2_body, how) = text.rsplit_once('\n').unwrap();
+    assert_eq!(how, "2 200", "{text}");
+    assert_eq!(h2_body, body);
+
+    // Keep-alive: two requests on one client connection.
+    let out = d.in_ns(
+        None,
+        &[
+            "curl",
+            "-sv",
+            "--resolve",
+            resolve,
+            "http://web.localhost:8081/",
+            "http://web.localhost:8081/",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Re-using existing connection"), "{err}");
+
+    // X-Forwarded-*: what the guest's server sees.
+    let (code, seen) = via_proxy(&d, "hdr.localhost", HEADERS_PATH, &[]);
+    assert_eq!(code, 200, "{seen}");
+    let seen = seen.to_ascii_lowercase();
+    for want in [
+        "host: hdr.localhost:8081",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: hdr.localhost:8081",
+    ] {
+        assert!(seen.contains(want), "{want} not in:\n{seen}");
+    }
+    // A client's own X-Forwarded-For is kept and our hop appended.
+    let (_, seen) = via_proxy(
+        &d,
+        "hdr.localhost",
+        HEADERS_PATH,
+        &["-H", "X-Forwarded-For: 203.0.113.9"],
+    );
+    assert!(
+        seen.to_ascii_lowercase()
+            .contains("x-forwarded-for: 203.0.113.9, 127.0.0.1"),
+        "{seen}"
+    );
+
+    // Unknown host, host outside the base domain: 404 JSON.
+    for host in ["nope.localhost", "web.example.com", "a.web.localhost"] {
+        let (code, body) = via_proxy(&d, host, "/", &[]);
+        assert_eq!(code, 404, "{host}: {body}");
+        let v: Value = serde_json::from_str(&body).expect("a JSON body");
+        assert!(v["error"].as_str().unwrap().contains("no route"), "{body}");
+    }
+    // Nothing listens on the target port: 502 JSON.
+    let (code, body) = via_proxy(&d, "closed.localhost", "/", &[]);
+    assert_eq!(code, 502, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("a JSON body");
+    assert!(v["error"].as_str().unwrap().contains(":81"), "{body}");
+    // The guest takes longer than HATCH_PROXY_TIMEOUT: 504 JSON, after about 3 s.
+    let started = Instant::now();
+    let (code, body) = via_proxy(&d, "web.localhost", "/cgi-bin/slow?8", &[]);
+    let took = started.elapsed();
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("HATCH_PROXY_TIMEOUT"), "{body}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+
+    // Large bodies both ways, streamed, checked end to end.
+    let upload = d.data_dir.join("upload.bin");
+    let mut f = std::fs::File::open("/dev/urandom").unwrap();
+    let mut out = std::fs::File::create(&upload).unwrap();
+    std::io::copy(
+        &mut std::io::Read::take(&mut f, (BIG_MIB * 1024 * 1024) as u64),
+        &mut out,
+    )
+    .unwrap();
+    let at_upload = format!("@{}", upload.display());
+    let (code, sum) = via_proxy(
+        &d,
+        "web.localhost",
+        "/cgi-bin/sha256",
+        &[
+            "--data-binary",
+            &at_upload,
+            "-H",
+            "Content-Type: application/octet-stream",
+        ],
+    );
+    assert_eq!(code, 200, "{sum}");
+    assert_eq!(sum.trim(), sha256_file(&upload), "upload through the proxy");
+    let download = d.data_dir.join("download.bin");
+    let to = download.display().to_string();
+    let (code, _) = via_proxy(&d, "web.localhost", "/big.bin", &["-o", &to]);
+    assert_eq!(code, 200);
+    assert_eq!(
+        std::fs::metadata(&download).unwrap().len(),
+        (BIG_MIB * 1024 * 1024) as u64
+    );
+    let (_, want) = via_proxy(&d, "web.localhost", "/big.sha256", &[]);
+    assert_eq!(
+        sha256_file(&download),
+        want.trim(),
+        "download through the proxy"
+    );
+
+    // WebSocket: upgraded through the proxy, echoed by the guest.
+    let replies = ws_echo(
+        &d.ns,
+        PROXY,
+        "ws.localhost:8081",
+        "/ws",
+        &["hello", "second message"],
+    )
+    .expect("websocket through the proxy");
+    assert_eq!(replies, ["hello", "second message"]);
+
+    // Load: wrk with 8 keep-alive connections, every answer a 200.
+    let out = d.in_ns(
+        None,
+        &[
+            "wrk",
+            "-t2",
+            "-c8",
+            "-d3s",
+            "-H",
+            "Host: web.localhost",
+            "http://127.0.0.1:8081/",
+        ],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(!report.contains("Non-2xx"), "{report}");
+    assert!(!report.contains("Socket errors"), "{report}");
+    let requests: u64 = report
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split(" requests in")
+                .next()
+                .filter(|_| l.contains(" requests in"))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(requests >= 10, "{report}");
+}
+
+#[test]
+fn a_sleeping_vm_wakes_once_for_20_concurrent_requests() {
+    let d = Daemon::start();
+    let vm = web_vm(&d, json!({}));
+    add_route(&d, &vm, json!({"target_port": 80, "subdomain": "site"}));
+    add_route(
+        &d,
+        &vm,
+        json!({"target_port": 80, "subdomain": "nowake", "auto_wake": false}),
+    );
+    let (code, before) = via_proxy(&d, "site.localhost", "/", &[]);
+    assert_eq!(code, 200, "{before}");
+
+    let r = d.req("POST", &format!("/vms/{vm}/snapshot"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(state(&d, &vm), "snapshotted");
+    assert!(d.vmm_pids_of(&vm).is_empty(), "no VMM while asleep");
+
+    // A route without auto_wake does not wake it.
+    let (code, body) = via_proxy(&d, "nowake.localhost", "/", &[]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("auto_wake"), "{body}");
+    assert_eq!(state(&d, &vm), "snapshotted");
+
+    // 20 requests at once: one restore, 20 answers.
+    let mut args: Vec<String> = [
+        "curl",
+        "-sS",
+        "--parallel",
+        "--parallel-immediate",
+        "--parallel-max",
+        "20",
+        "--max-time",
+        "120",
+        "--resolve",
+        "site.localhost:8081:127.0.0.1",
+    ]
+    .map(String::from)
+    .to_vec();
+    for i in 0..20 {
+        args.push("-w".into());
+        args.push("%{http_code}\n".into());
+        args.push("-o".into());
+        args.push(d.data_dir.join(format!("answer-{i}")).display().to_string());
+        args.push("http://site.localhost:8081/".into());
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = d.in_ns(None, &argv);
+    let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        20,
+        "{codes}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..20 {
+        let a = std::fs::read_to_string(d.data_dir.join(format!("answer-{i}"))).unwrap();
+        assert_eq!(a, before, "answer {i}");
+    }
+    assert_eq!(
+        log_count(&d, &vm, "vm woke on request"),
+        1,
+        "{}",
+        d.daemon_log()
+    );
+    assert_eq!(log_count(&d, &vm, "restored"), 1, "{}", d.daemon_log());
+    let v = d.vm(&vm);
+    assert_eq!(v["state"], "running");
+    assert!(v["last_wake_at"].is_string(), "{v}");
+    // Resumed, not rebooted: the guest's console shows one boot.
+    assert_eq!(d.logs(&vm).matches("hatch-guest: ready").count(), 1);
+
+    // A stopped VM is started by a request the same way.
+    let r = d.req("POST", &format!("/vms/{vm}/stop"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (code, body) = via_proxy(&d, "site.localhost", "/", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, before);
+    assert_eq!(state(&d, &vm), "running");
+    assert_eq!(log_count(&d, &vm, "vm woke on request"), 2);
+}
+
+#[test]
+fn idle_vms_sleep_and_wake_unless_they_opt_out_or_have_ssh_open() {
+    let d = Daemon::start_with(&[
+        ("HATCH_IDLE_TIMEOUT", "4s"),
+        ("HATCH_IDLE_CHECK_INTERVAL", "1s"),
+    ]);
+    let (key, public) = keypair(&d.data_dir);
+    // Booting takes longer than the 4 s timeout under TCG: the VMs start opted
+    // out, and two of them opt in once they serve.
+    let sleepy = web_vm(&d, json!({"auto_sleep": false}));
+    let awake = web_vm(&d, json!({"auto_sleep": false}));
+    let ssh = web_vm(
+        &d,
+        json!({"auto_sleep": false, "user_data": web_user_data(Some(&public))}),
+    );
+    add_route(
+        &d,
+        &sleepy,
+        json!({"target_port": 80, "subdomain": "sleepy"}),
+    );
+    add_route(&d, &awake, json!({"target_port": 80, "subdomain": "awake"}));
+
+    // An SSH session held open through the VM's SSH port keeps it awake.
+    let port = d.vm(&ssh)["ssh_port"].as_u64().unwrap().to_string();
+    let mut session = Command::new("ip")
+        .args(["netns", "exec", &d.ns, "ssh", "-i"])
+        .arg(&key)
+        .args(["-p", &port, "-o", "StrictHostKeyChecking=no", "-o"])
+        .args(["UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+        .args(["root@127.0.0.1", "echo connected; sleep 60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(session.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first.trim(), "connected");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut session = Kill(session);
+
+    // Requests keep a VM awake while they come...
+    let (code, _) = via_proxy(&d, "sleepy.localhost", "/", &[]);
+    assert_eq!(code, 200);
+    for vm in [&sleepy, &ssh] {
+        let r = d.req(
+            "PATCH",
+            &format!("/vms/{vm}"),
+            Some(r#"{"auto_sleep": true}"#),
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        let (code, _) = via_proxy(&d, "sleepy.localhost", "/", &[]);
+        assert_eq!(code, 200);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(state(&d, &sleepy), "running", "it had traffic");
+    // ...and it sleeps once they stop.
+    wait_state(&d, &sleepy, "snapshotted", Duration::from_secs(60));
+    let v = d.vm(&sleepy);
+    assert!(v["last_sleep_at"].is_string(), "{v}");
+    assert_eq!(log_count(&d, &sleepy, "vm put to sleep"), 1);
+    assert!(d.vmm_pids_of(&sleepy).is_empty());
+    // The opted-out VM and the one with an SSH session stayed up.
+    assert_eq!(state(&d, &awake), "running");
+    assert_eq!(state(&d, &ssh), "running");
+    let _ = session.0.kill();
+    let _ = session.0.wait();
+    wait_state(&d, &ssh, "snapshotted", Duration::from_secs(60));
+
+    // The next request wakes it and is answered.
+    let (code, body) = via_proxy(&d, "sleepy.localhost", "/", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("hello from"), "{body}");
+    let v = d.vm(&sleepy);
+    assert_eq!(v["state"], "running");
+    assert!(
+        v["last_wake_at"].as_str() > v["last_sleep_at"].as_str(),
+        "{v}"
+    );
+    // And it goes back to sleep when idle again.
+    wait_state(&d, &sleepy, "snapshotted", Duration::from_secs(60));
+    assert_eq!(log_count(&d, &sleepy, "vm put to sleep"), 2);
+
+    // Opting back in with a PATCH (and its own timeout) puts the other one to sleep too.
+    assert_eq!(state(&d, &awake), "running");
+    let r = d.req(
+        "PATCH",
+        &format!("/vms/{awake}"),
+        Some(r#"{"auto_sleep": true, "idle_timeout_seconds": 2}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    wait_state(&d, &awake, "snapshotted", Duration::from_secs(60));
+}
+
+/// A VM put to sleep by the idle monitor wakes on a request after a daemon
+/// restart, from its snapshot in the local store or in S3.
+fn wake_after_restart(storage: Storage) {
+    let mut d = Daemon::start_storage_with(storage, &[("HATCH_IDLE_CHECK_INTERVAL", "1s")]);
+    let vm = web_vm(&d, json!({}));
+    add_route(&d, &vm, json!({"target_port": 80, "subdomain": "site"}));
+    let (code, before) = via_proxy(&d, "site.localhost", "/", &[]);
+    assert_eq!(code, 200);
+    // The server has no idle timeout; this VM gets its own.
+    let r = d.req(
+        "PATCH",
+        &format!("/vms/{vm}"),
+        Some(r#"{"idle_timeout_seconds": 2}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    wait_state(&d, &vm, "snapshotted", Duration::from_secs(60));
+    if storage == Storage::S3 {
+        let keys = d.stored_objects(&format!("snapshots/{vm}/"));
+        assert!(keys.len() >= 3, "the snapshot is in the bucket: {keys:?}");
+    }
+    d.terminate();
+    d.restart();
+    assert_eq!(state(&d, &vm), "snapshotted");
+    let (code, body) = via_proxy(&d, "site.localhost", "/", &[]);
+    assert_eq!(code, 200, "{body}\n{}", d.daemon_log());
+    assert_eq!(body, before);
+    assert_eq!(state(&d, &vm), "running");
+    assert_eq!(
+        d.logs(&vm).matches("hatch-guest: ready").count(),
+        1,
+        "resumed, not rebooted"
+    );
+}
+
+on_both_stores!(wake_after_restart: asleep_vm_wakes_after_restart_local, asleep_vm_wakes_after_restart_s3);
