@@ -611,9 +611,10 @@ fn idle_vms_sleep_and_wake_unless_they_opt_out_or_have_ssh_open() {
     assert_eq!(state(&d, &sleepy), "running", "it had traffic");
     // ...and it sleeps once they stop.
     wait_state(&d, &sleepy, "snapshotted", Duration::from_secs(60));
-    let v = d.vm(&sleepy);
-    assert!(v["last_sleep_at"].is_string(), "{v}");
-    assert_eq!(log_count(&d, &sleepy, "vm put to sleep"), 1);
+    // The time and the log line are written right after the state.
+    wait_until("the sleep is recorded", Duration::from_secs(10), || {
+        d.vm(&sleepy)["last_sleep_at"].is_string() && log_count(&d, &sleepy, "vm put to sleep") == 1
+    });
     assert!(d.vmm_pids_of(&sleepy).is_empty());
     // The opted-out VM and the one with an SSH session stayed up.
     assert_eq!(state(&d, &awake), "running");
@@ -634,7 +635,11 @@ fn idle_vms_sleep_and_wake_unless_they_opt_out_or_have_ssh_open() {
     );
     // And it goes back to sleep when idle again.
     wait_state(&d, &sleepy, "snapshotted", Duration::from_secs(60));
-    assert_eq!(log_count(&d, &sleepy, "vm put to sleep"), 2);
+    wait_until(
+        "the second sleep is logged",
+        Duration::from_secs(10),
+        || log_count(&d, &sleepy, "vm put to sleep") == 2,
+    );
 
     // Opting back in with a PATCH (and its own timeout) puts the other one to sleep too.
     assert_eq!(state(&d, &awake), "running");

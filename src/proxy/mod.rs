@@ -27,7 +27,7 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 struct Proxy {
     manager: Arc<Manager>,
     cfg: ProxyConfig,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, SentSignal>,
 }
 
 /// Serves the proxy on `listener` until the process ends.
@@ -61,7 +61,12 @@ pub async fn serve(listener: TcpListener, manager: Arc<Manager>, cfg: ProxyConfi
                 let proxy = Arc::clone(&proxy);
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client that never finishes its request headers does not hold a connection forever.
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30));
             // Errors here are the client's connection ending; nothing to report.
             let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -158,6 +163,47 @@ async fn port_opens(ip: std::net::Ipv4Addr, port: u16, deadline: tokio::time::In
             return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A request body that tells when it has been sent whole (or dropped: an
+/// empty body may never be read).
+struct SentSignal {
+    inner: Incoming,
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for SentSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.sent.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Body for SentSignal {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || self.inner.is_end_stream() {
+            if let Some(tx) = self.sent.take() {
+                let _ = tx.send(());
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -312,11 +358,25 @@ impl Proxy {
         if !headers.contains_key("x-forwarded-proto") {
             headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
         }
-        let sent = tokio::time::timeout(
-            self.cfg.request_timeout,
-            self.client.request(Request::from_parts(parts, body)),
-        )
-        .await;
+        // The guest has HATCH_PROXY_TIMEOUT to answer once it has the whole
+        // request: a long upload is not a slow guest.
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+        let sent_tx = if body.is_end_stream() {
+            let _ = sent_tx.send(());
+            None
+        } else {
+            Some(sent_tx)
+        };
+        let body = SentSignal {
+            inner: body,
+            sent: sent_tx,
+        };
+        let response = self.client.request(Request::from_parts(parts, body));
+        tokio::pin!(response);
+        let sent = tokio::select! {
+            r = &mut response => Ok(r),
+            _ = sent_rx => tokio::time::timeout(self.cfg.request_timeout, &mut response).await,
+        };
         let mut resp = match sent {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
