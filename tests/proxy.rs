@@ -633,8 +633,25 @@ fn idle_vms_sleep_and_wake_unless_they_opt_out_or_have_ssh_open() {
         v["last_wake_at"].as_str() > v["last_sleep_at"].as_str(),
         "{v}"
     );
+    // The snapshot that carried it through its sleep is gone once it woke.
+    let snaps = format!("/vms/{sleepy}/snapshots");
+    wait_until(
+        "the sleep snapshot is deleted",
+        Duration::from_secs(30),
+        || d.req("GET", &snaps, None).body == json!([]),
+    );
     // And it goes back to sleep when idle again.
     wait_state(&d, &sleepy, "snapshotted", Duration::from_secs(60));
+    let r = d.req("GET", "/snapshots?tags%5Bhatch.sleep%5D=idle", None);
+    let mine: Vec<&Value> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["source_instance_id"] == sleepy.as_str())
+        .collect();
+    assert_eq!(mine.len(), 1, "one sleep snapshot: {}", r.text);
+    assert_eq!(mine[0]["kind"], "Standby");
     wait_until(
         "the second sleep is logged",
         Duration::from_secs(10),

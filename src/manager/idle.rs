@@ -10,6 +10,16 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The tag on the snapshots idle sleep takes. Such a snapshot only carries
+/// the VM through its sleep: it is deleted once the VM resumed from it.
+pub const SLEEP_TAG: (&str, &str) = ("hatch.sleep", "idle");
+
+/// Is `snap` one idle sleep took?
+pub fn is_sleep_snapshot(snap: &crate::store::Snapshot) -> bool {
+    serde_json::from_str::<std::collections::BTreeMap<String, String>>(&snap.tags)
+        .is_ok_and(|t| t.get(SLEEP_TAG.0).map(String::as_str) == Some(SLEEP_TAG.1))
+}
+
 /// What the proxy and the monitor know about one VM's traffic.
 #[derive(Debug)]
 struct VmActivity {
@@ -261,6 +271,7 @@ impl Manager {
         let idle = self.activity.idle_for(vm_id);
         let req = CreateSnapshot {
             kind: Some("Standby".into()),
+            tags: Some([(SLEEP_TAG.0.to_string(), SLEEP_TAG.1.to_string())].into()),
             ..Default::default()
         };
         match self

@@ -208,6 +208,25 @@ impl Manager {
         done.clone().unwrap_or(Err("the wake was abandoned".into()))
     }
 
+    /// A snapshot idle sleep took is deleted once the VM resumed from it, in
+    /// the background: the waiting requests need not wait for the store.
+    pub(super) fn drop_sleep_snapshot(self: &Arc<Self>, snap: crate::store::Snapshot) {
+        if !super::idle::is_sleep_snapshot(&snap) {
+            return;
+        }
+        let mgr = Arc::clone(self);
+        tokio::spawn(async move {
+            match mgr.remove_snapshot(&snap).await {
+                Ok(()) => {
+                    tracing::info!(vm = %snap.vm_id, snapshot = %snap.id, "sleep snapshot deleted after the wake")
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %snap.vm_id, snapshot = %snap.id, "deleting the sleep snapshot: {e}")
+                }
+            }
+        });
+    }
+
     async fn wake_now(self: &Arc<Self>, vm_id: &str) -> std::result::Result<(), String> {
         let started = std::time::Instant::now();
         let _guard = self.lock_vm(vm_id).await;
@@ -226,7 +245,11 @@ impl Manager {
                     .await
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("vm {vm_id} has no snapshot to wake from"))?;
-                self.resume_from(&mut vm, &snap).await
+                let resumed = self.resume_from(&mut vm, &snap).await;
+                if resumed.is_ok() {
+                    self.drop_sleep_snapshot(snap);
+                }
+                resumed
             }
             VmState::Stopped => self.start_locked(&mut vm).await,
             other => {

@@ -481,6 +481,7 @@ impl Manager {
             .await?
             .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no snapshot to restore")))?;
         self.resume_from(&mut vm, &snap).await?;
+        self.drop_sleep_snapshot(snap);
         Ok(vm)
     }
 
@@ -1112,6 +1113,12 @@ impl Manager {
                 )));
             }
         }
+        self.remove_snapshot(&snap).await
+    }
+
+    /// Removes a snapshot's objects, then its row (once no restore reads it).
+    pub(super) async fn remove_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        let id = &snap.id;
         let lock = self.snap_lock(id);
         let _w = lock.write().await;
         let keys = [
