@@ -138,6 +138,21 @@ impl MemoryPipe {
 }
 
 impl Manager {
+    /// Takes `snap`'s read lock and reads its row again under it: compression
+    /// may have switched the memory to another object since `snap` was read.
+    async fn read_locked(
+        &self,
+        snap: &Snapshot,
+    ) -> Result<(tokio::sync::OwnedRwLockReadGuard<()>, Snapshot)> {
+        let guard = self.snap_lock(&snap.id).read_owned().await;
+        let fresh = self
+            .store
+            .get_snapshot(&snap.id)
+            .await?
+            .ok_or_else(|| not_found("snapshot", &snap.id))?;
+        Ok((guard, fresh))
+    }
+
     fn snap_lock(&self, id: &str) -> Arc<tokio::sync::RwLock<()>> {
         let mut locks = self.snap_locks.lock().unwrap();
         Arc::clone(locks.entry(id.to_string()).or_default())
@@ -498,8 +513,8 @@ impl Manager {
     /// failure leaves the VM as it was: state, disk and what it resumes from.
     pub(super) async fn resume_from(self: &Arc<Self>, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
         let id = vm.id.clone();
-        let lock = self.snap_lock(&snap.id);
-        let _r = lock.read().await;
+        let (_r, snap) = self.read_locked(snap).await?;
+        let snap = &snap;
         let before = (
             state_of(vm),
             vm.standby_snapshot_id.clone(),
@@ -818,8 +833,7 @@ impl Manager {
             }
             (_, target) => {
                 // The snapshot's disk, booted fresh (Running) or not at all (Stopped).
-                let lock = self.snap_lock(&snap.id);
-                let _r = lock.read().await;
+                let (_r, snap) = self.read_locked(&snap).await?;
                 let work_dir = self.work_dir(id);
                 let dir = work_dir.join(format!("restore-{}", snap.id));
                 let fetched = self.fetch(&snap, &dir, &work_dir, false).await;
@@ -971,8 +985,8 @@ impl Manager {
                     .map_err(|e| e.to_string())
             }
             (SnapshotKind::Standby, TargetState::Running) => {
-                let lock = self.snap_lock(&snap.id);
-                let _r = lock.read().await;
+                let (_r, snap) = self.read_locked(snap).await.map_err(|e| e.to_string())?;
+                let snap = &snap;
                 self.adopt_memory_address(vm, snap)
                     .await
                     .map_err(|e| e.to_string())?;
