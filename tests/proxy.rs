@@ -704,3 +704,42 @@ fn wake_after_restart(storage: Storage) {
 }
 
 on_both_stores!(wake_after_restart: asleep_vm_wakes_after_restart_local, asleep_vm_wakes_after_restart_s3);
+
+/// A sleep that cannot store its snapshot (the S3 server is gone) leaves the
+/// VM running and serving, says why in the log, and is not retried at every check.
+#[test]
+fn an_idle_sleep_that_cannot_be_stored_keeps_the_vm_running() {
+    let mut d = Daemon::start_storage_with(Storage::S3, &[("HATCH_IDLE_CHECK_INTERVAL", "1s")]);
+    let vm = web_vm(&d, json!({}));
+    add_route(&d, &vm, json!({"target_port": 80, "subdomain": "site"}));
+    d.stop_s3();
+    let r = d.req(
+        "PATCH",
+        &format!("/vms/{vm}"),
+        Some(r#"{"idle_timeout_seconds": 3}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    wait_until(
+        "the failed sleep is logged",
+        Duration::from_secs(60),
+        || log_count(&d, &vm, "idle sleep failed") >= 1,
+    );
+    let v = d.vm(&vm);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["last_sleep_at"], Value::Null);
+    assert_eq!(
+        d.req("GET", &format!("/vms/{vm}/snapshots"), None).body,
+        json!([])
+    );
+    let (code, body) = via_proxy(&d, "site.localhost", "/", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("hello from"), "{body}");
+    // The next attempt waits for another full timeout.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        log_count(&d, &vm, "idle sleep failed"),
+        1,
+        "{}",
+        d.daemon_log()
+    );
+}

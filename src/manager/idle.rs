@@ -288,7 +288,11 @@ impl Manager {
                     "vm put to sleep: idle"
                 );
             }
-            Err(e) => tracing::error!(vm = vm_id, "idle sleep failed, the VM keeps running: {e}"),
+            Err(e) => {
+                // Tried again after a full timeout, not at every check.
+                self.activity.touch(vm_id);
+                tracing::error!(vm = vm_id, "idle sleep failed, the VM keeps running: {e}");
+            }
         }
     }
 }

@@ -117,6 +117,8 @@ pub struct Daemon {
     helpers: Vec<Child>,
     pub ns: String,
     pub data_dir: PathBuf,
+    /// The S3 server (index into `helpers`), when the storage is S3.
+    s3_server: Option<usize>,
     child: Option<Child>,
     extra_env: Vec<(String, String)>,
     /// Key of the owner `alice`, created before the daemon starts.
@@ -186,6 +188,7 @@ impl Daemon {
             ns,
             log: data_dir.join("daemon.log"),
             data_dir,
+            s3_server: None,
             child: None,
             extra_env: env
                 .iter()
@@ -220,6 +223,7 @@ impl Daemon {
             .stderr(Stdio::null())
             .spawn()
             .expect("start s3s-fs");
+        self.s3_server = Some(self.helpers.len());
         self.helpers.push(server);
         wait_until("s3s-fs answers", Duration::from_secs(30), || {
             self.s3(&["-o", "/dev/null", "-w", "%{http_code}"], "GET", "")
@@ -234,6 +238,13 @@ impl Daemon {
         ] {
             self.extra_env.push((k.to_string(), v.to_string()));
         }
+    }
+
+    /// Stops the S3 server: the store becomes unreachable for the daemon.
+    pub fn stop_s3(&mut self) {
+        let i = self.s3_server.expect("a daemon with S3 storage");
+        let _ = self.helpers[i].kill();
+        let _ = self.helpers[i].wait();
     }
 
     /// A signed (SigV4) request to the bucket with curl, a real S3 client.
