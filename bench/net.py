@@ -24,7 +24,7 @@ works, and then measures, each guest path interleaved with its baseline:
      `ssh ... 'busybox cat > /dev/null' < FILE` over the same three, with the
      same OpenSSH client, cipher, kex and host key type.
   3. HTTP: GET of the same small file from busybox httpd in the guest
-     (guest_ip:8080, /srv/www) and on 127.0.0.1:8081: p50/p99 on fresh
+     (guest_ip:8080, /srv/www) and on 127.0.0.1:8091: p50/p99 on fresh
      connections from Python, then requests/s with wrk (1 thread, C
      connections, `Connection: close`, fixed duration).
 
@@ -59,7 +59,7 @@ from benchlib import (  # noqa: E402
 
 SINK_PORT = 5001
 GUEST_HTTP_PORT = 8080  # the guest's own 8080; the daemon's API is on the host's
-HOST_HTTP_PORT = 8081
+HOST_HTTP_PORT = 8091  # 8081 is the daemon's proxy
 HOST_SSH_PORT = 2222
 BOOT_TIMEOUT_S = 120.0
 SSH_READY_TIMEOUT_S = 120.0

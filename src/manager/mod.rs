@@ -11,7 +11,7 @@ mod snapshots;
 pub mod state;
 
 pub use idle::Busy;
-pub use routes::RouteTarget;
+pub use routes::{RouteTarget, Woke};
 
 use crate::config::Config;
 use crate::ids;

@@ -27,8 +27,19 @@ pub struct RouteTarget {
 /// Rebuilt from the store whenever a route or a VM with routes changes.
 pub(super) type RouteTable = std::sync::RwLock<HashMap<String, RouteTarget>>;
 
+/// How a wake went for the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woke {
+    /// It was running already (another wake got there first).
+    AlreadyRunning,
+    /// Restored from its standby snapshot: the guest continues, its servers listening.
+    Restored,
+    /// Booted from its disk: its servers come up some time after.
+    Booted,
+}
+
 /// The outcome of a wake, shared by every request that waited for it.
-pub(super) type WakeResult = Option<std::result::Result<(), String>>;
+pub(super) type WakeResult = Option<std::result::Result<Woke, String>>;
 
 impl Manager {
     /// Reloads the route table from the store.
@@ -182,7 +193,7 @@ impl Manager {
     /// Wakes `vm_id` for a request: a snapshotted VM is restored, a stopped
     /// one started. Concurrent callers share one wake, which runs to its end
     /// in its own task even if every caller gives up waiting.
-    pub async fn wake(self: &Arc<Self>, vm_id: &str) -> std::result::Result<(), String> {
+    pub async fn wake(self: &Arc<Self>, vm_id: &str) -> std::result::Result<Woke, String> {
         let mut rx = {
             let mut wakes = self.wakes.lock().unwrap();
             match wakes.get(vm_id) {
@@ -227,7 +238,7 @@ impl Manager {
         });
     }
 
-    async fn wake_now(self: &Arc<Self>, vm_id: &str) -> std::result::Result<(), String> {
+    async fn wake_now(self: &Arc<Self>, vm_id: &str) -> std::result::Result<Woke, String> {
         let started = std::time::Instant::now();
         let _guard = self.lock_vm(vm_id).await;
         let mut vm = self
@@ -237,8 +248,8 @@ impl Manager {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("vm {vm_id} no longer exists"))?;
         let st = state_of(&vm);
-        let woke = match st {
-            VmState::Running => return Ok(()),
+        let (how, woke) = match st {
+            VmState::Running => return Ok(Woke::AlreadyRunning),
             VmState::Snapshotted => {
                 let snap = self
                     .standby_snapshot(&vm)
@@ -249,9 +260,9 @@ impl Manager {
                 if resumed.is_ok() {
                     self.drop_sleep_snapshot(snap);
                 }
-                resumed
+                (Woke::Restored, resumed)
             }
-            VmState::Stopped => self.start_locked(&mut vm).await,
+            VmState::Stopped => (Woke::Booted, self.start_locked(&mut vm).await),
             other => {
                 return Err(format!(
                     "vm {vm_id} is {other}{}",
@@ -275,6 +286,6 @@ impl Manager {
             %at,
             "vm woke on request"
         );
-        Ok(())
+        Ok(how)
     }
 }

@@ -7,7 +7,7 @@
 //! byte pipe between the client and the guest.
 
 use crate::config::ProxyConfig;
-use crate::manager::{Busy, Manager, RouteTarget};
+use crate::manager::{Busy, Manager, RouteTarget, Woke};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -287,8 +287,8 @@ impl Proxy {
                     ),
                 ));
             }
-            match tokio::time::timeout_at(deadline, self.manager.wake(vm)).await {
-                Ok(Ok(())) => {}
+            let how = match tokio::time::timeout_at(deadline, self.manager.wake(vm)).await {
+                Ok(Ok(how)) => how,
                 Ok(Err(e)) => {
                     return Err(error(
                         StatusCode::BAD_GATEWAY,
@@ -296,9 +296,9 @@ impl Proxy {
                     ))
                 }
                 Err(_) => return Err(late()),
-            }
+            };
             // A restored guest answers at once; a booted one once its server is up.
-            if let Some(ip) = target.guest_ip {
+            if let (Woke::Booted, Some(ip)) = (how, target.guest_ip) {
                 if !port_opens(ip, target.port, deadline).await {
                     return Err(late());
                 }
