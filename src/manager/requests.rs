@@ -121,28 +121,10 @@ pub const RESERVED_SUBDOMAINS: &[&str] = &[
     "www",
 ];
 
-const MAX_SUBDOMAIN: usize = 63;
-
-/// A route's subdomain: one DNS label of lowercase letters, digits and inner
-/// dashes, at most 63 characters, and not a reserved name.
+/// A route's subdomain: the rules of a resource name (one DNS label), and
+/// not a reserved name.
 pub fn check_subdomain(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > MAX_SUBDOMAIN {
-        return Err(format!(
-            "subdomain must be 1 to {MAX_SUBDOMAIN} characters, got {}",
-            s.len()
-        ));
-    }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err(format!(
-            "subdomain {s:?} may contain only lowercase letters, digits and dashes"
-        ));
-    }
-    if s.starts_with('-') || s.ends_with('-') {
-        return Err(format!("subdomain {s:?} cannot start or end with a dash"));
-    }
+    check_resource_name("subdomain", s)?;
     if RESERVED_SUBDOMAINS.contains(&s) {
         return Err(format!("subdomain {s:?} is reserved"));
     }

@@ -27,7 +27,7 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 struct Proxy {
     manager: Arc<Manager>,
     cfg: ProxyConfig,
-    client: Client<HttpConnector, SentSignal>,
+    client: Client<HttpConnector, Passed>,
 }
 
 /// Serves the proxy on `listener` until the process ends.
@@ -166,14 +166,16 @@ async fn port_opens(ip: std::net::Ipv4Addr, port: u16, deadline: tokio::time::In
     }
 }
 
-/// A request body that tells when it has been sent whole (or dropped: an
-/// empty body may never be read).
-struct SentSignal {
+/// A body passed through the proxy (either way). It tells `sent` when it
+/// has been read whole, or dropped (an empty body may never be read), and
+/// keeps `_busy` (its VM counted busy) as long as it lives.
+struct Passed {
     inner: Incoming,
     sent: Option<tokio::sync::oneshot::Sender<()>>,
+    _busy: Option<Busy>,
 }
 
-impl Drop for SentSignal {
+impl Drop for Passed {
     fn drop(&mut self) {
         if let Some(tx) = self.sent.take() {
             let _ = tx.send(());
@@ -181,7 +183,7 @@ impl Drop for SentSignal {
     }
 }
 
-impl Body for SentSignal {
+impl Body for Passed {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -196,32 +198,6 @@ impl Body for SentSignal {
             }
         }
         frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that keeps its VM counted busy until the body ends.
-struct Tracked {
-    inner: Incoming,
-    _busy: Busy,
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -367,9 +343,10 @@ impl Proxy {
         } else {
             Some(sent_tx)
         };
-        let body = SentSignal {
+        let body = Passed {
             inner: body,
             sent: sent_tx,
+            _busy: None,
         };
         let response = self.client.request(Request::from_parts(parts, body));
         tokio::pin!(response);
@@ -421,9 +398,10 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         parts.version = client_version;
-        let body = Tracked {
+        let body = Passed {
             inner: body,
-            _busy: busy,
+            sent: None,
+            _busy: Some(busy),
         };
         Response::from_parts(parts, body.boxed())
     }
