@@ -967,7 +967,7 @@ def render(meta, b, markdown):
         ["**wake**: GET through the proxy -> 200 (snapshotted VM)", fmt_s(wt)],
         ["  of which the daemon's wake (`vm woke on request ms=`: lock, restore, state written)",
          fmt_s([r["daemon_ms"] for r in b.wake])],
-        ["  from the end of the wake to the last byte (the proxy's port probe, its forward, the guest's answer)",
+        ["  from the end of the wake to the last byte (the proxy's forward and the guest's answer)",
          fmt_ms([r["total"] - r["daemon_ms"] for r in b.wake if r["daemon_ms"] is not None])],
         ["  TCP connects made (ActiveOpens): client -> proxy, then the daemon's to the guest",
          fmt([r["opens"] for r in b.wake], "{:.0f}")],
@@ -1081,8 +1081,8 @@ def render(meta, b, markdown):
         f"code) took {f0(med([r['daemon_ms'] for r in b.wake]))} ms against "
         f"{f0(med([r['restore'] for r in b.plain]))} ms for the API's restore ({overlap}). After the restore "
         f"both paths wait for the guest: the proxy needs "
-        f"{f0(wake_after)} ms from the end of the wake to the last byte (a port probe, then the forwarded request: "
-        f"{med([r['opens'] for r in b.wake]) - 1:.0f} connections to the guest), the plain path's GET takes "
+        f"{f0(wake_after)} ms from the end of the wake to the last byte (the forwarded request; "
+        f"connections to the guest: {med([r['opens'] for r in b.wake]) - 1:.0f}), the plain path's GET takes "
         f"{f0(med([r['get'] for r in b.plain]))} ms, against {ms(single['direct']['p50']):.1f} ms for a GET on a "
         f"guest that has been running: a just-restored guest is slow at first, presumably because QEMU's TCG "
         f"translates the guest's code afresh in the new process.")
