@@ -386,3 +386,60 @@ def write_docs(path, name, section):
     else:
         text = text.rstrip() + "\n\n" + block
     path.write_text(text)
+
+
+def namespace_pids():
+    """Processes in this process's network namespace, this one excepted."""
+    mine = os.stat("/proc/self/ns/net")
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) and pid_alive(entry):
+            out.append(int(entry))
+    return out
+
+
+def kill_namespace_leftovers(check_namespace):
+    """Every process still in our namespace but us was started by this run (`check_namespace` raises
+    unless this is the bench's own namespace). Children of the daemon (dnsmasq, QEMU) get 3 s to
+    finish exiting after its shutdown; whatever is left then is killed."""
+    try:
+        check_namespace()
+    except (BenchError, OSError):
+        return
+    deadline = time.monotonic() + 3
+    while namespace_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in namespace_pids():
+        log(f"cleanup: killing leftover {pid}: {' '.join(proc_cmdline(pid) or [])[:120]}")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def add_table(add, markdown, header, rows):
+    """A table through `add` (one line per call): markdown, or aligned plain text; then a blank line."""
+    if markdown:
+        add("| " + " | ".join(header) + " |")
+        add("|" + "---|" * len(header))
+        for r in rows:
+            add("| " + " | ".join(str(c) for c in r) + " |")
+    else:
+        w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        add("  ".join(str(h).ljust(n) for h, n in zip(header, w)))
+        add("  ".join("-" * n for n in w))
+        for r in rows:
+            add("  ".join(str(c).ljust(n) for c, n in zip(r, w)))
+    add("")
+
+
+def add_heading(add, markdown, text):
+    """A third-level heading (markdown) or `== text` (plain), then a blank line."""
+    add(f"### {text}" if markdown else f"== {text}")
+    add("")

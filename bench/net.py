@@ -52,6 +52,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
+    kill_namespace_leftovers,
     DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
     ms, one_request, other_qemu_pids, pid_alive, proc_cmdline, qemu_version,
     run_guarded, stats, write_docs,
@@ -698,38 +699,7 @@ class Net:
             self.stop(p)
         self.hatchd.stop()
         kill_leftovers(self.tmp)
-        self.kill_namespace_leftovers()
-
-    def namespace_pids(self):
-        mine = os.stat("/proc/self/ns/net")
-        out = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                st = os.stat(f"/proc/{entry}/ns/net")
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) and pid_alive(entry):
-                out.append(int(entry))
-        return out
-
-    def kill_namespace_leftovers(self):
-        """Every process still in our namespace but us was started by this run. Children of the daemon
-        (dnsmasq, QEMU) get 3 s to finish exiting after its shutdown; whatever is left then is killed."""
-        try:
-            self.check_namespace()
-        except (BenchError, OSError):
-            return
-        deadline = time.monotonic() + 3
-        while self.namespace_pids() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in self.namespace_pids():
-            log(f"cleanup: killing leftover {pid}: {' '.join(proc_cmdline(pid) or [])[:120]}")
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_namespace_leftovers(self.check_namespace)
 
 
 # ---------------------------------------------------------------- wrk output

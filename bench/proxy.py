@@ -60,7 +60,8 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    DOCS, READY, REPO, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
+    kill_namespace_leftovers,
+    add_heading, add_table, DOCS, READY, REPO, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
     ms, one_request, other_qemu_pids, pid_alive, proc_cmdline, qemu_version, run_guarded,
     stats, write_docs,
 )
@@ -702,37 +703,7 @@ class Bench:
             self.reap(p, 10)
         self.hatchd.stop()
         kill_leftovers(self.tmp)
-        self.kill_namespace_leftovers()
-
-    def namespace_pids(self):
-        mine = os.stat("/proc/self/ns/net")
-        out = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                st = os.stat(f"/proc/{entry}/ns/net")
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) and pid_alive(entry):
-                out.append(int(entry))
-        return out
-
-    def kill_namespace_leftovers(self):
-        """Every process in our namespace but us was started by this run; the daemon's children get 3 s."""
-        try:
-            self.check_namespace()
-        except (BenchError, OSError):
-            return
-        deadline = now() + 3
-        while self.namespace_pids() and now() < deadline:
-            time.sleep(0.1)
-        for pid in self.namespace_pids():
-            log(f"cleanup: killing leftover {pid}: {' '.join(proc_cmdline(pid) or [])[:120]}")
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_namespace_leftovers(self.check_namespace)
 
 
 # ---------------------------------------------------------------- report
@@ -792,22 +763,10 @@ def render(meta, b, markdown):
     args = b.args
 
     def table(header, rows):
-        if markdown:
-            add("| " + " | ".join(header) + " |")
-            add("|" + "---|" * len(header))
-            for r in rows:
-                add("| " + " | ".join(str(c) for c in r) + " |")
-        else:
-            w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-            add("  ".join(str(h).ljust(n) for h, n in zip(header, w)))
-            add("  ".join("-" * n for n in w))
-            for r in rows:
-                add("  ".join(str(c).ljust(n) for c, n in zip(r, w)))
-        add("")
+        add_table(add, markdown, header, rows)
 
     def head(text):
-        add(f"### {text}" if markdown else f"== {text}")
-        add("")
+        add_heading(add, markdown, text)
 
     f, q = b.facts, b.quiet
     affected = sum(1 for rs in b.wrk.values() for r in rs if r["others"])

@@ -70,7 +70,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    DOCS, READY, REPO, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
+    add_heading, add_table, DOCS, READY, REPO, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
     ms, one_request, other_qemu_pids, pid_alive, qemu_version, run_guarded,
     stats, write_docs,
 )
@@ -1021,22 +1021,10 @@ def render(meta, bench, markdown):
     gs = bench.guests
 
     def table(header, rows):
-        if markdown:
-            add("| " + " | ".join(header) + " |")
-            add("|" + "---|" * len(header))
-            for r in rows:
-                add("| " + " | ".join(str(c) for c in r) + " |")
-        else:
-            w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-            add("  ".join(str(h).ljust(n) for h, n in zip(header, w)))
-            add("  ".join("-" * n for n in w))
-            for r in rows:
-                add("  ".join(str(c).ljust(n) for c, n in zip(r, w)))
-        add("")
+        add_table(add, markdown, header, rows)
 
     def head(text):
-        add(f"### {text}" if markdown else f"== {text}")
-        add("")
+        add_heading(add, markdown, text)
 
     q = bench.quiet
     add(f"Command: `{meta['command']}` (from the repository root, as root)  ")
