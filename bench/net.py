@@ -52,7 +52,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    kill_namespace_leftovers,
+    kill_namespace_leftovers, parse_wrk,
     DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
     ms, one_request, other_qemu_pids, pid_alive, proc_cmdline, qemu_version,
     run_guarded, stats, write_docs,
@@ -705,33 +705,6 @@ class Net:
 # ---------------------------------------------------------------- wrk output
 
 
-def parse_dur_ms(s):
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", s)
-    if not m:
-        return float("nan")
-    v, u = float(m.group(1)), m.group(2)
-    return v * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[u]
-
-
-def parse_wrk(text):
-    r = {"lat": {}, "errors": 0, "non2xx": 0, "requests": 0, "rps": float("nan")}
-    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if not m:
-        raise BenchError(f"no Requests/sec in wrk's output:\n{text}")
-    r["rps"] = float(m.group(1))
-    for pct, val in re.findall(r"^\s+(50%|75%|90%|99%)\s+(\S+)\s*$", text, flags=re.M):
-        r["lat"][pct] = parse_dur_ms(val)
-    m = re.search(r"(\d+) requests in ([\d.]+\w+)", text)
-    if m:
-        r["requests"] = int(m.group(1))
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    if m:
-        r["errors"] = sum(int(x) for x in m.groups())
-        r["error_text"] = m.group(0)
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    if m:
-        r["non2xx"] = int(m.group(1))
-    return r
 
 
 # ---------------------------------------------------------------- report

@@ -60,7 +60,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    kill_namespace_leftovers,
+    git_state, kill_namespace_leftovers, parse_wrk,
     add_heading, add_table, DOCS, READY, REPO, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
     ms, one_request, other_qemu_pids, pid_alive, proc_cmdline, qemu_version, run_guarded,
     stats, write_docs,
@@ -234,37 +234,6 @@ def http_get(host, port, vhost=None, timeout=HTTP_TIMEOUT_S):
 
 
 # ---------------------------------------------------------------- wrk
-
-
-def parse_dur_ms(s):
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", s)
-    if not m:
-        return None
-    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)]
-
-
-def parse_wrk(text):
-    r = {"lat": {}, "errors": 0, "error_text": "", "non2xx": 0, "requests": 0}
-    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if not m:
-        raise BenchError(f"no Requests/sec in wrk's output:\n{text}")
-    r["rps"] = float(m.group(1))
-    for pct, val in re.findall(r"^\s+(50%|75%|90%|99%)\s+(\S+)\s*$", text, flags=re.M):
-        r["lat"][pct] = parse_dur_ms(val)
-    m = re.search(r"^\s+Latency\s+(\S+)\s+(\S+)\s+(\S+)", text, flags=re.M)
-    if m:
-        r["avg"], r["max"] = parse_dur_ms(m.group(1)), parse_dur_ms(m.group(3))
-    m = re.search(r"(\d+) requests in ([\d.]+\w+)", text)
-    if m:
-        r["requests"] = int(m.group(1))
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    if m:
-        r["errors"] = sum(int(x) for x in m.groups())
-        r["error_text"] = m.group(0)
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    if m:
-        r["non2xx"] = int(m.group(1))
-    return r
 
 
 class Load:
@@ -739,22 +708,6 @@ def fmt_s(xs):
 def fmt_ms(xs):
     return fmt([ms(x) for x in xs if x is not None], "{:.1f}", " ms")
 
-
-def git_state():
-    def git(*a):
-        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=30).stdout
-    try:
-        head = git("rev-parse", "--short", "HEAD").strip()
-        dirty = [line[3:] for line in git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock",
-                                          "migrations").splitlines()]
-    except (OSError, subprocess.SubprocessError):
-        return "unknown source state (git failed)"
-    if not head:
-        return "unknown source state (not a git checkout)"
-    if not dirty:
-        return f"commit `{head}`, no uncommitted changes to the daemon's sources"
-    return (f"commit `{head}` plus uncommitted changes to {', '.join(f'`{d}`' for d in dirty)} "
-            f"(the work tree at the time of the build)")
 
 
 def render(meta, b, markdown):

@@ -70,6 +70,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
+    git_state,
     add_heading, add_table, DOCS, READY, REPO, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
     ms, one_request, other_qemu_pids, pid_alive, qemu_version, run_guarded,
     stats, write_docs,
@@ -1261,23 +1262,6 @@ def render(meta, bench, markdown):
         "`sync` and waits 0.2 s, so no operation pays for the writeback of the one before.")
     return "\n".join(lines)
 
-
-def git_state():
-    """Which source the release binary was built from (the wrapper builds just before this runs)."""
-    def git(*a):
-        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=30).stdout
-    try:
-        head = git("rev-parse", "--short", "HEAD").strip()
-        dirty = [line[3:] for line in git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock",
-                                          "migrations").splitlines()]
-    except (OSError, subprocess.SubprocessError):
-        return "unknown source state (git failed)"
-    if not head:
-        return "unknown source state (not a git checkout)"
-    if not dirty:
-        return f"commit `{head}`, no uncommitted changes to the daemon's sources"
-    return (f"commit `{head}` plus uncommitted changes to {', '.join(f'`{d}`' for d in dirty)} "
-            f"(the work tree at the time of the build)")
 
 
 def main():
