@@ -18,6 +18,12 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    ServiceUnavailable(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -27,6 +33,8 @@ impl From<ManagerError> for ApiError {
             ManagerError::BadRequest(m) => ApiError::BadRequest(m),
             ManagerError::NotFound(m) => ApiError::NotFound(m),
             ManagerError::Conflict(m) => ApiError::Conflict(m),
+            ManagerError::Forbidden(m) => ApiError::Forbidden(m),
+            ManagerError::TooLarge(m) => ApiError::PayloadTooLarge(m),
             ManagerError::Internal(m) => ApiError::Internal(m),
         }
     }
@@ -40,6 +48,9 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {

@@ -42,6 +42,12 @@ pub enum ManagerError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// Allowed in principle, refused by a limit (a quota, the host's capacity).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A request body or upload over its size limit.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0}")]
     Internal(String),
 }
