@@ -18,10 +18,37 @@ install_packages() {
         echo "hatch: apt-get update" >&2
         as_root apt-get update -qq
     fi
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "hatch: installing ${missing[*]}" >&2
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # qemu-system-x86 and qemu-utils must come from the same QEMU release: installing one alone
+    # can make apt remove the other (a machine image may ship a newer qemu-utils), so a missing
+    # one brings both, pinned to qemu-system-x86's version, and the commands are checked after.
+    local qemu=() q rest=()
+    for q in "${missing[@]}"; do
+        case "$q" in qemu-system-x86 | qemu-utils) qemu=(x) ;; *) rest+=("$q") ;; esac
+    done
+    if [ ${#rest[@]} -gt 0 ]; then
+        echo "hatch: installing ${rest[*]}" >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${rest[@]}" >/dev/null
     fi
+    if [ ${#qemu[@]} -gt 0 ]; then
+        install_qemu
+    fi
+    local tool
+    for tool in qemu-system-x86_64 qemu-img; do
+        if ! command -v "$tool" >/dev/null 2>&1; then
+            echo "hatch: $tool is missing; installing qemu-system-x86 and qemu-utils together" >&2
+            install_qemu
+            command -v "$tool" >/dev/null 2>&1 || { echo "hatch: $tool is still missing" >&2; exit 1; }
+        fi
+    done
+}
+
+# Both QEMU packages at qemu-system-x86's candidate version, downgrading qemu-utils if needed.
+install_qemu() {
+    local ver
+    ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    echo "hatch: installing qemu-system-x86 and qemu-utils $ver" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        --allow-downgrades "qemu-system-x86=$ver" "qemu-utils=$ver" >/dev/null
 }
 
 require_cargo() {
