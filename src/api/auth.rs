@@ -71,7 +71,11 @@ impl Authenticator {
             Ok(Verdict::Valid(user_id)) => user_id,
             Ok(Verdict::Invalid) => return Err(invalid_key()),
             Err(e) => {
-                tracing::warn!(url = ba.url(), "API key verification failed: {e}");
+                tracing::warn!(
+                    url = ba.url(),
+                    detail = e.detail(),
+                    "API key verification failed: {e}"
+                );
                 return Err(ApiError::Internal(format!(
                     "could not verify the API key: {e}"
                 )));

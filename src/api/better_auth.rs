@@ -25,16 +25,27 @@ pub enum Verdict {
 }
 
 /// The verifier could not give an answer: the request is a 500, never a 401.
+/// The message goes to an unauthenticated caller, so it names no address and
+/// repeats nothing the verifier said; `detail` is for the daemon's log.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("the Better Auth verifier did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("the Better Auth verifier could not be reached: {0}")]
+    #[error("the Better Auth verifier could not be reached")]
     Unreachable(String),
-    #[error(
-        "the Better Auth verifier gave an answer that is not {{\"valid\", \"userId\"}} JSON: {0}"
-    )]
+    #[error("the Better Auth verifier gave an answer that is not {{\"valid\", \"userId\"}} JSON")]
     Garbled(String),
+    #[error("the Better Auth verifier answered with a userId hatch does not accept")]
+    BadUserId(String),
+}
+
+impl VerifyError {
+    pub fn detail(&self) -> &str {
+        match self {
+            VerifyError::Timeout(_) => "",
+            VerifyError::Unreachable(d) | VerifyError::Garbled(d) | VerifyError::BadUserId(d) => d,
+        }
+    }
 }
 
 /// The client side of the verify endpoint the Hatch web app serves.
@@ -153,7 +164,7 @@ pub fn parse_answer(body: &[u8]) -> Result<Verdict, VerifyError> {
     if !answer.valid || user_id.is_empty() {
         return Ok(Verdict::Invalid);
     }
-    check_user_id(user_id).map_err(VerifyError::Garbled)?;
+    check_user_id(user_id).map_err(VerifyError::BadUserId)?;
     Ok(Verdict::Valid(user_id.to_string()))
 }
 
