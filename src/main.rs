@@ -139,6 +139,9 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
                 revoked_at: None,
             };
             store.insert_api_key(&record, &api::hash_key(&key)).await?;
+            if cfg.auth.better_auth.is_some() {
+                eprintln!("note: HATCH_BETTER_AUTH_VERIFY_URL is set, so the daemon accepts only Better Auth keys, not this one");
+            }
             println!(
                 "created key {} for owner {} ({})",
                 record.id, owner.name, owner.id
