@@ -233,6 +233,18 @@ fn a_broken_verifier_is_a_500_and_a_non_200_a_401() {
         "a userId hatch does not accept",
         "a userId that is a path",
     );
+    ba.set_verify_mode("huge");
+    assert_verifier_failed(
+        &d.as_key(&key.key, "GET", "/templates", None),
+        "not {\"valid\", \"userId\"} JSON",
+        "a valid answer of 1 MiB",
+    );
+    // A redirect is not followed: whatever is behind it never vouches for a key.
+    ba.set_verify_mode("redirect");
+    assert_invalid(
+        &d.as_key(&key.key, "GET", "/templates", None),
+        "a 307 to a route that says valid",
+    );
     ba.set_verify_mode("hang");
     assert_verifier_failed(
         &d.as_key(&key.key, "GET", "/templates", None),

@@ -13,7 +13,8 @@
 // daemon's handling of a broken verifier can be tested: "normal", "garbage"
 // (200 with a body that is not JSON), "status" (a 503 whose body still says
 // valid), "hang" (never answers), "bad-user" (valid with a userId hatch must
-// refuse).
+// refuse), "huge" (a valid answer padded past any sane size), "redirect" (a
+// 307 to a route that says valid).
 
 import http from "node:http";
 import { parseArgs } from "node:util";
@@ -57,7 +58,7 @@ await runMigrations();
 
 const betterAuthHandler = toNodeHandler(auth);
 let verifyMode = "normal";
-const MODES = ["normal", "garbage", "status", "hang", "bad-user"];
+const MODES = ["normal", "garbage", "status", "hang", "bad-user", "huge", "redirect"];
 
 function readJson(req) {
   return new Promise((resolve) => {
@@ -100,6 +101,11 @@ async function verify(req, res) {
       return; // never answers; the daemon's timeout must end the wait
     case "bad-user":
       return sendJson(res, 200, { valid: true, userId: "../../etc/passwd\n" });
+    case "huge":
+      return sendJson(res, 200, { valid: true, userId: "padded", pad: "x".repeat(1 << 20) });
+    case "redirect":
+      res.writeHead(307, { location: "/__test/always-valid" });
+      return res.end();
   }
   try {
     const result = await auth.api.verifyApiKey({ body: { key } });
@@ -121,6 +127,9 @@ const server = http.createServer(async (req, res) => {
       if (!MODES.includes(mode)) return sendJson(res, 400, { error: `mode must be one of ${MODES}` });
       verifyMode = mode;
       return sendJson(res, 200, { mode });
+    }
+    if (req.method === "POST" && path === "/__test/always-valid") {
+      return sendJson(res, 200, { valid: true, userId: "redirected" });
     }
     if (req.method === "GET" && path === "/__test/health") {
       return sendJson(res, 200, { ok: true });
