@@ -79,3 +79,21 @@ require_s3s_fs() {
     fi
     export HATCH_TEST_S3S_FS="$bin"
 }
+
+# The Better Auth server the API-key tests run against (tests/better-auth): npm packages by name
+# from the npm registry, pinned by its package-lock.json. `npm ci` builds better-sqlite3 from
+# source (a minute or two), so it reruns only when the lock file changed.
+require_better_auth() {
+    local dir=tests/better-auth lock stamp
+    command -v npm >/dev/null 2>&1 || {
+        echo "hatch: node and npm (Node 20 or newer) are needed for the Better Auth tests" >&2
+        exit 1
+    }
+    lock=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+    stamp="$dir/node_modules/.hatch-lock-sha256"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$lock" ]; then
+        echo "hatch: npm ci in $dir" >&2
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+        echo "$lock" >"$stamp"
+    fi
+}

@@ -49,6 +49,7 @@ pub struct Config {
     pub snapshot_compression: CompressionConfig,
     pub proxy: ProxyConfig,
     pub idle: IdleConfig,
+    pub auth: AuthConfig,
 }
 
 /// The reverse proxy: `{subdomain}.{base_domain}` on `addr` -> a VM's port.
@@ -69,6 +70,66 @@ pub struct IdleConfig {
     /// The server's idle timeout; None: only VMs with their own timeout sleep.
     pub timeout: Option<Duration>,
     pub check_interval: Duration,
+}
+
+/// Who decides whether an API key is good: the built-in `hatch keys` keys
+/// (the default) or, when a verify URL is set, a Better Auth instance alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub better_auth: Option<BetterAuthConfig>,
+}
+
+/// A Better Auth verify endpoint: `POST {"key": KEY}` answers `{"valid", "userId"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BetterAuthConfig {
+    pub verify_url: String,
+    /// The longest a verification may take (connect, request and answer).
+    pub timeout: Duration,
+    /// How long an accepted key is remembered; zero: ask on every request.
+    /// A key revoked in Better Auth keeps working for up to this long.
+    pub cache_ttl: Duration,
+}
+
+impl AuthConfig {
+    /// The most a revoked key may go on working because of the cache.
+    pub const MAX_CACHE_TTL: Duration = Duration::from_secs(300);
+
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<AuthConfig, String> {
+        let Some(url) = get("HATCH_BETTER_AUTH_VERIFY_URL") else {
+            return Ok(AuthConfig::default());
+        };
+        let url = url.trim().to_string();
+        let has_host = url
+            .split_once("://")
+            .is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/'));
+        if !(url.starts_with("http://") || url.starts_with("https://")) || !has_host {
+            return Err(format!(
+                "HATCH_BETTER_AUTH_VERIFY_URL must be an http:// or https:// URL, not {url:?}"
+            ));
+        }
+        let duration = |name: &str, default: Duration| match get(name) {
+            Some(v) => parse_duration(&v).map_err(|e| format!("{name}: {e}")),
+            None => Ok(default),
+        };
+        let timeout = duration("HATCH_BETTER_AUTH_TIMEOUT", Duration::from_secs(5))?;
+        if timeout.is_zero() || timeout > Duration::from_secs(60) {
+            return Err("HATCH_BETTER_AUTH_TIMEOUT must be between 1ms and 60s".into());
+        }
+        let cache_ttl = duration("HATCH_BETTER_AUTH_CACHE_TTL", Duration::from_secs(30))?;
+        if cache_ttl > Self::MAX_CACHE_TTL {
+            return Err(format!(
+                "HATCH_BETTER_AUTH_CACHE_TTL must be at most {}s: a revoked key works until it passes",
+                Self::MAX_CACHE_TTL.as_secs()
+            ));
+        }
+        Ok(AuthConfig {
+            better_auth: Some(BetterAuthConfig {
+                verify_url: url,
+                timeout,
+                cache_ttl,
+            }),
+        })
+    }
 }
 
 /// An S3-compatible bucket for snapshot objects (AWS, or MinIO, s3s-fs, ... at `endpoint`).
@@ -147,6 +208,7 @@ impl Config {
             None => Duration::from_secs(30),
         };
         let s3 = S3Config::from_lookup(&get)?;
+        let auth = AuthConfig::from_lookup(&get)?;
         let snapshot_compression = match get("HATCH_SNAPSHOT_COMPRESSION") {
             Some(v) => CompressionConfig::parse_setting(&v)
                 .map_err(|e| format!("HATCH_SNAPSHOT_COMPRESSION: {e}"))?,
@@ -189,6 +251,7 @@ impl Config {
         Ok(Config {
             proxy,
             idle,
+            auth,
             http_addr,
             data_dir: get("HATCH_DATA_DIR")
                 .map(PathBuf::from)
@@ -450,6 +513,58 @@ mod tests {
             ("HATCH_IDLE_CHECK_INTERVAL", "10ms"),
         ] {
             assert!(cfg(&[(k, v)]).unwrap_err().contains(k), "{k}={v}");
+        }
+    }
+
+    #[test]
+    fn better_auth_settings() {
+        assert_eq!(
+            cfg(&[]).unwrap().auth.better_auth,
+            None,
+            "built-in keys by default"
+        );
+        let url = "http://127.0.0.1:3000/api/auth/api-key/verify";
+        let ba = cfg(&[("HATCH_BETTER_AUTH_VERIFY_URL", url)])
+            .unwrap()
+            .auth
+            .better_auth
+            .unwrap();
+        assert_eq!(
+            ba,
+            BetterAuthConfig {
+                verify_url: url.into(),
+                timeout: Duration::from_secs(5),
+                cache_ttl: Duration::from_secs(30),
+            }
+        );
+        let ba = cfg(&[
+            (
+                "HATCH_BETTER_AUTH_VERIFY_URL",
+                "https://auth.example.com/verify",
+            ),
+            ("HATCH_BETTER_AUTH_TIMEOUT", "1500ms"),
+            ("HATCH_BETTER_AUTH_CACHE_TTL", "0"),
+        ])
+        .unwrap()
+        .auth
+        .better_auth
+        .unwrap();
+        assert_eq!(ba.timeout, Duration::from_millis(1500));
+        assert!(ba.cache_ttl.is_zero());
+        for (k, v) in [
+            ("HATCH_BETTER_AUTH_VERIFY_URL", "auth.example.com/verify"),
+            ("HATCH_BETTER_AUTH_VERIFY_URL", "ftp://auth.example.com/"),
+            ("HATCH_BETTER_AUTH_VERIFY_URL", "http:///verify"),
+            ("HATCH_BETTER_AUTH_TIMEOUT", "0"),
+            ("HATCH_BETTER_AUTH_TIMEOUT", "2m"),
+            ("HATCH_BETTER_AUTH_CACHE_TTL", "1h"),
+            ("HATCH_BETTER_AUTH_CACHE_TTL", "soon"),
+        ] {
+            let mut vars = vec![(k, v)];
+            if k != "HATCH_BETTER_AUTH_VERIFY_URL" {
+                vars.push(("HATCH_BETTER_AUTH_VERIFY_URL", url));
+            }
+            assert!(cfg(&vars).unwrap_err().contains(k), "{k}={v}");
         }
     }
 

@@ -139,6 +139,9 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
                 revoked_at: None,
             };
             store.insert_api_key(&record, &api::hash_key(&key)).await?;
+            if cfg.auth.better_auth.is_some() {
+                eprintln!("note: HATCH_BETTER_AUTH_VERIFY_URL is set, so the daemon accepts only Better Auth keys, not this one");
+            }
             println!(
                 "created key {} for owner {} ({})",
                 record.id, owner.name, owner.id
@@ -204,6 +207,8 @@ async fn serve() -> anyhow::Result<()> {
     let addr = cfg.http_addr;
     let objects = hatch::snapshot::Objects::from_config(&cfg).context("snapshot store")?;
     tracing::info!(store = %objects.describe(), "snapshot store");
+    let auth = api::Authenticator::new(&cfg.auth).map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(keys = %auth.describe(), "API keys");
     let manager = Manager::new(store, objects, vmm, cfg);
     manager.recover().await?;
     manager.init_network().await;
@@ -234,6 +239,7 @@ async fn serve() -> anyhow::Result<()> {
     tokio::spawn(manager.clone().idle_monitor());
     let app = api::router(Arc::new(AppState {
         manager: manager.clone(),
+        auth,
     }));
     // VMs are stopped before the server drains, so open `logs?follow=true` streams end.
     let stopper = manager.clone();

@@ -1,7 +1,11 @@
 //! API keys: `Authorization: Bearer KEY` or `X-API-Key: KEY` (seed 004).
-//! Keys are random, shown once, and stored only as SHA-256 hashes.
+//! Built-in keys are random, shown once, and stored only as SHA-256 hashes;
+//! with `HATCH_BETTER_AUTH_VERIFY_URL` set, a Better Auth instance decides instead.
 
+use super::better_auth::{self, BetterAuth, Verdict};
 use super::{ApiError, AppState};
+use crate::config::AuthConfig;
+use crate::store::{Owner, Store, StoreError};
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
@@ -16,6 +20,86 @@ pub fn new_key() -> String {
 
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// No real key is longer; a longer one is refused before any lookup or verifier call.
+const MAX_KEY_LEN: usize = 512;
+
+/// Decides who a key belongs to.
+pub struct Authenticator {
+    /// None: the built-in keys (`hatch keys`). Some: Better Auth alone decides;
+    /// built-in keys are then not accepted, so there is one source of truth.
+    better_auth: Option<BetterAuth>,
+}
+
+impl Authenticator {
+    pub fn new(cfg: &AuthConfig) -> Result<Authenticator, String> {
+        Ok(Authenticator {
+            better_auth: cfg.better_auth.as_ref().map(BetterAuth::new).transpose()?,
+        })
+    }
+
+    /// One line for the start-up log.
+    pub fn describe(&self) -> String {
+        match &self.better_auth {
+            None => "built-in keys (hatch keys)".into(),
+            Some(ba) => format!(
+                "Better Auth at {} (accepted keys cached {}s; built-in keys are not accepted)",
+                ba.url(),
+                ba.cache_ttl().as_secs_f64()
+            ),
+        }
+    }
+
+    /// The owner of `key`: 401 for a key nobody accepts, 500 when the verifier cannot answer.
+    pub async fn owner_of(&self, store: &Store, key: &str) -> Result<Owner, ApiError> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid_key());
+        }
+        let hash = hash_key(key);
+        let Some(ba) = &self.better_auth else {
+            return store
+                .owner_by_key_hash(&hash)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .ok_or_else(invalid_key);
+        };
+        if let Some(owner) = ba.cached(&hash) {
+            return Ok(owner);
+        }
+        let user_id = match ba.verify(key).await {
+            Ok(Verdict::Valid(user_id)) => user_id,
+            Ok(Verdict::Invalid) => return Err(invalid_key()),
+            Err(e) => {
+                tracing::warn!(
+                    url = ba.url(),
+                    detail = e.detail(),
+                    "API key verification failed: {e}"
+                );
+                return Err(ApiError::Internal(format!(
+                    "could not verify the API key: {e}"
+                )));
+            }
+        };
+        let owner = store
+            .external_owner(
+                better_auth::PROVIDER,
+                &user_id,
+                &crate::ids::new_id("own"),
+                &format!("{}:{user_id}", better_auth::PROVIDER),
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => ApiError::Internal(m),
+                e => ApiError::Internal(e.to_string()),
+            })?;
+        ba.remember(&hash, &owner);
+        Ok(owner)
+    }
+}
+
+fn invalid_key() -> ApiError {
+    ApiError::Unauthorized("invalid API key".into())
 }
 
 fn key_from_headers(headers: &HeaderMap) -> Option<Result<String, ApiError>> {
@@ -50,13 +134,7 @@ pub async fn require_key(
         }
         Some(k) => k?,
     };
-    let owner = state
-        .manager
-        .store()
-        .owner_by_key_hash(&hash_key(&key))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
+    let owner = state.auth.owner_of(state.manager.store(), &key).await?;
     req.extensions_mut().insert(owner);
     Ok(next.run(req).await)
 }

@@ -2,11 +2,12 @@
 //! from domain errors to status codes and `{"error": "..."}` bodies.
 
 mod auth;
+mod better_auth;
 mod error;
 mod handlers;
 mod views;
 
-pub use auth::{hash_key, new_key};
+pub use auth::{hash_key, new_key, Authenticator};
 pub use error::ApiError;
 
 use crate::manager::Manager;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 pub struct AppState {
     pub manager: Arc<Manager>,
+    pub auth: Authenticator,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {

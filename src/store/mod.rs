@@ -241,6 +241,67 @@ impl Store {
         .await?)
     }
 
+    /// The owner an external identity service (`provider`) knows as
+    /// `external_id`, made on first sight with id `new_id` and name `name`.
+    /// Two first requests racing for the same user end with one owner.
+    pub async fn external_owner(
+        &self,
+        provider: &str,
+        external_id: &str,
+        new_id: &str,
+        name: &str,
+    ) -> Result<Owner> {
+        // Twice: a loser of the race for the first insert finds the winner's row.
+        for _ in 0..2 {
+            let found: Option<Owner> = sqlx::query_as(
+                "SELECT o.* FROM owners o JOIN external_owners e ON e.owner_id = o.id WHERE e.provider = ? AND e.external_id = ?",
+            )
+            .bind(provider)
+            .bind(external_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(owner) = found {
+                return Ok(owner);
+            }
+            let created_at = now();
+            let mut tx = self.pool.begin().await?;
+            let inserted = async {
+                sqlx::query("INSERT INTO owners (id, name, created_at) VALUES (?, ?, ?)")
+                    .bind(new_id)
+                    .bind(name)
+                    .bind(&created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO external_owners (provider, external_id, owner_id, created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(provider)
+                .bind(external_id)
+                .bind(new_id)
+                .bind(&created_at)
+                .execute(&mut *tx)
+                .await
+            }
+            .await;
+            match inserted {
+                Ok(_) => {
+                    tx.commit().await?;
+                    return Ok(Owner {
+                        id: new_id.into(),
+                        name: name.into(),
+                        created_at,
+                    });
+                }
+                // Dropping `tx` rolls the owner row back.
+                Err(e) if is_unique_violation(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "an owner named {name:?} already exists and is not the {provider} user {external_id:?}"
+        )))
+    }
+
     pub async fn list_api_keys(&self) -> Result<Vec<(ApiKey, String)>> {
         let keys: Vec<ApiKey> = sqlx::query_as(
             "SELECT id, owner_id, name, prefix, created_at, revoked_at FROM api_keys ORDER BY created_at, rowid",
@@ -792,5 +853,101 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real SQLite file in a fresh directory, removed afterwards.
+    struct TempStore {
+        dir: std::path::PathBuf,
+        store: Store,
+    }
+
+    impl TempStore {
+        async fn new() -> TempStore {
+            let dir = std::env::temp_dir().join(format!(
+                "hatch-store-test-{}-{}",
+                std::process::id(),
+                crate::ids::random_string(8)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let store = Store::open(&dir.join("hatch.db")).await.unwrap();
+            TempStore { dir, store }
+        }
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[tokio::test]
+    async fn external_users_get_one_owner_each_even_when_racing() {
+        let t = TempStore::new().await;
+        let first = |user: &'static str| {
+            let store = t.store.clone();
+            tokio::spawn(async move {
+                store
+                    .external_owner(
+                        "better-auth",
+                        user,
+                        &crate::ids::new_id("own"),
+                        &format!("better-auth:{user}"),
+                    )
+                    .await
+                    .unwrap()
+            })
+        };
+        let racers: Vec<_> = (0..8).map(|_| first("u1")).collect();
+        let mut ids = vec![];
+        for r in racers {
+            ids.push(r.await.unwrap().id);
+        }
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "one owner for u1: {ids:?}");
+        let again = first("u1").await.unwrap();
+        assert_eq!(again.id, ids[0]);
+        assert_eq!(again.name, "better-auth:u1");
+        let other = first("u2").await.unwrap();
+        assert_ne!(other.id, ids[0]);
+        let (owners,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM owners")
+            .fetch_one(&t.store.pool)
+            .await
+            .unwrap();
+        assert_eq!(owners, 2);
+    }
+
+    #[tokio::test]
+    async fn an_operator_owner_with_the_same_name_is_not_taken_over() {
+        let t = TempStore::new().await;
+        let squatter = t
+            .store
+            .create_owner("own_op", "better-auth:u1")
+            .await
+            .unwrap();
+        let e = t
+            .store
+            .external_owner("better-auth", "u1", "own_new", "better-auth:u1")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM owners")
+            .fetch_one(&t.store.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "nothing half made");
+        assert_eq!(
+            t.store
+                .find_owner("better-auth:u1")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            squatter.id
+        );
     }
 }
