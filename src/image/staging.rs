@@ -64,16 +64,41 @@ const BLOCK: usize = 1 << 20;
 /// Runs of zeros this long become holes instead of written blocks.
 const HOLE: usize = 64 << 10;
 
+static ZEROS: [u8; HOLE] = [0; HOLE];
+
 /// Writes `buf` at the file's position, leaving all-zero runs as holes.
 fn write_sparse(file: &mut File, buf: &[u8]) -> std::io::Result<()> {
     for piece in buf.chunks(HOLE) {
-        if piece.iter().all(|b| *b == 0) {
+        // A slice comparison is one memcmp, fast even in a debug build.
+        if piece == &ZEROS[..piece.len()] {
             file.seek(SeekFrom::Current(piece.len() as i64))?;
         } else {
             file.write_all(piece)?;
         }
     }
     Ok(())
+}
+
+/// The next data extent of `file` at or after `pos`: (start, end), or None
+/// when only a hole (or nothing) follows.
+fn next_extent(file: &File, pos: u64) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on an open descriptor; the result is checked.
+    let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Some((data as u64, hole as u64)))
 }
 
 struct Current {
@@ -228,17 +253,28 @@ impl Staging {
         let copied = tokio::task::spawn_blocking(move || -> std::io::Result<Option<u64>> {
             let mut out = std::fs::OpenOptions::new().write(true).open(&dest)?;
             let mut buf = vec![0u8; BLOCK];
-            let mut len = 0u64;
-            loop {
-                let n = src.read(&mut buf)?;
-                if n == 0 {
-                    break;
+            let mut pos = 0u64;
+            // Only the source's data extents are read; its holes stay holes.
+            while let Some((data, hole)) = next_extent(&src, pos)? {
+                src.seek(SeekFrom::Start(data))?;
+                out.seek(SeekFrom::Start(data))?;
+                pos = data;
+                while pos < hole {
+                    let want = (hole - pos).min(BLOCK as u64) as usize;
+                    let n = src.read(&mut buf[..want])?;
+                    if n == 0 {
+                        break;
+                    }
+                    pos += n as u64;
+                    if pos > budget {
+                        return Ok(None);
+                    }
+                    write_sparse(&mut out, &buf[..n])?;
                 }
-                len += n as u64;
-                if len > budget {
-                    return Ok(None);
-                }
-                write_sparse(&mut out, &buf[..n])?;
+            }
+            let len = src.metadata()?.len().max(pos);
+            if len > budget {
+                return Ok(None);
             }
             out.set_len(len)?;
             out.sync_all()?;
@@ -308,5 +344,66 @@ impl Drop for Staging {
             // Synchronous on purpose: once the request has its answer, nothing is left.
             let _ = std::fs::remove_dir_all(&self.root);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    #[tokio::test]
+    async fn copies_keep_content_and_holes_and_respect_the_cap() {
+        let root =
+            std::env::temp_dir().join(format!("hatch-staging-{}", crate::ids::random_string(8)));
+        let src_path = std::env::temp_dir().join(format!(
+            "hatch-staging-src-{}",
+            crate::ids::random_string(8)
+        ));
+        let src = File::create(&src_path).unwrap();
+        // 64 MiB long: a few bytes at the start, in the middle, and a hole at the end.
+        src.write_all_at(b"start", 0).unwrap();
+        src.write_all_at(b"middle", 32 << 20).unwrap();
+        src.set_len(64 << 20).unwrap();
+        drop(src);
+
+        let mut s = Staging::new(root.clone(), 64 << 20).await.unwrap();
+        s.copy_from(Part::Rootfs, File::open(&src_path).unwrap())
+            .await
+            .unwrap();
+        let copy = s.staged(Part::Rootfs);
+        let m = std::fs::metadata(&copy).unwrap();
+        assert_eq!(m.len(), 64 << 20);
+        assert!(
+            m.blocks() * 512 < 4 << 20,
+            "holes kept: {} allocated",
+            m.blocks() * 512
+        );
+        let f = File::open(&copy).unwrap();
+        let mut buf = [0u8; 6];
+        f.read_exact_at(&mut buf, 32 << 20).unwrap();
+        assert_eq!(&buf, b"middle");
+        f.read_exact_at(&mut buf[..5], 0).unwrap();
+        assert_eq!(&buf[..5], b"start");
+        // One byte more than the limit allows is refused, and dropping leaves nothing.
+        let e = s
+            .copy_from(Part::Kernel, File::open(&src_path).unwrap())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StageError::TooLarge(_)), "{e}");
+        drop(s);
+        assert!(!root.exists());
+
+        let mut s = Staging::new(root.clone(), 1 << 20).await.unwrap();
+        s.begin(Part::Kernel).await.unwrap();
+        s.write(&[1u8; 1 << 19]).await.unwrap();
+        s.write(&[0u8; 1 << 19]).await.unwrap();
+        assert!(matches!(
+            s.write(&[0u8; 1]).await,
+            Err(StageError::TooLarge(_))
+        ));
+        drop(s);
+        assert!(!root.exists());
+        std::fs::remove_file(&src_path).unwrap();
     }
 }
