@@ -50,6 +50,72 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub idle: IdleConfig,
     pub auth: AuthConfig,
+    pub images: ImageConfig,
+}
+
+/// How API callers may register images.
+#[derive(Debug, Clone)]
+pub struct ImageConfig {
+    /// HATCH_IMAGE_IMPORT_DIRS: the only directories path imports may read
+    /// from; empty (the default) turns path imports off.
+    pub import_dirs: Vec<PathBuf>,
+    /// HATCH_IMAGE_MAX_BYTES: the most an image's files may add up to.
+    pub max_bytes: u64,
+}
+
+/// The default of HATCH_IMAGE_MAX_BYTES: 4 GiB, room for a Debian root disk.
+pub const DEFAULT_IMAGE_MAX_BYTES: u64 = 4 << 30;
+
+impl ImageConfig {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<ImageConfig, String> {
+        let mut import_dirs = vec![];
+        for d in get("HATCH_IMAGE_IMPORT_DIRS")
+            .unwrap_or_default()
+            .split(',')
+        {
+            let d = d.trim();
+            if d.is_empty() {
+                continue;
+            }
+            let p = PathBuf::from(d);
+            if !p.is_absolute() {
+                return Err(format!(
+                    "HATCH_IMAGE_IMPORT_DIRS: {d:?} is not an absolute path"
+                ));
+            }
+            import_dirs.push(p);
+        }
+        let max_bytes = match get("HATCH_IMAGE_MAX_BYTES") {
+            Some(v) => parse_size(&v).map_err(|e| format!("HATCH_IMAGE_MAX_BYTES: {e}"))?,
+            None => DEFAULT_IMAGE_MAX_BYTES,
+        };
+        Ok(ImageConfig {
+            import_dirs,
+            max_bytes,
+        })
+    }
+}
+
+/// Parses a byte count: `1048576`, `512K`, `64M`, `4G`, `1T` (binary units,
+/// an optional `iB`/`B` after the letter).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4G, 512M or 1048576"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{s:?} has an unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is out of range"))
 }
 
 /// The reverse proxy: `{subdomain}.{base_domain}` on `addr` -> a VM's port.
@@ -249,6 +315,7 @@ impl Config {
             return Err("HATCH_IDLE_CHECK_INTERVAL must be at least 100ms".into());
         }
         Ok(Config {
+            images: ImageConfig::from_lookup(&get)?,
             proxy,
             idle,
             auth,
@@ -565,6 +632,36 @@ mod tests {
                 vars.push(("HATCH_BETTER_AUTH_VERIFY_URL", url));
             }
             assert!(cfg(&vars).unwrap_err().contains(k), "{k}={v}");
+        }
+    }
+
+    #[test]
+    fn image_settings() {
+        let c = cfg(&[]).unwrap();
+        assert!(
+            c.images.import_dirs.is_empty(),
+            "path imports are off by default"
+        );
+        assert_eq!(c.images.max_bytes, 4 << 30);
+        let c = cfg(&[
+            ("HATCH_IMAGE_IMPORT_DIRS", "/srv/images, /opt/kernels,"),
+            ("HATCH_IMAGE_MAX_BYTES", "512M"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.images.import_dirs,
+            vec![PathBuf::from("/srv/images"), PathBuf::from("/opt/kernels")]
+        );
+        assert_eq!(c.images.max_bytes, 512 << 20);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        for (k, v) in [
+            ("HATCH_IMAGE_IMPORT_DIRS", "images"),
+            ("HATCH_IMAGE_MAX_BYTES", "0"),
+            ("HATCH_IMAGE_MAX_BYTES", "4X"),
+            ("HATCH_IMAGE_MAX_BYTES", "99999999999T"),
+        ] {
+            assert!(cfg(&[(k, v)]).unwrap_err().contains(k), "{k}={v}");
         }
     }
 

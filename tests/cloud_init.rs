@@ -26,8 +26,8 @@ fn debian_image_dir() -> PathBuf {
 
 #[test]
 fn a_debian_guest_applies_cloud_init_user_data() {
-    let d = Daemon::start();
     let img = debian_image_dir();
+    let d = Daemon::start_with(&[("HATCH_IMAGE_IMPORT_DIRS", img.to_str().unwrap())]);
     let r = d.req(
         "POST",
         "/images",

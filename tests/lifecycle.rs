@@ -202,15 +202,7 @@ fn the_vm_state_follows_what_happens_to_the_guest() {
     let d = Daemon::start();
     // A guest that powers itself off once booted ends `stopped`, as if stopped through the API.
     let rootfs = rootfs_with_rc_local(&d, "echo powering-off-by-itself; poweroff");
-    let img = image_dir();
-    let body = serde_json::json!({
-        "kernel_path": img.join("vmlinuz"),
-        "initrd_path": img.join("initrd.img"),
-        "rootfs_path": rootfs,
-    });
-    let r = d.req("POST", "/images", Some(&body.to_string()));
-    assert_eq!(r.status, 201, "{}", r.text);
-    let image_id = r.body["id"].as_str().unwrap();
+    let image_id = &d.upload_test_image(&rootfs);
     let vm = d.create_vm(&format!(r#"{{"image_id": "{image_id}"}}"#));
     let id = vm["id"].as_str().unwrap().to_string();
     d.wait_console(&id, "powering-off-by-itself");

@@ -348,13 +348,110 @@ pub async fn list_images(
     ))
 }
 
+/// The largest JSON body `POST /images` reads (its route has no default body
+/// limit, for uploads): four paths, a name and boot arguments fit easily.
+const IMAGE_JSON_LIMIT: usize = 64 << 10;
+/// Room for the multipart boundaries and headers around an upload's files.
+const MULTIPART_OVERHEAD: u64 = 1 << 20;
+/// The longest text field (`name`, `boot_args`) an upload may carry.
+const UPLOAD_TEXT_LIMIT: usize = 8 << 10;
+
+/// `POST /images`: a `multipart/form-data` body uploads the files (parts
+/// `kernel`, `rootfs`, optional `initrd`, text parts `name`, `boot_args`);
+/// any other body is JSON naming files inside HATCH_IMAGE_IMPORT_DIRS.
 pub async fn create_image(
     State(s): St,
     Extension(o): Extension<Owner>,
-    JsonBody(req): JsonBody<CreateImage>,
+    req: Request,
 ) -> ApiResult<(StatusCode, Json<ImageView>)> {
-    let img = s.manager.create_image(&o, req).await?;
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data")
+        });
+    let img = if multipart {
+        upload_image(&s, &o, req).await?
+    } else {
+        let bytes = axum::body::to_bytes(req.into_body(), IMAGE_JSON_LIMIT)
+            .await
+            .map_err(|_| {
+                ApiError::PayloadTooLarge(format!(
+                    "a JSON image request must be at most {IMAGE_JSON_LIMIT} bytes; upload files as multipart/form-data"
+                ))
+            })?;
+        // Bounded above; parsed exactly as every other JSON body.
+        let JsonBody(req) =
+            JsonBody::<CreateImage>::from_request(Request::new(Body::from(bytes)), &()).await?;
+        s.manager.create_image(&o, req).await?
+    };
     Ok((StatusCode::CREATED, Json(img.into())))
+}
+
+/// Streams an upload's parts to the manager; any error drops the upload,
+/// which removes what was received.
+async fn upload_image(s: &AppState, o: &Owner, req: Request) -> ApiResult<crate::store::Image> {
+    let max = s.manager.image_max_bytes();
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "the image is larger than this server's limit of {max} bytes (HATCH_IMAGE_MAX_BYTES)"
+        ))
+    };
+    // A declared length over the limit is refused before a byte is stored.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max.saturating_add(MULTIPART_OVERHEAD)) {
+        return Err(too_large());
+    }
+    let bad = |e: axum::extract::multipart::MultipartError| {
+        ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text()))
+    };
+    let mut form = axum::extract::Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text())))?;
+    let mut upload = s.manager.begin_image_upload(o).await?;
+    let (mut name, mut boot_args) = (None, None);
+    while let Some(mut field) = form.next_field().await.map_err(bad)? {
+        let field_name = field.name().unwrap_or_default().to_string();
+        let text = match field_name.as_str() {
+            "name" => &mut name,
+            "boot_args" => &mut boot_args,
+            _ => {
+                upload.begin(&field_name).await?;
+                while let Some(chunk) = field.chunk().await.map_err(bad)? {
+                    upload.write(&chunk).await?;
+                }
+                continue;
+            }
+        };
+        if text.is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "{field_name} was given more than once"
+            )));
+        }
+        let mut value = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(bad)? {
+            if value.len() + chunk.len() > UPLOAD_TEXT_LIMIT {
+                return Err(ApiError::BadRequest(format!(
+                    "{field_name} must be at most {UPLOAD_TEXT_LIMIT} bytes"
+                )));
+            }
+            value.extend_from_slice(&chunk);
+        }
+        *text = Some(
+            String::from_utf8(value)
+                .map_err(|_| ApiError::BadRequest(format!("{field_name} must be UTF-8 text")))?,
+        );
+    }
+    Ok(s.manager
+        .finish_image_upload(o, upload, name, boot_args)
+        .await?)
 }
 
 pub async fn get_image(

@@ -11,6 +11,7 @@ pub use auth::{hash_key, new_key, Authenticator};
 pub use error::ApiError;
 
 use crate::manager::Manager;
+use axum::handler::Handler;
 use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
@@ -59,7 +60,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route(
             "/images",
-            get(handlers::list_images).post(handlers::create_image),
+            // Uploads stream whole images: the manager enforces
+            // HATCH_IMAGE_MAX_BYTES instead of the API's body limit.
+            get(handlers::list_images)
+                .post(handlers::create_image.layer(axum::extract::DefaultBodyLimit::disable())),
         )
         .route(
             "/images/{id}",

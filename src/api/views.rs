@@ -102,13 +102,17 @@ impl RouteView {
     }
 }
 
+/// An image as its users see it: what it is and how it boots, never the host
+/// paths it came from.
 #[derive(Serialize)]
 pub struct ImageView {
     pub id: String,
     pub name: Option<String>,
-    pub kernel_path: String,
-    pub initrd_path: Option<String>,
-    pub rootfs_path: String,
+    /// `upload`, `import` (from HATCH_IMAGE_IMPORT_DIRS) or `default` (the operator's).
+    pub source: String,
+    /// The stored files' lengths added up.
+    pub size_bytes: i64,
+    pub has_initrd: bool,
     pub boot_args: Option<String>,
     pub created_at: String,
     pub updated_at: String,
@@ -119,9 +123,9 @@ impl From<Image> for ImageView {
         ImageView {
             id: i.id,
             name: i.name,
-            kernel_path: i.kernel_path,
-            initrd_path: i.initrd_path,
-            rootfs_path: i.rootfs_path,
+            source: i.source,
+            size_bytes: i.size_bytes,
+            has_initrd: i.has_initrd,
             boot_args: i.boot_args,
             created_at: i.created_at,
             updated_at: i.updated_at,

@@ -4,10 +4,16 @@
 //! An image's files are copied (reflink when the filesystem can, sparse
 //! otherwise) into `images/{id}/{fingerprint}/` at registration, so a user
 //! editing or deleting the source files never corrupts a VM built on them.
+//! API callers upload them or name them inside HATCH_IMAGE_IMPORT_DIRS
+//! (`hostpath`); either way they arrive through `staging` and are checked
+//! by `content`.
 
 pub mod build;
+pub mod content;
 pub mod debian;
+pub mod hostpath;
 pub mod seed;
+pub mod staging;
 
 use crate::vmm::DiskFormat;
 use sha2::{Digest, Sha256};
@@ -18,6 +24,8 @@ use tokio::process::Command;
 pub const KERNEL_FILE: &str = "vmlinuz";
 pub const INITRD_FILE: &str = "initrd.img";
 pub const ROOTFS_FILE: &str = "rootfs.ext4";
+/// The root disk of an image registered as qcow2 (checked self-contained).
+pub const ROOTFS_QCOW2_FILE: &str = "rootfs.qcow2";
 
 /// Source files of an image, as the user named them.
 #[derive(Debug, Clone)]
@@ -27,7 +35,9 @@ pub struct ImageSource {
     pub rootfs: PathBuf,
 }
 
-/// Checks one user-given path: absolute, an existing regular file we can read.
+/// Checks one path of the operator's own configuration (the default image):
+/// absolute, an existing regular file we can read. Never for API callers'
+/// paths: those go through `hostpath`.
 pub fn check_source_path(field: &str, path: &str) -> Result<PathBuf, String> {
     let p = PathBuf::from(path);
     if !p.is_absolute() {
@@ -68,7 +78,28 @@ pub fn initrd_in(dir: &Path) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 pub fn rootfs_in(dir: &Path) -> PathBuf {
-    dir.join(ROOTFS_FILE)
+    let qcow2 = dir.join(ROOTFS_QCOW2_FILE);
+    if qcow2.exists() {
+        qcow2
+    } else {
+        dir.join(ROOTFS_FILE)
+    }
+}
+
+fn is_qcow2(rootfs: &Path) -> bool {
+    rootfs.file_name() == Some(std::ffi::OsStr::new(ROOTFS_QCOW2_FILE))
+}
+
+/// Bytes the image's files take, as their lengths add up (holes included).
+pub fn stored_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 async fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
@@ -80,25 +111,6 @@ async fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The format qemu-img sees in `path` (`raw`, `qcow2`, ...).
-pub async fn disk_format_of(path: &Path) -> Result<String, String> {
-    let out = run(
-        Command::new("qemu-img")
-            .arg("info")
-            .arg("--output=json")
-            .arg("-U")
-            .arg(path),
-        "qemu-img info",
-    )
-    .await?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("qemu-img info: {e}"))?;
-    Ok(v.get("format")
-        .and_then(|f| f.as_str())
-        .unwrap_or("unknown")
-        .to_string())
 }
 
 /// Copies the source files into `dest` (created; must not exist), atomically:
@@ -143,12 +155,27 @@ pub async fn create_vm_disk(
     match format {
         DiskFormat::Qcow2Overlay => {
             let disk = work_dir.join("disk.qcow2");
+            // The backing format is named, never probed: a raw image that
+            // looks like qcow2 inside must not be read as one.
+            let backing = if is_qcow2(rootfs) { "qcow2" } else { "raw" };
             run(
                 Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                    .args(["create", "-q", "-f", "qcow2", "-F", backing, "-b"])
                     .arg(rootfs)
                     .arg(&disk),
                 "qemu-img create",
+            )
+            .await?;
+            Ok(disk)
+        }
+        DiskFormat::Raw if is_qcow2(rootfs) => {
+            let disk = work_dir.join("disk.raw");
+            run(
+                Command::new("qemu-img")
+                    .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+                    .arg(rootfs)
+                    .arg(&disk),
+                "qemu-img convert",
             )
             .await?;
             Ok(disk)

@@ -5,12 +5,14 @@
 //! so a crash at any point leaves a state that start-up recovery understands.
 
 mod idle;
+mod images;
 pub mod requests;
 mod routes;
 mod snapshots;
 pub mod state;
 
 pub use idle::Busy;
+pub use images::ImageUpload;
 pub use routes::{RouteTarget, Woke};
 
 use crate::config::Config;
@@ -22,7 +24,7 @@ use crate::net::{ipam, Network};
 use crate::snapshot::Objects;
 use crate::store::{self, Image, Owner, Store, StoreError, Template, Vm};
 use crate::vmm::{self, process, VmSpec, Vmm};
-use requests::{CreateImage, CreateTemplate, CreateVm};
+use requests::{CreateTemplate, CreateVm};
 use state::VmState;
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -96,6 +98,8 @@ pub struct Manager {
     activity: Arc<idle::ActivityTable>,
     /// Wakes in progress, each shared by the requests waiting for it.
     wakes: Mutex<HashMap<String, watch::Receiver<routes::WakeResult>>>,
+    /// Per image: creating a VM or template from it (shared) against deleting it (exclusive).
+    image_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -124,6 +128,7 @@ impl Manager {
             routes: Default::default(),
             activity: Default::default(),
             wakes: Mutex::new(HashMap::new()),
+            image_locks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -328,6 +333,9 @@ impl Manager {
             boot_args: self.config.default_boot_args.clone(),
             dir: dir.display().to_string(),
             fingerprint: fp,
+            source: "default".into(),
+            size_bytes: image::stored_size(&dir) as i64,
+            has_initrd: src.initrd.is_some(),
             created_at: existing
                 .as_ref()
                 .map(|i| i.created_at.clone())
@@ -345,6 +353,13 @@ impl Manager {
     }
 
     async fn collect_unused_image_versions(&self) -> Result<()> {
+        // Sizes of images registered before they were recorded (migration 0006).
+        for img in self.store.images_without_size().await? {
+            let size = image::stored_size(Path::new(&img.dir)) as i64;
+            if size > 0 {
+                self.store.set_image_size(&img.id, size).await?;
+            }
+        }
         let in_use = self.store.image_dirs_in_use().await?;
         let Ok(mut images) = tokio::fs::read_dir(self.config.images_dir()).await else {
             return Ok(());
@@ -361,6 +376,10 @@ impl Manager {
                     tracing::info!(%path, "removing unused image version");
                     let _ = tokio::fs::remove_dir_all(v.path()).await;
                 }
+            }
+            if current.is_none() {
+                // An upload a crash cut short left only its directory: gone if empty.
+                let _ = tokio::fs::remove_dir(img_dir.path()).await;
             }
         }
         Ok(())
@@ -551,114 +570,17 @@ impl Manager {
         })
     }
 
-    // ---------------------------------------------------------------- images
-
-    async fn visible_image(&self, owner: &Owner, id: &str) -> Result<Image> {
-        match self.store.get_image(id).await? {
-            Some(img) if img.owner_id.is_none() || img.owner_id.as_deref() == Some(&owner.id) => {
-                Ok(img)
-            }
-            _ => Err(not_found("image", id)),
-        }
-    }
-
-    pub async fn get_image(&self, owner: &Owner, id: &str) -> Result<Image> {
-        self.visible_image(owner, id).await
-    }
-
-    pub async fn list_images(&self, owner: &Owner) -> Result<Vec<Image>> {
-        Ok(self.store.list_images(&owner.id).await?)
-    }
-
-    pub async fn create_image(&self, owner: &Owner, req: CreateImage) -> Result<Image> {
-        req.validate().map_err(ManagerError::BadRequest)?;
-        let bad = ManagerError::BadRequest;
-        let src = ImageSource {
-            kernel: image::check_source_path(
-                "kernel_path",
-                req.kernel_path.as_deref().unwrap_or_default(),
-            )
-            .map_err(bad)?,
-            rootfs: image::check_source_path(
-                "rootfs_path",
-                req.rootfs_path.as_deref().unwrap_or_default(),
-            )
-            .map_err(bad)?,
-            initrd: match &req.initrd_path {
-                Some(p) => Some(image::check_source_path("initrd_path", p).map_err(bad)?),
-                None => None,
-            },
-        };
-        let fmt = image::disk_format_of(&src.rootfs)
-            .await
-            .map_err(ManagerError::Internal)?;
-        if fmt != "raw" {
-            return Err(ManagerError::BadRequest(format!(
-                "rootfs_path must be a raw filesystem image (such as ext4), but it is {fmt}"
-            )));
-        }
-        let id = ids::new_id("img");
-        let fp = src
-            .fingerprint()
-            .map_err(|e| ManagerError::BadRequest(e.to_string()))?;
-        let dir = self.config.images_dir().join(&id).join(&fp);
-        tokio::fs::create_dir_all(dir.parent().unwrap())
-            .await
-            .map_err(|e| ManagerError::Internal(e.to_string()))?;
-        if let Err(e) = image::import(&src, &dir).await {
-            let _ = tokio::fs::remove_dir_all(self.config.images_dir().join(&id)).await;
-            return Err(ManagerError::Internal(format!(
-                "importing image files: {e}"
-            )));
-        }
-        let now = store::now();
-        let img = Image {
-            id: id.clone(),
-            owner_id: Some(owner.id.clone()),
-            name: req.name,
-            kernel_path: src.kernel.display().to_string(),
-            initrd_path: src.initrd.as_ref().map(|p| p.display().to_string()),
-            rootfs_path: src.rootfs.display().to_string(),
-            boot_args: req.boot_args,
-            dir: dir.display().to_string(),
-            fingerprint: fp,
-            created_at: now.clone(),
-            updated_at: now,
-        };
-        if let Err(e) = self.store.insert_image(&img).await {
-            let _ = tokio::fs::remove_dir_all(self.config.images_dir().join(&id)).await;
-            return Err(e.into());
-        }
-        Ok(img)
-    }
-
-    pub async fn delete_image(&self, owner: &Owner, id: &str) -> Result<()> {
-        let img = self.visible_image(owner, id).await?;
-        if img.owner_id.is_none() {
-            return Err(ManagerError::Conflict(format!(
-                "{id} is the system default image and cannot be deleted through the API"
-            )));
-        }
-        let (vms, templates) = self.store.image_users(id).await?;
-        if vms > 0 || templates > 0 {
-            return Err(ManagerError::Conflict(format!(
-                "image {id} is in use by {vms} VM(s) and {templates} template(s); delete those first"
-            )));
-        }
-        self.store.delete_image(id).await?;
-        let _ = tokio::fs::remove_dir_all(self.config.images_dir().join(id)).await;
-        Ok(())
-    }
-
     // ---------------------------------------------------------------- templates
 
     pub async fn create_template(&self, owner: &Owner, req: CreateTemplate) -> Result<Template> {
         req.validate().map_err(ManagerError::BadRequest)?;
-        if let Some(img) = &req.image_id {
-            self.visible_image(owner, img).await.map_err(|_| {
+        // Held until the template row is in: a delete of the image waits, then sees it used.
+        let _image_hold = match &req.image_id {
+            Some(img) => Some(self.hold_image(owner, img).await.map_err(|_| {
                 ManagerError::BadRequest(format!("image_id: image {img} not found"))
-            })?;
-        }
+            })?),
+            None => None,
+        };
         let now = store::now();
         let t = Template {
             id: ids::new_id("tpl"),
@@ -746,7 +668,9 @@ impl Manager {
             .user_data
             .clone()
             .or_else(|| tpl.and_then(|t| t.user_data.clone()));
-        let image = match self.visible_image(owner, &image_id).await {
+        // Held from this check until the VM row is in, so a delete of the image
+        // either happens before (and this create fails) or sees the VM.
+        let (image, image_hold) = match self.hold_image(owner, &image_id).await {
             Ok(i) => i,
             Err(_) if image_id == DEFAULT_IMAGE_ID => {
                 return Err(ManagerError::BadRequest(
@@ -803,6 +727,7 @@ impl Manager {
         };
         let _guard = self.lock_vm(&vm.id).await;
         self.insert_with_network(&mut vm, &req).await?;
+        drop(image_hold);
         let work_dir = self.work_dir(&vm.id);
         let seed_net = self.seed_net(&vm);
         let prepared = async {

@@ -321,6 +321,7 @@ fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
     Ok(())
 }
 
+/// `POST /images` with a JSON body: a path import (uploads are multipart).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateImage {
@@ -471,21 +472,27 @@ impl CreateVm {
     }
 }
 
+/// The fields an image has besides its files, for imports and uploads alike.
+pub fn check_image_meta(name: Option<&str>, boot_args: Option<&str>) -> Result<(), String> {
+    if let Some(n) = name {
+        check_name("name", n, MAX_NAME)?;
+    }
+    if let Some(a) = boot_args {
+        check_boot_args(a)?;
+    }
+    Ok(())
+}
+
 impl CreateImage {
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(n) = &self.name {
-            check_name("name", n, MAX_NAME)?;
-        }
+        check_image_meta(self.name.as_deref(), None)?;
         if self.kernel_path.is_none() {
             return Err("kernel_path is required".into());
         }
         if self.rootfs_path.is_none() {
             return Err("rootfs_path is required".into());
         }
-        if let Some(a) = &self.boot_args {
-            check_boot_args(a)?;
-        }
-        Ok(())
+        check_image_meta(None, self.boot_args.as_deref())
     }
 }
 

@@ -56,6 +56,11 @@ pub struct Image {
     pub fingerprint: String,
     pub created_at: String,
     pub updated_at: String,
+    /// `default`, `import` or `upload` (see migrations/0006).
+    pub source: String,
+    /// The stored files' lengths added up.
+    pub size_bytes: i64,
+    pub has_initrd: bool,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -334,8 +339,8 @@ impl Store {
 
     pub async fn insert_image(&self, img: &Image) -> Result<()> {
         sqlx::query(
-            "INSERT INTO images (id, owner_id, name, kernel_path, initrd_path, rootfs_path, boot_args, dir, fingerprint, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO images (id, owner_id, name, kernel_path, initrd_path, rootfs_path, boot_args, dir, fingerprint, created_at, updated_at, source, size_bytes, has_initrd)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&img.id)
         .bind(&img.owner_id)
@@ -348,6 +353,9 @@ impl Store {
         .bind(&img.fingerprint)
         .bind(&img.created_at)
         .bind(&img.updated_at)
+        .bind(&img.source)
+        .bind(img.size_bytes)
+        .bind(img.has_initrd)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -356,7 +364,7 @@ impl Store {
     /// Replaces the files and source paths of an existing image (re-seeding img_default).
     pub async fn update_image(&self, img: &Image) -> Result<()> {
         sqlx::query(
-            "UPDATE images SET kernel_path = ?, initrd_path = ?, rootfs_path = ?, boot_args = ?, dir = ?, fingerprint = ?, updated_at = ? WHERE id = ?",
+            "UPDATE images SET kernel_path = ?, initrd_path = ?, rootfs_path = ?, boot_args = ?, dir = ?, fingerprint = ?, updated_at = ?, size_bytes = ?, has_initrd = ? WHERE id = ?",
         )
         .bind(&img.kernel_path)
         .bind(&img.initrd_path)
@@ -365,6 +373,8 @@ impl Store {
         .bind(&img.dir)
         .bind(&img.fingerprint)
         .bind(&img.updated_at)
+        .bind(img.size_bytes)
+        .bind(img.has_initrd)
         .bind(&img.id)
         .execute(&self.pool)
         .await?;
@@ -407,6 +417,32 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok((vms.0, tpls.0))
+    }
+
+    /// Bytes stored for this owner's images (for quotas).
+    pub async fn image_bytes_of_owner(&self, owner_id: &str) -> Result<i64> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(SUM(size_bytes), 0) FROM images WHERE owner_id = ?")
+                .bind(owner_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n)
+    }
+
+    /// Images registered before sizes were recorded (migration 0006).
+    pub async fn images_without_size(&self) -> Result<Vec<Image>> {
+        Ok(sqlx::query_as("SELECT * FROM images WHERE size_bytes = 0")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn set_image_size(&self, id: &str, size_bytes: i64) -> Result<()> {
+        sqlx::query("UPDATE images SET size_bytes = ? WHERE id = ?")
+            .bind(size_bytes)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Image directories that some VM still boots from.
