@@ -338,6 +338,9 @@ impl Manager {
         };
         if let Err(e) = admitted {
             drop(admission);
+            if matches!(e, ManagerError::Forbidden(_)) {
+                tracing::info!(vm = %vm.id, snapshot = %snap.id, "snapshot refused after capture: {e}");
+            }
             if let Err(r) = self.vmm.resume(&spec).await {
                 tracing::error!(vm = %vm.id, "resuming after a failed snapshot: {r}");
             }
