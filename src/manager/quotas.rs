@@ -7,7 +7,7 @@
 //! racing at a limit cannot both pass. Only store reads and writes happen
 //! under it, never a boot or an upload.
 
-use super::{state_of, Manager, ManagerError, Result};
+use super::{Manager, ManagerError, Result};
 use crate::config::{LimitsConfig, Quota};
 use crate::store::{OwnerLimits, OwnerUsage, Vm};
 use std::sync::OnceLock;
@@ -149,14 +149,9 @@ impl Manager {
         };
         let limits = &self.config.limits;
         let capacity = host_capacity_mib(total, limits);
-        let held: u64 = self
-            .store
-            .all_vms()
-            .await?
-            .iter()
-            .filter(|v| v.id != vm.id && state_of(v).is_transient())
-            .map(|v| used(v.mem_mib) + limits.vm_overhead_mib)
-            .sum();
+        // The states that hold memory are VmState::is_transient's.
+        let (count, mem) = self.store.memory_holders(&vm.id).await?;
+        let held = used(mem) + used(count) * limits.vm_overhead_mib;
         if fits_host(capacity, held, vm.mem_mib, limits.vm_overhead_mib) {
             return Ok(());
         }

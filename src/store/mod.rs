@@ -881,6 +881,18 @@ impl Store {
         Ok(0)
     }
 
+    /// Memory promised to the VMs that hold it now (starting, running,
+    /// stopping) but `except`: (their number, the sum of their mem_mib).
+    pub async fn memory_holders(&self, except: &str) -> Result<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(mem_mib), 0) FROM vms
+             WHERE state IN ('starting', 'running', 'stopping') AND id != ?",
+        )
+        .bind(except)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Snapshots of a VM in any status (one being captured counts already).
     pub async fn vm_snapshot_count(&self, vm_id: &str) -> Result<i64> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM snapshots WHERE vm_id = ?")
