@@ -62,7 +62,8 @@ pub struct LimitsConfig {
     pub memory_overcommit: f64,
     /// Memory kept for the host itself, never given to guests.
     pub host_reserve_mib: u64,
-    /// Counted per VM beside its `mem_mib` (the VMM's own memory).
+    /// Counted per VM beside its `mem_mib` (the VMM's own memory; QEMU
+    /// under TCG keeps translated code too).
     pub vm_overhead_mib: u64,
     /// The bytes of each VM's console.log kept (its tail).
     pub console_log_max_bytes: u64,
@@ -131,7 +132,7 @@ impl LimitsConfig {
             },
             memory_overcommit,
             host_reserve_mib: count("HATCH_HOST_MEMORY_RESERVE_MIB", 1024)?,
-            vm_overhead_mib: count("HATCH_VM_MEMORY_OVERHEAD_MIB", 64)?,
+            vm_overhead_mib: count("HATCH_VM_MEMORY_OVERHEAD_MIB", 128)?,
             console_log_max_bytes,
         })
     }

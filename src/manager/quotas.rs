@@ -278,10 +278,10 @@ mod tests {
         // This machine: 24 GiB, two 16 GiB VMs do not fit.
         let cap = host_capacity_mib(24 * 1024, &l);
         assert_eq!(cap, 23 * 1024);
-        assert!(fits_host(cap, 0, 16384, 64));
-        assert!(!fits_host(cap, 16384 + 64, 16384, 64));
+        assert!(fits_host(cap, 0, 16384, 128));
+        assert!(!fits_host(cap, 16384 + 128, 16384, 128));
         l.memory_overcommit = 2.0;
         let cap = host_capacity_mib(24 * 1024, &l);
-        assert!(fits_host(cap, 16384 + 64, 16384, 64));
+        assert!(fits_host(cap, 16384 + 128, 16384, 128));
     }
 }
