@@ -470,6 +470,12 @@ fn a_console_flood_keeps_only_the_tail_and_followers_see_past_the_cut() {
         std::fs::metadata(&log).unwrap().blocks() * 512 <= cap + (512 << 10)
     });
 
+    let meta_after = std::fs::metadata(&log).unwrap();
+    eprintln!(
+        "console.log: {} bytes written, {} bytes allocated (cap {cap})",
+        meta_after.len(),
+        meta_after.blocks() * 512
+    );
     // The API shows the tail: the last line, not the boot banner.
     let tail = d.logs(&vm);
     assert!(tail.len() as u64 <= cap, "{} bytes", tail.len());
