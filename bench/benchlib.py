@@ -222,6 +222,15 @@ class Daemon:
         if out.returncode != 0:
             raise BenchError(f"hatch keys create failed: {out.stderr}")
         self.key = out.stdout.strip().splitlines()[-1].strip()
+        # Benchmarks measure speed, not quotas: the bench owner may hold what
+        # they create (bench/boot puts 1000 VMs in the store), as an operator would allow.
+        out = subprocess.run(
+            [self.bin, "owners", "limits", owner, "--vms", "100000", "--vcpus", "1000000",
+             "--mem-mib", "1000000000", "--snapshots-per-vm", "10000", "--stored-bytes", "1024T"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        if out.returncode != 0:
+            raise BenchError(f"hatch owners limits failed: {out.stderr}")
         logf = open(self.log_path, "ab")
         # Own process group: a Ctrl-C reaches only the script, which then stops things in order.
         self.proc = subprocess.Popen(

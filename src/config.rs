@@ -51,6 +51,7 @@ pub struct Config {
     pub idle: IdleConfig,
     pub auth: AuthConfig,
     pub images: ImageConfig,
+    pub limits: LimitsConfig,
 }
 
 /// How API callers may register images.
@@ -86,7 +87,11 @@ impl ImageConfig {
             import_dirs.push(p);
         }
         let max_bytes = match get("HATCH_IMAGE_MAX_BYTES") {
-            Some(v) => parse_size(&v).map_err(|e| format!("HATCH_IMAGE_MAX_BYTES: {e}"))?,
+            Some(v) => match parse_size(&v) {
+                Ok(0) => return Err("HATCH_IMAGE_MAX_BYTES must be above 0".into()),
+                Ok(n) => n,
+                Err(e) => return Err(format!("HATCH_IMAGE_MAX_BYTES: {e}")),
+            },
             None => DEFAULT_IMAGE_MAX_BYTES,
         };
         Ok(ImageConfig {
@@ -96,26 +101,90 @@ impl ImageConfig {
     }
 }
 
-/// Parses a byte count: `1048576`, `512K`, `64M`, `4G`, `1T` (binary units,
-/// an optional `iB`/`B` after the letter).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 4G, 512M or 1048576"))?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(format!("{s:?} has an unknown unit (use K, M, G or T)")),
-    };
-    n.checked_mul(1 << shift)
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{s:?} is out of range"))
+/// What one owner may hold (server-wide defaults; `hatch owners limits`
+/// overrides them per owner), what the host's memory can hold, and how much
+/// of each console log is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    pub quota: Quota,
+    /// Guest memory may add up to MemTotal times this (minus the reserve).
+    pub memory_overcommit: f64,
+    /// Memory kept for the host itself, never given to guests.
+    pub host_reserve_mib: u64,
+    /// Counted per VM beside its `mem_mib` (the VMM's own memory; QEMU
+    /// under TCG keeps translated code too).
+    pub vm_overhead_mib: u64,
+    /// The bytes of each VM's console.log kept (its tail).
+    pub console_log_max_bytes: u64,
+}
+
+/// Per-owner limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub vms: u64,
+    pub vcpus: u64,
+    pub mem_mib: u64,
+    pub snapshots_per_vm: u64,
+    pub stored_bytes: u64,
+}
+
+impl Default for Quota {
+    /// The Hatch product's 5 VMs per user and 10 snapshots per VM; room for
+    /// those 5 VMs at up to 3 vCPUs / 3 GiB each; 20 GiB stored.
+    fn default() -> Quota {
+        Quota {
+            vms: 5,
+            vcpus: 16,
+            mem_mib: 16384,
+            snapshots_per_vm: 10,
+            stored_bytes: 20 << 30,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<LimitsConfig, String> {
+        let d = Quota::default();
+        let count = |name: &str, default: u64| match get(name) {
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{name} must be a whole number, not {v:?}")),
+            None => Ok(default),
+        };
+        let size = |name: &str, default: u64| match get(name) {
+            Some(v) => parse_size(&v).map_err(|e| format!("{name}: {e}")),
+            None => Ok(default),
+        };
+        let memory_overcommit = match get("HATCH_MEMORY_OVERCOMMIT") {
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(r) if r > 0.0 && r <= 100.0 => r,
+                _ => {
+                    return Err(format!(
+                        "HATCH_MEMORY_OVERCOMMIT must be a number above 0 (1.0: no overcommit), not {v:?}"
+                    ))
+                }
+            },
+            None => 1.0,
+        };
+        let console_log_max_bytes = size("HATCH_CONSOLE_LOG_MAX_BYTES", 1 << 20)?;
+        if console_log_max_bytes < 64 << 10 {
+            return Err("HATCH_CONSOLE_LOG_MAX_BYTES must be at least 64K".into());
+        }
+        Ok(LimitsConfig {
+            quota: Quota {
+                vms: count("HATCH_QUOTA_VMS", d.vms)?,
+                vcpus: count("HATCH_QUOTA_VCPUS", d.vcpus)?,
+                mem_mib: count("HATCH_QUOTA_MEM_MIB", d.mem_mib)?,
+                snapshots_per_vm: count("HATCH_QUOTA_SNAPSHOTS_PER_VM", d.snapshots_per_vm)?,
+                stored_bytes: size("HATCH_QUOTA_STORED_BYTES", d.stored_bytes)?,
+            },
+            memory_overcommit,
+            host_reserve_mib: count("HATCH_HOST_MEMORY_RESERVE_MIB", 1024)?,
+            vm_overhead_mib: count("HATCH_VM_MEMORY_OVERHEAD_MIB", 128)?,
+            console_log_max_bytes,
+        })
+    }
 }
 
 /// The reverse proxy: `{subdomain}.{base_domain}` on `addr` -> a VM's port.
@@ -319,6 +388,7 @@ impl Config {
             proxy,
             idle,
             auth,
+            limits: LimitsConfig::from_lookup(&get)?,
             http_addr,
             data_dir: get("HATCH_DATA_DIR")
                 .map(PathBuf::from)
@@ -418,6 +488,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Ok(Duration::from_secs(n * 3600)),
         _ => Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
     }
+}
+
+/// Parses a byte count: `1048576`, or with a binary suffix `512K`, `1M`,
+/// `20G`, `1T` (`KiB`, `MiB`, ... too).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 1048576, 512K, 1M or 20G"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{s:?} has an unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -663,6 +754,46 @@ mod tests {
         ] {
             assert!(cfg(&[(k, v)]).unwrap_err().contains(k), "{k}={v}");
         }
+    }
+
+    #[test]
+    fn limits_defaults_and_overrides() {
+        let c = cfg(&[]).unwrap().limits;
+        assert_eq!(c.quota.vms, 5, "the Hatch product's 5 VMs per user");
+        assert_eq!(c.quota.snapshots_per_vm, 10, "and 10 snapshots per VM");
+        assert_eq!(c.memory_overcommit, 1.0);
+        assert_eq!(c.console_log_max_bytes, 1 << 20);
+        let c = cfg(&[
+            ("HATCH_QUOTA_VMS", "50"),
+            ("HATCH_QUOTA_STORED_BYTES", "2G"),
+            ("HATCH_MEMORY_OVERCOMMIT", "1.5"),
+            ("HATCH_CONSOLE_LOG_MAX_BYTES", "256K"),
+        ])
+        .unwrap()
+        .limits;
+        assert_eq!(c.quota.vms, 50);
+        assert_eq!(c.quota.stored_bytes, 2 << 30);
+        assert_eq!(c.memory_overcommit, 1.5);
+        assert_eq!(c.console_log_max_bytes, 256 << 10);
+        for (k, v) in [
+            ("HATCH_QUOTA_VMS", "-1"),
+            ("HATCH_QUOTA_MEM_MIB", "lots"),
+            ("HATCH_QUOTA_STORED_BYTES", "3X"),
+            ("HATCH_MEMORY_OVERCOMMIT", "0"),
+            ("HATCH_MEMORY_OVERCOMMIT", "NaN"),
+            ("HATCH_CONSOLE_LOG_MAX_BYTES", "4K"),
+        ] {
+            assert!(cfg(&[(k, v)]).unwrap_err().contains(k), "{k}={v}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("3GiB").unwrap(), 3 << 30);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 
     #[test]

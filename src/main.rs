@@ -28,6 +28,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// Owners: their limits (works on HATCH_DATA_DIR directly).
+    Owners {
+        #[command(subcommand)]
+        cmd: OwnersCmd,
+    },
     /// Images: build the default guest image.
     Image {
         #[command(subcommand)]
@@ -54,6 +59,67 @@ enum KeysCmd {
     List,
     /// Revoke a key by its id (`key_...`).
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum OwnersCmd {
+    /// Show an owner's limits and use; with options, set them first. Each
+    /// takes a number or `default` (the server's HATCH_QUOTA_* value).
+    Limits {
+        /// Owner id or name.
+        owner: String,
+        #[arg(long, value_parser = parse_limit)]
+        vms: Option<Limit>,
+        #[arg(long, value_parser = parse_limit)]
+        vcpus: Option<Limit>,
+        #[arg(long, value_parser = parse_limit)]
+        mem_mib: Option<Limit>,
+        #[arg(long, value_parser = parse_limit)]
+        snapshots_per_vm: Option<Limit>,
+        /// Bytes, or with a suffix: 500M, 20G, 1T.
+        #[arg(long, value_parser = parse_size_limit)]
+        stored_bytes: Option<Limit>,
+    },
+}
+
+/// One limit given on the command line: a value of the owner's own, or back
+/// to the server's default.
+#[derive(Clone, Copy, Debug)]
+enum Limit {
+    Default,
+    Own(i64),
+}
+
+impl Limit {
+    fn apply(this: Option<Limit>, field: &mut Option<i64>) {
+        match this {
+            Some(Limit::Default) => *field = None,
+            Some(Limit::Own(v)) => *field = Some(v),
+            None => {}
+        }
+    }
+}
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    match s {
+        "default" => Ok(Limit::Default),
+        _ => s
+            .parse::<u32>()
+            .map(|v| Limit::Own(v.into()))
+            .map_err(|_| format!("{s:?} is not a whole number (or `default`)")),
+    }
+}
+
+fn parse_size_limit(s: &str) -> Result<Limit, String> {
+    match s {
+        "default" => Ok(Limit::Default),
+        _ => {
+            let v = hatch::config::parse_size(s)?;
+            i64::try_from(v)
+                .map(Limit::Own)
+                .map_err(|_| format!("{s:?} is too large"))
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -86,6 +152,7 @@ fn main() -> anyhow::Result<()> {
         },
         Cmd::Serve => runtime()?.block_on(serve()),
         Cmd::Keys { cmd } => runtime()?.block_on(keys(cmd)),
+        Cmd::Owners { cmd } => runtime()?.block_on(owners(cmd)),
     }
 }
 
@@ -168,6 +235,67 @@ async fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
         KeysCmd::Revoke { id } => {
             anyhow::ensure!(store.revoke_api_key(&id).await?, "no live key {id:?}");
             println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+async fn owners(cmd: OwnersCmd) -> anyhow::Result<()> {
+    let cfg = config()?;
+    let store = open_store(&cfg).await?;
+    match cmd {
+        OwnersCmd::Limits {
+            owner,
+            vms,
+            vcpus,
+            mem_mib,
+            snapshots_per_vm,
+            stored_bytes,
+        } => {
+            let owner = store
+                .find_owner(&owner)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no owner {owner:?}"))?;
+            let mut own = store.owner_limits(&owner.id).await?;
+            let changes = [vms, vcpus, mem_mib, snapshots_per_vm, stored_bytes];
+            if changes.iter().any(Option::is_some) {
+                Limit::apply(vms, &mut own.vms);
+                Limit::apply(vcpus, &mut own.vcpus);
+                Limit::apply(mem_mib, &mut own.mem_mib);
+                Limit::apply(snapshots_per_vm, &mut own.snapshots_per_vm);
+                Limit::apply(stored_bytes, &mut own.stored_bytes);
+                store.set_owner_limits(&owner.id, &own).await?;
+            }
+            let limits = hatch::manager::quotas::effective(&cfg.limits.quota, &own);
+            let usage = store.owner_usage(&owner.id).await?;
+            println!("limits of owner {} ({})", owner.name, owner.id);
+            println!("{:<18} {:>14} {:>14}  SOURCE", "LIMIT", "VALUE", "IN USE");
+            let rows = [
+                ("vms", limits.vms, own.vms, usage.vms.to_string()),
+                ("vcpus", limits.vcpus, own.vcpus, usage.vcpus.to_string()),
+                (
+                    "mem_mib",
+                    limits.mem_mib,
+                    own.mem_mib,
+                    usage.mem_mib.to_string(),
+                ),
+                (
+                    "snapshots_per_vm",
+                    limits.snapshots_per_vm,
+                    own.snapshots_per_vm,
+                    "-".into(),
+                ),
+                (
+                    "stored_bytes",
+                    limits.stored_bytes,
+                    own.stored_bytes,
+                    usage.stored_bytes.to_string(),
+                ),
+            ];
+            for (name, value, own, used) in rows {
+                let source = if own.is_some() { "owner" } else { "default" };
+                println!("{name:<18} {value:>14} {used:>14}  {source}");
+            }
         }
     }
     Ok(())

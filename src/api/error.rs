@@ -35,6 +35,7 @@ impl From<ManagerError> for ApiError {
             ManagerError::Conflict(m) => ApiError::Conflict(m),
             ManagerError::Forbidden(m) => ApiError::Forbidden(m),
             ManagerError::TooLarge(m) => ApiError::PayloadTooLarge(m),
+            ManagerError::Unavailable(m) => ApiError::ServiceUnavailable(m),
             ManagerError::Internal(m) => ApiError::Internal(m),
         }
     }

@@ -187,6 +187,7 @@ pub async fn vm_logs(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
+    use crate::manager::console;
     let follow = parse_follow(query.as_deref())?;
     let (path, _) = s.manager.console_log(&o, &id).await?;
     let file = match tokio::fs::File::open(&path).await {
@@ -194,9 +195,23 @@ pub async fn vm_logs(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(ApiError::Internal(format!("reading console log: {e}"))),
     };
+    // Only the last HATCH_CONSOLE_LOG_MAX_BYTES are kept; start there.
+    let start = match &file {
+        Some(f) => {
+            let size = f
+                .metadata()
+                .await
+                .map_err(|e| ApiError::Internal(format!("reading console log: {e}")))?
+                .len();
+            console::tail_start(f, size, s.manager.console_log_max_bytes())
+        }
+        None => 0,
+    };
     let manager = s.manager.clone();
+    // `cut`: the next chunk starts mid-line (after a trimmed head); its partial line is dropped.
+    let state = (file, path, start, start > 0);
     let stream =
-        futures_util::stream::unfold((file, path, 0u64), move |(mut file, path, mut offset)| {
+        futures_util::stream::unfold(state, move |(mut file, path, mut offset, mut cut)| {
             let manager = manager.clone();
             let id = id.clone();
             async move {
@@ -205,18 +220,42 @@ pub async fn vm_logs(
                         file = tokio::fs::File::open(&path).await.ok();
                     }
                     if let Some(f) = file.as_mut() {
+                        // A reader that fell behind the trimmed head skips the hole.
+                        let data = console::next_data(f, offset);
+                        if let Some(d) = data.filter(|d| *d > offset) {
+                            offset = d;
+                            cut = true;
+                        }
                         let mut buf = vec![0u8; 64 * 1024];
-                        if f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
-                            if let Ok(n) = f.read(&mut buf).await {
-                                if n > 0 {
-                                    buf.truncate(n);
-                                    offset += n as u64;
-                                    return Some((
-                                        Ok::<_, std::io::Error>(Bytes::from(buf)),
-                                        (file, path, offset),
-                                    ));
+                        let read = match data {
+                            None => 0,
+                            Some(_) => match f.seek(std::io::SeekFrom::Start(offset)).await {
+                                Ok(_) => f.read(&mut buf).await.unwrap_or(0),
+                                Err(_) => 0,
+                            },
+                        };
+                        if read > 0 {
+                            buf.truncate(read);
+                            // Punched while being read: those bytes read as zeros; drop them.
+                            let mut skip = match console::next_data(f, offset) {
+                                Some(d) => d.saturating_sub(offset).min(read as u64) as usize,
+                                None => read,
+                            };
+                            offset += read as u64;
+                            if cut && skip < read {
+                                if let Some(nl) = buf[skip..].iter().position(|b| *b == b'\n') {
+                                    skip += nl + 1;
                                 }
                             }
+                            cut = false;
+                            if skip < read {
+                                buf.drain(..skip);
+                                return Some((
+                                    Ok::<_, std::io::Error>(Bytes::from(buf)),
+                                    (file, path, offset, cut),
+                                ));
+                            }
+                            continue;
                         }
                     }
                     // At the end of what is written: done, unless following a live VM.

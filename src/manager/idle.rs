@@ -275,7 +275,12 @@ impl Manager {
             ..Default::default()
         };
         match self
-            .snapshot_locked(&mut vm, SnapshotKind::Standby, &req)
+            .snapshot_locked(
+                &mut vm,
+                SnapshotKind::Standby,
+                &req,
+                super::quotas::SnapshotQuota::Sleep,
+            )
             .await
         {
             Ok(snap) => {

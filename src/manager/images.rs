@@ -3,6 +3,7 @@
 //! them, exclusive with the VM and template creations that read them.
 
 use super::requests::{check_image_meta, CreateImage};
+use super::quotas::SnapshotQuota;
 use super::{not_found, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
 use crate::ids;
 use crate::image::hostpath::{self, ImportPolicy, PathRefused};
@@ -153,6 +154,8 @@ impl Manager {
         if let Some(p) = &req.initrd_path {
             named.push((Part::Initrd, "initrd_path", p.clone()));
         }
+        self.admit_stored(&owner.id, SnapshotQuota::Enforced, 1)
+            .await?;
         let policy = self.import_policy();
         let opened = tokio::task::spawn_blocking(move || {
             named
@@ -183,7 +186,10 @@ impl Manager {
     }
 
     /// Starts a `multipart/form-data` upload for `owner`.
-    pub async fn begin_image_upload(&self, _owner: &Owner) -> Result<ImageUpload> {
+    pub async fn begin_image_upload(&self, owner: &Owner) -> Result<ImageUpload> {
+        // An owner already at its stored-bytes limit is refused before any byte is stored.
+        self.admit_stored(&owner.id, SnapshotQuota::Enforced, 1)
+            .await?;
         let id = ids::new_id("img");
         let staging =
             Staging::new(self.config.images_dir().join(&id), self.image_max_bytes()).await?;
@@ -238,11 +244,22 @@ impl Manager {
         }
     }
 
-    /// Inserts the row of an image whose files are in place; without the row, no files.
+    /// Inserts the row of an image whose files are in place; without the row,
+    /// no files. The image's bytes count in its owner's stored-bytes quota,
+    /// checked under the admission lock with the insert.
     async fn register(&self, img: Image) -> Result<Image> {
-        if let Err(e) = self.store.insert_image(&img).await {
+        let inserted = async {
+            let _admission = self.alloc_lock.lock().await;
+            if let Some(owner) = &img.owner_id {
+                self.admit_stored(owner, SnapshotQuota::Enforced, img.size_bytes.max(0) as u64)
+                    .await?;
+            }
+            self.store.insert_image(&img).await.map_err(ManagerError::from)
+        }
+        .await;
+        if let Err(e) = inserted {
             let _ = tokio::fs::remove_dir_all(self.config.images_dir().join(&img.id)).await;
-            return Err(e.into());
+            return Err(e);
         }
         tracing::info!(image = %img.id, source = %img.source, size = img.size_bytes, "image registered");
         Ok(img)

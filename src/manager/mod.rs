@@ -4,8 +4,10 @@
 //! table, persists the new state *before* the side effect and again after it,
 //! so a crash at any point leaves a state that start-up recovery understands.
 
+pub mod console;
 mod idle;
 mod images;
+pub mod quotas;
 pub mod requests;
 mod routes;
 mod snapshots;
@@ -50,6 +52,9 @@ pub enum ManagerError {
     /// A request body or upload over its size limit.
     #[error("{0}")]
     TooLarge(String),
+    /// The host cannot take it now (its memory is fully given out).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -87,7 +92,9 @@ pub struct Manager {
     next_boot: AtomicU64,
     network: OnceLock<Arc<Network>>,
     network_error: Mutex<Option<String>>,
-    /// Serializes choosing and recording network allocations.
+    /// Serializes admission: quota and host-memory checks together with the
+    /// row insert or state change they admit (see quotas.rs), and choosing
+    /// and recording network allocations.
     alloc_lock: tokio::sync::Mutex<()>,
     /// Per snapshot: restores and forks read its objects (shared), compression
     /// and deletion replace or remove them (exclusive).
@@ -726,7 +733,7 @@ impl Manager {
             last_wake_at: None,
         };
         let _guard = self.lock_vm(&vm.id).await;
-        self.insert_with_network(&mut vm, &req).await?;
+        self.insert_with_network(&mut vm, &req, true, 0).await?;
         drop(image_hold);
         let work_dir = self.work_dir(&vm.id);
         let seed_net = self.seed_net(&vm);
@@ -769,11 +776,19 @@ impl Manager {
         }
     }
 
-    /// Chooses the VM's network allocations (when it has networking) and
-    /// inserts its row; the row is what holds them.
-    async fn insert_with_network(&self, vm: &mut Vm, req: &CreateVm) -> Result<()> {
+    /// Admits the VM (its owner's quotas; the host's memory when it `boots`;
+    /// `copies` stored bytes it gets), chooses its network allocations (when
+    /// it has networking) and inserts its row; the row is what holds them.
+    async fn insert_with_network(
+        &self,
+        vm: &mut Vm,
+        req: &CreateVm,
+        boots: bool,
+        copies: u64,
+    ) -> Result<()> {
         {
             let _alloc = self.alloc_lock.lock().await;
+            self.admit_vm(vm, boots, copies).await?;
             if vm.enable_network {
                 self.allocate_network(vm, req).await?;
             }
@@ -829,6 +844,12 @@ impl Manager {
                 exited: rx,
             },
         );
+        // The console log keeps a bounded tail while this VMM runs.
+        tokio::spawn(console::keep_tail(
+            spec.console_log(),
+            self.config.limits.console_log_max_bytes,
+            tx.subscribe(),
+        ));
         let mgr = Arc::clone(self);
         let vm_id = vm.id.clone();
         let mut child = proc.child;
@@ -1032,7 +1053,11 @@ impl Manager {
                 "vm {id} is {st}; only a stopped VM (or one in error) can be started"
             )));
         }
-        self.transition(vm, VmState::Starting, None).await?;
+        {
+            let _admission = self.alloc_lock.lock().await;
+            self.check_host_memory(vm).await?;
+            self.transition(vm, VmState::Starting, None).await?;
+        }
         self.end_vmm(vm, false).await;
         // A fresh boot asks DHCP for the VM's own address: no isolation any more.
         if vm.inner_ip.is_some() || vm.inner_mac.is_some() {
@@ -1091,6 +1116,11 @@ impl Manager {
             vmm::console_log_path(&self.work_dir(&vm.id)),
             self.is_running(id),
         ))
+    }
+
+    /// How much of each console log is kept (HATCH_CONSOLE_LOG_MAX_BYTES).
+    pub fn console_log_max_bytes(&self) -> u64 {
+        self.config.limits.console_log_max_bytes
     }
 
     pub fn is_running(&self, id: &str) -> bool {

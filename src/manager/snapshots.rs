@@ -7,6 +7,7 @@
 //! set *before* its VMM is ended, so a crash in between is recovered as
 //! `snapshotted`, not lost.
 
+use super::quotas::SnapshotQuota;
 use super::requests::{CreateSnapshot, FromSnapshot, SnapshotKind, TargetState};
 use super::state::VmState;
 use super::{not_found, state_of, Manager, ManagerError, Result};
@@ -219,15 +220,18 @@ impl Manager {
         let kind = req.validate().map_err(ManagerError::BadRequest)?;
         let _guard = self.lock_vm(id).await;
         let mut vm = self.visible_vm(owner, id).await?;
-        self.snapshot_locked(&mut vm, kind, &req).await
+        self.snapshot_locked(&mut vm, kind, &req, SnapshotQuota::Enforced)
+            .await
     }
 
     /// Takes a snapshot of `vm` (its lock held); see `create_snapshot`.
+    /// `quota` says whether the owner's snapshot limits may refuse it.
     pub(super) async fn snapshot_locked(
         self: &Arc<Self>,
         vm: &mut Vm,
         kind: SnapshotKind,
         req: &CreateSnapshot,
+        quota: SnapshotQuota,
     ) -> Result<Snapshot> {
         let id = vm.id.clone();
         let st = state_of(vm);
@@ -270,11 +274,20 @@ impl Manager {
             snap.state_key.clear();
             snap.memory_key.clear();
         }
-        // A duplicate name fails here, before the guest is touched.
-        self.store.insert_snapshot(&snap).await?;
+        {
+            // The disk is stored whatever the kind: at least that much must fit.
+            let disk = tokio::fs::metadata(self.spec_for(vm).disk)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let _admission = self.alloc_lock.lock().await;
+            self.admit_snapshot(vm, quota, disk).await?;
+            // A duplicate name fails here, before the guest is touched.
+            self.store.insert_snapshot(&snap).await?;
+        }
         let result = match kind {
-            SnapshotKind::Standby => self.capture_standby(vm, &mut snap).await,
-            SnapshotKind::Stopped => self.capture_stopped(vm, &mut snap).await,
+            SnapshotKind::Standby => self.capture_standby(vm, &mut snap, quota).await,
+            SnapshotKind::Stopped => self.capture_stopped(vm, &mut snap, quota).await,
         };
         if let Err(e) = result {
             let _ = self
@@ -295,23 +308,46 @@ impl Manager {
 
     /// Standby capture. The guest stays paused until every object is stored;
     /// any failure before that resumes it, so nothing is lost.
-    async fn capture_standby(&self, vm: &mut Vm, snap: &mut Snapshot) -> Result<()> {
+    async fn capture_standby(
+        &self,
+        vm: &mut Vm,
+        snap: &mut Snapshot,
+        quota: SnapshotQuota,
+    ) -> Result<()> {
         // Proxied requests wait for a wake instead of reaching a guest about to pause.
         let _pausing = self.activity.pause(&vm.id);
         let spec = self.spec_for(vm);
         let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
         let captured = self.capture(&spec, &dir, snap).await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
-        if let Err(e) = captured {
+        let captured = match captured {
+            Err(e) => Err(ManagerError::Internal(format!(
+                "snapshot of vm {} failed, the VM keeps running: {e}",
+                vm.id
+            ))),
+            Ok(()) => Ok(()),
+        };
+        // Only now is the memory's size known: does it still fit?
+        let admission = self.alloc_lock.lock().await;
+        let admitted = match captured {
+            Ok(()) => {
+                self.admit_stored(&vm.owner_id, quota, snap.size_bytes.max(0) as u64)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = admitted {
+            drop(admission);
+            if matches!(e, ManagerError::Forbidden(_)) {
+                tracing::info!(vm = %vm.id, snapshot = %snap.id, "snapshot refused after capture: {e}");
+            }
             if let Err(r) = self.vmm.resume(&spec).await {
                 tracing::error!(vm = %vm.id, "resuming after a failed snapshot: {r}");
             }
-            return Err(ManagerError::Internal(format!(
-                "snapshot of vm {} failed, the VM keeps running: {e}",
-                vm.id
-            )));
+            return Err(e);
         }
         self.store.mark_snapshot_ready(snap).await?;
+        drop(admission);
         snap.status = "ready".into();
         // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
@@ -372,7 +408,12 @@ impl Manager {
     }
 
     /// Stopped capture: the guest powers off (as a stop does), then its disk is stored.
-    async fn capture_stopped(&self, vm: &mut Vm, snap: &mut Snapshot) -> Result<()> {
+    async fn capture_stopped(
+        &self,
+        vm: &mut Vm,
+        snap: &mut Snapshot,
+        quota: SnapshotQuota,
+    ) -> Result<()> {
         if state_of(vm) == VmState::Running {
             self.stop_locked(vm).await?;
         }
@@ -390,6 +431,8 @@ impl Manager {
         snap.size_bytes = stored.size as i64;
         snap.disk_sha256 = Some(stored.sha256);
         snap.disk_size = Some(stored.size as i64);
+        let _admission = self.alloc_lock.lock().await;
+        self.admit_stored(&vm.owner_id, quota, stored.size).await?;
         self.store.mark_snapshot_ready(snap).await?;
         snap.status = "ready".into();
         Ok(())
@@ -521,13 +564,18 @@ impl Manager {
             vm.inner_ip.clone(),
             vm.inner_mac.clone(),
         );
-        // Recorded before a VMM starts: a crash while loading recovers as snapshotted on it.
-        if vm.standby_snapshot_id.as_deref() != Some(snap.id.as_str()) {
-            self.store.set_vm_standby(&id, Some(&snap.id)).await?;
-            vm.standby_snapshot_id = Some(snap.id.clone());
+        {
+            // The host must hold its memory; refused, nothing has changed.
+            let _admission = self.alloc_lock.lock().await;
+            self.check_host_memory(vm).await?;
+            // Recorded before a VMM starts: a crash while loading recovers as snapshotted on it.
+            if vm.standby_snapshot_id.as_deref() != Some(snap.id.as_str()) {
+                self.store.set_vm_standby(&id, Some(&snap.id)).await?;
+                vm.standby_snapshot_id = Some(snap.id.clone());
+            }
+            self.adopt_memory_address(vm, snap).await?;
+            self.transition(vm, VmState::Starting, None).await?;
         }
-        self.adopt_memory_address(vm, snap).await?;
-        self.transition(vm, VmState::Starting, None).await?;
         match self.load_standby(vm, snap).await {
             Ok(()) => {
                 self.store.set_vm_standby(&id, None).await?;
@@ -822,6 +870,10 @@ impl Manager {
                 "instance {id} is {st}; stop it or put it in standby before restoring a snapshot"
             )));
         }
+        if target == TargetState::Running {
+            // Before the disk is swapped; booting checks again under the admission lock.
+            self.check_host_memory(&vm).await?;
+        }
         // Whatever is left of an earlier VMM (a VM in error) goes first.
         self.end_vmm(&vm, false).await;
         match (kind, target) {
@@ -925,9 +977,19 @@ impl Manager {
             last_sleep_at: None,
             last_wake_at: None,
         };
+        // A fork kept in Standby gets its own copy of the snapshot's objects.
+        let copies = match (kind, target) {
+            (SnapshotKind::Standby, TargetState::Standby) => snap.size_bytes.max(0) as u64,
+            _ => 0,
+        };
         let _guard = self.lock_vm(&vm.id).await;
-        self.insert_with_network(&mut vm, &Default::default())
-            .await?;
+        self.insert_with_network(
+            &mut vm,
+            &Default::default(),
+            target == TargetState::Running,
+            copies,
+        )
+        .await?;
         let result = self
             .prepare_fork(&mut vm, &source, &snap, kind, target)
             .await;

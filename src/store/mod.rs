@@ -892,6 +892,107 @@ impl Store {
     }
 }
 
+/// An owner's own limits (`owner_limits`); a None field means the server's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, FromRow)]
+pub struct OwnerLimits {
+    pub vms: Option<i64>,
+    pub vcpus: Option<i64>,
+    pub mem_mib: Option<i64>,
+    pub snapshots_per_vm: Option<i64>,
+    pub stored_bytes: Option<i64>,
+}
+
+/// What an owner holds, as the quotas count it: every VM in any state, and
+/// the stored bytes of every snapshot and image it registered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnerUsage {
+    pub vms: i64,
+    pub vcpus: i64,
+    pub mem_mib: i64,
+    pub stored_bytes: i64,
+}
+
+impl Store {
+    // ---- quotas ----
+
+    pub async fn owner_limits(&self, owner_id: &str) -> Result<OwnerLimits> {
+        Ok(sqlx::query_as(
+            "SELECT vms, vcpus, mem_mib, snapshots_per_vm, stored_bytes
+             FROM owner_limits WHERE owner_id = ?",
+        )
+        .bind(owner_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or_default())
+    }
+
+    /// Replaces an owner's own limits (all None: the server's defaults again).
+    pub async fn set_owner_limits(&self, owner_id: &str, l: &OwnerLimits) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO owner_limits
+                 (owner_id, vms, vcpus, mem_mib, snapshots_per_vm, stored_bytes, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (owner_id) DO UPDATE SET
+                 vms = excluded.vms, vcpus = excluded.vcpus, mem_mib = excluded.mem_mib,
+                 snapshots_per_vm = excluded.snapshots_per_vm,
+                 stored_bytes = excluded.stored_bytes, updated_at = excluded.updated_at",
+        )
+        .bind(owner_id)
+        .bind(l.vms)
+        .bind(l.vcpus)
+        .bind(l.mem_mib)
+        .bind(l.snapshots_per_vm)
+        .bind(l.stored_bytes)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn owner_usage(&self, owner_id: &str) -> Result<OwnerUsage> {
+        let (vms, vcpus, mem_mib): (i64, i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(vcpu_count), 0), COALESCE(SUM(mem_mib), 0)
+             FROM vms WHERE owner_id = ?",
+        )
+        .bind(owner_id)
+        .fetch_one(&self.pool)
+        .await?;
+        // Rows still capturing count 0 until their objects are stored.
+        let (snapshot_bytes,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(SUM(size_bytes), 0) FROM snapshots WHERE owner_id = ?")
+                .bind(owner_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(OwnerUsage {
+            vms,
+            vcpus,
+            mem_mib,
+            stored_bytes: snapshot_bytes + self.image_bytes_of_owner(owner_id).await?,
+        })
+    }
+
+    /// Memory promised to the VMs that hold it now (starting, running,
+    /// stopping) but `except`: (their number, the sum of their mem_mib).
+    pub async fn memory_holders(&self, except: &str) -> Result<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(mem_mib), 0) FROM vms
+             WHERE state IN ('starting', 'running', 'stopping') AND id != ?",
+        )
+        .bind(except)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Snapshots of a VM in any status (one being captured counts already).
+    pub async fn vm_snapshot_count(&self, vm_id: &str) -> Result<i64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM snapshots WHERE vm_id = ?")
+            .bind(vm_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
