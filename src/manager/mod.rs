@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::ids;
 use crate::image::{self, seed, ImageSource};
 use crate::net::dhcp::Reservation;
-use crate::net::firewall::Forward;
+use crate::net::firewall::{Forward, Guest};
 use crate::net::{ipam, Network};
 use crate::snapshot::Objects;
 use crate::store::{self, Image, Owner, Store, StoreError, Template, Vm};
@@ -448,31 +448,46 @@ impl Manager {
         }
     }
 
-    /// Makes the SSH forwards match the VMs that are running now.
+    /// Makes the firewall match the store: SSH forwards for the VMs that
+    /// are running now, and every VM's bridge port pinned to its address
+    /// (see src/net/README.md, "Guests on the bridge").
     async fn refresh_forwards(&self) {
         let Some(net) = self.network.get() else {
             return;
         };
-        let forwards = match self.store.all_vms().await {
-            Ok(vms) => vms
-                .into_iter()
-                .filter(|v| state_of(v) == VmState::Running)
-                .filter_map(|v| {
-                    Some(Forward {
-                        host_port: u16::try_from(v.ssh_port?).ok()?,
-                        guest_ip: v.guest_ip?,
-                        guest_port: 22,
-                        vm_id: v.id,
-                    })
-                })
-                .collect(),
+        let vms = match self.store.all_vms().await {
+            Ok(vms) => vms,
             Err(e) => {
                 tracing::error!("reading VMs for the firewall: {e}");
                 return;
             }
         };
-        if let Err(e) = net.sync_forwards(forwards).await {
-            tracing::error!("updating SSH forwards: {e}");
+        let forwards = vms
+            .iter()
+            .filter(|v| state_of(v) == VmState::Running)
+            .filter_map(|v| {
+                Some(Forward {
+                    host_port: u16::try_from(v.ssh_port?).ok()?,
+                    guest_ip: v.guest_ip.clone()?,
+                    guest_port: 22,
+                    vm_id: v.id.clone(),
+                })
+            })
+            .collect();
+        let guests = vms
+            .into_iter()
+            .filter_map(|v| {
+                Some(Guest {
+                    ports: vec![v.tap_name?, crate::net::isolate::veth_name(&v.id)],
+                    mac: v.guest_mac?,
+                    ip: v.guest_ip?,
+                    owner_id: v.owner_id,
+                    vm_id: v.id,
+                })
+            })
+            .collect();
+        if let Err(e) = net.sync_firewall(forwards, guests).await {
+            tracing::error!("updating the firewall: {e}");
         }
     }
 
@@ -882,6 +897,9 @@ impl Manager {
                 Some(iso) => net.isolate(&iso).await?,
                 None => net.add_tap(&nic.tap).await?,
             }
+            // The port drops everything until the firewall pins it to this
+            // VM (a VM created since the last sync): pin it before the guest runs.
+            self.refresh_forwards().await;
         }
         let launched = match snapshot {
             None => self.vmm.boot(&spec).await.map_err(|e| e.to_string()),
