@@ -150,14 +150,27 @@ fn guests_of_another_owner_are_out_of_reach_and_their_address_cannot_be_taken() 
         !out.contains("bob-private") && !out.contains("rc=0"),
         "{out}"
     );
-    let routed = format!(
-        "ip route add {b_ip}/32 via 172.16.0.1 && timeout 8 wget -qO- http://{b_ip}/ 2>&1; echo rc=$?; ip route del {b_ip}/32"
-    );
-    let out = in_guest(&d, &key, &a1_ip, &routed);
+    // Routed through the host both ways (both guests send to the gateway's
+    // MAC and ignore the host's redirects), the bridge never sees a frame
+    // between the two: the host's forwarding must stop it.
+    let via_gateway = |peer: &str| {
+        format!(
+            "sysctl -qw net.ipv4.conf.all.accept_redirects=0 && \
+             sysctl -qw net.ipv4.conf.eth0.accept_redirects=0 && \
+             ip route replace {peer}/32 via 172.16.0.1 dev eth0 && ip route get {peer}"
+        )
+    };
+    let out = in_guest(&d, &key, &b_ip, &via_gateway(&a1_ip));
+    assert!(out.contains("via 172.16.0.1"), "{out}");
+    let out = in_guest(&d, &key, &a1_ip, &via_gateway(&b_ip));
+    assert!(out.contains("via 172.16.0.1"), "{out}");
+    let out = fetch_from_guest(&d, &key, &a1_ip, &format!("http://{b_ip}/"));
     assert!(
         !out.contains("bob-private") && !out.contains("rc=0"),
         "{out}"
     );
+    in_guest(&d, &key, &a1_ip, &format!("ip route del {b_ip}/32"));
+    in_guest(&d, &key, &b_ip, &format!("ip route del {a1_ip}/32"));
     let port = b["ssh_port"].as_u64().unwrap();
     let out = in_guest(
         &d,
