@@ -1,6 +1,6 @@
 //! VM networking: a Linux bridge with the host's side of the guest network,
-//! one TAP per running VM, DHCP reservations and DNS (dnsmasq), outbound NAT
-//! and SSH port forwards (nftables), and a network namespace of its own for
+//! one TAP per running VM, DHCP reservations and DNS (dnsmasq), outbound NAT,
+//! SSH port forwards and the guest filter (nftables), and a network namespace of its own for
 //! a VM whose guest believes it has another VM's address (a fork; see
 //! `isolate`). See README.md for the layout.
 //!
