@@ -823,6 +823,10 @@ mod tests {
             .unwrap();
             assert!(ask("127.0.0.1:16000").unwrap().starts_with("source "));
             assert!(ask("127.0.0.1:16001").unwrap().starts_with("fork "));
+            // The guest filter holds behind the namespace too: the host's
+            // own services (here the one on :7000) are out of every guest's reach.
+            assert!(in_netns(&guest.0, || ask("172.16.0.1:7000")).is_err());
+            assert!(in_netns(&source.0, || ask("172.16.0.1:7000")).is_err());
 
             // The bridge side never saw the fork claim .10.
             assert!(neighbour(&daemon, "172.16.0.10").contains(SOURCE_MAC));
