@@ -324,3 +324,23 @@ fn a_guest_reaches_dhcp_dns_and_the_outside_but_no_other_host_service() {
     let out = d.ssh_ok(None, &key, "root@127.0.0.1", port, "hostname");
     assert_eq!(out.trim(), vm["id"].as_str().unwrap().replace('_', "-"));
 }
+
+#[test]
+fn with_guest_to_guest_none_even_one_owners_guests_are_apart() {
+    let d = Daemon::start_with(&[("HATCH_GUEST_TO_GUEST", "none")]);
+    let (key, public) = keypair(&d.data_dir);
+    let a1 = page_vm(&d, &d.key, &public, "alice-one");
+    let a2 = page_vm(&d, &d.key, &public, "alice-two");
+    let (a1_ip, a2_ip) = (ip_of(&a1), ip_of(&a2));
+    assert_eq!(
+        host_get(&d, &format!("http://{a2_ip}/")).trim(),
+        "alice-two"
+    );
+    let out = fetch_from_guest(&d, &key, &a1_ip, &format!("http://{a2_ip}/"));
+    assert!(!out.contains("alice-two") && !out.contains("rc=0"), "{out}");
+    let out = fetch_from_guest(&d, &key, &a2_ip, &format!("http://{a1_ip}/"));
+    assert!(
+        !out.contains("alice-one") && !out.contains("rc=0"),
+        "{out}"
+    );
+}
