@@ -448,20 +448,26 @@ impl Manager {
         }
     }
 
+    /// `sync_firewall`, logging a failure (the previous rules stay: the
+    /// transaction is atomic).
+    async fn refresh_forwards(&self) {
+        if let Err(e) = self.sync_firewall().await {
+            tracing::error!("updating the firewall: {e}");
+        }
+    }
+
     /// Makes the firewall match the store: SSH forwards for the VMs that
     /// are running now, and every VM's bridge port pinned to its address
     /// (see src/net/README.md, "Guests on the bridge").
-    async fn refresh_forwards(&self) {
+    async fn sync_firewall(&self) -> std::result::Result<(), String> {
         let Some(net) = self.network.get() else {
-            return;
+            return Ok(());
         };
-        let vms = match self.store.all_vms().await {
-            Ok(vms) => vms,
-            Err(e) => {
-                tracing::error!("reading VMs for the firewall: {e}");
-                return;
-            }
-        };
+        let vms = self
+            .store
+            .all_vms()
+            .await
+            .map_err(|e| format!("reading VMs for the firewall: {e}"))?;
         let forwards = vms
             .iter()
             .filter(|v| state_of(v) == VmState::Running)
@@ -486,9 +492,7 @@ impl Manager {
                 })
             })
             .collect();
-        if let Err(e) = net.sync_firewall(forwards, guests).await {
-            tracing::error!("updating the firewall: {e}");
-        }
+        net.sync_firewall(forwards, guests).await
     }
 
     /// Chooses `vm`'s address, MAC, TAP and SSH port. Called with `alloc_lock`
@@ -898,8 +902,12 @@ impl Manager {
                 None => net.add_tap(&nic.tap).await?,
             }
             // The port drops everything until the firewall pins it to this
-            // VM (a VM created since the last sync): pin it before the guest runs.
-            self.refresh_forwards().await;
+            // VM (a VM created since the last sync): pin it before the guest
+            // runs. A guest is never started unfiltered.
+            if let Err(e) = self.sync_firewall().await {
+                self.remove_tap(vm).await;
+                return Err(format!("firewall: {e}"));
+            }
         }
         let launched = match snapshot {
             None => self.vmm.boot(&spec).await.map_err(|e| e.to_string()),
