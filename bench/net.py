@@ -754,6 +754,11 @@ class Net:
         self.sample_others()
         self.meta_load_before = os.getloadavg()[0]
         t0 = time.monotonic()
+        if self.args.filter_only:
+            filt = self.filter_ab()
+            self.sample_others()
+            self.measure_s = time.monotonic() - t0
+            return {"filter": filt}
         tcp = self.tcp()
         connects = self.ssh_connects()
         bulk = self.ssh_bulk()
@@ -788,6 +793,37 @@ def fmt_mbps(xs):
 def fmt_lat(xs):
     st = stats(xs)
     return f"{ms(st['p50']):.2f} ms / {ms(st['p99']):.2f} ms"
+
+
+def render_filter(args, f, fl):
+    """The guest filter's table: each figure with the filter and without."""
+    lines = ["### The guest filter: with against without", ""]
+    add = lines.append
+    add(f"The same guest paths with the daemon's guest filter (issue 10; {f['filter_rules']} rules: the "
+        "`bridge hatch` table pinning the TAP to the VM's MAC and address, the `input` and `forward` chains "
+        "of `ip hatch`) and with it taken out (NAT and the SSH forward kept), switched with one atomic `nft -f` "
+        f"before each run; {args.filter_reps} rounds, the order swapping every round. Median (min-max) of the "
+        "runs; ratio = without / with (above 1 is what the filter costs), of the medians and, less sensitive "
+        "to a busy host, the median of each round's own ratio.")
+    add("")
+    add("| measurement | with the filter | without | ratio of medians | median of per-round ratios |")
+    add("|---|---|---|---|---|")
+
+    def row(label, on, off, fmt):
+        a, b = stats(on), stats(off)
+        paired = stats([y / x for x, y in zip(on, off)])["median"]
+        add(f"| {label} | {fmt(a)} | {fmt(b)} | {b['median'] / a['median']:.3f} | {paired:.3f} |")
+
+    row(f"TCP bulk, {args.tcp_mib} MiB into `busybox nc -l` over the bridge", fl["tcp"]["on"], fl["tcp"]["off"],
+        lambda st: f"{st['median']:.1f} MB/s ({st['min']:.1f}-{st['max']:.1f})")
+    row(f"HTTP requests/s, `wrk -t1 -c{fl['conns']} -d{args.wrk_seconds}s` into busybox httpd (bridge)",
+        fl["wrk"]["on"], fl["wrk"]["off"], lambda st: f"{st['median']:.0f} req/s ({st['min']:.0f}-{st['max']:.0f})")
+    add("")
+    add("Every run (with / without): TCP MB/s " + ", ".join(
+        f"{x:.1f}/{y:.1f}" for x, y in zip(fl["tcp"]["on"], fl["tcp"]["off"])) + "; wrk req/s " + ", ".join(
+        f"{x:.0f}/{y:.0f}" for x, y in zip(fl["wrk"]["on"], fl["wrk"]["off"])) + ".")
+    add("")
+    return lines
 
 
 def render(meta, bench, r):
@@ -866,25 +902,7 @@ def render(meta, bench, r):
         add(f"| HTTP requests/s, `wrk -t1 -c{c} -d{args.wrk_seconds}s` | busybox httpd (bridge) | "
             f"{wg['rps']:.0f} req/s | busybox httpd loopback | {wh['rps']:.0f} req/s | {wg['rps'] / wh['rps']:.3f} |")
     add("")
-    fl = r["filter"]
-    add("### The guest filter: with against without")
-    add("")
-    add(f"The same guest paths with the daemon's guest filter (issue 10; {f['filter_rules']} rules: the "
-        "`bridge hatch` table pinning the TAP to the VM's MAC and address, the `input` and `forward` chains "
-        "of `ip hatch`) and with it taken out (NAT and the SSH forward kept), switched with one atomic `nft -f` "
-        f"before each run; {args.filter_reps} rounds, the order swapping every round. Median (min-max); "
-        "ratio = without / with, so above 1 is what the filter costs.")
-    add("")
-    add("| measurement | with the filter | without | ratio |")
-    add("|---|---|---|---|")
-    ton, toff = stats(fl["tcp"]["on"]), stats(fl["tcp"]["off"])
-    add(f"| TCP bulk, {args.tcp_mib} MiB into `busybox nc -l` over the bridge | {fmt_mbps(fl['tcp']['on'])} | "
-        f"{fmt_mbps(fl['tcp']['off'])} | {toff['median'] / ton['median']:.3f} |")
-    won, woff = stats(fl["wrk"]["on"]), stats(fl["wrk"]["off"])
-    add(f"| HTTP requests/s, `wrk -t1 -c{fl['conns']} -d{args.wrk_seconds}s` into busybox httpd (bridge) | "
-        f"{won['median']:.0f} req/s ({won['min']:.0f}-{won['max']:.0f}) | "
-        f"{woff['median']:.0f} req/s ({woff['min']:.0f}-{woff['max']:.0f}) | {woff['median'] / won['median']:.3f} |")
-    add("")
+    lines += render_filter(args, f, r["filter"])
     add("### Forward vs direct: what the SSH forward itself costs")
     add("")
     add("| measurement | forward | direct | forward / direct |")
@@ -1000,6 +1018,8 @@ def main():
     ap.add_argument("--wrk-conns", default="1,4", help="wrk connection counts, comma-separated (default 1,4)")
     ap.add_argument("--filter-reps", type=int, default=4,
                     help="rounds of TCP bulk and wrk with the guest filter and without (default 4)")
+    ap.add_argument("--filter-only", action="store_true",
+                    help="measure only the guest filter (4.); prints its table, never updates the docs")
     ap.add_argument("--wait-quiet", type=int, default=600,
                     help="seconds to wait for other QEMUs to finish before measuring (default 600, 0: no wait)")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
@@ -1045,6 +1065,14 @@ def main():
         netdev=re.sub(r"ifname=[^,]+", "ifname=ht...", netdev),
         nic=re.sub(r"mac=[^,]+", "mac=...", nic),
     )
+    if args.filter_only:
+        print("\n### bench/net --filter-only\n")
+        print(f"Command: `{meta['command']}`  \nDate: {meta['date']}  \nHost: {meta['cpus']} cores, load average "
+              f"{bench.meta_load_before:.2f} before / {meta['load_after']:.2f} after ({bench.measure_s:.0f} s); "
+              f"{len(bench.others_seen)} other QEMU process(es) seen while measuring, at most {bench.others_max} "
+              "at once\n")
+        print("\n".join(render_filter(args, bench.facts, result["filter"])))
+        return 0
     section = render(meta, bench, result)
     print("\n## bench/net\n")
     print(section)
