@@ -339,8 +339,5 @@ fn with_guest_to_guest_none_even_one_owners_guests_are_apart() {
     let out = fetch_from_guest(&d, &key, &a1_ip, &format!("http://{a2_ip}/"));
     assert!(!out.contains("alice-two") && !out.contains("rc=0"), "{out}");
     let out = fetch_from_guest(&d, &key, &a2_ip, &format!("http://{a1_ip}/"));
-    assert!(
-        !out.contains("alice-one") && !out.contains("rc=0"),
-        "{out}"
-    );
+    assert!(!out.contains("alice-one") && !out.contains("rc=0"), "{out}");
 }
