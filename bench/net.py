@@ -27,6 +27,10 @@ works, and then measures, each guest path interleaved with its baseline:
      (guest_ip:8080, /srv/www) and on 127.0.0.1:8091: p50/p99 on fresh
      connections from Python, then requests/s with wrk (1 thread, C
      connections, `Connection: close`, fixed duration).
+  4. The guest filter: TCP bulk (1.) and wrk (3., the first C) into the
+     guest with the daemon's guest filter and with it taken out (the
+     `bridge hatch` table and the `input`/`forward` chains of `ip hatch`),
+     switched by one atomic `nft -f` before each run and put back at the end.
 
 Connects and GETs rotate over the paths with an idle gap before each, so
 every one starts with the guest idle (without it, one that follows another
@@ -643,32 +647,97 @@ class Net:
             log(f"HTTP GET {p.label:16}: p50 {ms(st['p50']):.2f} ms, p99 {ms(st['p99']):.2f} ms")
         return res
 
+    def wrk_run(self, c, p):
+        url = f"http://{p.host}:{p.port}/{WWW_FILE}"
+        argv = ["wrk", "-t1", f"-c{c}", f"-d{self.args.wrk_seconds}s", "--timeout", "5s", "--latency",
+                "-H", "Connection: close", url]
+        wp = self.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        busy = CpuBusy().start()
+        qc = QemuCpu(self.qemu_pid).start() if p.key == "guest" else None
+        text, _ = self.reap(wp, self.args.wrk_seconds + 60)
+        busy.stop()
+        if qc:
+            qc.stop()
+        text = text.decode(errors="replace")
+        if wp.returncode != 0:
+            raise BenchError(f"wrk {url} exited {wp.returncode}: {text}")
+        r = parse_wrk(text)
+        r["busy"] = busy.cores
+        r["vcpu"] = qc.vcpu if qc else None
+        return r
+
     def wrk(self):
         out = {}
         for c in self.args.wrk_conns:
             for p in self.http_paths():
                 self.sample_others()
-                url = f"http://{p.host}:{p.port}/{WWW_FILE}"
-                argv = ["wrk", "-t1", f"-c{c}", f"-d{self.args.wrk_seconds}s", "--timeout", "5s", "--latency",
-                        "-H", "Connection: close", url]
-                wp = self.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                busy = CpuBusy().start()
-                qc = QemuCpu(self.qemu_pid).start() if p.key == "guest" else None
-                text, _ = self.reap(wp, self.args.wrk_seconds + 60)
-                busy.stop()
-                if qc:
-                    qc.stop()
-                text = text.decode(errors="replace")
-                if wp.returncode != 0:
-                    raise BenchError(f"wrk {url} exited {wp.returncode}: {text}")
-                r = parse_wrk(text)
-                r["busy"] = busy.cores
-                r["vcpu"] = qc.vcpu if qc else None
+                r = self.wrk_run(c, p)
                 out[(c, p.key)] = r
                 log(f"wrk -c{c} {p.label:16}: {r['rps']:.0f} req/s, p50 {r['lat'].get('50%', float('nan')):.2f} ms, "
                     f"p99 {r['lat'].get('99%', float('nan')):.2f} ms, errors {r['errors']}, non-2xx {r['non2xx']}")
         self.sample_others()
         return out
+
+    # ------------------------------------------------------------ 4. the guest filter
+
+    def nft(self, *args, script=None):
+        argv = ["nft", *args] if script is None else ["nft", "-f", "-"]
+        p = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30)
+        if p.returncode != 0:
+            raise BenchError(f"nft {' '.join(args) or '-f -'}: {p.stderr.strip()}")
+        return p.stdout
+
+    def filter_prepare(self):
+        """Scripts that take the guest filter (issue 10: the `bridge hatch`
+        table, the `input` and `forward` chains of `ip hatch`) out and put the
+        daemon's own rules back, each one atomic nft transaction. NAT and the
+        SSH forwards stay, as before the filter existed."""
+        ip_table = self.nft("list", "table", "ip", "hatch")
+        chains = [c for c in ("input", "forward") if f"chain {c} {{" in ip_table]
+        if "input" not in chains:
+            raise BenchError(f"no guest filter in the daemon's ip table:\n{ip_table}")
+        bridge = self.nft("list", "table", "bridge", "hatch")
+        flush = "".join(f"flush chain ip hatch {c}\n" for c in chains)
+        self.filter_off = "table bridge hatch\ndelete table bridge hatch\n" + flush
+        self.filter_on = (flush + "".join(self.nft("list", "chain", "ip", "hatch", c) for c in chains)
+                          + "table bridge hatch\ndelete table bridge hatch\n" + bridge)
+        rules = [line for text in [bridge] + [self.nft("list", "chain", "ip", "hatch", c) for c in chains]
+                 for line in text.splitlines() if line.startswith("\t\t") and not line.startswith("\t\ttype ")]
+        self.facts["filter_rules"] = len(rules)
+
+    def set_filter(self, on):
+        self.nft(script=self.filter_on if on else self.filter_off)
+        tables = self.nft("list", "tables")
+        if ("table bridge hatch" in tables) != on:
+            raise BenchError(f"the filter should be {'on' if on else 'off'}; tables:\n{tables}")
+
+    def filter_ab(self):
+        """TCP bulk and wrk into the guest with the filter and without,
+        alternating (which goes first swaps every round)."""
+        self.filter_prepare()
+        total = self.args.tcp_mib << 20
+        c = self.args.wrk_conns[0]
+        guest = self.http_paths()[0]
+        res = {"tcp": {"on": [], "off": []}, "wrk": {"on": [], "off": []}, "conns": c}
+        try:
+            for i in range(self.args.filter_reps):
+                self.sample_others()
+                order = ("on", "off") if i % 2 == 0 else ("off", "on")
+                for mode in order:
+                    self.set_filter(mode == "on")
+                    dt, _, _ = self.tcp_run("guest", total, count=False)
+                    res["tcp"][mode].append(mbps(total, dt))
+                    log(f"filter {i + 1}/{self.args.filter_reps} {mode:3}: TCP {mbps(total, dt):8.1f} MB/s")
+                for mode in order:
+                    self.set_filter(mode == "on")
+                    r = self.wrk_run(c, guest)
+                    if r["errors"] or r["non2xx"]:
+                        raise BenchError(f"wrk with the filter {mode}: errors {r['errors']}, non-2xx {r['non2xx']}")
+                    res["wrk"][mode].append(r["rps"])
+                    log(f"filter {i + 1}/{self.args.filter_reps} {mode:3}: wrk -c{c} {r['rps']:.0f} req/s")
+        finally:
+            self.set_filter(True)
+        return res
 
     # ------------------------------------------------------------ all of it
 
@@ -685,14 +754,20 @@ class Net:
         self.sample_others()
         self.meta_load_before = os.getloadavg()[0]
         t0 = time.monotonic()
+        if self.args.filter_only:
+            filt = self.filter_ab()
+            self.sample_others()
+            self.measure_s = time.monotonic() - t0
+            return {"filter": filt}
         tcp = self.tcp()
         connects = self.ssh_connects()
         bulk = self.ssh_bulk()
         http = self.http_latency()
         wrk = self.wrk()
+        filt = self.filter_ab()
         self.sample_others()
         self.measure_s = time.monotonic() - t0
-        return {"tcp": tcp, "connects": connects, "bulk": bulk, "http": http, "wrk": wrk}
+        return {"tcp": tcp, "connects": connects, "bulk": bulk, "http": http, "wrk": wrk, "filter": filt}
 
     def cleanup(self):
         for p in list(self.procs):
@@ -718,6 +793,37 @@ def fmt_mbps(xs):
 def fmt_lat(xs):
     st = stats(xs)
     return f"{ms(st['p50']):.2f} ms / {ms(st['p99']):.2f} ms"
+
+
+def render_filter(args, f, fl):
+    """The guest filter's table: each figure with the filter and without."""
+    lines = ["### The guest filter: with against without", ""]
+    add = lines.append
+    add(f"The same guest paths with the daemon's guest filter (issue 10; {f['filter_rules']} rules: the "
+        "`bridge hatch` table pinning the TAP to the VM's MAC and address, the `input` and `forward` chains "
+        "of `ip hatch`) and with it taken out (NAT and the SSH forward kept), switched with one atomic `nft -f` "
+        f"before each run; {args.filter_reps} rounds, the order swapping every round. Median (min-max) of the "
+        "runs; ratio = without / with (above 1 is what the filter costs), of the medians and, less sensitive "
+        "to a busy host, the median of each round's own ratio.")
+    add("")
+    add("| measurement | with the filter | without | ratio of medians | median of per-round ratios |")
+    add("|---|---|---|---|---|")
+
+    def row(label, on, off, fmt):
+        a, b = stats(on), stats(off)
+        paired = stats([y / x for x, y in zip(on, off)])["median"]
+        add(f"| {label} | {fmt(a)} | {fmt(b)} | {b['median'] / a['median']:.3f} | {paired:.3f} |")
+
+    row(f"TCP bulk, {args.tcp_mib} MiB into `busybox nc -l` over the bridge", fl["tcp"]["on"], fl["tcp"]["off"],
+        lambda st: f"{st['median']:.1f} MB/s ({st['min']:.1f}-{st['max']:.1f})")
+    row(f"HTTP requests/s, `wrk -t1 -c{fl['conns']} -d{args.wrk_seconds}s` into busybox httpd (bridge)",
+        fl["wrk"]["on"], fl["wrk"]["off"], lambda st: f"{st['median']:.0f} req/s ({st['min']:.0f}-{st['max']:.0f})")
+    add("")
+    add("Every run (with / without): TCP MB/s " + ", ".join(
+        f"{x:.1f}/{y:.1f}" for x, y in zip(fl["tcp"]["on"], fl["tcp"]["off"])) + "; wrk req/s " + ", ".join(
+        f"{x:.0f}/{y:.0f}" for x, y in zip(fl["wrk"]["on"], fl["wrk"]["off"])) + ".")
+    add("")
+    return lines
 
 
 def render(meta, bench, r):
@@ -796,6 +902,7 @@ def render(meta, bench, r):
         add(f"| HTTP requests/s, `wrk -t1 -c{c} -d{args.wrk_seconds}s` | busybox httpd (bridge) | "
             f"{wg['rps']:.0f} req/s | busybox httpd loopback | {wh['rps']:.0f} req/s | {wg['rps'] / wh['rps']:.3f} |")
     add("")
+    lines += render_filter(args, f, r["filter"])
     add("### Forward vs direct: what the SSH forward itself costs")
     add("")
     add("| measurement | forward | direct | forward / direct |")
@@ -909,13 +1016,17 @@ def main():
                          "previous one (default 20)")
     ap.add_argument("--wrk-seconds", type=int, default=10, help="duration of each wrk run (default 10)")
     ap.add_argument("--wrk-conns", default="1,4", help="wrk connection counts, comma-separated (default 1,4)")
+    ap.add_argument("--filter-reps", type=int, default=4,
+                    help="rounds of TCP bulk and wrk with the guest filter and without (default 4)")
+    ap.add_argument("--filter-only", action="store_true",
+                    help="measure only the guest filter (4.); prints its table, never updates the docs")
     ap.add_argument("--wait-quiet", type=int, default=600,
                     help="seconds to wait for other QEMUs to finish before measuring (default 600, 0: no wait)")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     args = ap.parse_args()
     for name, lo, hi in (("tcp_mib", 1, 16384), ("reps", 1, 100), ("connects", 1, 100000), ("ssh_mib", 1, 4096),
                          ("ssh_reps", 1, 100), ("setup_reps", 1, 100), ("requests", 1, 100000), ("gap_ms", 0, 1000),
-                         ("wrk_seconds", 1, 600), ("wait_quiet", 0, 3600)):
+                         ("wrk_seconds", 1, 600), ("filter_reps", 1, 100), ("wait_quiet", 0, 3600)):
         if not lo <= getattr(args, name) <= hi:
             ap.error(f"--{name.replace('_', '-')} must be between {lo} and {hi}")
     try:
@@ -954,6 +1065,14 @@ def main():
         netdev=re.sub(r"ifname=[^,]+", "ifname=ht...", netdev),
         nic=re.sub(r"mac=[^,]+", "mac=...", nic),
     )
+    if args.filter_only:
+        print("\n### bench/net --filter-only\n")
+        print(f"Command: `{meta['command']}`  \nDate: {meta['date']}  \nHost: {meta['cpus']} cores, load average "
+              f"{bench.meta_load_before:.2f} before / {meta['load_after']:.2f} after ({bench.measure_s:.0f} s); "
+              f"{len(bench.others_seen)} other QEMU process(es) seen while measuring, at most {bench.others_max} "
+              "at once\n")
+        print("\n".join(render_filter(args, bench.facts, result["filter"])))
+        return 0
     section = render(meta, bench, result)
     print("\n## bench/net\n")
     print(section)

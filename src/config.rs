@@ -422,6 +422,7 @@ impl Config {
                     &get("HATCH_SSH_ALLOWED_CIDRS").unwrap_or_else(|| "0.0.0.0/0".into()),
                 )
                 .map_err(|e| format!("HATCH_SSH_ALLOWED_CIDRS: {e}"))?,
+                guest_to_guest: get("HATCH_GUEST_TO_GUEST").unwrap_or_default().parse()?,
             },
             s3,
             snapshot_compression,

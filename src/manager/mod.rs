@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::ids;
 use crate::image::{self, seed, ImageSource};
 use crate::net::dhcp::Reservation;
-use crate::net::firewall::Forward;
+use crate::net::firewall::{Forward, Guest};
 use crate::net::{ipam, Network};
 use crate::snapshot::Objects;
 use crate::store::{self, Image, Owner, Store, StoreError, Template, Vm};
@@ -474,32 +474,51 @@ impl Manager {
         }
     }
 
-    /// Makes the SSH forwards match the VMs that are running now.
+    /// `sync_firewall`, logging a failure (the previous rules stay: the
+    /// transaction is atomic).
     async fn refresh_forwards(&self) {
-        let Some(net) = self.network.get() else {
-            return;
-        };
-        let forwards = match self.store.all_vms().await {
-            Ok(vms) => vms
-                .into_iter()
-                .filter(|v| state_of(v) == VmState::Running)
-                .filter_map(|v| {
-                    Some(Forward {
-                        host_port: u16::try_from(v.ssh_port?).ok()?,
-                        guest_ip: v.guest_ip?,
-                        guest_port: 22,
-                        vm_id: v.id,
-                    })
-                })
-                .collect(),
-            Err(e) => {
-                tracing::error!("reading VMs for the firewall: {e}");
-                return;
-            }
-        };
-        if let Err(e) = net.sync_forwards(forwards).await {
-            tracing::error!("updating SSH forwards: {e}");
+        if let Err(e) = self.sync_firewall().await {
+            tracing::error!("updating the firewall: {e}");
         }
+    }
+
+    /// Makes the firewall match the store: SSH forwards for the VMs that
+    /// are running now, and every VM's bridge port pinned to its address
+    /// (see src/net/README.md, "Guests on the bridge").
+    async fn sync_firewall(&self) -> std::result::Result<(), String> {
+        let Some(net) = self.network.get() else {
+            return Ok(());
+        };
+        let vms = self
+            .store
+            .all_vms()
+            .await
+            .map_err(|e| format!("reading VMs for the firewall: {e}"))?;
+        let forwards = vms
+            .iter()
+            .filter(|v| state_of(v) == VmState::Running)
+            .filter_map(|v| {
+                Some(Forward {
+                    host_port: u16::try_from(v.ssh_port?).ok()?,
+                    guest_ip: v.guest_ip.clone()?,
+                    guest_port: 22,
+                    vm_id: v.id.clone(),
+                })
+            })
+            .collect();
+        let guests = vms
+            .into_iter()
+            .filter_map(|v| {
+                Some(Guest {
+                    ports: vec![v.tap_name?, crate::net::isolate::veth_name(&v.id)],
+                    mac: v.guest_mac?,
+                    ip: v.guest_ip?,
+                    owner_id: v.owner_id,
+                    vm_id: v.id,
+                })
+            })
+            .collect();
+        net.sync_firewall(forwards, guests).await
     }
 
     /// Chooses `vm`'s address, MAC, TAP and SSH port. Called with `alloc_lock`
@@ -821,6 +840,13 @@ impl Manager {
             match self.isolation(vm) {
                 Some(iso) => net.isolate(&iso).await?,
                 None => net.add_tap(&nic.tap).await?,
+            }
+            // The port drops everything until the firewall pins it to this
+            // VM (a VM created since the last sync): pin it before the guest
+            // runs. A guest is never started unfiltered.
+            if let Err(e) = self.sync_firewall().await {
+                self.remove_tap(vm).await;
+                return Err(format!("firewall: {e}"));
             }
         }
         let launched = match snapshot {

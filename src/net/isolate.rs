@@ -345,6 +345,7 @@ pub(crate) mod testing {
             net: BridgeNet::parse("172.16.0.1/24").unwrap(),
             ssh_ports: (16000, 16999),
             ssh_allowed_sources: vec!["0.0.0.0/0".into()],
+            guest_to_guest: Default::default(),
         }
     }
     use std::path::PathBuf;
@@ -461,7 +462,7 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
-    use crate::net::firewall::Forward;
+    use crate::net::firewall::{Forward, Guest};
     use crate::net::Network;
     use nftables::schema::Nftables;
     use std::collections::HashSet;
@@ -783,25 +784,49 @@ mod tests {
             let from_source = in_netns(&source.0, || ask("172.16.0.1:7000")).unwrap();
             assert_eq!(from_source, "host 172.16.0.10 hello");
 
-            // The SSH forwards (host port -> guest_ip:22, here :2222) of both.
-            net.sync_forwards(vec![
-                Forward {
+            // The SSH forwards (host port -> guest_ip:22, here :2222) of both,
+            // with both ports pinned to their VM's MAC and address.
+            let pins = vec![
+                Guest {
                     vm_id: "vm_source".into(),
-                    host_port: 16000,
-                    guest_ip: "172.16.0.10".into(),
-                    guest_port: 2222,
+                    owner_id: "o".into(),
+                    ports: vec!["srcport".into()],
+                    mac: SOURCE_MAC.into(),
+                    ip: "172.16.0.10".into(),
                 },
-                Forward {
+                Guest {
                     vm_id: fork_id.clone(),
-                    host_port: 16001,
-                    guest_ip: "172.16.0.11".into(),
-                    guest_port: 2222,
+                    owner_id: "o".into(),
+                    ports: vec![iso.veth.clone()],
+                    mac: iso.outer_mac.clone(),
+                    ip: "172.16.0.11".into(),
                 },
-            ])
+            ];
+            net.sync_firewall(
+                vec![
+                    Forward {
+                        vm_id: "vm_source".into(),
+                        host_port: 16000,
+                        guest_ip: "172.16.0.10".into(),
+                        guest_port: 2222,
+                    },
+                    Forward {
+                        vm_id: fork_id.clone(),
+                        host_port: 16001,
+                        guest_ip: "172.16.0.11".into(),
+                        guest_port: 2222,
+                    },
+                ],
+                pins,
+            )
             .await
             .unwrap();
             assert!(ask("127.0.0.1:16000").unwrap().starts_with("source "));
             assert!(ask("127.0.0.1:16001").unwrap().starts_with("fork "));
+            // The guest filter holds behind the namespace too: the host's
+            // own services (here the one on :7000) are out of every guest's reach.
+            assert!(in_netns(&guest.0, || ask("172.16.0.1:7000")).is_err());
+            assert!(in_netns(&source.0, || ask("172.16.0.1:7000")).is_err());
 
             // The bridge side never saw the fork claim .10.
             assert!(neighbour(&daemon, "172.16.0.10").contains(SOURCE_MAC));

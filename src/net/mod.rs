@@ -1,6 +1,6 @@
 //! VM networking: a Linux bridge with the host's side of the guest network,
-//! one TAP per running VM, DHCP reservations and DNS (dnsmasq), outbound NAT
-//! and SSH port forwards (nftables), and a network namespace of its own for
+//! one TAP per running VM, DHCP reservations and DNS (dnsmasq), outbound NAT,
+//! SSH port forwards and the guest filter (nftables), and a network namespace of its own for
 //! a VM whose guest believes it has another VM's address (a fork; see
 //! `isolate`). See README.md for the layout.
 //!
@@ -14,7 +14,7 @@ pub mod isolate;
 pub mod link;
 
 use dhcp::{Dnsmasq, Reservation};
-use firewall::{Desired, Forward};
+use firewall::{Desired, Forward, Guest, GuestToGuest};
 use ipam::BridgeNet;
 use isolate::Isolation;
 use std::collections::HashSet;
@@ -26,6 +26,8 @@ pub struct NetConfig {
     pub net: BridgeNet,
     pub ssh_ports: (u16, u16),
     pub ssh_allowed_sources: Vec<String>,
+    /// Which guests may reach each other (`HATCH_GUEST_TO_GUEST`).
+    pub guest_to_guest: GuestToGuest,
 }
 
 pub struct Network {
@@ -133,13 +135,22 @@ impl Network {
         blocking(move || isolate::delete_netns(&ns)).await
     }
 
-    pub async fn sync_forwards(&self, forwards: Vec<Forward>) -> Result<(), String> {
+    /// Makes the firewall match: SSH forwards of the running VMs, and the
+    /// port pins and guest-to-guest policy of every VM that holds an address.
+    pub async fn sync_firewall(
+        &self,
+        forwards: Vec<Forward>,
+        guests: Vec<Guest>,
+    ) -> Result<(), String> {
         let _g = self.fw_lock.lock().await;
         firewall::sync(&Desired {
             bridge: self.cfg.bridge.clone(),
+            bridge_ip: self.cfg.net.bridge_ip.to_string(),
             guest_cidr: self.cfg.net.cidr(),
             allowed_sources: self.cfg.ssh_allowed_sources.clone(),
             forwards,
+            guests,
+            guest_to_guest: self.cfg.guest_to_guest,
         })
         .await
     }
