@@ -122,6 +122,19 @@ fn slow_clients_are_cut_off_after_the_header_timeout() {
     assert_eq!(d.req("GET", "/vms", None).status, 200);
 }
 
+/// The proxy's header timeout is 30 s and not configurable: this waits for it.
+#[test]
+fn the_proxy_cuts_off_a_client_that_sends_nothing() {
+    let d = Daemon::start();
+    let mut silent = d.connect("127.0.0.1:8081");
+    let mut preface = d.connect("127.0.0.1:8081");
+    // The first half of the HTTP/2 preface: the protocol is not known yet.
+    preface.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    let limit = Duration::from_secs(120);
+    assert!(closed_within(&mut silent, limit), "a silent connection");
+    assert!(closed_within(&mut preface, limit), "half an HTTP/2 preface");
+}
+
 #[test]
 fn connections_beyond_the_limit_wait_until_one_closes() {
     let d = Daemon::start_with(&[("HATCH_API_MAX_CONNECTIONS", "2")]);

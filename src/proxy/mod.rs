@@ -28,6 +28,10 @@ use tokio::net::TcpListener;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
+/// How long a client may take to send a request's headers (the first one
+/// counted from the connection's start).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
 struct Proxy {
     manager: Arc<Manager>,
     cfg: ProxyConfig,
@@ -61,7 +65,12 @@ pub async fn serve(listener: TcpListener, manager: Arc<Manager>, cfg: ProxyConfi
         let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+            let first_tx = std::sync::Mutex::new(Some(first_tx));
             let service = hyper::service::service_fn(move |req| {
+                if let Some(tx) = first_tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
                 let proxy = Arc::clone(&proxy);
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
             });
@@ -70,11 +79,21 @@ pub async fn serve(listener: TcpListener, manager: Arc<Manager>, cfg: ProxyConfi
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30));
+                .header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            // hyper's timer starts once it knows the protocol: a client that
+            // sends nothing (or half the HTTP/2 preface) is timed here.
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                first = tokio::time::timeout(HEADER_TIMEOUT, first_rx) => {
+                    if !matches!(first, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+            }
             // Errors here are the client's connection ending; nothing to report.
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await;
+            let _ = conn.await;
         });
     }
 }
