@@ -41,6 +41,7 @@ fn junk_and_foreign_ids_are_404_and_cost_the_daemon_no_memory() {
     let before = d.rss_kib();
     hammer(2_000);
     let after = d.rss_kib();
+    eprintln!("daemon VmRSS: {before} KiB before 2,000 junk ids, {after} KiB after");
     // 2,000 lock entries of 15 KB would be 30 MB; allow allocator noise only.
     assert!(
         after < before + 8 * 1024,
@@ -120,6 +121,47 @@ fn slow_clients_are_cut_off_after_the_header_timeout() {
     trickler.join().unwrap();
     // The daemon still serves.
     assert_eq!(d.req("GET", "/vms", None).status, 200);
+}
+
+/// The header timeout bounds waiting for a request, not a response: a log
+/// follower streams for as long as its VM runs, and the daemon's SIGTERM
+/// (VMs stopped first, then the connections drained) ends it cleanly.
+#[test]
+fn a_log_follower_outlives_the_header_timeout_and_ends_at_shutdown() {
+    let mut d = Daemon::start_with(&[("HATCH_API_HEADER_TIMEOUT", "1s")]);
+    let vm = id_of(&d.create_vm(r#"{"enable_network": false}"#));
+    let follower = std::process::Command::new("ip")
+        .args(["netns", "exec", &d.ns, "curl", "-sSN", "--max-time", "300"])
+        .arg("-H")
+        .arg(format!("X-API-Key: {}", d.key))
+        .arg(format!("{BASE}/vms/{vm}/logs?follow=true"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed if the test fails before it ends by itself.
+    struct Reap(Option<std::process::Child>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut follower = Reap(Some(follower));
+    d.wait_console(&vm, "hatch-guest: ready");
+    // Several header timeouts later, the stream is still open.
+    std::thread::sleep(Duration::from_secs(5));
+    let running = follower.0.as_mut().unwrap().try_wait().unwrap().is_none();
+    assert!(running, "the follow stream ended while the VM runs");
+    d.terminate();
+    let out = follower.0.take().unwrap().wait_with_output().unwrap();
+    assert!(out.status.success(), "the stream ended cleanly: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("hatch-guest: ready") && text.contains("hatch-guest: shutting down"),
+        "{text}"
+    );
 }
 
 /// The proxy's header timeout is 30 s and not configurable: this waits for it.
