@@ -52,6 +52,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub images: ImageConfig,
     pub limits: LimitsConfig,
+    pub api: ApiConfig,
 }
 
 /// How API callers may register images.
@@ -187,6 +188,16 @@ impl LimitsConfig {
     }
 }
 
+/// Bounds on the API listener's connections (slow or too many clients).
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// How long a client may take to send a request's headers, the first
+    /// request's and each keep-alive one's (then the connection is closed).
+    pub header_timeout: Duration,
+    /// Connections served at once; more wait, unserved, until one closes.
+    pub max_connections: usize,
+}
+
 /// The reverse proxy: `{subdomain}.{base_domain}` on `addr` -> a VM's port.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -197,6 +208,9 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// How long a request waits for its VM to wake (restore or boot).
     pub wake_timeout: Duration,
+    /// Peers whose X-Forwarded-* / Forwarded / X-Real-IP headers are kept
+    /// (HATCH_PROXY_TRUSTED_PROXIES); everyone else's are replaced.
+    pub trusted_proxies: Vec<crate::proxy::Cidr>,
 }
 
 /// Idle sleep: running VMs without traffic are put to standby.
@@ -371,7 +385,30 @@ impl Config {
             },
             request_timeout: duration("HATCH_PROXY_TIMEOUT", Duration::from_secs(60))?,
             wake_timeout: duration("HATCH_PROXY_WAKE_TIMEOUT", Duration::from_secs(60))?,
+            trusted_proxies: crate::proxy::Cidr::parse_list(
+                &get("HATCH_PROXY_TRUSTED_PROXIES").unwrap_or_default(),
+            )
+            .map_err(|e| format!("HATCH_PROXY_TRUSTED_PROXIES: {e}"))?,
         };
+        let api = ApiConfig {
+            header_timeout: duration("HATCH_API_HEADER_TIMEOUT", Duration::from_secs(30))?,
+            max_connections: match get("HATCH_API_MAX_CONNECTIONS") {
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=65536).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "HATCH_API_MAX_CONNECTIONS must be a number from 1 to 65536, not {v:?}"
+                        )
+                    })?,
+                None => 512,
+            },
+        };
+        if api.header_timeout.is_zero() {
+            return Err("HATCH_API_HEADER_TIMEOUT must be more than zero".into());
+        }
         let idle = IdleConfig {
             timeout: match get("HATCH_IDLE_TIMEOUT").as_deref() {
                 None | Some("off") => None,
@@ -389,6 +426,7 @@ impl Config {
             idle,
             auth,
             limits: LimitsConfig::from_lookup(&get)?,
+            api,
             http_addr,
             data_dir: get("HATCH_DATA_DIR")
                 .map(PathBuf::from)
@@ -752,6 +790,39 @@ mod tests {
             ("HATCH_IMAGE_MAX_BYTES", "0"),
             ("HATCH_IMAGE_MAX_BYTES", "4X"),
             ("HATCH_IMAGE_MAX_BYTES", "99999999999T"),
+        ] {
+            assert!(cfg(&[(k, v)]).unwrap_err().contains(k), "{k}={v}");
+        }
+    }
+
+    #[test]
+    fn api_listener_and_proxy_trust_settings() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.api.header_timeout, Duration::from_secs(30));
+        assert_eq!(c.api.max_connections, 512);
+        assert!(
+            c.proxy.trusted_proxies.is_empty(),
+            "no peer is trusted by default"
+        );
+        let c = cfg(&[
+            ("HATCH_API_HEADER_TIMEOUT", "2s"),
+            ("HATCH_API_MAX_CONNECTIONS", "8"),
+            (
+                "HATCH_PROXY_TRUSTED_PROXIES",
+                "10.0.0.0/8, 127.0.0.1,::1/128",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.api.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.api.max_connections, 8);
+        assert_eq!(c.proxy.trusted_proxies.len(), 3);
+        for (k, v) in [
+            ("HATCH_API_HEADER_TIMEOUT", "0"),
+            ("HATCH_API_HEADER_TIMEOUT", "soon"),
+            ("HATCH_API_MAX_CONNECTIONS", "0"),
+            ("HATCH_API_MAX_CONNECTIONS", "many"),
+            ("HATCH_PROXY_TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("HATCH_PROXY_TRUSTED_PROXIES", "proxy.example.com"),
         ] {
             assert!(cfg(&[(k, v)]).unwrap_err().contains(k), "{k}={v}");
         }

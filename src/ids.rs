@@ -23,19 +23,18 @@ pub fn random_string(len: usize) -> String {
 
 /// A new id such as `vm_k3j9x0a1b2c3`.
 pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", random_string(12))
+    format!("{prefix}_{}", random_string(ID_LEN))
 }
 
-/// Does `id` look like one of ours with this prefix? Used to fail fast on garbage.
+/// Length of the random part of an id.
+const ID_LEN: usize = 12;
+
+/// Could `id` be one we made with this prefix (`prefix_` + 12 of our
+/// characters)? Lets the API answer 404 for garbage without a lookup.
 pub fn looks_like(id: &str, prefix: &str) -> bool {
     id.strip_prefix(prefix)
         .and_then(|rest| rest.strip_prefix('_'))
-        .is_some_and(|rest| {
-            !rest.is_empty()
-                && rest
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+        .is_some_and(|rest| rest.len() == ID_LEN && rest.bytes().all(|b| ALPHABET.contains(&b)))
 }
 
 #[cfg(test)]
@@ -52,5 +51,12 @@ mod tests {
         assert!(looks_like(&a, "vm"));
         assert!(!looks_like(&a, "img"));
         assert!(!looks_like("vm_", "vm"));
+        assert!(
+            !looks_like("vm_K3J9X0A1B2C3", "vm"),
+            "upper case is not ours"
+        );
+        assert!(!looks_like("vm_k3j9x0a1b2c", "vm"), "one short");
+        assert!(!looks_like(&format!("{a}x"), "vm"), "one long");
+        assert!(!looks_like("vm_k3j9x0a1b2-_", "vm"));
     }
 }

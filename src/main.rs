@@ -333,6 +333,7 @@ async fn serve() -> anyhow::Result<()> {
     tracing::info!(requested = ?cfg.qemu_accel, chosen = accel.as_str(), "QEMU accelerator");
     let vmm = Arc::new(Qemu::new(cfg.qemu_binary.clone(), accel));
     let addr = cfg.http_addr;
+    let api_cfg = cfg.api.clone();
     let objects = hatch::snapshot::Objects::from_config(&cfg).context("snapshot store")?;
     tracing::info!(store = %objects.describe(), "snapshot store");
     let auth = api::Authenticator::new(&cfg.auth).map_err(|e| anyhow::anyhow!(e))?;
@@ -376,9 +377,7 @@ async fn serve() -> anyhow::Result<()> {
         tracing::info!("shutting down: stopping running VMs");
         stopper.shutdown_all().await;
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(on_signal)
-        .await?;
+    api::serve(listener, app, &api_cfg, on_signal).await?;
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 //! directories, listed without host paths, and deleted only when nothing uses
 //! them, exclusive with the VM and template creations that read them.
 
-use super::requests::{check_image_meta, CreateImage};
 use super::quotas::SnapshotQuota;
+use super::requests::{check_image_meta, CreateImage};
 use super::{not_found, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
 use crate::ids;
 use crate::image::hostpath::{self, ImportPolicy, PathRefused};
@@ -254,7 +254,10 @@ impl Manager {
                 self.admit_stored(owner, SnapshotQuota::Enforced, img.size_bytes.max(0) as u64)
                     .await?;
             }
-            self.store.insert_image(&img).await.map_err(ManagerError::from)
+            self.store
+                .insert_image(&img)
+                .await
+                .map_err(ManagerError::from)
         }
         .await;
         if let Err(e) = inserted {

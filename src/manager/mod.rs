@@ -7,6 +7,7 @@
 pub mod console;
 mod idle;
 mod images;
+mod locks;
 pub mod quotas;
 pub mod requests;
 mod routes;
@@ -15,7 +16,7 @@ pub mod state;
 
 pub use idle::Busy;
 pub use images::ImageUpload;
-pub use routes::{RouteTarget, Woke};
+pub use routes::{RouteTarget, WakeError, Woke};
 
 use crate::config::Config;
 use crate::ids;
@@ -34,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tokio::sync::{watch, OwnedMutexGuard};
+use tokio::sync::watch;
 
 pub const DEFAULT_IMAGE_ID: &str = "img_default";
 
@@ -87,7 +88,7 @@ pub struct Manager {
     objects: Objects,
     vmm: Arc<dyn Vmm>,
     config: Config,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: locks::VmLocks,
     running: Mutex<HashMap<String, Running>>,
     next_boot: AtomicU64,
     network: OnceLock<Arc<Network>>,
@@ -125,7 +126,7 @@ impl Manager {
             objects,
             vmm,
             config,
-            locks: Mutex::new(HashMap::new()),
+            locks: Default::default(),
             running: Mutex::new(HashMap::new()),
             next_boot: AtomicU64::new(1),
             network: OnceLock::new(),
@@ -155,12 +156,20 @@ impl Manager {
         self.vmm.name()
     }
 
-    async fn lock_vm(&self, id: &str) -> OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap();
-            Arc::clone(locks.entry(id.to_string()).or_default())
-        };
-        lock.lock_owned().await
+    /// Takes the VM's lock. Callers acting for an API user take it through
+    /// `lock_visible_vm`, so an id they do not own makes no entry at all.
+    async fn lock_vm(&self, id: &str) -> locks::VmGuard {
+        self.locks.lock(id).await
+    }
+
+    /// The owner's VM with its lock held, read again under the lock. An id
+    /// the owner cannot see is a 404 before any per-VM state is made.
+    async fn lock_visible_vm(&self, owner: &Owner, id: &str) -> Result<(locks::VmGuard, Vm)> {
+        self.visible_vm(owner, id).await?;
+        let guard = self.lock_vm(id).await;
+        // It may have been deleted while we waited.
+        let vm = self.visible_vm(owner, id).await?;
+        Ok((guard, vm))
     }
 
     fn work_dir(&self, vm_id: &str) -> PathBuf {
@@ -1040,8 +1049,7 @@ impl Manager {
     }
 
     pub async fn stop_vm(&self, owner: &Owner, id: &str) -> Result<Vm> {
-        let _guard = self.lock_vm(id).await;
-        let mut vm = self.visible_vm(owner, id).await?;
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
         self.stop_locked(&mut vm).await?;
         Ok(vm)
     }
@@ -1064,8 +1072,7 @@ impl Manager {
     }
 
     pub async fn start_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
-        let _guard = self.lock_vm(id).await;
-        let mut vm = self.visible_vm(owner, id).await?;
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
         self.start_locked(&mut vm).await?;
         Ok(vm)
     }
@@ -1107,8 +1114,7 @@ impl Manager {
 
     /// Deletes a VM: VMM killed, work directory removed, row deleted.
     pub async fn delete_vm(&self, owner: &Owner, id: &str) -> Result<()> {
-        let guard = self.lock_vm(id).await;
-        let vm = self.visible_vm(owner, id).await?;
+        let (guard, vm) = self.lock_visible_vm(owner, id).await?;
         self.end_vmm(&vm, false).await;
         let dir = self.work_dir(id);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
@@ -1130,7 +1136,6 @@ impl Manager {
         self.refresh_reservations().await;
         self.refresh_forwards().await;
         drop(guard);
-        self.locks.lock().unwrap().remove(id);
         tracing::info!(vm = id, "deleted");
         Ok(())
     }

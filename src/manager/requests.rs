@@ -3,6 +3,7 @@
 use crate::snapshot::CompressionConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 pub const VCPU_RANGE: (i64, i64) = (1, 32);
 pub const MEM_RANGE: (i64, i64) = (128, 65536);
@@ -307,14 +308,14 @@ fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
         ));
     }
     for (k, v) in tags {
-        if k.is_empty() || k.len() > MAX_TAG_KEY || k.chars().any(char::is_control) {
+        if k.is_empty() || k.len() > MAX_TAG_KEY || has_hidden_chars(k) {
             return Err(format!(
-                "tag key {k:?} must be 1 to {MAX_TAG_KEY} characters without control characters"
+                "tag key {k:?} must be 1 to {MAX_TAG_KEY} characters without control or format (bidi) characters"
             ));
         }
-        if v.len() > MAX_TAG_VALUE || v.chars().any(char::is_control) {
+        if v.len() > MAX_TAG_VALUE || has_hidden_chars(v) {
             return Err(format!(
-                "tag {k:?}: the value must be at most {MAX_TAG_VALUE} characters without control characters"
+                "tag {k:?}: the value must be at most {MAX_TAG_VALUE} characters without control or format (bidi) characters"
             ));
         }
     }
@@ -414,6 +415,25 @@ pub fn check_user_data(data: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Characters that change how text around them shows without showing
+/// themselves: controls (Cc), format characters (Cf: the bidi embeddings,
+/// overrides and isolates U+202A-U+202E and U+2066-U+2069, the marks U+200E,
+/// U+200F and U+061C, zero-width ones), and line/paragraph separators. A name
+/// holding one can pass for another name in a list (CVE-2021-42574).
+pub fn is_hidden_char(c: char) -> bool {
+    matches!(
+        c.general_category(),
+        GeneralCategory::Control
+            | GeneralCategory::Format
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+    )
+}
+
+fn has_hidden_chars(s: &str) -> bool {
+    s.chars().any(is_hidden_char)
+}
+
 fn check_name(field: &str, name: &str, max: usize) -> Result<(), String> {
     if name.trim().is_empty() {
         return Err(format!("{field} must not be empty"));
@@ -421,8 +441,10 @@ fn check_name(field: &str, name: &str, max: usize) -> Result<(), String> {
     if name.len() > max {
         return Err(format!("{field} must be at most {max} characters"));
     }
-    if name.chars().any(|c| c.is_control()) {
-        return Err(format!("{field} must not contain control characters"));
+    if has_hidden_chars(name) {
+        return Err(format!(
+            "{field} must not contain control or format (bidi) characters"
+        ));
     }
     Ok(())
 }
@@ -507,6 +529,14 @@ impl CreateTemplate {
                 return Err(format!(
                     "description must be at most {MAX_DESCRIPTION} characters"
                 ));
+            }
+            // Line breaks and tabs are fine in a description; hidden characters are not.
+            if d.chars()
+                .any(|c| is_hidden_char(c) && !matches!(c, '\n' | '\r' | '\t'))
+            {
+                return Err(
+                    "description must not contain control or format (bidi) characters other than line breaks and tabs".into(),
+                );
             }
         }
         if let Some(v) = self.vcpu_count {
@@ -758,6 +788,41 @@ mod tests {
         assert!(t(None, Some("xen"), Stopped)
             .unwrap_err()
             .contains("one of"));
+    }
+
+    #[test]
+    fn names_refuse_control_and_bidi_characters() {
+        for bad in [
+            "evil\u{202E}gpj.exe",
+            "a\u{2066}b",
+            "a\u{2069}",
+            "\u{200E}name",
+            "name\u{200F}",
+            "a\u{061C}b",
+            "zero\u{200B}width",
+            "bom\u{FEFF}",
+            "soft\u{AD}hyphen",
+            "tab\there",
+            "line\u{2028}sep",
+            "nul\u{0}",
+        ] {
+            assert!(check_name("name", bad, MAX_NAME).is_err(), "{bad:?}");
+            let tags = BTreeMap::from([(bad.to_string(), "v".to_string())]);
+            assert!(check_tags(&tags).is_err(), "key {bad:?}");
+            let tags = BTreeMap::from([("k".to_string(), bad.to_string())]);
+            assert!(check_tags(&tags).is_err(), "value {bad:?}");
+        }
+        for ok in ["web server", "Überprüfung", "日本語", "emoji 🚀", "a-b_c.d"] {
+            assert!(check_name("name", ok, MAX_NAME).is_ok(), "{ok:?}");
+        }
+        let t = |d: &str| {
+            serde_json::from_value::<CreateTemplate>(
+                serde_json::json!({"name": "t", "description": d}),
+            )
+            .unwrap()
+        };
+        assert!(t("two\nlines\tand a tab").validate().is_ok());
+        assert!(t("a \u{202E}reversed").validate().is_err());
     }
 
     #[test]

@@ -34,12 +34,22 @@ pub enum Woke {
     AlreadyRunning,
     /// Restored from its standby snapshot: the guest continues, its servers listening.
     Restored,
-    /// Booted from its disk: its servers come up some time after.
-    Booted,
+}
+
+/// Why a request did not wake its VM.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WakeError {
+    /// The VM does not sleep: its owner stopped it (or it is in error), and
+    /// only its owner starts it again.
+    #[error("{0}")]
+    NotAsleep(String),
+    /// It sleeps, but restoring it failed.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// The outcome of a wake, shared by every request that waited for it.
-pub(super) type WakeResult = Option<std::result::Result<Woke, String>>;
+pub(super) type WakeResult = Option<std::result::Result<Woke, WakeError>>;
 
 impl Manager {
     /// Reloads the route table from the store.
@@ -152,8 +162,7 @@ impl Manager {
     /// `PATCH /vms/{id}`: idle sleep settings and the snapshot compression default.
     pub async fn update_vm(&self, owner: &Owner, id: &str, req: UpdateVm) -> Result<Vm> {
         req.validate().map_err(ManagerError::BadRequest)?;
-        let _guard = self.lock_vm(id).await;
-        let mut vm = self.visible_vm(owner, id).await?;
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
         if let Some(a) = req.auto_sleep {
             vm.auto_sleep = a;
         }
@@ -190,10 +199,11 @@ impl Manager {
         self.activity.enter(vm_id)
     }
 
-    /// Wakes `vm_id` for a request: a snapshotted VM is restored, a stopped
-    /// one started. Concurrent callers share one wake, which runs to its end
+    /// Wakes `vm_id` for a request: a snapshotted (sleeping) VM is restored.
+    /// A stopped one stays stopped: a request from anyone must not undo its
+    /// owner's stop. Concurrent callers share one wake, which runs to its end
     /// in its own task even if every caller gives up waiting.
-    pub async fn wake(self: &Arc<Self>, vm_id: &str) -> std::result::Result<Woke, String> {
+    pub async fn wake(self: &Arc<Self>, vm_id: &str) -> std::result::Result<Woke, WakeError> {
         let mut rx = {
             let mut wakes = self.wakes.lock().unwrap();
             match wakes.get(vm_id) {
@@ -212,11 +222,12 @@ impl Manager {
                 }
             }
         };
+        let abandoned = || WakeError::Failed("the wake was abandoned".into());
         let done = rx
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| "the wake was abandoned".to_string())?;
-        done.clone().unwrap_or(Err("the wake was abandoned".into()))
+            .map_err(|_| abandoned())?;
+        done.clone().unwrap_or(Err(abandoned()))
     }
 
     /// A snapshot idle sleep took is deleted once the VM resumed from it, in
@@ -238,15 +249,16 @@ impl Manager {
         });
     }
 
-    async fn wake_now(self: &Arc<Self>, vm_id: &str) -> std::result::Result<Woke, String> {
+    async fn wake_now(self: &Arc<Self>, vm_id: &str) -> std::result::Result<Woke, WakeError> {
         let started = std::time::Instant::now();
+        let failed = |e: String| WakeError::Failed(e);
         let _guard = self.lock_vm(vm_id).await;
         let mut vm = self
             .store
             .get_vm(vm_id)
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("vm {vm_id} no longer exists"))?;
+            .map_err(|e| failed(e.to_string()))?
+            .ok_or_else(|| WakeError::NotAsleep(format!("vm {vm_id} no longer exists")))?;
         let st = state_of(&vm);
         let (how, woke) = match st {
             VmState::Running => return Ok(Woke::AlreadyRunning),
@@ -254,31 +266,31 @@ impl Manager {
                 let snap = self
                     .standby_snapshot(&vm)
                     .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("vm {vm_id} has no snapshot to wake from"))?;
+                    .map_err(|e| failed(e.to_string()))?
+                    .ok_or_else(|| failed(format!("vm {vm_id} has no snapshot to wake from")))?;
                 let resumed = self.resume_from(&mut vm, &snap).await;
                 if resumed.is_ok() {
                     self.drop_sleep_snapshot(snap);
                 }
                 (Woke::Restored, resumed)
             }
-            VmState::Stopped => (Woke::Booted, self.start_locked(&mut vm).await),
+            VmState::Stopped => {
+                return Err(WakeError::NotAsleep(format!(
+                    "vm {vm_id} is stopped; its owner starts it with POST /vms/{vm_id}/start"
+                )))
+            }
             other => {
-                return Err(format!(
-                    "vm {vm_id} is {other}{}",
-                    vm.last_error
-                        .as_deref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                ))
+                return Err(WakeError::NotAsleep(format!(
+                    "vm {vm_id} is {other}, not asleep; a request does not wake it"
+                )))
             }
         };
-        woke.map_err(|e| e.to_string())?;
+        woke.map_err(|e| failed(e.to_string()))?;
         let at = self
             .store
             .mark_vm_sleep_or_wake(vm_id, false)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string()))?;
         tracing::info!(
             vm = vm_id,
             was = %st,

@@ -218,8 +218,7 @@ impl Manager {
         req: CreateSnapshot,
     ) -> Result<Snapshot> {
         let kind = req.validate().map_err(ManagerError::BadRequest)?;
-        let _guard = self.lock_vm(id).await;
-        let mut vm = self.visible_vm(owner, id).await?;
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
         self.snapshot_locked(&mut vm, kind, &req, SnapshotQuota::Enforced)
             .await
     }
@@ -526,8 +525,7 @@ impl Manager {
     /// went to standby in (its most recent). A missing or corrupt object fails
     /// the restore before anything changes: the VM stays `snapshotted`.
     pub async fn restore_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
-        let _guard = self.lock_vm(id).await;
-        let mut vm = self.visible_vm(owner, id).await?;
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
         let st = state_of(&vm);
         if st != VmState::Snapshotted {
             return Err(ManagerError::Conflict(format!(
@@ -850,8 +848,7 @@ impl Manager {
                 "name is not accepted by restore (it names the new instance of a fork)".into(),
             ));
         }
-        let _guard = self.lock_vm(id).await;
-        let mut vm = self.visible_vm(owner, id).await?;
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
         let snap = match self.store.get_snapshot(snap_id).await? {
             Some(s) if s.vm_id == vm.id => s,
             _ => {

@@ -6,8 +6,12 @@
 //! both ways with back-pressure, and HTTP/1.1 upgrades (WebSocket) become a
 //! byte pipe between the client and the guest.
 
+mod trust;
+
+pub use trust::Cidr;
+
 use crate::config::ProxyConfig;
-use crate::manager::{Busy, Manager, RouteTarget, Woke};
+use crate::manager::{Busy, Manager, RouteTarget, WakeError};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -23,6 +27,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// How long a client may take to send a request's headers (the first one
+/// counted from the connection's start).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Proxy {
     manager: Arc<Manager>,
@@ -57,7 +65,12 @@ pub async fn serve(listener: TcpListener, manager: Arc<Manager>, cfg: ProxyConfi
         let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+            let first_tx = std::sync::Mutex::new(Some(first_tx));
             let service = hyper::service::service_fn(move |req| {
+                if let Some(tx) = first_tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
                 let proxy = Arc::clone(&proxy);
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
             });
@@ -66,11 +79,21 @@ pub async fn serve(listener: TcpListener, manager: Arc<Manager>, cfg: ProxyConfi
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30));
+                .header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            // hyper's timer starts once it knows the protocol: a client that
+            // sends nothing (or half the HTTP/2 preface) is timed here.
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                first = tokio::time::timeout(HEADER_TIMEOUT, first_rx) => {
+                    if !matches!(first, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+            }
             // Errors here are the client's connection ending; nothing to report.
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await;
+            let _ = conn.await;
         });
     }
 }
@@ -152,20 +175,6 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Waits until `ip:port` accepts a TCP connection, or `deadline`.
-async fn port_opens(ip: std::net::Ipv4Addr, port: u16, deadline: tokio::time::Instant) -> bool {
-    loop {
-        let attempt = tokio::net::TcpStream::connect((ip, port));
-        if let Ok(Ok(_)) = tokio::time::timeout_at(deadline, attempt).await {
-            return true;
-        }
-        if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A body passed through the proxy (either way). It tells `sent` when it
 /// has been read whole, or dropped (an empty body may never be read), and
 /// keeps `_busy` (its VM counted busy) as long as it lives.
@@ -223,11 +232,19 @@ impl Proxy {
                     .map(str::to_string)
             })
             .unwrap_or_default();
+        // The host is never echoed: it is the client's text, of any size.
+        if !trust::plausible_host(&host) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the Host header is not a host name",
+            );
+        }
+        let no_route = || error(StatusCode::NOT_FOUND, "no route for this host");
         let Some(sub) = subdomain_of(&host, &self.cfg.base_domain) else {
-            return error(StatusCode::NOT_FOUND, format!("no route for host {host:?}"));
+            return no_route();
         };
         let Some(target) = self.manager.route_for(&sub.to_ascii_lowercase()) else {
-            return error(StatusCode::NOT_FOUND, format!("no route for host {host:?}"));
+            return no_route();
         };
         let busy = match self.reach(&target).await {
             Ok(b) => b,
@@ -263,21 +280,19 @@ impl Proxy {
                     ),
                 ));
             }
-            let how = match tokio::time::timeout_at(deadline, self.manager.wake(vm)).await {
-                Ok(Ok(how)) => how,
-                Ok(Err(e)) => {
+            match tokio::time::timeout_at(deadline, self.manager.wake(vm)).await {
+                Ok(Ok(_)) => {}
+                // Stopped by its owner (or in error): not ours to start.
+                Ok(Err(WakeError::NotAsleep(e))) => {
+                    return Err(error(StatusCode::SERVICE_UNAVAILABLE, e))
+                }
+                Ok(Err(WakeError::Failed(e))) => {
                     return Err(error(
                         StatusCode::BAD_GATEWAY,
                         format!("waking vm {vm} failed: {e}"),
                     ))
                 }
                 Err(_) => return Err(late()),
-            };
-            // A restored guest answers at once; a booted one once its server is up.
-            if let (Woke::Booted, Some(ip)) = (how, target.guest_ip) {
-                if !port_opens(ip, target.port, deadline).await {
-                    return Err(late());
-                }
             }
         }
         Err(error(
@@ -318,22 +333,14 @@ impl Proxy {
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers, upgrade);
         if let Ok(h) = HeaderValue::from_str(&host) {
-            headers.insert(header::HOST, h.clone());
-            if !headers.contains_key("x-forwarded-host") {
-                headers.insert("x-forwarded-host", h);
-            }
+            headers.insert(header::HOST, h);
         }
-        let peer_ip = peer.ip().to_string();
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {peer_ip}"),
-            None => peer_ip,
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            headers.insert("x-forwarded-for", v);
-        }
-        if !headers.contains_key("x-forwarded-proto") {
-            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        }
+        let trusted = self
+            .cfg
+            .trusted_proxies
+            .iter()
+            .any(|c| c.contains(peer.ip()));
+        trust::set_forwarding_headers(headers, peer.ip(), &host, trusted);
         // The guest has HATCH_PROXY_TIMEOUT to answer once it has the whole
         // request: a long upload is not a slow guest.
         let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
