@@ -430,7 +430,8 @@ pub async fn create_image(
             .await
             .map_err(|_| {
                 ApiError::PayloadTooLarge(format!(
-                    "a JSON image request must be at most {IMAGE_JSON_LIMIT} bytes; upload files as multipart/form-data"
+                    "a JSON image request must be at most {} KiB; upload files as multipart/form-data",
+                    IMAGE_JSON_LIMIT >> 10
                 ))
             })?;
         // Bounded above; parsed exactly as every other JSON body.
