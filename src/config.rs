@@ -49,6 +49,55 @@ pub struct Config {
     pub snapshot_compression: CompressionConfig,
     pub proxy: ProxyConfig,
     pub idle: IdleConfig,
+    pub confine: ConfineConfig,
+}
+
+/// How VMM processes are confined (src/vmm/README.md, "Confinement").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfineConfig {
+    /// `HATCH_VMM_CONFINE=off` runs VMMs as root without a sandbox (for benchmarks).
+    pub enabled: bool,
+    /// VMMs run as uid = gid = `uid_base + n`, `n < uid_count`, one per running VM.
+    pub uid_base: u32,
+    pub uid_count: u32,
+    /// Memory a VMM may use above its guest's RAM (its cgroup's limit is the sum).
+    pub mem_overhead_mib: u32,
+}
+
+impl ConfineConfig {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<ConfineConfig, String> {
+        let enabled = match get("HATCH_VMM_CONFINE").as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(v) => return Err(format!("HATCH_VMM_CONFINE must be on or off, not {v:?}")),
+        };
+        let number = |name: &str, default: u32| match get(name) {
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{name} must be a whole number, not {v:?}")),
+            None => Ok(default),
+        };
+        let c = ConfineConfig {
+            enabled,
+            uid_base: number("HATCH_VMM_UID_BASE", 1_500_000_000)?,
+            uid_count: number("HATCH_VMM_UID_COUNT", 65_536)?,
+            mem_overhead_mib: number("HATCH_VMM_MEM_OVERHEAD_MIB", 256)?,
+        };
+        // uid 0 would be root, and (uid_t)-1 means "unchanged" to setresuid.
+        if c.uid_base == 0
+            || c.uid_count == 0
+            || c.uid_base
+                .checked_add(c.uid_count)
+                .is_none_or(|end| end == u32::MAX)
+        {
+            return Err(
+                "HATCH_VMM_UID_BASE/HATCH_VMM_UID_COUNT must give a range of uids above 0 and below 4294967295"
+                    .into(),
+            );
+        }
+        Ok(c)
+    }
 }
 
 /// The reverse proxy: `{subdomain}.{base_domain}` on `addr` -> a VM's port.
@@ -187,6 +236,7 @@ impl Config {
             return Err("HATCH_IDLE_CHECK_INTERVAL must be at least 100ms".into());
         }
         Ok(Config {
+            confine: ConfineConfig::from_lookup(&get)?,
             proxy,
             idle,
             http_addr,
@@ -326,6 +376,12 @@ mod tests {
         assert!(cfg(&[("HATCH_STOP_TIMEOUT", "3x")])
             .unwrap_err()
             .contains("HATCH_STOP_TIMEOUT"));
+        assert!(cfg(&[("HATCH_VMM_CONFINE", "no")])
+            .unwrap_err()
+            .contains("HATCH_VMM_CONFINE"));
+        assert!(cfg(&[("HATCH_VMM_UID_BASE", "0")])
+            .unwrap_err()
+            .contains("HATCH_VMM_UID_BASE"));
     }
 
     #[test]

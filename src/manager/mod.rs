@@ -230,6 +230,7 @@ impl Manager {
         if killed > 0 {
             tracing::warn!(killed, "killed VMM processes left from a previous daemon");
         }
+        self.vmm.recover().await;
         match self.objects.remove_unfinished_uploads().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(files = n, "removed uploads a crash left unfinished"),
@@ -890,6 +891,7 @@ impl Manager {
         let proc = match launched {
             Ok(p) => p,
             Err(e) => {
+                self.vmm.release(&vm.id).await;
                 self.remove_tap(vm).await;
                 return Err(e);
             }
@@ -981,6 +983,7 @@ impl Manager {
             }
             running.remove(vm_id);
         }
+        self.vmm.release(vm_id).await;
         let Ok(Some(mut vm)) = self.store.get_vm(vm_id).await else {
             return;
         };
@@ -1063,6 +1066,7 @@ impl Manager {
         tokio::task::spawn_blocking(move || process::kill_all_under(&dir))
             .await
             .ok();
+        self.vmm.release(&vm.id).await;
         self.remove_tap(vm).await;
         clean
     }
