@@ -2,6 +2,7 @@
 //! own, real QEMU guests under TCG, and curl (run inside the namespace) as the client.
 #![allow(dead_code)]
 
+pub mod confine;
 pub mod web;
 
 use serde_json::Value;
