@@ -343,6 +343,11 @@ impl Qemu {
             VmmError::Launch(format!("cannot run {}{place}: {e}", self.binary))
         })?;
         let pid = child.id().unwrap_or(0);
+        // Written by the daemon (QEMU cannot write in the work dir), for
+        // operators and tools that look for a VM's VMM there.
+        if let Err(e) = std::fs::write(spec.pid_file(), format!("{pid}\n")) {
+            tracing::warn!(vm = %spec.vm_id, "writing {}: {e}", spec.pid_file().display());
+        }
         let started = Instant::now();
         let mut control: Option<Qmp> = None;
         loop {
