@@ -287,7 +287,7 @@ fn confinement(cfg: &Config) -> hatch::vmm::confine::Confinement {
     hatch::vmm::confine::Confinement {
         uids: hatch::vmm::confine::UidPool::new(cfg.confine.uid_base, cfg.confine.uid_count),
         cgroups,
-        hidden: vec![cfg.data_dir.clone()],
+        hidden: vec![hatch::vmm::confine::hiding_root(&cfg.data_dir)],
         mem_overhead_mib: cfg.confine.mem_overhead_mib,
     }
 }

@@ -137,11 +137,7 @@ impl Dnsmasq {
         // In its own mount namespace dnsmasq sees none of the data directory
         // (a tmpfs) but its own directory, so the data directory itself can
         // stay root's alone (0700) and still let it re-read its hosts file.
-        let hide = self
-            .dir
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| "/".into());
+        let hide = crate::vmm::confine::hiding_root(self.dir.parent().unwrap_or(&self.dir));
         let mounts = crate::vmm::confine::MountPlan::new(&[hide], &[(self.dir.clone(), false)])
             .map_err(|e| format!("dnsmasq's mount namespace: {e}"))?;
         // SAFETY: the hook runs in the forked child before exec and makes

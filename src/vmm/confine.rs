@@ -469,9 +469,47 @@ pub fn make_private(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What to cover with the tmpfs to hide `dir` from an unprivileged process:
+/// `dir` itself, or its highest ancestor that others cannot traverse (a
+/// data directory in a 0700 temp dir): the directories down to what is
+/// shown are then made anew, traversable, in the tmpfs.
+pub fn hiding_root(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let mut root = dir.to_path_buf();
+    for a in dir.ancestors().skip(1) {
+        let traversable = std::fs::metadata(a).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
+        if !traversable && a.parent().is_some() {
+            root = a.to_path_buf();
+        }
+    }
+    root
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tmpfs_covers_the_highest_ancestor_others_cannot_traverse() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("hatch-hiding-{}", std::process::id()));
+        let data = base.join("a/b/data");
+        std::fs::create_dir_all(&data).unwrap();
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        for p in [&base, &base.join("a"), &base.join("a/b"), &data] {
+            mode(p, 0o755);
+        }
+        assert_eq!(hiding_root(&data), data);
+        mode(&base.join("a/b"), 0o700);
+        assert_eq!(hiding_root(&data), base.join("a/b"));
+        mode(&base.join("a"), 0o700);
+        assert_eq!(hiding_root(&data), base.join("a"));
+        mode(&base.join("a/b"), 0o755);
+        assert_eq!(hiding_root(&data), base.join("a"));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn uids_are_distinct_per_running_vm_and_reused_after() {
