@@ -80,9 +80,10 @@ fn vmms_run_unprivileged_limited_and_see_only_their_own_files() {
     assert_ne!(ua, ub, "each VM's VMM has a uid of its own");
 
     // Its own cgroup, below the daemon's, with the VM's limits:
-    // one CPU per vCPU, guest RAM plus the documented 256 MiB, pids.
+    // one CPU per vCPU and one for QEMU itself, guest RAM plus the
+    // documented 256 MiB, pids.
     let cg = cgroups_of(pa, &a);
-    assert_eq!(read_trimmed(&cg[0].join("cpu.cfs_quota_us")), "200000");
+    assert_eq!(read_trimmed(&cg[0].join("cpu.cfs_quota_us")), "300000");
     assert_eq!(read_trimmed(&cg[0].join("cpu.cfs_period_us")), "100000");
     assert_eq!(
         read_trimmed(&cg[1].join("memory.limit_in_bytes")),
@@ -92,7 +93,7 @@ fn vmms_run_unprivileged_limited_and_see_only_their_own_files() {
     let procs = read_trimmed(&cg[2].join("cgroup.procs"));
     assert_eq!(procs, pa.to_string(), "only the VMM is in it");
     let cg_b = cgroups_of(pb, &b);
-    assert_eq!(read_trimmed(&cg_b[0].join("cpu.cfs_quota_us")), "100000");
+    assert_eq!(read_trimmed(&cg_b[0].join("cpu.cfs_quota_us")), "200000");
 
     // Its view of the data directory: its own work dir and its image, no
     // database, no objects, no other VM, no keys or network state.
