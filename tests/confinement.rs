@@ -68,7 +68,7 @@ fn cgroups_of(pid: u32, vm_id: &str) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn vmms_run_unprivileged_limited_and_see_only_their_own_files() {
-    let d = Daemon::start();
+    let mut d = Daemon::start();
     let a = d.create_vm(r#"{"vcpu_count": 2, "mem_mib": 256}"#);
     let a = a["id"].as_str().unwrap().to_string();
     let b = d.create_vm("{}")["id"].as_str().unwrap().to_string();
@@ -153,7 +153,15 @@ fn vmms_run_unprivileged_limited_and_see_only_their_own_files() {
     assert_eq!(d.req("POST", &format!("/vms/{a}/start"), None).status, 200);
     let pa2 = vmm_of(&d, &a);
     assert_unprivileged(pa2);
-    assert!(cgroups_of(pa2, &a).iter().all(|c| c.exists()));
+    let again = cgroups_of(pa2, &a);
+    assert!(again.iter().all(|c| c.exists()));
+
+    // A graceful daemon shutdown leaves none of its cgroups behind.
+    d.terminate();
+    for dir in &again {
+        let base = dir.parent().unwrap();
+        assert!(!base.exists(), "{} is gone after shutdown", base.display());
+    }
 }
 
 #[test]

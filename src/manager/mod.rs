@@ -1191,6 +1191,7 @@ impl Manager {
             }
         });
         futures_util::future::join_all(stops).await;
+        self.vmm.shutdown().await;
         if let Some(net) = self.network.get() {
             net.shutdown().await;
         }

@@ -336,6 +336,16 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// Daemon shutdown: this daemon's `hatch-<tag>` directories go when no
+    /// VM cgroup is left in them (rmdir fails on a non-empty cgroup).
+    pub fn remove_bases(&self) {
+        for base in self.bases() {
+            let _ = std::fs::remove_dir(base);
+        }
+    }
+}
+
 fn pids_in(dir: &Path) -> Vec<i32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()

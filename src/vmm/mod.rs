@@ -126,4 +126,7 @@ pub trait Vmm: Send + Sync {
     /// Start-up, after the VMMs of an earlier daemon were killed: removes
     /// what they left (their cgroups).
     async fn recover(&self) {}
+    /// Daemon shutdown, after every VMM ended: removes what the backend
+    /// made for this daemon as a whole (its cgroup directories, if empty).
+    async fn shutdown(&self) {}
 }

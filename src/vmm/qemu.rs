@@ -417,6 +417,12 @@ impl Vmm for Qemu {
         }
     }
 
+    async fn shutdown(&self) {
+        if let Some(cgroups) = self.confine.as_ref().and_then(|c| c.cgroups.clone()) {
+            let _ = tokio::task::spawn_blocking(move || cgroups.remove_bases()).await;
+        }
+    }
+
     async fn recover(&self) {
         if let Some(cgroups) = self.confine.as_ref().and_then(|c| c.cgroups.clone()) {
             let removed = tokio::task::spawn_blocking(move || cgroups.remove_all())
