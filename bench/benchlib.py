@@ -200,9 +200,10 @@ class Daemon:
         except OSError:
             return ""
 
-    def start(self, owner="bench"):
+    def start(self, owner="bench", extra_env=None):
         self.data.mkdir(parents=True)
         env = dict(os.environ)
+        env.update(extra_env or {})
         env.update(
             HATCH_DATA_DIR=str(self.data),
             HATCH_HTTP_ADDR=f"{HOST}:{PORT}",

@@ -14,6 +14,8 @@ Measured, in one run, with the same image and accelerator:
      spawn -> first console line / ready line, then SIGKILL.
   3. API: GET /health and GET /vms (empty store, then with 1,000 stopped VM rows
      inserted into SQLite), and POST /vms {} with those rows present.
+  4. hatch boots with VMM confinement on against off (HATCH_VMM_CONFINE), one
+     fresh daemon per block of boots, blocks alternating.
 """
 
 import argparse
@@ -237,6 +239,8 @@ class Bench:
 
     def raw_args(self, run_dir):
         args = [a.replace(self.hatch_workdir, str(run_dir)) for a in self.cmdline]
+        # hatch passes QEMU a listening QMP socket as fd 4; by hand, QEMU binds it itself.
+        args = [a.replace("socket,id=qmp,fd=4,", f"socket,id=qmp,path={run_dir}/vmm.sock,") for a in args]
         leftover = [a for a in args if str(self.vms_dir) in a]
         if leftover:
             raise BenchError(f"per-VM paths left in the raw command line: {leftover}")
@@ -410,6 +414,37 @@ class Bench:
             "health_size": hsize,
         }
 
+    # ------------------------------------------------------------ confinement
+
+    def confinement(self):
+        """hatch boots with VMM confinement on and off (HATCH_VMM_CONFINE): a fresh daemon
+        per block, blocks alternating on/off so drift in host load hits both alike."""
+        rounds, per = self.args.confine_rounds, self.args.confine_boots
+        res = {"on": [], "off": []}
+        self.hatchd.stop()
+        main = (self.hatchd, self.data, self.vms_dir, self.live_vms)
+        try:
+            for r in range(rounds):
+                for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                    d = Daemon(self.tmp / f"confine-{mode}-{r}", self.hatch, self.image)
+                    self.hatchd, self.data, self.vms_dir, self.live_vms = d, d.data, d.vms_dir, d.live_vms
+                    try:
+                        d.start("bench", extra_env={"HATCH_VMM_CONFINE": mode})
+                        # One uncounted boot per daemon: the first pays for cold caches.
+                        vm_id, *_ = self.hatch_boot()
+                        self.delete_vm(vm_id)
+                        for i in range(per):
+                            vm_id, _, _, m = self.hatch_boot()
+                            self.delete_vm(vm_id)
+                            res[mode].append(m)
+                            log(f"  confinement {mode:3} round {r + 1}/{rounds} boot {i + 1}/{per}: "
+                                f"console {m['console'] * 1000:6.0f} ms, ready {m['ready']:.3f}s")
+                    finally:
+                        d.stop()
+        finally:
+            self.hatchd, self.data, self.vms_dir, self.live_vms = main
+        return res
+
     # ------------------------------------------------------------ cleanup
 
     def cleanup(self):
@@ -518,15 +553,35 @@ def render(meta, boot, api):
     return "\n".join(lines)
 
 
+def render_confinement(conf):
+    on, off = conf["on"], conf["off"]
+    lines = ["", "### Boot with VMM confinement on vs off", "",
+             f"`POST /vms {{\"enable_network\": false}}` to the ready line, {len(on)} boots each, "
+             "one fresh daemon per block of boots (`HATCH_VMM_CONFINE=on` / `off`), blocks alternating, "
+             "each daemon's first boot uncounted. On: own uid, no capabilities, `-sandbox`, "
+             "`tb-size=64`, cgroup, mount namespace. Median (min-max).", "",
+             "| to ... | confined | not confined | confined / not |", "|---|---|---|---|"]
+    for key, label in (("console", "`console.log` created (QEMU started)"),
+                       ("resp", "201 returned"),
+                       ("first_line", "first console line"),
+                       ("ready", "`hatch-guest: ready` line")):
+        a, b = stats([m[key] for m in on]), stats([m[key] for m in off])
+        lines.append(f"| {label} | {fmt_s(a)} | {fmt_s(b)} | {a['median'] / b['median']:.3f} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10, help="boots of each kind (default 10)")
     ap.add_argument("--api-vms", type=int, default=1000, help="VM rows inserted for the API part (default 1000)")
     ap.add_argument("--get-requests", type=int, default=200, help="GET /vms and GET /health requests (default 200)")
     ap.add_argument("--post-requests", type=int, default=10, help="POST /vms requests with the rows (default 10)")
+    ap.add_argument("--confine-rounds", type=int, default=2,
+                    help="on/off block pairs for the confinement comparison (default 2)")
+    ap.add_argument("--confine-boots", type=int, default=5, help="boots per confinement block (default 5)")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     args = ap.parse_args()
-    for name in ("runs", "api_vms", "get_requests", "post_requests"):
+    for name in ("runs", "api_vms", "get_requests", "post_requests", "confine_rounds", "confine_boots"):
         if not 1 <= getattr(args, name) <= 100000:
             ap.error(f"--{name.replace('_', '-')} must be between 1 and 100000")
     if "HATCH_BENCH_TMP" not in os.environ:
@@ -546,12 +601,12 @@ def main():
 
     def body():
         bench.start_daemon()
-        return bench.boots(), bench.api()
+        return bench.boots(), bench.api(), bench.confinement()
 
     status, result = run_guarded(body, bench.cleanup)
     if status != 0:
         return status
-    boot, api = result
+    boot, api, conf = result
     cmd = bench.cmdline
     meta.update(
         load_after=os.getloadavg()[0],
@@ -562,7 +617,7 @@ def main():
         smp=arg_after(cmd, "-smp"),
         mem=arg_after(cmd, "-m"),
     )
-    section = render(meta, boot, api)
+    section = render(meta, boot, api) + "\n" + render_confinement(conf)
     print("\n## bench/boot\n")
     print(section)
     if not args.no_docs:

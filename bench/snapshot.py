@@ -549,7 +549,7 @@ class Bench:
             check=True, timeout=60,
         )
         shutil.copyfile(g.work / "seed.iso", g.raw_dir / "seed.iso")
-        g.raw_args = [a.replace(str(g.work), str(g.raw_dir)) for a in g.cmdline]
+        g.raw_args = raw_command_line(g.cmdline, str(g.work), str(g.raw_dir))
         leftover = [a for a in g.raw_args if str(self.vms_dir) in a]
         if leftover:
             raise BenchError(f"per-VM paths left in the raw command line: {leftover}")
@@ -973,6 +973,18 @@ class Bench:
 
 
 # ---------------------------------------------------------------- report
+
+
+def raw_command_line(cmdline, work, raw_dir):
+    """hatch's QEMU command line for a run by hand: per-VM paths moved to `raw_dir`, the QMP
+    socket bound by QEMU itself (hatch passes a listening fd 4), and no `-sandbox`: its
+    spawn=deny would stop the `exec:cat` migration the raw side uses (hatch passes an fd)."""
+    args = [a.replace(work, raw_dir) for a in cmdline]
+    args = [a.replace("socket,id=qmp,fd=4,", f"socket,id=qmp,path={raw_dir}/vmm.sock,") for a in args]
+    if "-sandbox" in args:
+        i = args.index("-sandbox")
+        del args[i:i + 2]
+    return args
 
 
 def med(xs):

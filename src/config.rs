@@ -53,6 +53,7 @@ pub struct Config {
     pub images: ImageConfig,
     pub limits: LimitsConfig,
     pub api: ApiConfig,
+    pub confine: ConfineConfig,
 }
 
 /// How API callers may register images.
@@ -113,7 +114,9 @@ pub struct LimitsConfig {
     /// Memory kept for the host itself, never given to guests.
     pub host_reserve_mib: u64,
     /// Counted per VM beside its `mem_mib` (the VMM's own memory; QEMU
-    /// under TCG keeps translated code too).
+    /// under TCG keeps translated code too), and the room a VMM's cgroup
+    /// gets above its guest's RAM: one figure, so what the host promises is
+    /// what the kernel enforces.
     pub vm_overhead_mib: u64,
     /// The bytes of each VM's console.log kept (its tail).
     pub console_log_max_bytes: u64,
@@ -182,7 +185,7 @@ impl LimitsConfig {
             },
             memory_overcommit,
             host_reserve_mib: count("HATCH_HOST_MEMORY_RESERVE_MIB", 1024)?,
-            vm_overhead_mib: count("HATCH_VM_MEMORY_OVERHEAD_MIB", 128)?,
+            vm_overhead_mib: count("HATCH_VM_MEMORY_OVERHEAD_MIB", 256)?,
             console_log_max_bytes,
         })
     }
@@ -196,6 +199,51 @@ pub struct ApiConfig {
     pub header_timeout: Duration,
     /// Connections served at once; more wait, unserved, until one closes.
     pub max_connections: usize,
+}
+
+/// How VMM processes are confined (src/vmm/README.md, "Confinement").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfineConfig {
+    /// `HATCH_VMM_CONFINE=off` runs VMMs as root without a sandbox (for benchmarks).
+    pub enabled: bool,
+    /// VMMs run as uid = gid = `uid_base + n`, `n < uid_count`, one per running VM.
+    pub uid_base: u32,
+    pub uid_count: u32,
+}
+
+impl ConfineConfig {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<ConfineConfig, String> {
+        let enabled = match get("HATCH_VMM_CONFINE").as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(v) => return Err(format!("HATCH_VMM_CONFINE must be on or off, not {v:?}")),
+        };
+        let number = |name: &str, default: u32| match get(name) {
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{name} must be a whole number, not {v:?}")),
+            None => Ok(default),
+        };
+        let c = ConfineConfig {
+            enabled,
+            uid_base: number("HATCH_VMM_UID_BASE", 1_500_000_000)?,
+            uid_count: number("HATCH_VMM_UID_COUNT", 65_536)?,
+        };
+        // uid 0 would be root, and (uid_t)-1 means "unchanged" to setresuid.
+        if c.uid_base == 0
+            || c.uid_count == 0
+            || c.uid_base
+                .checked_add(c.uid_count)
+                .is_none_or(|end| end == u32::MAX)
+        {
+            return Err(
+                "HATCH_VMM_UID_BASE/HATCH_VMM_UID_COUNT must give a range of uids above 0 and below 4294967295"
+                    .into(),
+            );
+        }
+        Ok(c)
+    }
 }
 
 /// The reverse proxy: `{subdomain}.{base_domain}` on `addr` -> a VM's port.
@@ -422,6 +470,7 @@ impl Config {
         }
         Ok(Config {
             images: ImageConfig::from_lookup(&get)?,
+            confine: ConfineConfig::from_lookup(&get)?,
             proxy,
             idle,
             auth,
@@ -586,6 +635,12 @@ mod tests {
         assert!(cfg(&[("HATCH_STOP_TIMEOUT", "3x")])
             .unwrap_err()
             .contains("HATCH_STOP_TIMEOUT"));
+        assert!(cfg(&[("HATCH_VMM_CONFINE", "no")])
+            .unwrap_err()
+            .contains("HATCH_VMM_CONFINE"));
+        assert!(cfg(&[("HATCH_VMM_UID_BASE", "0")])
+            .unwrap_err()
+            .contains("HATCH_VMM_UID_BASE"));
     }
 
     #[test]

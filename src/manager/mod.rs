@@ -251,6 +251,7 @@ impl Manager {
         if killed > 0 {
             tracing::warn!(killed, "killed VMM processes left from a previous daemon");
         }
+        self.vmm.recover().await;
         match self.objects.remove_unfinished_uploads().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(files = n, "removed uploads a crash left unfinished"),
@@ -865,6 +866,7 @@ impl Manager {
         let proc = match launched {
             Ok(p) => p,
             Err(e) => {
+                self.vmm.release(&vm.id).await;
                 self.remove_tap(vm).await;
                 return Err(e);
             }
@@ -962,6 +964,7 @@ impl Manager {
             }
             running.remove(vm_id);
         }
+        self.vmm.release(vm_id).await;
         let Ok(Some(mut vm)) = self.store.get_vm(vm_id).await else {
             return;
         };
@@ -1044,6 +1047,7 @@ impl Manager {
         tokio::task::spawn_blocking(move || process::kill_all_under(&dir))
             .await
             .ok();
+        self.vmm.release(&vm.id).await;
         self.remove_tap(vm).await;
         clean
     }
@@ -1173,6 +1177,7 @@ impl Manager {
             }
         });
         futures_util::future::join_all(stops).await;
+        self.vmm.shutdown().await;
         if let Some(net) = self.network.get() {
             net.shutdown().await;
         }

@@ -18,6 +18,19 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// The unprivileged user dnsmasq runs as.
+const DNSMASQ_USER: &str = "nobody";
+
+/// `nobody`'s group: `nogroup` on Debian, `nobody` elsewhere.
+fn dnsmasq_group() -> &'static str {
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    if groups.lines().any(|l| l.starts_with("nogroup:")) {
+        "nogroup"
+    } else {
+        "nobody"
+    }
+}
+
 pub struct Dnsmasq {
     dir: PathBuf,
     pid: Mutex<Option<u32>>,
@@ -60,8 +73,14 @@ impl Dnsmasq {
     }
 
     fn write_hosts(&self, reservations: &[Reservation]) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
         let tmp = self.dir.join("dhcp-hosts.tmp");
+        let _ = std::fs::remove_file(&tmp);
         std::fs::write(&tmp, hosts_file(reservations))
+            .map_err(|e| format!("writing DHCP hosts: {e}"))?;
+        // dnsmasq re-reads it as DNSMASQ_USER; only it and root can reach
+        // this directory (see `start`).
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
             .map_err(|e| format!("writing DHCP hosts: {e}"))?;
         std::fs::rename(&tmp, self.hosts_path()).map_err(|e| format!("writing DHCP hosts: {e}"))
     }
@@ -73,8 +92,12 @@ impl Dnsmasq {
         net: &BridgeNet,
         reservations: &[Reservation],
     ) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        // Root's, traversable: dnsmasq, no longer root, reads its hosts file here.
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
         crate::vmm::process::kill_all_under(&self.dir);
         self.write_hosts(reservations)?;
         self.prune_lease_file(reservations)?;
@@ -87,9 +110,11 @@ impl Dnsmasq {
             "--no-hosts",
             "--bind-interfaces",
             "--except-interface=lo",
-            // Root keeps access to the files under the data dir for SIGHUP re-reads.
-            "--user=root",
         ])
+        // dnsmasq drops root once its sockets, lease, pid and log files are
+        // open; it keeps only the capabilities DHCP needs itself.
+        .arg(format!("--user={DNSMASQ_USER}"))
+        .arg(format!("--group={}", dnsmasq_group()))
         .arg(format!("--interface={bridge}"))
         .arg(format!("--listen-address={gw}"))
         .arg(format!(
@@ -109,6 +134,17 @@ impl Dnsmasq {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
+        // In its own mount namespace dnsmasq sees none of the data directory
+        // (a tmpfs) but its own directory, so the data directory itself can
+        // stay root's alone (0700) and still let it re-read its hosts file.
+        let hide = crate::vmm::confine::hiding_root(self.dir.parent().unwrap_or(&self.dir));
+        let mounts = crate::vmm::confine::MountPlan::new(&[hide], &[(self.dir.clone(), false)])
+            .map_err(|e| format!("dnsmasq's mount namespace: {e}"))?;
+        // SAFETY: the hook runs in the forked child before exec and makes
+        // system calls only (MountPlan::enter says so).
+        unsafe {
+            cmd.pre_exec(move || mounts.enter());
+        }
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot run dnsmasq (apt-get install dnsmasq-base): {e}"))?;

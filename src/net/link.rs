@@ -160,6 +160,7 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags, padded to 40 bytes.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct IfReq {
     name: [u8; libc::IFNAMSIZ],
     flags: libc::c_short,
@@ -195,6 +196,49 @@ pub fn open_tap(name: &str) -> Result<std::fs::File, String> {
         ));
     }
     Ok(tun)
+}
+
+/// A TUNSETIFF request for one TAP, made ready in a parent so that a forked
+/// child (in the VM's network namespace, still privileged) can open the TAP
+/// with system calls alone and hand the queue to an unprivileged VMM.
+#[derive(Clone, Copy)]
+pub struct TapRequest(IfReq);
+
+impl TapRequest {
+    pub fn new(name: &str) -> Result<TapRequest, String> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(format!("bad TAP name {name:?}"));
+        }
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(TapRequest(req))
+    }
+
+    /// Opens a queue of the TAP in the calling thread's network namespace.
+    ///
+    /// # Safety
+    /// Safe to call between fork and exec: system calls only, no allocation.
+    pub unsafe fn open_raw(&self) -> std::io::Result<std::os::fd::RawFd> {
+        let mut req = self.0;
+        // SAFETY: a static NUL-terminated path; TUNSETIFF reads and writes a
+        // `struct ifreq`, which `IfReq` lays out, on the fd just opened.
+        unsafe {
+            let fd = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::ioctl(fd, TUNSETIFF, &mut req as *mut IfReq) < 0 {
+                let e = std::io::Error::last_os_error();
+                libc::close(fd);
+                return Err(e);
+            }
+            Ok(fd)
+        }
+    }
 }
 
 /// Creates a TAP that outlives the file that made it, in the calling

@@ -5,6 +5,8 @@
 //! console log) in the VM's work directory, so any operation can be done
 //! again from the directory alone, also after a daemon restart.
 
+pub mod cgroup;
+pub mod confine;
 pub mod process;
 pub mod qemu;
 mod qmp;
@@ -118,4 +120,13 @@ pub trait Vmm: Send + Sync {
     async fn snapshot(&self, spec: &VmSpec, out: &SnapshotFiles) -> Result<()>;
     /// Starts a VMM from `from` instead of booting; the guest comes back paused.
     async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> Result<VmProcess>;
+    /// The VM's VMM has exited: gives back what the backend held for it
+    /// (its cgroup, its uid). Harmless when there is nothing to give back.
+    async fn release(&self, _vm_id: &str) {}
+    /// Start-up, after the VMMs of an earlier daemon were killed: removes
+    /// what they left (their cgroups).
+    async fn recover(&self) {}
+    /// Daemon shutdown, after every VMM ended: removes what the backend
+    /// made for this daemon as a whole (its cgroup directories, if empty).
+    async fn shutdown(&self) {}
 }

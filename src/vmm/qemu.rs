@@ -1,5 +1,6 @@
 //! QEMU backend: one `qemu-system-x86_64` per VM, driven over QMP.
 
+use super::confine::{self, Confinement, Jail};
 use super::qmp::Qmp;
 use super::{Capabilities, DiskFormat, Result, SnapshotFiles, VmProcess, VmSpec, Vmm, VmmError};
 use crate::config::Accel;
@@ -8,6 +9,7 @@ use serde_json::json;
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The accelerator QEMU really runs with.
@@ -65,11 +67,34 @@ fn cpu_flags_have_hw_virt(cpuinfo: &str) -> bool {
 pub struct Qemu {
     binary: String,
     accel: ResolvedAccel,
+    /// `None`: QEMU runs as root without a sandbox (HATCH_VMM_CONFINE=off).
+    confine: Option<Arc<Confinement>>,
 }
+
+/// The TCG translation cache, capped (QEMU's default reserves 1 GiB) so a
+/// VMM's memory stays within its guest's RAM plus a known overhead.
+const TCG_TB_SIZE_MIB: u32 = 64;
+/// QEMU's own seccomp filter: no obsolete calls, no setuid, no fork/exec, no
+/// scheduler or affinity changes.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// Fds a QEMU inherits: the listening QMP socket and the TAP queue, both
+/// opened by the daemon (INCOMING_FD, below, is the third).
+const QMP_FD: i32 = 4;
+const TAP_FD: i32 = 5;
 
 impl Qemu {
     pub fn new(binary: String, accel: ResolvedAccel) -> Qemu {
-        Qemu { binary, accel }
+        Qemu {
+            binary,
+            accel,
+            confine: None,
+        }
+    }
+
+    /// Every VMM from now on runs confined (src/vmm/README.md, "Confinement").
+    pub fn confined(mut self, confinement: Confinement) -> Qemu {
+        self.confine = Some(Arc::new(confinement));
+        self
     }
 
     /// The full command line for `spec` (without the binary).
@@ -81,7 +106,14 @@ impl Qemu {
         push("-M");
         push("pc");
         push("-accel");
-        push(self.accel.as_str());
+        match (self.accel, &self.confine) {
+            (ResolvedAccel::Tcg, Some(_)) => push(&format!("tcg,tb-size={TCG_TB_SIZE_MIB}")),
+            (accel, _) => push(accel.as_str()),
+        }
+        if self.confine.is_some() {
+            push("-sandbox");
+            push(SANDBOX);
+        }
         if self.accel == ResolvedAccel::Kvm {
             push("-cpu");
             push("host");
@@ -126,20 +158,18 @@ impl Qemu {
         }
         if let Some(nic) = &spec.nic {
             push("-netdev");
-            push(&format!(
-                "tap,id=net0,ifname={},script=no,downscript=no",
-                nic.tap
-            ));
+            // The daemon opens the TAP and passes the queue: QEMU needs
+            // neither /dev/net/tun nor CAP_NET_ADMIN.
+            push(&format!("tap,id=net0,fd={TAP_FD}"));
             push("-device");
             push(&format!("virtio-net-pci,netdev=net0,mac={}", nic.mac));
         }
-        push("-qmp");
-        push(&format!(
-            "unix:{},server=on,wait=off",
-            qemu_path(&spec.control_socket())
-        ));
-        push("-pidfile");
-        push(&qemu_path(&spec.pid_file()));
+        // The daemon binds the control socket (in a directory the VMM cannot
+        // write) and passes the listening fd.
+        push("-chardev");
+        push(&format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"));
+        push("-mon");
+        push("chardev=qmp,mode=control");
         args
     }
 }
@@ -179,24 +209,59 @@ const INCOMING_FD: i32 = 3;
 /// Saving or loading guest memory: generous, a large guest on a slow disk takes a while.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Quotes a path for the `sh -c` QEMU runs `exec:` migration commands with.
-fn shell_quote(p: &Path) -> Result<String> {
-    let s = p.display().to_string();
-    if s.contains('\'') {
-        return Err(VmmError::Launch(format!("path {s} contains a quote")));
+/// The name a snapshot's output fd has in QEMU (QMP `getfd`).
+const MIGRATION_FD_NAME: &str = "snapshot";
+
+/// Opens where a snapshot's migration stream goes, for writing. A FIFO is
+/// opened without waiting (its reader is open already, or this fails), then
+/// made blocking for QEMU; a symlink is never followed.
+fn open_for_migration(path: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| VmmError::Control(format!("opening {}: {e}", path.display())))?;
+    // SAFETY: F_SETFL on an fd we own only changes its status flags.
+    unsafe {
+        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0);
     }
-    Ok(format!("'{s}'"))
+    Ok(f)
 }
 
 impl Qemu {
-    /// Starts QEMU for `spec` with `extra` arguments and waits until QMP
-    /// answers and the guest is running (a boot) or loaded and paused (`-incoming`).
+    /// Starts QEMU for `spec` (see `launch_inner`); whatever fails, the VM's
+    /// cgroup and uid are given back.
     async fn launch(
         &self,
         spec: &VmSpec,
         extra: &[OsString],
         incoming: Option<&std::fs::File>,
         timeout: Duration,
+    ) -> Result<VmProcess> {
+        let jail = match &self.confine {
+            Some(c) => Some(c.prepare(spec).map_err(VmmError::Launch)?),
+            None => None,
+        };
+        let launched = self
+            .launch_inner(spec, extra, incoming, timeout, jail)
+            .await;
+        if launched.is_err() {
+            self.release(&spec.vm_id).await;
+        }
+        launched
+    }
+
+    /// Starts QEMU for `spec` with `extra` arguments and waits until QMP
+    /// answers and the guest is running (a boot) or loaded and paused (`-incoming`).
+    async fn launch_inner(
+        &self,
+        spec: &VmSpec,
+        extra: &[OsString],
+        incoming: Option<&std::fs::File>,
+        timeout: Duration,
+        jail: Option<Jail>,
     ) -> Result<VmProcess> {
         let sock = spec.control_socket();
         // sun_path holds 108 bytes; a longer path would fail later with a confusing error.
@@ -208,6 +273,14 @@ impl Qemu {
         }
         let _ = std::fs::remove_file(&sock);
         let _ = std::fs::remove_file(spec.pid_file());
+        let listener = std::os::unix::net::UnixListener::bind(&sock)
+            .map_err(|e| VmmError::Launch(format!("binding {}: {e}", sock.display())))?;
+        let tap = match &spec.nic {
+            Some(nic) => {
+                Some(crate::net::link::TapRequest::new(&nic.tap).map_err(VmmError::Launch)?)
+            }
+            None => None,
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -231,25 +304,38 @@ impl Qemu {
             ),
             None => None,
         };
-        if let Some(file) = incoming {
-            use std::os::fd::AsRawFd;
-            let fd = file.as_raw_fd();
-            // SAFETY: between fork and exec only async-signal-safe calls are
-            // made (dup2, fcntl) on an fd the parent keeps open until spawn
-            // returns. This runs after the namespace hook, so fd 3 being the
-            // namespace file in the parent does not matter any more.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if fd == INCOMING_FD {
-                        libc::fcntl(fd, libc::F_SETFD, 0);
-                    } else if libc::dup2(fd, INCOMING_FD) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+        use std::os::fd::AsRawFd;
+        let qmp_fd = listener.as_raw_fd();
+        let incoming_fd = incoming.map(|f| f.as_raw_fd());
+        // SAFETY: the hook runs in the forked child before exec and makes
+        // system calls only (TapRequest, Jail and the fd helpers say so), on
+        // fds the parent keeps open until spawn returns. It runs after the
+        // namespace hook, so the TAP is opened in the VM's network namespace.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut fds = [(qmp_fd, QMP_FD); 3];
+                let mut n = 1;
+                if let Some(t) = &tap {
+                    fds[n] = (t.open_raw()?, TAP_FD);
+                    n += 1;
+                }
+                if let Some(fd) = incoming_fd {
+                    fds[n] = (fd, INCOMING_FD);
+                    n += 1;
+                }
+                confine::place_fds(&fds[..n])?;
+                if let Some(j) = &jail {
+                    j.enter()?;
+                    confine::drop_privileges(j.uid, j.gid)?;
+                }
+                Ok(())
+            });
         }
-        let mut child = cmd.spawn().map_err(|e| {
+        let spawned = cmd.spawn();
+        // QEMU has its copies; ours go so that QEMU's exit closes the socket.
+        drop(cmd);
+        drop(listener);
+        let mut child = spawned.map_err(|e| {
             let place = match &spec.netns {
                 Some(ns) => format!(" in network namespace {ns}"),
                 None => String::new(),
@@ -257,6 +343,11 @@ impl Qemu {
             VmmError::Launch(format!("cannot run {}{place}: {e}", self.binary))
         })?;
         let pid = child.id().unwrap_or(0);
+        // Written by the daemon (QEMU cannot write in the work dir), for
+        // operators and tools that look for a VM's VMM there.
+        if let Err(e) = std::fs::write(spec.pid_file(), format!("{pid}\n")) {
+            tracing::warn!(vm = %spec.vm_id, "writing {}: {e}", spec.pid_file().display());
+        }
         let started = Instant::now();
         let mut control: Option<Qmp> = None;
         loop {
@@ -318,6 +409,31 @@ impl Vmm for Qemu {
         self.launch(spec, &[], None, LAUNCH_TIMEOUT).await
     }
 
+    async fn release(&self, vm_id: &str) {
+        if let Some(c) = &self.confine {
+            let c = Arc::clone(c);
+            let id = vm_id.to_string();
+            let _ = tokio::task::spawn_blocking(move || c.release(&id)).await;
+        }
+    }
+
+    async fn shutdown(&self) {
+        if let Some(cgroups) = self.confine.as_ref().and_then(|c| c.cgroups.clone()) {
+            let _ = tokio::task::spawn_blocking(move || cgroups.remove_bases()).await;
+        }
+    }
+
+    async fn recover(&self) {
+        if let Some(cgroups) = self.confine.as_ref().and_then(|c| c.cgroups.clone()) {
+            let removed = tokio::task::spawn_blocking(move || cgroups.remove_all())
+                .await
+                .unwrap_or(0);
+            if removed > 0 {
+                tracing::warn!(removed, "removed VM cgroups left from a previous daemon");
+            }
+        }
+    }
+
     async fn request_shutdown(&self, spec: &VmSpec) -> Result<()> {
         qmp_run(spec, "system_powerdown").await
     }
@@ -341,10 +457,25 @@ impl Vmm for Qemu {
         )
         .await
         .map_err(VmmError::Control)?;
-        let uri = format!("exec:cat > {}", shell_quote(&out.memory)?);
-        q.execute("migrate", Some(json!({ "uri": uri })))
-            .await
-            .map_err(VmmError::Control)?;
+        // QEMU may not spawn `cat` (seccomp spawn=deny) and need not see the
+        // file: the daemon opens it (a FIFO it reads from, or a file) and
+        // hands QEMU the fd over QMP.
+        let memory = open_for_migration(&out.memory)?;
+        q.execute_with_fd(
+            "getfd",
+            Some(json!({ "fdname": MIGRATION_FD_NAME })),
+            std::os::fd::AsRawFd::as_raw_fd(&memory),
+        )
+        .await
+        .map_err(VmmError::Control)?;
+        drop(memory);
+        let uri = format!("fd:{MIGRATION_FD_NAME}");
+        if let Err(e) = q.execute("migrate", Some(json!({ "uri": uri }))).await {
+            let _ = q
+                .execute("closefd", Some(json!({ "fdname": MIGRATION_FD_NAME })))
+                .await;
+            return Err(VmmError::Control(e));
+        }
         let started = Instant::now();
         loop {
             let st = q
@@ -461,7 +592,9 @@ mod tests {
         assert!(joined.contains("file=/d/a,,b/disk.qcow2,"));
         assert!(!args.contains(&"-initrd".to_string()));
         assert!(joined.contains("-smp 2 -m 256"));
-        assert!(joined.contains("tap,id=net0,ifname=htx,script=no,downscript=no"));
+        assert!(joined.contains("tap,id=net0,fd=5"));
+        assert!(joined.contains("socket,id=qmp,fd=4,server=on,wait=off"));
+        assert!(!joined.contains("-sandbox"), "not confined: {joined}");
         assert!(joined.contains("virtio-net-pci,netdev=net0,mac=02:fc:00:00:00:01"));
         assert!(joined.contains("file=/d/a,,b/seed.iso,if=none,id=seed,format=raw,readonly=on"));
         // The root disk comes first so the guest sees it as /dev/vda.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod better_auth;
+pub mod confine;
 pub mod hardening;
 pub mod images;
 pub mod web;
