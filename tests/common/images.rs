@@ -2,7 +2,6 @@
 //! with the real tools (mkfs.ext4, qemu-img) to upload or import.
 
 use super::{image_dir, run_ok, Daemon, Response, BASE};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,13 +42,10 @@ impl Daemon {
             .arg("\n%{http_code}")
             .arg(format!("{BASE}/images"));
         let out = cmd.output().expect("run curl");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (text, code) = stdout.rsplit_once('\n').unwrap_or(("", "000"));
-        Response {
-            status: code.trim().parse().unwrap_or(0),
-            body: serde_json::from_str(text).unwrap_or(Value::Null),
-            text: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
-        }
+        let mut r = Response::of_curl(&out);
+        // curl's own complaints (a refused upload cut short) help a failing assertion.
+        r.text.push_str(&String::from_utf8_lossy(&out.stderr));
+        r
     }
 
     /// Uploads the test image (kernel, initrd, rootfs) as alice and returns its id.

@@ -47,6 +47,17 @@ pub struct Response {
 }
 
 impl Response {
+    /// What curl printed with `-w "\n%{http_code}"`: the body, then the status.
+    pub fn of_curl(out: &std::process::Output) -> Response {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (text, code) = stdout.rsplit_once('\n').unwrap_or(("", "000"));
+        Response {
+            status: code.trim().parse().unwrap_or(0),
+            body: serde_json::from_str(text).unwrap_or(Value::Null),
+            text: text.to_string(),
+        }
+    }
+
     /// The `id`s of a JSON array body, in order.
     pub fn ids(&self) -> Vec<String> {
         let items = self
@@ -563,14 +574,7 @@ impl Daemon {
         cmd.arg("-w")
             .arg("\n%{http_code}")
             .arg(format!("{BASE}{path}"));
-        let out = cmd.output().expect("run curl");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (text, code) = stdout.rsplit_once('\n').unwrap_or(("", "000"));
-        Response {
-            status: code.trim().parse().unwrap_or(0),
-            body: serde_json::from_str(text).unwrap_or(Value::Null),
-            text: text.to_string(),
-        }
+        Response::of_curl(&cmd.output().expect("run curl"))
     }
 
     pub fn as_key(&self, key: &str, method: &str, path: &str, body: Option<&str>) -> Response {
