@@ -85,6 +85,10 @@ require_s3s_fs() {
 # source (a minute or two), so it reruns only when the lock file changed.
 require_better_auth() {
     local dir=tests/better-auth lock stamp
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "hatch: installing nodejs and npm for the Better Auth tests" >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    fi
     command -v npm >/dev/null 2>&1 || {
         echo "hatch: node and npm (Node 20 or newer) are needed for the Better Auth tests" >&2
         exit 1
