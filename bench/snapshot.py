@@ -1008,7 +1008,9 @@ class Bench:
                     self.vmm_proc(g, mode)  # the restored QEMU is confined (or not) like the first
                     g.confine[mode].append({"round": r, "snapshot": s, "restore": rs})
                     log(f"  m{g.mem} confinement {mode:3} round {r + 1}/{rounds} run {i + 1}/{per}: snapshot "
-                        f"{s['response']:.3f}s, restore {rs['response']:.3f}s, tick {rs['tick']:.3f}s")
+                        f"{s['response']:.3f}s, restore {rs['response']:.3f}s (QEMU started "
+                        f"{f0(rs.get('QEMU started (pid file)'))} ms, resumed "
+                        f"{f0(rs.get('restore dir removed (resumed)'))} ms), tick {rs['tick']:.3f}s")
                 self.sleep_guest(g)
 
     def run(self):
