@@ -200,8 +200,7 @@ class Daemon:
         except OSError:
             return ""
 
-    def start(self, owner="bench", extra_env=None):
-        self.data.mkdir(parents=True)
+    def env(self, extra_env=None):
         env = dict(os.environ)
         env.update(extra_env or {})
         env.update(
@@ -216,6 +215,11 @@ class Daemon:
         for k in list(env):
             if k.startswith("HATCH_BENCH_"):
                 del env[k]
+        return env
+
+    def start(self, owner="bench", extra_env=None):
+        self.data.mkdir(parents=True)
+        env = self.env(extra_env)
         out = subprocess.run(
             [self.bin, "keys", "create", "--name", owner],
             env=env, capture_output=True, text=True, timeout=60,
@@ -232,6 +236,16 @@ class Daemon:
         )
         if out.returncode != 0:
             raise BenchError(f"hatch owners limits failed: {out.stderr}")
+        self.spawn(env)
+
+    def restart(self, extra_env=None):
+        """`hatch serve` ended gracefully and started again on the same data dir and key, with
+        `extra_env` this time (bench/snapshot switches HATCH_VMM_CONFINE this way). The store
+        keeps every VM; the daemon's shutdown stops a running one, so callers snapshot first."""
+        self.terminate()
+        self.spawn(self.env(extra_env))
+
+    def spawn(self, env):
         logf = open(self.log_path, "ab")
         # Own process group: a Ctrl-C reaches only the script, which then stops things in order.
         self.proc = subprocess.Popen(
@@ -280,6 +294,12 @@ class Daemon:
                 self.delete_vm(vm_id)
             except Exception as e:
                 log(f"cleanup: DELETE {vm_id}: {e}")
+        self.terminate()
+
+    def terminate(self):
+        """SIGTERM (graceful: nft table, dnsmasq, cgroups), SIGKILL after 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(30)

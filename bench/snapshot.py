@@ -37,6 +37,14 @@ interleaved, alternating which goes first:
      /snapshots/{id}`.
   4. the daemon's peak RSS: VmHWM of `hatch serve`, reset before each
      operation (`/proc/PID/clear_refs` = 5), and VmRSS sampled every 2 ms.
+  5. VMM confinement on vs off (issue 10): hatch snapshot and restore, timed
+     as in 1. and 2., of the same guest by a daemon with HATCH_VMM_CONFINE=on
+     and one with off. The guest sleeps on a snapshot while the daemon is
+     restarted on the same data dir with the other setting; blocks of
+     --confine-runs alternate on/off, the order swapping every round
+     (--confine-rounds; 0 skips the part, --confine-only runs only it). Each
+     block wakes the guest first (uncounted), and /proc/PID/status of every
+     restored QEMU is checked against the setting.
 
 While hatch works, the work dir and the object store are polled every 2 ms, so
 each phase (migration done, each object stored, QEMU gone or started) gets a
@@ -48,7 +56,8 @@ before. Before measuring, the script waits (bounded) until no QEMU but its own
 runs on the host, and records how many it saw while measuring.
 
 Output: plain tables on stdout; with --markdown the `## Snapshots` section for
-docs/BENCHMARKS.md instead, also written there unless --no-docs.
+docs/BENCHMARKS.md instead, also written there unless --no-docs (with
+--confine-only: part 5's table only, never written to the docs).
 """
 
 import argparse
@@ -425,6 +434,9 @@ class Guest:
         self.hatch_snap, self.hatch_restore = [], []
         self.raw_snap, self.raw_restore = [], []
         self.compress = {name: [] for name, _ in ALGORITHMS}
+        self.standby = None  # the snapshot the hatch VM stands by on while it sleeps (part 5)
+        self.confine = {"on": [], "off": []}  # part 5: {"round", "snapshot", "restore"} per run
+        self.confine_proc = {}  # mode -> what /proc showed of its QEMU
 
 
 class Bench:
@@ -444,6 +456,9 @@ class Bench:
         self.quiet = {}
         self.load_before = None
         self.busy = None
+        self.confine_busy = None
+        self.confine_others = set()
+        self.confine_others_max = 0
 
     @property
     def key(self):
@@ -941,28 +956,106 @@ class Bench:
                     + (f" -> {row['compressed'] / MiB:.1f}" if row["compressed"] else "")
                     + f" MiB); restore -> tick {r['tick']:.3f}s")
 
+    # ------------------------------------------------------------ 5. VMM confinement on vs off
+
+    def sleep_guest(self, g):
+        """An uncounted snapshot: the hatch VM stands by on it, its QEMU gone (survives a daemon restart)."""
+        g.standby = self.api("POST", f"/vms/{g.vm_id}/snapshot", None, expect=(201,))["id"]
+
+    def wake_guest(self, g):
+        """An uncounted restore from the standby snapshot, which is then deleted."""
+        self.api("POST", f"/vms/{g.vm_id}/restore", None, expect=(200,))
+        self.api("DELETE", f"/snapshots/{g.standby}")
+        g.standby = None
+
+    def vmm_proc(self, g, mode):
+        """What /proc shows of the VM's QEMU; raises unless it matches HATCH_VMM_CONFINE=`mode`
+        (on: a non-zero uid, no effective capabilities, a seccomp filter; off: root, no filter)."""
+        pid = self.hatchd.vmm_pid(g.vm_id)
+        if pid is None:
+            raise BenchError(f"{g.vm_id} has no running QEMU")
+        fields = {}
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            fields[k] = v.split()
+        seen = {"uid": int(fields["Uid"][1]), "seccomp": int(fields["Seccomp"][0]),
+                "cap_eff": fields["CapEff"][0]}
+        confined = seen["uid"] != 0 and seen["seccomp"] == 2 and int(seen["cap_eff"], 16) == 0
+        if confined != (mode == "on"):
+            raise BenchError(f"HATCH_VMM_CONFINE={mode}, but QEMU {pid} shows {seen}")
+        return seen
+
+    def confine_runs(self, g):
+        """hatch snapshot + restore of the same sleeping guest under a daemon with HATCH_VMM_CONFINE=on
+        and one with off: the daemon restarted on the same data dir for every block of runs, blocks
+        alternating on/off (the order swapping every round) so drift in host load hits both alike.
+        Each block wakes the guest first (uncounted, as bench/boot leaves each daemon's first boot out)
+        and puts it back to sleep at the end, for the next daemon to wake."""
+        rounds, per = self.args.confine_rounds, self.args.confine_runs
+        for r in range(rounds):
+            for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                pids = other_qemu_pids(self.tmp)
+                self.confine_others |= pids
+                self.confine_others_max = max(self.confine_others_max, len(pids))
+                self.hatchd.restart({"HATCH_VMM_CONFINE": mode})
+                self.wake_guest(g)
+                g.confine_proc[mode] = self.vmm_proc(g, mode)
+                for i in range(per):
+                    snap, s = self.hatch_snapshot(g, fsync_after=False)
+                    s["size_bytes"] = snap["size_bytes"]
+                    rs = self.hatch_restore(g)
+                    self.api("DELETE", f"/snapshots/{snap['id']}")
+                    self.vmm_proc(g, mode)  # the restored QEMU is confined (or not) like the first
+                    g.confine[mode].append({"round": r, "snapshot": s, "restore": rs})
+                    log(f"  m{g.mem} confinement {mode:3} round {r + 1}/{rounds} run {i + 1}/{per}: snapshot "
+                        f"{s['response']:.3f}s, restore {rs['response']:.3f}s (QEMU started "
+                        f"{f0(rs.get('QEMU started (pid file)'))} ms, resumed "
+                        f"{f0(rs.get('restore dir removed (resumed)'))} ms), tick {rs['tick']:.3f}s")
+                self.sleep_guest(g)
+
     def run(self):
         self.hatchd.start("bench")
+        only = self.args.confine_only
+        confine = self.args.confine_rounds > 0
         for mem in self.args.sizes:
             g = Guest(mem)
             self.guests.append(g)
-            log(f"guest {mem} MiB: booting the hatch VM and the raw QEMU, each filling {mem // 2} MiB")
-            self.create_hatch_guest(g)
-            self.create_raw_guest(g)
+            if only:
+                log(f"guest {mem} MiB: booting the hatch VM, filling {mem // 2} MiB")
+                self.create_hatch_guest(g)
+                # Asleep until its turn: one running guest at a time.
+                self.sleep_guest(g)
+            else:
+                log(f"guest {mem} MiB: booting the hatch VM and the raw QEMU, each filling {mem // 2} MiB")
+                self.create_hatch_guest(g)
+                self.create_raw_guest(g)
         self.wait_quiet()
         self.load_before = os.getloadavg()[0]
-        busy = CpuBusy().start()
-        for g in self.guests:
-            log(f"guest {g.mem} MiB: snapshot + restore, hatch and raw interleaved, {self.args.runs} runs each")
-            self.snapshot_runs(g)
-            self.kill_raw(g.raw_proc)  # not needed any more: one fewer busy guest for the rest
-            if not self.args.no_compression:
-                log(f"guest {g.mem} MiB: compression none / lz4 / zstd through the Hypeman API")
-                self.compression_runs(g)
-            g.facts["data_dir_bytes"] = du(self.data)
-            self.hatchd.delete_vm(g.vm_id)
-        busy.stop()
-        self.busy = busy.cores
+        if not only:
+            busy = CpuBusy().start()
+            for g in self.guests:
+                log(f"guest {g.mem} MiB: snapshot + restore, hatch and raw interleaved, {self.args.runs} runs each")
+                self.snapshot_runs(g)
+                self.kill_raw(g.raw_proc)  # not needed any more: one fewer busy guest for the rest
+                if not self.args.no_compression:
+                    log(f"guest {g.mem} MiB: compression none / lz4 / zstd through the Hypeman API")
+                    self.compression_runs(g)
+                g.facts["data_dir_bytes"] = du(self.data)
+                if confine:
+                    self.sleep_guest(g)  # kept for part 5, not running meanwhile
+                else:
+                    self.hatchd.delete_vm(g.vm_id)
+            busy.stop()
+            self.busy = busy.cores
+        if confine:
+            busy = CpuBusy().start()
+            for g in self.guests:
+                log(f"guest {g.mem} MiB: VMM confinement on vs off, {self.args.confine_rounds} round(s) of "
+                    f"{self.args.confine_runs} snapshot + restore per daemon")
+                self.confine_runs(g)
+                self.hatchd.delete_vm(g.vm_id)  # its standby snapshot goes with it
+            busy.stop()
+            self.confine_busy = busy.cores
         self.sample_others()
 
     def cleanup(self):
@@ -1048,7 +1141,7 @@ def render(meta, bench, markdown):
     add(f"Other QEMUs: waited {q['waited']:.0f} s (limit {q['limit']} s) until none other than ours ran; "
         f"while measuring, {len(bench.others_seen)} other QEMU process(es) seen, at most {bench.others_max} "
         f"at once (sampled between runs)  ")
-    add(f"hatch: release build of {meta['source']}  ")
+    add(f"hatch: {meta['build']} of {meta['source']}  ")
     add(f"QEMU: {meta['qemu']}, accelerator `{meta['accel']}`, machine `{meta['machine']}`, {meta['smp']} vCPU, "
         f"no NIC (`enable_network: false`), root disk qcow2 overlay + cloud-init seed; snapshot store: the "
         f"local directory `$HATCH_DATA_DIR/objects` on the same ext4 disk as the raw side's files  ")
@@ -1276,6 +1369,96 @@ def render(meta, bench, markdown):
 
 
 
+CONFINE_TARGET = 1.05
+
+
+def per_round_ratio(runs_on, runs_off, value):
+    """The median over rounds of (median confined / median not confined) within each round."""
+    ratios = []
+    for r in sorted({x["round"] for x in runs_on} & {x["round"] for x in runs_off}):
+        a = med([value(x) for x in runs_on if x["round"] == r])
+        b = med([value(x) for x in runs_off if x["round"] == r])
+        if a is not None and b:
+            ratios.append(a / b)
+    return med(ratios)
+
+
+def render_confinement(meta, bench, markdown, standalone=False):
+    """Part 5's table: hatch snapshot and restore with VMM confinement on against off."""
+    lines = []
+    add = lines.append
+    gs = bench.guests
+    args = bench.args
+    if standalone:
+        add(f"Command: `{meta['command']}` (from the repository root, as root)  ")
+        add(f"Date: {meta['date']}  ")
+        add(f"Host: {meta['cpus']} cores ({meta['cpu']}), kernel {meta['kernel']}, load average "
+            f"{meta['load_before']:.2f} before / {meta['load_after']:.2f} after the measurements; host CPU busy "
+            f"(all processes, /proc/stat) {bench.confine_busy:.2f} of {meta['cpus']} cores while measuring  ")
+        add(f"hatch: {meta['build']} of {meta['source']}  ")
+        add(f"QEMU: {meta['qemu']}, accelerator `{meta['accel']}`, machine `{meta['machine']}`, {meta['smp']} vCPU, "
+            f"no NIC; snapshot store: the local directory `$HATCH_DATA_DIR/objects`  ")
+        add(f"Guests: {', '.join(str(g.mem) for g in gs)} MiB, filled as in the full run (half of RAM in a tmpfs, "
+            f"half of that random), ticking every {int(TICK_S * 1000)} ms; "
+            + "; ".join(f"{g.mem} MiB guest: `{g.facts['fill']}`" for g in gs))
+        add("")
+    else:
+        add("")
+    add_heading(add, markdown, "Snapshot and restore with VMM confinement on vs off (issue 10)")
+    add(f"The same guest (asleep between parts), snapshotted with `POST /vms/{{id}}/snapshot` (until the 201) "
+        f"and restored with `POST /vms/{{id}}/restore` (until the first new `bench-tick` line) by a daemon with "
+        f"`HATCH_VMM_CONFINE=on` and by one with `off`, in the same run: the daemon restarted on the same data "
+        f"dir for each block of {args.confine_runs} snapshot + restore, blocks alternating on/off with the order "
+        f"swapping every round ({args.confine_rounds} round(s), so {args.confine_rounds} block(s) of each); each "
+        f"block first wakes the guest (uncounted, like each daemon's first boot in bench/boot) and puts it back "
+        f"to sleep at the end for the next daemon. On: QEMU under its own uid with no capabilities, `-sandbox "
+        f"on,...,spawn=deny`, `-accel tcg,tb-size=64`, a cgroup (CPU, memory, pids limits), a mount namespace; "
+        f"checked in `/proc/PID/status` after every restore. Off: QEMU as root without these (TAP, QMP and "
+        f"migration fds passed the same way). Median (min-max); ratio = confined / not confined, of the "
+        f"medians and the median of each round's own ratio (less sensitive to drift in host load). "
+        f"Target: <= {CONFINE_TARGET}x.")
+    add("")
+    rows = []
+    steps = (
+        ("snapshot (201)", lambda x: x["snapshot"]["response"], fmt_s, True),
+        ("restore: QEMU started (new pid file)", lambda x: x["restore"].get("QEMU started (pid file)"), fmt_ms, False),
+        ("restore: 200 returned", lambda x: x["restore"]["response"], fmt_s, False),
+        ("restore -> guest ticks", lambda x: x["restore"]["tick"], fmt_s, True),
+    )
+    for g in gs:
+        on, off = g.confine["on"], g.confine["off"]
+        if not on or not off:
+            continue
+        for label, value, fmt, target in steps:
+            a, b = med([value(x) for x in on]), med([value(x) for x in off])
+            ratio = a / b if a is not None and b else None
+            per = per_round_ratio(on, off, value)
+            rows.append([f"{g.mem} MiB", label, fmt([value(x) for x in on]), fmt([value(x) for x in off]),
+                         "-" if ratio is None else f"{ratio:.3f}", "-" if per is None else f"{per:.3f}",
+                         verdict(ratio, CONFINE_TARGET) if target and ratio is not None else "-"])
+    add_table(add, markdown, ["guest", "operation", "confined", "not confined", "confined / not",
+                              "median of per-round ratios", "target"], rows)
+    for g in gs:
+        on, off = g.confine["on"], g.confine["off"]
+        if not on or not off:
+            continue
+
+        def every(runs, key):
+            return ", ".join(f"{key(x):.3f}" for x in runs)
+
+        proc = "; ".join(f"{m}: uid {p['uid']}, Seccomp {p['seccomp']}, CapEff {p['cap_eff']}"
+                         for m, p in sorted(g.confine_proc.items(), reverse=True))
+        add(f"- {g.mem} MiB, every run in order (s), snapshot: confined "
+            f"{every(on, lambda x: x['snapshot']['response'])}; not {every(off, lambda x: x['snapshot']['response'])}. "
+            f"Restore -> tick: confined {every(on, lambda x: x['restore']['tick'])}; not "
+            f"{every(off, lambda x: x['restore']['tick'])}. Stored `size_bytes` (median): confined "
+            f"{mib(med([x['snapshot']['size_bytes'] for x in on]))}, not "
+            f"{mib(med([x['snapshot']['size_bytes'] for x in off]))}. QEMU's `/proc/PID/status`: {proc}.")
+    add(f"- While measuring: {len(bench.confine_others)} other QEMU process(es) seen on the host, at most "
+        f"{bench.confine_others_max} at once (sampled before each block).")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="runs of each timed measurement (default 3)")
@@ -1287,11 +1470,23 @@ def main():
                     help=f"print the `## {DOC_SECTION}` section for docs/BENCHMARKS.md instead of plain tables, "
                          "and write it there (unless --no-docs)")
     ap.add_argument("--no-docs", action="store_true", help="with --markdown: only print, do not update the docs")
+    ap.add_argument("--confine-rounds", type=int, default=2,
+                    help="part 5: on/off block pairs comparing VMM confinement on and off (default 2, 0: skip it)")
+    ap.add_argument("--confine-runs", type=int, default=2,
+                    help="part 5: snapshot + restore runs per block, i.e. per daemon (default 2)")
+    ap.add_argument("--confine-only", action="store_true",
+                    help="measure only part 5 (no raw QEMU, no compression); prints its table, never updates the docs")
     args = ap.parse_args()
     if not 1 <= args.runs <= 100:
         ap.error("--runs must be between 1 and 100")
     if not 0 <= args.wait_quiet <= 3600:
         ap.error("--wait-quiet must be between 0 and 3600")
+    if not 0 <= args.confine_rounds <= 100:
+        ap.error("--confine-rounds must be between 0 and 100")
+    if not 1 <= args.confine_runs <= 100:
+        ap.error("--confine-runs must be between 1 and 100")
+    if args.confine_only and args.confine_rounds == 0:
+        ap.error("--confine-only needs --confine-rounds of at least 1")
     try:
         args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     except ValueError:
@@ -1310,6 +1505,7 @@ def main():
         "kernel": os.uname().release,
         "runs": args.runs,
         "source": git_state(),
+        "build": "debug build" if "/debug/" in os.environ.get("HATCH_BENCH_BIN", "") else "release build",
     }
     if os.environ.get("SUDO_USER"):
         meta["command"] = "sudo " + meta["command"]
@@ -1325,7 +1521,13 @@ def main():
         machine=arg_after(cmd, "-M"),
         smp=arg_after(cmd, "-smp"),
     )
+    if args.confine_only:
+        print()
+        print(render_confinement(meta, bench, args.markdown, standalone=True))
+        return 0
     section = render(meta, bench, args.markdown)
+    if args.confine_rounds:
+        section += "\n" + render_confinement(meta, bench, args.markdown)
     if args.markdown:
         print(f"\n## {DOC_SECTION}\n")
         print(section)
