@@ -17,18 +17,8 @@ impl Daemon {
     /// `POST /images` as multipart/form-data with `key`; `chunked` sends it
     /// without a Content-Length, so only the streamed bytes can be counted.
     pub fn upload_as(&self, key: &str, parts: &[Form], chunked: bool) -> Response {
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.ns,
-            "curl",
-            "-sS",
-            "--max-time",
-            "600",
-        ])
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {key}"));
+        let mut cmd = self.curl_in_ns("600");
+        cmd.arg("-H").arg(format!("Authorization: Bearer {key}"));
         if chunked {
             cmd.args(["-H", "Transfer-Encoding: chunked"]);
         }

@@ -545,6 +545,14 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `curl -sS --max-time SECS`, run inside the daemon's namespace.
+    pub fn curl_in_ns(&self, max_time_secs: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "curl", "-sS", "--max-time"])
+            .arg(max_time_secs);
+        cmd
+    }
+
     /// Any request, with explicit headers, through curl inside the namespace.
     pub fn curl(
         &self,
@@ -553,18 +561,8 @@ impl Daemon {
         headers: &[String],
         body: Option<&str>,
     ) -> Response {
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.ns,
-            "curl",
-            "-sS",
-            "--max-time",
-            "300",
-            "-X",
-            method,
-        ]);
+        let mut cmd = self.curl_in_ns("300");
+        cmd.args(["-X", method]);
         for h in headers {
             cmd.arg("-H").arg(h);
         }
