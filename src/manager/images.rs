@@ -8,8 +8,9 @@ use super::{not_found, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
 use crate::ids;
 use crate::image::hostpath::{self, ImportPolicy, PathRefused};
 use crate::image::staging::{Part, Sealed, StageError, Staging};
+use crate::image::{self, ImageSource};
 use crate::store::{self, Image, Owner};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
@@ -296,6 +297,119 @@ impl Manager {
         self.image_locks.lock().unwrap().remove(id);
         let _ = tokio::fs::remove_dir_all(self.config.images_dir().join(id)).await;
         tracing::info!(image = id, "image deleted");
+        Ok(())
+    }
+}
+
+impl Manager {
+    /// Seeds (or refreshes) `img_default` from HATCH_DEFAULT_* and removes
+    /// imported image versions nothing uses any more.
+    pub async fn seed_default_image(&self) -> Result<()> {
+        let (Some(kernel), Some(rootfs)) =
+            (&self.config.default_kernel, &self.config.default_rootfs)
+        else {
+            if self.store.get_image(DEFAULT_IMAGE_ID).await?.is_none() {
+                tracing::warn!(
+                    "no default image: set HATCH_DEFAULT_KERNEL_PATH and HATCH_DEFAULT_ROOTFS_PATH"
+                );
+            }
+            return Ok(());
+        };
+        let bad = |e: String| ManagerError::BadRequest(format!("default image: {e}"));
+        let src = ImageSource {
+            kernel: image::check_source_path(
+                "HATCH_DEFAULT_KERNEL_PATH",
+                &kernel.to_string_lossy(),
+            )
+            .map_err(bad)?,
+            rootfs: image::check_source_path(
+                "HATCH_DEFAULT_ROOTFS_PATH",
+                &rootfs.to_string_lossy(),
+            )
+            .map_err(bad)?,
+            initrd: match &self.config.default_initrd {
+                Some(p) => Some(
+                    image::check_source_path("HATCH_DEFAULT_INITRD_PATH", &p.to_string_lossy())
+                        .map_err(bad)?,
+                ),
+                None => None,
+            },
+        };
+        let fp = src.fingerprint().map_err(|e| bad(e.to_string()))?;
+        let existing = self.store.get_image(DEFAULT_IMAGE_ID).await?;
+        if existing
+            .as_ref()
+            .is_some_and(|i| i.fingerprint == fp && Path::new(&i.dir).exists())
+        {
+            return self.collect_unused_image_versions().await;
+        }
+        let dir = self.config.images_dir().join(DEFAULT_IMAGE_ID).join(&fp);
+        if !dir.exists() {
+            tokio::fs::create_dir_all(dir.parent().unwrap())
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            image::import(&src, &dir).await.map_err(bad)?;
+        }
+        let now = store::now();
+        let img = Image {
+            id: DEFAULT_IMAGE_ID.into(),
+            owner_id: None,
+            name: Some("default".into()),
+            kernel_path: src.kernel.display().to_string(),
+            initrd_path: src.initrd.as_ref().map(|p| p.display().to_string()),
+            rootfs_path: src.rootfs.display().to_string(),
+            boot_args: self.config.default_boot_args.clone(),
+            dir: dir.display().to_string(),
+            fingerprint: fp,
+            source: "default".into(),
+            size_bytes: image::stored_size(&dir) as i64,
+            has_initrd: src.initrd.is_some(),
+            created_at: existing
+                .as_ref()
+                .map(|i| i.created_at.clone())
+                .unwrap_or_else(|| now.clone()),
+            updated_at: now,
+        };
+        if existing.is_some() {
+            self.store.update_image(&img).await?;
+            tracing::info!(dir = %img.dir, "default image refreshed from changed source files");
+        } else {
+            self.store.insert_image(&img).await?;
+            tracing::info!(dir = %img.dir, "default image seeded");
+        }
+        self.collect_unused_image_versions().await
+    }
+
+    pub(super) async fn collect_unused_image_versions(&self) -> Result<()> {
+        // Sizes of images registered before they were recorded (migration 0006).
+        for img in self.store.images_without_size().await? {
+            let size = image::stored_size(Path::new(&img.dir)) as i64;
+            if size > 0 {
+                self.store.set_image_size(&img.id, size).await?;
+            }
+        }
+        let in_use = self.store.image_dirs_in_use().await?;
+        let Ok(mut images) = tokio::fs::read_dir(self.config.images_dir()).await else {
+            return Ok(());
+        };
+        while let Ok(Some(img_dir)) = images.next_entry().await {
+            let id = img_dir.file_name().to_string_lossy().to_string();
+            let current = self.store.get_image(&id).await?.map(|i| i.dir);
+            let Ok(mut versions) = tokio::fs::read_dir(img_dir.path()).await else {
+                continue;
+            };
+            while let Ok(Some(v)) = versions.next_entry().await {
+                let path = v.path().display().to_string();
+                if current.as_deref() != Some(path.as_str()) && !in_use.contains(&path) {
+                    tracing::info!(%path, "removing unused image version");
+                    let _ = tokio::fs::remove_dir_all(v.path()).await;
+                }
+            }
+            if current.is_none() {
+                // An upload a crash cut short left only its directory: gone if empty.
+                let _ = tokio::fs::remove_dir(img_dir.path()).await;
+            }
+        }
         Ok(())
     }
 }

@@ -1,0 +1,256 @@
+//! Snapshot capture: Standby (memory, CPU and disk of a paused guest) and Stopped (the disk alone).
+
+use super::quotas::SnapshotQuota;
+use super::requests::{CreateSnapshot, SnapshotKind};
+use super::snapshots::MemoryPipe;
+use super::state::VmState;
+use super::{state_of, Manager, ManagerError, Result};
+use crate::ids;
+use crate::snapshot::{self, CompressionConfig};
+use crate::store::{Owner, Snapshot, Vm};
+use crate::vmm::{self, VmSpec};
+use std::path::Path;
+use std::sync::Arc;
+
+impl Manager {
+    /// Hatch's `POST /vms/{id}/snapshot`: a Standby snapshot with the VM's
+    /// (or the server's) compression default.
+    pub async fn snapshot_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Snapshot> {
+        let req = CreateSnapshot {
+            kind: Some("Standby".into()),
+            ..Default::default()
+        };
+        self.create_snapshot(owner, id, req).await
+    }
+
+    /// Hypeman's `POST /instances/{id}/snapshots`. Standby: memory, CPU/device
+    /// state and disk, captured while the guest is paused; the VM ends
+    /// `snapshotted`. Stopped: the guest is powered off first and only its
+    /// disk is stored; the VM ends `stopped`. Returns once the snapshot is
+    /// durable; compression, if asked for, continues in the background.
+    pub async fn create_snapshot(
+        self: &Arc<Self>,
+        owner: &Owner,
+        id: &str,
+        req: CreateSnapshot,
+    ) -> Result<Snapshot> {
+        let kind = req.validate().map_err(ManagerError::BadRequest)?;
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
+        self.snapshot_locked(&mut vm, kind, &req, SnapshotQuota::Enforced)
+            .await
+    }
+
+    /// Takes a snapshot of `vm` (its lock held); see `create_snapshot`.
+    /// `quota` says whether the owner's snapshot limits may refuse it.
+    pub(super) async fn snapshot_locked(
+        self: &Arc<Self>,
+        vm: &mut Vm,
+        kind: SnapshotKind,
+        req: &CreateSnapshot,
+        quota: SnapshotQuota,
+    ) -> Result<Snapshot> {
+        let id = vm.id.clone();
+        let st = state_of(vm);
+        match kind {
+            SnapshotKind::Standby if st != VmState::Running => {
+                return Err(ManagerError::Conflict(format!(
+                    "vm {id} is {st}; only a running VM can be snapshotted"
+                )))
+            }
+            SnapshotKind::Stopped if !matches!(st, VmState::Running | VmState::Stopped) => {
+                return Err(ManagerError::Conflict(format!(
+                    "vm {id} is {st}; a Stopped snapshot needs a running or stopped VM"
+                )))
+            }
+            _ => {}
+        }
+        let snap_id = ids::new_id("snap");
+        let mut snap = snapshot::capturing_record(
+            &snap_id,
+            &vm.id,
+            &vm.owner_id,
+            kind.as_str(),
+            &vm.hypervisor,
+            Self::vm_config(vm),
+        );
+        snap.name = req.name.clone();
+        snap.tags = serde_json::to_string(&req.tags.clone().unwrap_or_default())
+            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        snap.source_instance_name = vm.name.clone();
+        let compression = match kind {
+            SnapshotKind::Standby => self.compression_for(vm, req.compression.as_ref()),
+            SnapshotKind::Stopped => CompressionConfig::default(),
+        };
+        snap.compression = Some(
+            serde_json::to_string(&compression)
+                .map_err(|e| ManagerError::Internal(e.to_string()))?,
+        );
+        if kind == SnapshotKind::Stopped {
+            // Disk only: there is no memory or device state to point at.
+            snap.state_key.clear();
+            snap.memory_key.clear();
+        }
+        {
+            // The disk is stored whatever the kind: at least that much must fit.
+            let disk = tokio::fs::metadata(self.spec_for(vm).disk)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let _admission = self.alloc_lock.lock().await;
+            self.admit_snapshot(vm, quota, disk).await?;
+            // A duplicate name fails here, before the guest is touched.
+            self.store.insert_snapshot(&snap).await?;
+        }
+        let result = match kind {
+            SnapshotKind::Standby => self.capture_standby(vm, &mut snap, quota).await,
+            SnapshotKind::Stopped => self.capture_stopped(vm, &mut snap, quota).await,
+        };
+        if let Err(e) = result {
+            let _ = self
+                .objects
+                .delete_prefix(&format!("{}{snap_id}/", snapshot::prefix_of_vm(&vm.id)))
+                .await;
+            self.store.delete_snapshot(&snap_id).await?;
+            return Err(e);
+        }
+        if compression.enabled {
+            snap.compression_state = "compressing".into();
+            self.store.set_snapshot_compression(&snap).await?;
+            self.spawn_compression(snap.clone());
+        }
+        tracing::info!(vm = %id, snapshot = %snap_id, kind = kind.as_str(), bytes = snap.size_bytes, "snapshot stored");
+        Ok(snap)
+    }
+
+    /// Standby capture. The guest stays paused until every object is stored;
+    /// any failure before that resumes it, so nothing is lost.
+    pub(super) async fn capture_standby(
+        &self,
+        vm: &mut Vm,
+        snap: &mut Snapshot,
+        quota: SnapshotQuota,
+    ) -> Result<()> {
+        // Proxied requests wait for a wake instead of reaching a guest about to pause.
+        let _pausing = self.activity.pause(&vm.id);
+        let spec = self.spec_for(vm);
+        let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
+        let captured = self.capture(&spec, &dir, snap).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let captured = match captured {
+            Err(e) => Err(ManagerError::Internal(format!(
+                "snapshot of vm {} failed, the VM keeps running: {e}",
+                vm.id
+            ))),
+            Ok(()) => Ok(()),
+        };
+        // Only now is the memory's size known: does it still fit?
+        let admission = self.alloc_lock.lock().await;
+        let admitted = match captured {
+            Ok(()) => {
+                self.admit_stored(&vm.owner_id, quota, snap.size_bytes.max(0) as u64)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = admitted {
+            drop(admission);
+            if matches!(e, ManagerError::Forbidden(_)) {
+                tracing::info!(vm = %vm.id, snapshot = %snap.id, "snapshot refused after capture: {e}");
+            }
+            if let Err(r) = self.vmm.resume(&spec).await {
+                tracing::error!(vm = %vm.id, "resuming after a failed snapshot: {r}");
+            }
+            return Err(e);
+        }
+        self.store.mark_snapshot_ready(snap).await?;
+        drop(admission);
+        snap.status = "ready".into();
+        // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
+        self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
+        vm.standby_snapshot_id = Some(snap.id.clone());
+        self.end_vmm(vm, false).await;
+        self.transition(vm, VmState::Snapshotted, None).await?;
+        self.refresh_forwards().await;
+        Ok(())
+    }
+
+    /// Pauses and saves the guest, streaming its memory straight into the
+    /// store through a FIFO (never a whole copy on local disk or in RAM),
+    /// then stores state and disk.
+    pub(super) async fn capture(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+        snap: &mut Snapshot,
+    ) -> std::result::Result<(), String> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let files = vmm::SnapshotFiles {
+            state: dir.join("vmstate"),
+            memory: dir.join("memory"),
+        };
+        let pipe = MemoryPipe::open(&files.memory).map_err(|e| format!("memory pipe: {e}"))?;
+        let (reader, keeper) = (pipe.reader, pipe.keeper);
+        let save = async {
+            let saved = self.vmm.snapshot(spec, &files).await;
+            // The VMM's writer is done (or never came): let the reader see the end.
+            drop(keeper);
+            saved
+        };
+        let (saved, memory) = tokio::join!(save, self.objects.put_reader(&snap.memory_key, reader));
+        saved.map_err(|e| e.to_string())?;
+        let e = |e: snapshot::ObjectError| e.to_string();
+        let memory = memory.map_err(e)?;
+        // The guest is paused and QEMU flushed the disk when saving completed.
+        let state = self
+            .objects
+            .put_file(&snap.state_key, &files.state)
+            .await
+            .map_err(e)?;
+        let disk = self
+            .objects
+            .put_file(&snap.disk_key, &spec.disk)
+            .await
+            .map_err(e)?;
+        snap.size_bytes = (state.size + memory.size + disk.size) as i64;
+        snap.state_sha256 = Some(state.sha256);
+        snap.state_size = Some(state.size as i64);
+        snap.memory_sha256 = Some(memory.sha256);
+        snap.memory_size = Some(memory.size as i64);
+        snap.disk_sha256 = Some(disk.sha256);
+        snap.disk_size = Some(disk.size as i64);
+        Ok(())
+    }
+
+    /// Stopped capture: the guest powers off (as a stop does), then its disk is stored.
+    pub(super) async fn capture_stopped(
+        &self,
+        vm: &mut Vm,
+        snap: &mut Snapshot,
+        quota: SnapshotQuota,
+    ) -> Result<()> {
+        if state_of(vm) == VmState::Running {
+            self.stop_locked(vm).await?;
+        }
+        let disk = self.spec_for(vm).disk;
+        let stored = self
+            .objects
+            .put_file(&snap.disk_key, &disk)
+            .await
+            .map_err(|e| {
+                ManagerError::Internal(format!(
+                    "snapshot of vm {} failed, the VM is stopped and its disk unchanged: {e}",
+                    vm.id
+                ))
+            })?;
+        snap.size_bytes = stored.size as i64;
+        snap.disk_sha256 = Some(stored.sha256);
+        snap.disk_size = Some(stored.size as i64);
+        let _admission = self.alloc_lock.lock().await;
+        self.admit_stored(&vm.owner_id, quota, stored.size).await?;
+        self.store.mark_snapshot_ready(snap).await?;
+        snap.status = "ready".into();
+        Ok(())
+    }
+}

@@ -1,0 +1,255 @@
+//! Fork: a new VM from a snapshot, beside its source.
+
+use super::requests::{FromSnapshot, SnapshotKind, TargetState};
+use super::snapshots::{kind_of, SavedConfig};
+use super::state::VmState;
+use super::{not_found, state_of, Manager, ManagerError, Result};
+use crate::ids;
+use crate::image::seed;
+use crate::snapshot::{self};
+use crate::store::{Owner, Snapshot, Vm};
+use std::sync::Arc;
+
+impl Manager {
+    /// Hypeman's `POST /snapshots/{id}/fork`: a new VM with its own id,
+    /// address, MAC and SSH port, from the snapshot's disk (and memory, for a
+    /// Standby snapshot resumed as Running or kept as Standby).
+    pub async fn fork_snapshot(
+        self: &Arc<Self>,
+        owner: &Owner,
+        snap_id: &str,
+        req: FromSnapshot,
+    ) -> Result<Vm> {
+        let name = match &req.name {
+            None => {
+                return Err(ManagerError::BadRequest(
+                    "name is required: the fork is a new instance".into(),
+                ))
+            }
+            Some(n) => {
+                super::requests::check_resource_name("name", n)
+                    .map_err(ManagerError::BadRequest)?;
+                n.clone()
+            }
+        };
+        let snap = self.get_snapshot(owner, snap_id).await?;
+        let kind = kind_of(&snap);
+        let target = req
+            .target(kind, self.vmm.name())
+            .map_err(ManagerError::BadRequest)?;
+        let source = self
+            .store
+            .get_vm(&snap.vm_id)
+            .await?
+            .ok_or_else(|| not_found("instance", &snap.vm_id))?;
+        let saved = SavedConfig::of(&snap);
+        let now = crate::store::now();
+        let mut vm = Vm {
+            id: ids::new_id("vm"),
+            owner_id: owner.id.clone(),
+            image_id: source.image_id.clone(),
+            image_dir: source.image_dir.clone(),
+            template_id: None,
+            state: VmState::Starting.as_str().into(),
+            vcpu_count: saved.vcpu_count.unwrap_or(source.vcpu_count),
+            mem_mib: saved.mem_mib.unwrap_or(source.mem_mib),
+            boot_args: saved.boot_args.clone().unwrap_or(source.boot_args.clone()),
+            enable_network: saved.enable_network.unwrap_or(source.enable_network),
+            user_data: saved.user_data.clone().or(source.user_data.clone()),
+            guest_ip: None,
+            guest_mac: None,
+            tap_name: None,
+            ssh_port: None,
+            hypervisor: self.vmm.name().into(),
+            last_error: None,
+            created_at: now.clone(),
+            updated_at: now,
+            name: Some(name),
+            standby_snapshot_id: None,
+            inner_ip: None,
+            inner_mac: None,
+            snapshot_compression: source.snapshot_compression.clone(),
+            auto_sleep: source.auto_sleep,
+            idle_timeout_seconds: source.idle_timeout_seconds,
+            last_sleep_at: None,
+            last_wake_at: None,
+        };
+        // A fork kept in Standby gets its own copy of the snapshot's objects.
+        let copies = match (kind, target) {
+            (SnapshotKind::Standby, TargetState::Standby) => snap.size_bytes.max(0) as u64,
+            _ => 0,
+        };
+        let _guard = self.lock_vm(&vm.id).await;
+        self.insert_with_network(
+            &mut vm,
+            &Default::default(),
+            target == TargetState::Running,
+            copies,
+        )
+        .await?;
+        let result = self
+            .prepare_fork(&mut vm, &source, &snap, kind, target)
+            .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(vm = %vm.id, snapshot = snap_id, state = %vm.state, "forked");
+                Ok(vm)
+            }
+            Err(e) => {
+                let msg = format!("fork {} of snapshot {snap_id} failed: {e}", vm.id);
+                if state_of(&vm).is_transient() {
+                    self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
+                }
+                Err(ManagerError::Internal(msg))
+            }
+        }
+    }
+
+    /// Fills the fork's work directory and brings it to `target`.
+    pub(super) async fn prepare_fork(
+        self: &Arc<Self>,
+        vm: &mut Vm,
+        source: &Vm,
+        snap: &Snapshot,
+        kind: SnapshotKind,
+        target: TargetState,
+    ) -> std::result::Result<(), String> {
+        let work_dir = self.work_dir(&vm.id);
+        tokio::fs::create_dir_all(&work_dir)
+            .await
+            .map_err(|e| format!("creating work directory: {e}"))?;
+        // A restored guest needs the devices it was saved with: the seed disk
+        // is attached when the source had one (its content is the fork's own).
+        if self.work_dir(&source.id).join("seed.iso").exists() || kind == SnapshotKind::Stopped {
+            let seed_net = self.seed_net(vm);
+            seed::write(
+                &work_dir,
+                &vm.id,
+                vm.user_data.as_deref(),
+                seed_net.as_ref(),
+            )
+            .await
+            .map_err(|e| format!("creating the cloud-init seed: {e}"))?;
+        }
+        match (kind, target) {
+            (SnapshotKind::Standby, TargetState::Standby) => {
+                // The fork sleeps in a snapshot of its own, so deleting the
+                // source (and its snapshots) never takes the fork's memory away.
+                let own = self
+                    .copy_snapshot(snap, vm)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.settle_standby_new(vm, &own)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            (SnapshotKind::Standby, TargetState::Running) => {
+                let (_r, snap) = self.read_locked(snap).await.map_err(|e| e.to_string())?;
+                let snap = &snap;
+                self.adopt_memory_address(vm, snap)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.load_standby(vm, snap).await?;
+                self.transition(vm, VmState::Running, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.refresh_forwards().await;
+                Ok(())
+            }
+            (_, target) => {
+                let lock = self.snap_lock(&snap.id);
+                let _r = lock.read().await;
+                let dir = work_dir.join(format!("restore-{}", snap.id));
+                let fetched = self.fetch(snap, &dir, &work_dir, false).await;
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                fetched?.commit().await;
+                if target == TargetState::Running {
+                    self.boot(vm).await?;
+                    self.transition(vm, VmState::Running, None)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    self.refresh_forwards().await;
+                } else {
+                    self.transition(vm, VmState::Stopped, None)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A new VM's first state is standby on its own snapshot `own`.
+    pub(super) async fn settle_standby_new(&self, vm: &mut Vm, own: &Snapshot) -> Result<()> {
+        self.store.set_vm_standby(&vm.id, Some(&own.id)).await?;
+        vm.standby_snapshot_id = Some(own.id.clone());
+        self.transition(vm, VmState::Snapshotted, None).await
+    }
+
+    /// Copies `snap`'s objects to a new snapshot owned by `vm` (store-side copy).
+    pub(super) async fn copy_snapshot(&self, snap: &Snapshot, vm: &Vm) -> Result<Snapshot> {
+        let lock = self.snap_lock(&snap.id);
+        let _r = lock.read().await;
+        let snap = self
+            .store
+            .get_snapshot(&snap.id)
+            .await?
+            .ok_or_else(|| not_found("snapshot", &snap.id))?;
+        let new_id = ids::new_id("snap");
+        let mut own = snapshot::capturing_record(
+            &new_id,
+            &vm.id,
+            &vm.owner_id,
+            &snap.kind,
+            &snap.source_hypervisor,
+            snap.vm_config.clone(),
+        );
+        own.source_instance_name = vm.name.clone();
+        own.compression = snap.compression.clone();
+        self.store.insert_snapshot(&own).await?;
+        let compressed = snap.compression_state == "compressed";
+        let mut pairs = vec![
+            (snap.state_key.clone(), own.state_key.clone()),
+            (snap.disk_key.clone(), own.disk_key.clone()),
+        ];
+        match (&snap.compressed_key, compressed) {
+            (Some(k), true) => {
+                let algo = k.rsplit('.').next().unwrap_or_default();
+                own.compressed_key = Some(format!("{}.{algo}", own.memory_key));
+                pairs.push((k.clone(), own.compressed_key.clone().unwrap_or_default()));
+            }
+            _ => pairs.push((snap.memory_key.clone(), own.memory_key.clone())),
+        }
+        for (from, to) in &pairs {
+            if let Err(e) = self.objects.copy(from, to).await {
+                let _ = self
+                    .objects
+                    .delete_prefix(&format!("{}{new_id}/", snapshot::prefix_of_vm(&vm.id)))
+                    .await;
+                self.store.delete_snapshot(&new_id).await?;
+                return Err(ManagerError::Internal(format!(
+                    "copying snapshot {}: {e}",
+                    snap.id
+                )));
+            }
+        }
+        own.state_sha256 = snap.state_sha256.clone();
+        own.state_size = snap.state_size;
+        own.memory_sha256 = snap.memory_sha256.clone();
+        own.memory_size = snap.memory_size;
+        own.disk_sha256 = snap.disk_sha256.clone();
+        own.disk_size = snap.disk_size;
+        own.size_bytes = snap.size_bytes;
+        self.store.mark_snapshot_ready(&own).await?;
+        own.status = "ready".into();
+        own.compression_state = if compressed {
+            "compressed".into()
+        } else {
+            "none".into()
+        };
+        own.compressed_sha256 = snap.compressed_sha256.clone();
+        own.compressed_size_bytes = snap.compressed_size_bytes;
+        self.store.set_snapshot_compression(&own).await?;
+        Ok(own)
+    }
+}

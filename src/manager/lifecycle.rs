@@ -1,0 +1,293 @@
+//! VM lifecycle as the API asks for it: create, read, stop, start, delete, console.
+
+use super::requests::CreateVm;
+use super::state::VmState;
+use super::{not_found, state_of, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
+use crate::ids;
+use crate::image::{self, seed};
+use crate::store::{self, Owner, Vm};
+use crate::vmm;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+impl Manager {
+    pub(super) async fn visible_vm(&self, owner: &Owner, id: &str) -> Result<Vm> {
+        match self.store.get_vm(id).await? {
+            Some(vm) if vm.owner_id == owner.id => Ok(vm),
+            _ => Err(not_found("vm", id)),
+        }
+    }
+
+    pub async fn get_vm(&self, owner: &Owner, id: &str) -> Result<Vm> {
+        self.visible_vm(owner, id).await
+    }
+
+    pub async fn list_vms(&self, owner: &Owner) -> Result<Vec<Vm>> {
+        Ok(self.store.list_vms(&owner.id).await?)
+    }
+
+    /// Creates and boots a VM. A failure after the row exists leaves the VM in
+    /// `error` with the reason, its console log kept for diagnosis.
+    pub async fn create_vm(self: &Arc<Self>, owner: &Owner, req: CreateVm) -> Result<Vm> {
+        req.validate().map_err(ManagerError::BadRequest)?;
+        let template = match &req.template_id {
+            Some(t) => Some(
+                self.store
+                    .get_template(&owner.id, t)
+                    .await?
+                    .ok_or_else(|| {
+                        ManagerError::BadRequest(format!("template_id: template {t} not found"))
+                    })?,
+            ),
+            None => None,
+        };
+        let tpl = template.as_ref();
+        // Explicit request values win over the template's (seed 001).
+        let image_id = req
+            .image_id
+            .clone()
+            .or_else(|| tpl.and_then(|t| t.image_id.clone()))
+            .unwrap_or_else(|| DEFAULT_IMAGE_ID.to_string());
+        let vcpu_count = req
+            .vcpu_count
+            .or_else(|| tpl.and_then(|t| t.vcpu_count))
+            .unwrap_or(super::requests::DEFAULT_VCPUS);
+        let mem_mib = req
+            .mem_mib
+            .or_else(|| tpl.and_then(|t| t.mem_mib))
+            .unwrap_or(super::requests::DEFAULT_MEM_MIB);
+        let user_data = req
+            .user_data
+            .clone()
+            .or_else(|| tpl.and_then(|t| t.user_data.clone()));
+        // Held from this check until the VM row is in, so a delete of the image
+        // either happens before (and this create fails) or sees the VM.
+        let (image, image_hold) = match self.hold_image(owner, &image_id).await {
+            Ok(i) => i,
+            Err(_) if image_id == DEFAULT_IMAGE_ID => {
+                return Err(ManagerError::BadRequest(
+                    "no image_id given and no default image is configured \
+                     (set HATCH_DEFAULT_KERNEL_PATH and HATCH_DEFAULT_ROOTFS_PATH)"
+                        .into(),
+                ))
+            }
+            Err(_) => {
+                return Err(ManagerError::BadRequest(format!(
+                    "image_id: image {image_id} not found"
+                )))
+            }
+        };
+        let now = store::now();
+        let mut vm = Vm {
+            id: ids::new_id("vm"),
+            owner_id: owner.id.clone(),
+            image_id: image.id.clone(),
+            image_dir: image.dir.clone(),
+            template_id: tpl.map(|t| t.id.clone()),
+            state: VmState::Starting.as_str().into(),
+            vcpu_count,
+            mem_mib,
+            boot_args: super::requests::effective_boot_args(
+                req.boot_args.as_deref(),
+                image.boot_args.as_deref(),
+            ),
+            enable_network: req.enable_network.unwrap_or(true),
+            user_data,
+            guest_ip: None,
+            guest_mac: None,
+            tap_name: None,
+            ssh_port: None,
+            hypervisor: self.vmm.name().into(),
+            last_error: None,
+            created_at: now.clone(),
+            updated_at: now,
+            name: req.name.clone(),
+            standby_snapshot_id: None,
+            inner_ip: None,
+            inner_mac: None,
+            snapshot_compression: match &req.snapshot_compression {
+                Some(c) => Some(
+                    serde_json::to_string(&c.normalized())
+                        .map_err(|e| ManagerError::Internal(e.to_string()))?,
+                ),
+                None => None,
+            },
+            auto_sleep: req.auto_sleep.unwrap_or(true),
+            idle_timeout_seconds: req.idle_timeout_seconds,
+            last_sleep_at: None,
+            last_wake_at: None,
+        };
+        let _guard = self.lock_vm(&vm.id).await;
+        self.insert_with_network(&mut vm, &req, true, 0).await?;
+        drop(image_hold);
+        let work_dir = self.work_dir(&vm.id);
+        let seed_net = self.seed_net(&vm);
+        let prepared = async {
+            tokio::fs::create_dir_all(&work_dir)
+                .await
+                .map_err(|e| format!("creating work directory: {e}"))?;
+            image::create_vm_disk(
+                &image::rootfs_in(Path::new(&vm.image_dir)),
+                &work_dir,
+                self.vmm.capabilities().disk_format,
+            )
+            .await
+            .map_err(|e| format!("creating VM disk: {e}"))?;
+            seed::write(
+                &work_dir,
+                &vm.id,
+                vm.user_data.as_deref(),
+                seed_net.as_ref(),
+            )
+            .await
+            .map_err(|e| format!("creating the cloud-init seed: {e}"))
+        }
+        .await;
+        let booted = match prepared {
+            Ok(_) => self.boot(&vm).await,
+            Err(e) => Err(e),
+        };
+        match booted {
+            Ok(()) => {
+                self.transition(&mut vm, VmState::Running, None).await?;
+                self.refresh_forwards().await;
+                Ok(vm)
+            }
+            Err(e) => {
+                let msg = format!("failed to start vm {}: {e}", vm.id);
+                self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
+                Err(ManagerError::Internal(msg))
+            }
+        }
+    }
+
+    /// Admits the VM (its owner's quotas; the host's memory when it `boots`;
+    /// `copies` stored bytes it gets), chooses its network allocations (when
+    /// it has networking) and inserts its row; the row is what holds them.
+    pub(super) async fn insert_with_network(
+        &self,
+        vm: &mut Vm,
+        req: &CreateVm,
+        boots: bool,
+        copies: u64,
+    ) -> Result<()> {
+        {
+            let _alloc = self.alloc_lock.lock().await;
+            self.admit_vm(vm, boots, copies).await?;
+            if vm.enable_network {
+                self.allocate_network(vm, req).await?;
+            }
+            self.store.insert_vm(vm).await?;
+        }
+        if vm.enable_network {
+            self.refresh_reservations().await;
+        }
+        Ok(())
+    }
+
+    pub async fn stop_vm(&self, owner: &Owner, id: &str) -> Result<Vm> {
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
+        self.stop_locked(&mut vm).await?;
+        Ok(vm)
+    }
+
+    pub(super) async fn stop_locked(&self, vm: &mut Vm) -> Result<()> {
+        let st = state_of(vm);
+        if st != VmState::Running {
+            return Err(ManagerError::Conflict(format!(
+                "vm {} is {st}; only a running VM can be stopped",
+                vm.id
+            )));
+        }
+        self.transition(vm, VmState::Stopping, None).await?;
+        let clean = self.end_vmm(vm, true).await;
+        tracing::info!(vm = %vm.id, clean, "stopped");
+        self.transition(vm, VmState::Stopped, None).await?;
+        // Seed 001: stopping removes SSH forwarding and keeps the IP allocation.
+        self.refresh_forwards().await;
+        Ok(())
+    }
+
+    pub async fn start_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
+        self.start_locked(&mut vm).await?;
+        Ok(vm)
+    }
+
+    /// Boots a stopped VM (or one in error) afresh from its disk.
+    pub(super) async fn start_locked(self: &Arc<Self>, vm: &mut Vm) -> Result<()> {
+        let id = vm.id.clone();
+        let st = state_of(vm);
+        if !matches!(st, VmState::Stopped | VmState::Error) {
+            return Err(ManagerError::Conflict(format!(
+                "vm {id} is {st}; only a stopped VM (or one in error) can be started"
+            )));
+        }
+        {
+            let _admission = self.alloc_lock.lock().await;
+            self.check_host_memory(vm).await?;
+            self.transition(vm, VmState::Starting, None).await?;
+        }
+        self.end_vmm(vm, false).await;
+        // A fresh boot asks DHCP for the VM's own address: no isolation any more.
+        if vm.inner_ip.is_some() || vm.inner_mac.is_some() {
+            self.store.set_vm_inner_address(&id, None, None).await?;
+            vm.inner_ip = None;
+            vm.inner_mac = None;
+        }
+        match self.boot(vm).await {
+            Ok(()) => {
+                self.transition(vm, VmState::Running, None).await?;
+                self.refresh_forwards().await;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("failed to start vm {id}: {e}");
+                self.transition(vm, VmState::Error, Some(&msg)).await?;
+                Err(ManagerError::Internal(msg))
+            }
+        }
+    }
+
+    /// Deletes a VM: VMM killed, work directory removed, row deleted.
+    pub async fn delete_vm(&self, owner: &Owner, id: &str) -> Result<()> {
+        let (guard, vm) = self.lock_visible_vm(owner, id).await?;
+        self.end_vmm(&vm, false).await;
+        let dir = self.work_dir(id);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                let msg = format!("deleting vm {id}: removing {}: {e}", dir.display());
+                if state_of(&vm).is_transient() {
+                    self.store
+                        .set_vm_state(id, VmState::Error.as_str(), Some(&msg))
+                        .await?;
+                }
+                return Err(ManagerError::Internal(msg));
+            }
+        }
+        // Seed 001: deleting a VM deletes all its snapshots from storage and its proxy routes.
+        self.delete_vm_snapshots(id).await?;
+        self.delete_vm_routes(id).await?;
+        self.store.delete_vm(id).await?;
+        // The row held the IP, MAC and port; with it gone they are free again.
+        self.refresh_reservations().await;
+        self.refresh_forwards().await;
+        drop(guard);
+        tracing::info!(vm = id, "deleted");
+        Ok(())
+    }
+
+    /// Where the VM's console output is kept, and whether it may still grow.
+    pub async fn console_log(&self, owner: &Owner, id: &str) -> Result<(PathBuf, bool)> {
+        let vm = self.visible_vm(owner, id).await?;
+        Ok((
+            vmm::console_log_path(&self.work_dir(&vm.id)),
+            self.is_running(id),
+        ))
+    }
+
+    /// How much of each console log is kept (HATCH_CONSOLE_LOG_MAX_BYTES).
+    pub fn console_log_max_bytes(&self) -> u64 {
+        self.config.limits.console_log_max_bytes
+    }
+}

@@ -1,0 +1,231 @@
+//! Network allocation: addresses, TAPs, DHCP reservations, port forwards and the firewall.
+
+use super::requests::CreateVm;
+use super::state::VmState;
+use super::{state_of, Manager, ManagerError, Result};
+use crate::ids;
+use crate::image::seed;
+use crate::net::dhcp::Reservation;
+use crate::net::firewall::{Forward, Guest};
+use crate::net::{ipam, Network};
+use crate::store::Vm;
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+impl Manager {
+    /// Sets up the host side of VM networking. A host that cannot (no root,
+    /// no dnsmasq, ...) still runs VMs without networking; the reason is kept
+    /// and given to whoever asks for a networked VM.
+    pub async fn init_network(&self) {
+        let result = async {
+            let reservations = self.reservations().await.map_err(|e| e.to_string())?;
+            let net = Network::setup(
+                self.config.net.clone(),
+                &self.config.net_dir(),
+                &reservations,
+            )
+            .await?;
+            // No VM runs right after start-up: every TAP in our bridge is stale.
+            let removed = net.remove_stale_taps(&HashSet::new()).await?;
+            if removed > 0 {
+                tracing::warn!(removed, "removed TAP devices left from a previous daemon");
+            }
+            // Namespaces of isolated VMs survive a daemon crash; none of them runs now.
+            for vm in self.store.all_vms().await.map_err(|e| e.to_string())? {
+                let ns = crate::net::isolate::netns_name(&vm.id);
+                if let Err(e) = net.remove_isolation(&ns).await {
+                    tracing::error!(vm = %vm.id, "removing network namespace {ns}: {e}");
+                }
+            }
+            Ok::<_, String>(net)
+        }
+        .await;
+        match result {
+            Ok(net) => {
+                tracing::info!(bridge = %net.cfg.bridge, cidr = %net.cfg.net.cidr(), "networking ready");
+                let _ = self.network.set(Arc::new(net));
+                *self.network_error.lock().unwrap() = None;
+                self.refresh_forwards().await;
+            }
+            Err(e) => {
+                tracing::error!(
+                    "networking unavailable, only VMs with enable_network false can run: {e}"
+                );
+                *self.network_error.lock().unwrap() = Some(e);
+            }
+        }
+    }
+
+    pub(super) fn network(&self) -> Result<&Arc<Network>> {
+        self.network.get().ok_or_else(|| {
+            let why = self.network_error.lock().unwrap().clone().unwrap_or_default();
+            ManagerError::Internal(format!(
+                "networking is unavailable on this host ({why}); create the VM with \"enable_network\": false"
+            ))
+        })
+    }
+
+    pub(super) async fn reservations(&self) -> Result<Vec<Reservation>> {
+        Ok(self
+            .store
+            .all_vms()
+            .await?
+            .into_iter()
+            .filter_map(|v| {
+                Some(Reservation {
+                    mac: v.guest_mac?,
+                    ip: v.guest_ip?,
+                })
+            })
+            .collect())
+    }
+
+    pub(super) async fn refresh_reservations(&self) {
+        let Some(net) = self.network.get() else {
+            return;
+        };
+        let result = match self.reservations().await {
+            Ok(r) => net.sync_reservations(&r),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
+            tracing::error!("updating DHCP reservations: {e}");
+        }
+    }
+
+    /// `sync_firewall`, logging a failure (the previous rules stay: the
+    /// transaction is atomic).
+    pub(super) async fn refresh_forwards(&self) {
+        if let Err(e) = self.sync_firewall().await {
+            tracing::error!("updating the firewall: {e}");
+        }
+    }
+
+    /// Makes the firewall match the store: SSH forwards for the VMs that
+    /// are running now, and every VM's bridge port pinned to its address
+    /// (see src/net/README.md, "Guests on the bridge").
+    pub(super) async fn sync_firewall(&self) -> std::result::Result<(), String> {
+        let Some(net) = self.network.get() else {
+            return Ok(());
+        };
+        let vms = self
+            .store
+            .all_vms()
+            .await
+            .map_err(|e| format!("reading VMs for the firewall: {e}"))?;
+        let forwards = vms
+            .iter()
+            .filter(|v| state_of(v) == VmState::Running)
+            .filter_map(|v| {
+                Some(Forward {
+                    host_port: u16::try_from(v.ssh_port?).ok()?,
+                    guest_ip: v.guest_ip.clone()?,
+                    guest_port: 22,
+                    vm_id: v.id.clone(),
+                })
+            })
+            .collect();
+        let guests = vms
+            .into_iter()
+            .filter_map(|v| {
+                Some(Guest {
+                    ports: vec![v.tap_name?, crate::net::isolate::veth_name(&v.id)],
+                    mac: v.guest_mac?,
+                    ip: v.guest_ip?,
+                    owner_id: v.owner_id,
+                    vm_id: v.id,
+                })
+            })
+            .collect();
+        net.sync_firewall(forwards, guests).await
+    }
+
+    /// Chooses `vm`'s address, MAC, TAP and SSH port. Called with `alloc_lock`
+    /// held, right before the row is inserted (unique indexes back this up).
+    pub(super) async fn allocate_network(&self, vm: &mut Vm, req: &CreateVm) -> Result<()> {
+        let net = self.network()?;
+        let mut ips = HashSet::new();
+        let mut macs = HashSet::new();
+        let mut ports = HashSet::new();
+        for (ip, mac, port) in self.store.network_allocations().await? {
+            ips.extend(ip.and_then(|i| i.parse::<Ipv4Addr>().ok()));
+            macs.extend(mac);
+            ports.extend(port.and_then(|p| u16::try_from(p).ok()));
+        }
+        let bridge = net.cfg.net;
+        let ip = match &req.guest_ip {
+            Some(text) => {
+                let ip: Ipv4Addr = text.parse().map_err(|_| {
+                    ManagerError::BadRequest(format!("guest_ip {text:?} is not an IPv4 address"))
+                })?;
+                bridge
+                    .check_guest_ip(ip)
+                    .map_err(ManagerError::BadRequest)?;
+                if ips.contains(&ip) {
+                    return Err(ManagerError::Conflict(format!(
+                        "guest_ip {ip} is already in use by another VM"
+                    )));
+                }
+                ip
+            }
+            None => bridge.first_free(&ips).ok_or_else(|| {
+                ManagerError::Conflict(format!("no free guest IP left in {}", bridge.cidr()))
+            })?,
+        };
+        let mac = match &req.guest_mac {
+            Some(text) => {
+                let mac = ipam::parse_mac(text).map_err(ManagerError::BadRequest)?;
+                if macs.contains(&mac) {
+                    return Err(ManagerError::Conflict(format!(
+                        "guest_mac {mac} is already in use by another VM"
+                    )));
+                }
+                mac
+            }
+            None => {
+                let mut mac = ipam::mac_for_ip(ip);
+                // A user may have claimed the derived MAC for another VM.
+                while macs.contains(&mac) {
+                    let r = ids::random_string(4);
+                    let b = r.as_bytes();
+                    mac = format!("02:fd:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
+                }
+                mac
+            }
+        };
+        let port = ipam::first_free_port(net.cfg.ssh_ports, &ports).ok_or_else(|| {
+            let (lo, hi) = net.cfg.ssh_ports;
+            ManagerError::Conflict(format!("no free SSH port left in {lo}-{hi}"))
+        })?;
+        vm.guest_ip = Some(ip.to_string());
+        vm.guest_mac = Some(mac);
+        vm.tap_name = Some(ipam::tap_name(&vm.id));
+        vm.ssh_port = Some(port as i64);
+        Ok(())
+    }
+
+    pub(super) fn seed_net(&self, vm: &Vm) -> Option<seed::SeedNet> {
+        let net = self.network.get()?;
+        Some(seed::SeedNet {
+            mac: vm.guest_mac.clone()?,
+            ip: vm.guest_ip.clone()?,
+            prefix: net.cfg.net.prefix,
+            gateway: net.cfg.net.bridge_ip.to_string(),
+            dns: net.cfg.net.bridge_ip.to_string(),
+        })
+    }
+
+    /// Removes the VM's TAP, or its whole namespace when it ran isolated.
+    pub(super) async fn remove_tap(&self, vm: &Vm) {
+        if let (Some(tap), Some(net)) = (&vm.tap_name, self.network.get()) {
+            if let Err(e) = net.remove_tap(tap).await {
+                tracing::error!(vm = %vm.id, "removing TAP {tap}: {e}");
+            }
+            let ns = crate::net::isolate::netns_name(&vm.id);
+            if let Err(e) = net.remove_isolation(&ns).await {
+                tracing::error!(vm = %vm.id, "removing network namespace {ns}: {e}");
+            }
+        }
+    }
+}

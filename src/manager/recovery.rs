@@ -1,0 +1,58 @@
+//! Start-up recovery: what a previous daemon left running, half-written or mid-transition.
+
+use super::state::VmState;
+use super::{state_of, Manager, ManagerError, Result};
+use crate::vmm::process;
+use std::sync::Arc;
+
+impl Manager {
+    /// Start-up recovery: no VMM from before survives unaccounted for, and VMs
+    /// left in a transient state are marked `error` (seed 001).
+    pub async fn recover(self: &Arc<Self>) -> Result<()> {
+        let vms_dir = self.config.vms_dir();
+        let killed = tokio::task::spawn_blocking(move || process::kill_all_under(&vms_dir))
+            .await
+            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        if killed > 0 {
+            tracing::warn!(killed, "killed VMM processes left from a previous daemon");
+        }
+        self.vmm.recover().await;
+        match self.objects.remove_unfinished_uploads().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(files = n, "removed uploads a crash left unfinished"),
+            Err(e) => tracing::error!("removing unfinished uploads: {e}"),
+        }
+        // A snapshot a crash interrupted was never usable: remove it whole.
+        for s in self.store.unfinished_snapshots().await? {
+            for key in [&s.state_key, &s.memory_key, &s.disk_key] {
+                let _ = self.objects.delete(key).await;
+            }
+            self.store.delete_snapshot(&s.id).await?;
+            tracing::warn!(snapshot = %s.id, vm = %s.vm_id, "removed a snapshot left unfinished");
+        }
+        for vm in self.store.all_vms().await? {
+            let st = state_of(&vm);
+            let standby = match &vm.standby_snapshot_id {
+                Some(s) => self.store.get_snapshot(s).await?.is_some(),
+                None => false,
+            };
+            if st.is_transient() && standby {
+                // Its memory and disk were stored before the VMM went (a snapshot
+                // or restore was cut short): it stands by on that snapshot.
+                self.store
+                    .set_vm_state(&vm.id, VmState::Snapshotted.as_str(), None)
+                    .await?;
+                tracing::warn!(vm = %vm.id, was = %st, "back to snapshotted after restart");
+            } else if st.is_transient() {
+                let msg = format!(
+                    "the hatch daemon restarted while this VM was {st}; its VMM process is gone"
+                );
+                self.store
+                    .set_vm_state(&vm.id, VmState::Error.as_str(), Some(&msg))
+                    .await?;
+                tracing::warn!(vm = %vm.id, was = %st, "marked error after restart");
+            }
+        }
+        self.recover_compression().await
+    }
+}

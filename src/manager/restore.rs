@@ -1,0 +1,405 @@
+//! Restore: a VM resumed from its standby snapshot or from one it chose.
+
+use super::requests::{FromSnapshot, SnapshotKind, TargetState};
+use super::snapshots::{
+    compression_of, grow_pipe, kind_of, make_fifo, stored, DiskSwap, SavedConfig,
+};
+use super::state::VmState;
+use super::{state_of, Manager, ManagerError, Result};
+use crate::snapshot::{self, Stored};
+use crate::store::{Owner, Snapshot, Vm};
+use crate::vmm::{self};
+use std::path::Path;
+use std::sync::Arc;
+
+impl Manager {
+    /// Hatch's `POST /vms/{id}/restore`: the VM continues from the snapshot it
+    /// went to standby in (its most recent). A missing or corrupt object fails
+    /// the restore before anything changes: the VM stays `snapshotted`.
+    pub async fn restore_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
+        let st = state_of(&vm);
+        if st != VmState::Snapshotted {
+            return Err(ManagerError::Conflict(format!(
+                "vm {id} is {st}; only a snapshotted VM can be restored"
+            )));
+        }
+        let snap = self
+            .standby_snapshot(&vm)
+            .await?
+            .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no snapshot to restore")))?;
+        self.resume_from(&mut vm, &snap).await?;
+        self.drop_sleep_snapshot(snap);
+        Ok(vm)
+    }
+
+    /// The snapshot a snapshotted VM resumes from.
+    pub(super) async fn standby_snapshot(&self, vm: &Vm) -> Result<Option<Snapshot>> {
+        Ok(match &vm.standby_snapshot_id {
+            Some(s) => self.store.get_snapshot(s).await?,
+            // Rows from before standby_snapshot_id existed: the most recent one.
+            None => self.store.vm_snapshots(&vm.id).await?.into_iter().next(),
+        })
+    }
+
+    /// Loads a Standby snapshot into `vm` and resumes it (VM lock held). A
+    /// failure leaves the VM as it was: state, disk and what it resumes from.
+    pub(super) async fn resume_from(self: &Arc<Self>, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
+        let id = vm.id.clone();
+        let (_r, snap) = self.read_locked(snap).await?;
+        let snap = &snap;
+        let before = (
+            state_of(vm),
+            vm.standby_snapshot_id.clone(),
+            vm.inner_ip.clone(),
+            vm.inner_mac.clone(),
+        );
+        {
+            // The host must hold its memory; refused, nothing has changed.
+            let _admission = self.alloc_lock.lock().await;
+            self.check_host_memory(vm).await?;
+            // Recorded before a VMM starts: a crash while loading recovers as snapshotted on it.
+            if vm.standby_snapshot_id.as_deref() != Some(snap.id.as_str()) {
+                self.store.set_vm_standby(&id, Some(&snap.id)).await?;
+                vm.standby_snapshot_id = Some(snap.id.clone());
+            }
+            self.adopt_memory_address(vm, snap).await?;
+            self.transition(vm, VmState::Starting, None).await?;
+        }
+        match self.load_standby(vm, snap).await {
+            Ok(()) => {
+                self.store.set_vm_standby(&id, None).await?;
+                vm.standby_snapshot_id = None;
+                self.transition(vm, VmState::Running, None).await?;
+                self.refresh_forwards().await;
+                tracing::info!(vm = %id, snapshot = %snap.id, "restored");
+                Ok(())
+            }
+            Err(e) => {
+                let (state, standby, ip, mac) = before;
+                self.store.set_vm_standby(&id, standby.as_deref()).await?;
+                vm.standby_snapshot_id = standby;
+                self.store
+                    .set_vm_inner_address(&id, ip.as_deref(), mac.as_deref())
+                    .await?;
+                vm.inner_ip = ip;
+                vm.inner_mac = mac;
+                let msg = format!(
+                    "restoring vm {id} from {} failed, the VM stays {state}: {e}",
+                    snap.id
+                );
+                let last_error = (state == VmState::Error).then_some(msg.as_str());
+                self.transition(vm, state, last_error).await?;
+                Err(ManagerError::Internal(msg))
+            }
+        }
+    }
+
+    /// A VM whose memory comes from `snap` believes it has the address the
+    /// snapshot's guest had. When that is not its own (a fork), it runs behind
+    /// an isolation that translates between the two (see src/net/README.md).
+    pub(super) async fn adopt_memory_address(&self, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
+        let (ip, mac) = SavedConfig::of(snap).memory_address();
+        let (inner_ip, inner_mac) = if vm.enable_network && ip.is_some() && ip != vm.guest_ip {
+            (ip, mac)
+        } else {
+            (None, None)
+        };
+        // Each write is a synced transaction: skip it when nothing changes (the usual restore).
+        if (&inner_ip, &inner_mac) == (&vm.inner_ip, &vm.inner_mac) {
+            return Ok(());
+        }
+        self.store
+            .set_vm_inner_address(&vm.id, inner_ip.as_deref(), inner_mac.as_deref())
+            .await?;
+        vm.inner_ip = inner_ip;
+        vm.inner_mac = inner_mac;
+        Ok(())
+    }
+
+    /// Moves `vm` to `snapshotted`, resuming from `snap` (VM lock held).
+    pub(super) async fn settle_standby(&self, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
+        self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
+        vm.standby_snapshot_id = Some(snap.id.clone());
+        if state_of(vm) != VmState::Snapshotted {
+            self.transition(vm, VmState::Snapshotted, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Downloads and verifies the snapshot's disk (and its device state
+    /// when `state`) into `dir`, then puts the disk in place; the VM's
+    /// previous disk is kept until the swap is committed or rolled back.
+    pub(super) async fn fetch(
+        &self,
+        snap: &Snapshot,
+        dir: &Path,
+        work_dir: &Path,
+        state: bool,
+    ) -> std::result::Result<DiskSwap, String> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let e = |e: snapshot::ObjectError| e.to_string();
+        if state {
+            self.objects
+                .get_file(
+                    &snap.state_key,
+                    &dir.join("vmstate"),
+                    &stored(&snap.state_sha256, snap.state_size),
+                )
+                .await
+                .map_err(e)?;
+        }
+        let fetched = dir.join("disk.qcow2");
+        self.objects
+            .get_file(
+                &snap.disk_key,
+                &fetched,
+                &stored(&snap.disk_sha256, snap.disk_size),
+            )
+            .await
+            .map_err(e)?;
+        tokio::fs::create_dir_all(work_dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Everything arrived intact: only now is the VM's disk replaced.
+        let disk = work_dir.join("disk.qcow2");
+        let backup = work_dir.join("disk.qcow2.before-restore");
+        let had_disk = match tokio::fs::rename(&disk, &backup).await {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(format!("keeping the current disk: {e}")),
+        };
+        if let Err(e) = tokio::fs::rename(&fetched, &disk).await {
+            if had_disk {
+                let _ = tokio::fs::rename(&backup, &disk).await;
+            }
+            return Err(e.to_string());
+        }
+        Ok(DiskSwap {
+            disk,
+            backup: had_disk.then_some(backup),
+        })
+    }
+
+    /// Where a snapshot's memory is and how to check it: the key, its
+    /// recorded checksum, and the algorithm and raw checksum when compressed.
+    pub(super) fn memory_source(
+        snap: &Snapshot,
+    ) -> (String, Stored, Option<(snapshot::Algorithm, Stored)>) {
+        let raw = stored(&snap.memory_sha256, snap.memory_size);
+        match (&snap.compressed_key, compression_of(snap).effective()) {
+            (Some(key), Some((algorithm, _))) if snap.compression_state == "compressed" => (
+                key.clone(),
+                stored(&snap.compressed_sha256, snap.compressed_size_bytes),
+                Some((algorithm, raw)),
+            ),
+            _ => (snap.memory_key.clone(), raw, None),
+        }
+    }
+
+    /// The stream of `snap`'s memory into the FIFO at `fifo`, verified.
+    pub(super) fn memory_feed(
+        &self,
+        snap: &Snapshot,
+        fifo: &Path,
+    ) -> std::result::Result<super::MemoryFeed, String> {
+        make_fifo(fifo).map_err(|e| format!("memory pipe: {e}"))?;
+        let (key, expected, decompress) = Self::memory_source(snap);
+        if let (Some(src), None) = (self.objects.local_file(&key), &decompress) {
+            return Self::blocking_feed(src, key, expected, fifo);
+        }
+        // Read-write: opening never waits for (or fails without) the VMM's
+        // reader; once we close it, the reader sees the end of the stream.
+        let mut tx = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_sender(fifo)
+            .map_err(|e| format!("memory pipe: {e}"))?;
+        grow_pipe(&tx);
+        let objects = self.objects.clone();
+        Ok(Box::pin(async move {
+            let sent = objects
+                .stream_to(
+                    &key,
+                    &mut tx,
+                    &expected,
+                    decompress.as_ref().map(|(a, r)| (*a, r)),
+                )
+                .await;
+            drop(tx);
+            sent.map_err(|e| e.to_string())
+        }))
+    }
+
+    /// The local, uncompressed case of `memory_feed`: a blocking thread that
+    /// reads, hashes and writes each MiB once. Dropping the feed (the VMM
+    /// failed) tells the thread to stop.
+    pub(super) fn blocking_feed(
+        src: std::path::PathBuf,
+        key: String,
+        expected: Stored,
+        fifo: &Path,
+    ) -> std::result::Result<super::MemoryFeed, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Read-write: never waits for the VMM's reader; non-blocking, so the
+        // thread can notice it was abandoned.
+        let out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+            .map_err(|e| format!("memory pipe: {e}"))?;
+        grow_pipe(&out);
+        struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for CancelOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = CancelOnDrop(Arc::clone(&cancel));
+        Ok(Box::pin(async move {
+            let _guard = guard;
+            tokio::task::spawn_blocking(move || {
+                snapshot::feed_blocking(&src, &key, out, &expected, &cancel)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+        }))
+    }
+
+    /// Verified state and disk in place, then the memory streamed into a new
+    /// VMM for `vm`, which resumes. On failure the VM's disk is as it was.
+    pub(super) async fn load_standby(
+        self: &Arc<Self>,
+        vm: &Vm,
+        snap: &Snapshot,
+    ) -> std::result::Result<(), String> {
+        let work_dir = self.work_dir(&vm.id);
+        let dir = work_dir.join(format!("restore-{}", snap.id));
+        let result = async {
+            let swap = self.fetch(snap, &dir, &work_dir, true).await?;
+            let files = vmm::SnapshotFiles {
+                state: dir.join("vmstate"),
+                memory: dir.join("memory"),
+            };
+            let loaded = match self.memory_feed(snap, &files.memory) {
+                Ok(feed) => self.boot_from(vm, Some((&files, feed))).await,
+                Err(e) => Err(e),
+            };
+            match loaded {
+                Ok(()) => {
+                    swap.commit().await;
+                    Ok(())
+                }
+                Err(e) => {
+                    swap.rollback().await;
+                    Err(self.explain_load_failure(snap, e).await)
+                }
+            }
+        }
+        .await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        result
+    }
+
+    /// A VMM that could not load streamed memory says little about why; when
+    /// the stored memory itself is corrupt or missing, that is the reason to give.
+    pub(super) async fn explain_load_failure(&self, snap: &Snapshot, error: String) -> String {
+        if error.contains("corrupt") || error.contains("missing") {
+            return error;
+        }
+        let (key, expected, decompress) = Self::memory_source(snap);
+        match self
+            .objects
+            .stream_to(
+                &key,
+                &mut tokio::io::sink(),
+                &expected,
+                decompress.as_ref().map(|(a, r)| (*a, r)),
+            )
+            .await
+        {
+            Err(e) => e.to_string(),
+            Ok(()) => error,
+        }
+    }
+
+    /// Hypeman's `POST /instances/{id}/snapshots/{snapshot_id}/restore`: the
+    /// instance (stopped, in standby or in error) takes the snapshot's state
+    /// and ends in `target_state`.
+    pub async fn restore_snapshot(
+        self: &Arc<Self>,
+        owner: &Owner,
+        id: &str,
+        snap_id: &str,
+        req: FromSnapshot,
+    ) -> Result<Vm> {
+        if req.name.is_some() {
+            return Err(ManagerError::BadRequest(
+                "name is not accepted by restore (it names the new instance of a fork)".into(),
+            ));
+        }
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
+        let snap = match self.store.get_snapshot(snap_id).await? {
+            Some(s) if s.vm_id == vm.id => s,
+            _ => {
+                return Err(ManagerError::NotFound(format!(
+                    "snapshot {snap_id} of instance {id} not found"
+                )))
+            }
+        };
+        let kind = kind_of(&snap);
+        let target = req
+            .target(kind, self.vmm.name())
+            .map_err(ManagerError::BadRequest)?;
+        let st = state_of(&vm);
+        if !matches!(st, VmState::Stopped | VmState::Snapshotted | VmState::Error) {
+            return Err(ManagerError::Conflict(format!(
+                "instance {id} is {st}; stop it or put it in standby before restoring a snapshot"
+            )));
+        }
+        if target == TargetState::Running {
+            // Before the disk is swapped; booting checks again under the admission lock.
+            self.check_host_memory(&vm).await?;
+        }
+        // Whatever is left of an earlier VMM (a VM in error) goes first.
+        self.end_vmm(&vm, false).await;
+        match (kind, target) {
+            (SnapshotKind::Standby, TargetState::Running) => {
+                self.resume_from(&mut vm, &snap).await?
+            }
+            (SnapshotKind::Standby, TargetState::Standby) => {
+                self.settle_standby(&mut vm, &snap).await?
+            }
+            (_, target) => {
+                // The snapshot's disk, booted fresh (Running) or not at all (Stopped).
+                let (_r, snap) = self.read_locked(&snap).await?;
+                let work_dir = self.work_dir(id);
+                let dir = work_dir.join(format!("restore-{}", snap.id));
+                let fetched = self.fetch(&snap, &dir, &work_dir, false).await;
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                fetched
+                    .map(DiskSwap::commit)
+                    .map_err(|e| {
+                        ManagerError::Internal(format!(
+                            "restoring instance {id} from {snap_id} failed, it is unchanged: {e}"
+                        ))
+                    })?
+                    .await;
+                self.store.set_vm_standby(id, None).await?;
+                vm.standby_snapshot_id = None;
+                if state_of(&vm) != VmState::Stopped {
+                    self.transition(&mut vm, VmState::Stopped, None).await?;
+                }
+                if target == TargetState::Running {
+                    self.start_locked(&mut vm).await?;
+                }
+            }
+        }
+        tracing::info!(vm = id, snapshot = snap_id, state = %vm.state, "restored from snapshot");
+        Ok(vm)
+    }
+}
