@@ -1,4 +1,4 @@
-//! JSON shapes of the API's objects (seed 001 for VMs).
+//! JSON shapes of the Hatch API's objects; the VM is also the Hypeman API's instance (docs/API.md).
 
 use crate::config::ProxyConfig;
 use crate::store::{Image, Route, Snapshot, Template, Vm};
@@ -162,7 +162,7 @@ impl From<Template> for TemplateView {
     }
 }
 
-/// A snapshot as the Hatch API shows it (seed 000).
+/// A snapshot as the Hatch API shows it (docs/API.md, "Hatch snapshots").
 #[derive(Serialize)]
 pub struct HatchSnapshotView {
     pub id: String,
