@@ -1,4 +1,4 @@
-//! API keys: `Authorization: Bearer KEY` or `X-API-Key: KEY` (seed 004).
+//! API keys, in `Authorization: Bearer KEY` or `X-API-Key: KEY` (docs/API.md, "Authentication").
 //! Built-in keys are random, shown once, and stored only as SHA-256 hashes;
 //! with `HATCH_BETTER_AUTH_VERIFY_URL` set, a Better Auth instance decides instead.
 

@@ -5,20 +5,22 @@ mod auth;
 mod better_auth;
 mod edge;
 mod error;
-mod handlers;
+mod hatch;
+mod hypeman;
+mod json;
 mod listener;
 mod views;
 
 pub use auth::{hash_key, new_key, Authenticator};
 pub use error::ApiError;
-pub use handlers::JSON_BODY_LIMIT;
+pub use json::JSON_BODY_LIMIT;
 pub use listener::serve;
 
 use crate::manager::Manager;
-use axum::extract::DefaultBodyLimit;
-use axum::handler::Handler;
-use axum::routing::{get, post};
-use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
 use std::sync::Arc;
 
 pub struct AppState {
@@ -26,65 +28,15 @@ pub struct AppState {
     pub auth: Authenticator,
 }
 
+type St = State<Arc<AppState>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Both dialects on one router: the Hatch API (`/vms`, `/images`,
+/// `/templates`) and the Hypeman API (`/instances`, `/snapshots`), behind
+/// one key check; docs/API.md is their contract.
 pub fn router(state: Arc<AppState>) -> Router {
-    let authed = Router::new()
-        .route("/vms", get(handlers::list_vms).post(handlers::create_vm))
-        .route(
-            "/vms/{vm_id}",
-            get(handlers::get_vm)
-                .patch(handlers::update_vm)
-                .delete(handlers::delete_vm),
-        )
-        .route(
-            "/vms/{vm_id}/routes",
-            get(handlers::list_routes).post(handlers::create_route),
-        )
-        .route(
-            "/vms/{vm_id}/routes/{route_id}",
-            axum::routing::delete(handlers::delete_route),
-        )
-        .route("/vms/{vm_id}/stop", post(handlers::stop_vm))
-        .route("/vms/{vm_id}/start", post(handlers::start_vm))
-        .route("/vms/{vm_id}/logs", get(handlers::vm_logs))
-        .route("/vms/{vm_id}/snapshot", post(handlers::snapshot_vm))
-        .route("/vms/{vm_id}/restore", post(handlers::restore_vm))
-        .route("/vms/{vm_id}/snapshots", get(handlers::list_vm_snapshots))
-        .route(
-            "/instances/{vm_id}/snapshots",
-            post(handlers::create_instance_snapshot),
-        )
-        .route(
-            "/instances/{vm_id}/snapshots/{snapshot_id}/restore",
-            post(handlers::restore_instance_snapshot),
-        )
-        .route("/snapshots", get(handlers::list_snapshots))
-        .route(
-            "/snapshots/{snapshot_id}/fork",
-            post(handlers::fork_snapshot),
-        )
-        .route(
-            "/snapshots/{snapshot_id}",
-            get(handlers::get_snapshot).delete(handlers::delete_snapshot),
-        )
-        .route(
-            "/images",
-            // Uploads stream whole images: the manager enforces
-            // HATCH_IMAGE_MAX_BYTES instead of the API's body limit.
-            get(handlers::list_images)
-                .post(handlers::create_image.layer(axum::extract::DefaultBodyLimit::disable())),
-        )
-        .route(
-            "/images/{image_id}",
-            get(handlers::get_image).delete(handlers::delete_image),
-        )
-        .route(
-            "/templates",
-            get(handlers::list_templates).post(handlers::create_template),
-        )
-        .route(
-            "/templates/{template_id}",
-            get(handlers::get_template).delete(handlers::delete_template),
-        )
+    let authed = hatch::routes()
+        .merge(hypeman::routes())
         // Ids are checked after the key: without one, every path is a 401.
         .route_layer(axum::middleware::from_fn(edge::known_ids))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -92,11 +44,23 @@ pub fn router(state: Arc<AppState>) -> Router {
             auth::require_key,
         ));
     Router::new()
-        .route("/health", get(handlers::health))
+        .route("/health", get(health))
         .merge(authed)
-        .fallback(handlers::not_found)
-        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         // A route that takes more (an upload) lifts it with its own DefaultBodyLimit.
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("not found".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("method not allowed".into())
 }

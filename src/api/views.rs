@@ -1,4 +1,4 @@
-//! JSON shapes of the API's objects (seed 001 for VMs).
+//! JSON shapes of the Hatch API's objects; the VM is also the Hypeman API's instance (docs/API.md).
 
 use crate::config::ProxyConfig;
 use crate::store::{Image, Route, Snapshot, Template, Vm};
@@ -162,7 +162,7 @@ impl From<Template> for TemplateView {
     }
 }
 
-/// A snapshot as the Hatch API shows it (seed 000).
+/// A snapshot as the Hatch API shows it (docs/API.md, "Hatch snapshots").
 #[derive(Serialize)]
 pub struct HatchSnapshotView {
     pub id: String,
@@ -190,55 +190,6 @@ impl From<Snapshot> for HatchSnapshotView {
             vm_config: s.vm_config,
             size_bytes: s.size_bytes,
             created_at: s.created_at,
-        }
-    }
-}
-
-/// A snapshot as the Hypeman API shows it (seed 002). An instance created
-/// without a name is named by its id in `source_instance_name`.
-#[derive(Serialize)]
-pub struct SnapshotView {
-    pub id: String,
-    pub created_at: String,
-    pub kind: String,
-    pub size_bytes: i64,
-    pub source_hypervisor: String,
-    pub source_instance_id: String,
-    pub source_instance_name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compressed_size_bytes: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compression: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compression_error: Option<String>,
-    pub compression_state: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub tags: serde_json::Map<String, serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uncompressed_size_bytes: Option<i64>,
-}
-
-impl From<Snapshot> for SnapshotView {
-    fn from(s: Snapshot) -> Self {
-        SnapshotView {
-            source_instance_name: s
-                .source_instance_name
-                .clone()
-                .unwrap_or_else(|| s.vm_id.clone()),
-            id: s.id,
-            created_at: s.created_at,
-            kind: s.kind,
-            size_bytes: s.size_bytes,
-            source_hypervisor: s.source_hypervisor,
-            source_instance_id: s.vm_id,
-            compressed_size_bytes: s.compressed_size_bytes,
-            compression: s.compression.and_then(|c| serde_json::from_str(&c).ok()),
-            compression_error: s.compression_error,
-            compression_state: s.compression_state,
-            name: s.name,
-            tags: serde_json::from_str(&s.tags).unwrap_or_default(),
-            uncompressed_size_bytes: s.memory_size,
         }
     }
 }

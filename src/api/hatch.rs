@@ -1,70 +1,52 @@
-//! Thin handlers: parse, call the manager, turn the result into JSON.
+//! The Hatch API: VMs (`/vms`), their proxy routes, logs and snapshots,
+//! images and templates. Thin handlers: parse, call the manager, turn the
+//! result into JSON. The contract is docs/API.md, "Hatch API".
 
-use super::views::{HatchSnapshotView, ImageView, RouteView, SnapshotView, TemplateView, VmView};
-use super::{ApiError, AppState};
-use crate::manager::requests::SnapshotFilter;
-use crate::manager::requests::{
-    CreateImage, CreateRoute, CreateSnapshot, CreateTemplate, CreateVm, FromSnapshot, UpdateVm,
-};
+use super::json::JsonBody;
+use super::views::{HatchSnapshotView, ImageView, RouteView, TemplateView, VmView};
+use super::{ApiError, ApiResult, AppState, St};
+use crate::manager::requests::{CreateImage, CreateRoute, CreateTemplate, CreateVm, UpdateVm};
 use crate::store::Owner;
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Path, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State};
+use axum::handler::Handler;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
-use serde::de::DeserializeOwned;
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-type St = State<Arc<AppState>>;
-type ApiResult<T> = Result<T, ApiError>;
-
-/// The largest request body the API reads by default (JSON bodies; the
-/// biggest legitimate one is a 256 KiB `user_data`, escaped).
-pub const JSON_BODY_LIMIT: usize = 1024 * 1024;
-
-/// A JSON request body. Content-Type is not required (curl -d sends a form
-/// type by default), an empty body counts as `{}`, and every parse failure is
-/// a 400 with serde's explanation, which names the offending field. A body
-/// over the limit is a 413.
-pub struct JsonBody<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(format!(
-                    "the request body is larger than {JSON_BODY_LIMIT} bytes (1 MiB)"
-                ))
-            } else {
-                ApiError::BadRequest(format!("cannot read request body: {e}"))
-            }
-        })?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
-        serde_json::from_slice(text)
-            .map(JsonBody)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
-    }
-}
-
-pub async fn health() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
-}
-
-pub async fn not_found() -> ApiError {
-    ApiError::NotFound("not found".into())
-}
-
-pub async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed("method not allowed".into())
+/// The Hatch dialect's routes; `super::router` adds auth and the id checks.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/vms", get(list_vms).post(create_vm))
+        .route(
+            "/vms/{vm_id}",
+            get(get_vm).patch(update_vm).delete(delete_vm),
+        )
+        .route("/vms/{vm_id}/routes", get(list_routes).post(create_route))
+        .route("/vms/{vm_id}/routes/{route_id}", delete(delete_route))
+        .route("/vms/{vm_id}/stop", post(stop_vm))
+        .route("/vms/{vm_id}/start", post(start_vm))
+        .route("/vms/{vm_id}/logs", get(vm_logs))
+        .route("/vms/{vm_id}/snapshot", post(snapshot_vm))
+        .route("/vms/{vm_id}/restore", post(restore_vm))
+        .route("/vms/{vm_id}/snapshots", get(list_vm_snapshots))
+        .route(
+            "/images",
+            // Uploads stream whole images: the manager enforces
+            // HATCH_IMAGE_MAX_BYTES instead of the API's body limit.
+            get(list_images).post(create_image.layer(DefaultBodyLimit::disable())),
+        )
+        .route("/images/{image_id}", get(get_image).delete(delete_image))
+        .route("/templates", get(list_templates).post(create_template))
+        .route(
+            "/templates/{template_id}",
+            get(get_template).delete(delete_template),
+        )
 }
 
 // ---- vms ----
@@ -284,7 +266,7 @@ pub async fn vm_logs(
         .into_response())
 }
 
-// ---- snapshots (Hatch API, seed 000) ----
+// ---- snapshots: one VM's, newest restored ----
 
 pub async fn snapshot_vm(
     State(s): St,
@@ -312,74 +294,6 @@ pub async fn list_vm_snapshots(
     Ok(Json(
         snaps.into_iter().map(HatchSnapshotView::from).collect(),
     ))
-}
-
-// ---- snapshots (Hypeman API, seed 002) ----
-
-pub async fn list_snapshots(
-    State(s): St,
-    Extension(o): Extension<Owner>,
-    query: Result<
-        axum::extract::Query<Vec<(String, String)>>,
-        axum::extract::rejection::QueryRejection,
-    >,
-) -> ApiResult<Json<Vec<SnapshotView>>> {
-    let axum::extract::Query(pairs) =
-        query.map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
-    let filter = SnapshotFilter::parse(&pairs).map_err(ApiError::BadRequest)?;
-    let snaps = s.manager.list_snapshots(&o, &filter).await?;
-    Ok(Json(snaps.into_iter().map(SnapshotView::from).collect()))
-}
-
-pub async fn create_instance_snapshot(
-    State(s): St,
-    Extension(o): Extension<Owner>,
-    Path(id): Path<String>,
-    JsonBody(req): JsonBody<CreateSnapshot>,
-) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
-    let snap = s.manager.create_snapshot(&o, &id, req).await?;
-    Ok((StatusCode::CREATED, Json(snap.into())))
-}
-
-pub async fn restore_instance_snapshot(
-    State(s): St,
-    Extension(o): Extension<Owner>,
-    Path((id, snap_id)): Path<(String, String)>,
-    JsonBody(req): JsonBody<FromSnapshot>,
-) -> ApiResult<Json<VmView>> {
-    Ok(Json(
-        s.manager
-            .restore_snapshot(&o, &id, &snap_id, req)
-            .await?
-            .into(),
-    ))
-}
-
-pub async fn fork_snapshot(
-    State(s): St,
-    Extension(o): Extension<Owner>,
-    Path(id): Path<String>,
-    JsonBody(req): JsonBody<FromSnapshot>,
-) -> ApiResult<(StatusCode, Json<VmView>)> {
-    let vm = s.manager.fork_snapshot(&o, &id, req).await?;
-    Ok((StatusCode::CREATED, Json(vm.into())))
-}
-
-pub async fn get_snapshot(
-    State(s): St,
-    Extension(o): Extension<Owner>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<SnapshotView>> {
-    Ok(Json(s.manager.get_snapshot(&o, &id).await?.into()))
-}
-
-pub async fn delete_snapshot(
-    State(s): St,
-    Extension(o): Extension<Owner>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
-    s.manager.delete_snapshot(&o, &id).await?;
-    Ok(Json(json!({ "status": "deleted" })))
 }
 
 // ---- images ----

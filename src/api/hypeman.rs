@@ -1,0 +1,147 @@
+//! The Hypeman API: snapshots of instances (`/instances/{id}/snapshots`),
+//! restore, fork, and the snapshot model under `/snapshots`. An instance is
+//! a hatch VM; the contract is docs/API.md, "Hypeman API".
+
+use super::json::JsonBody;
+use super::views::VmView;
+use super::{ApiError, ApiResult, AppState, St};
+use crate::manager::requests::{CreateSnapshot, FromSnapshot, SnapshotFilter};
+use crate::store::{Owner, Snapshot};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+
+/// The Hypeman dialect's routes; `super::router` adds auth and the id checks.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(
+            "/instances/{vm_id}/snapshots",
+            post(create_instance_snapshot),
+        )
+        .route(
+            "/instances/{vm_id}/snapshots/{snapshot_id}/restore",
+            post(restore_instance_snapshot),
+        )
+        .route("/snapshots", get(list_snapshots))
+        .route("/snapshots/{snapshot_id}/fork", post(fork_snapshot))
+        .route(
+            "/snapshots/{snapshot_id}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
+}
+
+pub async fn list_snapshots(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<Vec<SnapshotView>>> {
+    let Query(pairs) = query.map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
+    let filter = SnapshotFilter::parse(&pairs).map_err(ApiError::BadRequest)?;
+    let snaps = s.manager.list_snapshots(&o, &filter).await?;
+    Ok(Json(snaps.into_iter().map(SnapshotView::from).collect()))
+}
+
+pub async fn create_instance_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<CreateSnapshot>,
+) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
+    let snap = s.manager.create_snapshot(&o, &id, req).await?;
+    Ok((StatusCode::CREATED, Json(snap.into())))
+}
+
+pub async fn restore_instance_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path((id, snap_id)): Path<(String, String)>,
+    JsonBody(req): JsonBody<FromSnapshot>,
+) -> ApiResult<Json<VmView>> {
+    Ok(Json(
+        s.manager
+            .restore_snapshot(&o, &id, &snap_id, req)
+            .await?
+            .into(),
+    ))
+}
+
+pub async fn fork_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<FromSnapshot>,
+) -> ApiResult<(StatusCode, Json<VmView>)> {
+    let vm = s.manager.fork_snapshot(&o, &id, req).await?;
+    Ok((StatusCode::CREATED, Json(vm.into())))
+}
+
+pub async fn get_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SnapshotView>> {
+    Ok(Json(s.manager.get_snapshot(&o, &id).await?.into()))
+}
+
+pub async fn delete_snapshot(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.manager.delete_snapshot(&o, &id).await?;
+    Ok(Json(json!({ "status": "deleted" })))
+}
+
+/// A snapshot as the Hypeman API shows it (docs/API.md, "The snapshot model"). An instance created
+/// without a name is named by its id in `source_instance_name`.
+#[derive(Serialize)]
+pub struct SnapshotView {
+    pub id: String,
+    pub created_at: String,
+    pub kind: String,
+    pub size_bytes: i64,
+    pub source_hypervisor: String,
+    pub source_instance_id: String,
+    pub source_instance_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed_size_bytes: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression_error: Option<String>,
+    pub compression_state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub tags: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uncompressed_size_bytes: Option<i64>,
+}
+
+impl From<Snapshot> for SnapshotView {
+    fn from(s: Snapshot) -> Self {
+        SnapshotView {
+            source_instance_name: s
+                .source_instance_name
+                .clone()
+                .unwrap_or_else(|| s.vm_id.clone()),
+            id: s.id,
+            created_at: s.created_at,
+            kind: s.kind,
+            size_bytes: s.size_bytes,
+            source_hypervisor: s.source_hypervisor,
+            source_instance_id: s.vm_id,
+            compressed_size_bytes: s.compressed_size_bytes,
+            compression: s.compression.and_then(|c| serde_json::from_str(&c).ok()),
+            compression_error: s.compression_error,
+            compression_state: s.compression_state,
+            name: s.name,
+            tags: serde_json::from_str(&s.tags).unwrap_or_default(),
+            uncompressed_size_bytes: s.memory_size,
+        }
+    }
+}
