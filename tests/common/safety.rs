@@ -1,6 +1,6 @@
 //! Helpers that let end-to-end checks see a behaviour happen, not only its end:
-//! a console stream read line by line, a directory made unwritable even for
-//! root, and the daemon's own database read behind its back.
+//! a console stream read line by line, the daemon's own database and log read
+//! behind its back, the local store's files.
 
 use super::{Daemon, BASE};
 use std::io::{BufRead, BufReader};
@@ -108,34 +108,6 @@ impl Drop for FollowedLogs {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A directory with the ext4 immutable flag: nothing can be created, renamed
-/// or removed in it, not even by root (files already open stay writable).
-/// The flag goes when this is dropped, so the test's clean-up still works.
-pub struct Immutable(PathBuf);
-
-impl Immutable {
-    pub fn set(dir: &Path) -> Immutable {
-        chattr("+i", dir);
-        Immutable(dir.to_path_buf())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        chattr("-i", &self.0);
-    }
-}
-
-fn chattr(flag: &str, dir: &Path) {
-    let out = Command::new("chattr").arg(flag).arg(dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "chattr {flag} {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 impl Daemon {
