@@ -10,7 +10,9 @@ use std::time::Duration;
 
 #[test]
 fn create_logs_stop_start_delete() {
-    let d = Daemon::start();
+    // The stop must be graceful: give the guest as long as a boot may take
+    // on a loaded machine before the daemon would kill it.
+    let d = Daemon::start_with(&[("HATCH_STOP_TIMEOUT", "120s")]);
 
     // An empty body creates a VM from the default image with seed 001's defaults.
     let vm = d.create_vm("{}");
@@ -247,8 +249,9 @@ fn the_vm_state_follows_what_happens_to_the_guest() {
 #[test]
 fn stop_right_after_create_is_still_graceful() {
     // The guest is still booting and not yet listening for the power button;
-    // the stop must still end in a clean guest shutdown, not a kill.
-    let d = Daemon::start();
+    // the stop must still end in a clean guest shutdown, not a kill. The stop
+    // timeout covers the rest of the boot as BOOT_TIMEOUT does.
+    let d = Daemon::start_with(&[("HATCH_STOP_TIMEOUT", "120s")]);
     let id = d.create_vm("{}")["id"].as_str().unwrap().to_string();
     let r = d.req("POST", &format!("/vms/{id}/stop"), None);
     assert_eq!(r.status, 200, "{}", r.text);
