@@ -1,9 +1,11 @@
 //! Snapshots through the Hatch API (seed 000) with real guests: memory, CPU
 //! and disk are captured and stored; restore continues the guest where it
 //! was, with its address and SSH port; corrupt or missing objects are caught
-//! and nothing is lost; deleting the VM deletes its stored objects. Each
-//! scenario runs against the local store and against a real S3-compatible
+//! and nothing is lost; deleting the VM deletes its stored objects. Those
+//! scenarios run against the local store and against a real S3-compatible
 //! server (s3s-fs), looking at the objects through the store itself.
+//! Background compression (cut by kill -9, failing, the VM's default) is
+//! watched in the local store's files, where a half-written object shows.
 
 #[macro_use]
 mod common;
