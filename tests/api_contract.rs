@@ -397,14 +397,16 @@ fn images_and_templates_feed_vm_creation() {
     );
     d.wait_console(&id, "hatch-guest: ready boot=1");
 
-    // The registered image is a copy: removing the source files harms nothing.
-    for f in ["vmlinuz", "rootfs.ext4"] {
+    // The registered image is a copy: removing the source files harms nothing
+    // (a guest boots from it afterwards, below).
+    for f in ["vmlinuz", "initrd.img", "rootfs.ext4"] {
         std::fs::copy(img.join(f), copy_dir.join(f)).unwrap();
     }
     let r = d.req(
         "POST",
         "/images",
-        Some(&json!({"kernel_path": copy_dir.join("vmlinuz"), "rootfs_path": copy_dir.join("rootfs.ext4")}).to_string()),
+        Some(&json!({"kernel_path": copy_dir.join("vmlinuz"), "initrd_path": copy_dir.join("initrd.img"),
+                     "rootfs_path": copy_dir.join("rootfs.ext4")}).to_string()),
     );
     assert_eq!(r.status, 201, "{}", r.text);
     let img2 = r.body["id"].as_str().unwrap().to_string();
@@ -435,8 +437,63 @@ fn images_and_templates_feed_vm_creation() {
         !d.data_dir.join("images").join(&img_id).exists(),
         "imported files removed"
     );
+    // The copy boots a guest although its source files are long gone.
+    assert!(!copy_dir.exists());
+    let vm = d
+        .create_vm(&json!({"image_id": img2, "enable_network": false, "mem_mib": 128}).to_string());
+    let id = vm["id"].as_str().unwrap().to_string();
+    assert_eq!(vm["image_id"], img2.as_str());
+    d.wait_console(&id, "hatch-guest: ready boot=1");
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
     assert_eq!(
         d.req("DELETE", &format!("/images/{img2}"), None).status,
         200
     );
+}
+
+/// VM names are unique per owner (a taken one is 409 and creates nothing),
+/// another owner may use the same name, and `GET /vms` lists newest first.
+#[test]
+fn vm_names_are_unique_per_owner_and_lists_are_newest_first() {
+    let d = Daemon::start();
+    let bob = d.create_key(&["--name", "bob"]);
+    let small =
+        |name: &str| json!({"name": name, "enable_network": false, "mem_mib": 128}).to_string();
+    let id_of = |v: &serde_json::Value| v["id"].as_str().unwrap().to_string();
+
+    let web = d.create_vm(&small("web"));
+    assert_eq!(web["name"], "web");
+    let web = id_of(&web);
+    let r = d.req("POST", "/vms", Some(&small("web")));
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(r.error().contains("\"web\""), "{}", r.text);
+    assert_eq!(d.req("GET", "/vms", None).ids(), vec![web.clone()]);
+    assert_eq!(d.vmm_pids().len(), 1, "no VMM started for the refused VM");
+
+    // The same name is free for another owner.
+    let r = d.as_key(&bob, "POST", "/vms", Some(&small("web")));
+    assert_eq!(r.status, 201, "{}", r.text);
+    let bobs = id_of(&r.body);
+    assert_eq!(r.body["name"], "web");
+    assert_eq!(
+        d.as_key(&bob, "GET", "/vms", None).ids(),
+        vec![bobs.clone()]
+    );
+    assert_eq!(
+        d.as_key(&bob, "DELETE", &format!("/vms/{bobs}"), None)
+            .status,
+        200
+    );
+
+    // Alice's later VM lists before her earlier one.
+    let db = id_of(&d.create_vm(&small("db")));
+    assert_eq!(
+        d.req("GET", "/vms", None).ids(),
+        vec![db.clone(), web.clone()]
+    );
+
+    for v in [&web, &db] {
+        assert_eq!(d.req("DELETE", &format!("/vms/{v}"), None).status, 200);
+    }
+    assert!(d.vmm_pids().is_empty());
 }

@@ -576,34 +576,3 @@ fn compression_defaults_come_from_server_instance_and_request() {
         assert_eq!(d.req("DELETE", &format!("/vms/{v}"), None).status, 200);
     }
 }
-
-/// A daemon killed while compressing picks the work up again after restart.
-#[test]
-fn compression_survives_a_daemon_crash() {
-    let mut d = Daemon::start();
-    let vm = d.create_vm(r#"{"enable_network": false, "mem_mib": 128}"#);
-    let id = id_of(&vm);
-    d.wait_console(&id, "hatch-guest: ready");
-    let r = snapshot(
-        &d,
-        &id,
-        json!({"kind": "Standby", "compression": {"enabled": true, "level": 9}}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text);
-    let sid = id_of(&r.body);
-    d.kill9();
-    d.restart();
-    let s = compressed(&d, &sid);
-    assert_eq!(s["compression_state"], "compressed", "{s}");
-    let stored = parts(&d, &id, &sid);
-    assert_eq!(
-        stored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
-        vec!["disk", "memory.zstd", "vmstate"]
-    );
-    assert_eq!(d.vm(&id)["state"], "snapshotted");
-    assert_eq!(
-        d.req("POST", &format!("/vms/{id}/restore"), None).status,
-        200
-    );
-    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
-}

@@ -2,13 +2,17 @@
 //! (also followed), graceful stop, start on the same disk, delete.
 
 mod common;
+use common::safety::*;
 use common::*;
-use std::process::{Command, Stdio};
+use serde_json::json;
+use std::process::Command;
 use std::time::Duration;
 
 #[test]
 fn create_logs_stop_start_delete() {
-    let d = Daemon::start();
+    // The stop must be graceful: give the guest as long as a boot may take
+    // on a loaded machine before the daemon would kill it.
+    let d = Daemon::start_with(&[("HATCH_STOP_TIMEOUT", "120s")]);
 
     // An empty body creates a VM from the default image with seed 001's defaults.
     let vm = d.create_vm("{}");
@@ -52,16 +56,13 @@ fn create_logs_stop_start_delete() {
     assert_eq!(list.ids(), vec![id.clone()]);
 
     // Follow the console while stopping: the stream shows the shutdown and
-    // then ends by itself when the VMM exits.
-    let follower = Command::new("ip")
-        .args(["netns", "exec", &d.ns, "curl", "-sSN", "--max-time", "120"])
-        .arg("-H")
-        .arg(format!("X-API-Key: {}", d.key))
-        .arg(format!("{BASE}/vms/{id}/logs?follow=true"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // then ends by itself when the VMM exits. The stop comes once the stream
+    // delivers the log so far (followed_logs_stream_... shows new lines arrive).
+    let mut follower = FollowedLogs::open(&d, &id);
+    follower.wait_for("the ready line", BOOT_TIMEOUT, |l| {
+        l.contains("hatch-guest: ready boot=1")
+    });
+    assert!(follower.is_open());
 
     let stopped = d.req("POST", &format!("/vms/{id}/stop"), None);
     assert_eq!(stopped.status, 200, "{}", stopped.text);
@@ -74,15 +75,16 @@ fn create_logs_stop_start_delete() {
         d.logs(&id)
     );
 
-    let followed = follower.wait_with_output().unwrap();
+    let (ended_cleanly, followed) = follower.finish(Duration::from_secs(120));
     assert!(
-        followed.status.success(),
+        ended_cleanly,
         "follow stream must end cleanly when the VM stops"
     );
-    let followed = String::from_utf8_lossy(&followed.stdout);
+    let followed = followed.join("\n");
     assert!(
         followed.contains("hatch-guest: ready boot=1")
-            && followed.contains("hatch-guest: shutting down")
+            && followed.contains("hatch-guest: shutting down"),
+        "{followed}"
     );
 
     // Wrong-state transitions are conflicts and change nothing.
@@ -247,8 +249,9 @@ fn the_vm_state_follows_what_happens_to_the_guest() {
 #[test]
 fn stop_right_after_create_is_still_graceful() {
     // The guest is still booting and not yet listening for the power button;
-    // the stop must still end in a clean guest shutdown, not a kill.
-    let d = Daemon::start();
+    // the stop must still end in a clean guest shutdown, not a kill. The stop
+    // timeout covers the rest of the boot as BOOT_TIMEOUT does.
+    let d = Daemon::start_with(&[("HATCH_STOP_TIMEOUT", "120s")]);
     let id = d.create_vm("{}")["id"].as_str().unwrap().to_string();
     let r = d.req("POST", &format!("/vms/{id}/stop"), None);
     assert_eq!(r.status, 200, "{}", r.text);
@@ -261,5 +264,103 @@ fn stop_right_after_create_is_still_graceful() {
         "{}",
         d.daemon_log()
     );
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+}
+
+/// A guest that counts in memory and prints each tick; `prelude` runs first.
+fn ticking_vm(d: &Daemon, prelude: &str) -> String {
+    let script = format!(
+        "#!/bin/sh\n{prelude}\n(i=0; while true; do i=$((i+1)); echo \"tick $i\" > /dev/console; sleep 1; done) &\n"
+    );
+    let vm = d.create_vm(
+        &json!({"enable_network": false, "mem_mib": 128, "user_data": script}).to_string(),
+    );
+    let id = vm["id"].as_str().unwrap().to_string();
+    wait_until("ticks", BOOT_TIMEOUT, || last_tick(&d.logs(&id)) >= 2);
+    id
+}
+
+/// `logs?follow=true` streams: a line the guest writes after the response
+/// began arrives while the request is still open and the VM still runs.
+#[test]
+fn followed_logs_stream_lines_as_the_guest_writes_them() {
+    let d = Daemon::start();
+    let id = ticking_vm(&d, "");
+    let mut follow = FollowedLogs::open(&d, &id);
+    // The log so far comes first, while the VM runs ...
+    follow.wait_for("the ready line", BOOT_TIMEOUT, |l| {
+        l.contains("hatch-guest: ready boot=1")
+    });
+    // ... then lines the guest writes from now on, on the same response.
+    let written = last_tick(&d.logs(&id));
+    let line = follow.wait_for(
+        &format!("a tick after {written}"),
+        Duration::from_secs(60),
+        |l| last_tick(l) > written,
+    );
+    assert!(follow.is_open(), "{line} came on the open request");
+    assert_eq!(d.vm(&id)["state"], "running");
+    let next = follow.wait_for("the tick after that", Duration::from_secs(60), |l| {
+        last_tick(l) > last_tick(&line)
+    });
+    assert!(follow.is_open(), "{next} came on the open request");
+
+    let r = d.req("POST", &format!("/vms/{id}/stop"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (ok, lines) = follow.finish(Duration::from_secs(120));
+    assert!(ok, "the stream ends cleanly with the VMM");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("hatch-guest: shutting down")),
+        "{lines:?}"
+    );
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+}
+
+/// A guest that ignores the ACPI power button (its acpid is gone) keeps
+/// running through HATCH_STOP_TIMEOUT, is then killed, and the VM is
+/// reported stopped.
+#[test]
+fn a_guest_that_ignores_power_off_is_killed_after_the_stop_timeout() {
+    let d = Daemon::start_with(&[("HATCH_STOP_TIMEOUT", "20s")]);
+    let id = ticking_vm(
+        &d,
+        "killall acpid && echo hatch-test: acpid-gone > /dev/console",
+    );
+    d.wait_console(&id, "hatch-test: acpid-gone");
+
+    let stopped = std::thread::scope(|s| {
+        let stop = s.spawn(|| d.req("POST", &format!("/vms/{id}/stop"), None));
+        // While stopping, the guest still runs: its counter goes on.
+        wait_until("the VM to be stopping", Duration::from_secs(60), || {
+            d.vm(&id)["state"] == "stopping"
+        });
+        let at_stop = last_tick(&d.logs(&id));
+        let r = stop.join().unwrap();
+        let log = d.logs(&id);
+        assert!(
+            last_tick(&log) >= at_stop + 2,
+            "the guest ran on while the stop waited (tick {at_stop} when stopping): {log}"
+        );
+        r
+    });
+    assert_eq!(stopped.status, 200, "{}", stopped.text);
+    assert_eq!(stopped.body["state"], "stopped");
+    assert!(stopped.body.get("last_error").is_none(), "{}", stopped.text);
+    assert!(d.vmm_pids_of(&id).is_empty(), "VMM gone after stop");
+    // Killed, not shut down: the guest never ran its shutdown.
+    let log = d.logs(&id);
+    assert!(!log.contains("hatch-guest: shutting down"), "{log}");
+    assert!(
+        d.daemon_log_plain()
+            .lines()
+            .any(|l| l.contains("killing VMM")
+                && l.contains(&format!("vm={id}"))
+                && l.contains("graceful=true")),
+        "{}",
+        d.daemon_log_plain()
+    );
+    assert_eq!(d.vm(&id)["state"], "stopped");
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
 }

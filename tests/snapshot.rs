@@ -1,12 +1,15 @@
 //! Snapshots through the Hatch API (seed 000) with real guests: memory, CPU
 //! and disk are captured and stored; restore continues the guest where it
 //! was, with its address and SSH port; corrupt or missing objects are caught
-//! and nothing is lost; deleting the VM deletes its stored objects. Each
-//! scenario runs against the local store and against a real S3-compatible
+//! and nothing is lost; deleting the VM deletes its stored objects. Those
+//! scenarios run against the local store and against a real S3-compatible
 //! server (s3s-fs), looking at the objects through the store itself.
+//! Background compression (cut by kill -9, failing, the VM's default) is
+//! watched in the local store's files, where a half-written object shows.
 
 #[macro_use]
 mod common;
+use common::safety::*;
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -337,4 +340,226 @@ fn hypeman_list_get_and_delete_snapshots() {
     );
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
     assert!(objects_of(&d, &id).is_empty());
+}
+
+/// A guest that counts in memory and prints each tick, without network.
+fn ticking_vm(d: &Daemon) -> String {
+    let script = "#!/bin/sh\n(i=0; while true; do i=$((i+1)); echo \"tick $i\" > /dev/console; sleep 1; done) &\n";
+    let vm = d.create_vm(
+        &json!({"enable_network": false, "mem_mib": 128, "user_data": script}).to_string(),
+    );
+    let id = vm["id"].as_str().unwrap().to_string();
+    wait_until("ticks", BOOT_TIMEOUT, || last_tick(&d.logs(&id)) >= 2);
+    id
+}
+
+/// A Standby snapshot whose memory is compressed with zstd at level 12: tens
+/// of seconds for a 128 MiB guest on a loaded test machine (19 takes many
+/// minutes), so the compression is still running when the test acts on it.
+fn slowly_compressed_snapshot(d: &Daemon, vm: &str) -> String {
+    let r = d.req(
+        "POST",
+        &format!("/instances/{vm}/snapshots"),
+        Some(r#"{"kind": "Standby", "compression": {"enabled": true, "algorithm": "zstd", "level": 12}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["compression_state"], "compressing", "{}", r.text);
+    r.body["id"].as_str().unwrap().to_string()
+}
+
+/// Waits until the compressor has written compressed bytes into its staging
+/// file (`memory.zstd#PID`), which proves compression is under way.
+fn wait_compression_writing(d: &Daemon, vm: &str, snap: &str) {
+    let dir = d.snapshot_dir(vm, snap);
+    wait_until(
+        "compressed bytes being written",
+        COMPRESSION_TIMEOUT,
+        || staged_size(&dir, "memory.zstd#").is_some_and(|n| n > 0),
+    );
+    let s = d.req("GET", &format!("/snapshots/{snap}"), None).body;
+    assert_eq!(s["compression_state"], "compressing", "{s}");
+    assert!(
+        !file_names(&dir).contains(&"memory.zstd".to_string()),
+        "compression must not have finished yet: {:?}",
+        file_names(&dir)
+    );
+}
+
+/// Waits for background compression to end and returns the snapshot.
+fn compression_ended(d: &Daemon, snap: &str) -> Value {
+    let mut last = Value::Null;
+    wait_until("compression to end", COMPRESSION_TIMEOUT, || {
+        last = d.req("GET", &format!("/snapshots/{snap}"), None).body;
+        last["compression_state"] != "compressing"
+    });
+    last
+}
+
+/// Restores the VM's snapshot and checks that the guest's in-memory counter
+/// goes on from `frozen` without a reboot.
+fn restore_continues(d: &Daemon, vm: &str) {
+    let frozen = last_tick(&d.logs(vm));
+    assert!(frozen >= 2, "{}", d.logs(vm));
+    let r = d.req("POST", &format!("/vms/{vm}/restore"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["state"], "running");
+    wait_until("ticks after restore", BOOT_TIMEOUT, || {
+        last_tick(&d.logs(vm)) > frozen
+    });
+    let log = d.logs(vm);
+    let after = &log[log.rfind(&format!("tick {frozen}")).unwrap()..];
+    assert!(after.contains(&format!("tick {}", frozen + 1)), "{after}");
+    assert!(!log.contains("boot=2"), "no reboot happened: {log}");
+}
+
+const COMPRESSION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A daemon killed with SIGKILL in the middle of compressing a snapshot's
+/// memory starts that compression again after its restart and finishes it.
+#[test]
+fn compression_cut_by_kill_9_resumes_after_restart() {
+    let mut d = Daemon::start();
+    let id = ticking_vm(&d);
+    let snap = slowly_compressed_snapshot(&d, &id);
+    wait_compression_writing(&d, &id, &snap);
+    d.kill9();
+
+    // What the kill left: the database says compressing, the raw memory is
+    // there, and the compressed object exists only half written.
+    assert_eq!(
+        d.db_value(&format!(
+            "SELECT compression_state FROM snapshots WHERE id = '{snap}'"
+        )),
+        "compressing"
+    );
+    let dir = d.snapshot_dir(&id, &snap);
+    let names = file_names(&dir);
+    assert!(names.contains(&"memory".to_string()), "{names:?}");
+    assert!(!names.contains(&"memory.zstd".to_string()), "{names:?}");
+    assert!(staged_size(&dir, "memory.zstd#").is_some(), "{names:?}");
+
+    d.restart();
+    let s = compression_ended(&d, &snap);
+    assert_eq!(s["compression_state"], "compressed", "{s}");
+    assert!(
+        d.daemon_log_plain()
+            .lines()
+            .any(|l| l.contains("resuming interrupted compression")
+                && l.contains(&format!("snapshot={snap}"))),
+        "{}",
+        d.daemon_log_plain()
+    );
+    // The raw memory and the half-written leftover are gone.
+    let prefix = format!("snapshots/{id}/{snap}/");
+    let stored: Vec<String> = d
+        .stored_objects(&prefix)
+        .into_iter()
+        .map(|(k, _)| k[prefix.len()..].to_string())
+        .collect();
+    assert_eq!(stored, vec!["disk", "memory.zstd", "vmstate"]);
+    assert!(
+        s["compressed_size_bytes"].as_u64().unwrap()
+            < s["uncompressed_size_bytes"].as_u64().unwrap(),
+        "{s}"
+    );
+    assert_eq!(d.vm(&id)["state"], "snapshotted");
+    restore_continues(&d, &id);
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+}
+
+/// A compression that fails ends `error`, and the snapshot still restores
+/// from the raw memory it kept. The failure is real: while the compressor
+/// writes, a directory takes the place its finished object must be renamed
+/// to, so putting it in place fails (EISDIR) as an unwritable target would.
+#[test]
+fn failed_compression_keeps_the_raw_memory_restorable() {
+    let d = Daemon::start();
+    let id = ticking_vm(&d);
+    let snap = slowly_compressed_snapshot(&d, &id);
+    let before = d.req("GET", &format!("/snapshots/{snap}"), None).body;
+    let dir = d.snapshot_dir(&id, &snap);
+    let raw = std::fs::metadata(dir.join("memory")).unwrap().len();
+    wait_compression_writing(&d, &id, &snap);
+    let blocker = dir.join("memory.zstd");
+    std::fs::create_dir(&blocker).expect("compression already finished");
+    let s = compression_ended(&d, &snap);
+    assert!(blocker.is_dir(), "the compressor could not replace it");
+    std::fs::remove_dir(&blocker).unwrap();
+    assert_eq!(s["compression_state"], "error", "{s}");
+    assert!(
+        !s["compression_error"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "the reason is given: {s}"
+    );
+    assert_eq!(s["size_bytes"], before["size_bytes"], "{s}");
+    // Only the raw memory, whole, beside the state and the disk.
+    let prefix = format!("snapshots/{id}/{snap}/");
+    let stored: Vec<(String, u64)> = d
+        .stored_objects(&prefix)
+        .into_iter()
+        .map(|(k, n)| (k[prefix.len()..].to_string(), n))
+        .collect();
+    assert_eq!(
+        stored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        vec!["disk", "memory", "vmstate"]
+    );
+    assert_eq!(stored[1].1, raw, "the raw memory stays whole");
+    assert_eq!(d.vm(&id)["state"], "snapshotted");
+    restore_continues(&d, &id);
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+}
+
+/// `snapshot_compression: null` on a VM (at create or in a PATCH) leaves no
+/// default of its own: its snapshots follow the server's again.
+#[test]
+fn a_vm_compression_default_of_null_follows_the_server() {
+    let d = Daemon::start_with(&[("HATCH_SNAPSHOT_COMPRESSION", "lz4")]);
+    let vm =
+        d.create_vm(r#"{"enable_network": false, "mem_mib": 128, "snapshot_compression": null}"#);
+    assert_eq!(vm["snapshot_compression"], Value::Null, "{vm}");
+    let id = vm["id"].as_str().unwrap().to_string();
+    d.wait_console(&id, "hatch-guest: ready");
+    let path = format!("/vms/{id}");
+    let hatch_snapshot = || {
+        let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+        assert_eq!(r.status, 201, "{}", r.text);
+        let s = compression_ended(&d, r.body["id"].as_str().unwrap());
+        assert_eq!(
+            d.req("POST", &format!("/vms/{id}/restore"), None).status,
+            200
+        );
+        s
+    };
+
+    // Its own default (off) wins over the server's lz4.
+    let r = d.req(
+        "PATCH",
+        &path,
+        Some(r#"{"snapshot_compression": {"enabled": false}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body["snapshot_compression"]["enabled"], false,
+        "{}",
+        r.text
+    );
+    let s = hatch_snapshot();
+    assert_eq!(s["compression"]["enabled"], false, "{s}");
+    assert_eq!(s["compression_state"], "none", "{s}");
+
+    // null clears it: the server's lz4 applies again.
+    let r = d.req("PATCH", &path, Some(r#"{"snapshot_compression": null}"#));
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["snapshot_compression"], Value::Null, "{}", r.text);
+    assert_eq!(d.vm(&id)["snapshot_compression"], Value::Null);
+    let s = hatch_snapshot();
+    assert_eq!(
+        s["compression"],
+        json!({"enabled": true, "algorithm": "lz4", "level": 0}),
+        "{s}"
+    );
+    assert_eq!(s["compression_state"], "compressed", "{s}");
+    assert_eq!(d.req("DELETE", &path, None).status, 200);
 }

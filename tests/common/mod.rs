@@ -6,6 +6,7 @@ pub mod better_auth;
 pub mod confine;
 pub mod hardening;
 pub mod images;
+pub mod safety;
 pub mod web;
 
 use serde_json::Value;
