@@ -7,7 +7,7 @@ mod fake_vmm;
 #[path = "fast/host.rs"]
 mod host;
 
-use fake_vmm::{BootFault, Event, Memory, SnapshotFault, MEMORY_BYTES};
+use fake_vmm::{BootFault, Event, Memory, RestoreFault, SnapshotFault, MEMORY_BYTES};
 use hatch::manager::ManagerError;
 use hatch::vmm::process::is_alive;
 use host::Host;
@@ -363,7 +363,7 @@ async fn a_refused_restore_leaves_the_vm_snapshotted() {
     let vm = h.create(MEM_MIB).await.unwrap();
     let id = vm.id.clone();
     h.manager.snapshot_vm(&h.owner, &id).await.unwrap();
-    h.fake.refuse_restore(&id);
+    h.fake.fail_restore(&id, RestoreFault::Refuse);
     let err = h.manager.restore_vm(&h.owner, &id).await.unwrap_err();
     assert!(err.to_string().contains("refused to load"), "{err}");
     assert_eq!(state(&h.vm(&id).await), "snapshotted");
@@ -375,7 +375,7 @@ async fn a_refused_restore_leaves_the_vm_snapshotted() {
 /// A daemon killed mid-flow: its runtime (every task, the manager) goes at
 /// once, the fake VMMs live on, and a new manager recovers on the same files.
 #[test]
-fn recovery_after_a_crash_mid_snapshot() {
+fn recovery_after_a_crash_mid_snapshot_and_mid_restore() {
     let rt = || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -386,40 +386,52 @@ fn recovery_after_a_crash_mid_snapshot() {
     let first = rt();
     let _shared = first.block_on(FILE_LIMIT.read());
     let h = first.block_on(Host::new());
-    let (running, stopped, standby, capturing) = first.block_on(async {
+    let [running, stopped, standby, capturing, restoring] = first.block_on(async {
         let mut ids = vec![];
-        for _ in 0..4 {
+        for _ in 0..5 {
             ids.push(h.create(MEM_MIB).await.unwrap().id);
         }
         h.manager.stop_vm(&h.owner, &ids[1]).await.unwrap();
         h.manager.snapshot_vm(&h.owner, &ids[2]).await.unwrap();
-        (
-            ids[0].clone(),
-            ids[1].clone(),
-            ids[2].clone(),
-            ids[3].clone(),
-        )
+        h.manager.snapshot_vm(&h.owner, &ids[4]).await.unwrap();
+        <[String; 5]>::try_from(ids).unwrap()
     });
-    let reached = Arc::new(tokio::sync::Notify::new());
+    // Two flows cut short: a capture with 9 MiB of memory stored, and a
+    // restore whose VMM started but never finished loading.
+    let capture_reached = Arc::new(tokio::sync::Notify::new());
     h.fake.fail_snapshot(
         &capturing,
-        SnapshotFault::HangAfter(9 << 20, reached.clone()),
+        SnapshotFault::HangAfter(9 << 20, capture_reached.clone()),
     );
-    let manager = Arc::clone(&h.manager);
-    let (owner, cap) = (h.owner.clone(), capturing.clone());
-    first.spawn(async move { manager.snapshot_vm(&owner, &cap).await });
+    let restore_reached = Arc::new(tokio::sync::Notify::new());
+    h.fake.fail_restore(
+        &restoring,
+        RestoreFault::HangLoading(restore_reached.clone()),
+    );
+    for (id, snapshot) in [(&capturing, true), (&restoring, false)] {
+        let (manager, owner, id) = (Arc::clone(&h.manager), h.owner.clone(), id.clone());
+        first.spawn(async move {
+            match snapshot {
+                true => manager.snapshot_vm(&owner, &id).await.map(drop),
+                false => manager.restore_vm(&owner, &id).await.map(drop),
+            }
+        });
+    }
     first.block_on(async {
-        tokio::time::timeout(Duration::from_secs(60), reached.notified())
+        let both = async {
+            capture_reached.notified().await;
+            restore_reached.notified().await;
+        };
+        tokio::time::timeout(Duration::from_secs(60), both)
             .await
-            .expect("the snapshot never got going")
+            .expect("the flows never got going")
     });
     // Mid-capture: a snapshot row and part of its memory are on disk.
     assert!(!h.object_files(&capturing).is_empty());
     assert_eq!(first.block_on(h.snapshot_rows(&capturing)), 1);
-    let pids = [
-        h.fake.pid(&running).unwrap(),
-        h.fake.pid(&capturing).unwrap(),
-    ];
+    // Mid-restore: the VM is starting.
+    assert_eq!(state(&first.block_on(h.vm(&restoring))), "starting");
+    let pids = [&running, &capturing, &restoring].map(|id| h.fake.pid(id).unwrap());
 
     // The crash.
     let crashed = h.crash();
@@ -455,19 +467,27 @@ fn recovery_after_a_crash_mid_snapshot() {
             .is_empty());
         assert_eq!(h.snapshot_rows(&capturing).await, 0);
         assert_eq!(h.object_files(&capturing), Vec::<std::path::PathBuf>::new());
-        // The VM in standby still is, and resumes from what it saved.
-        assert_eq!(state(&h.vm(&standby).await), "snapshotted");
-        let vm = h.manager.restore_vm(owner, &standby).await.unwrap();
-        assert_eq!(state(&vm), "running");
-        assert!(fake.events(&standby).contains(&Event::Loaded {
-            from: Memory {
-                vm: standby.clone(),
-                generation: 1
-            },
-            intact: true
-        }));
-        h.manager.stop_vm(owner, &standby).await.unwrap();
-        for id in [&running, &stopped, &standby, &capturing] {
+        // A VM in standby still is, also one whose restore was cut short, and
+        // each resumes from exactly what it saved.
+        for id in [&standby, &restoring] {
+            let vm = h.vm(id).await;
+            assert_eq!((state(&vm), vm.last_error), ("snapshotted".into(), None));
+            let vm = h.manager.restore_vm(owner, id).await.unwrap();
+            assert_eq!(state(&vm), "running");
+            let loaded = Event::Loaded {
+                from: Memory {
+                    vm: id.clone(),
+                    generation: 1,
+                },
+                intact: true,
+            };
+            assert_eq!(
+                fake.events(id).last_chunk::<2>().unwrap(),
+                &[loaded, Event::Resumed]
+            );
+            h.manager.stop_vm(owner, id).await.unwrap();
+        }
+        for id in [&running, &stopped, &standby, &capturing, &restoring] {
             assert!(h.processes_of(id).is_empty(), "{id}");
         }
     });

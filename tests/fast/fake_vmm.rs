@@ -19,7 +19,7 @@
 //!   so a test can see whether the manager resumed a guest from bad memory.
 //! - Per-VM fault injection, each fault used once: a boot that fails, a child
 //!   that exits at once, a VMM that dies or hangs part way through a
-//!   snapshot, a restore that is refused.
+//!   snapshot, a restore that is refused or never finishes loading.
 //!
 //! Everything about the fake lives in this file; the manager sees only the
 //! `hatch::vmm::Vmm` trait.
@@ -84,6 +84,15 @@ pub enum SnapshotFault {
     HangAfter(u64, Arc<tokio::sync::Notify>),
 }
 
+#[derive(Debug, Clone)]
+pub enum RestoreFault {
+    /// `restore` fails at once (the VMM would not load the snapshot).
+    Refuse,
+    /// The VMM starts, tells the test, and never reads its memory (a daemon
+    /// crash is simulated meanwhile).
+    HangLoading(Arc<tokio::sync::Notify>),
+}
+
 #[derive(Default)]
 struct VmRecord {
     pid: Option<u32>,
@@ -97,7 +106,7 @@ struct Faults {
     next_boot: Option<BootFault>,
     boot: HashMap<String, BootFault>,
     snapshot: HashMap<String, SnapshotFault>,
-    refuse_restore: HashMap<String, ()>,
+    restore: HashMap<String, RestoreFault>,
 }
 
 /// A fake `Vmm` (see the module doc). Clone the `Arc` to observe it from a test.
@@ -135,12 +144,8 @@ impl FakeVmm {
             .insert(vm.into(), fault);
     }
 
-    pub fn refuse_restore(&self, vm: &str) {
-        self.faults
-            .lock()
-            .unwrap()
-            .refuse_restore
-            .insert(vm.into(), ());
+    pub fn fail_restore(&self, vm: &str, fault: RestoreFault) {
+        self.faults.lock().unwrap().restore.insert(vm.into(), fault);
     }
 
     // ---- observation ----
@@ -382,14 +387,8 @@ impl Vmm for FakeVmm {
     }
 
     async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> vmm::Result<VmProcess> {
-        if self
-            .faults
-            .lock()
-            .unwrap()
-            .refuse_restore
-            .remove(&spec.vm_id)
-            .is_some()
-        {
+        let fault = self.faults.lock().unwrap().restore.remove(&spec.vm_id);
+        if let Some(RestoreFault::Refuse) = fault {
             self.record(&spec.vm_id, Event::RestoreRefused);
             return Err(VmmError::Launch(
                 "fake VMM refused to load the snapshot (injected fault)".into(),
@@ -400,6 +399,10 @@ impl Vmm for FakeVmm {
         // The process exists while it loads, as QEMU's `-incoming` does.
         let mut p = self.spawn(spec, false).await?;
         self.set_paused(&spec.vm_id, true);
+        if let Some(RestoreFault::HangLoading(started)) = fault {
+            started.notify_one();
+            std::future::pending::<()>().await;
+        }
         let loaded = read_and_compare(&from.memory, &saved).await;
         let intact = match loaded {
             Ok(intact) => intact,
