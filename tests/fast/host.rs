@@ -1,0 +1,237 @@
+//! A "daemon" for fast tests: a Manager on a temporary data dir (SQLite file,
+//! local snapshot store, image files), networking off, the FakeVmm as its hypervisor.
+
+use super::fake_vmm::FakeVmm;
+use hatch::config::Config;
+use hatch::manager::requests::CreateVm;
+use hatch::manager::Manager;
+use hatch::snapshot::Objects;
+use hatch::store::{Owner, Store, Vm};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A temporary directory that ends every process started under it and is removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "hatch-fast-{}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Fake VMMs name their work dir on their command line: none outlives the test.
+        hatch::vmm::process::kill_all_under(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct Host {
+    pub manager: Arc<Manager>,
+    pub fake: Arc<FakeVmm>,
+    pub owner: Owner,
+    pub config: Config,
+    vars: HashMap<String, String>,
+    // Last: dropped after the manager, so its processes are ended at the very end.
+    pub tmp: Arc<TempDir>,
+}
+
+impl Host {
+    pub async fn new() -> Host {
+        Host::with(&[]).await
+    }
+
+    /// A host with these `HATCH_*` settings on top of the test's own.
+    pub async fn with(extra: &[(&str, &str)]) -> Host {
+        let tmp = Arc::new(TempDir::new());
+        let src = tmp.0.join("image-src");
+        std::fs::create_dir_all(&src).unwrap();
+        // Never booted: the fake only needs files to import and a raw
+        // rootfs to lay the VM's disk over.
+        std::fs::write(
+            src.join("vmlinuz"),
+            b"not a kernel: the fake VMM never boots it",
+        )
+        .unwrap();
+        let rootfs = std::fs::File::create(src.join("rootfs.raw")).unwrap();
+        rootfs.set_len(4 << 20).unwrap();
+        let mut vars: HashMap<String, String> = [
+            ("HATCH_DATA_DIR", tmp.0.join("data").display().to_string()),
+            (
+                "HATCH_DEFAULT_KERNEL_PATH",
+                src.join("vmlinuz").display().to_string(),
+            ),
+            (
+                "HATCH_DEFAULT_ROOTFS_PATH",
+                src.join("rootfs.raw").display().to_string(),
+            ),
+            ("HATCH_PROXY_ADDR", "off".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let fake = FakeVmm::new();
+        let (manager, config) = start(&vars, &fake).await;
+        let owner = manager
+            .store()
+            .create_owner("own_fast", "fast")
+            .await
+            .unwrap();
+        Host {
+            manager,
+            fake,
+            owner,
+            config,
+            vars,
+            tmp,
+        }
+    }
+
+    /// The daemon dies: its Manager is dropped (the caller shuts its runtime
+    /// down too); its files, the fake and the fake's processes stay.
+    pub fn crash(self) -> Crashed {
+        drop(self.manager);
+        Crashed {
+            fake: self.fake,
+            owner: self.owner,
+            vars: self.vars,
+            tmp: self.tmp,
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    pub fn work_dir(&self, vm: &str) -> PathBuf {
+        self.config.vms_dir().join(vm)
+    }
+
+    /// The local snapshot store's files of one VM (staging files included).
+    pub fn object_files(&self, vm: &str) -> Vec<PathBuf> {
+        files_under(&self.data_dir().join("objects/snapshots").join(vm))
+    }
+
+    /// Snapshot rows of a VM in any status (listings show only `ready` ones).
+    pub async fn snapshot_rows(&self, vm: &str) -> i64 {
+        self.manager.store().vm_snapshot_count(vm).await.unwrap()
+    }
+
+    pub async fn create(&self, mem_mib: i64) -> hatch::manager::Result<Vm> {
+        self.manager
+            .create_vm(
+                &self.owner,
+                CreateVm {
+                    enable_network: Some(false),
+                    mem_mib: Some(mem_mib),
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
+    pub async fn vm(&self, id: &str) -> Vm {
+        self.manager.get_vm(&self.owner, id).await.unwrap()
+    }
+
+    /// Waits (bounded) until the VM is in `state`, as a client polling GET would.
+    pub async fn wait_for_state(&self, id: &str, state: &str) -> Vm {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let vm = self.vm(id).await;
+            // to_string: the same text whether the state is a string or an enum.
+            let now = vm.state.to_string();
+            if now == state {
+                return vm;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vm {id} never became {state}: {vm:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Processes whose command line names the VM's work directory: its VMM.
+    pub fn processes_of(&self, vm: &str) -> Vec<u32> {
+        let needle = format!("{}/", self.work_dir(vm).display());
+        hatch::vmm::process::pids_mentioning(&needle)
+            .into_iter()
+            .filter(|p| hatch::vmm::process::is_alive(*p))
+            .collect()
+    }
+}
+
+/// What a crashed daemon leaves: its files and its (fake) VMMs.
+pub struct Crashed {
+    pub fake: Arc<FakeVmm>,
+    pub owner: Owner,
+    vars: HashMap<String, String>,
+    tmp: Arc<TempDir>,
+}
+
+impl Crashed {
+    /// A new Manager on the same files and the same fake, as a restarted
+    /// daemon would be (recovery is the caller's to run).
+    pub async fn restart(&self) -> Host {
+        let (manager, config) = start(&self.vars, &self.fake).await;
+        Host {
+            manager,
+            fake: Arc::clone(&self.fake),
+            owner: self.owner.clone(),
+            config,
+            vars: self.vars.clone(),
+            tmp: Arc::clone(&self.tmp),
+        }
+    }
+}
+
+/// The one place a Manager is made: after the backend registry lands, the
+/// FakeVmm is registered here instead of passed whole.
+async fn start(vars: &HashMap<String, String>, fake: &Arc<FakeVmm>) -> (Arc<Manager>, Config) {
+    let config = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    let store = Store::open(&config.db_path()).await.unwrap();
+    let objects = Objects::from_config(&config).unwrap();
+    let vmm: Arc<dyn hatch::vmm::Vmm> = fake.clone();
+    let manager = Manager::new(store, objects, vmm, config.clone());
+    manager.seed_default_image().await.unwrap();
+    (manager, config)
+}
+
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
