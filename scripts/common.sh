@@ -1,4 +1,4 @@
-# Shared by scripts/run and scripts/test: system packages and toolchain checks.
+# Shared by scripts/run, scripts/test and bench/*: system packages and toolchain checks.
 # shellcheck shell=bash
 
 # Debian packages hatch needs at run time and for its tests and benches.
@@ -84,7 +84,7 @@ install_packages() {
             *) hatch_pkg_installed "$p" || todo+=("$p") ;;
             esac
         done
-        if grep -q "qemu" <<<"$missing"; then
+        if grep -Eq '^(package qemu-(system-x86|utils)|command qemu-(system-x86_64|img))( |$)' <<<"$missing"; then
             qemu=(qemu-system-x86 qemu-utils)
         fi
         if [ $((${#qemu[@]} + ${#todo[@]})) -gt 0 ] && ! hatch_apt_install "${qemu[@]}" "${todo[@]}"; then
