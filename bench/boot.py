@@ -50,6 +50,8 @@ BOOT_TIMEOUT_S = 120.0
 POST_BODY = BOOT_BODY
 FILL_BODY = BOOT_BODY
 FILL_BATCH = 8
+# Every stopped VM in the store costs a boot and a stop (seconds per batch under TCG), so the default
+# is a count a run reaches in minutes; --api-vms 1000 works too, only slowly.
 API_VMS = 200
 
 
