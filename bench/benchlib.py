@@ -228,7 +228,7 @@ class Daemon:
             raise BenchError(f"hatch keys create failed: {out.stderr}")
         self.key = out.stdout.strip().splitlines()[-1].strip()
         # Benchmarks measure speed, not quotas: the bench owner may hold what
-        # they create (bench/boot puts 1000 VMs in the store), as an operator would allow.
+        # they create (bench/boot fills the store with stopped VMs), as an operator would allow.
         out = subprocess.run(
             [self.bin, "owners", "limits", owner, "--vms", "100000", "--vcpus", "1000000",
              "--mem-mib", "1000000000", "--snapshots-per-vm", "10000", "--stored-bytes", "1024T"],
@@ -390,6 +390,23 @@ accelerator (the host's KVM is a software one that is far slower than TCG,
 see `ENVIRONMENT.md`), so boot times are those of an emulated CPU; production
 hosts with hardware KVM boot much faster, while hatch's own overhead stays.
 
+How this page is kept:
+
+- Every figure on it is part of a block a bench script printed, pasted as
+  printed, with the command and the date of that run above it. No figure,
+  ratio or conclusion is typed by hand; the prose between blocks only says
+  where a block comes from.
+- A full run rewrites its script's `##` section itself (`bench/boot` and
+  `bench/net` unless `--no-docs`; `bench/snapshot` and `bench/proxy` with
+  `--markdown`). A partial run (`bench/net --filter-only`, `bench/snapshot
+  --confine-only`) prints its block with its command and date, to be pasted
+  under its section.
+- When the code that measures or prints a block changes, the block gives way
+  to a "(to be re-run)" placeholder until a run on a quiet machine replaces
+  it.
+- Blocks come from different runs unless they say otherwise: compare figures
+  within a block, not across blocks.
+
 How the figures are measured:
 
 - Every script runs as root, builds `cargo build --release`, makes a network
@@ -399,8 +416,6 @@ How the figures are measured:
 - Boot times are wall-clock (monotonic clock) from the request or the process
   spawn to the moment a line shows up in the VM's `console.log`, which is
   polled every 2 ms, so figures are good to about 2-3 ms.
-- Each section is rewritten by its script on every run; figures from
-  different sections are not from the same run unless they say so.
 """
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""bench/boot: how much hatch adds to a QEMU boot, and API latency with 1,000 VMs.
+"""bench/boot: how much hatch adds to a QEMU boot, and API latency with an empty and a filled store.
 
 Run through `bench/boot` (it builds, makes the network namespace and the temp
 dir, and passes them in HATCH_BENCH_*); this script runs inside that namespace
@@ -12,8 +12,11 @@ Measured, in one run, with the same image and accelerator:
      the per-VM paths moved to a temp dir, a fresh qcow2 overlay and a copy of
      the VM's cloud-init seed; process
      spawn -> first console line / ready line, then SIGKILL.
-  3. API: GET /health and GET /vms (empty store, then with 1,000 stopped VM rows
-     inserted into SQLite), and POST /vms {} with those rows present.
+  3. API, the same requests with an empty store and then with --api-vms stopped VMs:
+     GET /health and GET /vms alternating on one connection, then POST /vms
+     {"enable_network": false} (each VM deleted after). The store is filled
+     through the API only: POST /vms and POST /vms/{id}/stop for each VM, as a
+     user would (the owner's limits raised with `hatch owners limits`).
   4. hatch boots with VMM confinement on against off (HATCH_VMM_CONFINE), one
      fresh daemon per block of boots, blocks alternating.
 """
@@ -22,10 +25,8 @@ import argparse
 import datetime
 import json
 import os
-import secrets
 import shutil
 import sqlite3
-import string
 import subprocess
 import sys
 import threading
@@ -44,6 +45,14 @@ POLL_S = 0.002
 # reservation, which go away with the VM. The cloud-init seed disk is kept.
 BOOT_BODY = {"enable_network": False}
 BOOT_TIMEOUT_S = 120.0
+# The API part times POST /vms with the same body at both store sizes, and fills the store with
+# VMs made the same way (no NIC: no address, TAP or SSH port to run out of).
+POST_BODY = BOOT_BODY
+FILL_BODY = BOOT_BODY
+FILL_BATCH = 8
+# Every stopped VM in the store costs a boot and a stop (seconds per batch under TCG), so the default
+# is a count a run reaches in minutes; --api-vms 1000 works too, only slowly.
+API_VMS = 200
 
 
 class Console:
@@ -355,36 +364,54 @@ class Bench:
             h.close()
         return health, vms, size, count, hsize
 
-    def insert_vms(self, n):
-        db = sqlite3.connect(self.data / "hatch.db", timeout=30)
-        try:
-            (owner_id,) = db.execute("SELECT id FROM owners WHERE name = 'bench'").fetchone()
-            (image_dir,) = db.execute("SELECT dir FROM images WHERE id = 'img_default'").fetchone()
-            alphabet = string.ascii_lowercase + string.digits
-            base = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=n + 60)
-            rows = []
-            for i in range(n):
-                ts = (base + datetime.timedelta(seconds=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
-                vm_id = "vm_" + "".join(secrets.choice(alphabet) for _ in range(12))
-                rows.append((vm_id, owner_id, "img_default", image_dir, None, "stopped", 1, 512,
-                             "console=ttyS0 root=/dev/vda rw", 1, None, None, None, None, None,
-                             "qemu", None, ts, ts))
-            with db:
-                db.executemany(
-                    "INSERT INTO vms (id, owner_id, image_id, image_dir, template_id, state, vcpu_count,"
-                    " mem_mib, boot_args, enable_network, user_data, guest_ip, guest_mac, tap_name,"
-                    " ssh_port, hypervisor, last_error, created_at, updated_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    rows,
-                )
-        finally:
-            db.close()
+    def fill_vms(self, n):
+        """n VMs made as a user makes them: `POST /vms` and then `POST /vms/{id}/stop`, FILL_BATCH at a
+        time (the batch's stops in parallel: each waits for its guest to power off, at most the
+        daemon's HATCH_STOP_TIMEOUT, then hatch kills its QEMU). Stopped VMs stay in the store."""
+        t0 = time.monotonic()
+        made = 0
+        while made < n:
+            batch = []
+            for _ in range(min(FILL_BATCH, n - made)):
+                status, raw = one_request(self.key, "POST", "/vms", FILL_BODY)
+                if status != 201:
+                    raise BenchError(f"POST /vms (filling the store, {made + len(batch)} made): {status} "
+                                     f"{raw[:300]!r}\n{self.daemon_tail()}")
+                vm_id = json.loads(raw)["id"]
+                self.live_vms.add(vm_id)
+                batch.append(vm_id)
+            errors = []
+
+            def stop(vm_id):
+                try:
+                    status, raw = one_request(self.key, "POST", f"/vms/{vm_id}/stop", timeout=120)
+                    state = json.loads(raw).get("state") if status == 200 else None
+                    if state != "stopped":
+                        errors.append(f"POST /vms/{vm_id}/stop: {status} {raw[:300]!r}")
+                except Exception as e:  # reported below, after every thread is done
+                    errors.append(f"POST /vms/{vm_id}/stop: {e!r}")
+
+            threads = [threading.Thread(target=stop, args=(vm_id,)) for vm_id in batch]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            if errors:
+                raise BenchError("; ".join(errors) + f"\n{self.daemon_tail()}")
+            # Nothing of theirs runs any more; the cleanup need not delete them one by one.
+            self.live_vms.difference_update(batch)
+            made += len(batch)
+            if made == n or made % max(FILL_BATCH, n // 10 // FILL_BATCH * FILL_BATCH) == 0:
+                log(f"  {made}/{n} VMs created and stopped ({time.monotonic() - t0:.0f}s)")
+        return time.monotonic() - t0
 
     def timed_posts(self, n):
+        """n x POST /vms POST_BODY, each on a fresh connection and timed to its 201; each VM deleted
+        after (untimed), so the store holds as many VMs after as before."""
         out = []
         for _ in range(n):
             t = time.monotonic()
-            status, raw = one_request(self.key, "POST", "/vms", {})
+            status, raw = one_request(self.key, "POST", "/vms", POST_BODY)
             out.append(time.monotonic() - t)
             if status != 201:
                 raise BenchError(f"POST /vms: {status} {raw[:300]!r}\n{self.daemon_tail()}")
@@ -393,26 +420,27 @@ class Bench:
             self.delete_vm(vm_id)
         return out
 
+    def api_at(self, label):
+        """The same requests at the store's present size: GETs, then POSTs."""
+        n, posts = self.args.get_requests, self.args.post_requests
+        log(f"API, {label}: {n} x GET /health + {n} x GET /vms, then {posts} x POST /vms {json.dumps(POST_BODY)}")
+        with CpuBusy() as busy:
+            health, vms, size, count, hsize = self.interleaved_gets(n)
+        post = self.timed_posts(posts)
+        return {"health": health, "vms": vms, "size": size, "count": count, "health_size": hsize,
+                "posts": post, "busy": busy.cores}
+
     def api(self):
-        n, n_vms = self.args.get_requests, self.args.api_vms
-        log(f"API: {n} x GET /health + {n} x GET /vms, empty store")
-        with CpuBusy() as busy0:
-            h0, v0, size0, count0, hsize = self.interleaved_gets(n)
-        log(f"API: inserting {n_vms} stopped VM rows into {self.data / 'hatch.db'}")
-        self.insert_vms(n_vms)
-        log(f"API: {n} x GET /health + {n} x GET /vms, {n_vms} VMs")
-        with CpuBusy() as busy1:
-            h1, v1, size1, count1, _ = self.interleaved_gets(n)
-        if count1 != n_vms:
-            raise BenchError(f"GET /vms listed {count1} VMs, expected {n_vms}")
-        log(f"API: {self.args.post_requests} x POST /vms {{}} with {n_vms} VMs (each deleted after, untimed)")
-        posts = self.timed_posts(self.args.post_requests)
-        return {
-            "empty": {"health": h0, "vms": v0, "size": size0, "count": count0, "busy": busy0.cores},
-            "full": {"health": h1, "vms": v1, "size": size1, "count": count1, "busy": busy1.cores},
-            "posts": posts,
-            "health_size": hsize,
-        }
+        n_vms = self.args.api_vms
+        empty = self.api_at("empty store")
+        if empty["count"] != 0:
+            raise BenchError(f"GET /vms listed {empty['count']} VMs before the store was filled, expected 0")
+        log(f"API: filling the store with {n_vms} VMs through the API ({FILL_BATCH} at a time)")
+        fill_s = self.fill_vms(n_vms)
+        full = self.api_at(f"{n_vms} stopped VMs")
+        if full["count"] != n_vms:
+            raise BenchError(f"GET /vms listed {full['count']} VMs, expected {n_vms}")
+        return {"empty": empty, "full": full, "fill_s": fill_s}
 
     # ------------------------------------------------------------ confinement
 
@@ -471,6 +499,7 @@ def render(meta, boot, api):
     def col(runs, key):
         return stats([m[key] for m in runs])
 
+    body = json.dumps(BOOT_BODY)
     lines = []
     add = lines.append
     add(f"Command: `{meta['command']}` (from the repository root, as root)  ")
@@ -481,13 +510,15 @@ def render(meta, boot, api):
         f"host CPU busy (all processes, /proc/stat): {boot['busy']:.2f} of {meta['cpus']} cores during the boot runs, "
         f"{api['full']['busy']:.2f} during the GET loop with {api['full']['count']} VMs  ")
     add(f"QEMU: {meta['qemu']}, accelerator `{meta['accel']}`, machine `{meta['machine']}`, "
-        f"{meta['smp']} vCPU, {meta['mem']} MiB (hatch's defaults for `POST /vms {{}}`)  ")
+        f"{meta['smp']} vCPU, {meta['mem']} MiB (hatch's defaults; `POST /vms {body}`)  ")
     add(f"Runs: {len(H)} hatch + {len(R)} raw QEMU, interleaved, after one uncounted hatch warm-up "
         f"(warm-up: first line {boot['warm']['first_line']:.3f} s, ready {boot['warm']['ready']:.3f} s)")
     add("")
     add("### Boot: hatch vs the same QEMU command line run by hand")
     add("")
-    add("Median (min-max). hatch: from sending `POST /vms {}`; raw: from spawning QEMU.")
+    add(f"Median (min-max). hatch: from sending `POST /vms {body}`; raw: from spawning QEMU with hatch's "
+        f"command line (the per-VM paths moved, as root: without the uid, cgroup and mount namespace "
+        f"hatch's confinement adds, which the last table measures).")
     add("")
     add("| to ... | hatch | raw QEMU | hatch / raw | hatch - raw (medians) |")
     add("|---|---|---|---|---|")
@@ -514,10 +545,10 @@ def render(meta, boot, api):
     pre_h, pre_r = col(H, "console")["median"], col(R, "console")["median"]
     spread = col(R, "ready")["max"] - col(R, "ready")["min"]
     excess = col(H, "ready")["median"] - col(R, "ready")["median"] - (pre_h - pre_r)
-    add(f"hatch starts QEMU about {ms(pre_h - pre_r):.0f} ms later than a bare spawn "
-        f"(`console.log` created at {ms(pre_h):.0f} ms vs {ms(pre_r):.0f} ms, medians): the API, the SQLite "
-        f"insert, the work dir and the `qemu-img create` overlay. After that both are the same guest booting "
-        f"under {meta['accel'].upper()}; the raw ready line alone spreads over {ms(spread):.0f} ms, so "
+    add(f"QEMU opened its console {ms(pre_h):.0f} ms after the request through hatch and {ms(pre_r):.0f} ms "
+        f"after a bare spawn (medians, {ms(pre_h - pre_r):+.0f} ms; hatch's figure includes the API, the SQLite "
+        f"insert, the work dir and the `qemu-img create` overlay). From there both boot the same guest under "
+        f"`{meta['accel']}`; the raw ready line alone spreads over {ms(spread):.0f} ms, so "
         + ("the rest of the hatch - raw difference is within that noise."
            if abs(excess) <= spread / 2 else
            f"a further {ms(excess):+.0f} ms (beyond the start-up overhead) is larger than half that "
@@ -526,30 +557,35 @@ def render(meta, boot, api):
     add(f"First console line: `{' | '.join(t[:100] for t in boot['first_line_texts'])}`")
     add("")
     e, f = api["empty"], api["full"]
-    n = len(f["vms"])
-    add(f"### API latency with {f['count']} VMs in the store")
+    add(f"### API latency: an empty store against {f['count']} stopped VMs")
     add("")
-    add(f"{n} requests each, `/health` and `/vms` alternating on one keep-alive connection; "
-        f"POST on a fresh connection per request, each VM deleted after (untimed).")
+    add(f"The same requests at both sizes, all VMs made through the API: {f['count']} VMs created with "
+        f"`POST /vms {json.dumps(FILL_BODY)}` and stopped with `POST /vms/{{id}}/stop`, {FILL_BATCH} at a time "
+        f"(the bench owner's limits raised with `hatch owners limits`, as an operator would; filling took "
+        f"{api['fill_s']:.0f} s, untimed). At each size: {len(f['vms'])} x `GET /health` and `GET /vms`, "
+        f"alternating on one keep-alive connection, then {len(f['posts'])} x `POST /vms {json.dumps(POST_BODY)}`, "
+        f"each on a fresh connection and timed to its 201, the VM deleted after (untimed).")
     add("")
     add("| request | VMs in store | n | p50 | p99 | max | response |")
     add("|---|---|---|---|---|---|---|")
-    for label, d in (("0", e), (str(f["count"]), f)):
-        hs, vs = stats(d["health"]), stats(d["vms"])
-        add(f"| `GET /health` | {label} | {hs['n']} | {ms(hs['p50']):.2f} ms | {ms(hs['p99']):.2f} ms | "
-            f"{ms(hs['max']):.2f} ms | {api['health_size']} B |")
-        add(f"| `GET /vms` | {label} | {vs['n']} | {ms(vs['p50']):.2f} ms | {ms(vs['p99']):.2f} ms | "
+    for d in (e, f):
+        hs, vs, ps = stats(d["health"]), stats(d["vms"]), stats(d["posts"])
+        add(f"| `GET /health` | {d['count']} | {hs['n']} | {ms(hs['p50']):.2f} ms | {ms(hs['p99']):.2f} ms | "
+            f"{ms(hs['max']):.2f} ms | {d['health_size']} B |")
+        add(f"| `GET /vms` | {d['count']} | {vs['n']} | {ms(vs['p50']):.2f} ms | {ms(vs['p99']):.2f} ms | "
             f"{ms(vs['max']):.2f} ms | {d['size']:,} B ({d['count']} VMs) |")
-    hp = stats([m["resp"] for m in H])
-    ps = stats(api["posts"])
-    add(f"| `POST /vms {{}}` | 0 (boot runs) | {hp['n']} | {ms(hp['p50']):.0f} ms | - | {ms(hp['max']):.0f} ms | 201 |")
-    add(f"| `POST /vms {{}}` | {f['count']} | {ps['n']} | {ms(ps['p50']):.0f} ms | - | {ms(ps['max']):.0f} ms | 201 |")
+        add(f"| `POST /vms {json.dumps(POST_BODY)}` | {d['count']} | {ps['n']} | {ms(ps['p50']):.0f} ms | "
+            f"{ms(ps['p99']):.0f} ms | {ms(ps['max']):.0f} ms | 201 |")
     add("")
-    hs, vs = stats(f["health"]), stats(f["vms"])
-    hs0, vs0 = stats(e["health"]), stats(e["vms"])
-    add(f"Ratios, {f['count']} VMs: `GET /vms` / `GET /health` = {vs['p50'] / hs['p50']:.1f}x at p50, "
-        f"{vs['p99'] / hs['p99']:.1f}x at p99 (empty store: {vs0['p50'] / hs0['p50']:.1f}x at p50); "
-        f"`POST /vms` with {f['count']} VMs / with 0 = {ps['p50'] / hp['p50']:.2f}x at p50.")
+
+    def ratio(key, at):
+        return stats(f[key])[at] / stats(e[key])[at]
+
+    add(f"{f['count']} VMs against 0, same request: `GET /vms` {ratio('vms', 'p50'):.2f}x at p50 and "
+        f"{ratio('vms', 'p99'):.2f}x at p99; `GET /health` {ratio('health', 'p50'):.2f}x at p50; "
+        f"`POST /vms` {ratio('posts', 'p50'):.2f}x at p50. `GET /vms` / `GET /health` on the same connection: "
+        f"{stats(e['vms'])['p50'] / stats(e['health'])['p50']:.1f}x at p50 with 0 VMs, "
+        f"{stats(f['vms'])['p50'] / stats(f['health'])['p50']:.1f}x with {f['count']}.")
     return "\n".join(lines)
 
 
@@ -573,7 +609,8 @@ def render_confinement(conf):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10, help="boots of each kind (default 10)")
-    ap.add_argument("--api-vms", type=int, default=1000, help="VM rows inserted for the API part (default 1000)")
+    ap.add_argument("--api-vms", type=int, default=API_VMS,
+                    help=f"stopped VMs made through the API for the API part (default {API_VMS})")
     ap.add_argument("--get-requests", type=int, default=200, help="GET /vms and GET /health requests (default 200)")
     ap.add_argument("--post-requests", type=int, default=10, help="POST /vms requests with the rows (default 10)")
     ap.add_argument("--confine-rounds", type=int, default=2,

@@ -19,13 +19,11 @@ first:
      `Host: bench.localhost` (through the proxy), for each load: C connections
      (`--connections`, default 16, 2 threads), 1 connection, and 1 connection
      with `Connection: close` (a new client connection per request on both
-     paths). busybox httpd closes every connection after its response, so
-     the direct path is one TCP connection per request whatever wrk asks;
-     through the proxy wrk keeps its connections to the proxy (unless
-     `Connection: close`) and the proxy opens one to the guest per request.
-     requests/s, p50 and p99 from `wrk --latency`, socket errors and non-2xx,
-     and the CPU time of the daemon, QEMU (its busiest thread: the vCPU) and
-     wrk over each run, from /proc.
+     paths). requests/s, p50 and p99 from `wrk --latency`, socket errors and
+     non-2xx, the TCP connections opened per request in the namespace (wrk's
+     and the proxy's: whether the guest or the proxy keeps connections open
+     shows there), SYN retransmits, and the CPU time of the daemon, QEMU (its
+     busiest thread: the vCPU) and wrk over each run, from /proc.
   2. single GETs on an idle guest (`--requests`, fresh connection each, 20 ms
      apart, the two paths alternating): the latency of one request outside a
      load loop.
@@ -50,7 +48,6 @@ import json
 import os
 import re
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -61,8 +58,8 @@ sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     git_state, kill_namespace_leftovers, parse_wrk,
-    add_heading, add_table, DOCS, READY, REPO, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
-    ms, one_request, other_qemu_pids, pid_alive, proc_cmdline, qemu_version, run_guarded,
+    add_heading, add_table, DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
+    ms, one_request, other_qemu_pids, proc_cmdline, qemu_version, run_guarded,
     stats, write_docs,
 )
 
@@ -83,6 +80,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z\s+(\w+)\s+([\w:]+): (.*)$")
 RPS_TARGET = 0.8
+# A vCPU thread busier than this (of one core) is called saturated in the reading.
+VCPU_SATURATED = 0.9
+# Direct runs of one load that differ by more than this are called noisy in the reading.
+SPREAD_NOISY_PCT = 10
 IDLE_CORES = 0.5
 P99_TARGET_MS = 1.0
 
@@ -167,6 +168,7 @@ class Meter:
         self.q0 = thread_cpu(self.qpid)
         self.c0 = children_cpu()
         self.n0 = tcp_ext(*SYN_COUNTERS)
+        self.o0 = active_opens()
         self.s0 = steal_jiffies()
         return self
 
@@ -176,6 +178,7 @@ class Meter:
         dt = now() - self.t0
         d1, q1, c1 = cpu_split(self.dpid), thread_cpu(self.qpid), children_cpu()
         n1 = tcp_ext(*SYN_COUNTERS)
+        opens = active_opens() - self.o0
         s1 = steal_jiffies()
         steal = (s1[0] - self.s0[0]) / (s1[1] - self.s0[1]) * (os.cpu_count() or 1) if s1[1] > self.s0[1] else None
         used = [sec - self.q0.get(tid, 0.0) for tid, sec in q1.items()]
@@ -193,6 +196,7 @@ class Meter:
             "vcpu": max(used) / dt if used else None,
             "qemu": sum(used) / dt if used else None,
             "client": (c1 - self.c0) / dt,
+            "opens": opens,
         }
 
 
@@ -484,7 +488,7 @@ class Bench:
 
     def wrk_runs(self):
         paths = self.paths()
-        log(f"warm-up: 2 s of wrk per path and load (not counted)")
+        log("warm-up: 2 s of wrk per path and load (not counted)")
         for load in self.loads:
             for p in paths:
                 self.wrk_once(load, p, 2)
@@ -693,6 +697,10 @@ def fmt(xs, f="{:.2f}", unit=""):
     return f"{f.format(st['median'])}{unit} ({f.format(st['min'])}-{f.format(st['max'])})"
 
 
+def fnum(x, f="{:.2f}"):
+    return "?" if x is None else f.format(x)
+
+
 def f0(x):
     return "?" if x is None else f"{ms(x):.0f}"
 
@@ -708,6 +716,12 @@ def fmt_s(xs):
 def fmt_ms(xs):
     return fmt([ms(x) for x in xs if x is not None], "{:.1f}", " ms")
 
+
+
+def connects_per_request(rs):
+    """TCP connects made in the namespace during the runs / requests wrk completed in them."""
+    done = sum(r["requests"] for r in rs)
+    return sum(r["opens"] for r in rs) / done if done else float("nan")
 
 
 def render(meta, b, markdown):
@@ -743,8 +757,7 @@ def render(meta, b, markdown):
         f"daemon's bridge `hatch0` (MTU {f['mtu_hatch0']}; `lo` MTU {f['mtu_lo']})  ")
     add(f"Guest: the default image, user data `{USER_DATA.strip().splitlines()[-1]}`, so its rcS starts busybox "
         f"`httpd -p 80 -h /srv/www`; `GET {PATH}` answers `{f['guest_status']}` with a {len(BODY)}-byte body and "
-        f"`Connection: {f['guest_connection']}` (busybox httpd forks per connection and closes it after one "
-        f"response); ready line `{f['ready']}`  ")
+        f"`Connection: {f['guest_connection']}`; ready line `{f['ready']}`  ")
     add(f"Proxy: the daemon's, on `{PROXY_HOST}:{PROXY_PORT}` (`HATCH_PROXY_ADDR`), base domain `{BASE_DOMAIN}`; "
         f"route `{SUBDOMAIN}` -> port {GUEST_PORT} (`POST /vms/{{id}}/routes`), the VM `auto_sleep: false`  ")
     add(f"Client: {f['wrk']}, `--timeout 5s --latency`, on the same host; all traffic stays in the bench's "
@@ -781,10 +794,10 @@ def render(meta, b, markdown):
         f"the per-run-pair ratios (proxy run i / direct run i). p50 / p99 added: the difference of the medians in "
         f"the table above, in brackets the range of the per-run-pair differences. Targets: requests/s ratio >= "
         f"{RPS_TARGET}, p99 added < {P99_TARGET_MS:g} ms. wrk starts a request's clock when it writes the "
-        f"request, once its connection is up: straight to the guest every request has a connection of its own "
-        f"(busybox closes it), so the guest's TCP handshake is outside wrk's latency, while through the proxy the "
-        f"proxy's connect to the guest is inside it. The last columns count everything on both paths: the mean "
-        f"time per request by Little's law, connections x seconds / requests, all runs pooled.")
+        f"request, once its connection is up: a connect wrk makes is outside its latency, a connect the proxy "
+        f"makes to the guest inside it (the TCP connects per request of each path are in the CPU table below). "
+        f"The last columns count everything on both paths: the mean time per request by Little's law, "
+        f"connections x seconds / requests, all runs pooled.")
     add("")
 
     def pooled_rps(rs):
@@ -836,13 +849,17 @@ def render(meta, b, markdown):
                          fmt([max(0.0, r["host"] - (r["daemon"] or 0) - (r["qemu"] or 0) - r["client"])
                               if r["host"] is not None else None for r in rs]),
                          fmt([r["steal"] for r in rs]),
-                         f"{sum(r['net']['TCPSynRetrans'] or 0 for r in rs)}"])
+                         f"{sum(r['net']['TCPSynRetrans'] or 0 for r in rs)}",
+                         f"{connects_per_request(rs):.2f}"])
     table(["load", "path", "daemon", "daemon user / sys", "daemon per request", "QEMU vCPU thread", "QEMU all",
-           "wrk", "host busy", "everything else", "steal", "SYN retransmits (all runs)"], rows)
+           "wrk", "host busy", "everything else", "steal", "SYN retransmits (all runs)",
+           "TCP connects per request"], rows)
     add("SYN retransmits: `TCPSynRetrans` of the namespace (/proc/net/netstat) over the runs: connects from "
         "wrk or from the proxy that got no SYN-ACK within 1 s (Linux's initial RTO), so each one is a request "
         "that took over a second; the host-side `ListenOverflows` (the proxy's own accept queue) stayed at "
-        f"{sum((r['net']['ListenOverflows'] or 0) for rs in b.wrk.values() for r in rs)}.")
+        f"{sum((r['net']['ListenOverflows'] or 0) for rs in b.wrk.values() for r in rs)}. TCP connects per "
+        "request: connections opened in the namespace (`ActiveOpens`, /proc/net/snmp: wrk's and the proxy's) "
+        "over the runs / requests wrk completed.")
     add("")
 
     head("Single requests on an idle guest")
@@ -929,7 +946,7 @@ def render(meta, b, markdown):
         + (f" Guest warnings: {'; '.join(f['warnings'])}" if f.get("warnings") else ""))
     add("")
 
-    # Reading it.
+    # Reading it: every figure and every conclusion below is computed from this run.
     many = b.loads[0]
     dm, pm = runs(many, "direct"), runs(many, "proxy")
     vcpu_d, vcpu_p = med([r["vcpu"] for r in dm]), med([r["vcpu"] for r in pm])
@@ -941,29 +958,40 @@ def render(meta, b, markdown):
     spread = [(max(x) / min(x) - 1) * 100 for x in
               ([r["rps"] for r in runs(load, "direct")] for load in b.loads) if len(x) > 1 and min(x) > 0]
     vcpu_1 = med([r["vcpu"] for r in runs(b.loads[1], "direct")])
-    bound = (f"the guest is the bottleneck on both paths (QEMU's vCPU thread busy {vcpu_d:.2f} of a core "
-             f"straight, {vcpu_p:.2f} through the proxy, and {vcpu_1:.2f} even with one connection: under TCG "
-             f"busybox's fork per connection keeps the emulated CPU busy)" if vcpu_d and vcpu_d > 0.8 else
-             f"QEMU's vCPU thread is busy {vcpu_d:.2f} of a core straight, {vcpu_p:.2f} through the proxy")
+    saturated = all(v is not None and v >= VCPU_SATURATED for v in (vcpu_d, vcpu_p))
     add(f"Reading it: with {many.conns} connections the proxy serves {vm_['ratio']:.2f}x the direct requests/s "
-        f"(target >= {RPS_TARGET}: {'met' if vm_['r_ok'] else 'missed'}); {bound}, while the daemon uses "
-        f"{dmn:.2f} cores and the host {host_p:.2f} of {meta['cpus']}."
-        + (f" The emulated guest's own speed varies from run to run: the direct path alone spreads by up to "
-           f"{max(spread):.0f}% between its fastest and slowest run of a load, with its vCPU busy all the time, so "
-           f"single run pairs are noisy and the pooled ratios are the better figure." if spread else ""))
+        f"(target >= {RPS_TARGET}: {'met' if vm_['r_ok'] else 'missed'}); QEMU's busiest thread was busy "
+        f"{fnum(vcpu_d)} of a core straight and {fnum(vcpu_p)} through the proxy ({fnum(vcpu_1)} straight with "
+        f"one connection)"
+        + (f", at least {VCPU_SATURATED} on both paths: the guest's one vCPU is the limit, so requests/s "
+           f"measures the guest more than the path" if saturated else "")
+        + f"; the daemon used {fnum(dmn)} cores and the host {fnum(host_p)} of {meta['cpus']}."
+        + (f" The direct path alone spreads by up to {max(spread):.0f}% between its fastest and slowest run of "
+           f"a load, so single run pairs are noisy and the pooled ratios are the better figure."
+           if spread and max(spread) >= SPREAD_NOISY_PCT else ""))
     add("")
     if syn_d or syn_p:
-        add(f"At {many.conns} connections wrk's p99 through the proxy is {vm_['add99']:+.0f} ms above the direct "
-            f"one: busybox httpd listens with a backlog of 9, so {many.conns} concurrent connects overflow the "
-            f"guest's accept queue and SYNs are dropped and resent after 1 s. That happens as often on both paths "
-            f"({syn_d} SYN retransmits straight, {syn_p} through the proxy), but only through the proxy does wrk's "
-            f"clock see it (the retried connect is the proxy's, inside the request); counting everything, the mean "
-            f"time per request is {ms(vm_['wd']):.1f} ms straight and {ms(vm_['wp']):.1f} ms through the proxy "
-            f"({ms(vm_['wadd']):+.1f} ms). The p99 target cannot be judged at this load with this guest.")
+        req_d, req_p = sum(r["requests"] for r in dm), sum(r["requests"] for r in pm)
+        share_d, share_p = syn_d / max(req_d, 1), syn_p / max(req_p, 1)
+        p99_p = med(lat(pm, "99%"))
+        overflows = sum((r["net"]["ListenOverflows"] or 0) for r in pm)
+        judged = share_p >= 0.01 and p99_p is not None and p99_p >= 1000
+        add(f"At {many.conns} connections {syn_d} SYNs were retransmitted during the direct runs and {syn_p} "
+            f"during the proxied ones ({100 * share_d:.1f}% and {100 * share_p:.1f}% of the requests; each waited "
+            f"at least Linux's initial 1 s retransmission timeout); the host's `ListenOverflows` (the proxy's "
+            f"accept queue) rose by {overflows} in the proxied runs. wrk's p99 through the proxy is "
+            f"{vm_['add99']:+.0f} ms from the direct one, and the mean time per request, everything counted, "
+            f"{ms(vm_['wd']):.1f} ms straight and {ms(vm_['wp']):.1f} ms through the proxy "
+            f"({ms(vm_['wadd']):+.1f} ms)."
+            + (f" With {100 * share_p:.1f}% of the proxied requests behind a retransmitted SYN and wrk's p99 "
+               f"through the proxy at {p99_p:.0f} ms, that p99 measures the retransmits, not the proxy: the "
+               f"p99 target is not judged at this load." if judged else ""))
         add("")
     vc = verdicts.get("one-close")
     one_p = runs(b.loads[1], "proxy")
-    sys_share = 100 * med([r["daemon_sys"] / r["daemon"] for r in one_p if r["daemon"]])
+    sys_share = med([100 * r["daemon_sys"] / r["daemon"] for r in one_p if r["daemon"]])
+    cpr = connects_per_request(one_p)
+    per_req = med([r["daemon_s"] / r["requests"] * 1e6 for r in one_p if r["requests"] and r["daemon_s"] is not None])
     add(f"With one connection the proxy adds {v1['add50']:+.2f} ms at p50 and {v1['add99']:+.2f} ms at p99 of "
         f"wrk's latency (p99 target: {'met' if v1['p_ok'] else 'missed'}; per run pair "
         f"{min(v1['pair99']):+.2f} to {max(v1['pair99']):+.2f} ms) and {ms(v1['wadd']):+.2f} ms to the mean "
@@ -975,29 +1003,30 @@ def render(meta, b, markdown):
            "spread" if all(min(v["pair99"]) < 0 < max(v["pair99"]) for v in (v1, vc) if v) else "")
         + f". To a single request on an idle guest, connection set-up included, the proxy adds "
         f"{ms(single['proxy']['p50'] - single['direct']['p50']):+.2f} ms at p50 and "
-        f"{ms(single['proxy']['p99'] - single['direct']['p99']):+.2f} ms at p99. The daemon "
-        f"spends {med([r['daemon_s'] / r['requests'] * 1e6 for r in runs(b.loads[1], 'proxy') if r['requests']]):.0f}"
-        f" us of CPU per proxied request ({sys_share:.0f}% of it in the kernel: with busybox closing every "
-        f"connection, each request is a new TCP connection from the proxy to the guest).")
+        f"{ms(single['proxy']['p99'] - single['direct']['p99']):+.2f} ms at p99. Through the proxy with one "
+        f"keep-alive connection from wrk, the daemon spent {fnum(per_req, '{:.0f}')} us of CPU per request "
+        f"({fnum(sys_share, '{:.0f}')}% of it in the kernel) and {cpr:.2f} TCP connections were opened per "
+        f"request.")
     add("")
     wk = [r["daemon_ms"] for r in b.wake if r["daemon_ms"] is not None]
     pr = [r["restore"] for r in b.plain]
+    ranges = (f"ranges {f0(min(wk)) if wk else '?'}-{f0(max(wk)) if wk else '?'} and "
+              f"{f0(min(pr))}-{f0(max(pr))} ms")
     if wk and min(wk) <= max(pr) and min(pr) <= max(wk):
-        overlap = (f"ranges {f0(min(wk))}-{f0(max(wk))} and {f0(min(pr))}-{f0(max(pr))} ms overlap: the restore's "
-                   f"own spread")
-    else:
-        overlap = f"ranges {f0(min(wk)) if wk else '?'}-{f0(max(wk)) if wk else '?'} and {f0(min(pr))}-{f0(max(pr))} ms"
+        ranges += ", which overlap"
     wake_after = med([r["total"] - r["daemon_ms"] for r in b.wake if r["daemon_ms"] is not None])
+    get_after = med([r["get"] for r in b.plain])
+    idle_get = single["direct"]["p50"]
     add(f"The first request to a snapshotted VM takes {med(wt):.3f} s through the proxy against {med(pt):.3f} s "
-        f"for `POST /vms/{{id}}/restore` plus the same GET ({ratio:.2f}x). The daemon's wake (the same restore "
-        f"code) took {f0(med([r['daemon_ms'] for r in b.wake]))} ms against "
-        f"{f0(med([r['restore'] for r in b.plain]))} ms for the API's restore ({overlap}). After the restore "
-        f"both paths wait for the guest: the proxy needs "
-        f"{f0(wake_after)} ms from the end of the wake to the last byte (the forwarded request; "
-        f"connections to the guest: {med([r['opens'] for r in b.wake]) - 1:.0f}), the plain path's GET takes "
-        f"{f0(med([r['get'] for r in b.plain]))} ms, against {ms(single['direct']['p50']):.1f} ms for a GET on a "
-        f"guest that has been running: a just-restored guest is slow at first, presumably because QEMU's TCG "
-        f"translates the guest's code afresh in the new process.")
+        f"for `POST /vms/{{id}}/restore` plus the same GET ({ratio:.2f}x). The daemon's wake took "
+        f"{f0(med([r['daemon_ms'] for r in b.wake]))} ms against {f0(med(pr))} ms for the API's restore "
+        f"({ranges}). From the end of the wake to the last byte the proxy took {f0(wake_after)} ms (connections "
+        f"to the guest: {med([r['opens'] for r in b.wake]) - 1:.0f}); on the plain path the GET right after the "
+        f"restore took {f0(get_after)} ms, against {ms(idle_get):.1f} ms at p50 for a GET on a guest that had "
+        f"been running"
+        + (f" ({get_after / idle_get:.1f}x: the first request to a just-restored guest is slower on both paths)"
+           if get_after and wake_after and min(get_after, wake_after) > 2 * idle_get else "")
+        + ".")
     return "\n".join(lines)
 
 
