@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 # Debian packages hatch needs at run time and for its tests and benches.
-HATCH_APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs iproute2 curl procps coreutils nftables dnsmasq-base genisoimage openssh-client dropbear-bin wrk)
+HATCH_APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs iproute2 curl procps coreutils nftables dnsmasq-base genisoimage openssh-client dropbear-bin wrk sqlite3)
 
 # Every command the daemon, the image builder, the tests and the benches run, as `command:package`.
 # Checked after the install: a package can be installed and still miss a command (another package
@@ -13,7 +13,7 @@ HATCH_TOOLS=(
     mkfs.ext4:e2fsprogs debugfs:e2fsprogs genisoimage:genisoimage busybox:busybox-static
     ssh:openssh-client ssh-keygen:openssh-client dropbear:dropbear-bin
     curl:curl wrk:wrk kill:procps cp:coreutils sha256sum:coreutils umount:mount
-    apt-get:apt apt-cache:apt dpkg-deb:dpkg ldd:libc-bin
+    apt-get:apt apt-cache:apt dpkg-deb:dpkg ldd:libc-bin sqlite3:sqlite3
 )
 
 as_root() {
