@@ -488,6 +488,33 @@ fn a_sleeping_vm_wakes_once_for_20_concurrent_requests_and_a_stopped_one_stays_s
     assert!(body.contains("auto_wake"), "{body}");
     assert_eq!(state(&d, &vm), "snapshotted");
 
+    // A wake that fails (the memory in the store is corrupt) is 502 with
+    // the reason, and the VM sleeps on; with the object mended it wakes.
+    let memory = d
+        .stored_objects(&format!("snapshots/{vm}/"))
+        .into_iter()
+        .map(|(k, _)| k)
+        .find(|k| {
+            k.rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("memory"))
+        })
+        .expect("a memory object");
+    let good = d.read_object(&memory);
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    d.write_object(&memory, &bad);
+    let (code, body) = via_proxy(&d, "site.localhost", "/", &[]);
+    assert_eq!(code, 502, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("a JSON body");
+    let why = v["error"].as_str().unwrap();
+    assert!(why.contains(&format!("waking vm {vm} failed")), "{body}");
+    assert!(why.contains("is corrupt"), "{body}");
+    assert_eq!(state(&d, &vm), "snapshotted");
+    assert!(d.vmm_pids_of(&vm).is_empty(), "no VMM after a failed wake");
+    d.write_object(&memory, &good);
+
     // 20 requests at once: one restore, 20 answers.
     let mut args: Vec<String> = [
         "curl",
