@@ -741,10 +741,35 @@ fn wake_after_restart(storage: Storage) {
 
 on_both_stores!(wake_after_restart: asleep_vm_wakes_after_restart_local, asleep_vm_wakes_after_restart_s3);
 
+/// When the daemon wrote the log line `line` (tracing's RFC 3339 timestamp,
+/// after any terminal colour codes).
+fn logged_at(line: &str) -> chrono::DateTime<chrono::FixedOffset> {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An SGR sequence: ESC [ ... m.
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let stamp = plain.split_whitespace().next().unwrap_or_default();
+    chrono::DateTime::parse_from_rfc3339(stamp)
+        .unwrap_or_else(|e| panic!("no timestamp at the start of {line:?}: {e}"))
+}
+
 /// A sleep that cannot store its snapshot (the S3 server is gone) leaves the
-/// VM running and serving, says why in the log, and is not retried at every check.
+/// VM running and serving, says why in the log, and is not retried at every
+/// check: the next attempt waits for another full timeout. Nothing reaches
+/// the VM in between (a proxied request would restart its idle clock).
 #[test]
 fn an_idle_sleep_that_cannot_be_stored_keeps_the_vm_running() {
+    const TIMEOUT_SECS: i64 = 15;
     let mut d = Daemon::start_storage_with(Storage::S3, &[("HATCH_IDLE_CHECK_INTERVAL", "1s")]);
     let vm = web_vm(&d, json!({}));
     add_route(&d, &vm, json!({"target_port": 80, "subdomain": "site"}));
@@ -752,13 +777,20 @@ fn an_idle_sleep_that_cannot_be_stored_keeps_the_vm_running() {
     let r = d.req(
         "PATCH",
         &format!("/vms/{vm}"),
-        Some(r#"{"idle_timeout_seconds": 3}"#),
+        Some(&json!({ "idle_timeout_seconds": TIMEOUT_SECS }).to_string()),
     );
     assert_eq!(r.status, 200, "{}", r.text);
+    let failures = |d: &Daemon| -> Vec<String> {
+        d.daemon_log()
+            .lines()
+            .filter(|l| l.contains(vm.as_str()) && l.contains("idle sleep failed"))
+            .map(String::from)
+            .collect()
+    };
     wait_until(
         "the failed sleep is logged",
-        Duration::from_secs(60),
-        || log_count(&d, &vm, "idle sleep failed") >= 1,
+        Duration::from_secs(120),
+        || !failures(&d).is_empty(),
     );
     let v = d.vm(&vm);
     assert_eq!(v["state"], "running", "{v}");
@@ -767,15 +799,72 @@ fn an_idle_sleep_that_cannot_be_stored_keeps_the_vm_running() {
         d.req("GET", &format!("/vms/{vm}/snapshots"), None).body,
         json!([])
     );
+    // With checks every second and no traffic, the second attempt comes a
+    // full timeout after the first failed, not at the next check.
+    wait_until(
+        "the failed sleep is tried again",
+        Duration::from_secs(120),
+        || failures(&d).len() >= 2,
+    );
+    let seen = failures(&d);
+    let gap = logged_at(&seen[1]) - logged_at(&seen[0]);
+    assert!(
+        gap >= chrono::Duration::milliseconds(TIMEOUT_SECS * 1000 - 500),
+        "retried {} ms after the first failure, within the {TIMEOUT_SECS} s timeout:\n{}",
+        gap.num_milliseconds(),
+        seen.join("\n")
+    );
+    // Still running, and serving.
+    assert_eq!(d.vm(&vm)["state"], "running");
     let (code, body) = via_proxy(&d, "site.localhost", "/", &[]);
     assert_eq!(code, 200, "{body}");
     assert!(body.starts_with("hello from"), "{body}");
-    // The next attempt waits for another full timeout.
-    std::thread::sleep(Duration::from_secs(2));
+}
+
+/// A base domain of the operator's own (`HATCH_PROXY_BASE_DOMAIN`, given in
+/// mixed case with a trailing dot) end to end; and a wake that outlasts
+/// `HATCH_PROXY_WAKE_TIMEOUT`: 504, while the wake itself goes on.
+#[test]
+fn another_base_domain_end_to_end_and_a_wake_past_its_timeout_is_504() {
+    // No restore finishes in 1 ms: every wake outlasts this timeout.
+    let d = Daemon::start_with(&[
+        ("HATCH_PROXY_BASE_DOMAIN", "Apps.Example.TEST."),
+        ("HATCH_PROXY_WAKE_TIMEOUT", "1ms"),
+    ]);
+    let vm = web_vm(&d, json!({}));
+    let route = add_route(&d, &vm, json!({"target_port": 80, "subdomain": "shop"}));
+    assert_eq!(route["host"], "shop.apps.example.test", "{route}");
     assert_eq!(
-        log_count(&d, &vm, "idle sleep failed"),
-        1,
-        "{}",
-        d.daemon_log()
+        route["url"], "http://shop.apps.example.test:8081/",
+        "{route}"
     );
+    let (code, page) = via_proxy(&d, "shop.apps.example.test", "/", &[]);
+    assert_eq!(code, 200, "{page}");
+    assert!(page.starts_with("hello from "), "{page}");
+    // The default domain, or another one, is no route.
+    for host in ["shop.localhost", "shop.example.test"] {
+        let (code, body) = via_proxy(&d, host, "/", &[]);
+        assert_eq!(code, 404, "{host}: {body}");
+    }
+
+    let r = d.req("POST", &format!("/vms/{vm}/snapshot"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(state(&d, &vm), "snapshotted");
+    let (code, body) = via_proxy(&d, "shop.apps.example.test", "/", &[]);
+    assert_eq!(code, 504, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("a JSON body");
+    let why = v["error"].as_str().unwrap();
+    assert!(
+        why.contains(&format!("vm {vm} did not wake")) && why.contains("HATCH_PROXY_WAKE_TIMEOUT"),
+        "{body}"
+    );
+    // The request gave up, the wake did not: the VM comes back on its own
+    // and then answers as before, resumed rather than rebooted.
+    wait_until("the wake finishes", Duration::from_secs(120), || {
+        log_count(&d, &vm, "vm woke on request") == 1
+    });
+    assert_eq!(state(&d, &vm), "running");
+    let (code, after) = via_proxy(&d, "shop.apps.example.test", "/", &[]);
+    assert_eq!((code, after), (200, page));
+    assert_eq!(d.logs(&vm).matches("hatch-guest: ready").count(), 1);
 }
