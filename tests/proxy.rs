@@ -860,7 +860,7 @@ fn another_base_domain_end_to_end_and_a_wake_past_its_timeout_is_504() {
     );
     // The request gave up, the wake did not: the VM comes back on its own
     // and then answers as before, resumed rather than rebooted.
-    wait_until("the wake finishes", Duration::from_secs(120), || {
+    wait_until("the wake to finish", Duration::from_secs(120), || {
         log_count(&d, &vm, "vm woke on request") == 1
     });
     assert_eq!(state(&d, &vm), "running");
