@@ -128,6 +128,8 @@ fn standby_compression(storage: Storage) {
         ),
     ];
     let mut snaps = vec![];
+    // The last tick each snapshot holds, in the order of `snaps`.
+    let mut frozen_at = vec![];
     for (n, (asked, shown)) in cycles.iter().enumerate() {
         let algo = shown["algorithm"].as_str().unwrap_or("none");
         let r = snapshot(
@@ -192,13 +194,14 @@ fn standby_compression(storage: Storage) {
         );
         assert_eq!(r.status, 200, "{}", r.text);
         assert_eq!(r.body["state"], "running");
-        wait_until("ticks after restore", Duration::from_secs(60), || {
+        wait_until("ticks after restore", BOOT_TIMEOUT, || {
             last_tick(&d.logs(&id)) > frozen
         });
         let log = d.logs(&id);
         let after = &log[log.rfind(&format!("tick {frozen}")).unwrap()..];
         assert!(after.contains(&format!("tick {}", frozen + 1)), "{after}");
         snaps.push(sid);
+        frozen_at.push(frozen);
     }
 
     // Names are unique per instance; a duplicate is refused before the guest is touched.
@@ -249,11 +252,18 @@ fn standby_compression(storage: Storage) {
         400
     );
 
-    // Standby target: the instance stands by on an older snapshot, then resumes from it.
+    // Standby target: the instance stands by on an older snapshot, then
+    // resumes from it. The guest counts well past that snapshot's tick first,
+    // so the counter tells which memory came back.
+    let older = frozen_at[3];
+    wait_until("ticks past the older snapshot", BOOT_TIMEOUT, || {
+        last_tick(&d.logs(&id)) >= older + 10
+    });
     assert_eq!(
         snapshot(&d, &id, json!({"kind": "Standby", "name": "latest"})).status,
         201
     );
+    let latest = last_tick(&d.logs(&id));
     let r = restore(&snaps[3], json!({"target_state": "Standby"}));
     assert_eq!(
         (r.status, r.body["state"].clone()),
@@ -261,8 +271,27 @@ fn standby_compression(storage: Storage) {
         "{}",
         r.text
     );
+    // The console log only grows: what the guest prints from here on is new.
+    let seen = d.logs(&id).len();
     let r = d.req("POST", &format!("/vms/{id}/restore"), None);
     assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["state"], "running", "{}", r.text);
+    wait_until("ticks after the older restore", BOOT_TIMEOUT, || {
+        last_tick(&d.logs(&id)[seen..]) > 0
+    });
+    let log = d.logs(&id);
+    let resumed_at = log[seen..]
+        .lines()
+        .filter_map(|l| l.split("tick ").nth(1))
+        .find_map(|n| n.trim().parse::<u64>().ok())
+        .unwrap();
+    // older + 1, or older + 2 should a tick have been half printed at the pause.
+    assert!(
+        resumed_at > older && resumed_at <= older + 2,
+        "the guest goes on from s-3 (tick {older}), not from \"latest\" (tick {latest}), \
+         yet its first tick is {resumed_at}:\n{}",
+        &log[seen..]
+    );
 
     // Deleting the instance deletes every object it had.
     assert!(!d.stored_objects(&format!("snapshots/{id}/")).is_empty());
@@ -274,7 +303,9 @@ fn standby_compression(storage: Storage) {
 on_both_stores!(stopped_and_fork: stopped_snapshot_keeps_the_disk_for_restore_and_fork, stopped_snapshot_keeps_the_disk_for_restore_and_fork_s3);
 
 fn stopped_and_fork(storage: Storage) {
-    let d = Daemon::start_storage(storage, false);
+    // A Stopped snapshot and a stop are graceful here: give a slow guest the
+    // time the harness gives a boot, not the default 30 s.
+    let d = Daemon::start_storage_with(storage, &[("HATCH_STOP_TIMEOUT", "120s")]);
     let (key, public) = keypair(&d.data_dir);
     let vm = d.create_vm(
         &json!({"name": "web", "user_data": ssh_user_data("root", &public)}).to_string(),
@@ -388,6 +419,9 @@ fn stopped_and_fork(storage: Storage) {
     assert!(ssh(&ip, "ls /root/later 2>&1 || true").contains("No such file"));
 
     for v in [&runner, &cid, &id] {
+        d.assert_plugged_in(&d.vm(v), true);
+    }
+    for v in [&runner, &cid, &id] {
         assert_eq!(d.req("DELETE", &format!("/vms/{v}"), None).status, 200);
     }
     assert!(d.vmm_pids().is_empty());
@@ -434,7 +468,7 @@ fn standby_fork(storage: Storage) {
     let twin_ip = twin["guest_ip"].as_str().unwrap().to_string();
     assert_ne!(twin_ip, src_ip);
     // Its memory continued: the counter goes on from the snapshot, not from 1.
-    wait_until("the fork's ticks", Duration::from_secs(60), || {
+    wait_until("the fork's ticks", BOOT_TIMEOUT, || {
         last_tick(&d.logs(&tid)) > frozen
     });
     let first_tick = d

@@ -130,6 +130,9 @@ fn guests_are_hosts_on_the_bridge_with_ssh_nat_and_dns() {
         table.contains(&format!("dport {} dnat to 172.16.0.10:22", port_of(&a))),
         "{table}"
     );
+    // Both are plugged in: what "TAP gone" and "nothing left" below undo.
+    d.assert_plugged_in(&a, true);
+    d.assert_plugged_in(&b, true);
 
     // Conflicts: a taken address or MAC is 409 and creates nothing.
     let vms_before = d.req("GET", "/vms", None).body.as_array().unwrap().len();
@@ -178,6 +181,9 @@ fn guests_are_hosts_on_the_bridge_with_ssh_nat_and_dns() {
     assert_eq!(out.trim(), "2");
 
     // Delete releases everything: TAPs, forwards, reservations.
+    for id in [a_id, b_id] {
+        d.assert_plugged_in(&d.vm(id), true);
+    }
     for id in [a_id, b_id] {
         assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
     }
@@ -249,6 +255,7 @@ fn allocations_survive_a_daemon_restart() {
         200
     );
     d.wait_console(r_id, "hatch-guest: ready");
+    d.assert_plugged_in(&d.vm(r_id), true);
 
     d.kill9();
     d.restart();
@@ -280,6 +287,7 @@ fn allocations_survive_a_daemon_restart() {
             "cat /etc/hostname",
         );
         assert_eq!(out.trim(), id.replace('_', "-"));
+        d.assert_plugged_in(&d.vm(id), true);
     }
     for id in [r_id, s_id, third["id"].as_str().unwrap()] {
         assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);

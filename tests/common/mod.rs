@@ -653,11 +653,13 @@ impl Daemon {
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
             signal(c.id(), "-TERM");
-            let deadline = Instant::now() + Duration::from_secs(90);
+            // Room for each guest's graceful stop under a loaded machine (a
+            // test may give the daemon a long HATCH_STOP_TIMEOUT).
+            let deadline = Instant::now() + Duration::from_secs(300);
             while c.try_wait().unwrap().is_none() {
                 if Instant::now() > deadline {
                     let _ = c.kill();
-                    panic!("daemon did not exit within 90s of SIGTERM");
+                    panic!("daemon did not exit within 300s of SIGTERM");
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -847,8 +849,16 @@ impl Daemon {
     }
 
     /// Links in the daemon's namespace whose name starts with `prefix`.
+    /// Panics if `ip` fails: an empty list must mean "no such link", never
+    /// "could not look".
     pub fn links(&self, prefix: &str) -> Vec<String> {
         let out = self.in_ns(None, &["ip", "-o", "link", "show"]);
+        assert!(
+            out.status.success(),
+            "ip -o link show in {}: {}",
+            self.ns,
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split(": ").nth(1))
@@ -857,14 +867,52 @@ impl Daemon {
             .collect()
     }
 
-    /// The daemon's nftables table as text ("" when it does not exist).
+    /// The daemon's nftables table `ip hatch` as text, None when it does not
+    /// exist. Any other failure of `nft` panics.
+    pub fn nft_table_opt(&self) -> Option<String> {
+        let out = self.in_ns(None, &["nft", "list", "table", "ip", "hatch"]);
+        if out.status.success() {
+            return Some(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        // nft's words for a table that is not there (ENOENT).
+        assert!(
+            err.contains("No such file or directory"),
+            "nft list table ip hatch in {}: {err}",
+            self.ns
+        );
+        None
+    }
+
+    /// The daemon's nftables table `ip hatch` as text. The daemon makes it
+    /// when its networking starts, so a missing table panics, as does any
+    /// failure of `nft`.
     pub fn nft_table(&self) -> String {
-        String::from_utf8_lossy(
-            &self
-                .in_ns(None, &["nft", "list", "table", "ip", "hatch"])
-                .stdout,
-        )
-        .into_owned()
+        self.nft_table_opt()
+            .unwrap_or_else(|| panic!("no nftables table ip hatch in {}", self.ns))
+    }
+
+    /// Asserts that the VM `vm` (a body from the API) is plugged in: its TAP
+    /// exists, and when `forward` its SSH port forward is in the firewall.
+    /// A later "nothing left" check means something only after this held.
+    pub fn assert_plugged_in(&self, vm: &Value, forward: bool) {
+        let tap = vm["tap_name"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a VM with a TAP: {vm}"));
+        let links = self.links("ht");
+        assert!(
+            links.iter().any(|l| l == tap),
+            "TAP {tap} of a running VM is missing: {links:?}"
+        );
+        if forward {
+            let rule = format!(
+                "dport {} dnat to {}:22",
+                vm["ssh_port"],
+                vm["guest_ip"].as_str().unwrap()
+            );
+            let table = self.nft_table();
+            assert!(table.contains(&rule), "{rule:?} not in:\n{table}");
+        }
     }
 }
 
