@@ -1,4 +1,4 @@
-//! The API's contract (seed 004): auth, owners, validation, images, templates,
+//! The Hatch API's contract (docs/API.md): auth, owners, validation, images, templates,
 //! error bodies and status codes. Bad input must change nothing.
 
 mod common;

@@ -14,7 +14,7 @@ fn create_logs_stop_start_delete() {
     // on a loaded machine before the daemon would kill it.
     let d = Daemon::start_with(&[("HATCH_STOP_TIMEOUT", "120s")]);
 
-    // An empty body creates a VM from the default image with seed 001's defaults.
+    // An empty body creates a VM from the default image with the Hatch API's defaults.
     let vm = d.create_vm("{}");
     let id = vm["id"].as_str().unwrap().to_string();
     assert!(id.starts_with("vm_"), "{vm}");

@@ -30,7 +30,7 @@ fn kill_9_then_restart() {
     );
 
     d.restart();
-    // ...and the restarted daemon accounts for it: killed, VM marked error (seed 001).
+    // ...and the restarted daemon accounts for it: killed, VM marked error (Hatch API).
     wait_until("orphan VMM killed", Duration::from_secs(10), || {
         d.vmm_pids().is_empty()
     });

@@ -1,4 +1,4 @@
-//! Snapshots through the Hatch API (seed 000) with real guests: memory, CPU
+//! Snapshots through the Hatch API with real guests: memory, CPU
 //! and disk are captured and stored; restore continues the guest where it
 //! was, with its address and SSH port; corrupt or missing objects are caught
 //! and nothing is lost; deleting the VM deletes its stored objects. Those
@@ -256,7 +256,7 @@ fn hypeman_list_get_and_delete_snapshots() {
         second.body["id"].as_str().unwrap().to_string(),
     );
 
-    // Seed 002's model, newest first.
+    // The Hypeman API's model, newest first.
     let list = d.req("GET", "/snapshots", None);
     assert_eq!(list.status, 200, "{}", list.text);
     let items = list.body.as_array().unwrap();

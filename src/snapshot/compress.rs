@@ -1,4 +1,4 @@
-//! Compression of the memory object: the settings of seed 003 (`{enabled, algorithm, level}`),
+//! Compression of the memory object: the settings of the Hypeman API (`{enabled, algorithm, level}`),
 //! their validation and defaults, and the streaming encoders/decoders behind `Objects::compress`
 //! and `Objects::get_file_decompressed`.
 
@@ -23,7 +23,7 @@ impl Algorithm {
         }
     }
 
-    /// The levels seed 003 allows (zstd 1-19, lz4 0-9).
+    /// The levels the Hypeman API allows (zstd 1-19, lz4 0-9).
     pub fn levels(self) -> RangeInclusive<i64> {
         match self {
             Algorithm::Zstd => 1..=19,
@@ -31,7 +31,7 @@ impl Algorithm {
         }
     }
 
-    /// The level used when none is given (seed 003: zstd 1, lz4 0), the fastest of each.
+    /// The level used when none is given (Hypeman API: zstd 1, lz4 0), the fastest of each.
     pub fn default_level(self) -> i32 {
         match self {
             Algorithm::Zstd => 1,
@@ -70,7 +70,7 @@ impl std::fmt::Display for Algorithm {
     }
 }
 
-/// Seed 003's `SnapshotCompressionConfig`, as it arrives in a request and as it is shown.
+/// The Hypeman API's `SnapshotCompressionConfig`, as it arrives in a request and as it is shown.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CompressionConfig {
@@ -83,7 +83,7 @@ pub struct CompressionConfig {
 
 impl CompressionConfig {
     /// Checks the level against the algorithm's range. A disabled config is always valid:
-    /// seed 003 says algorithm and level are ignored then.
+    /// the Hypeman API says algorithm and level are ignored then.
     pub fn validate(&self) -> Result<(), String> {
         if !self.enabled {
             return Ok(());
@@ -100,7 +100,7 @@ impl CompressionConfig {
         }
     }
 
-    /// What to run: `None` when disabled, else the algorithm and level with seed 003's defaults
+    /// What to run: `None` when disabled, else the algorithm and level with the Hypeman API's defaults
     /// filled in. Meant for a validated config; an out-of-range level is clamped into range.
     pub fn effective(&self) -> Option<(Algorithm, i32)> {
         if !self.enabled {
@@ -205,7 +205,7 @@ mod tests {
         for l in 0..=9 {
             enabled(Some(Algorithm::Lz4), Some(l)).validate().unwrap();
         }
-        // Disabled: whatever else is there is ignored, as seed 003 says.
+        // Disabled: whatever else is there is ignored, as the Hypeman API says.
         let off = CompressionConfig {
             enabled: false,
             algorithm: Some(Algorithm::Lz4),
@@ -217,7 +217,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_follow_seed_003() {
+    fn defaults_follow_the_hypeman_api() {
         assert_eq!(enabled(None, None).effective(), Some((Algorithm::Zstd, 1)));
         assert_eq!(
             enabled(Some(Algorithm::Lz4), None).effective(),
@@ -238,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn json_shape_matches_seed_003() {
+    fn json_shape_matches_the_hypeman_api() {
         let c: CompressionConfig =
             serde_json::from_str(r#"{"enabled":true,"algorithm":"lz4","level":3}"#).unwrap();
         assert_eq!(c, enabled(Some(Algorithm::Lz4), Some(3)));

@@ -4,7 +4,7 @@
 //!
 //! The store is the `object_store` abstraction: a directory under the data
 //! dir by default, an S3-compatible bucket when `HATCH_S3_BUCKET` is set. Keys
-//! follow seed 000: `snapshots/{vm_id}/{snap_id}/{vmstate|memory|disk}`.
+//! follow the Hatch API's layout: `snapshots/{vm_id}/{snap_id}/{vmstate|memory|disk}`.
 
 mod compress;
 #[cfg(test)]
@@ -67,7 +67,7 @@ pub fn prefix_of_vm(vm_id: &str) -> String {
     format!("snapshots/{vm_id}/")
 }
 
-/// The record of a snapshot being captured: keys laid out as seed 000 says,
+/// The record of a snapshot being captured: keys laid out as the Hatch API says,
 /// nothing stored yet, not usable until marked ready.
 pub fn capturing_record(
     id: &str,
