@@ -1,6 +1,7 @@
 //! JSON shapes of the API's objects (seed 001 for VMs).
 
 use crate::config::ProxyConfig;
+use crate::domain::{CompressionState, SnapshotKind, VmState};
 use crate::store::{Image, Route, Snapshot, Template, Vm};
 use serde::Serialize;
 
@@ -12,7 +13,7 @@ pub struct VmView {
     pub image_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub template_id: Option<String>,
-    pub state: String,
+    pub state: VmState,
     pub vcpu_count: i64,
     pub mem_mib: i64,
     pub boot_args: String,
@@ -182,8 +183,8 @@ impl From<Snapshot> for HatchSnapshotView {
             vm_id: s.vm_id,
             state_key: s.state_key,
             // Once compressed, the memory lives in the compressed object.
-            memory_key: match (s.compression_state.as_str(), s.compressed_key) {
-                ("compressed", Some(k)) => k,
+            memory_key: match (s.compression_state, s.compressed_key) {
+                (CompressionState::Compressed, Some(k)) => k,
                 _ => s.memory_key,
             },
             disk_key: s.disk_key,
@@ -200,7 +201,7 @@ impl From<Snapshot> for HatchSnapshotView {
 pub struct SnapshotView {
     pub id: String,
     pub created_at: String,
-    pub kind: String,
+    pub kind: SnapshotKind,
     pub size_bytes: i64,
     pub source_hypervisor: String,
     pub source_instance_id: String,
@@ -211,7 +212,7 @@ pub struct SnapshotView {
     pub compression: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compression_error: Option<String>,
-    pub compression_state: String,
+    pub compression_state: CompressionState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub tags: serde_json::Map<String, serde_json::Value>,

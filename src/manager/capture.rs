@@ -3,8 +3,8 @@
 use super::quotas::SnapshotQuota;
 use super::requests::{CreateSnapshot, SnapshotKind};
 use super::snapshots::MemoryPipe;
-use super::state::VmState;
-use super::{state_of, Manager, ManagerError, Result};
+use super::state::{CompressionState, SnapshotStatus, VmState};
+use super::{Manager, ManagerError, Result};
 use crate::ids;
 use crate::snapshot::{self, CompressionConfig};
 use crate::store::{Owner, Snapshot, Vm};
@@ -50,7 +50,7 @@ impl Manager {
         quota: SnapshotQuota,
     ) -> Result<Snapshot> {
         let id = vm.id.clone();
-        let st = state_of(vm);
+        let st = vm.state;
         match kind {
             SnapshotKind::Standby if st != VmState::Running => {
                 return Err(ManagerError::Conflict(format!(
@@ -69,7 +69,7 @@ impl Manager {
             &snap_id,
             &vm.id,
             &vm.owner_id,
-            kind.as_str(),
+            kind,
             &vm.hypervisor,
             Self::vm_config(vm),
         );
@@ -114,8 +114,10 @@ impl Manager {
             return Err(e);
         }
         if compression.enabled {
-            snap.compression_state = "compressing".into();
-            self.store.set_snapshot_compression(&snap).await?;
+            snap.compression_state = CompressionState::Compressing;
+            self.store
+                .set_snapshot_compression(&snap, CompressionState::None)
+                .await?;
             self.spawn_compression(snap.clone());
         }
         tracing::info!(vm = %id, snapshot = %snap_id, kind = kind.as_str(), bytes = snap.size_bytes, "snapshot stored");
@@ -164,7 +166,7 @@ impl Manager {
         }
         self.store.mark_snapshot_ready(snap).await?;
         drop(admission);
-        snap.status = "ready".into();
+        snap.status = SnapshotStatus::Ready;
         // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
         vm.standby_snapshot_id = Some(snap.id.clone());
@@ -230,7 +232,7 @@ impl Manager {
         snap: &mut Snapshot,
         quota: SnapshotQuota,
     ) -> Result<()> {
-        if state_of(vm) == VmState::Running {
+        if vm.state == VmState::Running {
             self.stop_locked(vm).await?;
         }
         let disk = self.spec_for(vm).disk;
@@ -250,7 +252,7 @@ impl Manager {
         let _admission = self.alloc_lock.lock().await;
         self.admit_stored(&vm.owner_id, quota, stored.size).await?;
         self.store.mark_snapshot_ready(snap).await?;
-        snap.status = "ready".into();
+        snap.status = SnapshotStatus::Ready;
         Ok(())
     }
 }

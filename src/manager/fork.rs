@@ -1,9 +1,9 @@
 //! Fork: a new VM from a snapshot, beside its source.
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::snapshots::{kind_of, SavedConfig};
-use super::state::VmState;
-use super::{not_found, state_of, Manager, ManagerError, Result};
+use super::snapshots::SavedConfig;
+use super::state::{CompressionState, SnapshotStatus, VmState};
+use super::{not_found, Manager, ManagerError, Result};
 use crate::ids;
 use crate::image::seed;
 use crate::snapshot::{self};
@@ -33,7 +33,7 @@ impl Manager {
             }
         };
         let snap = self.get_snapshot(owner, snap_id).await?;
-        let kind = kind_of(&snap);
+        let kind = snap.kind;
         let target = req
             .target(kind, self.vmm.name())
             .map_err(ManagerError::BadRequest)?;
@@ -50,7 +50,7 @@ impl Manager {
             image_id: source.image_id.clone(),
             image_dir: source.image_dir.clone(),
             template_id: None,
-            state: VmState::Starting.as_str().into(),
+            state: VmState::Starting,
             vcpu_count: saved.vcpu_count.unwrap_or(source.vcpu_count),
             mem_mib: saved.mem_mib.unwrap_or(source.mem_mib),
             boot_args: saved.boot_args.clone().unwrap_or(source.boot_args.clone()),
@@ -97,7 +97,7 @@ impl Manager {
             }
             Err(e) => {
                 let msg = format!("fork {} of snapshot {snap_id} failed: {e}", vm.id);
-                if state_of(&vm).is_transient() {
+                if vm.state.is_transient() {
                     self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
                 }
                 Err(ManagerError::Internal(msg))
@@ -200,14 +200,14 @@ impl Manager {
             &new_id,
             &vm.id,
             &vm.owner_id,
-            &snap.kind,
+            snap.kind,
             &snap.source_hypervisor,
             snap.vm_config.clone(),
         );
         own.source_instance_name = vm.name.clone();
         own.compression = snap.compression.clone();
         self.store.insert_snapshot(&own).await?;
-        let compressed = snap.compression_state == "compressed";
+        let compressed = snap.compression_state == CompressionState::Compressed;
         let mut pairs = vec![
             (snap.state_key.clone(), own.state_key.clone()),
             (snap.disk_key.clone(), own.disk_key.clone()),
@@ -241,15 +241,15 @@ impl Manager {
         own.disk_size = snap.disk_size;
         own.size_bytes = snap.size_bytes;
         self.store.mark_snapshot_ready(&own).await?;
-        own.status = "ready".into();
-        own.compression_state = if compressed {
-            "compressed".into()
-        } else {
-            "none".into()
-        };
-        own.compressed_sha256 = snap.compressed_sha256.clone();
-        own.compressed_size_bytes = snap.compressed_size_bytes;
-        self.store.set_snapshot_compression(&own).await?;
+        own.status = SnapshotStatus::Ready;
+        if compressed {
+            own.compression_state = CompressionState::Compressed;
+            own.compressed_sha256 = snap.compressed_sha256.clone();
+            own.compressed_size_bytes = snap.compressed_size_bytes;
+            self.store
+                .set_snapshot_compression(&own, CompressionState::None)
+                .await?;
+        }
         Ok(own)
     }
 }

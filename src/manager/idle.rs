@@ -3,7 +3,7 @@
 
 use super::requests::{CreateSnapshot, SnapshotKind};
 use super::state::VmState;
-use super::{state_of, Manager};
+use super::Manager;
 use crate::store::Vm;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -218,7 +218,7 @@ impl Manager {
             };
             let candidates: Vec<(Vm, Duration)> = vms
                 .into_iter()
-                .filter(|v| state_of(v) == VmState::Running)
+                .filter(|v| v.state == VmState::Running)
                 .filter_map(|v| {
                     let t = idle_timeout_of(
                         v.auto_sleep,
@@ -262,7 +262,7 @@ impl Manager {
         let Ok(Some(mut vm)) = self.store.get_vm(vm_id).await else {
             return;
         };
-        if state_of(&vm) != VmState::Running {
+        if vm.state != VmState::Running {
             return;
         }
         let Some(_pausing) = self.activity.pause_if_idle(vm_id, timeout) else {

@@ -2,7 +2,7 @@
 
 use super::requests::CreateVm;
 use super::state::VmState;
-use super::{not_found, state_of, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
+use super::{not_found, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
 use crate::ids;
 use crate::image::{self, seed};
 use crate::store::{self, Owner, Vm};
@@ -84,7 +84,7 @@ impl Manager {
             image_id: image.id.clone(),
             image_dir: image.dir.clone(),
             template_id: tpl.map(|t| t.id.clone()),
-            state: VmState::Starting.as_str().into(),
+            state: VmState::Starting,
             vcpu_count,
             mem_mib,
             boot_args: super::requests::effective_boot_args(
@@ -192,7 +192,7 @@ impl Manager {
     }
 
     pub(super) async fn stop_locked(&self, vm: &mut Vm) -> Result<()> {
-        let st = state_of(vm);
+        let st = vm.state;
         if st != VmState::Running {
             return Err(ManagerError::Conflict(format!(
                 "vm {} is {st}; only a running VM can be stopped",
@@ -217,7 +217,7 @@ impl Manager {
     /// Boots a stopped VM (or one in error) afresh from its disk.
     pub(super) async fn start_locked(self: &Arc<Self>, vm: &mut Vm) -> Result<()> {
         let id = vm.id.clone();
-        let st = state_of(vm);
+        let st = vm.state;
         if !matches!(st, VmState::Stopped | VmState::Error) {
             return Err(ManagerError::Conflict(format!(
                 "vm {id} is {st}; only a stopped VM (or one in error) can be started"
@@ -257,9 +257,9 @@ impl Manager {
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
             if e.kind() != std::io::ErrorKind::NotFound {
                 let msg = format!("deleting vm {id}: removing {}: {e}", dir.display());
-                if state_of(&vm).is_transient() {
+                if vm.state.is_transient() {
                     self.store
-                        .set_vm_state(id, VmState::Error.as_str(), Some(&msg))
+                        .set_vm_state(id, VmState::Error, Some(&msg))
                         .await?;
                 }
                 return Err(ManagerError::Internal(msg));

@@ -118,11 +118,6 @@ fn not_found(kind: &str, id: &str) -> ManagerError {
     ManagerError::NotFound(format!("{kind} {id} not found"))
 }
 
-fn state_of(vm: &Vm) -> VmState {
-    // Unknown text in the database is treated as an error state, never as running.
-    vm.state.parse().unwrap_or(VmState::Error)
-}
-
 impl Manager {
     pub fn new(store: Store, objects: Objects, vmm: Arc<dyn Vmm>, config: Config) -> Arc<Manager> {
         Arc::new(Manager {
@@ -222,18 +217,15 @@ impl Manager {
 
     /// Persists a checked transition.
     async fn transition(&self, vm: &mut Vm, to: VmState, last_error: Option<&str>) -> Result<()> {
-        let from = state_of(vm);
+        let from = vm.state;
         if !from.can_become(to) {
             return Err(ManagerError::Internal(format!(
                 "internal error: vm {} cannot go from {from} to {to}",
                 vm.id
             )));
         }
-        vm.updated_at = self
-            .store
-            .set_vm_state(&vm.id, to.as_str(), last_error)
-            .await?;
-        vm.state = to.as_str().to_string();
+        vm.updated_at = self.store.set_vm_state(&vm.id, to, last_error).await?;
+        vm.state = to;
         vm.last_error = last_error.map(str::to_string);
         if to == VmState::Running {
             // The idle clock starts when the guest runs (boot, start, restore).

@@ -2,7 +2,7 @@
 
 use super::requests::CreateVm;
 use super::state::VmState;
-use super::{state_of, Manager, ManagerError, Result};
+use super::{Manager, ManagerError, Result};
 use crate::ids;
 use crate::image::seed;
 use crate::net::dhcp::Reservation;
@@ -116,7 +116,7 @@ impl Manager {
             .map_err(|e| format!("reading VMs for the firewall: {e}"))?;
         let forwards = vms
             .iter()
-            .filter(|v| state_of(v) == VmState::Running)
+            .filter(|v| v.state == VmState::Running)
             .filter_map(|v| {
                 Some(Forward {
                     host_port: u16::try_from(v.ssh_port?).ok()?,

@@ -1,11 +1,9 @@
 //! Restore: a VM resumed from its standby snapshot or from one it chose.
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::snapshots::{
-    compression_of, grow_pipe, kind_of, make_fifo, stored, DiskSwap, SavedConfig,
-};
-use super::state::VmState;
-use super::{state_of, Manager, ManagerError, Result};
+use super::snapshots::{compression_of, grow_pipe, make_fifo, stored, DiskSwap, SavedConfig};
+use super::state::{CompressionState, VmState};
+use super::{Manager, ManagerError, Result};
 use crate::snapshot::{self, Stored};
 use crate::store::{Owner, Snapshot, Vm};
 use crate::vmm::{self};
@@ -18,7 +16,7 @@ impl Manager {
     /// the restore before anything changes: the VM stays `snapshotted`.
     pub async fn restore_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
         let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
-        let st = state_of(&vm);
+        let st = vm.state;
         if st != VmState::Snapshotted {
             return Err(ManagerError::Conflict(format!(
                 "vm {id} is {st}; only a snapshotted VM can be restored"
@@ -49,7 +47,7 @@ impl Manager {
         let (_r, snap) = self.read_locked(snap).await?;
         let snap = &snap;
         let before = (
-            state_of(vm),
+            vm.state,
             vm.standby_snapshot_id.clone(),
             vm.inner_ip.clone(),
             vm.inner_mac.clone(),
@@ -121,7 +119,7 @@ impl Manager {
     pub(super) async fn settle_standby(&self, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
         vm.standby_snapshot_id = Some(snap.id.clone());
-        if state_of(vm) != VmState::Snapshotted {
+        if vm.state != VmState::Snapshotted {
             self.transition(vm, VmState::Snapshotted, None).await?;
         }
         Ok(())
@@ -190,11 +188,15 @@ impl Manager {
     ) -> (String, Stored, Option<(snapshot::Algorithm, Stored)>) {
         let raw = stored(&snap.memory_sha256, snap.memory_size);
         match (&snap.compressed_key, compression_of(snap).effective()) {
-            (Some(key), Some((algorithm, _))) if snap.compression_state == "compressed" => (
-                key.clone(),
-                stored(&snap.compressed_sha256, snap.compressed_size_bytes),
-                Some((algorithm, raw)),
-            ),
+            (Some(key), Some((algorithm, _)))
+                if snap.compression_state == CompressionState::Compressed =>
+            {
+                (
+                    key.clone(),
+                    stored(&snap.compressed_sha256, snap.compressed_size_bytes),
+                    Some((algorithm, raw)),
+                )
+            }
             _ => (snap.memory_key.clone(), raw, None),
         }
     }
@@ -351,11 +353,11 @@ impl Manager {
                 )))
             }
         };
-        let kind = kind_of(&snap);
+        let kind = snap.kind;
         let target = req
             .target(kind, self.vmm.name())
             .map_err(ManagerError::BadRequest)?;
-        let st = state_of(&vm);
+        let st = vm.state;
         if !matches!(st, VmState::Stopped | VmState::Snapshotted | VmState::Error) {
             return Err(ManagerError::Conflict(format!(
                 "instance {id} is {st}; stop it or put it in standby before restoring a snapshot"
@@ -391,7 +393,7 @@ impl Manager {
                     .await;
                 self.store.set_vm_standby(id, None).await?;
                 vm.standby_snapshot_id = None;
-                if state_of(&vm) != VmState::Stopped {
+                if vm.state != VmState::Stopped {
                     self.transition(&mut vm, VmState::Stopped, None).await?;
                 }
                 if target == TargetState::Running {

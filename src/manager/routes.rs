@@ -4,7 +4,7 @@
 use super::idle::Busy;
 use super::requests::{CreateRoute, UpdateVm};
 use super::state::VmState;
-use super::{not_found, state_of, Manager, ManagerError, Result};
+use super::{not_found, Manager, ManagerError, Result};
 use crate::ids;
 use crate::store::{self, Owner, Route, Vm};
 use std::collections::HashMap;
@@ -259,7 +259,7 @@ impl Manager {
             .await
             .map_err(|e| failed(e.to_string()))?
             .ok_or_else(|| WakeError::NotAsleep(format!("vm {vm_id} no longer exists")))?;
-        let st = state_of(&vm);
+        let st = vm.state;
         let (how, woke) = match st {
             VmState::Running => return Ok(Woke::AlreadyRunning),
             VmState::Snapshotted => {

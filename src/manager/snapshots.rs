@@ -8,9 +8,8 @@
 //! set *before* its VMM is ended, so a crash in between is recovered as
 //! `snapshotted`, not lost.
 
-use super::requests::SnapshotKind;
 use super::state::VmState;
-use super::{not_found, state_of, Manager, ManagerError, Result};
+use super::{not_found, Manager, ManagerError, Result};
 use crate::snapshot::{self, CompressionConfig, Stored};
 use crate::store::{Owner, Snapshot, Vm};
 use std::path::Path;
@@ -50,10 +49,6 @@ pub(super) fn stored(sha: &Option<String>, size: Option<i64>) -> Stored {
         sha256: sha.clone().unwrap_or_default(),
         size: size.unwrap_or(0) as u64,
     }
-}
-
-pub(super) fn kind_of(snap: &Snapshot) -> SnapshotKind {
-    SnapshotKind::parse(&snap.kind).unwrap_or(SnapshotKind::Standby)
 }
 
 pub(super) fn compression_of(snap: &Snapshot) -> CompressionConfig {
@@ -221,7 +216,7 @@ impl Manager {
         let _guard = self.lock_vm(&snap.vm_id).await;
         if let Some(vm) = self.store.get_vm(&snap.vm_id).await? {
             let standby = self.standby_snapshot(&vm).await?.map(|s| s.id);
-            if state_of(&vm) == VmState::Snapshotted && standby.as_deref() == Some(id) {
+            if vm.state == VmState::Snapshotted && standby.as_deref() == Some(id) {
                 return Err(ManagerError::Conflict(format!(
                     "snapshot {id} holds the state of snapshotted instance {}; restore or delete the instance first",
                     vm.id

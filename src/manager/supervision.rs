@@ -1,7 +1,7 @@
 //! Supervision: starting a VMM, watching it, and ending it.
 
 use super::state::VmState;
-use super::{state_of, Manager, MemoryFeed, Running};
+use super::{Manager, MemoryFeed, Running};
 use crate::store::Vm;
 use crate::vmm::{self, process, VmSpec};
 use std::sync::atomic::Ordering;
@@ -149,7 +149,7 @@ impl Manager {
         let Ok(Some(mut vm)) = self.store.get_vm(vm_id).await else {
             return;
         };
-        if state_of(&vm) != VmState::Running {
+        if vm.state != VmState::Running {
             return;
         }
         let result = match status {
@@ -231,7 +231,7 @@ impl Manager {
         let stops = ids.into_iter().map(|id| async move {
             let _guard = self.lock_vm(&id).await;
             if let Ok(Some(mut vm)) = self.store.get_vm(&id).await {
-                if state_of(&vm) == VmState::Running {
+                if vm.state == VmState::Running {
                     if let Err(e) = self.stop_locked(&mut vm).await {
                         tracing::error!(vm = %id, "stopping at shutdown: {e}");
                     }

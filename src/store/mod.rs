@@ -3,6 +3,7 @@
 //! Every query is a static SQL string with bound parameters; schema changes
 //! are versioned migrations under `migrations/`, applied at start-up.
 
+use crate::domain::{CompressionState, SnapshotKind, SnapshotStatus, VmState};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, SqlitePool};
 use std::path::Path;
@@ -17,6 +18,15 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Conflict(String),
+    /// A write the state table does not allow, or a row that is no longer
+    /// in the state the caller read: a bug, never a user's doing.
+    #[error("internal error: {what} {id} cannot go from {from} to {to}")]
+    Transition {
+        what: &'static str,
+        id: String,
+        from: String,
+        to: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -84,7 +94,7 @@ pub struct Vm {
     pub image_id: String,
     pub image_dir: String,
     pub template_id: Option<String>,
-    pub state: String,
+    pub state: VmState,
     pub vcpu_count: i64,
     pub mem_mib: i64,
     pub boot_args: String,
@@ -133,10 +143,10 @@ pub struct Snapshot {
     pub id: String,
     pub vm_id: String,
     pub owner_id: String,
-    pub kind: String,
+    pub kind: SnapshotKind,
     pub name: Option<String>,
     pub tags: String,
-    pub status: String,
+    pub status: SnapshotStatus,
     pub source_hypervisor: String,
     pub source_instance_name: Option<String>,
     pub vm_config: String,
@@ -151,7 +161,7 @@ pub struct Snapshot {
     pub disk_size: Option<i64>,
     pub size_bytes: i64,
     pub compression: Option<String>,
-    pub compression_state: String,
+    pub compression_state: CompressionState,
     pub compressed_size_bytes: Option<i64>,
     pub compression_error: Option<String>,
     pub created_at: String,
@@ -162,6 +172,37 @@ pub struct Snapshot {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+}
+
+/// Refuses a snapshot write its state table does not allow.
+fn check_snapshot_move(
+    id: &str,
+    what: &'static str,
+    from: impl std::fmt::Display,
+    to: impl std::fmt::Display,
+    allowed: bool,
+) -> Result<()> {
+    if allowed {
+        return Ok(());
+    }
+    Err(StoreError::Transition {
+        what,
+        id: id.to_string(),
+        from: from.to_string(),
+        to: to.to_string(),
+    })
+}
+
+/// A conditional update that changed nothing: the row was not (or no
+/// longer) in the state the caller read, so the move did not happen.
+fn stayed_as_read(
+    id: &str,
+    what: &'static str,
+    from: impl std::fmt::Display,
+    to: impl std::fmt::Display,
+    rows: u64,
+) -> Result<()> {
+    check_snapshot_move(id, what, from, to, rows == 1)
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -536,7 +577,7 @@ impl Store {
         .bind(&vm.image_id)
         .bind(&vm.image_dir)
         .bind(&vm.template_id)
-        .bind(&vm.state)
+        .bind(vm.state)
         .bind(vm.vcpu_count)
         .bind(vm.mem_mib)
         .bind(&vm.boot_args)
@@ -578,7 +619,7 @@ impl Store {
     pub async fn set_vm_state(
         &self,
         id: &str,
-        state: &str,
+        state: VmState,
         last_error: Option<&str>,
     ) -> Result<String> {
         let updated_at = now();
@@ -685,10 +726,10 @@ impl Store {
         .bind(&s.id)
         .bind(&s.vm_id)
         .bind(&s.owner_id)
-        .bind(&s.kind)
+        .bind(s.kind)
         .bind(&s.name)
         .bind(&s.tags)
-        .bind(&s.status)
+        .bind(s.status)
         .bind(&s.source_hypervisor)
         .bind(&s.source_instance_name)
         .bind(&s.vm_config)
@@ -696,7 +737,7 @@ impl Store {
         .bind(&s.memory_key)
         .bind(&s.disk_key)
         .bind(&s.compression)
-        .bind(&s.compression_state)
+        .bind(s.compression_state)
         .bind(&s.created_at)
         .execute(&self.pool)
         .await
@@ -714,12 +755,17 @@ impl Store {
         Ok(())
     }
 
-    /// Records the stored objects and makes the snapshot usable.
+    /// Records the stored objects and makes the snapshot usable (`s.status`
+    /// is what the caller read: it must be `capturing`).
     pub async fn mark_snapshot_ready(&self, s: &Snapshot) -> Result<()> {
-        sqlx::query(
-            "UPDATE snapshots SET status = 'ready', state_sha256 = ?, state_size = ?, memory_sha256 = ?,
-                    memory_size = ?, disk_sha256 = ?, disk_size = ?, size_bytes = ? WHERE id = ?",
+        let to = SnapshotStatus::Ready;
+        check_snapshot_move(&s.id, "snapshot", s.status, to, s.status.can_become(to))?;
+        let done = sqlx::query(
+            "UPDATE snapshots SET status = ?, state_sha256 = ?, state_size = ?, memory_sha256 = ?,
+                    memory_size = ?, disk_sha256 = ?, disk_size = ?, size_bytes = ?
+             WHERE id = ? AND status = ?",
         )
+        .bind(to)
         .bind(&s.state_sha256)
         .bind(s.state_size)
         .bind(&s.memory_sha256)
@@ -728,52 +774,73 @@ impl Store {
         .bind(s.disk_size)
         .bind(s.size_bytes)
         .bind(&s.id)
+        .bind(s.status)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        stayed_as_read(&s.id, "snapshot", s.status, to, done.rows_affected())
     }
 
-    /// Background compression moved on: `compressing`, `compressed` (with the
-    /// compressed object) or `error` (with the reason; the raw memory stays).
-    pub async fn set_snapshot_compression(&self, s: &Snapshot) -> Result<()> {
-        sqlx::query(
+    /// Background compression moved from `from` (what the caller read) to
+    /// `s.compression_state`: `compressing`, `compressed` (with the compressed
+    /// object) or `error` (with the reason; the raw memory stays).
+    pub async fn set_snapshot_compression(
+        &self,
+        s: &Snapshot,
+        from: CompressionState,
+    ) -> Result<()> {
+        let to = s.compression_state;
+        check_snapshot_move(&s.id, "snapshot compression", from, to, from.can_become(to))?;
+        let done = sqlx::query(
             "UPDATE snapshots SET compression_state = ?, compression_error = ?, compressed_key = ?,
-                    compressed_sha256 = ?, compressed_size_bytes = ?, size_bytes = ? WHERE id = ?",
+                    compressed_sha256 = ?, compressed_size_bytes = ?, size_bytes = ?
+             WHERE id = ? AND compression_state = ?",
         )
-        .bind(&s.compression_state)
+        .bind(to)
         .bind(&s.compression_error)
         .bind(&s.compressed_key)
         .bind(&s.compressed_sha256)
         .bind(s.compressed_size_bytes)
         .bind(s.size_bytes)
         .bind(&s.id)
+        .bind(from)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        stayed_as_read(
+            &s.id,
+            "snapshot compression",
+            from,
+            to,
+            done.rows_affected(),
+        )
     }
 
     /// Usable snapshots whose compression has not finished (a restart interrupted it).
     pub async fn snapshots_in_compression(&self) -> Result<Vec<Snapshot>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM snapshots WHERE status = 'ready' AND compression_state = 'compressing'",
+        Ok(
+            sqlx::query_as("SELECT * FROM snapshots WHERE status = ? AND compression_state = ?")
+                .bind(SnapshotStatus::Ready)
+                .bind(CompressionState::Compressing)
+                .fetch_all(&self.pool)
+                .await?,
         )
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     /// Usable snapshots whose memory is stored compressed.
     pub async fn compressed_snapshots(&self) -> Result<Vec<Snapshot>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM snapshots WHERE status = 'ready' AND compression_state = 'compressed'",
+        Ok(
+            sqlx::query_as("SELECT * FROM snapshots WHERE status = ? AND compression_state = ?")
+                .bind(SnapshotStatus::Ready)
+                .bind(CompressionState::Compressed)
+                .fetch_all(&self.pool)
+                .await?,
         )
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     pub async fn get_snapshot(&self, id: &str) -> Result<Option<Snapshot>> {
         Ok(
-            sqlx::query_as("SELECT * FROM snapshots WHERE id = ? AND status = 'ready'")
+            sqlx::query_as("SELECT * FROM snapshots WHERE id = ? AND status = ?")
                 .bind(id)
+                .bind(SnapshotStatus::Ready)
                 .fetch_optional(&self.pool)
                 .await?,
         )
@@ -782,9 +849,10 @@ impl Store {
     /// Usable snapshots of a VM, newest first.
     pub async fn vm_snapshots(&self, vm_id: &str) -> Result<Vec<Snapshot>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM snapshots WHERE vm_id = ? AND status = 'ready' ORDER BY created_at DESC, rowid DESC",
+            "SELECT * FROM snapshots WHERE vm_id = ? AND status = ? ORDER BY created_at DESC, rowid DESC",
         )
         .bind(vm_id)
+        .bind(SnapshotStatus::Ready)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -792,20 +860,20 @@ impl Store {
     /// Usable snapshots of an owner, newest first.
     pub async fn owner_snapshots(&self, owner_id: &str) -> Result<Vec<Snapshot>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM snapshots WHERE owner_id = ? AND status = 'ready' ORDER BY created_at DESC, rowid DESC",
+            "SELECT * FROM snapshots WHERE owner_id = ? AND status = ? ORDER BY created_at DESC, rowid DESC",
         )
         .bind(owner_id)
+        .bind(SnapshotStatus::Ready)
         .fetch_all(&self.pool)
         .await?)
     }
 
     /// Snapshots a crash left half-written.
     pub async fn unfinished_snapshots(&self) -> Result<Vec<Snapshot>> {
-        Ok(
-            sqlx::query_as("SELECT * FROM snapshots WHERE status != 'ready'")
-                .fetch_all(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_as("SELECT * FROM snapshots WHERE status != ?")
+            .bind(SnapshotStatus::Ready)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
@@ -976,8 +1044,11 @@ impl Store {
     pub async fn memory_holders(&self, except: &str) -> Result<(i64, i64)> {
         Ok(sqlx::query_as(
             "SELECT COUNT(*), COALESCE(SUM(mem_mib), 0) FROM vms
-             WHERE state IN ('starting', 'running', 'stopping') AND id != ?",
+             WHERE state IN (?, ?, ?) AND id != ?",
         )
+        .bind(VmState::Starting)
+        .bind(VmState::Running)
+        .bind(VmState::Stopping)
         .bind(except)
         .fetch_one(&self.pool)
         .await?)
