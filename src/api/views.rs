@@ -1,9 +1,10 @@
 //! JSON shapes of the API's objects (seed 001 for VMs).
 
 use crate::config::ProxyConfig;
-use crate::domain::{CompressionState, SnapshotKind, VmState};
+use crate::domain::{CompressionState, MacAddr, SnapshotKind, VmState};
 use crate::store::{Image, Route, Snapshot, Template, Vm};
 use serde::Serialize;
+use std::net::Ipv4Addr;
 
 #[derive(Serialize)]
 pub struct VmView {
@@ -17,8 +18,8 @@ pub struct VmView {
     pub vcpu_count: i64,
     pub mem_mib: i64,
     pub boot_args: String,
-    pub guest_ip: Option<String>,
-    pub guest_mac: Option<String>,
+    pub guest_ip: Option<Ipv4Addr>,
+    pub guest_mac: Option<MacAddr>,
     pub tap_name: Option<String>,
     pub ssh_port: Option<i64>,
     pub enable_network: bool,

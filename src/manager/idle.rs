@@ -239,8 +239,7 @@ impl Manager {
                 );
             }
             for (vm, timeout) in candidates {
-                let ssh = vm.guest_ip.as_ref().and_then(|ip| ip.parse().ok());
-                if let (Some(ip), Some(sessions)) = (ssh, &sessions) {
+                if let (Some(ip), Some(sessions)) = (vm.guest_ip, &sessions) {
                     if sessions.contains(&ip) {
                         self.activity.touch(&vm.id);
                         continue;

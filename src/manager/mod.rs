@@ -181,12 +181,12 @@ impl Manager {
         let seed = work_dir.join("seed.iso");
         // A guest resumed from another VM's memory keeps that VM's MAC, behind
         // its own network namespace (see `isolation`).
-        let mac = vm.inner_mac.as_ref().or(vm.guest_mac.as_ref());
+        let mac = vm.inner_mac.or(vm.guest_mac);
         VmSpec {
             nic: match (&vm.tap_name, mac) {
                 (Some(tap), Some(mac)) => Some(vmm::Nic {
                     tap: tap.clone(),
-                    mac: mac.clone(),
+                    mac: mac.to_string(),
                 }),
                 _ => None,
             },
@@ -207,11 +207,13 @@ impl Manager {
     /// address that is not its own (a fork of another VM's memory).
     fn isolation(&self, vm: &Vm) -> Option<crate::net::isolate::Isolation> {
         let tap = vm.tap_name.as_ref()?;
-        let outer = vm.guest_ip.as_ref()?.parse().ok()?;
-        let inner = vm.inner_ip.as_ref()?.parse().ok()?;
-        let outer_mac = vm.guest_mac.clone()?;
+        let outer_mac = vm.guest_mac?.to_string();
         Some(crate::net::isolate::isolation_for(
-            &vm.id, tap, outer, inner, &outer_mac,
+            &vm.id,
+            tap,
+            vm.guest_ip?,
+            vm.inner_ip?,
+            &outer_mac,
         ))
     }
 

@@ -3,12 +3,13 @@
 use super::requests::CreateVm;
 use super::state::VmState;
 use super::{Manager, ManagerError, Result};
+use crate::domain::MacAddr;
 use crate::ids;
 use crate::image::seed;
 use crate::net::dhcp::Reservation;
 use crate::net::firewall::{Forward, Guest};
 use crate::net::{ipam, Network};
-use crate::store::Vm;
+use crate::store::{NetworkAllocations, Vm};
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -74,8 +75,8 @@ impl Manager {
             .into_iter()
             .filter_map(|v| {
                 Some(Reservation {
-                    mac: v.guest_mac?,
-                    ip: v.guest_ip?,
+                    mac: v.guest_mac?.to_string(),
+                    ip: v.guest_ip?.to_string(),
                 })
             })
             .collect())
@@ -120,7 +121,7 @@ impl Manager {
             .filter_map(|v| {
                 Some(Forward {
                     host_port: u16::try_from(v.ssh_port?).ok()?,
-                    guest_ip: v.guest_ip.clone()?,
+                    guest_ip: v.guest_ip?.to_string(),
                     guest_port: 22,
                     vm_id: v.id.clone(),
                 })
@@ -131,8 +132,8 @@ impl Manager {
             .filter_map(|v| {
                 Some(Guest {
                     ports: vec![v.tap_name?, crate::net::isolate::veth_name(&v.id)],
-                    mac: v.guest_mac?,
-                    ip: v.guest_ip?,
+                    mac: v.guest_mac?.to_string(),
+                    ip: v.guest_ip?.to_string(),
                     owner_id: v.owner_id,
                     vm_id: v.id,
                 })
@@ -145,14 +146,7 @@ impl Manager {
     /// held, right before the row is inserted (unique indexes back this up).
     pub(super) async fn allocate_network(&self, vm: &mut Vm, req: &CreateVm) -> Result<()> {
         let net = self.network()?;
-        let mut ips = HashSet::new();
-        let mut macs = HashSet::new();
-        let mut ports = HashSet::new();
-        for (ip, mac, port) in self.store.network_allocations().await? {
-            ips.extend(ip.and_then(|i| i.parse::<Ipv4Addr>().ok()));
-            macs.extend(mac);
-            ports.extend(port.and_then(|p| u16::try_from(p).ok()));
-        }
+        let NetworkAllocations { ips, macs, ports } = self.store.network_allocations().await?;
         let bridge = net.cfg.net;
         let ip = match &req.guest_ip {
             Some(text) => {
@@ -175,7 +169,9 @@ impl Manager {
         };
         let mac = match &req.guest_mac {
             Some(text) => {
-                let mac = ipam::parse_mac(text).map_err(ManagerError::BadRequest)?;
+                let mac: MacAddr = ipam::parse_mac(text)
+                    .and_then(|m| m.parse())
+                    .map_err(ManagerError::BadRequest)?;
                 if macs.contains(&mac) {
                     return Err(ManagerError::Conflict(format!(
                         "guest_mac {mac} is already in use by another VM"
@@ -184,12 +180,14 @@ impl Manager {
                 mac
             }
             None => {
-                let mut mac = ipam::mac_for_ip(ip);
+                let mut mac: MacAddr = ipam::mac_for_ip(ip)
+                    .parse()
+                    .map_err(ManagerError::Internal)?;
                 // A user may have claimed the derived MAC for another VM.
                 while macs.contains(&mac) {
                     let r = ids::random_string(4);
                     let b = r.as_bytes();
-                    mac = format!("02:fd:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
+                    mac = MacAddr([0x02, 0xfd, b[0], b[1], b[2], b[3]]);
                 }
                 mac
             }
@@ -198,7 +196,7 @@ impl Manager {
             let (lo, hi) = net.cfg.ssh_ports;
             ManagerError::Conflict(format!("no free SSH port left in {lo}-{hi}"))
         })?;
-        vm.guest_ip = Some(ip.to_string());
+        vm.guest_ip = Some(ip);
         vm.guest_mac = Some(mac);
         vm.tap_name = Some(ipam::tap_name(&vm.id));
         vm.ssh_port = Some(port as i64);
@@ -208,8 +206,8 @@ impl Manager {
     pub(super) fn seed_net(&self, vm: &Vm) -> Option<seed::SeedNet> {
         let net = self.network.get()?;
         Some(seed::SeedNet {
-            mac: vm.guest_mac.clone()?,
-            ip: vm.guest_ip.clone()?,
+            mac: vm.guest_mac?.to_string(),
+            ip: vm.guest_ip?.to_string(),
             prefix: net.cfg.net.prefix,
             gateway: net.cfg.net.bridge_ip.to_string(),
             dns: net.cfg.net.bridge_ip.to_string(),

@@ -49,8 +49,8 @@ impl Manager {
         let before = (
             vm.state,
             vm.standby_snapshot_id.clone(),
-            vm.inner_ip.clone(),
-            vm.inner_mac.clone(),
+            vm.inner_ip,
+            vm.inner_mac,
         );
         {
             // The host must hold its memory; refused, nothing has changed.
@@ -77,9 +77,7 @@ impl Manager {
                 let (state, standby, ip, mac) = before;
                 self.store.set_vm_standby(&id, standby.as_deref()).await?;
                 vm.standby_snapshot_id = standby;
-                self.store
-                    .set_vm_inner_address(&id, ip.as_deref(), mac.as_deref())
-                    .await?;
+                self.store.set_vm_inner_address(&id, ip, mac).await?;
                 vm.inner_ip = ip;
                 vm.inner_mac = mac;
                 let msg = format!(
@@ -108,7 +106,7 @@ impl Manager {
             return Ok(());
         }
         self.store
-            .set_vm_inner_address(&vm.id, inner_ip.as_deref(), inner_mac.as_deref())
+            .set_vm_inner_address(&vm.id, inner_ip, inner_mac)
             .await?;
         vm.inner_ip = inner_ip;
         vm.inner_mac = inner_mac;

@@ -67,10 +67,7 @@ impl Manager {
             .await?
             .into_iter()
             .map(|r| {
-                let ip = vms
-                    .get(&r.vm_id)
-                    .and_then(|v| v.guest_ip.as_ref())
-                    .and_then(|ip| ip.parse().ok());
+                let ip = vms.get(&r.vm_id).and_then(|v| v.guest_ip);
                 let target = RouteTarget {
                     route_id: r.id,
                     vm_id: r.vm_id,

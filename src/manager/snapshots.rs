@@ -10,8 +10,10 @@
 
 use super::state::VmState;
 use super::{not_found, Manager, ManagerError, Result};
+use crate::domain::MacAddr;
 use crate::snapshot::{self, CompressionConfig, Stored};
 use crate::store::{Owner, Snapshot, Vm};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,11 +25,11 @@ pub(super) struct SavedConfig {
     pub(super) boot_args: Option<String>,
     pub(super) enable_network: Option<bool>,
     pub(super) user_data: Option<String>,
-    pub(super) guest_ip: Option<String>,
-    pub(super) guest_mac: Option<String>,
+    pub(super) guest_ip: Option<Ipv4Addr>,
+    pub(super) guest_mac: Option<MacAddr>,
     /// The address in the guest's memory (differs from guest_ip for a fork).
-    pub(super) inner_ip: Option<String>,
-    pub(super) inner_mac: Option<String>,
+    pub(super) inner_ip: Option<Ipv4Addr>,
+    pub(super) inner_mac: Option<MacAddr>,
 }
 
 impl SavedConfig {
@@ -36,10 +38,10 @@ impl SavedConfig {
     }
 
     /// The address and MAC the snapshot's guest memory holds.
-    pub(super) fn memory_address(&self) -> (Option<String>, Option<String>) {
+    pub(super) fn memory_address(&self) -> (Option<Ipv4Addr>, Option<MacAddr>) {
         (
-            self.inner_ip.clone().or_else(|| self.guest_ip.clone()),
-            self.inner_mac.clone().or_else(|| self.guest_mac.clone()),
+            self.inner_ip.or(self.guest_ip),
+            self.inner_mac.or(self.guest_mac),
         )
     }
 }
@@ -161,8 +163,8 @@ impl Manager {
             "enable_network": vm.enable_network,
             "guest_ip": vm.guest_ip,
             "guest_mac": vm.guest_mac,
-            "inner_ip": vm.inner_ip.as_ref().or(vm.guest_ip.as_ref()),
-            "inner_mac": vm.inner_mac.as_ref().or(vm.guest_mac.as_ref()),
+            "inner_ip": vm.inner_ip.or(vm.guest_ip),
+            "inner_mac": vm.inner_mac.or(vm.guest_mac),
             "user_data": vm.user_data,
             "name": vm.name,
         })

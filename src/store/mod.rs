@@ -3,9 +3,12 @@
 //! Every query is a static SQL string with bound parameters; schema changes
 //! are versioned migrations under `migrations/`, applied at start-up.
 
-use crate::domain::{CompressionState, SnapshotKind, SnapshotStatus, VmState};
+use crate::domain::{
+    ip_text, CompressionState, MacAddr, SnapshotKind, SnapshotStatus, StoredIp, VmState,
+};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, SqlitePool};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -100,8 +103,9 @@ pub struct Vm {
     pub boot_args: String,
     pub enable_network: bool,
     pub user_data: Option<String>,
-    pub guest_ip: Option<String>,
-    pub guest_mac: Option<String>,
+    #[sqlx(try_from = "StoredIp")]
+    pub guest_ip: Option<Ipv4Addr>,
+    pub guest_mac: Option<MacAddr>,
     pub tap_name: Option<String>,
     pub ssh_port: Option<i64>,
     pub hypervisor: String,
@@ -114,8 +118,9 @@ pub struct Vm {
     pub standby_snapshot_id: Option<String>,
     /// The address and MAC the guest's memory believes it has, when they are
     /// not its own (a fork of another VM's memory); None otherwise.
-    pub inner_ip: Option<String>,
-    pub inner_mac: Option<String>,
+    #[sqlx(try_from = "StoredIp")]
+    pub inner_ip: Option<Ipv4Addr>,
+    pub inner_mac: Option<MacAddr>,
     /// This VM's default for snapshot compression (JSON of seed 003's config).
     pub snapshot_compression: Option<String>,
     /// Idle sleep: false opts the VM out.
@@ -124,6 +129,14 @@ pub struct Vm {
     pub idle_timeout_seconds: Option<i64>,
     pub last_sleep_at: Option<String>,
     pub last_wake_at: Option<String>,
+}
+
+/// What every VM holds host-wide (allocations never repeat across VMs).
+#[derive(Debug, Default)]
+pub struct NetworkAllocations {
+    pub ips: std::collections::HashSet<Ipv4Addr>,
+    pub macs: std::collections::HashSet<MacAddr>,
+    pub ports: std::collections::HashSet<u16>,
 }
 
 /// A proxy route: `{subdomain}.{base_domain}` -> the VM's `guest_ip:target_port`.
@@ -554,14 +567,18 @@ impl Store {
     // ---- vms ----
 
     /// Addresses, MACs and ports held by any VM (allocations are host-wide).
-    pub async fn network_allocations(
-        &self,
-    ) -> Result<Vec<(Option<String>, Option<String>, Option<i64>)>> {
-        Ok(
+    pub async fn network_allocations(&self) -> Result<NetworkAllocations> {
+        let rows: Vec<(StoredIp, Option<MacAddr>, Option<i64>)> =
             sqlx::query_as("SELECT guest_ip, guest_mac, ssh_port FROM vms")
                 .fetch_all(&self.pool)
-                .await?,
-        )
+                .await?;
+        let mut taken = NetworkAllocations::default();
+        for (ip, mac, port) in rows {
+            taken.ips.extend(Option::<Ipv4Addr>::from(ip));
+            taken.macs.extend(mac);
+            taken.ports.extend(port.and_then(|p| u16::try_from(p).ok()));
+        }
+        Ok(taken)
     }
 
     pub async fn insert_vm(&self, vm: &Vm) -> Result<()> {
@@ -583,8 +600,8 @@ impl Store {
         .bind(&vm.boot_args)
         .bind(vm.enable_network)
         .bind(&vm.user_data)
-        .bind(&vm.guest_ip)
-        .bind(&vm.guest_mac)
+        .bind(ip_text(vm.guest_ip))
+        .bind(vm.guest_mac)
         .bind(&vm.tap_name)
         .bind(vm.ssh_port)
         .bind(&vm.hypervisor)
@@ -593,8 +610,8 @@ impl Store {
         .bind(&vm.updated_at)
         .bind(&vm.name)
         .bind(&vm.standby_snapshot_id)
-        .bind(&vm.inner_ip)
-        .bind(&vm.inner_mac)
+        .bind(ip_text(vm.inner_ip))
+        .bind(vm.inner_mac)
         .bind(&vm.snapshot_compression)
         .bind(vm.auto_sleep)
         .bind(vm.idle_timeout_seconds)
@@ -647,11 +664,11 @@ impl Store {
     pub async fn set_vm_inner_address(
         &self,
         id: &str,
-        ip: Option<&str>,
-        mac: Option<&str>,
+        ip: Option<Ipv4Addr>,
+        mac: Option<MacAddr>,
     ) -> Result<()> {
         sqlx::query("UPDATE vms SET inner_ip = ?, inner_mac = ? WHERE id = ?")
-            .bind(ip)
+            .bind(ip_text(ip))
             .bind(mac)
             .bind(id)
             .execute(&self.pool)
