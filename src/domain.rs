@@ -392,6 +392,40 @@ impl<'r, T: DeserializeOwned> Decode<'r, Sqlite> for Json<T> {
     }
 }
 
+/// A snapshot's tags (seed 003): string keys and values, shown as a JSON object.
+pub type Tags = std::collections::BTreeMap<String, String>;
+
+/// The VM as a snapshot recorded it (seed 000's `vm_config`): what a fork
+/// or restore of it inherits, and the address its guest memory holds. The
+/// fields are in alphabetical order so the stored (and shown) text is what
+/// earlier versions wrote with sorted keys; every field may be absent in a
+/// row from an older version.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub boot_args: Option<String>,
+    pub enable_network: Option<bool>,
+    pub guest_ip: Option<Ipv4Addr>,
+    pub guest_mac: Option<MacAddr>,
+    pub image_id: Option<String>,
+    /// The address in the guest's memory (differs from guest_ip for a fork).
+    pub inner_ip: Option<Ipv4Addr>,
+    pub inner_mac: Option<MacAddr>,
+    pub mem_mib: Option<i64>,
+    pub name: Option<String>,
+    pub user_data: Option<String>,
+    pub vcpu_count: Option<i64>,
+}
+
+impl VmConfig {
+    /// The address and MAC the snapshot's guest memory holds.
+    pub fn memory_address(&self) -> (Option<Ipv4Addr>, Option<MacAddr>) {
+        (
+            self.inner_ip.or(self.guest_ip),
+            self.inner_mac.or(self.guest_mac),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::VmState::*;

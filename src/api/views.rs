@@ -1,7 +1,8 @@
 //! JSON shapes of the API's objects (seed 001 for VMs).
 
 use crate::config::ProxyConfig;
-use crate::domain::{CompressionState, MacAddr, SnapshotKind, VmState};
+use crate::domain::{CompressionState, MacAddr, SnapshotKind, Tags, VmState};
+use crate::snapshot::CompressionConfig;
 use crate::store::{Image, Route, Snapshot, Template, Vm};
 use serde::Serialize;
 use std::net::Ipv4Addr;
@@ -28,7 +29,7 @@ pub struct VmView {
     pub last_error: Option<String>,
     /// The VM's own default for snapshot compression, when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub snapshot_compression: Option<serde_json::Value>,
+    pub snapshot_compression: Option<CompressionConfig>,
     /// Idle sleep: false when this VM opted out.
     pub auto_sleep: bool,
     /// Its own idle timeout (null: the server's HATCH_IDLE_TIMEOUT).
@@ -45,9 +46,7 @@ impl From<Vm> for VmView {
         VmView {
             id: v.id,
             name: v.name,
-            snapshot_compression: v
-                .snapshot_compression
-                .and_then(|c| serde_json::from_str(&c).ok()),
+            snapshot_compression: v.snapshot_compression.map(|c| c.0),
             image_id: v.image_id,
             template_id: v.template_id,
             state: v.state,
@@ -189,7 +188,8 @@ impl From<Snapshot> for HatchSnapshotView {
                 _ => s.memory_key,
             },
             disk_key: s.disk_key,
-            vm_config: s.vm_config,
+            // Seed 000 shows the config as a JSON string.
+            vm_config: serde_json::to_string(&s.vm_config.0).unwrap_or_default(),
             size_bytes: s.size_bytes,
             created_at: s.created_at,
         }
@@ -210,13 +210,13 @@ pub struct SnapshotView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compressed_size_bytes: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub compression: Option<serde_json::Value>,
+    pub compression: Option<CompressionConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compression_error: Option<String>,
     pub compression_state: CompressionState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    pub tags: serde_json::Map<String, serde_json::Value>,
+    pub tags: Tags,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uncompressed_size_bytes: Option<i64>,
 }
@@ -235,11 +235,11 @@ impl From<Snapshot> for SnapshotView {
             source_hypervisor: s.source_hypervisor,
             source_instance_id: s.vm_id,
             compressed_size_bytes: s.compressed_size_bytes,
-            compression: s.compression.and_then(|c| serde_json::from_str(&c).ok()),
+            compression: s.compression.map(|c| c.0),
             compression_error: s.compression_error,
             compression_state: s.compression_state,
             name: s.name,
-            tags: serde_json::from_str(&s.tags).unwrap_or_default(),
+            tags: s.tags.0,
             uncompressed_size_bytes: s.memory_size,
         }
     }

@@ -5,6 +5,7 @@ use super::requests::{CreateSnapshot, SnapshotKind};
 use super::snapshots::MemoryPipe;
 use super::state::{CompressionState, SnapshotStatus, VmState};
 use super::{Manager, ManagerError, Result};
+use crate::domain::Json;
 use crate::ids;
 use crate::snapshot::{self, CompressionConfig};
 use crate::store::{Owner, Snapshot, Vm};
@@ -74,17 +75,13 @@ impl Manager {
             Self::vm_config(vm),
         );
         snap.name = req.name.clone();
-        snap.tags = serde_json::to_string(&req.tags.clone().unwrap_or_default())
-            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        snap.tags = Json(req.tags.clone().unwrap_or_default());
         snap.source_instance_name = vm.name.clone();
         let compression = match kind {
             SnapshotKind::Standby => self.compression_for(vm, req.compression.as_ref()),
             SnapshotKind::Stopped => CompressionConfig::default(),
         };
-        snap.compression = Some(
-            serde_json::to_string(&compression)
-                .map_err(|e| ManagerError::Internal(e.to_string()))?,
-        );
+        snap.compression = Some(Json(compression.clone()));
         if kind == SnapshotKind::Stopped {
             // Disk only: there is no memory or device state to point at.
             snap.state_key.clear();

@@ -1,7 +1,6 @@
 //! Fork: a new VM from a snapshot, beside its source.
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::snapshots::SavedConfig;
 use super::state::{CompressionState, SnapshotStatus, VmState};
 use super::{not_found, Manager, ManagerError, Result};
 use crate::ids;
@@ -42,7 +41,7 @@ impl Manager {
             .get_vm(&snap.vm_id)
             .await?
             .ok_or_else(|| not_found("instance", &snap.vm_id))?;
-        let saved = SavedConfig::of(&snap);
+        let saved = &snap.vm_config;
         let now = crate::store::now();
         let mut vm = Vm {
             id: ids::new_id("vm"),
@@ -202,7 +201,7 @@ impl Manager {
             &vm.owner_id,
             snap.kind,
             &snap.source_hypervisor,
-            snap.vm_config.clone(),
+            snap.vm_config.0.clone(),
         );
         own.source_instance_name = vm.name.clone();
         own.compression = snap.compression.clone();

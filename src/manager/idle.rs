@@ -16,8 +16,7 @@ pub const SLEEP_TAG: (&str, &str) = ("hatch.sleep", "idle");
 
 /// Is `snap` one idle sleep took?
 pub fn is_sleep_snapshot(snap: &crate::store::Snapshot) -> bool {
-    serde_json::from_str::<std::collections::BTreeMap<String, String>>(&snap.tags)
-        .is_ok_and(|t| t.get(SLEEP_TAG.0).map(String::as_str) == Some(SLEEP_TAG.1))
+    snap.tags.get(SLEEP_TAG.0).map(String::as_str) == Some(SLEEP_TAG.1)
 }
 
 /// What the proxy and the monitor know about one VM's traffic.

@@ -3,6 +3,7 @@
 use super::requests::CreateVm;
 use super::state::VmState;
 use super::{not_found, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
+use crate::domain::Json;
 use crate::ids;
 use crate::image::{self, seed};
 use crate::store::{self, Owner, Vm};
@@ -105,13 +106,10 @@ impl Manager {
             standby_snapshot_id: None,
             inner_ip: None,
             inner_mac: None,
-            snapshot_compression: match &req.snapshot_compression {
-                Some(c) => Some(
-                    serde_json::to_string(&c.normalized())
-                        .map_err(|e| ManagerError::Internal(e.to_string()))?,
-                ),
-                None => None,
-            },
+            snapshot_compression: req
+                .snapshot_compression
+                .as_ref()
+                .map(|c| Json(c.normalized())),
             auto_sleep: req.auto_sleep.unwrap_or(true),
             idle_timeout_seconds: req.idle_timeout_seconds,
             last_sleep_at: None,

@@ -349,8 +349,6 @@ impl SnapshotFilter {
     }
 
     pub fn matches(&self, s: &crate::store::Snapshot) -> bool {
-        let tags: std::collections::HashMap<String, String> =
-            serde_json::from_str(&s.tags).unwrap_or_default();
         self.kind.as_ref().is_none_or(|k| *k == s.kind)
             && self
                 .name
@@ -360,7 +358,7 @@ impl SnapshotFilter {
                 .source_instance_id
                 .as_ref()
                 .is_none_or(|i| *i == s.vm_id)
-            && self.tags.iter().all(|(k, v)| tags.get(k) == Some(v))
+            && self.tags.iter().all(|(k, v)| s.tags.get(k) == Some(v))
     }
 }
 
@@ -609,14 +607,14 @@ mod tests {
         assert!(p(&[("tags[]", "x")]).is_err());
         let snap = |kind: &str, vm: &str, tags: &str| crate::store::Snapshot {
             name: Some("pre-upgrade".into()),
-            tags: tags.into(),
+            tags: crate::domain::Json(serde_json::from_str(tags).unwrap()),
             ..crate::snapshot::capturing_record(
                 "snap_x",
                 vm,
                 "o",
                 SnapshotKind::parse(kind).unwrap(),
                 "qemu",
-                "{}".into(),
+                Default::default(),
             )
         };
         assert!(f.matches(&snap("Standby", "vm_a", r#"{"team":"backend","env":"x"}"#)));

@@ -1,7 +1,7 @@
 //! Restore: a VM resumed from its standby snapshot or from one it chose.
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::snapshots::{compression_of, grow_pipe, make_fifo, stored, DiskSwap, SavedConfig};
+use super::snapshots::{compression_of, grow_pipe, make_fifo, stored, DiskSwap};
 use super::state::{CompressionState, VmState};
 use super::{Manager, ManagerError, Result};
 use crate::snapshot::{self, Stored};
@@ -95,7 +95,7 @@ impl Manager {
     /// snapshot's guest had. When that is not its own (a fork), it runs behind
     /// an isolation that translates between the two (see src/net/README.md).
     pub(super) async fn adopt_memory_address(&self, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
-        let (ip, mac) = SavedConfig::of(snap).memory_address();
+        let (ip, mac) = snap.vm_config.memory_address();
         let (inner_ip, inner_mac) = if vm.enable_network && ip.is_some() && ip != vm.guest_ip {
             (ip, mac)
         } else {

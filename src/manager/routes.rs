@@ -167,13 +167,7 @@ impl Manager {
             vm.idle_timeout_seconds = t;
         }
         if let Some(c) = req.snapshot_compression {
-            vm.snapshot_compression = match c {
-                Some(c) => Some(
-                    serde_json::to_string(&c.normalized())
-                        .map_err(|e| ManagerError::Internal(e.to_string()))?,
-                ),
-                None => None,
-            };
+            vm.snapshot_compression = c.map(|c| crate::domain::Json(c.normalized()));
         }
         vm.updated_at = self.store.set_vm_settings(&vm).await?;
         tracing::info!(vm = id, auto_sleep = vm.auto_sleep, idle_timeout_seconds = ?vm.idle_timeout_seconds, "settings changed");

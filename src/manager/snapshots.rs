@@ -10,41 +10,11 @@
 
 use super::state::VmState;
 use super::{not_found, Manager, ManagerError, Result};
-use crate::domain::MacAddr;
+use crate::domain::VmConfig;
 use crate::snapshot::{self, CompressionConfig, Stored};
 use crate::store::{Owner, Snapshot, Vm};
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
-
-/// What a snapshot's guest believes about itself, read from its `vm_config`.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-pub(super) struct SavedConfig {
-    pub(super) vcpu_count: Option<i64>,
-    pub(super) mem_mib: Option<i64>,
-    pub(super) boot_args: Option<String>,
-    pub(super) enable_network: Option<bool>,
-    pub(super) user_data: Option<String>,
-    pub(super) guest_ip: Option<Ipv4Addr>,
-    pub(super) guest_mac: Option<MacAddr>,
-    /// The address in the guest's memory (differs from guest_ip for a fork).
-    pub(super) inner_ip: Option<Ipv4Addr>,
-    pub(super) inner_mac: Option<MacAddr>,
-}
-
-impl SavedConfig {
-    pub(super) fn of(snap: &Snapshot) -> SavedConfig {
-        serde_json::from_str(&snap.vm_config).unwrap_or_default()
-    }
-
-    /// The address and MAC the snapshot's guest memory holds.
-    pub(super) fn memory_address(&self) -> (Option<Ipv4Addr>, Option<MacAddr>) {
-        (
-            self.inner_ip.or(self.guest_ip),
-            self.inner_mac.or(self.guest_mac),
-        )
-    }
-}
 
 pub(super) fn stored(sha: &Option<String>, size: Option<i64>) -> Stored {
     Stored {
@@ -54,10 +24,7 @@ pub(super) fn stored(sha: &Option<String>, size: Option<i64>) -> Stored {
 }
 
 pub(super) fn compression_of(snap: &Snapshot) -> CompressionConfig {
-    snap.compression
-        .as_deref()
-        .and_then(|c| serde_json::from_str(c).ok())
-        .unwrap_or_default()
+    snap.compression.as_deref().cloned().unwrap_or_default()
 }
 
 /// The snapshot's disk put in place of the VM's, the previous one kept
@@ -154,21 +121,20 @@ impl Manager {
     }
 
     /// The VM's configuration as a snapshot records it (seed 000's `vm_config`).
-    pub(super) fn vm_config(vm: &Vm) -> String {
-        serde_json::json!({
-            "vcpu_count": vm.vcpu_count,
-            "mem_mib": vm.mem_mib,
-            "image_id": vm.image_id,
-            "boot_args": vm.boot_args,
-            "enable_network": vm.enable_network,
-            "guest_ip": vm.guest_ip,
-            "guest_mac": vm.guest_mac,
-            "inner_ip": vm.inner_ip.or(vm.guest_ip),
-            "inner_mac": vm.inner_mac.or(vm.guest_mac),
-            "user_data": vm.user_data,
-            "name": vm.name,
-        })
-        .to_string()
+    pub(super) fn vm_config(vm: &Vm) -> VmConfig {
+        VmConfig {
+            vcpu_count: Some(vm.vcpu_count),
+            mem_mib: Some(vm.mem_mib),
+            image_id: Some(vm.image_id.clone()),
+            boot_args: Some(vm.boot_args.clone()),
+            enable_network: Some(vm.enable_network),
+            guest_ip: vm.guest_ip,
+            guest_mac: vm.guest_mac,
+            inner_ip: vm.inner_ip.or(vm.guest_ip),
+            inner_mac: vm.inner_mac.or(vm.guest_mac),
+            user_data: vm.user_data.clone(),
+            name: vm.name.clone(),
+        }
     }
 
     /// Request, else the VM's own default, else the server's (seed 003).
@@ -179,11 +145,7 @@ impl Manager {
     ) -> CompressionConfig {
         requested
             .cloned()
-            .or_else(|| {
-                vm.snapshot_compression
-                    .as_deref()
-                    .and_then(|c| serde_json::from_str(c).ok())
-            })
+            .or_else(|| vm.snapshot_compression.as_deref().cloned())
             .unwrap_or_else(|| self.config.snapshot_compression.clone())
             .normalized()
     }

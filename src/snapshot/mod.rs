@@ -75,7 +75,7 @@ pub fn capturing_record(
     owner_id: &str,
     kind: crate::domain::SnapshotKind,
     hypervisor: &str,
-    vm_config: String,
+    vm_config: crate::domain::VmConfig,
 ) -> crate::store::Snapshot {
     crate::store::Snapshot {
         id: id.to_string(),
@@ -83,11 +83,11 @@ pub fn capturing_record(
         owner_id: owner_id.to_string(),
         kind,
         name: None,
-        tags: "{}".into(),
+        tags: Default::default(),
         status: crate::domain::SnapshotStatus::Capturing,
         source_hypervisor: hypervisor.to_string(),
         source_instance_name: None,
-        vm_config,
+        vm_config: crate::domain::Json(vm_config),
         state_key: key(vm_id, id, "vmstate"),
         memory_key: key(vm_id, id, "memory"),
         disk_key: key(vm_id, id, "disk"),

@@ -4,8 +4,10 @@
 //! are versioned migrations under `migrations/`, applied at start-up.
 
 use crate::domain::{
-    ip_text, CompressionState, MacAddr, SnapshotKind, SnapshotStatus, StoredIp, VmState,
+    ip_text, CompressionState, Json, MacAddr, SnapshotKind, SnapshotStatus, StoredIp, Tags,
+    VmConfig, VmState,
 };
+use crate::snapshot::CompressionConfig;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, SqlitePool};
 use std::net::Ipv4Addr;
@@ -122,7 +124,7 @@ pub struct Vm {
     pub inner_ip: Option<Ipv4Addr>,
     pub inner_mac: Option<MacAddr>,
     /// This VM's default for snapshot compression (JSON of seed 003's config).
-    pub snapshot_compression: Option<String>,
+    pub snapshot_compression: Option<Json<CompressionConfig>>,
     /// Idle sleep: false opts the VM out.
     pub auto_sleep: bool,
     /// The VM's own idle timeout; the server's when None.
@@ -158,11 +160,11 @@ pub struct Snapshot {
     pub owner_id: String,
     pub kind: SnapshotKind,
     pub name: Option<String>,
-    pub tags: String,
+    pub tags: Json<Tags>,
     pub status: SnapshotStatus,
     pub source_hypervisor: String,
     pub source_instance_name: Option<String>,
-    pub vm_config: String,
+    pub vm_config: Json<VmConfig>,
     pub state_key: String,
     pub memory_key: String,
     pub disk_key: String,
@@ -173,7 +175,7 @@ pub struct Snapshot {
     pub disk_sha256: Option<String>,
     pub disk_size: Option<i64>,
     pub size_bytes: i64,
-    pub compression: Option<String>,
+    pub compression: Option<Json<CompressionConfig>>,
     pub compression_state: CompressionState,
     pub compressed_size_bytes: Option<i64>,
     pub compression_error: Option<String>,
