@@ -6,7 +6,7 @@ use super::{not_found, Manager, ManagerError, Result};
 use crate::ids;
 use crate::image::seed;
 use crate::snapshot::{self};
-use crate::store::{Owner, Snapshot, Vm};
+use crate::store::{NewVm, Owner, Snapshot, Vm};
 use std::sync::Arc;
 
 impl Manager {
@@ -42,37 +42,22 @@ impl Manager {
             .await?
             .ok_or_else(|| not_found("instance", &snap.vm_id))?;
         let saved = &snap.vm_config;
-        let now = crate::store::now();
-        let mut vm = Vm {
-            id: ids::new_id("vm"),
+        let mut vm = Vm::new(NewVm {
             owner_id: owner.id.clone(),
             image_id: source.image_id.clone(),
             image_dir: source.image_dir.clone(),
             template_id: None,
-            state: VmState::Starting,
             vcpu_count: saved.vcpu_count.unwrap_or(source.vcpu_count),
             mem_mib: saved.mem_mib.unwrap_or(source.mem_mib),
             boot_args: saved.boot_args.clone().unwrap_or(source.boot_args.clone()),
             enable_network: saved.enable_network.unwrap_or(source.enable_network),
             user_data: saved.user_data.clone().or(source.user_data.clone()),
-            guest_ip: None,
-            guest_mac: None,
-            tap_name: None,
-            ssh_port: None,
             hypervisor: self.vmm.name().into(),
-            last_error: None,
-            created_at: now.clone(),
-            updated_at: now,
             name: Some(name),
-            standby_snapshot_id: None,
-            inner_ip: None,
-            inner_mac: None,
             snapshot_compression: source.snapshot_compression.clone(),
             auto_sleep: source.auto_sleep,
             idle_timeout_seconds: source.idle_timeout_seconds,
-            last_sleep_at: None,
-            last_wake_at: None,
-        };
+        });
         // A fork kept in Standby gets its own copy of the snapshot's objects.
         let copies = match (kind, target) {
             (SnapshotKind::Standby, TargetState::Standby) => snap.size_bytes.max(0) as u64,

@@ -4,9 +4,8 @@ use super::requests::CreateVm;
 use super::state::VmState;
 use super::{not_found, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
 use crate::domain::Json;
-use crate::ids;
 use crate::image::{self, seed};
-use crate::store::{self, Owner, Vm};
+use crate::store::{NewVm, Owner, Vm};
 use crate::vmm;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,14 +77,11 @@ impl Manager {
                 )))
             }
         };
-        let now = store::now();
-        let mut vm = Vm {
-            id: ids::new_id("vm"),
+        let mut vm = Vm::new(NewVm {
             owner_id: owner.id.clone(),
             image_id: image.id.clone(),
             image_dir: image.dir.clone(),
             template_id: tpl.map(|t| t.id.clone()),
-            state: VmState::Starting,
             vcpu_count,
             mem_mib,
             boot_args: super::requests::effective_boot_args(
@@ -94,27 +90,15 @@ impl Manager {
             ),
             enable_network: req.enable_network.unwrap_or(true),
             user_data,
-            guest_ip: None,
-            guest_mac: None,
-            tap_name: None,
-            ssh_port: None,
             hypervisor: self.vmm.name().into(),
-            last_error: None,
-            created_at: now.clone(),
-            updated_at: now,
             name: req.name.clone(),
-            standby_snapshot_id: None,
-            inner_ip: None,
-            inner_mac: None,
             snapshot_compression: req
                 .snapshot_compression
                 .as_ref()
                 .map(|c| Json(c.normalized())),
             auto_sleep: req.auto_sleep.unwrap_or(true),
             idle_timeout_seconds: req.idle_timeout_seconds,
-            last_sleep_at: None,
-            last_wake_at: None,
-        };
+        });
         let _guard = self.lock_vm(&vm.id).await;
         self.insert_with_network(&mut vm, &req, true, 0).await?;
         drop(image_hold);

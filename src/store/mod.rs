@@ -133,6 +133,64 @@ pub struct Vm {
     pub last_wake_at: Option<String>,
 }
 
+/// What a new VM is made of. Everything else about it starts out empty:
+/// no network allocation yet, no error, no standby snapshot, never slept.
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    pub owner_id: String,
+    pub image_id: String,
+    pub image_dir: String,
+    pub template_id: Option<String>,
+    pub vcpu_count: i64,
+    pub mem_mib: i64,
+    pub boot_args: String,
+    pub enable_network: bool,
+    pub user_data: Option<String>,
+    pub hypervisor: String,
+    pub name: Option<String>,
+    pub snapshot_compression: Option<Json<CompressionConfig>>,
+    pub auto_sleep: bool,
+    pub idle_timeout_seconds: Option<i64>,
+}
+
+impl Vm {
+    /// A VM about to be inserted: a fresh id, `starting`, made now. The one
+    /// place a VM row is built (create and fork both come here).
+    pub fn new(new: NewVm) -> Vm {
+        let now = now();
+        Vm {
+            id: crate::ids::new_id("vm"),
+            owner_id: new.owner_id,
+            image_id: new.image_id,
+            image_dir: new.image_dir,
+            template_id: new.template_id,
+            state: VmState::Starting,
+            vcpu_count: new.vcpu_count,
+            mem_mib: new.mem_mib,
+            boot_args: new.boot_args,
+            enable_network: new.enable_network,
+            user_data: new.user_data,
+            guest_ip: None,
+            guest_mac: None,
+            tap_name: None,
+            ssh_port: None,
+            hypervisor: new.hypervisor,
+            last_error: None,
+            created_at: now.clone(),
+            updated_at: now,
+            name: new.name,
+            standby_snapshot_id: None,
+            inner_ip: None,
+            inner_mac: None,
+            snapshot_compression: new.snapshot_compression,
+            auto_sleep: new.auto_sleep,
+            idle_timeout_seconds: new.idle_timeout_seconds,
+            last_sleep_at: None,
+            last_wake_at: None,
+        }
+    }
+}
+
 /// What every VM holds host-wide (allocations never repeat across VMs).
 #[derive(Debug, Default)]
 pub struct NetworkAllocations {
@@ -1176,5 +1234,271 @@ mod tests {
                 .id,
             squatter.id
         );
+    }
+
+    async fn owner(t: &TempStore) -> Owner {
+        t.store.create_owner("own_1", "alice").await.unwrap()
+    }
+
+    fn new_vm(owner: &Owner) -> Vm {
+        Vm::new(NewVm {
+            owner_id: owner.id.clone(),
+            image_id: "img_default".into(),
+            image_dir: "/images/img_default/abc".into(),
+            template_id: None,
+            vcpu_count: 2,
+            mem_mib: 512,
+            boot_args: "console=ttyS0".into(),
+            enable_network: true,
+            user_data: None,
+            hypervisor: "test".into(),
+            name: Some("web".into()),
+            snapshot_compression: Some(Json(CompressionConfig {
+                enabled: true,
+                algorithm: Some(crate::snapshot::Algorithm::Lz4),
+                level: Some(3),
+            })),
+            auto_sleep: true,
+            idle_timeout_seconds: Some(60),
+        })
+    }
+
+    /// The columns as SQLite holds them, to check the stored strings.
+    async fn text_of(t: &TempStore, sql: &str, id: &str) -> Vec<Option<String>> {
+        type Texts = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Vec<Texts> = sqlx::query_as(sql)
+            .bind(id)
+            .fetch_all(&t.store.pool)
+            .await
+            .unwrap();
+        let (a, b, c, d) = row.into_iter().next().unwrap();
+        vec![a, b, c, d]
+    }
+
+    #[tokio::test]
+    async fn a_vm_row_round_trips_its_typed_columns_as_the_same_text() {
+        let t = TempStore::new().await;
+        let owner = owner(&t).await;
+        let mut vm = new_vm(&owner);
+        vm.guest_ip = Some("172.16.0.10".parse().unwrap());
+        vm.guest_mac = Some("02:FC:AC:10:00:0A".parse().unwrap());
+        vm.inner_ip = Some("172.16.0.9".parse().unwrap());
+        vm.inner_mac = Some("02:fc:ac:10:00:09".parse().unwrap());
+        t.store.insert_vm(&vm).await.unwrap();
+
+        let back = t.store.get_vm(&vm.id).await.unwrap().unwrap();
+        assert_eq!(back.state, VmState::Starting);
+        assert_eq!(back.guest_ip, vm.guest_ip);
+        assert_eq!(back.guest_mac, vm.guest_mac);
+        assert_eq!(back.inner_ip, vm.inner_ip);
+        assert_eq!(back.inner_mac, vm.inner_mac);
+        assert_eq!(back.snapshot_compression, vm.snapshot_compression);
+        assert_eq!(back.name.as_deref(), Some("web"));
+        assert_eq!(
+            text_of(
+                &t,
+                "SELECT state, guest_ip, guest_mac, snapshot_compression FROM vms WHERE id = ?",
+                &vm.id
+            )
+            .await,
+            [
+                Some("starting"),
+                Some("172.16.0.10"),
+                Some("02:fc:ac:10:00:0a"),
+                Some(r#"{"enabled":true,"algorithm":"lz4","level":3}"#),
+            ]
+            .map(|s| s.map(String::from))
+        );
+        let taken = t.store.network_allocations().await.unwrap();
+        assert!(taken.ips.contains(&"172.16.0.10".parse().unwrap()));
+        assert!(taken.macs.contains(&vm.guest_mac.unwrap()));
+
+        for state in VmState::all() {
+            t.store.set_vm_state(&vm.id, *state, None).await.unwrap();
+            let back = t.store.get_vm(&vm.id).await.unwrap().unwrap();
+            assert_eq!(back.state, *state);
+            let (text,): (String,) = sqlx::query_as("SELECT state FROM vms WHERE id = ?")
+                .bind(&vm.id)
+                .fetch_one(&t.store.pool)
+                .await
+                .unwrap();
+            assert_eq!(text, state.as_str());
+        }
+
+        // No network, no compression default: NULLs read back as None.
+        let mut bare = new_vm(&owner);
+        bare.name = None;
+        bare.snapshot_compression = None;
+        t.store.insert_vm(&bare).await.unwrap();
+        let back = t.store.get_vm(&bare.id).await.unwrap().unwrap();
+        assert_eq!((back.guest_ip, back.guest_mac), (None, None));
+        assert_eq!((back.inner_ip, back.inner_mac), (None, None));
+        assert_eq!(back.snapshot_compression, None);
+    }
+
+    #[tokio::test]
+    async fn unknown_state_text_reads_as_error_never_running() {
+        let t = TempStore::new().await;
+        let owner = owner(&t).await;
+        let vm = new_vm(&owner);
+        t.store.insert_vm(&vm).await.unwrap();
+        for text in ["paused", "RUNNING", ""] {
+            sqlx::query("UPDATE vms SET state = ? WHERE id = ?")
+                .bind(text)
+                .bind(&vm.id)
+                .execute(&t.store.pool)
+                .await
+                .unwrap();
+            let back = t.store.get_vm(&vm.id).await.unwrap().unwrap();
+            assert_eq!(back.state, VmState::Error, "{text:?}");
+        }
+        // A snapshot row with unknown words: never usable, raw memory, Standby.
+        let snap = crate::snapshot::capturing_record(
+            "snap_1",
+            &vm.id,
+            &owner.id,
+            SnapshotKind::Stopped,
+            "test",
+            VmConfig::default(),
+        );
+        t.store.insert_snapshot(&snap).await.unwrap();
+        sqlx::query(
+            "UPDATE snapshots SET status = 'done', compression_state = 'zipped', kind = 'Paused'",
+        )
+        .execute(&t.store.pool)
+        .await
+        .unwrap();
+        assert!(t.store.get_snapshot("snap_1").await.unwrap().is_none());
+        let left = t.store.unfinished_snapshots().await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].status, SnapshotStatus::Capturing);
+        assert_eq!(left[0].compression_state, CompressionState::Error);
+        assert_eq!(left[0].kind, SnapshotKind::Standby);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_row_round_trips_and_moves_only_as_its_tables_allow() {
+        let t = TempStore::new().await;
+        let owner = owner(&t).await;
+        let mut vm = new_vm(&owner);
+        vm.guest_ip = Some("172.16.0.10".parse().unwrap());
+        vm.guest_mac = Some("02:fc:ac:10:00:0a".parse().unwrap());
+        t.store.insert_vm(&vm).await.unwrap();
+        let config = VmConfig {
+            vcpu_count: Some(2),
+            mem_mib: Some(512),
+            image_id: Some("img_default".into()),
+            boot_args: Some("console=ttyS0".into()),
+            enable_network: Some(true),
+            guest_ip: vm.guest_ip,
+            guest_mac: vm.guest_mac,
+            inner_ip: vm.guest_ip,
+            inner_mac: vm.guest_mac,
+            user_data: None,
+            name: Some("web".into()),
+        };
+        let mut snap = crate::snapshot::capturing_record(
+            "snap_1",
+            &vm.id,
+            &owner.id,
+            SnapshotKind::Standby,
+            "test",
+            config.clone(),
+        );
+        snap.tags = Json([("team".to_string(), "backend".to_string())].into());
+        snap.compression = Some(Json(CompressionConfig {
+            enabled: true,
+            algorithm: Some(crate::snapshot::Algorithm::Zstd),
+            level: None,
+        }));
+        t.store.insert_snapshot(&snap).await.unwrap();
+        assert_eq!(
+            text_of(
+                &t,
+                "SELECT kind, tags, vm_config, compression FROM snapshots WHERE id = ?",
+                "snap_1"
+            )
+            .await,
+            [
+                Some("Standby"),
+                Some(r#"{"team":"backend"}"#),
+                // Sorted keys, as earlier versions wrote them (serde_json's map).
+                Some(concat!(
+                    r#"{"boot_args":"console=ttyS0","enable_network":true,"#,
+                    r#""guest_ip":"172.16.0.10","guest_mac":"02:fc:ac:10:00:0a","#,
+                    r#""image_id":"img_default","inner_ip":"172.16.0.10","#,
+                    r#""inner_mac":"02:fc:ac:10:00:0a","mem_mib":512,"name":"web","#,
+                    r#""user_data":null,"vcpu_count":2}"#
+                )),
+                Some(r#"{"enabled":true,"algorithm":"zstd"}"#),
+            ]
+            .map(|s| s.map(String::from))
+        );
+        let (status, cstate): (String, String) =
+            sqlx::query_as("SELECT status, compression_state FROM snapshots")
+                .fetch_one(&t.store.pool)
+                .await
+                .unwrap();
+        assert_eq!((status.as_str(), cstate.as_str()), ("capturing", "none"));
+
+        // capturing -> ready, once.
+        snap.size_bytes = 42;
+        t.store.mark_snapshot_ready(&snap).await.unwrap();
+        let back = t.store.get_snapshot("snap_1").await.unwrap().unwrap();
+        assert_eq!(back.status, SnapshotStatus::Ready);
+        assert_eq!(back.vm_config.0, config);
+        assert_eq!(back.tags, snap.tags);
+        assert_eq!(back.compression, snap.compression);
+        assert_eq!(back.kind, SnapshotKind::Standby);
+        let again = t.store.mark_snapshot_ready(&back).await.unwrap_err();
+        assert!(matches!(again, StoreError::Transition { .. }), "{again}");
+        // A caller that read `capturing` but the row is ready: nothing changes.
+        let stale = t.store.mark_snapshot_ready(&snap).await.unwrap_err();
+        assert!(matches!(stale, StoreError::Transition { .. }), "{stale}");
+
+        // Compression: none -> compressing -> compressed; never back.
+        let mut s = back;
+        s.compression_state = CompressionState::Compressing;
+        t.store
+            .set_snapshot_compression(&s, CompressionState::None)
+            .await
+            .unwrap();
+        s.compression_state = CompressionState::None;
+        let back_to_none = t
+            .store
+            .set_snapshot_compression(&s, CompressionState::Compressing)
+            .await
+            .unwrap_err();
+        assert!(matches!(back_to_none, StoreError::Transition { .. }));
+        s.compression_state = CompressionState::Compressed;
+        s.compressed_key = Some("k.zstd".into());
+        // The caller's `from` is stale (the row says compressing): refused.
+        let stale = t
+            .store
+            .set_snapshot_compression(&s, CompressionState::None)
+            .await
+            .unwrap_err();
+        assert!(matches!(stale, StoreError::Transition { .. }), "{stale}");
+        t.store
+            .set_snapshot_compression(&s, CompressionState::Compressing)
+            .await
+            .unwrap();
+        let done = t.store.compressed_snapshots().await.unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].compression_state, CompressionState::Compressed);
+        assert_eq!(done[0].compressed_key.as_deref(), Some("k.zstd"));
+        for to in CompressionState::all() {
+            s.compression_state = *to;
+            assert!(t
+                .store
+                .set_snapshot_compression(&s, CompressionState::Compressed)
+                .await
+                .is_err());
+        }
     }
 }
