@@ -4,7 +4,7 @@ use super::quotas::SnapshotQuota;
 use super::requests::{CreateSnapshot, SnapshotKind};
 use super::snapshots::MemoryPipe;
 use super::state::{CompressionState, SnapshotStatus, VmState};
-use super::{Manager, ManagerError, Result};
+use super::{Context, Manager, ManagerError, Result};
 use crate::domain::Json;
 use crate::ids;
 use crate::snapshot::{self, CompressionConfig};
@@ -135,13 +135,8 @@ impl Manager {
         let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
         let captured = self.capture(&spec, &dir, snap).await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
-        let captured = match captured {
-            Err(e) => Err(ManagerError::Internal(format!(
-                "snapshot of vm {} failed, the VM keeps running: {e}",
-                vm.id
-            ))),
-            Ok(()) => Ok(()),
-        };
+        let captured =
+            captured.context(|| format!("snapshot of vm {} failed, the VM keeps running", vm.id));
         // Only now is the memory's size known: does it still fit?
         let admission = self.alloc_lock.lock().await;
         let admitted = match captured {
@@ -181,15 +176,13 @@ impl Manager {
         spec: &VmSpec,
         dir: &Path,
         snap: &mut Snapshot,
-    ) -> std::result::Result<(), String> {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| e.to_string())?;
+    ) -> Result<()> {
+        tokio::fs::create_dir_all(dir).await?;
         let files = vmm::SnapshotFiles {
             state: dir.join("vmstate"),
             memory: dir.join("memory"),
         };
-        let pipe = MemoryPipe::open(&files.memory).map_err(|e| format!("memory pipe: {e}"))?;
+        let pipe = MemoryPipe::open(&files.memory).context(|| "memory pipe".into())?;
         let (reader, keeper) = (pipe.reader, pipe.keeper);
         let save = async {
             let saved = self.vmm.snapshot(spec, &files).await;
@@ -198,20 +191,11 @@ impl Manager {
             saved
         };
         let (saved, memory) = tokio::join!(save, self.objects.put_reader(&snap.memory_key, reader));
-        saved.map_err(|e| e.to_string())?;
-        let e = |e: snapshot::ObjectError| e.to_string();
-        let memory = memory.map_err(e)?;
+        saved?;
+        let memory = memory?;
         // The guest is paused and QEMU flushed the disk when saving completed.
-        let state = self
-            .objects
-            .put_file(&snap.state_key, &files.state)
-            .await
-            .map_err(e)?;
-        let disk = self
-            .objects
-            .put_file(&snap.disk_key, &spec.disk)
-            .await
-            .map_err(e)?;
+        let state = self.objects.put_file(&snap.state_key, &files.state).await?;
+        let disk = self.objects.put_file(&snap.disk_key, &spec.disk).await?;
         snap.size_bytes = (state.size + memory.size + disk.size) as i64;
         snap.state_sha256 = Some(state.sha256);
         snap.state_size = Some(state.size as i64);
@@ -237,11 +221,11 @@ impl Manager {
             .objects
             .put_file(&snap.disk_key, &disk)
             .await
-            .map_err(|e| {
-                ManagerError::Internal(format!(
-                    "snapshot of vm {} failed, the VM is stopped and its disk unchanged: {e}",
+            .context(|| {
+                format!(
+                    "snapshot of vm {} failed, the VM is stopped and its disk unchanged",
                     vm.id
-                ))
+                )
             })?;
         snap.size_bytes = stored.size as i64;
         snap.disk_sha256 = Some(stored.sha256);

@@ -2,7 +2,7 @@
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
 use super::state::{CompressionState, SnapshotStatus, VmState};
-use super::{not_found, Manager, ManagerError, Result};
+use super::{not_found, Context, Manager, ManagerError, Result};
 use crate::ids;
 use crate::image::seed;
 use crate::snapshot::{self};
@@ -80,11 +80,12 @@ impl Manager {
                 Ok(vm)
             }
             Err(e) => {
-                let msg = format!("fork {} of snapshot {snap_id} failed: {e}", vm.id);
+                let e = e.context(format!("fork {} of snapshot {snap_id} failed", vm.id));
                 if vm.state.is_transient() {
-                    self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
+                    self.transition(&mut vm, VmState::Error, Some(&e.to_string()))
+                        .await?;
                 }
-                Err(ManagerError::Internal(msg))
+                Err(e)
             }
         }
     }
@@ -97,11 +98,11 @@ impl Manager {
         snap: &Snapshot,
         kind: SnapshotKind,
         target: TargetState,
-    ) -> std::result::Result<(), String> {
+    ) -> Result<()> {
         let work_dir = self.work_dir(&vm.id);
         tokio::fs::create_dir_all(&work_dir)
             .await
-            .map_err(|e| format!("creating work directory: {e}"))?;
+            .context(|| "creating work directory".into())?;
         // A restored guest needs the devices it was saved with: the seed disk
         // is attached when the source had one (its content is the fork's own).
         if self.work_dir(&source.id).join("seed.iso").exists() || kind == SnapshotKind::Stopped {
@@ -113,30 +114,22 @@ impl Manager {
                 seed_net.as_ref(),
             )
             .await
-            .map_err(|e| format!("creating the cloud-init seed: {e}"))?;
+            .map_err(ManagerError::Host)
+            .context(|| "creating the cloud-init seed".into())?;
         }
         match (kind, target) {
             (SnapshotKind::Standby, TargetState::Standby) => {
                 // The fork sleeps in a snapshot of its own, so deleting the
                 // source (and its snapshots) never takes the fork's memory away.
-                let own = self
-                    .copy_snapshot(snap, vm)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.settle_standby_new(vm, &own)
-                    .await
-                    .map_err(|e| e.to_string())
+                let own = self.copy_snapshot(snap, vm).await?;
+                self.settle_standby_new(vm, &own).await
             }
             (SnapshotKind::Standby, TargetState::Running) => {
-                let (_r, snap) = self.read_locked(snap).await.map_err(|e| e.to_string())?;
+                let (_r, snap) = self.read_locked(snap).await?;
                 let snap = &snap;
-                self.adopt_memory_address(vm, snap)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.adopt_memory_address(vm, snap).await?;
                 self.load_standby(vm, snap).await?;
-                self.transition(vm, VmState::Running, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.transition(vm, VmState::Running, None).await?;
                 self.refresh_forwards().await;
                 Ok(())
             }
@@ -149,14 +142,10 @@ impl Manager {
                 fetched?.commit().await;
                 if target == TargetState::Running {
                     self.boot(vm).await?;
-                    self.transition(vm, VmState::Running, None)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    self.transition(vm, VmState::Running, None).await?;
                     self.refresh_forwards().await;
                 } else {
-                    self.transition(vm, VmState::Stopped, None)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    self.transition(vm, VmState::Stopped, None).await?;
                 }
                 Ok(())
             }
@@ -211,10 +200,7 @@ impl Manager {
                     .delete_prefix(&format!("{}{new_id}/", snapshot::prefix_of_vm(&vm.id)))
                     .await;
                 self.store.delete_snapshot(&new_id).await?;
-                return Err(ManagerError::Internal(format!(
-                    "copying snapshot {}: {e}",
-                    snap.id
-                )));
+                return Err(ManagerError::from(e).context(format!("copying snapshot {}", snap.id)));
             }
         }
         own.state_sha256 = snap.state_sha256.clone();

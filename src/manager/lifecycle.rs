@@ -2,7 +2,7 @@
 
 use super::requests::CreateVm;
 use super::state::VmState;
-use super::{not_found, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
+use super::{not_found, Context, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
 use crate::domain::Json;
 use crate::image::{self, seed};
 use crate::store::{NewVm, Owner, Vm};
@@ -107,14 +107,15 @@ impl Manager {
         let prepared = async {
             tokio::fs::create_dir_all(&work_dir)
                 .await
-                .map_err(|e| format!("creating work directory: {e}"))?;
+                .context(|| "creating work directory".into())?;
             image::create_vm_disk(
                 &image::rootfs_in(Path::new(&vm.image_dir)),
                 &work_dir,
                 self.vmm.capabilities().disk_format,
             )
             .await
-            .map_err(|e| format!("creating VM disk: {e}"))?;
+            .map_err(ManagerError::Host)
+            .context(|| "creating VM disk".into())?;
             seed::write(
                 &work_dir,
                 &vm.id,
@@ -122,7 +123,8 @@ impl Manager {
                 seed_net.as_ref(),
             )
             .await
-            .map_err(|e| format!("creating the cloud-init seed: {e}"))
+            .map_err(ManagerError::Host)
+            .context(|| "creating the cloud-init seed".into())
         }
         .await;
         let booted = match prepared {
@@ -136,9 +138,10 @@ impl Manager {
                 Ok(vm)
             }
             Err(e) => {
-                let msg = format!("failed to start vm {}: {e}", vm.id);
-                self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
-                Err(ManagerError::Internal(msg))
+                let e = e.context(format!("failed to start vm {}", vm.id));
+                self.transition(&mut vm, VmState::Error, Some(&e.to_string()))
+                    .await?;
+                Err(e)
             }
         }
     }
@@ -224,9 +227,10 @@ impl Manager {
                 Ok(())
             }
             Err(e) => {
-                let msg = format!("failed to start vm {id}: {e}");
-                self.transition(vm, VmState::Error, Some(&msg)).await?;
-                Err(ManagerError::Internal(msg))
+                let e = e.context(format!("failed to start vm {id}"));
+                self.transition(vm, VmState::Error, Some(&e.to_string()))
+                    .await?;
+                Err(e)
             }
         }
     }
@@ -238,13 +242,14 @@ impl Manager {
         let dir = self.work_dir(id);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
             if e.kind() != std::io::ErrorKind::NotFound {
-                let msg = format!("deleting vm {id}: removing {}: {e}", dir.display());
+                let e = ManagerError::from(e)
+                    .context(format!("deleting vm {id}: removing {}", dir.display()));
                 if vm.state.is_transient() {
                     self.store
-                        .set_vm_state(id, VmState::Error, Some(&msg))
+                        .set_vm_state(id, VmState::Error, Some(&e.to_string()))
                         .await?;
                 }
-                return Err(ManagerError::Internal(msg));
+                return Err(e);
             }
         }
         // Seed 001: deleting a VM deletes all its snapshots from storage and its proxy routes.

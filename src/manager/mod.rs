@@ -7,6 +7,7 @@
 mod capture;
 mod compression;
 pub mod console;
+mod error;
 mod fork;
 mod idle;
 mod images;
@@ -23,6 +24,7 @@ pub mod state;
 mod supervision;
 mod templates;
 
+pub use error::{Context, ErrorKind, ManagerError, Result};
 pub use idle::Busy;
 pub use images::ImageUpload;
 pub use routes::{RouteTarget, WakeError, Woke};
@@ -31,7 +33,7 @@ use crate::config::Config;
 use crate::image::{self};
 use crate::net::Network;
 use crate::snapshot::Objects;
-use crate::store::{Owner, Store, StoreError, Vm};
+use crate::store::{Owner, Store, Vm};
 use crate::vmm::{self, VmSpec, Vmm};
 use state::VmState;
 use std::collections::HashMap;
@@ -43,42 +45,9 @@ use tokio::sync::watch;
 
 pub const DEFAULT_IMAGE_ID: &str = "img_default";
 
-#[derive(Debug, thiserror::Error)]
-pub enum ManagerError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    /// Allowed in principle, refused by a limit (a quota, the host's capacity).
-    #[error("{0}")]
-    Forbidden(String),
-    /// A request body or upload over its size limit.
-    #[error("{0}")]
-    TooLarge(String),
-    /// The host cannot take it now (its memory is fully given out).
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<StoreError> for ManagerError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Conflict(m) => ManagerError::Conflict(m),
-            other => ManagerError::Internal(other.to_string()),
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, ManagerError>;
-
 /// Streams a snapshot's memory into a VMM's FIFO, verifying as it goes;
 /// resolves once every byte was sent and checked.
-type MemoryFeed =
-    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send>>;
+type MemoryFeed = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 /// A VMM process this daemon started and is watching.
 struct Running {

@@ -2,7 +2,7 @@
 
 use super::requests::CreateVm;
 use super::state::VmState;
-use super::{Manager, ManagerError, Result};
+use super::{Context, Manager, ManagerError, Result};
 use crate::domain::MacAddr;
 use crate::ids;
 use crate::image::seed;
@@ -20,26 +20,30 @@ impl Manager {
     /// and given to whoever asks for a networked VM.
     pub async fn init_network(&self) {
         let result = async {
-            let reservations = self.reservations().await.map_err(|e| e.to_string())?;
+            let reservations = self.reservations().await?;
             let net = Network::setup(
                 self.config.net.clone(),
                 &self.config.net_dir(),
                 &reservations,
             )
-            .await?;
+            .await
+            .map_err(ManagerError::Host)?;
             // No VM runs right after start-up: every TAP in our bridge is stale.
-            let removed = net.remove_stale_taps(&HashSet::new()).await?;
+            let removed = net
+                .remove_stale_taps(&HashSet::new())
+                .await
+                .map_err(ManagerError::Host)?;
             if removed > 0 {
                 tracing::warn!(removed, "removed TAP devices left from a previous daemon");
             }
             // Namespaces of isolated VMs survive a daemon crash; none of them runs now.
-            for vm in self.store.all_vms().await.map_err(|e| e.to_string())? {
+            for vm in self.store.all_vms().await? {
                 let ns = crate::net::isolate::netns_name(&vm.id);
                 if let Err(e) = net.remove_isolation(&ns).await {
                     tracing::error!(vm = %vm.id, "removing network namespace {ns}: {e}");
                 }
             }
-            Ok::<_, String>(net)
+            Ok::<_, ManagerError>(net)
         }
         .await;
         match result {
@@ -53,7 +57,7 @@ impl Manager {
                 tracing::error!(
                     "networking unavailable, only VMs with enable_network false can run: {e}"
                 );
-                *self.network_error.lock().unwrap() = Some(e);
+                *self.network_error.lock().unwrap() = Some(e.to_string());
             }
         }
     }
@@ -87,8 +91,8 @@ impl Manager {
             return;
         };
         let result = match self.reservations().await {
-            Ok(r) => net.sync_reservations(&r),
-            Err(e) => Err(e.to_string()),
+            Ok(r) => net.sync_reservations(&r).map_err(ManagerError::Host),
+            Err(e) => Err(e),
         };
         if let Err(e) = result {
             tracing::error!("updating DHCP reservations: {e}");
@@ -106,7 +110,7 @@ impl Manager {
     /// Makes the firewall match the store: SSH forwards for the VMs that
     /// are running now, and every VM's bridge port pinned to its address
     /// (see src/net/README.md, "Guests on the bridge").
-    pub(super) async fn sync_firewall(&self) -> std::result::Result<(), String> {
+    pub(super) async fn sync_firewall(&self) -> Result<()> {
         let Some(net) = self.network.get() else {
             return Ok(());
         };
@@ -114,7 +118,7 @@ impl Manager {
             .store
             .all_vms()
             .await
-            .map_err(|e| format!("reading VMs for the firewall: {e}"))?;
+            .context(|| "reading VMs for the firewall".into())?;
         let forwards = vms
             .iter()
             .filter(|v| v.state == VmState::Running)
@@ -139,7 +143,9 @@ impl Manager {
                 })
             })
             .collect();
-        net.sync_firewall(forwards, guests).await
+        net.sync_firewall(forwards, guests)
+            .await
+            .map_err(ManagerError::Host)
     }
 
     /// Chooses `vm`'s address, MAC, TAP and SSH port. Called with `alloc_lock`

@@ -1,7 +1,7 @@
 //! Start-up recovery: what a previous daemon left running, half-written or mid-transition.
 
 use super::state::VmState;
-use super::{Manager, ManagerError, Result};
+use super::{Manager, Result};
 use crate::vmm::process;
 use std::sync::Arc;
 
@@ -10,9 +10,7 @@ impl Manager {
     /// left in a transient state are marked `error` (seed 001).
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
         let vms_dir = self.config.vms_dir();
-        let killed = tokio::task::spawn_blocking(move || process::kill_all_under(&vms_dir))
-            .await
-            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        let killed = tokio::task::spawn_blocking(move || process::kill_all_under(&vms_dir)).await?;
         if killed > 0 {
             tracing::warn!(killed, "killed VMM processes left from a previous daemon");
         }

@@ -3,8 +3,8 @@
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
 use super::snapshots::{compression_of, grow_pipe, make_fifo, stored, DiskSwap};
 use super::state::{CompressionState, VmState};
-use super::{Manager, ManagerError, Result};
-use crate::snapshot::{self, Stored};
+use super::{Context, Manager, ManagerError, Result};
+use crate::snapshot::{self, ObjectError, Stored};
 use crate::store::{Owner, Snapshot, Vm};
 use crate::vmm::{self};
 use std::path::Path;
@@ -80,13 +80,14 @@ impl Manager {
                 self.store.set_vm_inner_address(&id, ip, mac).await?;
                 vm.inner_ip = ip;
                 vm.inner_mac = mac;
-                let msg = format!(
-                    "restoring vm {id} from {} failed, the VM stays {state}: {e}",
+                let e = e.context(format!(
+                    "restoring vm {id} from {} failed, the VM stays {state}",
                     snap.id
-                );
+                ));
+                let msg = e.to_string();
                 let last_error = (state == VmState::Error).then_some(msg.as_str());
                 self.transition(vm, state, last_error).await?;
-                Err(ManagerError::Internal(msg))
+                Err(e)
             }
         }
     }
@@ -132,11 +133,8 @@ impl Manager {
         dir: &Path,
         work_dir: &Path,
         state: bool,
-    ) -> std::result::Result<DiskSwap, String> {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| e.to_string())?;
-        let e = |e: snapshot::ObjectError| e.to_string();
+    ) -> Result<DiskSwap> {
+        tokio::fs::create_dir_all(dir).await?;
         if state {
             self.objects
                 .get_file(
@@ -144,8 +142,7 @@ impl Manager {
                     &dir.join("vmstate"),
                     &stored(&snap.state_sha256, snap.state_size),
                 )
-                .await
-                .map_err(e)?;
+                .await?;
         }
         let fetched = dir.join("disk.qcow2");
         self.objects
@@ -154,24 +151,21 @@ impl Manager {
                 &fetched,
                 &stored(&snap.disk_sha256, snap.disk_size),
             )
-            .await
-            .map_err(e)?;
-        tokio::fs::create_dir_all(work_dir)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
+        tokio::fs::create_dir_all(work_dir).await?;
         // Everything arrived intact: only now is the VM's disk replaced.
         let disk = work_dir.join("disk.qcow2");
         let backup = work_dir.join("disk.qcow2.before-restore");
         let had_disk = match tokio::fs::rename(&disk, &backup).await {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(format!("keeping the current disk: {e}")),
+            Err(e) => return Err(ManagerError::from(e).context("keeping the current disk")),
         };
         if let Err(e) = tokio::fs::rename(&fetched, &disk).await {
             if had_disk {
                 let _ = tokio::fs::rename(&backup, &disk).await;
             }
-            return Err(e.to_string());
+            return Err(e.into());
         }
         Ok(DiskSwap {
             disk,
@@ -200,12 +194,8 @@ impl Manager {
     }
 
     /// The stream of `snap`'s memory into the FIFO at `fifo`, verified.
-    pub(super) fn memory_feed(
-        &self,
-        snap: &Snapshot,
-        fifo: &Path,
-    ) -> std::result::Result<super::MemoryFeed, String> {
-        make_fifo(fifo).map_err(|e| format!("memory pipe: {e}"))?;
+    pub(super) fn memory_feed(&self, snap: &Snapshot, fifo: &Path) -> Result<super::MemoryFeed> {
+        make_fifo(fifo).context(|| "memory pipe".into())?;
         let (key, expected, decompress) = Self::memory_source(snap);
         if let (Some(src), None) = (self.objects.local_file(&key), &decompress) {
             return Self::blocking_feed(src, key, expected, fifo);
@@ -215,7 +205,7 @@ impl Manager {
         let mut tx = tokio::net::unix::pipe::OpenOptions::new()
             .read_write(true)
             .open_sender(fifo)
-            .map_err(|e| format!("memory pipe: {e}"))?;
+            .context(|| "memory pipe".into())?;
         grow_pipe(&tx);
         let objects = self.objects.clone();
         Ok(Box::pin(async move {
@@ -228,7 +218,7 @@ impl Manager {
                 )
                 .await;
             drop(tx);
-            sent.map_err(|e| e.to_string())
+            Ok(sent?)
         }))
     }
 
@@ -240,7 +230,7 @@ impl Manager {
         key: String,
         expected: Stored,
         fifo: &Path,
-    ) -> std::result::Result<super::MemoryFeed, String> {
+    ) -> Result<super::MemoryFeed> {
         use std::os::unix::fs::OpenOptionsExt;
         // Read-write: never waits for the VMM's reader; non-blocking, so the
         // thread can notice it was abandoned.
@@ -249,7 +239,7 @@ impl Manager {
             .write(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(fifo)
-            .map_err(|e| format!("memory pipe: {e}"))?;
+            .context(|| "memory pipe".into())?;
         grow_pipe(&out);
         struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
         impl Drop for CancelOnDrop {
@@ -264,19 +254,14 @@ impl Manager {
             tokio::task::spawn_blocking(move || {
                 snapshot::feed_blocking(&src, &key, out, &expected, &cancel)
             })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .await??;
+            Ok(())
         }))
     }
 
     /// Verified state and disk in place, then the memory streamed into a new
     /// VMM for `vm`, which resumes. On failure the VM's disk is as it was.
-    pub(super) async fn load_standby(
-        self: &Arc<Self>,
-        vm: &Vm,
-        snap: &Snapshot,
-    ) -> std::result::Result<(), String> {
+    pub(super) async fn load_standby(self: &Arc<Self>, vm: &Vm, snap: &Snapshot) -> Result<()> {
         let work_dir = self.work_dir(&vm.id);
         let dir = work_dir.join(format!("restore-{}", snap.id));
         let result = async {
@@ -307,8 +292,12 @@ impl Manager {
 
     /// A VMM that could not load streamed memory says little about why; when
     /// the stored memory itself is corrupt or missing, that is the reason to give.
-    pub(super) async fn explain_load_failure(&self, snap: &Snapshot, error: String) -> String {
-        if error.contains("corrupt") || error.contains("missing") {
+    pub(super) async fn explain_load_failure(
+        &self,
+        snap: &Snapshot,
+        error: ManagerError,
+    ) -> ManagerError {
+        if let Some(ObjectError::Corrupt { .. } | ObjectError::Missing(_)) = error.object_error() {
             return error;
         }
         let (key, expected, decompress) = Self::memory_source(snap);
@@ -322,7 +311,7 @@ impl Manager {
             )
             .await
         {
-            Err(e) => e.to_string(),
+            Err(e) => e.into(),
             Ok(()) => error,
         }
     }
@@ -383,10 +372,8 @@ impl Manager {
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 fetched
                     .map(DiskSwap::commit)
-                    .map_err(|e| {
-                        ManagerError::Internal(format!(
-                            "restoring instance {id} from {snap_id} failed, it is unchanged: {e}"
-                        ))
+                    .context(|| {
+                        format!("restoring instance {id} from {snap_id} failed, it is unchanged")
                     })?
                     .await;
                 self.store.set_vm_standby(id, None).await?;

@@ -9,7 +9,7 @@
 //! `snapshotted`, not lost.
 
 use super::state::VmState;
-use super::{not_found, Manager, ManagerError, Result};
+use super::{not_found, Context, Manager, ManagerError, Result};
 use crate::domain::VmConfig;
 use crate::snapshot::{self, CompressionConfig, Stored};
 use crate::store::{Owner, Snapshot, Vm};
@@ -205,7 +205,7 @@ impl Manager {
             self.objects
                 .delete(key)
                 .await
-                .map_err(|e| ManagerError::Internal(format!("deleting snapshot {id}: {e}")))?;
+                .context(|| format!("deleting snapshot {id}"))?;
         }
         self.store.delete_snapshot(id).await?;
         self.snap_locks.lock().unwrap().remove(id);
@@ -217,7 +217,7 @@ impl Manager {
         self.objects
             .delete_prefix(&snapshot::prefix_of_vm(vm_id))
             .await
-            .map_err(|e| ManagerError::Internal(format!("deleting snapshots of {vm_id}: {e}")))?;
+            .context(|| format!("deleting snapshots of {vm_id}"))?;
         self.store.delete_vm_snapshots(vm_id).await?;
         Ok(())
     }

@@ -642,7 +642,7 @@ impl Store {
     }
 
     pub async fn insert_vm(&self, vm: &Vm) -> Result<()> {
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO vms (id, owner_id, image_id, image_dir, template_id, state, vcpu_count, mem_mib, boot_args,
                               enable_network, user_data, guest_ip, guest_mac, tap_name, ssh_port, hypervisor,
                               last_error, created_at, updated_at, name, standby_snapshot_id, inner_ip,
@@ -676,20 +676,33 @@ impl Store {
         .bind(vm.auto_sleep)
         .bind(vm.idle_timeout_seconds)
         .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) && e.to_string().contains("vms.name") {
-                StoreError::Conflict(format!(
-                    "an instance named {:?} already exists",
-                    vm.name.as_deref().unwrap_or_default()
-                ))
-            } else if is_unique_violation(&e) {
-                StoreError::Conflict(format!("a network allocation of vm {} is already taken: {e}", vm.id))
-            } else {
-                e.into()
-            }
-        })?;
-        Ok(())
+        .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            // Which unique index refused it: a name is the caller's choice;
+            // anything else is an allocation someone else holds.
+            Err(e) if is_unique_violation(&e) => match &vm.name {
+                Some(name) if self.vm_name_taken(&vm.owner_id, name).await? => Err(
+                    StoreError::Conflict(format!("an instance named {name:?} already exists")),
+                ),
+                _ => Err(StoreError::Conflict(format!(
+                    "a network allocation of vm {} is already taken: {e}",
+                    vm.id
+                ))),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Does the owner have a VM with this name already?
+    async fn vm_name_taken(&self, owner_id: &str, name: &str) -> Result<bool> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM vms WHERE owner_id = ? AND name = ?")
+                .bind(owner_id)
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n > 0)
     }
 
     /// Persists a state change (and the reason, for `error`), returning the new updated_at.
@@ -1500,5 +1513,35 @@ mod tests {
                 .await
                 .is_err());
         }
+    }
+
+    #[tokio::test]
+    async fn a_unique_clash_is_told_apart_by_what_clashes() {
+        let t = TempStore::new().await;
+        let owner = owner(&t).await;
+        let mut first = new_vm(&owner);
+        first.guest_ip = Some("172.16.0.10".parse().unwrap());
+        t.store.insert_vm(&first).await.unwrap();
+
+        let same_name = new_vm(&owner);
+        let e = t.store.insert_vm(&same_name).await.unwrap_err();
+        assert_eq!(e.to_string(), "an instance named \"web\" already exists");
+
+        let mut same_ip = new_vm(&owner);
+        same_ip.name = Some("other".into());
+        same_ip.guest_ip = first.guest_ip;
+        let e = t.store.insert_vm(&same_ip).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!(
+                "a network allocation of vm {} is already taken",
+                same_ip.id
+            )),
+            "{e}"
+        );
+        // An unnamed VM whose address clashes is not a name clash either.
+        same_ip.name = None;
+        let e = t.store.insert_vm(&same_ip).await.unwrap_err();
+        assert!(e.to_string().starts_with("a network allocation"), "{e}");
     }
 }
