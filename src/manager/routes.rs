@@ -43,9 +43,10 @@ pub enum WakeError {
     /// only its owner starts it again.
     #[error("{0}")]
     NotAsleep(String),
-    /// It sleeps, but restoring it failed.
+    /// It sleeps, but restoring it failed. Shared (`Arc`): every request
+    /// waiting on the wake gets the same result.
     #[error("{0}")]
-    Failed(String),
+    Failed(Arc<ManagerError>),
 }
 
 /// The outcome of a wake, shared by every request that waited for it.
@@ -213,7 +214,11 @@ impl Manager {
                 }
             }
         };
-        let abandoned = || WakeError::Failed("the wake was abandoned".into());
+        let abandoned = || {
+            WakeError::Failed(Arc::new(ManagerError::Internal(
+                "the wake was abandoned".into(),
+            )))
+        };
         let done = rx
             .wait_for(Option::is_some)
             .await
@@ -242,13 +247,13 @@ impl Manager {
 
     async fn wake_now(self: &Arc<Self>, vm_id: &str) -> std::result::Result<Woke, WakeError> {
         let started = std::time::Instant::now();
-        let failed = |e: String| WakeError::Failed(e);
+        let failed = |e: ManagerError| WakeError::Failed(Arc::new(e));
         let _guard = self.lock_vm(vm_id).await;
         let mut vm = self
             .store
             .get_vm(vm_id)
             .await
-            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.into()))?
             .ok_or_else(|| WakeError::NotAsleep(format!("vm {vm_id} no longer exists")))?;
         let st = vm.state;
         let (how, woke) = match st {
@@ -257,8 +262,12 @@ impl Manager {
                 let snap = self
                     .standby_snapshot(&vm)
                     .await
-                    .map_err(|e| failed(e.to_string()))?
-                    .ok_or_else(|| failed(format!("vm {vm_id} has no snapshot to wake from")))?;
+                    .map_err(failed)?
+                    .ok_or_else(|| {
+                        failed(ManagerError::Internal(format!(
+                            "vm {vm_id} has no snapshot to wake from"
+                        )))
+                    })?;
                 let resumed = self.resume_from(&mut vm, &snap).await;
                 if resumed.is_ok() {
                     self.drop_sleep_snapshot(snap);
@@ -276,12 +285,12 @@ impl Manager {
                 )))
             }
         };
-        woke.map_err(|e| failed(e.to_string()))?;
+        woke.map_err(failed)?;
         let at = self
             .store
             .mark_vm_sleep_or_wake(vm_id, false)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(e.into()))?;
         tracing::info!(
             vm = vm_id,
             was = %st,
