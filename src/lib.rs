@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod config;
+pub mod domain;
 pub mod ids;
 pub mod image;
 pub mod manager;

@@ -1,6 +1,6 @@
 //! The API's error type: every failure becomes a status code and `{"error": "..."}`.
 
-use crate::manager::ManagerError;
+use crate::manager::{ErrorKind, ManagerError};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -25,34 +25,38 @@ pub enum ApiError {
     ServiceUnavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// What the manager refused or failed at; its kind gives the status.
+    #[error(transparent)]
+    Domain(#[from] ManagerError),
 }
 
-impl From<ManagerError> for ApiError {
-    fn from(e: ManagerError) -> Self {
-        match e {
-            ManagerError::BadRequest(m) => ApiError::BadRequest(m),
-            ManagerError::NotFound(m) => ApiError::NotFound(m),
-            ManagerError::Conflict(m) => ApiError::Conflict(m),
-            ManagerError::Forbidden(m) => ApiError::Forbidden(m),
-            ManagerError::TooLarge(m) => ApiError::PayloadTooLarge(m),
-            ManagerError::Unavailable(m) => ApiError::ServiceUnavailable(m),
-            ManagerError::Internal(m) => ApiError::Internal(m),
-        }
+/// The HTTP status of each kind of domain failure: the one place the two meet.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Domain(e) => status_of(e.kind()),
+            // Failures of the HTTP layer itself.
+            ApiError::BadRequest(_) => status_of(ErrorKind::BadRequest),
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) => status_of(ErrorKind::NotFound),
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Conflict(_) => status_of(ErrorKind::Conflict),
+            ApiError::Forbidden(_) => status_of(ErrorKind::Forbidden),
+            ApiError::PayloadTooLarge(_) => status_of(ErrorKind::TooLarge),
+            ApiError::ServiceUnavailable(_) => status_of(ErrorKind::Unavailable),
+            ApiError::Internal(_) => status_of(ErrorKind::Internal),
         };
         if status.is_server_error() {
             tracing::error!("{self}");

@@ -5,7 +5,9 @@
 use super::json::JsonBody;
 use super::views::VmView;
 use super::{ApiError, ApiResult, AppState, St};
+use crate::domain::{CompressionState, SnapshotKind, Tags};
 use crate::manager::requests::{CreateSnapshot, FromSnapshot, SnapshotFilter};
+use crate::snapshot::CompressionConfig;
 use crate::store::{Owner, Snapshot};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -103,7 +105,7 @@ pub async fn delete_snapshot(
 pub struct SnapshotView {
     pub id: String,
     pub created_at: String,
-    pub kind: String,
+    pub kind: SnapshotKind,
     pub size_bytes: i64,
     pub source_hypervisor: String,
     pub source_instance_id: String,
@@ -111,13 +113,13 @@ pub struct SnapshotView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compressed_size_bytes: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub compression: Option<serde_json::Value>,
+    pub compression: Option<CompressionConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compression_error: Option<String>,
-    pub compression_state: String,
+    pub compression_state: CompressionState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    pub tags: serde_json::Map<String, serde_json::Value>,
+    pub tags: Tags,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uncompressed_size_bytes: Option<i64>,
 }
@@ -136,11 +138,11 @@ impl From<Snapshot> for SnapshotView {
             source_hypervisor: s.source_hypervisor,
             source_instance_id: s.vm_id,
             compressed_size_bytes: s.compressed_size_bytes,
-            compression: s.compression.and_then(|c| serde_json::from_str(&c).ok()),
+            compression: s.compression.map(|c| c.0),
             compression_error: s.compression_error,
             compression_state: s.compression_state,
             name: s.name,
-            tags: serde_json::from_str(&s.tags).unwrap_or_default(),
+            tags: s.tags.0,
             uncompressed_size_bytes: s.memory_size,
         }
     }

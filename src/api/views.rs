@@ -1,8 +1,11 @@
 //! JSON shapes of the Hatch API's objects; the VM is also the Hypeman API's instance (docs/API.md).
 
 use crate::config::ProxyConfig;
+use crate::domain::{CompressionState, MacAddr, VmState};
+use crate::snapshot::CompressionConfig;
 use crate::store::{Image, Route, Snapshot, Template, Vm};
 use serde::Serialize;
+use std::net::Ipv4Addr;
 
 #[derive(Serialize)]
 pub struct VmView {
@@ -12,12 +15,12 @@ pub struct VmView {
     pub image_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub template_id: Option<String>,
-    pub state: String,
+    pub state: VmState,
     pub vcpu_count: i64,
     pub mem_mib: i64,
     pub boot_args: String,
-    pub guest_ip: Option<String>,
-    pub guest_mac: Option<String>,
+    pub guest_ip: Option<Ipv4Addr>,
+    pub guest_mac: Option<MacAddr>,
     pub tap_name: Option<String>,
     pub ssh_port: Option<i64>,
     pub enable_network: bool,
@@ -26,7 +29,7 @@ pub struct VmView {
     pub last_error: Option<String>,
     /// The VM's own default for snapshot compression, when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub snapshot_compression: Option<serde_json::Value>,
+    pub snapshot_compression: Option<CompressionConfig>,
     /// Idle sleep: false when this VM opted out.
     pub auto_sleep: bool,
     /// Its own idle timeout (null: the server's HATCH_IDLE_TIMEOUT).
@@ -43,9 +46,7 @@ impl From<Vm> for VmView {
         VmView {
             id: v.id,
             name: v.name,
-            snapshot_compression: v
-                .snapshot_compression
-                .and_then(|c| serde_json::from_str(&c).ok()),
+            snapshot_compression: v.snapshot_compression.map(|c| c.0),
             image_id: v.image_id,
             template_id: v.template_id,
             state: v.state,
@@ -182,12 +183,13 @@ impl From<Snapshot> for HatchSnapshotView {
             vm_id: s.vm_id,
             state_key: s.state_key,
             // Once compressed, the memory lives in the compressed object.
-            memory_key: match (s.compression_state.as_str(), s.compressed_key) {
-                ("compressed", Some(k)) => k,
+            memory_key: match (s.compression_state, s.compressed_key) {
+                (CompressionState::Compressed, Some(k)) => k,
                 _ => s.memory_key,
             },
             disk_key: s.disk_key,
-            vm_config: s.vm_config,
+            // Seed 000 shows the config as a JSON string.
+            vm_config: serde_json::to_string(&s.vm_config.0).unwrap_or_default(),
             size_bytes: s.size_bytes,
             created_at: s.created_at,
         }

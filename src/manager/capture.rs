@@ -3,8 +3,9 @@
 use super::quotas::SnapshotQuota;
 use super::requests::{CreateSnapshot, SnapshotKind};
 use super::snapshots::MemoryPipe;
-use super::state::VmState;
-use super::{state_of, Manager, ManagerError, Result};
+use super::state::{CompressionState, SnapshotStatus, VmState};
+use super::{Context, Manager, ManagerError, Result};
+use crate::domain::Json;
 use crate::ids;
 use crate::snapshot::{self, CompressionConfig};
 use crate::store::{Owner, Snapshot, Vm};
@@ -50,7 +51,7 @@ impl Manager {
         quota: SnapshotQuota,
     ) -> Result<Snapshot> {
         let id = vm.id.clone();
-        let st = state_of(vm);
+        let st = vm.state;
         match kind {
             SnapshotKind::Standby if st != VmState::Running => {
                 return Err(ManagerError::Conflict(format!(
@@ -69,22 +70,18 @@ impl Manager {
             &snap_id,
             &vm.id,
             &vm.owner_id,
-            kind.as_str(),
+            kind,
             &vm.hypervisor,
             Self::vm_config(vm),
         );
         snap.name = req.name.clone();
-        snap.tags = serde_json::to_string(&req.tags.clone().unwrap_or_default())
-            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        snap.tags = Json(req.tags.clone().unwrap_or_default());
         snap.source_instance_name = vm.name.clone();
         let compression = match kind {
             SnapshotKind::Standby => self.compression_for(vm, req.compression.as_ref()),
             SnapshotKind::Stopped => CompressionConfig::default(),
         };
-        snap.compression = Some(
-            serde_json::to_string(&compression)
-                .map_err(|e| ManagerError::Internal(e.to_string()))?,
-        );
+        snap.compression = Some(Json(compression.clone()));
         if kind == SnapshotKind::Stopped {
             // Disk only: there is no memory or device state to point at.
             snap.state_key.clear();
@@ -114,8 +111,10 @@ impl Manager {
             return Err(e);
         }
         if compression.enabled {
-            snap.compression_state = "compressing".into();
-            self.store.set_snapshot_compression(&snap).await?;
+            snap.compression_state = CompressionState::Compressing;
+            self.store
+                .set_snapshot_compression(&snap, CompressionState::None)
+                .await?;
             self.spawn_compression(snap.clone());
         }
         tracing::info!(vm = %id, snapshot = %snap_id, kind = kind.as_str(), bytes = snap.size_bytes, "snapshot stored");
@@ -136,13 +135,8 @@ impl Manager {
         let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
         let captured = self.capture(&spec, &dir, snap).await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
-        let captured = match captured {
-            Err(e) => Err(ManagerError::Internal(format!(
-                "snapshot of vm {} failed, the VM keeps running: {e}",
-                vm.id
-            ))),
-            Ok(()) => Ok(()),
-        };
+        let captured =
+            captured.context(|| format!("snapshot of vm {} failed, the VM keeps running", vm.id));
         // Only now is the memory's size known: does it still fit?
         let admission = self.alloc_lock.lock().await;
         let admitted = match captured {
@@ -164,7 +158,7 @@ impl Manager {
         }
         self.store.mark_snapshot_ready(snap).await?;
         drop(admission);
-        snap.status = "ready".into();
+        snap.status = SnapshotStatus::Ready;
         // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
         vm.standby_snapshot_id = Some(snap.id.clone());
@@ -182,15 +176,13 @@ impl Manager {
         spec: &VmSpec,
         dir: &Path,
         snap: &mut Snapshot,
-    ) -> std::result::Result<(), String> {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| e.to_string())?;
+    ) -> Result<()> {
+        tokio::fs::create_dir_all(dir).await?;
         let files = vmm::SnapshotFiles {
             state: dir.join("vmstate"),
             memory: dir.join("memory"),
         };
-        let pipe = MemoryPipe::open(&files.memory).map_err(|e| format!("memory pipe: {e}"))?;
+        let pipe = MemoryPipe::open(&files.memory).context(|| "memory pipe".into())?;
         let (reader, keeper) = (pipe.reader, pipe.keeper);
         let save = async {
             let saved = self.vmm.snapshot(spec, &files).await;
@@ -199,20 +191,11 @@ impl Manager {
             saved
         };
         let (saved, memory) = tokio::join!(save, self.objects.put_reader(&snap.memory_key, reader));
-        saved.map_err(|e| e.to_string())?;
-        let e = |e: snapshot::ObjectError| e.to_string();
-        let memory = memory.map_err(e)?;
+        saved?;
+        let memory = memory?;
         // The guest is paused and QEMU flushed the disk when saving completed.
-        let state = self
-            .objects
-            .put_file(&snap.state_key, &files.state)
-            .await
-            .map_err(e)?;
-        let disk = self
-            .objects
-            .put_file(&snap.disk_key, &spec.disk)
-            .await
-            .map_err(e)?;
+        let state = self.objects.put_file(&snap.state_key, &files.state).await?;
+        let disk = self.objects.put_file(&snap.disk_key, &spec.disk).await?;
         snap.size_bytes = (state.size + memory.size + disk.size) as i64;
         snap.state_sha256 = Some(state.sha256);
         snap.state_size = Some(state.size as i64);
@@ -230,7 +213,7 @@ impl Manager {
         snap: &mut Snapshot,
         quota: SnapshotQuota,
     ) -> Result<()> {
-        if state_of(vm) == VmState::Running {
+        if vm.state == VmState::Running {
             self.stop_locked(vm).await?;
         }
         let disk = self.spec_for(vm).disk;
@@ -238,11 +221,11 @@ impl Manager {
             .objects
             .put_file(&snap.disk_key, &disk)
             .await
-            .map_err(|e| {
-                ManagerError::Internal(format!(
-                    "snapshot of vm {} failed, the VM is stopped and its disk unchanged: {e}",
+            .context(|| {
+                format!(
+                    "snapshot of vm {} failed, the VM is stopped and its disk unchanged",
                     vm.id
-                ))
+                )
             })?;
         snap.size_bytes = stored.size as i64;
         snap.disk_sha256 = Some(stored.sha256);
@@ -250,7 +233,7 @@ impl Manager {
         let _admission = self.alloc_lock.lock().await;
         self.admit_stored(&vm.owner_id, quota, stored.size).await?;
         self.store.mark_snapshot_ready(snap).await?;
-        snap.status = "ready".into();
+        snap.status = SnapshotStatus::Ready;
         Ok(())
     }
 }

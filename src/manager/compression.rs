@@ -1,6 +1,7 @@
 //! Background compression of a stored snapshot's memory, resumed after a restart.
 
 use super::snapshots::compression_of;
+use super::state::CompressionState;
 use super::{Manager, Result};
 use crate::store::Snapshot;
 use std::sync::Arc;
@@ -33,15 +34,16 @@ impl Manager {
                 return;
             }
         }
+        let from = snap.compression_state;
         match result {
             Ok(c) => {
-                snap.compression_state = "compressed".into();
+                snap.compression_state = CompressionState::Compressed;
                 snap.compressed_key = Some(ckey);
                 snap.compressed_sha256 = Some(c.sha256);
                 snap.compressed_size_bytes = Some(c.size as i64);
                 snap.size_bytes =
                     snap.state_size.unwrap_or(0) + c.size as i64 + snap.disk_size.unwrap_or(0);
-                if let Err(e) = self.store.set_snapshot_compression(&snap).await {
+                if let Err(e) = self.store.set_snapshot_compression(&snap, from).await {
                     tracing::error!(snapshot = %snap.id, "recording compression: {e}");
                     return;
                 }
@@ -53,10 +55,10 @@ impl Manager {
             }
             Err(e) => {
                 let _ = self.objects.delete(&ckey).await;
-                snap.compression_state = "error".into();
+                snap.compression_state = CompressionState::Error;
                 snap.compression_error = Some(e.to_string());
                 tracing::error!(snapshot = %snap.id, "compression failed, the uncompressed memory stays: {e}");
-                if let Err(e) = self.store.set_snapshot_compression(&snap).await {
+                if let Err(e) = self.store.set_snapshot_compression(&snap, from).await {
                     tracing::error!(snapshot = %snap.id, "recording compression failure: {e}");
                 }
             }

@@ -1,13 +1,12 @@
 //! Fork: a new VM from a snapshot, beside its source.
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::snapshots::{kind_of, SavedConfig};
-use super::state::VmState;
-use super::{not_found, state_of, Manager, ManagerError, Result};
+use super::state::{CompressionState, SnapshotStatus, VmState};
+use super::{not_found, Context, Manager, ManagerError, Result};
 use crate::ids;
 use crate::image::seed;
 use crate::snapshot::{self};
-use crate::store::{Owner, Snapshot, Vm};
+use crate::store::{NewVm, Owner, Snapshot, Vm};
 use std::sync::Arc;
 
 impl Manager {
@@ -33,7 +32,7 @@ impl Manager {
             }
         };
         let snap = self.get_snapshot(owner, snap_id).await?;
-        let kind = kind_of(&snap);
+        let kind = snap.kind;
         let target = req
             .target(kind, self.vmm.name())
             .map_err(ManagerError::BadRequest)?;
@@ -42,38 +41,23 @@ impl Manager {
             .get_vm(&snap.vm_id)
             .await?
             .ok_or_else(|| not_found("instance", &snap.vm_id))?;
-        let saved = SavedConfig::of(&snap);
-        let now = crate::store::now();
-        let mut vm = Vm {
-            id: ids::new_id("vm"),
+        let saved = &snap.vm_config;
+        let mut vm = Vm::new(NewVm {
             owner_id: owner.id.clone(),
             image_id: source.image_id.clone(),
             image_dir: source.image_dir.clone(),
             template_id: None,
-            state: VmState::Starting.as_str().into(),
             vcpu_count: saved.vcpu_count.unwrap_or(source.vcpu_count),
             mem_mib: saved.mem_mib.unwrap_or(source.mem_mib),
             boot_args: saved.boot_args.clone().unwrap_or(source.boot_args.clone()),
             enable_network: saved.enable_network.unwrap_or(source.enable_network),
             user_data: saved.user_data.clone().or(source.user_data.clone()),
-            guest_ip: None,
-            guest_mac: None,
-            tap_name: None,
-            ssh_port: None,
             hypervisor: self.vmm.name().into(),
-            last_error: None,
-            created_at: now.clone(),
-            updated_at: now,
             name: Some(name),
-            standby_snapshot_id: None,
-            inner_ip: None,
-            inner_mac: None,
             snapshot_compression: source.snapshot_compression.clone(),
             auto_sleep: source.auto_sleep,
             idle_timeout_seconds: source.idle_timeout_seconds,
-            last_sleep_at: None,
-            last_wake_at: None,
-        };
+        });
         // A fork kept in Standby gets its own copy of the snapshot's objects.
         let copies = match (kind, target) {
             (SnapshotKind::Standby, TargetState::Standby) => snap.size_bytes.max(0) as u64,
@@ -96,11 +80,12 @@ impl Manager {
                 Ok(vm)
             }
             Err(e) => {
-                let msg = format!("fork {} of snapshot {snap_id} failed: {e}", vm.id);
-                if state_of(&vm).is_transient() {
-                    self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
+                let e = e.context(format!("fork {} of snapshot {snap_id} failed", vm.id));
+                if vm.state.is_transient() {
+                    self.transition(&mut vm, VmState::Error, Some(&e.to_string()))
+                        .await?;
                 }
-                Err(ManagerError::Internal(msg))
+                Err(e)
             }
         }
     }
@@ -113,11 +98,11 @@ impl Manager {
         snap: &Snapshot,
         kind: SnapshotKind,
         target: TargetState,
-    ) -> std::result::Result<(), String> {
+    ) -> Result<()> {
         let work_dir = self.work_dir(&vm.id);
         tokio::fs::create_dir_all(&work_dir)
             .await
-            .map_err(|e| format!("creating work directory: {e}"))?;
+            .context(|| "creating work directory".into())?;
         // A restored guest needs the devices it was saved with: the seed disk
         // is attached when the source had one (its content is the fork's own).
         if self.work_dir(&source.id).join("seed.iso").exists() || kind == SnapshotKind::Stopped {
@@ -129,30 +114,22 @@ impl Manager {
                 seed_net.as_ref(),
             )
             .await
-            .map_err(|e| format!("creating the cloud-init seed: {e}"))?;
+            .map_err(ManagerError::Host)
+            .context(|| "creating the cloud-init seed".into())?;
         }
         match (kind, target) {
             (SnapshotKind::Standby, TargetState::Standby) => {
                 // The fork sleeps in a snapshot of its own, so deleting the
                 // source (and its snapshots) never takes the fork's memory away.
-                let own = self
-                    .copy_snapshot(snap, vm)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.settle_standby_new(vm, &own)
-                    .await
-                    .map_err(|e| e.to_string())
+                let own = self.copy_snapshot(snap, vm).await?;
+                self.settle_standby_new(vm, &own).await
             }
             (SnapshotKind::Standby, TargetState::Running) => {
-                let (_r, snap) = self.read_locked(snap).await.map_err(|e| e.to_string())?;
+                let (_r, snap) = self.read_locked(snap).await?;
                 let snap = &snap;
-                self.adopt_memory_address(vm, snap)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.adopt_memory_address(vm, snap).await?;
                 self.load_standby(vm, snap).await?;
-                self.transition(vm, VmState::Running, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.transition(vm, VmState::Running, None).await?;
                 self.refresh_forwards().await;
                 Ok(())
             }
@@ -165,14 +142,10 @@ impl Manager {
                 fetched?.commit().await;
                 if target == TargetState::Running {
                     self.boot(vm).await?;
-                    self.transition(vm, VmState::Running, None)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    self.transition(vm, VmState::Running, None).await?;
                     self.refresh_forwards().await;
                 } else {
-                    self.transition(vm, VmState::Stopped, None)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    self.transition(vm, VmState::Stopped, None).await?;
                 }
                 Ok(())
             }
@@ -200,14 +173,14 @@ impl Manager {
             &new_id,
             &vm.id,
             &vm.owner_id,
-            &snap.kind,
+            snap.kind,
             &snap.source_hypervisor,
-            snap.vm_config.clone(),
+            snap.vm_config.0.clone(),
         );
         own.source_instance_name = vm.name.clone();
         own.compression = snap.compression.clone();
         self.store.insert_snapshot(&own).await?;
-        let compressed = snap.compression_state == "compressed";
+        let compressed = snap.compression_state == CompressionState::Compressed;
         let mut pairs = vec![
             (snap.state_key.clone(), own.state_key.clone()),
             (snap.disk_key.clone(), own.disk_key.clone()),
@@ -227,10 +200,7 @@ impl Manager {
                     .delete_prefix(&format!("{}{new_id}/", snapshot::prefix_of_vm(&vm.id)))
                     .await;
                 self.store.delete_snapshot(&new_id).await?;
-                return Err(ManagerError::Internal(format!(
-                    "copying snapshot {}: {e}",
-                    snap.id
-                )));
+                return Err(ManagerError::from(e).context(format!("copying snapshot {}", snap.id)));
             }
         }
         own.state_sha256 = snap.state_sha256.clone();
@@ -241,15 +211,15 @@ impl Manager {
         own.disk_size = snap.disk_size;
         own.size_bytes = snap.size_bytes;
         self.store.mark_snapshot_ready(&own).await?;
-        own.status = "ready".into();
-        own.compression_state = if compressed {
-            "compressed".into()
-        } else {
-            "none".into()
-        };
-        own.compressed_sha256 = snap.compressed_sha256.clone();
-        own.compressed_size_bytes = snap.compressed_size_bytes;
-        self.store.set_snapshot_compression(&own).await?;
+        own.status = SnapshotStatus::Ready;
+        if compressed {
+            own.compression_state = CompressionState::Compressed;
+            own.compressed_sha256 = snap.compressed_sha256.clone();
+            own.compressed_size_bytes = snap.compressed_size_bytes;
+            self.store
+                .set_snapshot_compression(&own, CompressionState::None)
+                .await?;
+        }
         Ok(own)
     }
 }

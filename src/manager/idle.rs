@@ -3,7 +3,7 @@
 
 use super::requests::{CreateSnapshot, SnapshotKind};
 use super::state::VmState;
-use super::{state_of, Manager};
+use super::Manager;
 use crate::store::Vm;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -16,8 +16,7 @@ pub const SLEEP_TAG: (&str, &str) = ("hatch.sleep", "idle");
 
 /// Is `snap` one idle sleep took?
 pub fn is_sleep_snapshot(snap: &crate::store::Snapshot) -> bool {
-    serde_json::from_str::<std::collections::BTreeMap<String, String>>(&snap.tags)
-        .is_ok_and(|t| t.get(SLEEP_TAG.0).map(String::as_str) == Some(SLEEP_TAG.1))
+    snap.tags.get(SLEEP_TAG.0).map(String::as_str) == Some(SLEEP_TAG.1)
 }
 
 /// What the proxy and the monitor know about one VM's traffic.
@@ -218,7 +217,7 @@ impl Manager {
             };
             let candidates: Vec<(Vm, Duration)> = vms
                 .into_iter()
-                .filter(|v| state_of(v) == VmState::Running)
+                .filter(|v| v.state == VmState::Running)
                 .filter_map(|v| {
                     let t = idle_timeout_of(
                         v.auto_sleep,
@@ -239,8 +238,7 @@ impl Manager {
                 );
             }
             for (vm, timeout) in candidates {
-                let ssh = vm.guest_ip.as_ref().and_then(|ip| ip.parse().ok());
-                if let (Some(ip), Some(sessions)) = (ssh, &sessions) {
+                if let (Some(ip), Some(sessions)) = (vm.guest_ip, &sessions) {
                     if sessions.contains(&ip) {
                         self.activity.touch(&vm.id);
                         continue;
@@ -262,7 +260,7 @@ impl Manager {
         let Ok(Some(mut vm)) = self.store.get_vm(vm_id).await else {
             return;
         };
-        if state_of(&vm) != VmState::Running {
+        if vm.state != VmState::Running {
             return;
         }
         let Some(_pausing) = self.activity.pause_if_idle(vm_id, timeout) else {

@@ -2,10 +2,10 @@
 
 use super::requests::CreateVm;
 use super::state::VmState;
-use super::{not_found, state_of, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
-use crate::ids;
+use super::{not_found, Context, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
+use crate::domain::Json;
 use crate::image::{self, seed};
-use crate::store::{self, Owner, Vm};
+use crate::store::{NewVm, Owner, Vm};
 use crate::vmm;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -77,14 +77,11 @@ impl Manager {
                 )))
             }
         };
-        let now = store::now();
-        let mut vm = Vm {
-            id: ids::new_id("vm"),
+        let mut vm = Vm::new(NewVm {
             owner_id: owner.id.clone(),
             image_id: image.id.clone(),
             image_dir: image.dir.clone(),
             template_id: tpl.map(|t| t.id.clone()),
-            state: VmState::Starting.as_str().into(),
             vcpu_count,
             mem_mib,
             boot_args: super::requests::effective_boot_args(
@@ -93,30 +90,15 @@ impl Manager {
             ),
             enable_network: req.enable_network.unwrap_or(true),
             user_data,
-            guest_ip: None,
-            guest_mac: None,
-            tap_name: None,
-            ssh_port: None,
             hypervisor: self.vmm.name().into(),
-            last_error: None,
-            created_at: now.clone(),
-            updated_at: now,
             name: req.name.clone(),
-            standby_snapshot_id: None,
-            inner_ip: None,
-            inner_mac: None,
-            snapshot_compression: match &req.snapshot_compression {
-                Some(c) => Some(
-                    serde_json::to_string(&c.normalized())
-                        .map_err(|e| ManagerError::Internal(e.to_string()))?,
-                ),
-                None => None,
-            },
+            snapshot_compression: req
+                .snapshot_compression
+                .as_ref()
+                .map(|c| Json(c.normalized())),
             auto_sleep: req.auto_sleep.unwrap_or(true),
             idle_timeout_seconds: req.idle_timeout_seconds,
-            last_sleep_at: None,
-            last_wake_at: None,
-        };
+        });
         let _guard = self.lock_vm(&vm.id).await;
         self.insert_with_network(&mut vm, &req, true, 0).await?;
         drop(image_hold);
@@ -125,14 +107,15 @@ impl Manager {
         let prepared = async {
             tokio::fs::create_dir_all(&work_dir)
                 .await
-                .map_err(|e| format!("creating work directory: {e}"))?;
+                .context(|| "creating work directory".into())?;
             image::create_vm_disk(
                 &image::rootfs_in(Path::new(&vm.image_dir)),
                 &work_dir,
                 self.vmm.capabilities().disk_format,
             )
             .await
-            .map_err(|e| format!("creating VM disk: {e}"))?;
+            .map_err(ManagerError::Host)
+            .context(|| "creating VM disk".into())?;
             seed::write(
                 &work_dir,
                 &vm.id,
@@ -140,7 +123,8 @@ impl Manager {
                 seed_net.as_ref(),
             )
             .await
-            .map_err(|e| format!("creating the cloud-init seed: {e}"))
+            .map_err(ManagerError::Host)
+            .context(|| "creating the cloud-init seed".into())
         }
         .await;
         let booted = match prepared {
@@ -154,9 +138,10 @@ impl Manager {
                 Ok(vm)
             }
             Err(e) => {
-                let msg = format!("failed to start vm {}: {e}", vm.id);
-                self.transition(&mut vm, VmState::Error, Some(&msg)).await?;
-                Err(ManagerError::Internal(msg))
+                let e = e.context(format!("failed to start vm {}", vm.id));
+                self.transition(&mut vm, VmState::Error, Some(&e.to_string()))
+                    .await?;
+                Err(e)
             }
         }
     }
@@ -192,7 +177,7 @@ impl Manager {
     }
 
     pub(super) async fn stop_locked(&self, vm: &mut Vm) -> Result<()> {
-        let st = state_of(vm);
+        let st = vm.state;
         if st != VmState::Running {
             return Err(ManagerError::Conflict(format!(
                 "vm {} is {st}; only a running VM can be stopped",
@@ -217,7 +202,7 @@ impl Manager {
     /// Boots a stopped VM (or one in error) afresh from its disk.
     pub(super) async fn start_locked(self: &Arc<Self>, vm: &mut Vm) -> Result<()> {
         let id = vm.id.clone();
-        let st = state_of(vm);
+        let st = vm.state;
         if !matches!(st, VmState::Stopped | VmState::Error) {
             return Err(ManagerError::Conflict(format!(
                 "vm {id} is {st}; only a stopped VM (or one in error) can be started"
@@ -242,9 +227,10 @@ impl Manager {
                 Ok(())
             }
             Err(e) => {
-                let msg = format!("failed to start vm {id}: {e}");
-                self.transition(vm, VmState::Error, Some(&msg)).await?;
-                Err(ManagerError::Internal(msg))
+                let e = e.context(format!("failed to start vm {id}"));
+                self.transition(vm, VmState::Error, Some(&e.to_string()))
+                    .await?;
+                Err(e)
             }
         }
     }
@@ -256,13 +242,14 @@ impl Manager {
         let dir = self.work_dir(id);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
             if e.kind() != std::io::ErrorKind::NotFound {
-                let msg = format!("deleting vm {id}: removing {}: {e}", dir.display());
-                if state_of(&vm).is_transient() {
+                let e = ManagerError::from(e)
+                    .context(format!("deleting vm {id}: removing {}", dir.display()));
+                if vm.state.is_transient() {
                     self.store
-                        .set_vm_state(id, VmState::Error.as_str(), Some(&msg))
+                        .set_vm_state(id, VmState::Error, Some(&e.to_string()))
                         .await?;
                 }
-                return Err(ManagerError::Internal(msg));
+                return Err(e);
             }
         }
         // Seed 001: deleting a VM deletes all its snapshots from storage and its proxy routes.

@@ -7,6 +7,7 @@
 mod capture;
 mod compression;
 pub mod console;
+mod error;
 mod fork;
 mod idle;
 mod images;
@@ -23,6 +24,7 @@ pub mod state;
 mod supervision;
 mod templates;
 
+pub use error::{Context, ErrorKind, ManagerError, Result};
 pub use idle::Busy;
 pub use images::ImageUpload;
 pub use routes::{RouteTarget, WakeError, Woke};
@@ -31,7 +33,7 @@ use crate::config::Config;
 use crate::image::{self};
 use crate::net::Network;
 use crate::snapshot::Objects;
-use crate::store::{Owner, Store, StoreError, Vm};
+use crate::store::{Owner, Store, Vm};
 use crate::vmm::{self, VmSpec, Vmm};
 use state::VmState;
 use std::collections::HashMap;
@@ -43,42 +45,9 @@ use tokio::sync::watch;
 
 pub const DEFAULT_IMAGE_ID: &str = "img_default";
 
-#[derive(Debug, thiserror::Error)]
-pub enum ManagerError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    /// Allowed in principle, refused by a limit (a quota, the host's capacity).
-    #[error("{0}")]
-    Forbidden(String),
-    /// A request body or upload over its size limit.
-    #[error("{0}")]
-    TooLarge(String),
-    /// The host cannot take it now (its memory is fully given out).
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<StoreError> for ManagerError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Conflict(m) => ManagerError::Conflict(m),
-            other => ManagerError::Internal(other.to_string()),
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, ManagerError>;
-
 /// Streams a snapshot's memory into a VMM's FIFO, verifying as it goes;
 /// resolves once every byte was sent and checked.
-type MemoryFeed =
-    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send>>;
+type MemoryFeed = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 /// A VMM process this daemon started and is watching.
 struct Running {
@@ -116,11 +85,6 @@ pub struct Manager {
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
     ManagerError::NotFound(format!("{kind} {id} not found"))
-}
-
-fn state_of(vm: &Vm) -> VmState {
-    // Unknown text in the database is treated as an error state, never as running.
-    vm.state.parse().unwrap_or(VmState::Error)
 }
 
 impl Manager {
@@ -186,12 +150,12 @@ impl Manager {
         let seed = work_dir.join("seed.iso");
         // A guest resumed from another VM's memory keeps that VM's MAC, behind
         // its own network namespace (see `isolation`).
-        let mac = vm.inner_mac.as_ref().or(vm.guest_mac.as_ref());
+        let mac = vm.inner_mac.or(vm.guest_mac);
         VmSpec {
             nic: match (&vm.tap_name, mac) {
                 (Some(tap), Some(mac)) => Some(vmm::Nic {
                     tap: tap.clone(),
-                    mac: mac.clone(),
+                    mac: mac.to_string(),
                 }),
                 _ => None,
             },
@@ -212,28 +176,27 @@ impl Manager {
     /// address that is not its own (a fork of another VM's memory).
     fn isolation(&self, vm: &Vm) -> Option<crate::net::isolate::Isolation> {
         let tap = vm.tap_name.as_ref()?;
-        let outer = vm.guest_ip.as_ref()?.parse().ok()?;
-        let inner = vm.inner_ip.as_ref()?.parse().ok()?;
-        let outer_mac = vm.guest_mac.clone()?;
+        let outer_mac = vm.guest_mac?.to_string();
         Some(crate::net::isolate::isolation_for(
-            &vm.id, tap, outer, inner, &outer_mac,
+            &vm.id,
+            tap,
+            vm.guest_ip?,
+            vm.inner_ip?,
+            &outer_mac,
         ))
     }
 
     /// Persists a checked transition.
     async fn transition(&self, vm: &mut Vm, to: VmState, last_error: Option<&str>) -> Result<()> {
-        let from = state_of(vm);
+        let from = vm.state;
         if !from.can_become(to) {
             return Err(ManagerError::Internal(format!(
                 "internal error: vm {} cannot go from {from} to {to}",
                 vm.id
             )));
         }
-        vm.updated_at = self
-            .store
-            .set_vm_state(&vm.id, to.as_str(), last_error)
-            .await?;
-        vm.state = to.as_str().to_string();
+        vm.updated_at = self.store.set_vm_state(&vm.id, to, last_error).await?;
+        vm.state = to;
         vm.last_error = last_error.map(str::to_string);
         if to == VmState::Running {
             // The idle clock starts when the guest runs (boot, start, restore).

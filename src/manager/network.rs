@@ -2,13 +2,14 @@
 
 use super::requests::CreateVm;
 use super::state::VmState;
-use super::{state_of, Manager, ManagerError, Result};
+use super::{Context, Manager, ManagerError, Result};
+use crate::domain::MacAddr;
 use crate::ids;
 use crate::image::seed;
 use crate::net::dhcp::Reservation;
 use crate::net::firewall::{Forward, Guest};
 use crate::net::{ipam, Network};
-use crate::store::Vm;
+use crate::store::{NetworkAllocations, Vm};
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -19,26 +20,30 @@ impl Manager {
     /// and given to whoever asks for a networked VM.
     pub async fn init_network(&self) {
         let result = async {
-            let reservations = self.reservations().await.map_err(|e| e.to_string())?;
+            let reservations = self.reservations().await?;
             let net = Network::setup(
                 self.config.net.clone(),
                 &self.config.net_dir(),
                 &reservations,
             )
-            .await?;
+            .await
+            .map_err(ManagerError::Host)?;
             // No VM runs right after start-up: every TAP in our bridge is stale.
-            let removed = net.remove_stale_taps(&HashSet::new()).await?;
+            let removed = net
+                .remove_stale_taps(&HashSet::new())
+                .await
+                .map_err(ManagerError::Host)?;
             if removed > 0 {
                 tracing::warn!(removed, "removed TAP devices left from a previous daemon");
             }
             // Namespaces of isolated VMs survive a daemon crash; none of them runs now.
-            for vm in self.store.all_vms().await.map_err(|e| e.to_string())? {
+            for vm in self.store.all_vms().await? {
                 let ns = crate::net::isolate::netns_name(&vm.id);
                 if let Err(e) = net.remove_isolation(&ns).await {
                     tracing::error!(vm = %vm.id, "removing network namespace {ns}: {e}");
                 }
             }
-            Ok::<_, String>(net)
+            Ok::<_, ManagerError>(net)
         }
         .await;
         match result {
@@ -52,7 +57,7 @@ impl Manager {
                 tracing::error!(
                     "networking unavailable, only VMs with enable_network false can run: {e}"
                 );
-                *self.network_error.lock().unwrap() = Some(e);
+                *self.network_error.lock().unwrap() = Some(e.to_string());
             }
         }
     }
@@ -74,8 +79,8 @@ impl Manager {
             .into_iter()
             .filter_map(|v| {
                 Some(Reservation {
-                    mac: v.guest_mac?,
-                    ip: v.guest_ip?,
+                    mac: v.guest_mac?.to_string(),
+                    ip: v.guest_ip?.to_string(),
                 })
             })
             .collect())
@@ -86,8 +91,8 @@ impl Manager {
             return;
         };
         let result = match self.reservations().await {
-            Ok(r) => net.sync_reservations(&r),
-            Err(e) => Err(e.to_string()),
+            Ok(r) => net.sync_reservations(&r).map_err(ManagerError::Host),
+            Err(e) => Err(e),
         };
         if let Err(e) = result {
             tracing::error!("updating DHCP reservations: {e}");
@@ -105,7 +110,7 @@ impl Manager {
     /// Makes the firewall match the store: SSH forwards for the VMs that
     /// are running now, and every VM's bridge port pinned to its address
     /// (see src/net/README.md, "Guests on the bridge").
-    pub(super) async fn sync_firewall(&self) -> std::result::Result<(), String> {
+    pub(super) async fn sync_firewall(&self) -> Result<()> {
         let Some(net) = self.network.get() else {
             return Ok(());
         };
@@ -113,14 +118,14 @@ impl Manager {
             .store
             .all_vms()
             .await
-            .map_err(|e| format!("reading VMs for the firewall: {e}"))?;
+            .context(|| "reading VMs for the firewall".into())?;
         let forwards = vms
             .iter()
-            .filter(|v| state_of(v) == VmState::Running)
+            .filter(|v| v.state == VmState::Running)
             .filter_map(|v| {
                 Some(Forward {
                     host_port: u16::try_from(v.ssh_port?).ok()?,
-                    guest_ip: v.guest_ip.clone()?,
+                    guest_ip: v.guest_ip?.to_string(),
                     guest_port: 22,
                     vm_id: v.id.clone(),
                 })
@@ -131,28 +136,23 @@ impl Manager {
             .filter_map(|v| {
                 Some(Guest {
                     ports: vec![v.tap_name?, crate::net::isolate::veth_name(&v.id)],
-                    mac: v.guest_mac?,
-                    ip: v.guest_ip?,
+                    mac: v.guest_mac?.to_string(),
+                    ip: v.guest_ip?.to_string(),
                     owner_id: v.owner_id,
                     vm_id: v.id,
                 })
             })
             .collect();
-        net.sync_firewall(forwards, guests).await
+        net.sync_firewall(forwards, guests)
+            .await
+            .map_err(ManagerError::Host)
     }
 
     /// Chooses `vm`'s address, MAC, TAP and SSH port. Called with `alloc_lock`
     /// held, right before the row is inserted (unique indexes back this up).
     pub(super) async fn allocate_network(&self, vm: &mut Vm, req: &CreateVm) -> Result<()> {
         let net = self.network()?;
-        let mut ips = HashSet::new();
-        let mut macs = HashSet::new();
-        let mut ports = HashSet::new();
-        for (ip, mac, port) in self.store.network_allocations().await? {
-            ips.extend(ip.and_then(|i| i.parse::<Ipv4Addr>().ok()));
-            macs.extend(mac);
-            ports.extend(port.and_then(|p| u16::try_from(p).ok()));
-        }
+        let NetworkAllocations { ips, macs, ports } = self.store.network_allocations().await?;
         let bridge = net.cfg.net;
         let ip = match &req.guest_ip {
             Some(text) => {
@@ -175,7 +175,9 @@ impl Manager {
         };
         let mac = match &req.guest_mac {
             Some(text) => {
-                let mac = ipam::parse_mac(text).map_err(ManagerError::BadRequest)?;
+                let mac: MacAddr = ipam::parse_mac(text)
+                    .and_then(|m| m.parse())
+                    .map_err(ManagerError::BadRequest)?;
                 if macs.contains(&mac) {
                     return Err(ManagerError::Conflict(format!(
                         "guest_mac {mac} is already in use by another VM"
@@ -184,12 +186,14 @@ impl Manager {
                 mac
             }
             None => {
-                let mut mac = ipam::mac_for_ip(ip);
+                let mut mac: MacAddr = ipam::mac_for_ip(ip)
+                    .parse()
+                    .map_err(ManagerError::Internal)?;
                 // A user may have claimed the derived MAC for another VM.
                 while macs.contains(&mac) {
                     let r = ids::random_string(4);
                     let b = r.as_bytes();
-                    mac = format!("02:fd:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
+                    mac = MacAddr([0x02, 0xfd, b[0], b[1], b[2], b[3]]);
                 }
                 mac
             }
@@ -198,7 +202,7 @@ impl Manager {
             let (lo, hi) = net.cfg.ssh_ports;
             ManagerError::Conflict(format!("no free SSH port left in {lo}-{hi}"))
         })?;
-        vm.guest_ip = Some(ip.to_string());
+        vm.guest_ip = Some(ip);
         vm.guest_mac = Some(mac);
         vm.tap_name = Some(ipam::tap_name(&vm.id));
         vm.ssh_port = Some(port as i64);
@@ -208,8 +212,8 @@ impl Manager {
     pub(super) fn seed_net(&self, vm: &Vm) -> Option<seed::SeedNet> {
         let net = self.network.get()?;
         Some(seed::SeedNet {
-            mac: vm.guest_mac.clone()?,
-            ip: vm.guest_ip.clone()?,
+            mac: vm.guest_mac?.to_string(),
+            ip: vm.guest_ip?.to_string(),
             prefix: net.cfg.net.prefix,
             gateway: net.cfg.net.bridge_ip.to_string(),
             dns: net.cfg.net.bridge_ip.to_string(),

@@ -1,7 +1,7 @@
 //! Start-up recovery: what a previous daemon left running, half-written or mid-transition.
 
 use super::state::VmState;
-use super::{state_of, Manager, ManagerError, Result};
+use super::{Manager, Result};
 use crate::vmm::process;
 use std::sync::Arc;
 
@@ -10,9 +10,7 @@ impl Manager {
     /// left in a transient state are marked `error` (seed 001).
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
         let vms_dir = self.config.vms_dir();
-        let killed = tokio::task::spawn_blocking(move || process::kill_all_under(&vms_dir))
-            .await
-            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        let killed = tokio::task::spawn_blocking(move || process::kill_all_under(&vms_dir)).await?;
         if killed > 0 {
             tracing::warn!(killed, "killed VMM processes left from a previous daemon");
         }
@@ -31,7 +29,7 @@ impl Manager {
             tracing::warn!(snapshot = %s.id, vm = %s.vm_id, "removed a snapshot left unfinished");
         }
         for vm in self.store.all_vms().await? {
-            let st = state_of(&vm);
+            let st = vm.state;
             let standby = match &vm.standby_snapshot_id {
                 Some(s) => self.store.get_snapshot(s).await?.is_some(),
                 None => false,
@@ -40,7 +38,7 @@ impl Manager {
                 // Its memory and disk were stored before the VMM went (a snapshot
                 // or restore was cut short): it stands by on that snapshot.
                 self.store
-                    .set_vm_state(&vm.id, VmState::Snapshotted.as_str(), None)
+                    .set_vm_state(&vm.id, VmState::Snapshotted, None)
                     .await?;
                 tracing::warn!(vm = %vm.id, was = %st, "back to snapshotted after restart");
             } else if st.is_transient() {
@@ -48,7 +46,7 @@ impl Manager {
                     "the hatch daemon restarted while this VM was {st}; its VMM process is gone"
                 );
                 self.store
-                    .set_vm_state(&vm.id, VmState::Error.as_str(), Some(&msg))
+                    .set_vm_state(&vm.id, VmState::Error, Some(&msg))
                     .await?;
                 tracing::warn!(vm = %vm.id, was = %st, "marked error after restart");
             }

@@ -146,31 +146,7 @@ impl CreateRoute {
     }
 }
 
-/// Seed 003's snapshot kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotKind {
-    /// Memory, CPU/device state and disk; the instance goes to standby.
-    Standby,
-    /// Disk only; the guest is shut down first.
-    Stopped,
-}
-
-impl SnapshotKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotKind::Standby => "Standby",
-            SnapshotKind::Stopped => "Stopped",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<SnapshotKind, String> {
-        match s {
-            "Standby" => Ok(SnapshotKind::Standby),
-            "Stopped" => Ok(SnapshotKind::Stopped),
-            other => Err(format!("kind must be Standby or Stopped, got {other:?}")),
-        }
-    }
-}
+pub use crate::domain::SnapshotKind;
 
 /// `POST /instances/{id}/snapshots` (seed 003).
 #[derive(Debug, Default, Deserialize)]
@@ -348,7 +324,7 @@ pub struct CreateTemplate {
 /// and tags as `tags[KEY]=VALUE` (all must match).
 #[derive(Debug, Default, PartialEq)]
 pub struct SnapshotFilter {
-    pub kind: Option<String>,
+    pub kind: Option<SnapshotKind>,
     pub name: Option<String>,
     pub source_instance_id: Option<String>,
     pub tags: Vec<(String, String)>,
@@ -360,8 +336,7 @@ impl SnapshotFilter {
         let mut f = SnapshotFilter::default();
         for (k, v) in pairs {
             match k.as_str() {
-                "kind" if v == "Standby" || v == "Stopped" => f.kind = Some(v.clone()),
-                "kind" => return Err(format!("kind must be Standby or Stopped, got {v:?}")),
+                "kind" => f.kind = Some(SnapshotKind::parse(v)?),
                 "name" => f.name = Some(v.clone()),
                 "source_instance_id" => f.source_instance_id = Some(v.clone()),
                 _ => match k.strip_prefix("tags[").and_then(|t| t.strip_suffix(']')) {
@@ -374,8 +349,6 @@ impl SnapshotFilter {
     }
 
     pub fn matches(&self, s: &crate::store::Snapshot) -> bool {
-        let tags: std::collections::HashMap<String, String> =
-            serde_json::from_str(&s.tags).unwrap_or_default();
         self.kind.as_ref().is_none_or(|k| *k == s.kind)
             && self
                 .name
@@ -385,7 +358,7 @@ impl SnapshotFilter {
                 .source_instance_id
                 .as_ref()
                 .is_none_or(|i| *i == s.vm_id)
-            && self.tags.iter().all(|(k, v)| tags.get(k) == Some(v))
+            && self.tags.iter().all(|(k, v)| s.tags.get(k) == Some(v))
     }
 }
 
@@ -634,8 +607,15 @@ mod tests {
         assert!(p(&[("tags[]", "x")]).is_err());
         let snap = |kind: &str, vm: &str, tags: &str| crate::store::Snapshot {
             name: Some("pre-upgrade".into()),
-            tags: tags.into(),
-            ..crate::snapshot::capturing_record("snap_x", vm, "o", kind, "qemu", "{}".into())
+            tags: crate::domain::Json(serde_json::from_str(tags).unwrap()),
+            ..crate::snapshot::capturing_record(
+                "snap_x",
+                vm,
+                "o",
+                SnapshotKind::parse(kind).unwrap(),
+                "qemu",
+                Default::default(),
+            )
         };
         assert!(f.matches(&snap("Standby", "vm_a", r#"{"team":"backend","env":"x"}"#)));
         assert!(!f.matches(&snap("Stopped", "vm_a", r#"{"team":"backend"}"#)));

@@ -1,12 +1,10 @@
 //! Restore: a VM resumed from its standby snapshot or from one it chose.
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::snapshots::{
-    compression_of, grow_pipe, kind_of, make_fifo, stored, DiskSwap, SavedConfig,
-};
-use super::state::VmState;
-use super::{state_of, Manager, ManagerError, Result};
-use crate::snapshot::{self, Stored};
+use super::snapshots::{compression_of, grow_pipe, make_fifo, stored, DiskSwap};
+use super::state::{CompressionState, VmState};
+use super::{Context, Manager, ManagerError, Result};
+use crate::snapshot::{self, ObjectError, Stored};
 use crate::store::{Owner, Snapshot, Vm};
 use crate::vmm::{self};
 use std::path::Path;
@@ -18,7 +16,7 @@ impl Manager {
     /// the restore before anything changes: the VM stays `snapshotted`.
     pub async fn restore_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Vm> {
         let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
-        let st = state_of(&vm);
+        let st = vm.state;
         if st != VmState::Snapshotted {
             return Err(ManagerError::Conflict(format!(
                 "vm {id} is {st}; only a snapshotted VM can be restored"
@@ -49,10 +47,10 @@ impl Manager {
         let (_r, snap) = self.read_locked(snap).await?;
         let snap = &snap;
         let before = (
-            state_of(vm),
+            vm.state,
             vm.standby_snapshot_id.clone(),
-            vm.inner_ip.clone(),
-            vm.inner_mac.clone(),
+            vm.inner_ip,
+            vm.inner_mac,
         );
         {
             // The host must hold its memory; refused, nothing has changed.
@@ -79,18 +77,17 @@ impl Manager {
                 let (state, standby, ip, mac) = before;
                 self.store.set_vm_standby(&id, standby.as_deref()).await?;
                 vm.standby_snapshot_id = standby;
-                self.store
-                    .set_vm_inner_address(&id, ip.as_deref(), mac.as_deref())
-                    .await?;
+                self.store.set_vm_inner_address(&id, ip, mac).await?;
                 vm.inner_ip = ip;
                 vm.inner_mac = mac;
-                let msg = format!(
-                    "restoring vm {id} from {} failed, the VM stays {state}: {e}",
+                let e = e.context(format!(
+                    "restoring vm {id} from {} failed, the VM stays {state}",
                     snap.id
-                );
+                ));
+                let msg = e.to_string();
                 let last_error = (state == VmState::Error).then_some(msg.as_str());
                 self.transition(vm, state, last_error).await?;
-                Err(ManagerError::Internal(msg))
+                Err(e)
             }
         }
     }
@@ -99,7 +96,7 @@ impl Manager {
     /// snapshot's guest had. When that is not its own (a fork), it runs behind
     /// an isolation that translates between the two (see src/net/README.md).
     pub(super) async fn adopt_memory_address(&self, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
-        let (ip, mac) = SavedConfig::of(snap).memory_address();
+        let (ip, mac) = snap.vm_config.memory_address();
         let (inner_ip, inner_mac) = if vm.enable_network && ip.is_some() && ip != vm.guest_ip {
             (ip, mac)
         } else {
@@ -110,7 +107,7 @@ impl Manager {
             return Ok(());
         }
         self.store
-            .set_vm_inner_address(&vm.id, inner_ip.as_deref(), inner_mac.as_deref())
+            .set_vm_inner_address(&vm.id, inner_ip, inner_mac)
             .await?;
         vm.inner_ip = inner_ip;
         vm.inner_mac = inner_mac;
@@ -121,7 +118,7 @@ impl Manager {
     pub(super) async fn settle_standby(&self, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
         vm.standby_snapshot_id = Some(snap.id.clone());
-        if state_of(vm) != VmState::Snapshotted {
+        if vm.state != VmState::Snapshotted {
             self.transition(vm, VmState::Snapshotted, None).await?;
         }
         Ok(())
@@ -136,11 +133,8 @@ impl Manager {
         dir: &Path,
         work_dir: &Path,
         state: bool,
-    ) -> std::result::Result<DiskSwap, String> {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| e.to_string())?;
-        let e = |e: snapshot::ObjectError| e.to_string();
+    ) -> Result<DiskSwap> {
+        tokio::fs::create_dir_all(dir).await?;
         if state {
             self.objects
                 .get_file(
@@ -148,8 +142,7 @@ impl Manager {
                     &dir.join("vmstate"),
                     &stored(&snap.state_sha256, snap.state_size),
                 )
-                .await
-                .map_err(e)?;
+                .await?;
         }
         let fetched = dir.join("disk.qcow2");
         self.objects
@@ -158,24 +151,21 @@ impl Manager {
                 &fetched,
                 &stored(&snap.disk_sha256, snap.disk_size),
             )
-            .await
-            .map_err(e)?;
-        tokio::fs::create_dir_all(work_dir)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
+        tokio::fs::create_dir_all(work_dir).await?;
         // Everything arrived intact: only now is the VM's disk replaced.
         let disk = work_dir.join("disk.qcow2");
         let backup = work_dir.join("disk.qcow2.before-restore");
         let had_disk = match tokio::fs::rename(&disk, &backup).await {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(format!("keeping the current disk: {e}")),
+            Err(e) => return Err(ManagerError::from(e).context("keeping the current disk")),
         };
         if let Err(e) = tokio::fs::rename(&fetched, &disk).await {
             if had_disk {
                 let _ = tokio::fs::rename(&backup, &disk).await;
             }
-            return Err(e.to_string());
+            return Err(e.into());
         }
         Ok(DiskSwap {
             disk,
@@ -190,22 +180,22 @@ impl Manager {
     ) -> (String, Stored, Option<(snapshot::Algorithm, Stored)>) {
         let raw = stored(&snap.memory_sha256, snap.memory_size);
         match (&snap.compressed_key, compression_of(snap).effective()) {
-            (Some(key), Some((algorithm, _))) if snap.compression_state == "compressed" => (
-                key.clone(),
-                stored(&snap.compressed_sha256, snap.compressed_size_bytes),
-                Some((algorithm, raw)),
-            ),
+            (Some(key), Some((algorithm, _)))
+                if snap.compression_state == CompressionState::Compressed =>
+            {
+                (
+                    key.clone(),
+                    stored(&snap.compressed_sha256, snap.compressed_size_bytes),
+                    Some((algorithm, raw)),
+                )
+            }
             _ => (snap.memory_key.clone(), raw, None),
         }
     }
 
     /// The stream of `snap`'s memory into the FIFO at `fifo`, verified.
-    pub(super) fn memory_feed(
-        &self,
-        snap: &Snapshot,
-        fifo: &Path,
-    ) -> std::result::Result<super::MemoryFeed, String> {
-        make_fifo(fifo).map_err(|e| format!("memory pipe: {e}"))?;
+    pub(super) fn memory_feed(&self, snap: &Snapshot, fifo: &Path) -> Result<super::MemoryFeed> {
+        make_fifo(fifo).context(|| "memory pipe".into())?;
         let (key, expected, decompress) = Self::memory_source(snap);
         if let (Some(src), None) = (self.objects.local_file(&key), &decompress) {
             return Self::blocking_feed(src, key, expected, fifo);
@@ -215,7 +205,7 @@ impl Manager {
         let mut tx = tokio::net::unix::pipe::OpenOptions::new()
             .read_write(true)
             .open_sender(fifo)
-            .map_err(|e| format!("memory pipe: {e}"))?;
+            .context(|| "memory pipe".into())?;
         grow_pipe(&tx);
         let objects = self.objects.clone();
         Ok(Box::pin(async move {
@@ -228,7 +218,7 @@ impl Manager {
                 )
                 .await;
             drop(tx);
-            sent.map_err(|e| e.to_string())
+            Ok(sent?)
         }))
     }
 
@@ -240,7 +230,7 @@ impl Manager {
         key: String,
         expected: Stored,
         fifo: &Path,
-    ) -> std::result::Result<super::MemoryFeed, String> {
+    ) -> Result<super::MemoryFeed> {
         use std::os::unix::fs::OpenOptionsExt;
         // Read-write: never waits for the VMM's reader; non-blocking, so the
         // thread can notice it was abandoned.
@@ -249,7 +239,7 @@ impl Manager {
             .write(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(fifo)
-            .map_err(|e| format!("memory pipe: {e}"))?;
+            .context(|| "memory pipe".into())?;
         grow_pipe(&out);
         struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
         impl Drop for CancelOnDrop {
@@ -264,19 +254,14 @@ impl Manager {
             tokio::task::spawn_blocking(move || {
                 snapshot::feed_blocking(&src, &key, out, &expected, &cancel)
             })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .await??;
+            Ok(())
         }))
     }
 
     /// Verified state and disk in place, then the memory streamed into a new
     /// VMM for `vm`, which resumes. On failure the VM's disk is as it was.
-    pub(super) async fn load_standby(
-        self: &Arc<Self>,
-        vm: &Vm,
-        snap: &Snapshot,
-    ) -> std::result::Result<(), String> {
+    pub(super) async fn load_standby(self: &Arc<Self>, vm: &Vm, snap: &Snapshot) -> Result<()> {
         let work_dir = self.work_dir(&vm.id);
         let dir = work_dir.join(format!("restore-{}", snap.id));
         let result = async {
@@ -307,8 +292,12 @@ impl Manager {
 
     /// A VMM that could not load streamed memory says little about why; when
     /// the stored memory itself is corrupt or missing, that is the reason to give.
-    pub(super) async fn explain_load_failure(&self, snap: &Snapshot, error: String) -> String {
-        if error.contains("corrupt") || error.contains("missing") {
+    pub(super) async fn explain_load_failure(
+        &self,
+        snap: &Snapshot,
+        error: ManagerError,
+    ) -> ManagerError {
+        if let Some(ObjectError::Corrupt { .. } | ObjectError::Missing(_)) = error.object_error() {
             return error;
         }
         let (key, expected, decompress) = Self::memory_source(snap);
@@ -322,7 +311,7 @@ impl Manager {
             )
             .await
         {
-            Err(e) => e.to_string(),
+            Err(e) => e.into(),
             Ok(()) => error,
         }
     }
@@ -351,11 +340,11 @@ impl Manager {
                 )))
             }
         };
-        let kind = kind_of(&snap);
+        let kind = snap.kind;
         let target = req
             .target(kind, self.vmm.name())
             .map_err(ManagerError::BadRequest)?;
-        let st = state_of(&vm);
+        let st = vm.state;
         if !matches!(st, VmState::Stopped | VmState::Snapshotted | VmState::Error) {
             return Err(ManagerError::Conflict(format!(
                 "instance {id} is {st}; stop it or put it in standby before restoring a snapshot"
@@ -383,15 +372,13 @@ impl Manager {
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 fetched
                     .map(DiskSwap::commit)
-                    .map_err(|e| {
-                        ManagerError::Internal(format!(
-                            "restoring instance {id} from {snap_id} failed, it is unchanged: {e}"
-                        ))
+                    .context(|| {
+                        format!("restoring instance {id} from {snap_id} failed, it is unchanged")
                     })?
                     .await;
                 self.store.set_vm_standby(id, None).await?;
                 vm.standby_snapshot_id = None;
-                if state_of(&vm) != VmState::Stopped {
+                if vm.state != VmState::Stopped {
                     self.transition(&mut vm, VmState::Stopped, None).await?;
                 }
                 if target == TargetState::Running {

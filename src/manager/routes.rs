@@ -4,7 +4,7 @@
 use super::idle::Busy;
 use super::requests::{CreateRoute, UpdateVm};
 use super::state::VmState;
-use super::{not_found, state_of, Manager, ManagerError, Result};
+use super::{not_found, Manager, ManagerError, Result};
 use crate::ids;
 use crate::store::{self, Owner, Route, Vm};
 use std::collections::HashMap;
@@ -43,9 +43,10 @@ pub enum WakeError {
     /// only its owner starts it again.
     #[error("{0}")]
     NotAsleep(String),
-    /// It sleeps, but restoring it failed.
+    /// It sleeps, but restoring it failed. Shared (`Arc`): every request
+    /// waiting on the wake gets the same result.
     #[error("{0}")]
-    Failed(String),
+    Failed(Arc<ManagerError>),
 }
 
 /// The outcome of a wake, shared by every request that waited for it.
@@ -67,10 +68,7 @@ impl Manager {
             .await?
             .into_iter()
             .map(|r| {
-                let ip = vms
-                    .get(&r.vm_id)
-                    .and_then(|v| v.guest_ip.as_ref())
-                    .and_then(|ip| ip.parse().ok());
+                let ip = vms.get(&r.vm_id).and_then(|v| v.guest_ip);
                 let target = RouteTarget {
                     route_id: r.id,
                     vm_id: r.vm_id,
@@ -170,13 +168,7 @@ impl Manager {
             vm.idle_timeout_seconds = t;
         }
         if let Some(c) = req.snapshot_compression {
-            vm.snapshot_compression = match c {
-                Some(c) => Some(
-                    serde_json::to_string(&c.normalized())
-                        .map_err(|e| ManagerError::Internal(e.to_string()))?,
-                ),
-                None => None,
-            };
+            vm.snapshot_compression = c.map(|c| crate::domain::Json(c.normalized()));
         }
         vm.updated_at = self.store.set_vm_settings(&vm).await?;
         tracing::info!(vm = id, auto_sleep = vm.auto_sleep, idle_timeout_seconds = ?vm.idle_timeout_seconds, "settings changed");
@@ -222,7 +214,11 @@ impl Manager {
                 }
             }
         };
-        let abandoned = || WakeError::Failed("the wake was abandoned".into());
+        let abandoned = || {
+            WakeError::Failed(Arc::new(ManagerError::Internal(
+                "the wake was abandoned".into(),
+            )))
+        };
         let done = rx
             .wait_for(Option::is_some)
             .await
@@ -251,23 +247,27 @@ impl Manager {
 
     async fn wake_now(self: &Arc<Self>, vm_id: &str) -> std::result::Result<Woke, WakeError> {
         let started = std::time::Instant::now();
-        let failed = |e: String| WakeError::Failed(e);
+        let failed = |e: ManagerError| WakeError::Failed(Arc::new(e));
         let _guard = self.lock_vm(vm_id).await;
         let mut vm = self
             .store
             .get_vm(vm_id)
             .await
-            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.into()))?
             .ok_or_else(|| WakeError::NotAsleep(format!("vm {vm_id} no longer exists")))?;
-        let st = state_of(&vm);
+        let st = vm.state;
         let (how, woke) = match st {
             VmState::Running => return Ok(Woke::AlreadyRunning),
             VmState::Snapshotted => {
                 let snap = self
                     .standby_snapshot(&vm)
                     .await
-                    .map_err(|e| failed(e.to_string()))?
-                    .ok_or_else(|| failed(format!("vm {vm_id} has no snapshot to wake from")))?;
+                    .map_err(failed)?
+                    .ok_or_else(|| {
+                        failed(ManagerError::Internal(format!(
+                            "vm {vm_id} has no snapshot to wake from"
+                        )))
+                    })?;
                 let resumed = self.resume_from(&mut vm, &snap).await;
                 if resumed.is_ok() {
                     self.drop_sleep_snapshot(snap);
@@ -285,12 +285,12 @@ impl Manager {
                 )))
             }
         };
-        woke.map_err(|e| failed(e.to_string()))?;
+        woke.map_err(failed)?;
         let at = self
             .store
             .mark_vm_sleep_or_wake(vm_id, false)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(e.into()))?;
         tracing::info!(
             vm = vm_id,
             was = %st,

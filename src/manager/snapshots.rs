@@ -8,42 +8,13 @@
 //! set *before* its VMM is ended, so a crash in between is recovered as
 //! `snapshotted`, not lost.
 
-use super::requests::SnapshotKind;
 use super::state::VmState;
-use super::{not_found, state_of, Manager, ManagerError, Result};
+use super::{not_found, Context, Manager, ManagerError, Result};
+use crate::domain::VmConfig;
 use crate::snapshot::{self, CompressionConfig, Stored};
 use crate::store::{Owner, Snapshot, Vm};
 use std::path::Path;
 use std::sync::Arc;
-
-/// What a snapshot's guest believes about itself, read from its `vm_config`.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-pub(super) struct SavedConfig {
-    pub(super) vcpu_count: Option<i64>,
-    pub(super) mem_mib: Option<i64>,
-    pub(super) boot_args: Option<String>,
-    pub(super) enable_network: Option<bool>,
-    pub(super) user_data: Option<String>,
-    pub(super) guest_ip: Option<String>,
-    pub(super) guest_mac: Option<String>,
-    /// The address in the guest's memory (differs from guest_ip for a fork).
-    pub(super) inner_ip: Option<String>,
-    pub(super) inner_mac: Option<String>,
-}
-
-impl SavedConfig {
-    pub(super) fn of(snap: &Snapshot) -> SavedConfig {
-        serde_json::from_str(&snap.vm_config).unwrap_or_default()
-    }
-
-    /// The address and MAC the snapshot's guest memory holds.
-    pub(super) fn memory_address(&self) -> (Option<String>, Option<String>) {
-        (
-            self.inner_ip.clone().or_else(|| self.guest_ip.clone()),
-            self.inner_mac.clone().or_else(|| self.guest_mac.clone()),
-        )
-    }
-}
 
 pub(super) fn stored(sha: &Option<String>, size: Option<i64>) -> Stored {
     Stored {
@@ -52,15 +23,8 @@ pub(super) fn stored(sha: &Option<String>, size: Option<i64>) -> Stored {
     }
 }
 
-pub(super) fn kind_of(snap: &Snapshot) -> SnapshotKind {
-    SnapshotKind::parse(&snap.kind).unwrap_or(SnapshotKind::Standby)
-}
-
 pub(super) fn compression_of(snap: &Snapshot) -> CompressionConfig {
-    snap.compression
-        .as_deref()
-        .and_then(|c| serde_json::from_str(c).ok())
-        .unwrap_or_default()
+    snap.compression.as_deref().cloned().unwrap_or_default()
 }
 
 /// The snapshot's disk put in place of the VM's, the previous one kept
@@ -157,21 +121,20 @@ impl Manager {
     }
 
     /// The VM's configuration as a snapshot records it (seed 000's `vm_config`).
-    pub(super) fn vm_config(vm: &Vm) -> String {
-        serde_json::json!({
-            "vcpu_count": vm.vcpu_count,
-            "mem_mib": vm.mem_mib,
-            "image_id": vm.image_id,
-            "boot_args": vm.boot_args,
-            "enable_network": vm.enable_network,
-            "guest_ip": vm.guest_ip,
-            "guest_mac": vm.guest_mac,
-            "inner_ip": vm.inner_ip.as_ref().or(vm.guest_ip.as_ref()),
-            "inner_mac": vm.inner_mac.as_ref().or(vm.guest_mac.as_ref()),
-            "user_data": vm.user_data,
-            "name": vm.name,
-        })
-        .to_string()
+    pub(super) fn vm_config(vm: &Vm) -> VmConfig {
+        VmConfig {
+            vcpu_count: Some(vm.vcpu_count),
+            mem_mib: Some(vm.mem_mib),
+            image_id: Some(vm.image_id.clone()),
+            boot_args: Some(vm.boot_args.clone()),
+            enable_network: Some(vm.enable_network),
+            guest_ip: vm.guest_ip,
+            guest_mac: vm.guest_mac,
+            inner_ip: vm.inner_ip.or(vm.guest_ip),
+            inner_mac: vm.inner_mac.or(vm.guest_mac),
+            user_data: vm.user_data.clone(),
+            name: vm.name.clone(),
+        }
     }
 
     /// Request, else the VM's own default, else the server's (seed 003).
@@ -182,11 +145,7 @@ impl Manager {
     ) -> CompressionConfig {
         requested
             .cloned()
-            .or_else(|| {
-                vm.snapshot_compression
-                    .as_deref()
-                    .and_then(|c| serde_json::from_str(c).ok())
-            })
+            .or_else(|| vm.snapshot_compression.as_deref().cloned())
             .unwrap_or_else(|| self.config.snapshot_compression.clone())
             .normalized()
     }
@@ -221,7 +180,7 @@ impl Manager {
         let _guard = self.lock_vm(&snap.vm_id).await;
         if let Some(vm) = self.store.get_vm(&snap.vm_id).await? {
             let standby = self.standby_snapshot(&vm).await?.map(|s| s.id);
-            if state_of(&vm) == VmState::Snapshotted && standby.as_deref() == Some(id) {
+            if vm.state == VmState::Snapshotted && standby.as_deref() == Some(id) {
                 return Err(ManagerError::Conflict(format!(
                     "snapshot {id} holds the state of snapshotted instance {}; restore or delete the instance first",
                     vm.id
@@ -246,7 +205,7 @@ impl Manager {
             self.objects
                 .delete(key)
                 .await
-                .map_err(|e| ManagerError::Internal(format!("deleting snapshot {id}: {e}")))?;
+                .context(|| format!("deleting snapshot {id}"))?;
         }
         self.store.delete_snapshot(id).await?;
         self.snap_locks.lock().unwrap().remove(id);
@@ -258,7 +217,7 @@ impl Manager {
         self.objects
             .delete_prefix(&snapshot::prefix_of_vm(vm_id))
             .await
-            .map_err(|e| ManagerError::Internal(format!("deleting snapshots of {vm_id}: {e}")))?;
+            .context(|| format!("deleting snapshots of {vm_id}"))?;
         self.store.delete_vm_snapshots(vm_id).await?;
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Supervision: starting a VMM, watching it, and ending it.
 
 use super::state::VmState;
-use super::{state_of, Manager, MemoryFeed, Running};
+use super::{Manager, ManagerError, MemoryFeed, Result, Running};
 use crate::store::Vm;
 use crate::vmm::{self, process, VmSpec};
 use std::sync::atomic::Ordering;
@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 impl Manager {
     /// Boots the VMM for `vm` and starts watching its process.
-    pub(super) async fn boot(self: &Arc<Self>, vm: &Vm) -> std::result::Result<(), String> {
+    pub(super) async fn boot(self: &Arc<Self>, vm: &Vm) -> Result<()> {
         self.boot_from(vm, None).await
     }
 
@@ -21,27 +21,30 @@ impl Manager {
         self: &Arc<Self>,
         vm: &Vm,
         snapshot: Option<(&vmm::SnapshotFiles, MemoryFeed)>,
-    ) -> std::result::Result<(), String> {
+    ) -> Result<()> {
         let spec = self.spec_for(vm);
         if !spec.disk.exists() {
-            return Err(format!("the VM's disk {} is missing", spec.disk.display()));
+            return Err(ManagerError::Internal(format!(
+                "the VM's disk {} is missing",
+                spec.disk.display()
+            )));
         }
         if let Some(nic) = &spec.nic {
-            let net = self.network().map_err(|e| e.to_string())?;
+            let net = self.network()?;
             match self.isolation(vm) {
-                Some(iso) => net.isolate(&iso).await?,
-                None => net.add_tap(&nic.tap).await?,
+                Some(iso) => net.isolate(&iso).await.map_err(ManagerError::Host)?,
+                None => net.add_tap(&nic.tap).await.map_err(ManagerError::Host)?,
             }
             // The port drops everything until the firewall pins it to this
             // VM (a VM created since the last sync): pin it before the guest
             // runs. A guest is never started unfiltered.
             if let Err(e) = self.sync_firewall().await {
                 self.remove_tap(vm).await;
-                return Err(format!("firewall: {e}"));
+                return Err(e.context("firewall"));
             }
         }
         let launched = match snapshot {
-            None => self.vmm.boot(&spec).await.map_err(|e| e.to_string()),
+            None => self.vmm.boot(&spec).await.map_err(ManagerError::from),
             Some((files, feed)) => self.load_and_resume(&spec, files, feed).await,
         };
         let proc = match launched {
@@ -88,13 +91,13 @@ impl Manager {
         spec: &VmSpec,
         files: &vmm::SnapshotFiles,
         feed: MemoryFeed,
-    ) -> std::result::Result<vmm::VmProcess, String> {
+    ) -> Result<vmm::VmProcess> {
         let launch = self.vmm.restore(spec, files);
         tokio::pin!(launch);
         let mut feed = feed;
         let loaded = tokio::select! {
             launched = &mut launch => match launched {
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e.into()),
                 // Loaded: the feed has sent its last bytes and is checking them.
                 Ok(mut p) => match tokio::time::timeout(Duration::from_secs(60), &mut feed).await {
                     Ok(Ok(())) => Ok(p),
@@ -103,13 +106,15 @@ impl Manager {
                         let _ = p.child.wait().await;
                         Err(match other {
                             Ok(Err(e)) => e,
-                            _ => "the snapshot memory did not finish streaming".into(),
+                            _ => ManagerError::Internal(
+                                "the snapshot memory did not finish streaming".into(),
+                            ),
                         })
                     }
                 },
             },
             fed = &mut feed => match fed {
-                Ok(()) => launch.await.map_err(|e| e.to_string()),
+                Ok(()) => launch.await.map_err(ManagerError::from),
                 Err(e) => Err(e),
             },
         };
@@ -124,7 +129,7 @@ impl Manager {
         if let Err(e) = self.vmm.resume(spec).await {
             let _ = p.child.start_kill();
             let _ = p.child.wait().await;
-            return Err(e.to_string());
+            return Err(e.into());
         }
         Ok(p)
     }
@@ -149,7 +154,7 @@ impl Manager {
         let Ok(Some(mut vm)) = self.store.get_vm(vm_id).await else {
             return;
         };
-        if state_of(&vm) != VmState::Running {
+        if vm.state != VmState::Running {
             return;
         }
         let result = match status {
@@ -231,7 +236,7 @@ impl Manager {
         let stops = ids.into_iter().map(|id| async move {
             let _guard = self.lock_vm(&id).await;
             if let Ok(Some(mut vm)) = self.store.get_vm(&id).await {
-                if state_of(&vm) == VmState::Running {
+                if vm.state == VmState::Running {
                     if let Err(e) = self.stop_locked(&mut vm).await {
                         tracing::error!(vm = %id, "stopping at shutdown: {e}");
                     }

@@ -3,8 +3,14 @@
 //! Every query is a static SQL string with bound parameters; schema changes
 //! are versioned migrations under `migrations/`, applied at start-up.
 
+use crate::domain::{
+    ip_text, CompressionState, Json, MacAddr, SnapshotKind, SnapshotStatus, StoredIp, Tags,
+    VmConfig, VmState,
+};
+use crate::snapshot::CompressionConfig;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, SqlitePool};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -17,6 +23,15 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Conflict(String),
+    /// A write the state table does not allow, or a row that is no longer
+    /// in the state the caller read: a bug, never a user's doing.
+    #[error("internal error: {what} {id} cannot go from {from} to {to}")]
+    Transition {
+        what: &'static str,
+        id: String,
+        from: String,
+        to: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -84,14 +99,15 @@ pub struct Vm {
     pub image_id: String,
     pub image_dir: String,
     pub template_id: Option<String>,
-    pub state: String,
+    pub state: VmState,
     pub vcpu_count: i64,
     pub mem_mib: i64,
     pub boot_args: String,
     pub enable_network: bool,
     pub user_data: Option<String>,
-    pub guest_ip: Option<String>,
-    pub guest_mac: Option<String>,
+    #[sqlx(try_from = "StoredIp")]
+    pub guest_ip: Option<Ipv4Addr>,
+    pub guest_mac: Option<MacAddr>,
     pub tap_name: Option<String>,
     pub ssh_port: Option<i64>,
     pub hypervisor: String,
@@ -104,16 +120,83 @@ pub struct Vm {
     pub standby_snapshot_id: Option<String>,
     /// The address and MAC the guest's memory believes it has, when they are
     /// not its own (a fork of another VM's memory); None otherwise.
-    pub inner_ip: Option<String>,
-    pub inner_mac: Option<String>,
+    #[sqlx(try_from = "StoredIp")]
+    pub inner_ip: Option<Ipv4Addr>,
+    pub inner_mac: Option<MacAddr>,
     /// This VM's default for snapshot compression (JSON of seed 003's config).
-    pub snapshot_compression: Option<String>,
+    pub snapshot_compression: Option<Json<CompressionConfig>>,
     /// Idle sleep: false opts the VM out.
     pub auto_sleep: bool,
     /// The VM's own idle timeout; the server's when None.
     pub idle_timeout_seconds: Option<i64>,
     pub last_sleep_at: Option<String>,
     pub last_wake_at: Option<String>,
+}
+
+/// What a new VM is made of. Everything else about it starts out empty:
+/// no network allocation yet, no error, no standby snapshot, never slept.
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    pub owner_id: String,
+    pub image_id: String,
+    pub image_dir: String,
+    pub template_id: Option<String>,
+    pub vcpu_count: i64,
+    pub mem_mib: i64,
+    pub boot_args: String,
+    pub enable_network: bool,
+    pub user_data: Option<String>,
+    pub hypervisor: String,
+    pub name: Option<String>,
+    pub snapshot_compression: Option<Json<CompressionConfig>>,
+    pub auto_sleep: bool,
+    pub idle_timeout_seconds: Option<i64>,
+}
+
+impl Vm {
+    /// A VM about to be inserted: a fresh id, `starting`, made now. The one
+    /// place a VM row is built (create and fork both come here).
+    pub fn new(new: NewVm) -> Vm {
+        let now = now();
+        Vm {
+            id: crate::ids::new_id("vm"),
+            owner_id: new.owner_id,
+            image_id: new.image_id,
+            image_dir: new.image_dir,
+            template_id: new.template_id,
+            state: VmState::Starting,
+            vcpu_count: new.vcpu_count,
+            mem_mib: new.mem_mib,
+            boot_args: new.boot_args,
+            enable_network: new.enable_network,
+            user_data: new.user_data,
+            guest_ip: None,
+            guest_mac: None,
+            tap_name: None,
+            ssh_port: None,
+            hypervisor: new.hypervisor,
+            last_error: None,
+            created_at: now.clone(),
+            updated_at: now,
+            name: new.name,
+            standby_snapshot_id: None,
+            inner_ip: None,
+            inner_mac: None,
+            snapshot_compression: new.snapshot_compression,
+            auto_sleep: new.auto_sleep,
+            idle_timeout_seconds: new.idle_timeout_seconds,
+            last_sleep_at: None,
+            last_wake_at: None,
+        }
+    }
+}
+
+/// What every VM holds host-wide (allocations never repeat across VMs).
+#[derive(Debug, Default)]
+pub struct NetworkAllocations {
+    pub ips: std::collections::HashSet<Ipv4Addr>,
+    pub macs: std::collections::HashSet<MacAddr>,
+    pub ports: std::collections::HashSet<u16>,
 }
 
 /// A proxy route: `{subdomain}.{base_domain}` -> the VM's `guest_ip:target_port`.
@@ -133,13 +216,13 @@ pub struct Snapshot {
     pub id: String,
     pub vm_id: String,
     pub owner_id: String,
-    pub kind: String,
+    pub kind: SnapshotKind,
     pub name: Option<String>,
-    pub tags: String,
-    pub status: String,
+    pub tags: Json<Tags>,
+    pub status: SnapshotStatus,
     pub source_hypervisor: String,
     pub source_instance_name: Option<String>,
-    pub vm_config: String,
+    pub vm_config: Json<VmConfig>,
     pub state_key: String,
     pub memory_key: String,
     pub disk_key: String,
@@ -150,8 +233,8 @@ pub struct Snapshot {
     pub disk_sha256: Option<String>,
     pub disk_size: Option<i64>,
     pub size_bytes: i64,
-    pub compression: Option<String>,
-    pub compression_state: String,
+    pub compression: Option<Json<CompressionConfig>>,
+    pub compression_state: CompressionState,
     pub compressed_size_bytes: Option<i64>,
     pub compression_error: Option<String>,
     pub created_at: String,
@@ -162,6 +245,37 @@ pub struct Snapshot {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+}
+
+/// Refuses a snapshot write its state table does not allow.
+fn check_snapshot_move(
+    id: &str,
+    what: &'static str,
+    from: impl std::fmt::Display,
+    to: impl std::fmt::Display,
+    allowed: bool,
+) -> Result<()> {
+    if allowed {
+        return Ok(());
+    }
+    Err(StoreError::Transition {
+        what,
+        id: id.to_string(),
+        from: from.to_string(),
+        to: to.to_string(),
+    })
+}
+
+/// A conditional update that changed nothing: the row was not (or no
+/// longer) in the state the caller read, so the move did not happen.
+fn stayed_as_read(
+    id: &str,
+    what: &'static str,
+    from: impl std::fmt::Display,
+    to: impl std::fmt::Display,
+    rows: u64,
+) -> Result<()> {
+    check_snapshot_move(id, what, from, to, rows == 1)
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -513,18 +627,22 @@ impl Store {
     // ---- vms ----
 
     /// Addresses, MACs and ports held by any VM (allocations are host-wide).
-    pub async fn network_allocations(
-        &self,
-    ) -> Result<Vec<(Option<String>, Option<String>, Option<i64>)>> {
-        Ok(
+    pub async fn network_allocations(&self) -> Result<NetworkAllocations> {
+        let rows: Vec<(StoredIp, Option<MacAddr>, Option<i64>)> =
             sqlx::query_as("SELECT guest_ip, guest_mac, ssh_port FROM vms")
                 .fetch_all(&self.pool)
-                .await?,
-        )
+                .await?;
+        let mut taken = NetworkAllocations::default();
+        for (ip, mac, port) in rows {
+            taken.ips.extend(Option::<Ipv4Addr>::from(ip));
+            taken.macs.extend(mac);
+            taken.ports.extend(port.and_then(|p| u16::try_from(p).ok()));
+        }
+        Ok(taken)
     }
 
     pub async fn insert_vm(&self, vm: &Vm) -> Result<()> {
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO vms (id, owner_id, image_id, image_dir, template_id, state, vcpu_count, mem_mib, boot_args,
                               enable_network, user_data, guest_ip, guest_mac, tap_name, ssh_port, hypervisor,
                               last_error, created_at, updated_at, name, standby_snapshot_id, inner_ip,
@@ -536,14 +654,14 @@ impl Store {
         .bind(&vm.image_id)
         .bind(&vm.image_dir)
         .bind(&vm.template_id)
-        .bind(&vm.state)
+        .bind(vm.state)
         .bind(vm.vcpu_count)
         .bind(vm.mem_mib)
         .bind(&vm.boot_args)
         .bind(vm.enable_network)
         .bind(&vm.user_data)
-        .bind(&vm.guest_ip)
-        .bind(&vm.guest_mac)
+        .bind(ip_text(vm.guest_ip))
+        .bind(vm.guest_mac)
         .bind(&vm.tap_name)
         .bind(vm.ssh_port)
         .bind(&vm.hypervisor)
@@ -552,33 +670,46 @@ impl Store {
         .bind(&vm.updated_at)
         .bind(&vm.name)
         .bind(&vm.standby_snapshot_id)
-        .bind(&vm.inner_ip)
-        .bind(&vm.inner_mac)
+        .bind(ip_text(vm.inner_ip))
+        .bind(vm.inner_mac)
         .bind(&vm.snapshot_compression)
         .bind(vm.auto_sleep)
         .bind(vm.idle_timeout_seconds)
         .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) && e.to_string().contains("vms.name") {
-                StoreError::Conflict(format!(
-                    "an instance named {:?} already exists",
-                    vm.name.as_deref().unwrap_or_default()
-                ))
-            } else if is_unique_violation(&e) {
-                StoreError::Conflict(format!("a network allocation of vm {} is already taken: {e}", vm.id))
-            } else {
-                e.into()
-            }
-        })?;
-        Ok(())
+        .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            // Which unique index refused it: a name is the caller's choice;
+            // anything else is an allocation someone else holds.
+            Err(e) if is_unique_violation(&e) => match &vm.name {
+                Some(name) if self.vm_name_taken(&vm.owner_id, name).await? => Err(
+                    StoreError::Conflict(format!("an instance named {name:?} already exists")),
+                ),
+                _ => Err(StoreError::Conflict(format!(
+                    "a network allocation of vm {} is already taken: {e}",
+                    vm.id
+                ))),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Does the owner have a VM with this name already?
+    async fn vm_name_taken(&self, owner_id: &str, name: &str) -> Result<bool> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM vms WHERE owner_id = ? AND name = ?")
+                .bind(owner_id)
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n > 0)
     }
 
     /// Persists a state change (and the reason, for `error`), returning the new updated_at.
     pub async fn set_vm_state(
         &self,
         id: &str,
-        state: &str,
+        state: VmState,
         last_error: Option<&str>,
     ) -> Result<String> {
         let updated_at = now();
@@ -606,11 +737,11 @@ impl Store {
     pub async fn set_vm_inner_address(
         &self,
         id: &str,
-        ip: Option<&str>,
-        mac: Option<&str>,
+        ip: Option<Ipv4Addr>,
+        mac: Option<MacAddr>,
     ) -> Result<()> {
         sqlx::query("UPDATE vms SET inner_ip = ?, inner_mac = ? WHERE id = ?")
-            .bind(ip)
+            .bind(ip_text(ip))
             .bind(mac)
             .bind(id)
             .execute(&self.pool)
@@ -685,10 +816,10 @@ impl Store {
         .bind(&s.id)
         .bind(&s.vm_id)
         .bind(&s.owner_id)
-        .bind(&s.kind)
+        .bind(s.kind)
         .bind(&s.name)
         .bind(&s.tags)
-        .bind(&s.status)
+        .bind(s.status)
         .bind(&s.source_hypervisor)
         .bind(&s.source_instance_name)
         .bind(&s.vm_config)
@@ -696,7 +827,7 @@ impl Store {
         .bind(&s.memory_key)
         .bind(&s.disk_key)
         .bind(&s.compression)
-        .bind(&s.compression_state)
+        .bind(s.compression_state)
         .bind(&s.created_at)
         .execute(&self.pool)
         .await
@@ -714,12 +845,17 @@ impl Store {
         Ok(())
     }
 
-    /// Records the stored objects and makes the snapshot usable.
+    /// Records the stored objects and makes the snapshot usable (`s.status`
+    /// is what the caller read: it must be `capturing`).
     pub async fn mark_snapshot_ready(&self, s: &Snapshot) -> Result<()> {
-        sqlx::query(
-            "UPDATE snapshots SET status = 'ready', state_sha256 = ?, state_size = ?, memory_sha256 = ?,
-                    memory_size = ?, disk_sha256 = ?, disk_size = ?, size_bytes = ? WHERE id = ?",
+        let to = SnapshotStatus::Ready;
+        check_snapshot_move(&s.id, "snapshot", s.status, to, s.status.can_become(to))?;
+        let done = sqlx::query(
+            "UPDATE snapshots SET status = ?, state_sha256 = ?, state_size = ?, memory_sha256 = ?,
+                    memory_size = ?, disk_sha256 = ?, disk_size = ?, size_bytes = ?
+             WHERE id = ? AND status = ?",
         )
+        .bind(to)
         .bind(&s.state_sha256)
         .bind(s.state_size)
         .bind(&s.memory_sha256)
@@ -728,52 +864,73 @@ impl Store {
         .bind(s.disk_size)
         .bind(s.size_bytes)
         .bind(&s.id)
+        .bind(s.status)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        stayed_as_read(&s.id, "snapshot", s.status, to, done.rows_affected())
     }
 
-    /// Background compression moved on: `compressing`, `compressed` (with the
-    /// compressed object) or `error` (with the reason; the raw memory stays).
-    pub async fn set_snapshot_compression(&self, s: &Snapshot) -> Result<()> {
-        sqlx::query(
+    /// Background compression moved from `from` (what the caller read) to
+    /// `s.compression_state`: `compressing`, `compressed` (with the compressed
+    /// object) or `error` (with the reason; the raw memory stays).
+    pub async fn set_snapshot_compression(
+        &self,
+        s: &Snapshot,
+        from: CompressionState,
+    ) -> Result<()> {
+        let to = s.compression_state;
+        check_snapshot_move(&s.id, "snapshot compression", from, to, from.can_become(to))?;
+        let done = sqlx::query(
             "UPDATE snapshots SET compression_state = ?, compression_error = ?, compressed_key = ?,
-                    compressed_sha256 = ?, compressed_size_bytes = ?, size_bytes = ? WHERE id = ?",
+                    compressed_sha256 = ?, compressed_size_bytes = ?, size_bytes = ?
+             WHERE id = ? AND compression_state = ?",
         )
-        .bind(&s.compression_state)
+        .bind(to)
         .bind(&s.compression_error)
         .bind(&s.compressed_key)
         .bind(&s.compressed_sha256)
         .bind(s.compressed_size_bytes)
         .bind(s.size_bytes)
         .bind(&s.id)
+        .bind(from)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        stayed_as_read(
+            &s.id,
+            "snapshot compression",
+            from,
+            to,
+            done.rows_affected(),
+        )
     }
 
     /// Usable snapshots whose compression has not finished (a restart interrupted it).
     pub async fn snapshots_in_compression(&self) -> Result<Vec<Snapshot>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM snapshots WHERE status = 'ready' AND compression_state = 'compressing'",
+        Ok(
+            sqlx::query_as("SELECT * FROM snapshots WHERE status = ? AND compression_state = ?")
+                .bind(SnapshotStatus::Ready)
+                .bind(CompressionState::Compressing)
+                .fetch_all(&self.pool)
+                .await?,
         )
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     /// Usable snapshots whose memory is stored compressed.
     pub async fn compressed_snapshots(&self) -> Result<Vec<Snapshot>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM snapshots WHERE status = 'ready' AND compression_state = 'compressed'",
+        Ok(
+            sqlx::query_as("SELECT * FROM snapshots WHERE status = ? AND compression_state = ?")
+                .bind(SnapshotStatus::Ready)
+                .bind(CompressionState::Compressed)
+                .fetch_all(&self.pool)
+                .await?,
         )
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     pub async fn get_snapshot(&self, id: &str) -> Result<Option<Snapshot>> {
         Ok(
-            sqlx::query_as("SELECT * FROM snapshots WHERE id = ? AND status = 'ready'")
+            sqlx::query_as("SELECT * FROM snapshots WHERE id = ? AND status = ?")
                 .bind(id)
+                .bind(SnapshotStatus::Ready)
                 .fetch_optional(&self.pool)
                 .await?,
         )
@@ -782,9 +939,10 @@ impl Store {
     /// Usable snapshots of a VM, newest first.
     pub async fn vm_snapshots(&self, vm_id: &str) -> Result<Vec<Snapshot>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM snapshots WHERE vm_id = ? AND status = 'ready' ORDER BY created_at DESC, rowid DESC",
+            "SELECT * FROM snapshots WHERE vm_id = ? AND status = ? ORDER BY created_at DESC, rowid DESC",
         )
         .bind(vm_id)
+        .bind(SnapshotStatus::Ready)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -792,20 +950,20 @@ impl Store {
     /// Usable snapshots of an owner, newest first.
     pub async fn owner_snapshots(&self, owner_id: &str) -> Result<Vec<Snapshot>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM snapshots WHERE owner_id = ? AND status = 'ready' ORDER BY created_at DESC, rowid DESC",
+            "SELECT * FROM snapshots WHERE owner_id = ? AND status = ? ORDER BY created_at DESC, rowid DESC",
         )
         .bind(owner_id)
+        .bind(SnapshotStatus::Ready)
         .fetch_all(&self.pool)
         .await?)
     }
 
     /// Snapshots a crash left half-written.
     pub async fn unfinished_snapshots(&self) -> Result<Vec<Snapshot>> {
-        Ok(
-            sqlx::query_as("SELECT * FROM snapshots WHERE status != 'ready'")
-                .fetch_all(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_as("SELECT * FROM snapshots WHERE status != ?")
+            .bind(SnapshotStatus::Ready)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
@@ -976,8 +1134,11 @@ impl Store {
     pub async fn memory_holders(&self, except: &str) -> Result<(i64, i64)> {
         Ok(sqlx::query_as(
             "SELECT COUNT(*), COALESCE(SUM(mem_mib), 0) FROM vms
-             WHERE state IN ('starting', 'running', 'stopping') AND id != ?",
+             WHERE state IN (?, ?, ?) AND id != ?",
         )
+        .bind(VmState::Starting)
+        .bind(VmState::Running)
+        .bind(VmState::Stopping)
         .bind(except)
         .fetch_one(&self.pool)
         .await?)
@@ -1086,5 +1247,301 @@ mod tests {
                 .id,
             squatter.id
         );
+    }
+
+    async fn owner(t: &TempStore) -> Owner {
+        t.store.create_owner("own_1", "alice").await.unwrap()
+    }
+
+    fn new_vm(owner: &Owner) -> Vm {
+        Vm::new(NewVm {
+            owner_id: owner.id.clone(),
+            image_id: "img_default".into(),
+            image_dir: "/images/img_default/abc".into(),
+            template_id: None,
+            vcpu_count: 2,
+            mem_mib: 512,
+            boot_args: "console=ttyS0".into(),
+            enable_network: true,
+            user_data: None,
+            hypervisor: "test".into(),
+            name: Some("web".into()),
+            snapshot_compression: Some(Json(CompressionConfig {
+                enabled: true,
+                algorithm: Some(crate::snapshot::Algorithm::Lz4),
+                level: Some(3),
+            })),
+            auto_sleep: true,
+            idle_timeout_seconds: Some(60),
+        })
+    }
+
+    /// The columns as SQLite holds them, to check the stored strings.
+    async fn text_of(t: &TempStore, sql: &str, id: &str) -> Vec<Option<String>> {
+        type Texts = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Vec<Texts> = sqlx::query_as(sql)
+            .bind(id)
+            .fetch_all(&t.store.pool)
+            .await
+            .unwrap();
+        let (a, b, c, d) = row.into_iter().next().unwrap();
+        vec![a, b, c, d]
+    }
+
+    #[tokio::test]
+    async fn a_vm_row_round_trips_its_typed_columns_as_the_same_text() {
+        let t = TempStore::new().await;
+        let owner = owner(&t).await;
+        let mut vm = new_vm(&owner);
+        vm.guest_ip = Some("172.16.0.10".parse().unwrap());
+        vm.guest_mac = Some("02:FC:AC:10:00:0A".parse().unwrap());
+        vm.inner_ip = Some("172.16.0.9".parse().unwrap());
+        vm.inner_mac = Some("02:fc:ac:10:00:09".parse().unwrap());
+        t.store.insert_vm(&vm).await.unwrap();
+
+        let back = t.store.get_vm(&vm.id).await.unwrap().unwrap();
+        assert_eq!(back.state, VmState::Starting);
+        assert_eq!(back.guest_ip, vm.guest_ip);
+        assert_eq!(back.guest_mac, vm.guest_mac);
+        assert_eq!(back.inner_ip, vm.inner_ip);
+        assert_eq!(back.inner_mac, vm.inner_mac);
+        assert_eq!(back.snapshot_compression, vm.snapshot_compression);
+        assert_eq!(back.name.as_deref(), Some("web"));
+        assert_eq!(
+            text_of(
+                &t,
+                "SELECT state, guest_ip, guest_mac, snapshot_compression FROM vms WHERE id = ?",
+                &vm.id
+            )
+            .await,
+            [
+                Some("starting"),
+                Some("172.16.0.10"),
+                Some("02:fc:ac:10:00:0a"),
+                Some(r#"{"enabled":true,"algorithm":"lz4","level":3}"#),
+            ]
+            .map(|s| s.map(String::from))
+        );
+        let taken = t.store.network_allocations().await.unwrap();
+        assert!(taken.ips.contains(&"172.16.0.10".parse().unwrap()));
+        assert!(taken.macs.contains(&vm.guest_mac.unwrap()));
+
+        for state in VmState::all() {
+            t.store.set_vm_state(&vm.id, *state, None).await.unwrap();
+            let back = t.store.get_vm(&vm.id).await.unwrap().unwrap();
+            assert_eq!(back.state, *state);
+            let (text,): (String,) = sqlx::query_as("SELECT state FROM vms WHERE id = ?")
+                .bind(&vm.id)
+                .fetch_one(&t.store.pool)
+                .await
+                .unwrap();
+            assert_eq!(text, state.as_str());
+        }
+
+        // No network, no compression default: NULLs read back as None.
+        let mut bare = new_vm(&owner);
+        bare.name = None;
+        bare.snapshot_compression = None;
+        t.store.insert_vm(&bare).await.unwrap();
+        let back = t.store.get_vm(&bare.id).await.unwrap().unwrap();
+        assert_eq!((back.guest_ip, back.guest_mac), (None, None));
+        assert_eq!((back.inner_ip, back.inner_mac), (None, None));
+        assert_eq!(back.snapshot_compression, None);
+    }
+
+    #[tokio::test]
+    async fn unknown_state_text_reads_as_error_never_running() {
+        let t = TempStore::new().await;
+        let owner = owner(&t).await;
+        let vm = new_vm(&owner);
+        t.store.insert_vm(&vm).await.unwrap();
+        for text in ["paused", "RUNNING", ""] {
+            sqlx::query("UPDATE vms SET state = ? WHERE id = ?")
+                .bind(text)
+                .bind(&vm.id)
+                .execute(&t.store.pool)
+                .await
+                .unwrap();
+            let back = t.store.get_vm(&vm.id).await.unwrap().unwrap();
+            assert_eq!(back.state, VmState::Error, "{text:?}");
+        }
+        // A snapshot row with unknown words: never usable, raw memory, Standby.
+        let snap = crate::snapshot::capturing_record(
+            "snap_1",
+            &vm.id,
+            &owner.id,
+            SnapshotKind::Stopped,
+            "test",
+            VmConfig::default(),
+        );
+        t.store.insert_snapshot(&snap).await.unwrap();
+        sqlx::query(
+            "UPDATE snapshots SET status = 'done', compression_state = 'zipped', kind = 'Paused'",
+        )
+        .execute(&t.store.pool)
+        .await
+        .unwrap();
+        assert!(t.store.get_snapshot("snap_1").await.unwrap().is_none());
+        let left = t.store.unfinished_snapshots().await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].status, SnapshotStatus::Capturing);
+        assert_eq!(left[0].compression_state, CompressionState::Error);
+        assert_eq!(left[0].kind, SnapshotKind::Standby);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_row_round_trips_and_moves_only_as_its_tables_allow() {
+        let t = TempStore::new().await;
+        let owner = owner(&t).await;
+        let mut vm = new_vm(&owner);
+        vm.guest_ip = Some("172.16.0.10".parse().unwrap());
+        vm.guest_mac = Some("02:fc:ac:10:00:0a".parse().unwrap());
+        t.store.insert_vm(&vm).await.unwrap();
+        let config = VmConfig {
+            vcpu_count: Some(2),
+            mem_mib: Some(512),
+            image_id: Some("img_default".into()),
+            boot_args: Some("console=ttyS0".into()),
+            enable_network: Some(true),
+            guest_ip: vm.guest_ip,
+            guest_mac: vm.guest_mac,
+            inner_ip: vm.guest_ip,
+            inner_mac: vm.guest_mac,
+            user_data: None,
+            name: Some("web".into()),
+        };
+        let mut snap = crate::snapshot::capturing_record(
+            "snap_1",
+            &vm.id,
+            &owner.id,
+            SnapshotKind::Standby,
+            "test",
+            config.clone(),
+        );
+        snap.tags = Json([("team".to_string(), "backend".to_string())].into());
+        snap.compression = Some(Json(CompressionConfig {
+            enabled: true,
+            algorithm: Some(crate::snapshot::Algorithm::Zstd),
+            level: None,
+        }));
+        t.store.insert_snapshot(&snap).await.unwrap();
+        assert_eq!(
+            text_of(
+                &t,
+                "SELECT kind, tags, vm_config, compression FROM snapshots WHERE id = ?",
+                "snap_1"
+            )
+            .await,
+            [
+                Some("Standby"),
+                Some(r#"{"team":"backend"}"#),
+                // Sorted keys, as earlier versions wrote them (serde_json's map).
+                Some(concat!(
+                    r#"{"boot_args":"console=ttyS0","enable_network":true,"#,
+                    r#""guest_ip":"172.16.0.10","guest_mac":"02:fc:ac:10:00:0a","#,
+                    r#""image_id":"img_default","inner_ip":"172.16.0.10","#,
+                    r#""inner_mac":"02:fc:ac:10:00:0a","mem_mib":512,"name":"web","#,
+                    r#""user_data":null,"vcpu_count":2}"#
+                )),
+                Some(r#"{"enabled":true,"algorithm":"zstd"}"#),
+            ]
+            .map(|s| s.map(String::from))
+        );
+        let (status, cstate): (String, String) =
+            sqlx::query_as("SELECT status, compression_state FROM snapshots")
+                .fetch_one(&t.store.pool)
+                .await
+                .unwrap();
+        assert_eq!((status.as_str(), cstate.as_str()), ("capturing", "none"));
+
+        // capturing -> ready, once.
+        snap.size_bytes = 42;
+        t.store.mark_snapshot_ready(&snap).await.unwrap();
+        let back = t.store.get_snapshot("snap_1").await.unwrap().unwrap();
+        assert_eq!(back.status, SnapshotStatus::Ready);
+        assert_eq!(back.vm_config.0, config);
+        assert_eq!(back.tags, snap.tags);
+        assert_eq!(back.compression, snap.compression);
+        assert_eq!(back.kind, SnapshotKind::Standby);
+        let again = t.store.mark_snapshot_ready(&back).await.unwrap_err();
+        assert!(matches!(again, StoreError::Transition { .. }), "{again}");
+        // A caller that read `capturing` but the row is ready: nothing changes.
+        let stale = t.store.mark_snapshot_ready(&snap).await.unwrap_err();
+        assert!(matches!(stale, StoreError::Transition { .. }), "{stale}");
+
+        // Compression: none -> compressing -> compressed; never back.
+        let mut s = back;
+        s.compression_state = CompressionState::Compressing;
+        t.store
+            .set_snapshot_compression(&s, CompressionState::None)
+            .await
+            .unwrap();
+        s.compression_state = CompressionState::None;
+        let back_to_none = t
+            .store
+            .set_snapshot_compression(&s, CompressionState::Compressing)
+            .await
+            .unwrap_err();
+        assert!(matches!(back_to_none, StoreError::Transition { .. }));
+        s.compression_state = CompressionState::Compressed;
+        s.compressed_key = Some("k.zstd".into());
+        // The caller's `from` is stale (the row says compressing): refused.
+        let stale = t
+            .store
+            .set_snapshot_compression(&s, CompressionState::None)
+            .await
+            .unwrap_err();
+        assert!(matches!(stale, StoreError::Transition { .. }), "{stale}");
+        t.store
+            .set_snapshot_compression(&s, CompressionState::Compressing)
+            .await
+            .unwrap();
+        let done = t.store.compressed_snapshots().await.unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].compression_state, CompressionState::Compressed);
+        assert_eq!(done[0].compressed_key.as_deref(), Some("k.zstd"));
+        for to in CompressionState::all() {
+            s.compression_state = *to;
+            assert!(t
+                .store
+                .set_snapshot_compression(&s, CompressionState::Compressed)
+                .await
+                .is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_unique_clash_is_told_apart_by_what_clashes() {
+        let t = TempStore::new().await;
+        let owner = owner(&t).await;
+        let mut first = new_vm(&owner);
+        first.guest_ip = Some("172.16.0.10".parse().unwrap());
+        t.store.insert_vm(&first).await.unwrap();
+
+        let same_name = new_vm(&owner);
+        let e = t.store.insert_vm(&same_name).await.unwrap_err();
+        assert_eq!(e.to_string(), "an instance named \"web\" already exists");
+
+        let mut same_ip = new_vm(&owner);
+        same_ip.name = Some("other".into());
+        same_ip.guest_ip = first.guest_ip;
+        let e = t.store.insert_vm(&same_ip).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!(
+                "a network allocation of vm {} is already taken",
+                same_ip.id
+            )),
+            "{e}"
+        );
+        // An unnamed VM whose address clashes is not a name clash either.
+        same_ip.name = None;
+        let e = t.store.insert_vm(&same_ip).await.unwrap_err();
+        assert!(e.to_string().starts_with("a network allocation"), "{e}");
     }
 }
