@@ -2,13 +2,12 @@
 
 use super::quotas::SnapshotQuota;
 use super::requests::{CreateSnapshot, SnapshotKind};
-use super::snapshots::MemoryPipe;
 use super::state::VmState;
 use super::{state_of, Manager, ManagerError, Result};
 use crate::ids;
 use crate::snapshot::{self, CompressionConfig};
 use crate::store::{Owner, Snapshot, Vm};
-use crate::vmm::{self, VmSpec};
+use crate::vmm::{fifo::MemoryPipe, MemoryTransport, VmSpec, Vmm};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -64,6 +63,10 @@ impl Manager {
             }
             _ => {}
         }
+        let backend = self.backend_or_reject(vm)?;
+        if kind == SnapshotKind::Standby {
+            Self::check_standby_support(backend.as_ref()).map_err(ManagerError::BadRequest)?;
+        }
         let snap_id = ids::new_id("snap");
         let mut snap = snapshot::capturing_record(
             &snap_id,
@@ -92,7 +95,7 @@ impl Manager {
         }
         {
             // The disk is stored whatever the kind: at least that much must fit.
-            let disk = tokio::fs::metadata(self.spec_for(vm).disk)
+            let disk = tokio::fs::metadata(self.spec_for(vm, backend.as_ref()).disk)
                 .await
                 .map(|m| m.len())
                 .unwrap_or(0);
@@ -102,8 +105,14 @@ impl Manager {
             self.store.insert_snapshot(&snap).await?;
         }
         let result = match kind {
-            SnapshotKind::Standby => self.capture_standby(vm, &mut snap, quota).await,
-            SnapshotKind::Stopped => self.capture_stopped(vm, &mut snap, quota).await,
+            SnapshotKind::Standby => {
+                self.capture_standby(backend.as_ref(), vm, &mut snap, quota)
+                    .await
+            }
+            SnapshotKind::Stopped => {
+                self.capture_stopped(backend.as_ref(), vm, &mut snap, quota)
+                    .await
+            }
         };
         if let Err(e) = result {
             let _ = self
@@ -126,15 +135,16 @@ impl Manager {
     /// any failure before that resumes it, so nothing is lost.
     pub(super) async fn capture_standby(
         &self,
+        backend: &dyn Vmm,
         vm: &mut Vm,
         snap: &mut Snapshot,
         quota: SnapshotQuota,
     ) -> Result<()> {
         // Proxied requests wait for a wake instead of reaching a guest about to pause.
         let _pausing = self.activity.pause(&vm.id);
-        let spec = self.spec_for(vm);
+        let spec = self.spec_for(vm, backend);
         let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
-        let captured = self.capture(&spec, &dir, snap).await;
+        let captured = self.capture(backend, &spec, &dir, snap).await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let captured = match captured {
             Err(e) => Err(ManagerError::Internal(format!(
@@ -157,7 +167,7 @@ impl Manager {
             if matches!(e, ManagerError::Forbidden(_)) {
                 tracing::info!(vm = %vm.id, snapshot = %snap.id, "snapshot refused after capture: {e}");
             }
-            if let Err(r) = self.vmm.resume(&spec).await {
+            if let Err(r) = backend.resume(&spec).await {
                 tracing::error!(vm = %vm.id, "resuming after a failed snapshot: {r}");
             }
             return Err(e);
@@ -179,21 +189,20 @@ impl Manager {
     /// then stores state and disk.
     pub(super) async fn capture(
         &self,
+        backend: &dyn Vmm,
         spec: &VmSpec,
         dir: &Path,
         snap: &mut Snapshot,
     ) -> std::result::Result<(), String> {
+        Self::check_standby_support(backend)?;
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| e.to_string())?;
-        let files = vmm::SnapshotFiles {
-            state: dir.join("vmstate"),
-            memory: dir.join("memory"),
-        };
+        let files = backend.snapshot_files(dir);
         let pipe = MemoryPipe::open(&files.memory).map_err(|e| format!("memory pipe: {e}"))?;
         let (reader, keeper) = (pipe.reader, pipe.keeper);
         let save = async {
-            let saved = self.vmm.snapshot(spec, &files).await;
+            let saved = backend.snapshot(spec, &files).await;
             // The VMM's writer is done (or never came): let the reader see the end.
             drop(keeper);
             saved
@@ -202,7 +211,7 @@ impl Manager {
         saved.map_err(|e| e.to_string())?;
         let e = |e: snapshot::ObjectError| e.to_string();
         let memory = memory.map_err(e)?;
-        // The guest is paused and QEMU flushed the disk when saving completed.
+        // The guest is paused and the VMM flushed the disk when saving completed.
         let state = self
             .objects
             .put_file(&snap.state_key, &files.state)
@@ -226,6 +235,7 @@ impl Manager {
     /// Stopped capture: the guest powers off (as a stop does), then its disk is stored.
     pub(super) async fn capture_stopped(
         &self,
+        backend: &dyn Vmm,
         vm: &mut Vm,
         snap: &mut Snapshot,
         quota: SnapshotQuota,
@@ -233,7 +243,7 @@ impl Manager {
         if state_of(vm) == VmState::Running {
             self.stop_locked(vm).await?;
         }
-        let disk = self.spec_for(vm).disk;
+        let disk = backend.disk_path(&self.work_dir(&vm.id));
         let stored = self
             .objects
             .put_file(&snap.disk_key, &disk)
@@ -252,5 +262,24 @@ impl Manager {
         self.store.mark_snapshot_ready(snap).await?;
         snap.status = "ready".into();
         Ok(())
+    }
+
+    /// Whether `backend` can save a guest's memory in a way this daemon can
+    /// store: today through a stream only.
+    pub(super) fn check_standby_support(backend: &dyn Vmm) -> std::result::Result<(), String> {
+        let caps = backend.capabilities();
+        if !caps.snapshot {
+            return Err(format!(
+                "the {} backend cannot save a guest's memory: take a Stopped snapshot",
+                backend.name()
+            ));
+        }
+        match caps.memory {
+            MemoryTransport::Stream => Ok(()),
+            other => Err(format!(
+                "snapshots through {other} (the {} backend's) are not supported yet",
+                backend.name()
+            )),
+        }
     }
 }

@@ -77,6 +77,10 @@ impl Manager {
                 )))
             }
         };
+        // A new VM runs on the server's default backend, which must boot the image's kernel.
+        let backend = Arc::clone(self.backends.default_backend());
+        Self::check_kernel(backend.as_ref(), Path::new(&image.dir))
+            .map_err(|e| ManagerError::BadRequest(format!("image_id: {e}")))?;
         let now = store::now();
         let mut vm = Vm {
             id: ids::new_id("vm"),
@@ -97,7 +101,7 @@ impl Manager {
             guest_mac: None,
             tap_name: None,
             ssh_port: None,
-            hypervisor: self.vmm.name().into(),
+            hypervisor: backend.name().into(),
             last_error: None,
             created_at: now.clone(),
             updated_at: now,
@@ -126,13 +130,11 @@ impl Manager {
             tokio::fs::create_dir_all(&work_dir)
                 .await
                 .map_err(|e| format!("creating work directory: {e}"))?;
-            image::create_vm_disk(
-                &image::rootfs_in(Path::new(&vm.image_dir)),
-                &work_dir,
-                self.vmm.capabilities().disk_format,
-            )
-            .await
-            .map_err(|e| format!("creating VM disk: {e}"))?;
+            let rootfs = image::rootfs_in(Path::new(&vm.image_dir));
+            backend
+                .prepare_disk(&rootfs, image::rootfs_format(&rootfs), &work_dir)
+                .await
+                .map_err(|e| format!("creating VM disk: {e}"))?;
             seed::write(
                 &work_dir,
                 &vm.id,

@@ -85,12 +85,15 @@ struct Running {
     boot_id: u64,
     pid: u32,
     exited: watch::Receiver<bool>,
+    /// The backend that started it, which gets back what it held when it ends.
+    backend: Arc<dyn Vmm>,
 }
 
 pub struct Manager {
     store: Store,
     objects: Objects,
-    vmm: Arc<dyn Vmm>,
+    /// The hypervisor backends; each VM runs on the one its `hypervisor` names.
+    backends: vmm::Backends,
     config: Config,
     locks: locks::VmLocks,
     running: Mutex<HashMap<String, Running>>,
@@ -124,11 +127,16 @@ fn state_of(vm: &Vm) -> VmState {
 }
 
 impl Manager {
-    pub fn new(store: Store, objects: Objects, vmm: Arc<dyn Vmm>, config: Config) -> Arc<Manager> {
+    pub fn new(
+        store: Store,
+        objects: Objects,
+        backends: vmm::Backends,
+        config: Config,
+    ) -> Arc<Manager> {
         Arc::new(Manager {
             store,
             objects,
-            vmm,
+            backends,
             config,
             locks: Default::default(),
             running: Mutex::new(HashMap::new()),
@@ -156,8 +164,22 @@ impl Manager {
         self.config.idle.timeout
     }
 
+    /// The server default: the hypervisor a new VM runs on.
     pub fn hypervisor_name(&self) -> &'static str {
-        self.vmm.name()
+        self.backends.default_backend().name()
+    }
+
+    /// The backend `vm` runs on: the one its `hypervisor` names, or an
+    /// error saying this daemon has none by that name (never another one).
+    fn backend_for(&self, vm: &Vm) -> std::result::Result<Arc<dyn Vmm>, vmm::VmmError> {
+        self.backends.get(&vm.hypervisor)
+    }
+
+    /// `backend_for`, as the API's error: asking for a backend this daemon
+    /// lacks is the caller's to change.
+    fn backend_or_reject(&self, vm: &Vm) -> Result<Arc<dyn Vmm>> {
+        self.backend_for(vm)
+            .map_err(|e| ManagerError::BadRequest(format!("vm {}: {e}", vm.id)))
     }
 
     /// Takes the VM's lock. Callers acting for an API user take it through
@@ -180,7 +202,8 @@ impl Manager {
         self.config.vms_dir().join(vm_id)
     }
 
-    fn spec_for(&self, vm: &Vm) -> VmSpec {
+    /// What `backend` needs to run `vm`.
+    fn spec_for(&self, vm: &Vm, backend: &dyn Vmm) -> VmSpec {
         let image_dir = PathBuf::from(&vm.image_dir);
         let work_dir = self.work_dir(&vm.id);
         let seed = work_dir.join("seed.iso");
@@ -198,14 +221,42 @@ impl Manager {
             netns: self.isolation(vm).map(|i| i.netns),
             seed: seed.exists().then_some(seed),
             vm_id: vm.id.clone(),
-            disk: work_dir.join("disk.qcow2"),
+            disk: backend.disk_path(&work_dir),
             work_dir,
             kernel: image::kernel_in(&image_dir),
             initrd: image::initrd_in(&image_dir),
-            boot_args: vm.boot_args.clone(),
+            boot_args: backend.boot_args(&vm.boot_args),
             vcpu_count: vm.vcpu_count as u32,
             mem_mib: vm.mem_mib as u32,
         }
+    }
+
+    /// Refuses an image whose kernel `backend` cannot boot, with the reason.
+    /// A kernel whose format cannot be read is left for the VMM to report.
+    fn check_kernel(
+        backend: &dyn Vmm,
+        image_dir: &std::path::Path,
+    ) -> std::result::Result<(), String> {
+        let Ok(file) = std::fs::File::open(image::kernel_in(image_dir)) else {
+            return Ok(());
+        };
+        let Ok(kind) = image::content::check_kernel(&file) else {
+            return Ok(());
+        };
+        let caps = backend.capabilities();
+        if caps.boots(kind) {
+            return Ok(());
+        }
+        let bootable: Vec<String> = caps.kernels.iter().map(|k| k.to_string()).collect();
+        Err(format!(
+            "the image's kernel is {kind}, and the {} backend boots only {}",
+            backend.name(),
+            if bootable.is_empty() {
+                "no kernel it is given".to_string()
+            } else {
+                bootable.join(" or ")
+            }
+        ))
     }
 
     /// The network namespace a VM runs in when its guest believes it has an

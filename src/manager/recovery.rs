@@ -16,7 +16,7 @@ impl Manager {
         if killed > 0 {
             tracing::warn!(killed, "killed VMM processes left from a previous daemon");
         }
-        self.vmm.recover().await;
+        self.backends.recover().await;
         match self.objects.remove_unfinished_uploads().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(files = n, "removed uploads a crash left unfinished"),

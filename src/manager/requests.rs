@@ -225,15 +225,12 @@ pub struct FromSnapshot {
     pub target_hypervisor: Option<String>,
 }
 
-/// The hypervisors seed 002 names.
-const HYPERVISORS: [&str; 4] = ["cloud-hypervisor", "firecracker", "qemu", "vz"];
-
 impl FromSnapshot {
     /// Resolves `target_state` and checks `target_hypervisor` for a snapshot
-    /// of `kind` on a host whose hypervisor is `available`. A Standby snapshot
+    /// of `kind` on a host whose backends are `available`. A Standby snapshot
     /// holds a memory image only its own hypervisor can load, so only a
     /// Stopped one may move to another; a Stopped one has no memory to resume.
-    pub fn target(&self, kind: SnapshotKind, available: &str) -> Result<TargetState, String> {
+    pub fn target(&self, kind: SnapshotKind, available: &[&str]) -> Result<TargetState, String> {
         let state = match self.target_state.as_deref() {
             None => match kind {
                 SnapshotKind::Standby => TargetState::Running,
@@ -255,10 +252,11 @@ impl FromSnapshot {
             );
         }
         if let Some(h) = &self.target_hypervisor {
-            if !HYPERVISORS.contains(&h.as_str()) {
+            // Every name the API knows, also those this daemon has no backend for.
+            if !crate::vmm::HYPERVISORS.contains(&h.as_str()) {
                 return Err(format!(
                     "target_hypervisor must be one of {}, got {h:?}",
-                    HYPERVISORS.join(", ")
+                    crate::vmm::HYPERVISORS.join(", ")
                 ));
             }
             if kind == SnapshotKind::Standby {
@@ -267,9 +265,10 @@ impl FromSnapshot {
                         .into(),
                 );
             }
-            if h != available {
+            if !available.contains(&h.as_str()) {
                 return Err(format!(
-                    "target_hypervisor {h} is not available on this host (it runs {available})"
+                    "target_hypervisor {h} is not available on this host (it runs {})",
+                    available.join(", ")
                 ));
             }
         }
@@ -635,7 +634,7 @@ mod tests {
         let snap = |kind: &str, vm: &str, tags: &str| crate::store::Snapshot {
             name: Some("pre-upgrade".into()),
             tags: tags.into(),
-            ..crate::snapshot::capturing_record("snap_x", vm, "o", kind, "qemu", "{}".into())
+            ..crate::snapshot::capturing_record("snap_x", vm, "o", kind, "vz", "{}".into())
         };
         assert!(f.matches(&snap("Standby", "vm_a", r#"{"team":"backend","env":"x"}"#)));
         assert!(!f.matches(&snap("Stopped", "vm_a", r#"{"team":"backend"}"#)));
@@ -767,22 +766,22 @@ mod tests {
                 target_state: state.map(str::to_string),
                 target_hypervisor: hv.map(str::to_string),
             }
-            .target(kind, "qemu")
+            .target(kind, &["vz"])
         };
         use SnapshotKind::*;
         assert_eq!(t(None, None, Standby), Ok(TargetState::Running));
         assert_eq!(t(None, None, Stopped), Ok(TargetState::Stopped));
         assert_eq!(t(Some("Standby"), None, Standby), Ok(TargetState::Standby));
         assert_eq!(
-            t(Some("Running"), Some("qemu"), Stopped),
+            t(Some("Running"), Some("vz"), Stopped),
             Ok(TargetState::Running)
         );
         assert!(t(Some("Standby"), None, Stopped).is_err());
         assert!(t(Some("Paused"), None, Standby).is_err());
-        assert!(t(None, Some("qemu"), Standby)
+        assert!(t(None, Some("vz"), Standby)
             .unwrap_err()
             .contains("only be given for a Stopped snapshot"));
-        assert!(t(None, Some("firecracker"), Stopped)
+        assert!(t(None, Some("cloud-hypervisor"), Stopped)
             .unwrap_err()
             .contains("not available"));
         assert!(t(None, Some("xen"), Stopped)

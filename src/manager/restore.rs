@@ -1,14 +1,12 @@
 //! Restore: a VM resumed from its standby snapshot or from one it chose.
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::snapshots::{
-    compression_of, grow_pipe, kind_of, make_fifo, stored, DiskSwap, SavedConfig,
-};
+use super::snapshots::{compression_of, kind_of, stored, DiskSwap, SavedConfig};
 use super::state::VmState;
 use super::{state_of, Manager, ManagerError, Result};
 use crate::snapshot::{self, Stored};
 use crate::store::{Owner, Snapshot, Vm};
-use crate::vmm::{self};
+use crate::vmm::fifo::{grow_pipe, make_fifo};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -127,16 +125,31 @@ impl Manager {
         Ok(())
     }
 
+    /// A snapshot's disk (and memory) is in its own backend's format: it
+    /// goes back only into a VM on that backend.
+    pub(super) fn check_same_backend(snap: &Snapshot, vm: &Vm) -> std::result::Result<(), String> {
+        if snap.source_hypervisor == vm.hypervisor {
+            return Ok(());
+        }
+        Err(format!(
+            "snapshot {} was taken on {}, instance {} runs on {}: moving a snapshot between hypervisors is not supported yet",
+            snap.id, snap.source_hypervisor, vm.id, vm.hypervisor
+        ))
+    }
+
     /// Downloads and verifies the snapshot's disk (and its device state
-    /// when `state`) into `dir`, then puts the disk in place; the VM's
-    /// previous disk is kept until the swap is committed or rolled back.
+    /// when `state`) into `dir`, then puts the disk in place as `vm`'s; the
+    /// VM's previous disk is kept until the swap is committed or rolled back.
     pub(super) async fn fetch(
         &self,
         snap: &Snapshot,
+        vm: &Vm,
         dir: &Path,
-        work_dir: &Path,
         state: bool,
     ) -> std::result::Result<DiskSwap, String> {
+        Self::check_same_backend(snap, vm)?;
+        let backend = self.backend_for(vm).map_err(|e| e.to_string())?;
+        let work_dir = self.work_dir(&vm.id);
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| e.to_string())?;
@@ -151,7 +164,7 @@ impl Manager {
                 .await
                 .map_err(e)?;
         }
-        let fetched = dir.join("disk.qcow2");
+        let fetched = backend.disk_path(dir);
         self.objects
             .get_file(
                 &snap.disk_key,
@@ -160,12 +173,14 @@ impl Manager {
             )
             .await
             .map_err(e)?;
-        tokio::fs::create_dir_all(work_dir)
+        tokio::fs::create_dir_all(&work_dir)
             .await
             .map_err(|e| e.to_string())?;
         // Everything arrived intact: only now is the VM's disk replaced.
-        let disk = work_dir.join("disk.qcow2");
-        let backup = work_dir.join("disk.qcow2.before-restore");
+        let disk = backend.disk_path(&work_dir);
+        let mut backup = disk.clone().into_os_string();
+        backup.push(".before-restore");
+        let backup = std::path::PathBuf::from(backup);
         let had_disk = match tokio::fs::rename(&disk, &backup).await {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -277,14 +292,13 @@ impl Manager {
         vm: &Vm,
         snap: &Snapshot,
     ) -> std::result::Result<(), String> {
+        let backend = self.backend_for(vm).map_err(|e| e.to_string())?;
+        Self::check_standby_support(backend.as_ref())?;
         let work_dir = self.work_dir(&vm.id);
         let dir = work_dir.join(format!("restore-{}", snap.id));
         let result = async {
-            let swap = self.fetch(snap, &dir, &work_dir, true).await?;
-            let files = vmm::SnapshotFiles {
-                state: dir.join("vmstate"),
-                memory: dir.join("memory"),
-            };
+            let swap = self.fetch(snap, vm, &dir, true).await?;
+            let files = backend.snapshot_files(&dir);
             let loaded = match self.memory_feed(snap, &files.memory) {
                 Ok(feed) => self.boot_from(vm, Some((&files, feed))).await,
                 Err(e) => Err(e),
@@ -353,8 +367,19 @@ impl Manager {
         };
         let kind = kind_of(&snap);
         let target = req
-            .target(kind, self.vmm.name())
+            .target(kind, &self.backends.names())
             .map_err(ManagerError::BadRequest)?;
+        if let Some(h) = req
+            .target_hypervisor
+            .as_deref()
+            .filter(|h| *h != vm.hypervisor)
+        {
+            return Err(ManagerError::BadRequest(format!(
+                "instance {id} runs on {}: moving it to {h} is not supported yet",
+                vm.hypervisor
+            )));
+        }
+        Self::check_same_backend(&snap, &vm).map_err(ManagerError::BadRequest)?;
         let st = state_of(&vm);
         if !matches!(st, VmState::Stopped | VmState::Snapshotted | VmState::Error) {
             return Err(ManagerError::Conflict(format!(
@@ -377,9 +402,8 @@ impl Manager {
             (_, target) => {
                 // The snapshot's disk, booted fresh (Running) or not at all (Stopped).
                 let (_r, snap) = self.read_locked(&snap).await?;
-                let work_dir = self.work_dir(id);
-                let dir = work_dir.join(format!("restore-{}", snap.id));
-                let fetched = self.fetch(&snap, &dir, &work_dir, false).await;
+                let dir = self.work_dir(id).join(format!("restore-{}", snap.id));
+                let fetched = self.fetch(&snap, &vm, &dir, false).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 fetched
                     .map(DiskSwap::commit)
