@@ -33,7 +33,7 @@ pub struct Isolation {
     pub netns: String,
     /// The veth end in the daemon's namespace, a port of the bridge.
     pub veth: String,
-    /// The guest's TAP, inside the namespace; QEMU opens it there by name.
+    /// The guest's TAP, inside the namespace; the VMM opens it there by name.
     pub tap: String,
     /// The VM's own address (its `guest_ip`): what the bridge, the host and
     /// other guests see and use.
@@ -409,7 +409,7 @@ pub(crate) mod testing {
         }
     }
 
-    /// A scratch directory; processes naming it (dnsmasq, QEMU) are killed
+    /// A scratch directory; processes naming it (dnsmasq, a VMM) are killed
     /// and it is removed when dropped.
     pub struct TestDir(pub PathBuf);
 
@@ -529,7 +529,7 @@ mod tests {
         assert!(script.contains("route add 172.16.0.10/32 dev hta"));
     }
 
-    /// Carries frames between two TAP queues, both ways: what QEMU does
+    /// Carries frames between two TAP queues, both ways: what a VMM does
     /// between the TAP and the guest's NIC. The far TAP lives in a namespace
     /// whose kernel stack plays the guest.
     struct Wire {
