@@ -7,7 +7,7 @@ use super::{state_of, Manager, ManagerError, Result};
 use crate::ids;
 use crate::snapshot::{self, CompressionConfig};
 use crate::store::{Owner, Snapshot, Vm};
-use crate::vmm::{fifo::MemoryPipe, MemoryTransport, VmSpec, Vmm};
+use crate::vmm::{fifo::MemoryPipe, VmSpec, Vmm};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -262,24 +262,5 @@ impl Manager {
         self.store.mark_snapshot_ready(snap).await?;
         snap.status = "ready".into();
         Ok(())
-    }
-
-    /// Whether `backend` can save a guest's memory in a way this daemon can
-    /// store: today through a stream only.
-    pub(super) fn check_standby_support(backend: &dyn Vmm) -> std::result::Result<(), String> {
-        let caps = backend.capabilities();
-        if !caps.snapshot {
-            return Err(format!(
-                "the {} backend cannot save a guest's memory: take a Stopped snapshot",
-                backend.name()
-            ));
-        }
-        match caps.memory {
-            MemoryTransport::Stream => Ok(()),
-            other => Err(format!(
-                "snapshots through {other} (the {} backend's) are not supported yet",
-                backend.name()
-            )),
-        }
     }
 }

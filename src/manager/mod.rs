@@ -4,6 +4,7 @@
 //! table, persists the new state *before* the side effect and again after it,
 //! so a crash at any point leaves a state that start-up recovery understands.
 
+mod backend;
 mod capture;
 mod compression;
 pub mod console;
@@ -169,19 +170,6 @@ impl Manager {
         self.backends.default_backend().name()
     }
 
-    /// The backend `vm` runs on: the one its `hypervisor` names, or an
-    /// error saying this daemon has none by that name (never another one).
-    fn backend_for(&self, vm: &Vm) -> std::result::Result<Arc<dyn Vmm>, vmm::VmmError> {
-        self.backends.get(&vm.hypervisor)
-    }
-
-    /// `backend_for`, as the API's error: asking for a backend this daemon
-    /// lacks is the caller's to change.
-    fn backend_or_reject(&self, vm: &Vm) -> Result<Arc<dyn Vmm>> {
-        self.backend_for(vm)
-            .map_err(|e| ManagerError::BadRequest(format!("vm {}: {e}", vm.id)))
-    }
-
     /// Takes the VM's lock. Callers acting for an API user take it through
     /// `lock_visible_vm`, so an id they do not own makes no entry at all.
     async fn lock_vm(&self, id: &str) -> locks::VmGuard {
@@ -229,34 +217,6 @@ impl Manager {
             vcpu_count: vm.vcpu_count as u32,
             mem_mib: vm.mem_mib as u32,
         }
-    }
-
-    /// Refuses an image whose kernel `backend` cannot boot, with the reason.
-    /// A kernel whose format cannot be read is left for the VMM to report.
-    fn check_kernel(
-        backend: &dyn Vmm,
-        image_dir: &std::path::Path,
-    ) -> std::result::Result<(), String> {
-        let Ok(file) = std::fs::File::open(image::kernel_in(image_dir)) else {
-            return Ok(());
-        };
-        let Ok(kind) = image::content::check_kernel(&file) else {
-            return Ok(());
-        };
-        let caps = backend.capabilities();
-        if caps.boots(kind) {
-            return Ok(());
-        }
-        let bootable: Vec<String> = caps.kernels.iter().map(|k| k.to_string()).collect();
-        Err(format!(
-            "the image's kernel is {kind}, and the {} backend boots only {}",
-            backend.name(),
-            if bootable.is_empty() {
-                "no kernel it is given".to_string()
-            } else {
-                bootable.join(" or ")
-            }
-        ))
     }
 
     /// The network namespace a VM runs in when its guest believes it has an

@@ -125,18 +125,6 @@ impl Manager {
         Ok(())
     }
 
-    /// A snapshot's disk (and memory) is in its own backend's format: it
-    /// goes back only into a VM on that backend.
-    pub(super) fn check_same_backend(snap: &Snapshot, vm: &Vm) -> std::result::Result<(), String> {
-        if snap.source_hypervisor == vm.hypervisor {
-            return Ok(());
-        }
-        Err(format!(
-            "snapshot {} was taken on {}, instance {} runs on {}: moving a snapshot between hypervisors is not supported yet",
-            snap.id, snap.source_hypervisor, vm.id, vm.hypervisor
-        ))
-    }
-
     /// Downloads and verifies the snapshot's disk (and its device state
     /// when `state`) into `dir`, then puts the disk in place as `vm`'s; the
     /// VM's previous disk is kept until the swap is committed or rolled back.
@@ -147,7 +135,7 @@ impl Manager {
         dir: &Path,
         state: bool,
     ) -> std::result::Result<DiskSwap, String> {
-        Self::check_same_backend(snap, vm)?;
+        Self::check_same_backend(snap, &vm.id, &vm.hypervisor)?;
         let backend = self.backend_for(vm).map_err(|e| e.to_string())?;
         let work_dir = self.work_dir(&vm.id);
         tokio::fs::create_dir_all(dir)
@@ -379,7 +367,8 @@ impl Manager {
                 vm.hypervisor
             )));
         }
-        Self::check_same_backend(&snap, &vm).map_err(ManagerError::BadRequest)?;
+        Self::check_same_backend(&snap, &vm.id, &vm.hypervisor)
+            .map_err(ManagerError::BadRequest)?;
         let st = state_of(&vm);
         if !matches!(st, VmState::Stopped | VmState::Snapshotted | VmState::Error) {
             return Err(ManagerError::Conflict(format!(

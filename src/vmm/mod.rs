@@ -12,6 +12,8 @@ pub mod fifo;
 pub mod process;
 pub mod qemu;
 mod registry;
+#[cfg(test)]
+pub mod testing;
 
 pub use crate::image::content::{KernelKind as KernelFormat, RootfsFormat};
 pub use registry::{Backends, BackendsConfig};

@@ -122,54 +122,15 @@ fn confinement(cfg: &Config) -> Confinement {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{
-        Capabilities, DiskFormat, MemoryTransport, SnapshotFiles, VmProcess, VmSpec,
-    };
+    use super::super::testing::FakeBackend;
+    use super::super::DiskFormat;
     use super::*;
-    use async_trait::async_trait;
-
-    /// A fake backend (no process behind it): only its name and capabilities are real.
-    struct Named(&'static str, DiskFormat);
-
-    #[async_trait]
-    impl Vmm for Named {
-        fn name(&self) -> &'static str {
-            self.0
-        }
-        fn capabilities(&self) -> Capabilities {
-            Capabilities {
-                snapshot: false,
-                graceful_shutdown: false,
-                disk_format: self.1,
-                kernels: &[],
-                memory: MemoryTransport::Stream,
-            }
-        }
-        async fn boot(&self, _: &VmSpec) -> Result<VmProcess> {
-            unreachable!()
-        }
-        async fn request_shutdown(&self, _: &VmSpec) -> Result<()> {
-            unreachable!()
-        }
-        async fn pause(&self, _: &VmSpec) -> Result<()> {
-            unreachable!()
-        }
-        async fn resume(&self, _: &VmSpec) -> Result<()> {
-            unreachable!()
-        }
-        async fn snapshot(&self, _: &VmSpec, _: &SnapshotFiles) -> Result<()> {
-            unreachable!()
-        }
-        async fn restore(&self, _: &VmSpec, _: &SnapshotFiles) -> Result<VmProcess> {
-            unreachable!()
-        }
-    }
 
     #[test]
     fn a_vm_gets_its_own_backend_or_a_clear_error_never_another() {
-        let b = Backends::new(Arc::new(Named("one", DiskFormat::Qcow2Overlay)))
-            .with(Arc::new(Named("two", DiskFormat::Raw)))
-            .with(Arc::new(Named("two", DiskFormat::Raw)));
+        let b = Backends::new(Arc::new(FakeBackend::new("one")))
+            .with(Arc::new(FakeBackend::new("two")))
+            .with(Arc::new(FakeBackend::new("two").disk(DiskFormat::Raw)));
         assert_eq!(b.names(), vec!["one", "two"]);
         assert_eq!(b.default_backend().name(), "one");
         assert_eq!(b.get("two").unwrap().name(), "two");
