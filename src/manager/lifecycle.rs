@@ -225,6 +225,8 @@ impl Manager {
                 "vm {id} is {st}; only a stopped VM (or one in error) can be started"
             )));
         }
+        // A VM whose backend this daemon lacks is refused before anything changes.
+        self.backend_or_reject(vm)?;
         {
             let _admission = self.alloc_lock.lock().await;
             self.check_host_memory(vm).await?;

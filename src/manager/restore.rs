@@ -22,6 +22,7 @@ impl Manager {
                 "vm {id} is {st}; only a snapshotted VM can be restored"
             )));
         }
+        self.backend_or_reject(&vm)?;
         let snap = self
             .standby_snapshot(&vm)
             .await?
@@ -367,6 +368,7 @@ impl Manager {
                 vm.hypervisor
             )));
         }
+        self.backend_or_reject(&vm)?;
         Self::check_same_backend(&snap, &vm.id, &vm.hypervisor)
             .map_err(ManagerError::BadRequest)?;
         let st = state_of(&vm);
