@@ -91,7 +91,7 @@ TICK_S = 0.02
 FILL_TIMEOUT_S = 900.0
 OP_TIMEOUT_S = 900.0
 COMPRESS_POLL_S = 0.01
-# What hatch sets before saving (src/vmm/qemu.rs): QEMU's default cap (128 MiB/s) is
+# What hatch sets before saving (src/vmm/qemu/mod.rs): QEMU's default cap (128 MiB/s) is
 # meant for live migration over a network; the raw side gets the same setting.
 MAX_BANDWIDTH = 64 << 30
 FILLED = b"bench-fill: done"

@@ -8,28 +8,6 @@ use crate::net::ipam::{self, BridgeNet};
 use crate::net::NetConfig;
 use crate::snapshot::CompressionConfig;
 
-/// Which accelerator QEMU is asked to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Kvm,
-    Tcg,
-    Auto,
-}
-
-impl std::str::FromStr for Accel {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "kvm" => Ok(Accel::Kvm),
-            "tcg" => Ok(Accel::Tcg),
-            "auto" | "" => Ok(Accel::Auto),
-            other => Err(format!(
-                "HATCH_QEMU_ACCEL must be kvm, tcg or auto, not {other:?}"
-            )),
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Config {
     pub http_addr: SocketAddr,
@@ -38,14 +16,14 @@ pub struct Config {
     pub default_rootfs: Option<PathBuf>,
     pub default_initrd: Option<PathBuf>,
     pub default_boot_args: Option<String>,
-    pub qemu_binary: String,
-    pub qemu_accel: Accel,
+    /// Each hypervisor backend's own settings (src/vmm).
+    pub backends: crate::vmm::BackendsConfig,
     /// How long a graceful (ACPI) shutdown may take before the VMM is killed.
     pub stop_timeout: Duration,
     pub net: NetConfig,
     /// Where snapshots are stored: an S3 bucket when set, else `data_dir/objects`.
     pub s3: Option<S3Config>,
-    /// The compression a snapshot gets when its request does not say (seed 003's server default).
+    /// The compression a snapshot gets when its request does not say (the Hypeman API's server default).
     pub snapshot_compression: CompressionConfig,
     pub proxy: ProxyConfig,
     pub idle: IdleConfig,
@@ -113,8 +91,8 @@ pub struct LimitsConfig {
     pub memory_overcommit: f64,
     /// Memory kept for the host itself, never given to guests.
     pub host_reserve_mib: u64,
-    /// Counted per VM beside its `mem_mib` (the VMM's own memory; QEMU
-    /// under TCG keeps translated code too), and the room a VMM's cgroup
+    /// Counted per VM beside its `mem_mib` (the VMM's own memory; an
+    /// emulating VMM keeps translated code too), and the room a VMM's cgroup
     /// gets above its guest's RAM: one figure, so what the host promises is
     /// what the kernel enforces.
     pub vm_overhead_mib: u64,
@@ -484,8 +462,7 @@ impl Config {
             default_rootfs: get("HATCH_DEFAULT_ROOTFS_PATH").map(PathBuf::from),
             default_initrd: get("HATCH_DEFAULT_INITRD_PATH").map(PathBuf::from),
             default_boot_args: get("HATCH_DEFAULT_BOOT_ARGS"),
-            qemu_binary: get("HATCH_QEMU_BINARY").unwrap_or_else(|| "qemu-system-x86_64".into()),
-            qemu_accel: get("HATCH_QEMU_ACCEL").unwrap_or_default().parse()?,
+            backends: crate::vmm::BackendsConfig::from_lookup(&get)?,
             stop_timeout,
             net: NetConfig {
                 bridge: {
@@ -613,10 +590,14 @@ mod tests {
     }
 
     #[test]
-    fn defaults_listen_on_loopback_8080_with_auto_accel() {
+    fn defaults_listen_on_loopback_8080() {
         let c = cfg(&[]).unwrap();
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.qemu_accel, Accel::Auto);
+        // Each backend's defaults are tested beside it (src/vmm).
+        assert_eq!(
+            c.backends,
+            crate::vmm::BackendsConfig::from_lookup(&|_| None).unwrap()
+        );
         assert_eq!(c.stop_timeout, Duration::from_secs(30));
         assert_eq!(c.net.bridge, "hatch0");
         assert_eq!(c.net.net.cidr(), "172.16.0.0/24");
@@ -629,9 +610,6 @@ mod tests {
         assert!(cfg(&[("HATCH_HTTP_ADDR", "nope")])
             .unwrap_err()
             .contains("HATCH_HTTP_ADDR"));
-        assert!(cfg(&[("HATCH_QEMU_ACCEL", "hvf")])
-            .unwrap_err()
-            .contains("HATCH_QEMU_ACCEL"));
         assert!(cfg(&[("HATCH_STOP_TIMEOUT", "3x")])
             .unwrap_err()
             .contains("HATCH_STOP_TIMEOUT"));

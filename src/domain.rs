@@ -95,7 +95,7 @@ macro_rules! text_enum {
     };
 }
 
-/// A VM's state (seed 001); src/manager/README.md, "Why a state table?", explains the table.
+/// A VM's state (Hatch API); src/manager/README.md, "Why a state table?", explains the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VmState {
     Starting,
@@ -118,7 +118,7 @@ text_enum!(VmState, "VM state", fallback Error, {
 
 impl VmState {
     /// States that only exist while a VMM process does: after a daemon restart
-    /// they cannot be true any more (seed 001 lists starting, running, stopping).
+    /// they cannot be true any more (the Hatch API lists starting, running, stopping).
     pub fn is_transient(self) -> bool {
         matches!(
             self,
@@ -179,7 +179,7 @@ impl SnapshotStatus {
     }
 }
 
-/// Where background compression of a snapshot's memory is (seed 003's
+/// Where background compression of a snapshot's memory is (the Hypeman API's
 /// `compression_state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompressionState {
@@ -216,7 +216,7 @@ impl CompressionState {
     }
 }
 
-/// Seed 002's snapshot kinds.
+/// The Hypeman API's snapshot kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnapshotKind {
     /// Memory, CPU/device state and disk; the instance goes to standby.
@@ -392,10 +392,10 @@ impl<'r, T: DeserializeOwned> Decode<'r, Sqlite> for Json<T> {
     }
 }
 
-/// A snapshot's tags (seed 003): string keys and values, shown as a JSON object.
+/// A snapshot's tags (Hypeman API): string keys and values, shown as a JSON object.
 pub type Tags = std::collections::BTreeMap<String, String>;
 
-/// The VM as a snapshot recorded it (seed 000's `vm_config`): what a fork
+/// The VM as a snapshot recorded it (the Hatch API's `vm_config`): what a fork
 /// or restore of it inherits, and the address its guest memory holds. The
 /// fields are in alphabetical order so the stored (and shown) text is what
 /// earlier versions wrote with sorted keys; every field may be absent in a
@@ -474,7 +474,7 @@ mod tests {
     }
 
     #[test]
-    fn transient_states_match_the_seed() {
+    fn transient_states_match_the_hatch_api() {
         let transient: Vec<_> = VmState::all()
             .iter()
             .copied()

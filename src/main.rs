@@ -7,7 +7,6 @@ use hatch::api::{self, AppState};
 use hatch::config::Config;
 use hatch::manager::Manager;
 use hatch::store::{self, ApiKey, Store};
-use hatch::vmm::qemu::{detect_accel, Qemu};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -339,30 +338,14 @@ async fn serve() -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || hatch::vmm::confine::make_private(&data_dir))
         .await?
         .context("making the data directory private")?;
-    let accel = detect_accel(cfg.qemu_accel);
-    tracing::info!(requested = ?cfg.qemu_accel, chosen = accel.as_str(), "QEMU accelerator");
-    let qemu = Qemu::new(cfg.qemu_binary.clone(), accel);
-    let vmm = Arc::new(if cfg.confine.enabled {
-        let c = confinement(&cfg);
-        tracing::info!(
-            cgroups = c.cgroups.as_ref().map(|g| g.version()),
-            uid_base = cfg.confine.uid_base,
-            "VMMs run confined"
-        );
-        qemu.confined(c)
-    } else {
-        tracing::warn!(
-            "HATCH_VMM_CONFINE=off: VMMs run as root, without sandbox, cgroup or mount namespace"
-        );
-        qemu
-    });
+    let backends = hatch::vmm::Backends::from_config(&cfg);
     let addr = cfg.http_addr;
     let api_cfg = cfg.api.clone();
     let objects = hatch::snapshot::Objects::from_config(&cfg).context("snapshot store")?;
     tracing::info!(store = %objects.describe(), "snapshot store");
     let auth = api::Authenticator::new(&cfg.auth).map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!(keys = %auth.describe(), "API keys");
-    let manager = Manager::new(store, objects, vmm, cfg);
+    let manager = Manager::new(store, objects, backends, cfg);
     manager.recover().await?;
     manager.init_network().await;
     manager.seed_default_image().await?;
@@ -403,26 +386,6 @@ async fn serve() -> anyhow::Result<()> {
     };
     api::serve(listener, app, &api_cfg, on_signal).await?;
     Ok(())
-}
-
-/// VMM confinement for this daemon: its cgroups are named after the data dir,
-/// so daemons sharing a cgroup (tests) keep to their own.
-fn confinement(cfg: &Config) -> hatch::vmm::confine::Confinement {
-    use sha2::Digest;
-    let tag = hex::encode(&sha2::Sha256::digest(cfg.data_dir.as_os_str().as_encoded_bytes())[..4]);
-    let cgroups = match hatch::vmm::cgroup::Cgroups::setup(&tag) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tracing::warn!("VMMs run without cgroup limits: {e}");
-            None
-        }
-    };
-    hatch::vmm::confine::Confinement {
-        uids: hatch::vmm::confine::UidPool::new(cfg.confine.uid_base, cfg.confine.uid_count),
-        cgroups,
-        hidden: vec![hatch::vmm::confine::hiding_root(&cfg.data_dir)],
-        mem_overhead_mib: u32::try_from(cfg.limits.vm_overhead_mib).unwrap_or(u32::MAX),
-    }
 }
 
 async fn shutdown_signal() {

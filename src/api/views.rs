@@ -188,7 +188,7 @@ impl From<Snapshot> for HatchSnapshotView {
                 _ => s.memory_key,
             },
             disk_key: s.disk_key,
-            // Seed 000 shows the config as a JSON string.
+            // The Hatch API shows the config as a JSON string.
             vm_config: serde_json::to_string(&s.vm_config.0).unwrap_or_default(),
             size_bytes: s.size_bytes,
             created_at: s.created_at,

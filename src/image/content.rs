@@ -1,5 +1,5 @@
 //! Checks that an image's files are what they claim: an x86 kernel, an ext4 or
-//! self-contained qcow2 root disk. Only headers are read, by us, never by qemu-img.
+//! self-contained qcow2 root disk. Only headers are read, by us, never by an image tool.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -7,9 +7,9 @@ use std::os::unix::fs::FileExt;
 /// The two kernel formats our backends boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelKind {
-    /// x86 boot protocol image (`HdrS` at 0x202), what QEMU `-kernel` takes.
+    /// x86 boot protocol image (`HdrS` at 0x202), what a PC-style VMM loads.
     BzImage,
-    /// Uncompressed 64-bit x86 ELF (`vmlinux`), what Firecracker takes.
+    /// Uncompressed 64-bit x86 ELF (`vmlinux`), what a minimal VMM loads.
     Elf,
 }
 
@@ -27,7 +27,7 @@ const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 const EXT4_MAGIC: u16 = 0xEF53;
 /// qcow2 incompatible feature bit: the guest data lives in an external file.
 const QCOW2_EXTERNAL_DATA_FILE: u64 = 1 << 2;
-/// The incompatible feature bits QEMU 7.2 knows (dirty, corrupt, external
+/// The incompatible feature bits the qcow2 format defines (dirty, corrupt, external
 /// data, compression type, extended L2); anything else cannot be opened anyway.
 const QCOW2_KNOWN_INCOMPATIBLE: u64 = 0b1_1111;
 /// Header extension types that name another host file.
@@ -93,7 +93,7 @@ pub fn check_rootfs(file: &File) -> Result<RootfsFormat, String> {
     Err("rootfs is neither an ext4 filesystem image nor a qcow2 image".into())
 }
 
-/// A qcow2 image is refused if opening it would make QEMU open another host
+/// A qcow2 image is refused if opening it would make the VMM open another host
 /// file (a backing file or an external data file) or if it is encrypted.
 fn check_qcow2(file: &File, head: &[u8]) -> Result<(), String> {
     if head.len() < 72 {

@@ -37,7 +37,7 @@ const PACKAGES: &[&str] = &[
     "openssh-server",
     "sudo",
     // systemd-logind needs it, and logind is what powers the guest off on
-    // the ACPI power button (QMP system_powerdown, hatch's stop).
+    // the ACPI power button (what the VMM presses on hatch's stop).
     "dbus",
     // cloud-init's first choice of renderer on Debian is ENI (ifupdown).
     "ifupdown",

@@ -15,7 +15,6 @@ pub mod hostpath;
 pub mod seed;
 pub mod staging;
 
-use crate::vmm::DiskFormat;
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -86,8 +85,14 @@ pub fn rootfs_in(dir: &Path) -> PathBuf {
     }
 }
 
-fn is_qcow2(rootfs: &Path) -> bool {
-    rootfs.file_name() == Some(std::ffi::OsStr::new(ROOTFS_QCOW2_FILE))
+/// How the root disk `rootfs_in` found is stored (its file name says so:
+/// `content` checked the format when the image was registered).
+pub fn rootfs_format(rootfs: &Path) -> content::RootfsFormat {
+    if rootfs.file_name() == Some(std::ffi::OsStr::new(ROOTFS_QCOW2_FILE)) {
+        content::RootfsFormat::Qcow2
+    } else {
+        content::RootfsFormat::Ext4
+    }
 }
 
 /// Bytes the image's files take, as their lengths add up (holes included).
@@ -143,55 +148,4 @@ pub async fn import(src: &ImageSource, dest: &Path) -> Result<(), String> {
     tokio::fs::rename(&tmp, dest)
         .await
         .map_err(|e| format!("rename into {}: {e}", dest.display()))
-}
-
-/// Creates the VM's own disk in `work_dir` over the image rootfs, without copying
-/// the rootfs when the backend can use an overlay.
-pub async fn create_vm_disk(
-    rootfs: &Path,
-    work_dir: &Path,
-    format: DiskFormat,
-) -> Result<PathBuf, String> {
-    match format {
-        DiskFormat::Qcow2Overlay => {
-            let disk = work_dir.join("disk.qcow2");
-            // The backing format is named, never probed: a raw image that
-            // looks like qcow2 inside must not be read as one.
-            let backing = if is_qcow2(rootfs) { "qcow2" } else { "raw" };
-            run(
-                Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2", "-F", backing, "-b"])
-                    .arg(rootfs)
-                    .arg(&disk),
-                "qemu-img create",
-            )
-            .await?;
-            Ok(disk)
-        }
-        DiskFormat::Raw if is_qcow2(rootfs) => {
-            let disk = work_dir.join("disk.raw");
-            run(
-                Command::new("qemu-img")
-                    .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-                    .arg(rootfs)
-                    .arg(&disk),
-                "qemu-img convert",
-            )
-            .await?;
-            Ok(disk)
-        }
-        DiskFormat::Raw => {
-            let disk = work_dir.join("disk.raw");
-            run(
-                Command::new("cp")
-                    .arg("--reflink=auto")
-                    .arg("--sparse=always")
-                    .arg(rootfs)
-                    .arg(&disk),
-                "copy rootfs",
-            )
-            .await?;
-            Ok(disk)
-        }
-    }
 }

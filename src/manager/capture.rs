@@ -2,14 +2,13 @@
 
 use super::quotas::SnapshotQuota;
 use super::requests::{CreateSnapshot, SnapshotKind};
-use super::snapshots::MemoryPipe;
 use super::state::{CompressionState, SnapshotStatus, VmState};
 use super::{Context, Manager, ManagerError, Result};
 use crate::domain::Json;
 use crate::ids;
 use crate::snapshot::{self, CompressionConfig};
 use crate::store::{Owner, Snapshot, Vm};
-use crate::vmm::{self, VmSpec};
+use crate::vmm::{fifo::MemoryPipe, VmSpec, Vmm};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -65,6 +64,10 @@ impl Manager {
             }
             _ => {}
         }
+        let backend = self.backend_or_reject(vm)?;
+        if kind == SnapshotKind::Standby {
+            Self::check_standby_support(backend.as_ref()).map_err(ManagerError::BadRequest)?;
+        }
         let snap_id = ids::new_id("snap");
         let mut snap = snapshot::capturing_record(
             &snap_id,
@@ -89,7 +92,7 @@ impl Manager {
         }
         {
             // The disk is stored whatever the kind: at least that much must fit.
-            let disk = tokio::fs::metadata(self.spec_for(vm).disk)
+            let disk = tokio::fs::metadata(self.spec_for(vm, backend.as_ref()).disk)
                 .await
                 .map(|m| m.len())
                 .unwrap_or(0);
@@ -99,8 +102,14 @@ impl Manager {
             self.store.insert_snapshot(&snap).await?;
         }
         let result = match kind {
-            SnapshotKind::Standby => self.capture_standby(vm, &mut snap, quota).await,
-            SnapshotKind::Stopped => self.capture_stopped(vm, &mut snap, quota).await,
+            SnapshotKind::Standby => {
+                self.capture_standby(backend.as_ref(), vm, &mut snap, quota)
+                    .await
+            }
+            SnapshotKind::Stopped => {
+                self.capture_stopped(backend.as_ref(), vm, &mut snap, quota)
+                    .await
+            }
         };
         if let Err(e) = result {
             let _ = self
@@ -125,15 +134,16 @@ impl Manager {
     /// any failure before that resumes it, so nothing is lost.
     pub(super) async fn capture_standby(
         &self,
+        backend: &dyn Vmm,
         vm: &mut Vm,
         snap: &mut Snapshot,
         quota: SnapshotQuota,
     ) -> Result<()> {
         // Proxied requests wait for a wake instead of reaching a guest about to pause.
         let _pausing = self.activity.pause(&vm.id);
-        let spec = self.spec_for(vm);
+        let spec = self.spec_for(vm, backend);
         let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
-        let captured = self.capture(&spec, &dir, snap).await;
+        let captured = self.capture(backend, &spec, &dir, snap).await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let captured =
             captured.context(|| format!("snapshot of vm {} failed, the VM keeps running", vm.id));
@@ -151,7 +161,7 @@ impl Manager {
             if matches!(e, ManagerError::Forbidden(_)) {
                 tracing::info!(vm = %vm.id, snapshot = %snap.id, "snapshot refused after capture: {e}");
             }
-            if let Err(r) = self.vmm.resume(&spec).await {
+            if let Err(r) = backend.resume(&spec).await {
                 tracing::error!(vm = %vm.id, "resuming after a failed snapshot: {r}");
             }
             return Err(e);
@@ -173,19 +183,18 @@ impl Manager {
     /// then stores state and disk.
     pub(super) async fn capture(
         &self,
+        backend: &dyn Vmm,
         spec: &VmSpec,
         dir: &Path,
         snap: &mut Snapshot,
     ) -> Result<()> {
+        Self::check_standby_support(backend).map_err(ManagerError::BadRequest)?;
         tokio::fs::create_dir_all(dir).await?;
-        let files = vmm::SnapshotFiles {
-            state: dir.join("vmstate"),
-            memory: dir.join("memory"),
-        };
+        let files = backend.snapshot_files(dir);
         let pipe = MemoryPipe::open(&files.memory).context(|| "memory pipe".into())?;
         let (reader, keeper) = (pipe.reader, pipe.keeper);
         let save = async {
-            let saved = self.vmm.snapshot(spec, &files).await;
+            let saved = backend.snapshot(spec, &files).await;
             // The VMM's writer is done (or never came): let the reader see the end.
             drop(keeper);
             saved
@@ -193,7 +202,7 @@ impl Manager {
         let (saved, memory) = tokio::join!(save, self.objects.put_reader(&snap.memory_key, reader));
         saved?;
         let memory = memory?;
-        // The guest is paused and QEMU flushed the disk when saving completed.
+        // The guest is paused and the VMM flushed the disk when saving completed.
         let state = self.objects.put_file(&snap.state_key, &files.state).await?;
         let disk = self.objects.put_file(&snap.disk_key, &spec.disk).await?;
         snap.size_bytes = (state.size + memory.size + disk.size) as i64;
@@ -209,6 +218,7 @@ impl Manager {
     /// Stopped capture: the guest powers off (as a stop does), then its disk is stored.
     pub(super) async fn capture_stopped(
         &self,
+        backend: &dyn Vmm,
         vm: &mut Vm,
         snap: &mut Snapshot,
         quota: SnapshotQuota,
@@ -216,7 +226,7 @@ impl Manager {
         if vm.state == VmState::Running {
             self.stop_locked(vm).await?;
         }
-        let disk = self.spec_for(vm).disk;
+        let disk = backend.disk_path(&self.work_dir(&vm.id));
         let stored = self
             .objects
             .put_file(&snap.disk_key, &disk)

@@ -34,8 +34,24 @@ impl Manager {
         let snap = self.get_snapshot(owner, snap_id).await?;
         let kind = snap.kind;
         let target = req
-            .target(kind, self.vmm.name())
+            .target(kind, &self.backends.names())
             .map_err(ManagerError::BadRequest)?;
+        // The fork runs where its snapshot was taken: its disk (and memory)
+        // are in that backend's format.
+        if let Some(h) = req
+            .target_hypervisor
+            .as_deref()
+            .filter(|h| *h != snap.source_hypervisor)
+        {
+            return Err(ManagerError::BadRequest(format!(
+                "snapshot {snap_id} was taken on {}: forking it onto {h} is not supported yet",
+                snap.source_hypervisor
+            )));
+        }
+        let backend = self
+            .backends
+            .get(&snap.source_hypervisor)
+            .map_err(|e| ManagerError::BadRequest(format!("snapshot {snap_id}: {e}")))?;
         let source = self
             .store
             .get_vm(&snap.vm_id)
@@ -52,7 +68,7 @@ impl Manager {
             boot_args: saved.boot_args.clone().unwrap_or(source.boot_args.clone()),
             enable_network: saved.enable_network.unwrap_or(source.enable_network),
             user_data: saved.user_data.clone().or(source.user_data.clone()),
-            hypervisor: self.vmm.name().into(),
+            hypervisor: backend.name().into(),
             name: Some(name),
             snapshot_compression: source.snapshot_compression.clone(),
             auto_sleep: source.auto_sleep,
@@ -137,7 +153,7 @@ impl Manager {
                 let lock = self.snap_lock(&snap.id);
                 let _r = lock.read().await;
                 let dir = work_dir.join(format!("restore-{}", snap.id));
-                let fetched = self.fetch(snap, &dir, &work_dir, false).await;
+                let fetched = self.fetch(snap, vm, &dir, false).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 fetched?.commit().await;
                 if target == TargetState::Running {

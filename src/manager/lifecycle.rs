@@ -42,7 +42,7 @@ impl Manager {
             None => None,
         };
         let tpl = template.as_ref();
-        // Explicit request values win over the template's (seed 001).
+        // Explicit request values win over the template's (Hatch API).
         let image_id = req
             .image_id
             .clone()
@@ -77,6 +77,10 @@ impl Manager {
                 )))
             }
         };
+        // A new VM runs on the server's default backend, which must boot the image's kernel.
+        let backend = Arc::clone(self.backends.default_backend());
+        Self::check_kernel(backend.as_ref(), Path::new(&image.dir))
+            .map_err(|e| ManagerError::BadRequest(format!("image_id: {e}")))?;
         let mut vm = Vm::new(NewVm {
             owner_id: owner.id.clone(),
             image_id: image.id.clone(),
@@ -90,7 +94,7 @@ impl Manager {
             ),
             enable_network: req.enable_network.unwrap_or(true),
             user_data,
-            hypervisor: self.vmm.name().into(),
+            hypervisor: backend.name().into(),
             name: req.name.clone(),
             snapshot_compression: req
                 .snapshot_compression
@@ -108,14 +112,12 @@ impl Manager {
             tokio::fs::create_dir_all(&work_dir)
                 .await
                 .context(|| "creating work directory".into())?;
-            image::create_vm_disk(
-                &image::rootfs_in(Path::new(&vm.image_dir)),
-                &work_dir,
-                self.vmm.capabilities().disk_format,
-            )
-            .await
-            .map_err(ManagerError::Host)
-            .context(|| "creating VM disk".into())?;
+            let rootfs = image::rootfs_in(Path::new(&vm.image_dir));
+            backend
+                .prepare_disk(&rootfs, image::rootfs_format(&rootfs), &work_dir)
+                .await
+                .map_err(ManagerError::from)
+                .context(|| "creating VM disk".into())?;
             seed::write(
                 &work_dir,
                 &vm.id,
@@ -188,7 +190,7 @@ impl Manager {
         let clean = self.end_vmm(vm, true).await;
         tracing::info!(vm = %vm.id, clean, "stopped");
         self.transition(vm, VmState::Stopped, None).await?;
-        // Seed 001: stopping removes SSH forwarding and keeps the IP allocation.
+        // Hatch API: stopping removes SSH forwarding and keeps the IP allocation.
         self.refresh_forwards().await;
         Ok(())
     }
@@ -208,6 +210,8 @@ impl Manager {
                 "vm {id} is {st}; only a stopped VM (or one in error) can be started"
             )));
         }
+        // A VM whose backend this daemon lacks is refused before anything changes.
+        self.backend_or_reject(vm)?;
         {
             let _admission = self.alloc_lock.lock().await;
             self.check_host_memory(vm).await?;
@@ -252,7 +256,7 @@ impl Manager {
                 return Err(e);
             }
         }
-        // Seed 001: deleting a VM deletes all its snapshots from storage and its proxy routes.
+        // Hatch API: deleting a VM deletes all its snapshots from storage and its proxy routes.
         self.delete_vm_snapshots(id).await?;
         self.delete_vm_routes(id).await?;
         self.store.delete_vm(id).await?;

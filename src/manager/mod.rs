@@ -4,6 +4,7 @@
 //! table, persists the new state *before* the side effect and again after it,
 //! so a crash at any point leaves a state that start-up recovery understands.
 
+mod backend;
 mod capture;
 mod compression;
 pub mod console;
@@ -54,12 +55,15 @@ struct Running {
     boot_id: u64,
     pid: u32,
     exited: watch::Receiver<bool>,
+    /// The backend that started it, which gets back what it held when it ends.
+    backend: Arc<dyn Vmm>,
 }
 
 pub struct Manager {
     store: Store,
     objects: Objects,
-    vmm: Arc<dyn Vmm>,
+    /// The hypervisor backends; each VM runs on the one its `hypervisor` names.
+    backends: vmm::Backends,
     config: Config,
     locks: locks::VmLocks,
     running: Mutex<HashMap<String, Running>>,
@@ -88,11 +92,16 @@ fn not_found(kind: &str, id: &str) -> ManagerError {
 }
 
 impl Manager {
-    pub fn new(store: Store, objects: Objects, vmm: Arc<dyn Vmm>, config: Config) -> Arc<Manager> {
+    pub fn new(
+        store: Store,
+        objects: Objects,
+        backends: vmm::Backends,
+        config: Config,
+    ) -> Arc<Manager> {
         Arc::new(Manager {
             store,
             objects,
-            vmm,
+            backends,
             config,
             locks: Default::default(),
             running: Mutex::new(HashMap::new()),
@@ -120,8 +129,9 @@ impl Manager {
         self.config.idle.timeout
     }
 
+    /// The server default: the hypervisor a new VM runs on.
     pub fn hypervisor_name(&self) -> &'static str {
-        self.vmm.name()
+        self.backends.default_backend().name()
     }
 
     /// Takes the VM's lock. Callers acting for an API user take it through
@@ -144,7 +154,8 @@ impl Manager {
         self.config.vms_dir().join(vm_id)
     }
 
-    fn spec_for(&self, vm: &Vm) -> VmSpec {
+    /// What `backend` needs to run `vm`.
+    fn spec_for(&self, vm: &Vm, backend: &dyn Vmm) -> VmSpec {
         let image_dir = PathBuf::from(&vm.image_dir);
         let work_dir = self.work_dir(&vm.id);
         let seed = work_dir.join("seed.iso");
@@ -162,11 +173,11 @@ impl Manager {
             netns: self.isolation(vm).map(|i| i.netns),
             seed: seed.exists().then_some(seed),
             vm_id: vm.id.clone(),
-            disk: work_dir.join("disk.qcow2"),
+            disk: backend.disk_path(&work_dir),
             work_dir,
             kernel: image::kernel_in(&image_dir),
             initrd: image::initrd_in(&image_dir),
-            boot_args: vm.boot_args.clone(),
+            boot_args: backend.boot_args(&vm.boot_args),
             vcpu_count: vm.vcpu_count as u32,
             mem_mib: vm.mem_mib as u32,
         }

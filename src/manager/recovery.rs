@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 impl Manager {
     /// Start-up recovery: no VMM from before survives unaccounted for, and VMs
-    /// left in a transient state are marked `error` (seed 001).
+    /// left in a transient state are marked `error` (Hatch API).
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
         let vms_dir = self.config.vms_dir();
         let killed = tokio::task::spawn_blocking(move || process::kill_all_under(&vms_dir)).await?;
         if killed > 0 {
             tracing::warn!(killed, "killed VMM processes left from a previous daemon");
         }
-        self.vmm.recover().await;
+        self.backends.recover().await;
         match self.objects.remove_unfinished_uploads().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(files = n, "removed uploads a crash left unfinished"),

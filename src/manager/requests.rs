@@ -13,7 +13,7 @@ const MAX_BOOT_ARGS: usize = 4096;
 const MAX_USER_DATA: usize = 256 * 1024;
 const MAX_NAME: usize = 128;
 const MAX_DESCRIPTION: usize = 4096;
-/// Instance and snapshot names (seed 003): DNS-label-like, at most 63 characters.
+/// Instance and snapshot names (Hypeman API): DNS-label-like, at most 63 characters.
 const MAX_RESOURCE_NAME: usize = 63;
 const MAX_TAGS: usize = 50;
 const MAX_TAG_KEY: usize = 128;
@@ -148,7 +148,7 @@ impl CreateRoute {
 
 pub use crate::domain::SnapshotKind;
 
-/// `POST /instances/{id}/snapshots` (seed 003).
+/// `POST /instances/{id}/snapshots` (Hypeman API).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
@@ -183,7 +183,7 @@ impl CreateSnapshot {
     }
 }
 
-/// What a restored or forked instance becomes (seed 002's `target_state`).
+/// What a restored or forked instance becomes (the Hypeman API's `target_state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetState {
     Stopped,
@@ -201,15 +201,12 @@ pub struct FromSnapshot {
     pub target_hypervisor: Option<String>,
 }
 
-/// The hypervisors seed 002 names.
-const HYPERVISORS: [&str; 4] = ["cloud-hypervisor", "firecracker", "qemu", "vz"];
-
 impl FromSnapshot {
     /// Resolves `target_state` and checks `target_hypervisor` for a snapshot
-    /// of `kind` on a host whose hypervisor is `available`. A Standby snapshot
+    /// of `kind` on a host whose backends are `available`. A Standby snapshot
     /// holds a memory image only its own hypervisor can load, so only a
     /// Stopped one may move to another; a Stopped one has no memory to resume.
-    pub fn target(&self, kind: SnapshotKind, available: &str) -> Result<TargetState, String> {
+    pub fn target(&self, kind: SnapshotKind, available: &[&str]) -> Result<TargetState, String> {
         let state = match self.target_state.as_deref() {
             None => match kind {
                 SnapshotKind::Standby => TargetState::Running,
@@ -231,10 +228,11 @@ impl FromSnapshot {
             );
         }
         if let Some(h) = &self.target_hypervisor {
-            if !HYPERVISORS.contains(&h.as_str()) {
+            // Every name the API knows, also those this daemon has no backend for.
+            if !crate::vmm::HYPERVISORS.contains(&h.as_str()) {
                 return Err(format!(
                     "target_hypervisor must be one of {}, got {h:?}",
-                    HYPERVISORS.join(", ")
+                    crate::vmm::HYPERVISORS.join(", ")
                 ));
             }
             if kind == SnapshotKind::Standby {
@@ -243,9 +241,10 @@ impl FromSnapshot {
                         .into(),
                 );
             }
-            if h != available {
+            if !available.contains(&h.as_str()) {
                 return Err(format!(
-                    "target_hypervisor {h} is not available on this host (it runs {available})"
+                    "target_hypervisor {h} is not available on this host (it runs {})",
+                    available.join(", ")
                 ));
             }
         }
@@ -254,7 +253,7 @@ impl FromSnapshot {
 }
 
 /// Instance and snapshot names: lowercase letters, digits and dashes, not
-/// starting or ending with a dash, at most 63 characters (seed 003).
+/// starting or ending with a dash, at most 63 characters (Hypeman API).
 pub fn check_resource_name(field: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_RESOURCE_NAME {
         return Err(format!(
@@ -613,7 +612,7 @@ mod tests {
                 vm,
                 "o",
                 SnapshotKind::parse(kind).unwrap(),
-                "qemu",
+                "vz",
                 Default::default(),
             )
         };
@@ -686,7 +685,7 @@ mod tests {
     }
 
     #[test]
-    fn resource_names_follow_seed_003() {
+    fn resource_names_follow_the_hypeman_api() {
         for ok in ["a", "pre-upgrade", "web1", "0-0", &"x".repeat(63)] {
             assert!(check_resource_name("name", ok).is_ok(), "{ok}");
         }
@@ -725,7 +724,7 @@ mod tests {
         assert!(req(r#"{"kind":"Stopped","compression":{"enabled":true}}"#)
             .unwrap_err()
             .contains("Stopped snapshot has none"));
-        // Disabled compression is ignored whatever else it says (seed 003).
+        // Disabled compression is ignored whatever else it says (Hypeman API).
         assert!(req(r#"{"kind":"Stopped","compression":{"enabled":false,"level":99}}"#).is_ok());
         assert!(req(
             r#"{"kind":"Standby","compression":{"enabled":true,"algorithm":"lz4","level":10}}"#
@@ -747,22 +746,22 @@ mod tests {
                 target_state: state.map(str::to_string),
                 target_hypervisor: hv.map(str::to_string),
             }
-            .target(kind, "qemu")
+            .target(kind, &["vz"])
         };
         use SnapshotKind::*;
         assert_eq!(t(None, None, Standby), Ok(TargetState::Running));
         assert_eq!(t(None, None, Stopped), Ok(TargetState::Stopped));
         assert_eq!(t(Some("Standby"), None, Standby), Ok(TargetState::Standby));
         assert_eq!(
-            t(Some("Running"), Some("qemu"), Stopped),
+            t(Some("Running"), Some("vz"), Stopped),
             Ok(TargetState::Running)
         );
         assert!(t(Some("Standby"), None, Stopped).is_err());
         assert!(t(Some("Paused"), None, Standby).is_err());
-        assert!(t(None, Some("qemu"), Standby)
+        assert!(t(None, Some("vz"), Standby)
             .unwrap_err()
             .contains("only be given for a Stopped snapshot"));
-        assert!(t(None, Some("firecracker"), Stopped)
+        assert!(t(None, Some("cloud-hypervisor"), Stopped)
             .unwrap_err()
             .contains("not available"));
         assert!(t(None, Some("xen"), Stopped)

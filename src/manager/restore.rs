@@ -1,12 +1,12 @@
 //! Restore: a VM resumed from its standby snapshot or from one it chose.
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::snapshots::{compression_of, grow_pipe, make_fifo, stored, DiskSwap};
+use super::snapshots::{compression_of, stored, DiskSwap};
 use super::state::{CompressionState, VmState};
 use super::{Context, Manager, ManagerError, Result};
 use crate::snapshot::{self, ObjectError, Stored};
 use crate::store::{Owner, Snapshot, Vm};
-use crate::vmm::{self};
+use crate::vmm::fifo::{grow_pipe, make_fifo};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,6 +22,7 @@ impl Manager {
                 "vm {id} is {st}; only a snapshotted VM can be restored"
             )));
         }
+        self.backend_or_reject(&vm)?;
         let snap = self
             .standby_snapshot(&vm)
             .await?
@@ -125,15 +126,18 @@ impl Manager {
     }
 
     /// Downloads and verifies the snapshot's disk (and its device state
-    /// when `state`) into `dir`, then puts the disk in place; the VM's
-    /// previous disk is kept until the swap is committed or rolled back.
+    /// when `state`) into `dir`, then puts the disk in place as `vm`'s; the
+    /// VM's previous disk is kept until the swap is committed or rolled back.
     pub(super) async fn fetch(
         &self,
         snap: &Snapshot,
+        vm: &Vm,
         dir: &Path,
-        work_dir: &Path,
         state: bool,
     ) -> Result<DiskSwap> {
+        Self::check_same_backend(snap, &vm.id, &vm.hypervisor).map_err(ManagerError::BadRequest)?;
+        let backend = self.backend_for(vm)?;
+        let work_dir = self.work_dir(&vm.id);
         tokio::fs::create_dir_all(dir).await?;
         if state {
             self.objects
@@ -144,7 +148,7 @@ impl Manager {
                 )
                 .await?;
         }
-        let fetched = dir.join("disk.qcow2");
+        let fetched = backend.disk_path(dir);
         self.objects
             .get_file(
                 &snap.disk_key,
@@ -152,10 +156,12 @@ impl Manager {
                 &stored(&snap.disk_sha256, snap.disk_size),
             )
             .await?;
-        tokio::fs::create_dir_all(work_dir).await?;
+        tokio::fs::create_dir_all(&work_dir).await?;
         // Everything arrived intact: only now is the VM's disk replaced.
-        let disk = work_dir.join("disk.qcow2");
-        let backup = work_dir.join("disk.qcow2.before-restore");
+        let disk = backend.disk_path(&work_dir);
+        let mut backup = disk.clone().into_os_string();
+        backup.push(".before-restore");
+        let backup = std::path::PathBuf::from(backup);
         let had_disk = match tokio::fs::rename(&disk, &backup).await {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -262,14 +268,13 @@ impl Manager {
     /// Verified state and disk in place, then the memory streamed into a new
     /// VMM for `vm`, which resumes. On failure the VM's disk is as it was.
     pub(super) async fn load_standby(self: &Arc<Self>, vm: &Vm, snap: &Snapshot) -> Result<()> {
+        let backend = self.backend_for(vm)?;
+        Self::check_standby_support(backend.as_ref()).map_err(ManagerError::BadRequest)?;
         let work_dir = self.work_dir(&vm.id);
         let dir = work_dir.join(format!("restore-{}", snap.id));
         let result = async {
-            let swap = self.fetch(snap, &dir, &work_dir, true).await?;
-            let files = vmm::SnapshotFiles {
-                state: dir.join("vmstate"),
-                memory: dir.join("memory"),
-            };
+            let swap = self.fetch(snap, vm, &dir, true).await?;
+            let files = backend.snapshot_files(&dir);
             let loaded = match self.memory_feed(snap, &files.memory) {
                 Ok(feed) => self.boot_from(vm, Some((&files, feed))).await,
                 Err(e) => Err(e),
@@ -342,7 +347,20 @@ impl Manager {
         };
         let kind = snap.kind;
         let target = req
-            .target(kind, self.vmm.name())
+            .target(kind, &self.backends.names())
+            .map_err(ManagerError::BadRequest)?;
+        if let Some(h) = req
+            .target_hypervisor
+            .as_deref()
+            .filter(|h| *h != vm.hypervisor)
+        {
+            return Err(ManagerError::BadRequest(format!(
+                "instance {id} runs on {}: moving it to {h} is not supported yet",
+                vm.hypervisor
+            )));
+        }
+        self.backend_or_reject(&vm)?;
+        Self::check_same_backend(&snap, &vm.id, &vm.hypervisor)
             .map_err(ManagerError::BadRequest)?;
         let st = vm.state;
         if !matches!(st, VmState::Stopped | VmState::Snapshotted | VmState::Error) {
@@ -366,9 +384,8 @@ impl Manager {
             (_, target) => {
                 // The snapshot's disk, booted fresh (Running) or not at all (Stopped).
                 let (_r, snap) = self.read_locked(&snap).await?;
-                let work_dir = self.work_dir(id);
-                let dir = work_dir.join(format!("restore-{}", snap.id));
-                let fetched = self.fetch(&snap, &dir, &work_dir, false).await;
+                let dir = self.work_dir(id).join(format!("restore-{}", snap.id));
+                let fetched = self.fetch(&snap, &vm, &dir, false).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 fetched
                     .map(DiskSwap::commit)

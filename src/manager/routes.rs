@@ -150,7 +150,7 @@ impl Manager {
         Ok(())
     }
 
-    /// Removes a deleted VM's routes (seed 001) and its activity record.
+    /// Removes a deleted VM's routes (Hatch API) and its activity record.
     pub(super) async fn delete_vm_routes(&self, vm_id: &str) -> Result<()> {
         self.store.delete_vm_routes(vm_id).await?;
         self.activity.forget(vm_id);

@@ -13,7 +13,6 @@ use super::{not_found, Context, Manager, ManagerError, Result};
 use crate::domain::VmConfig;
 use crate::snapshot::{self, CompressionConfig, Stored};
 use crate::store::{Owner, Snapshot, Vm};
-use std::path::Path;
 use std::sync::Arc;
 
 pub(super) fn stored(sha: &Option<String>, size: Option<i64>) -> Stored {
@@ -55,50 +54,6 @@ impl DiskSwap {
     }
 }
 
-/// A 1 MiB pipe buffer (the default is 64 KiB): fewer, larger hand-overs
-/// between the VMM and the daemon. Best effort: a smaller limit still works.
-pub(super) fn grow_pipe(pipe: &impl std::os::fd::AsRawFd) {
-    // SAFETY: F_SETPIPE_SZ on an open pipe fd only changes its capacity.
-    unsafe {
-        libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
-    }
-}
-
-pub(super) fn make_fifo(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let _ = std::fs::remove_file(path);
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A FIFO the VMM writes guest memory into while the daemon uploads it.
-/// The reader is opened first (non-blocking, so a VMM that never starts
-/// writing cannot hang us); `keeper` is a write end held by us, so the reader
-/// sees no end of stream before the VMM's writer has come and gone.
-pub(super) struct MemoryPipe {
-    pub(super) reader: tokio::net::unix::pipe::Receiver,
-    pub(super) keeper: std::fs::File,
-}
-
-impl MemoryPipe {
-    pub(super) fn open(path: &Path) -> std::io::Result<MemoryPipe> {
-        use std::os::unix::fs::OpenOptionsExt;
-        make_fifo(path)?;
-        let reader = tokio::net::unix::pipe::OpenOptions::new().open_receiver(path)?;
-        grow_pipe(&reader);
-        let keeper = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)?;
-        Ok(MemoryPipe { reader, keeper })
-    }
-}
-
 impl Manager {
     /// Takes `snap`'s read lock and reads its row again under it: compression
     /// may have switched the memory to another object since `snap` was read.
@@ -120,7 +75,7 @@ impl Manager {
         Arc::clone(locks.entry(id.to_string()).or_default())
     }
 
-    /// The VM's configuration as a snapshot records it (seed 000's `vm_config`).
+    /// The VM's configuration as a snapshot records it (the Hatch API's `vm_config`).
     pub(super) fn vm_config(vm: &Vm) -> VmConfig {
         VmConfig {
             vcpu_count: Some(vm.vcpu_count),
@@ -137,7 +92,7 @@ impl Manager {
         }
     }
 
-    /// Request, else the VM's own default, else the server's (seed 003).
+    /// Request, else the VM's own default, else the server's (Hypeman API).
     pub(super) fn compression_for(
         &self,
         vm: &Vm,

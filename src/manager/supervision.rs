@@ -3,7 +3,7 @@
 use super::state::VmState;
 use super::{Manager, ManagerError, MemoryFeed, Result, Running};
 use crate::store::Vm;
-use crate::vmm::{self, process, VmSpec};
+use crate::vmm::{self, process, VmSpec, Vmm};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,10 @@ impl Manager {
         vm: &Vm,
         snapshot: Option<(&vmm::SnapshotFiles, MemoryFeed)>,
     ) -> Result<()> {
-        let spec = self.spec_for(vm);
+        let backend = self.backend_for(vm)?;
+        Self::check_kernel(backend.as_ref(), std::path::Path::new(&vm.image_dir))
+            .map_err(ManagerError::BadRequest)?;
+        let spec = self.spec_for(vm, backend.as_ref());
         if !spec.disk.exists() {
             return Err(ManagerError::Internal(format!(
                 "the VM's disk {} is missing",
@@ -44,13 +47,16 @@ impl Manager {
             }
         }
         let launched = match snapshot {
-            None => self.vmm.boot(&spec).await.map_err(ManagerError::from),
-            Some((files, feed)) => self.load_and_resume(&spec, files, feed).await,
+            None => backend.boot(&spec).await.map_err(ManagerError::from),
+            Some((files, feed)) => {
+                self.load_and_resume(backend.as_ref(), &spec, files, feed)
+                    .await
+            }
         };
         let proc = match launched {
             Ok(p) => p,
             Err(e) => {
-                self.vmm.release(&vm.id).await;
+                backend.release(&vm.id).await;
                 self.remove_tap(vm).await;
                 return Err(e);
             }
@@ -63,6 +69,7 @@ impl Manager {
                 boot_id,
                 pid: proc.pid,
                 exited: rx,
+                backend,
             },
         );
         // The console log keeps a bounded tail while this VMM runs.
@@ -88,11 +95,12 @@ impl Manager {
     /// verified every byte it sent. Whatever fails, no VMM is left behind.
     pub(super) async fn load_and_resume(
         &self,
+        backend: &dyn Vmm,
         spec: &VmSpec,
         files: &vmm::SnapshotFiles,
         feed: MemoryFeed,
     ) -> Result<vmm::VmProcess> {
-        let launch = self.vmm.restore(spec, files);
+        let launch = backend.restore(spec, files);
         tokio::pin!(launch);
         let mut feed = feed;
         let loaded = tokio::select! {
@@ -126,7 +134,7 @@ impl Manager {
                 .ok();
         }
         let mut p = loaded?;
-        if let Err(e) = self.vmm.resume(spec).await {
+        if let Err(e) = backend.resume(spec).await {
             let _ = p.child.start_kill();
             let _ = p.child.wait().await;
             return Err(e.into());
@@ -143,14 +151,16 @@ impl Manager {
         status: std::io::Result<std::process::ExitStatus>,
     ) {
         let _guard = self.lock_vm(vm_id).await;
-        {
+        let backend = {
             let mut running = self.running.lock().unwrap();
             if running.get(vm_id).map(|r| r.boot_id) != Some(boot_id) {
                 return; // a stop/delete flow already handled this process
             }
-            running.remove(vm_id);
+            running.remove(vm_id).map(|r| r.backend)
+        };
+        if let Some(b) = backend {
+            b.release(vm_id).await;
         }
-        self.vmm.release(vm_id).await;
         let Ok(Some(mut vm)) = self.store.get_vm(vm_id).await else {
             return;
         };
@@ -183,16 +193,25 @@ impl Manager {
     pub(super) async fn end_vmm(&self, vm: &Vm, graceful: bool) -> bool {
         let entry = {
             let running = self.running.lock().unwrap();
-            running.get(&vm.id).map(|r| (r.pid, r.exited.clone()))
+            running
+                .get(&vm.id)
+                .map(|r| (r.pid, r.exited.clone(), Arc::clone(&r.backend)))
+        };
+        // Whatever is left of a VMM not started by this daemon (or by a
+        // backend it no longer has) is only killed.
+        let backend = match &entry {
+            Some((_, _, b)) => Some(Arc::clone(b)),
+            None => self.backend_for(vm).ok(),
         };
         let mut clean = false;
-        if let Some((pid, mut exited)) = entry {
+        if let Some((pid, mut exited, backend)) = entry {
             if graceful {
+                let spec = self.spec_for(vm, backend.as_ref());
                 // The request is repeated: a guest still booting may not be
                 // listening for the power button yet, and would miss a single press.
                 let deadline = tokio::time::Instant::now() + self.config.stop_timeout;
                 while !clean && tokio::time::Instant::now() < deadline {
-                    if self.vmm.request_shutdown(&self.spec_for(vm)).await.is_err() {
+                    if backend.request_shutdown(&spec).await.is_err() {
                         break;
                     }
                     let slice = deadline
@@ -220,7 +239,9 @@ impl Manager {
         tokio::task::spawn_blocking(move || process::kill_all_under(&dir))
             .await
             .ok();
-        self.vmm.release(&vm.id).await;
+        if let Some(b) = backend {
+            b.release(&vm.id).await;
+        }
         self.remove_tap(vm).await;
         clean
     }
@@ -244,7 +265,7 @@ impl Manager {
             }
         });
         futures_util::future::join_all(stops).await;
-        self.vmm.shutdown().await;
+        self.backends.shutdown().await;
         if let Some(net) = self.network.get() {
             net.shutdown().await;
         }

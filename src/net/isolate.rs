@@ -33,7 +33,7 @@ pub struct Isolation {
     pub netns: String,
     /// The veth end in the daemon's namespace, a port of the bridge.
     pub veth: String,
-    /// The guest's TAP, inside the namespace; QEMU opens it there by name.
+    /// The guest's TAP, inside the namespace; the VMM opens it there by name.
     pub tap: String,
     /// The VM's own address (its `guest_ip`): what the bridge, the host and
     /// other guests see and use.

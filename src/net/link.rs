@@ -103,7 +103,7 @@ impl Netlink {
             .map_err(|e| err(&format!("setting {name} up"), e))
     }
 
-    /// Creates a persistent TAP device (so QEMU can open it later by name,
+    /// Creates a persistent TAP device (so the VMM can open it later by name,
     /// without privileges of its own), puts it in the bridge and brings it up.
     pub async fn create_tap(&self, name: &str, bridge_index: u32) -> Result<(), String> {
         if self.get(name).await?.is_none() {
@@ -170,7 +170,7 @@ struct IfReq {
 /// Opens the TAP `name` in the calling thread's network namespace, creating
 /// it when it does not exist (as root), and returns the queue's file: frames
 /// written to it are what the "guest" sends, frames read are what it receives.
-/// This is what QEMU does with `-netdev tap,ifname=...`.
+/// This is what a VMM does when it opens a TAP by name.
 pub fn open_tap(name: &str) -> Result<std::fs::File, String> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(format!("bad TAP name {name:?}"));
@@ -242,7 +242,7 @@ impl TapRequest {
 }
 
 /// Creates a TAP that outlives the file that made it, in the calling
-/// thread's network namespace, so QEMU can open it later by name.
+/// thread's network namespace, so the VMM can open it later by name.
 pub fn make_persistent_tap(name: &str) -> Result<(), String> {
     let tun = open_tap(name)?;
     // SAFETY: TUNSETPERSIST takes an integer argument by value; the fd is the TAP's.

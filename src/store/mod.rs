@@ -123,7 +123,7 @@ pub struct Vm {
     #[sqlx(try_from = "StoredIp")]
     pub inner_ip: Option<Ipv4Addr>,
     pub inner_mac: Option<MacAddr>,
-    /// This VM's default for snapshot compression (JSON of seed 003's config).
+    /// This VM's default for snapshot compression (JSON of the Hypeman API's config).
     pub snapshot_compression: Option<Json<CompressionConfig>>,
     /// Idle sleep: false opts the VM out.
     pub auto_sleep: bool,

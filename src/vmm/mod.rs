@@ -7,12 +7,23 @@
 
 pub mod cgroup;
 pub mod confine;
+pub mod disk;
+pub mod fifo;
 pub mod process;
 pub mod qemu;
-mod qmp;
+mod registry;
+#[cfg(test)]
+pub mod testing;
+
+pub use crate::image::content::{KernelKind as KernelFormat, RootfsFormat};
+pub use registry::{Backends, BackendsConfig};
 
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
+
+/// Every hypervisor name the API accepts (the Hypeman API's vocabulary), whether
+/// or not this daemon has a backend for it: `Backends::names` says which it has.
+pub const HYPERVISORS: [&str; 4] = ["cloud-hypervisor", "firecracker", "qemu", "vz"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -22,25 +33,74 @@ pub enum VmmError {
     Control(String),
     #[error("{0} is not supported by the {1} backend")]
     Unsupported(&'static str, &'static str),
+    /// A VM (or a request) names a hypervisor this daemon has no backend for.
+    #[error("hypervisor {name} is not available on this host (it has {available})")]
+    Unavailable { name: String, available: String },
+    /// Making the VM's disk failed (the tool's own words).
+    #[error("{0}")]
+    Disk(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, VmmError>;
 
-/// The disk format a backend boots from: QEMU takes a qcow2 overlay over the
-/// image's rootfs; Firecracker and Cloud Hypervisor need a raw file.
+/// The disk format a backend boots from: a qcow2 overlay over the image's
+/// rootfs (no copy), or a raw file of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskFormat {
     Qcow2Overlay,
     Raw,
 }
 
+impl DiskFormat {
+    /// The VM's disk in its work directory. The name says the format, so a
+    /// file is never opened as the other one.
+    pub fn path_in(self, work_dir: &Path) -> PathBuf {
+        work_dir.join(match self {
+            DiskFormat::Qcow2Overlay => "disk.qcow2",
+            DiskFormat::Raw => "disk.raw",
+        })
+    }
+}
+
+/// How guest memory moves between a VMM and the snapshot store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryTransport {
+    /// One byte stream through a FIFO (`SnapshotFiles::memory`): the daemon
+    /// uploads what the VMM writes, and feeds what it reads on restore.
+    Stream,
+    /// A memory file the VMM writes whole and maps on restore.
+    MappedFile,
+    /// A directory of files the VMM writes and reads itself.
+    Directory,
+}
+
+impl std::fmt::Display for MemoryTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemoryTransport::Stream => "a memory stream",
+            MemoryTransport::MappedFile => "a mapped memory file",
+            MemoryTransport::Directory => "a snapshot directory",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Capabilities {
+    /// Standby snapshots (memory and device state) can be taken and loaded.
     pub snapshot: bool,
     pub graceful_shutdown: bool,
     pub disk_format: DiskFormat,
+    /// The kernel formats it boots, preferred first.
+    pub kernels: &'static [KernelFormat],
+    pub memory: MemoryTransport,
+}
+
+impl Capabilities {
+    pub fn boots(&self, kernel: KernelFormat) -> bool {
+        self.kernels.contains(&kernel)
+    }
 }
 
 /// Everything a backend needs to start one VM.
@@ -93,8 +153,10 @@ pub fn console_log_path(work_dir: &Path) -> PathBuf {
 /// Files a snapshot is written to and restored from.
 #[derive(Debug, Clone)]
 pub struct SnapshotFiles {
-    /// Device and CPU state (for QEMU, the migration stream holds both state and RAM).
+    /// Device and CPU state (a backend whose memory stream carries that
+    /// state too writes a description of the stream here).
     pub state: PathBuf,
+    /// Guest memory, moved as `Capabilities::memory` says.
     pub memory: PathBuf,
 }
 
@@ -109,16 +171,45 @@ pub trait Vmm: Send + Sync {
     /// The name the API reports (`qemu`, `firecracker`, `cloud-hypervisor`).
     fn name(&self) -> &'static str;
     fn capabilities(&self) -> Capabilities;
+    /// The kernel command line the guest gets: the VM's own arguments plus
+    /// whatever this backend's machine needs (nothing, by default).
+    fn boot_args(&self, vm_args: &str) -> String {
+        vm_args.to_string()
+    }
+    /// Where the VM's disk is in `work_dir`.
+    fn disk_path(&self, work_dir: &Path) -> PathBuf {
+        self.capabilities().disk_format.path_in(work_dir)
+    }
+    /// Makes the VM's disk in `work_dir` from the image's `rootfs` (stored
+    /// as `stored`); returns `disk_path(work_dir)`.
+    async fn prepare_disk(
+        &self,
+        rootfs: &Path,
+        stored: RootfsFormat,
+        work_dir: &Path,
+    ) -> Result<PathBuf> {
+        disk::create(self.capabilities().disk_format, rootfs, stored, work_dir).await
+    }
+    /// The files a snapshot made in (or restored from) `dir` consists of.
+    fn snapshot_files(&self, dir: &Path) -> SnapshotFiles {
+        SnapshotFiles {
+            state: dir.join("vmstate"),
+            memory: dir.join("memory"),
+        }
+    }
     /// Starts the VMM and the guest; returns once the guest is running.
     async fn boot(&self, spec: &VmSpec) -> Result<VmProcess>;
     /// Asks the guest to power off (ACPI); does not wait.
     async fn request_shutdown(&self, spec: &VmSpec) -> Result<()>;
     async fn pause(&self, spec: &VmSpec) -> Result<()>;
     async fn resume(&self, spec: &VmSpec) -> Result<()>;
-    /// Writes memory + CPU/device state of a paused guest to `out`.
-    /// `out.memory` may be a FIFO the caller reads while this runs.
+    /// Writes memory + CPU/device state of a paused guest to `out`. With
+    /// `MemoryTransport::Stream`, `out.memory` is a FIFO the caller reads
+    /// while this runs.
     async fn snapshot(&self, spec: &VmSpec, out: &SnapshotFiles) -> Result<()>;
-    /// Starts a VMM from `from` instead of booting; the guest comes back paused.
+    /// Starts a VMM from `from` instead of booting; the guest comes back
+    /// paused. With `MemoryTransport::Stream`, `from.memory` is a FIFO the
+    /// caller feeds while this runs.
     async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> Result<VmProcess>;
     /// The VM's VMM has exited: gives back what the backend held for it
     /// (its cgroup, its uid). Harmless when there is nothing to give back.
@@ -129,4 +220,13 @@ pub trait Vmm: Send + Sync {
     /// Daemon shutdown, after every VMM ended: removes what the backend
     /// made for this daemon as a whole (its cgroup directories, if empty).
     async fn shutdown(&self) {}
+}
+
+impl std::fmt::Display for KernelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelFormat::BzImage => "a bzImage",
+            KernelFormat::Elf => "an ELF vmlinux",
+        })
+    }
 }

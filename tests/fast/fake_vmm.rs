@@ -25,7 +25,10 @@
 //! `hatch::vmm::Vmm` trait.
 
 use async_trait::async_trait;
-use hatch::vmm::{self, Capabilities, DiskFormat, SnapshotFiles, VmProcess, VmSpec, Vmm, VmmError};
+use hatch::vmm::{
+    self, Capabilities, DiskFormat, KernelFormat, MemoryTransport, SnapshotFiles, VmProcess,
+    VmSpec, Vmm, VmmError,
+};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -277,9 +280,10 @@ impl Vmm for FakeVmm {
         Capabilities {
             snapshot: true,
             graceful_shutdown: true,
-            // The only format today's manager boots from (it names disk.qcow2);
-            // preparing it runs qemu-img, a disk tool, not a hypervisor.
-            disk_format: DiskFormat::Qcow2Overlay,
+            // A raw copy of the image's rootfs: no disk tool runs in this tier.
+            disk_format: DiskFormat::Raw,
+            kernels: &[KernelFormat::BzImage, KernelFormat::Elf],
+            memory: MemoryTransport::Stream,
         }
     }
 

@@ -7,6 +7,7 @@ use hatch::manager::requests::CreateVm;
 use hatch::manager::Manager;
 use hatch::snapshot::Objects;
 use hatch::store::{Owner, Store, Vm};
+use hatch::vmm::Backends;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -205,15 +206,14 @@ impl Crashed {
     }
 }
 
-/// The one place a Manager is made: after the backend registry lands, the
-/// FakeVmm is registered here instead of passed whole.
+/// The one place a Manager is made: the FakeVmm is its only backend.
 async fn start(vars: &HashMap<String, String>, fake: &Arc<FakeVmm>) -> (Arc<Manager>, Config) {
     let config = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
     std::fs::create_dir_all(&config.data_dir).unwrap();
     let store = Store::open(&config.db_path()).await.unwrap();
     let objects = Objects::from_config(&config).unwrap();
     let vmm: Arc<dyn hatch::vmm::Vmm> = fake.clone();
-    let manager = Manager::new(store, objects, vmm, config.clone());
+    let manager = Manager::new(store, objects, Backends::new(vmm), config.clone());
     manager.seed_default_image().await.unwrap();
     (manager, config)
 }

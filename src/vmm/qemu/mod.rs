@@ -1,10 +1,17 @@
 //! QEMU backend: one `qemu-system-x86_64` per VM, driven over QMP.
 
+mod config;
+mod qmp;
+
+pub use config::{Accel, QemuConfig};
+
 use super::confine::{self, Confinement, Jail};
-use super::qmp::Qmp;
-use super::{Capabilities, DiskFormat, Result, SnapshotFiles, VmProcess, VmSpec, Vmm, VmmError};
-use crate::config::Accel;
+use super::{
+    Capabilities, DiskFormat, KernelFormat, MemoryTransport, Result, SnapshotFiles, VmProcess,
+    VmSpec, Vmm, VmmError,
+};
 use async_trait::async_trait;
+use qmp::Qmp;
 use serde_json::json;
 use std::ffi::OsString;
 use std::path::Path;
@@ -91,9 +98,16 @@ impl Qemu {
         }
     }
 
+    /// The backend `cfg` describes, with the accelerator this host gives.
+    pub fn from_config(cfg: &QemuConfig) -> Qemu {
+        let accel = detect_accel(cfg.accel);
+        tracing::info!(requested = ?cfg.accel, chosen = accel.as_str(), "QEMU accelerator");
+        Qemu::new(cfg.binary.clone(), accel)
+    }
+
     /// Every VMM from now on runs confined (src/vmm/README.md, "Confinement").
-    pub fn confined(mut self, confinement: Confinement) -> Qemu {
-        self.confine = Some(Arc::new(confinement));
+    pub fn confined(mut self, confinement: Arc<Confinement>) -> Qemu {
+        self.confine = Some(confinement);
         self
     }
 
@@ -402,6 +416,10 @@ impl Vmm for Qemu {
             snapshot: true,
             graceful_shutdown: true,
             disk_format: DiskFormat::Qcow2Overlay,
+            // `-kernel` takes a bzImage, and an ELF vmlinux with a PVH note.
+            kernels: &[KernelFormat::BzImage, KernelFormat::Elf],
+            // The migration stream carries RAM and device state together.
+            memory: MemoryTransport::Stream,
         }
     }
 

@@ -1,0 +1,160 @@
+//! The backends this daemon has, by name, and their settings.
+
+use super::confine::{self, Confinement, UidPool};
+use super::qemu::{Qemu, QemuConfig};
+use super::{Result, Vmm, VmmError};
+use crate::config::Config;
+use std::sync::Arc;
+
+/// Each backend's own settings, read from its own `HATCH_*` variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendsConfig {
+    pub qemu: QemuConfig,
+}
+
+impl BackendsConfig {
+    pub fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> std::result::Result<Self, String> {
+        Ok(BackendsConfig {
+            qemu: QemuConfig::from_lookup(get)?,
+        })
+    }
+}
+
+/// The backends a daemon can run VMs on, chosen per VM by its `hypervisor`.
+/// The first one is the server default, what a new VM gets.
+#[derive(Clone)]
+pub struct Backends {
+    list: Vec<Arc<dyn Vmm>>,
+}
+
+impl Backends {
+    /// A registry holding `default` alone.
+    pub fn new(default: Arc<dyn Vmm>) -> Backends {
+        Backends {
+            list: vec![default],
+        }
+    }
+
+    /// Adds `backend` (replacing one of the same name).
+    pub fn with(mut self, backend: Arc<dyn Vmm>) -> Backends {
+        self.list.retain(|b| b.name() != backend.name());
+        self.list.push(backend);
+        self
+    }
+
+    /// The daemon's backends as `cfg` sets them up, every VMM confined as
+    /// `HATCH_VMM_CONFINE` says. Logs what it chose.
+    pub fn from_config(cfg: &Config) -> Backends {
+        let mut qemu = Qemu::from_config(&cfg.backends.qemu);
+        if cfg.confine.enabled {
+            let c = confinement(cfg);
+            tracing::info!(
+                cgroups = c.cgroups.as_ref().map(|g| g.version()),
+                uid_base = cfg.confine.uid_base,
+                "VMMs run confined"
+            );
+            // One confinement for every backend: uids and cgroups are per VM.
+            qemu = qemu.confined(Arc::new(c));
+        } else {
+            tracing::warn!(
+                "HATCH_VMM_CONFINE=off: VMMs run as root, without sandbox, cgroup or mount namespace"
+            );
+        }
+        Backends::new(Arc::new(qemu))
+    }
+
+    /// The backend named `name`; never another one in its place.
+    pub fn get(&self, name: &str) -> Result<Arc<dyn Vmm>> {
+        self.list
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
+            .ok_or_else(|| VmmError::Unavailable {
+                name: name.to_string(),
+                available: self.names().join(", "),
+            })
+    }
+
+    /// The server default: the backend a new VM runs on.
+    pub fn default_backend(&self) -> &Arc<dyn Vmm> {
+        &self.list[0]
+    }
+
+    /// The names of the backends this daemon has, the default first.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.list.iter().map(|b| b.name()).collect()
+    }
+
+    /// Start-up, after the VMMs of an earlier daemon were killed.
+    pub async fn recover(&self) {
+        for b in &self.list {
+            b.recover().await;
+        }
+    }
+
+    /// Daemon shutdown, after every VMM ended.
+    pub async fn shutdown(&self) {
+        for b in &self.list {
+            b.shutdown().await;
+        }
+    }
+}
+
+/// VMM confinement for this daemon: its cgroups are named after the data dir,
+/// so daemons sharing a cgroup (tests) keep to their own.
+fn confinement(cfg: &Config) -> Confinement {
+    use sha2::Digest;
+    let tag = hex::encode(&sha2::Sha256::digest(cfg.data_dir.as_os_str().as_encoded_bytes())[..4]);
+    let cgroups = match super::cgroup::Cgroups::setup(&tag) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("VMMs run without cgroup limits: {e}");
+            None
+        }
+    };
+    Confinement {
+        uids: UidPool::new(cfg.confine.uid_base, cfg.confine.uid_count),
+        cgroups,
+        hidden: vec![confine::hiding_root(&cfg.data_dir)],
+        mem_overhead_mib: u32::try_from(cfg.limits.vm_overhead_mib).unwrap_or(u32::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::FakeBackend;
+    use super::super::DiskFormat;
+    use super::*;
+
+    #[test]
+    fn a_vm_gets_its_own_backend_or_a_clear_error_never_another() {
+        let b = Backends::new(Arc::new(FakeBackend::new("one")))
+            .with(Arc::new(FakeBackend::new("two")))
+            .with(Arc::new(FakeBackend::new("two").disk(DiskFormat::Raw)));
+        assert_eq!(b.names(), vec!["one", "two"]);
+        assert_eq!(b.default_backend().name(), "one");
+        assert_eq!(b.get("two").unwrap().name(), "two");
+        assert_eq!(
+            b.get("two").unwrap().disk_path("/w".as_ref()),
+            std::path::Path::new("/w/disk.raw")
+        );
+        let e = b.get("three").err().unwrap().to_string();
+        assert_eq!(
+            e,
+            "hypervisor three is not available on this host (it has one, two)"
+        );
+    }
+
+    #[test]
+    fn the_daemon_has_a_backend_for_every_name_it_defaults_to() {
+        let cfg = Config::from_lookup(|k| match k {
+            "HATCH_VMM_CONFINE" => Some("off".into()),
+            _ => None,
+        })
+        .unwrap();
+        let b = Backends::from_config(&cfg);
+        let default = b.default_backend().name();
+        assert!(super::super::HYPERVISORS.contains(&default), "{default}");
+        assert_eq!(b.get(default).unwrap().name(), default);
+    }
+}
