@@ -8,8 +8,9 @@ mod fake_vmm;
 mod host;
 
 use fake_vmm::{BootFault, Event, Memory, RestoreFault, SnapshotFault, MEMORY_BYTES};
-use hatch::manager::ManagerError;
+use hatch::manager::ErrorKind;
 use hatch::vmm::process::is_alive;
+use hatch::vmm::DiskFormat;
 use host::Host;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +46,7 @@ async fn create_stop_start_delete_as_the_api_reports_them() {
         [id.as_str()]
     );
     let work = h.work_dir(&id);
-    assert!(work.join("disk.qcow2").is_file(), "the VM's disk");
+    assert!(DiskFormat::Raw.path_in(&work).is_file(), "the VM's disk");
     let pid = h.fake.pid(&id).unwrap();
     assert!(is_alive(pid));
     assert_eq!(h.processes_of(&id), [pid]);
@@ -66,10 +67,13 @@ async fn create_stop_start_delete_as_the_api_reports_them() {
     assert!(h.fake.events(&id).contains(&Event::ShutdownRequested));
     assert!(!is_alive(pid), "the VMM is gone after stop");
     assert!(h.processes_of(&id).is_empty());
-    assert!(work.join("disk.qcow2").is_file(), "stop keeps the disk");
+    assert!(
+        DiskFormat::Raw.path_in(&work).is_file(),
+        "stop keeps the disk"
+    );
     // Only a running VM can be stopped (409).
     let again = h.manager.stop_vm(&h.owner, &id).await.unwrap_err();
-    assert!(matches!(again, ManagerError::Conflict(_)), "{again:?}");
+    assert_eq!(again.kind(), ErrorKind::Conflict, "{again:?}");
 
     let vm = h.manager.start_vm(&h.owner, &id).await.unwrap();
     assert_eq!(state(&vm), "running");
@@ -79,7 +83,7 @@ async fn create_stop_start_delete_as_the_api_reports_them() {
 
     h.manager.delete_vm(&h.owner, &id).await.unwrap();
     let gone = h.manager.get_vm(&h.owner, &id).await.unwrap_err();
-    assert!(matches!(gone, ManagerError::NotFound(_)), "{gone:?}");
+    assert_eq!(gone.kind(), ErrorKind::NotFound, "{gone:?}");
     assert!(!is_alive(pid2), "delete ends the VMM");
     assert!(!work.exists(), "delete removes the work dir");
     assert!(h.manager.list_vms(&h.owner).await.unwrap().is_empty());
@@ -104,9 +108,12 @@ async fn a_vmm_failing_to_boot_ends_in_error_and_frees_the_host_memory() {
 
     h.fake.fail_next_boot(BootFault::Error);
     let err = h.create(MEM_MIB).await.unwrap_err();
-    let ManagerError::Internal(msg) = &err else {
-        panic!("expected a 500, got {err:?}")
-    };
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Internal,
+        "expected a 500, got {err:?}"
+    );
+    let msg = err.to_string();
     assert!(msg.contains("the guest did not come up"), "{msg}");
     let vms = h.manager.list_vms(&h.owner).await.unwrap();
     assert_eq!(vms.len(), 1, "the VM exists, in error");
@@ -122,7 +129,7 @@ async fn a_vmm_failing_to_boot_ends_in_error_and_frees_the_host_memory() {
     assert_eq!(state(&ok), "running");
     // ...and that room is real: a second one is refused while the first runs.
     let full = h.create(MEM_MIB).await.unwrap_err();
-    assert!(matches!(full, ManagerError::Unavailable(_)), "{full:?}");
+    assert_eq!(full.kind(), ErrorKind::Unavailable, "{full:?}");
     h.manager.stop_vm(&h.owner, &ok.id).await.unwrap();
 
     // A failed start of an existing VM ends the same way.
@@ -212,7 +219,7 @@ async fn a_snapshot_whose_upload_fails_halfway_leaves_the_vm_running() {
         h.manager.snapshot_vm(&h.owner, &id).await
     };
     let err = failed.unwrap_err();
-    assert!(matches!(err, ManagerError::Internal(_)), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err:?}");
     assert!(err.to_string().contains("the VM keeps running"), "{err}");
     // capture.rs: any failure before every object is stored resumes the guest.
     let vm = h.vm(&id).await;
@@ -307,7 +314,7 @@ async fn a_restore_whose_memory_checksum_fails_changes_nothing() {
     assert!(h.processes_of(&id).is_empty(), "standby ends the VMM");
     let memory = h.data_dir().join("objects").join(&snap.memory_key);
     assert_eq!(std::fs::metadata(&memory).unwrap().len(), MEMORY_BYTES);
-    let disk = h.work_dir(&id).join("disk.qcow2");
+    let disk = DiskFormat::Raw.path_in(&h.work_dir(&id));
     let disk_before = std::fs::read(&disk).unwrap();
 
     flip_byte(&memory, 12 << 20);
