@@ -4,7 +4,6 @@ use super::requests::{FromSnapshot, SnapshotKind, TargetState};
 use super::state::{CompressionState, SnapshotStatus, VmState};
 use super::{not_found, Context, Manager, ManagerError, Result};
 use crate::ids;
-use crate::image::seed;
 use crate::snapshot::{self};
 use crate::store::{NewVm, Owner, Snapshot, Vm};
 use std::sync::Arc;
@@ -122,16 +121,7 @@ impl Manager {
         // A restored guest needs the devices it was saved with: the seed disk
         // is attached when the source had one (its content is the fork's own).
         if self.work_dir(&source.id).join("seed.iso").exists() || kind == SnapshotKind::Stopped {
-            let seed_net = self.seed_net(vm);
-            seed::write(
-                &work_dir,
-                &vm.id,
-                vm.user_data.as_deref(),
-                seed_net.as_ref(),
-            )
-            .await
-            .map_err(ManagerError::Host)
-            .context(|| "creating the cloud-init seed".into())?;
+            self.write_seed(vm, &work_dir).await?;
         }
         match (kind, target) {
             (SnapshotKind::Standby, TargetState::Standby) => {

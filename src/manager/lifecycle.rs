@@ -4,7 +4,7 @@ use super::requests::CreateVm;
 use super::state::VmState;
 use super::{not_found, Context, Manager, ManagerError, Result, DEFAULT_IMAGE_ID};
 use crate::domain::Json;
-use crate::image::{self, seed};
+use crate::image::{self};
 use crate::store::{NewVm, Owner, Vm};
 use crate::vmm;
 use std::path::{Path, PathBuf};
@@ -107,7 +107,6 @@ impl Manager {
         self.insert_with_network(&mut vm, &req, true, 0).await?;
         drop(image_hold);
         let work_dir = self.work_dir(&vm.id);
-        let seed_net = self.seed_net(&vm);
         let prepared = async {
             tokio::fs::create_dir_all(&work_dir)
                 .await
@@ -118,15 +117,7 @@ impl Manager {
                 .await
                 .map_err(ManagerError::from)
                 .context(|| "creating VM disk".into())?;
-            seed::write(
-                &work_dir,
-                &vm.id,
-                vm.user_data.as_deref(),
-                seed_net.as_ref(),
-            )
-            .await
-            .map_err(ManagerError::Host)
-            .context(|| "creating the cloud-init seed".into())
+            self.write_seed(&vm, &work_dir).await
         }
         .await;
         let booted = match prepared {

@@ -12,6 +12,7 @@ use crate::net::{ipam, Network};
 use crate::store::{NetworkAllocations, Vm};
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 impl Manager {
@@ -207,6 +208,16 @@ impl Manager {
         vm.tap_name = Some(ipam::tap_name(&vm.id));
         vm.ssh_port = Some(port as i64);
         Ok(())
+    }
+
+    /// Writes the VM's cloud-init NoCloud seed (its user data and, with
+    /// networking, its address) into `work_dir`.
+    pub(super) async fn write_seed(&self, vm: &Vm, work_dir: &Path) -> Result<PathBuf> {
+        let net = self.seed_net(vm);
+        seed::write(work_dir, &vm.id, vm.user_data.as_deref(), net.as_ref())
+            .await
+            .map_err(ManagerError::Host)
+            .context(|| "creating the cloud-init seed".into())
     }
 
     pub(super) fn seed_net(&self, vm: &Vm) -> Option<seed::SeedNet> {
