@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod confine;
 pub mod disk;
 pub mod fifo;
+pub mod metrics;
 pub mod process;
 pub mod qemu;
 mod registry;
@@ -24,6 +25,19 @@ use std::path::{Path, PathBuf};
 /// Every hypervisor name the API accepts (the Hypeman API's vocabulary), whether
 /// or not this daemon has a backend for it: `Backends::names` says which it has.
 pub const HYPERVISORS: [&str; 4] = ["cloud-hypervisor", "firecracker", "qemu", "vz"];
+
+/// The disk format a hypervisor's VMs (and so its snapshots) keep their root
+/// disk in, known by name, so a snapshot's disk can be read (and converted for
+/// another backend) also where this daemon lacks the backend that wrote it.
+/// The format is never guessed from a file's content: a guest writes its own
+/// disk, and a raw disk can hold anything, a qcow2 header included.
+pub fn disk_format_of(hypervisor: &str) -> Option<DiskFormat> {
+    match hypervisor {
+        "qemu" => Some(DiskFormat::Qcow2Overlay),
+        "firecracker" | "cloud-hypervisor" => Some(DiskFormat::Raw),
+        _ => None,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -211,6 +225,13 @@ pub trait Vmm: Send + Sync {
     /// paused. With `MemoryTransport::Stream`, `from.memory` is a FIFO the
     /// caller feeds while this runs.
     async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> Result<VmProcess>;
+    /// The running VMM's counters (`pid` is its process). The default is
+    /// what the host knows of the process; backends add block and network
+    /// counters and their own raw figures.
+    async fn metrics(&self, _spec: &VmSpec, pid: u32) -> Result<metrics::VmmMetrics> {
+        metrics::process_metrics(pid)
+            .ok_or_else(|| VmmError::Control(format!("the VMM (pid {pid}) is not running")))
+    }
     /// The VM's VMM has exited: gives back what the backend held for it
     /// (its cgroup, its uid). Harmless when there is nothing to give back.
     async fn release(&self, _vm_id: &str) {}
