@@ -216,7 +216,14 @@ mod tests {
             extract(&b, 1 << 30),
             Err(VmlinuxError::PayloadOutside { .. })
         ));
-        // Offsets near u32::MAX must not wrap around to a valid range.
+        // Offsets near u32::MAX must not wrap around to a valid range: this
+        // one added to the 1536 bytes before it would be 0 in 32 bits.
+        b[0x248..0x24c].copy_from_slice(&(u32::MAX - 1535).to_le_bytes());
+        b[0x24c..0x250].copy_from_slice(&100u32.to_le_bytes());
+        assert!(matches!(
+            extract(&b, 1 << 30),
+            Err(VmlinuxError::PayloadOutside { .. })
+        ));
         b[0x248..0x250].copy_from_slice(&[0xff; 8]);
         assert!(matches!(
             extract(&b, 1 << 30),
@@ -273,6 +280,14 @@ mod tests {
             extract(&bzimage(&stream[..6]), 1 << 30),
             Err(VmlinuxError::Corrupt(_))
         ));
+        // Fewer than 4 bytes before the trailer: no block length to read
+        // (read anyway, it would take the trailer's bytes for its own).
+        let mut stub = LZ4_LEGACY_MAGIC.to_le_bytes().to_vec();
+        stub.extend_from_slice(&[5, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            extract(&bzimage(&stub), 1 << 30),
+            Err(VmlinuxError::Corrupt(4))
+        );
         // A block length past the end of the stream.
         let mut long = stream.clone();
         long[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
