@@ -128,6 +128,8 @@ mod tests {
         assert_eq!(Manager::check_kernel(&both, &dir), Ok(()));
         let bz_only = FakeBackend::new("bz-only").kernels(&[KernelFormat::BzImage]);
         std::fs::remove_file(image::kernel_in(&dir)).unwrap();
+        // A backend that prefers a bzImage boots the ELF it also takes.
+        assert_eq!(Manager::check_kernel(&both, &dir), Ok(()));
         assert_eq!(
             Manager::check_kernel(&bz_only, &dir),
             Err("the image's kernel is an ELF vmlinux, and the bz-only backend boots only a bzImage".into())
