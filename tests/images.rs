@@ -514,7 +514,7 @@ fn qemu_kernel_of(d: &Daemon, vm_id: &str) -> String {
 }
 
 #[test]
-fn an_image_carries_a_bzimage_and_an_elf_kernel_and_qemu_boots_the_bzimage() {
+fn an_image_carries_a_bzimage_and_an_elf_kernel_and_qemu_prefers_the_bzimage_and_boots_either() {
     let allowed = ScratchDir::new("two-kernels");
     let dirs = allowed.0.display().to_string();
     let img = image_dir();
@@ -602,7 +602,11 @@ fn an_image_carries_a_bzimage_and_an_elf_kernel_and_qemu_boots_the_bzimage() {
     // An ELF alone is an image too, stored under the name of its format.
     let r = d.upload_as(
         &d.key,
-        &[Form::File("kernel", &elf), Form::File("rootfs", &small)],
+        &[
+            Form::File("kernel", &elf),
+            Form::File("initrd", &initrd),
+            Form::File("rootfs", &rootfs),
+        ],
         false,
     );
     assert_eq!(r.status, 201, "{}", r.text);
@@ -685,6 +689,15 @@ fn an_image_carries_a_bzimage_and_an_elf_kernel_and_qemu_boots_the_bzimage() {
     d.wait_console(&vm_id, "hatch-guest: ready");
     let booted = qemu_kernel_of(&d, &vm_id);
     assert!(booted.ends_with("/vmlinuz"), "QEMU booted {booted}");
+    assert_eq!(d.req("DELETE", &format!("/vms/{vm_id}"), None).status, 200);
+
+    // QEMU boots the ELF too (its PVH entry): the vmlinux the build wrote is
+    // a whole kernel, and the same initramfs finds the disk under it.
+    let vm = d.create_vm(&json!({"image_id": elf_only, "enable_network": false}).to_string());
+    let vm_id = vm["id"].as_str().unwrap().to_string();
+    d.wait_console(&vm_id, "hatch-guest: ready");
+    let booted = qemu_kernel_of(&d, &vm_id);
+    assert!(booted.ends_with("/vmlinux"), "QEMU booted {booted}");
     assert_eq!(d.req("DELETE", &format!("/vms/{vm_id}"), None).status, 200);
     for image in [&id, &imported, &elf_only] {
         assert_eq!(
