@@ -15,6 +15,9 @@ pub struct Config {
     pub default_kernel: Option<PathBuf>,
     pub default_rootfs: Option<PathBuf>,
     pub default_initrd: Option<PathBuf>,
+    /// A second kernel for the default image: the ELF `vmlinux` of the same
+    /// kernel, for backends that boot only an ELF.
+    pub default_kernel_elf: Option<PathBuf>,
     pub default_boot_args: Option<String>,
     /// Each hypervisor backend's own settings (src/vmm).
     pub backends: crate::vmm::BackendsConfig,
@@ -461,6 +464,7 @@ impl Config {
             default_kernel: get("HATCH_DEFAULT_KERNEL_PATH").map(PathBuf::from),
             default_rootfs: get("HATCH_DEFAULT_ROOTFS_PATH").map(PathBuf::from),
             default_initrd: get("HATCH_DEFAULT_INITRD_PATH").map(PathBuf::from),
+            default_kernel_elf: get("HATCH_DEFAULT_KERNEL_ELF_PATH").map(PathBuf::from),
             default_boot_args: get("HATCH_DEFAULT_BOOT_ARGS"),
             backends: crate::vmm::BackendsConfig::from_lookup(&get)?,
             stop_timeout,

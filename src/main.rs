@@ -129,7 +129,7 @@ enum ImageKind {
 
 #[derive(Subcommand)]
 enum ImageCmd {
-    /// Build a guest image into DIR (DIR/vmlinuz, DIR/initrd.img, DIR/rootfs.ext4).
+    /// Build a guest image into DIR (DIR/vmlinuz, DIR/vmlinux, DIR/initrd.img, DIR/rootfs.ext4).
     Build {
         #[arg(long)]
         out: PathBuf,

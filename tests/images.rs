@@ -488,3 +488,222 @@ fn image_delete_and_vm_create_never_interleave() {
     assert_eq!(d.req("GET", "/vms", None).body, json!([]));
     assert_eq!(d.req("GET", "/images", None).ids(), vec!["img_default"]);
 }
+
+/// The test image's ELF kernel (`hatch image build` writes it beside `vmlinuz`).
+fn vmlinux() -> std::path::PathBuf {
+    let p = image_dir().join("vmlinux");
+    assert!(
+        p.exists(),
+        "test image missing {}: rebuild it with `hatch image build` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// The kernel file QEMU was started with for `vm_id` (its `-kernel` argument).
+fn qemu_kernel_of(d: &Daemon, vm_id: &str) -> String {
+    let pids = d.vmm_pids_of(vm_id);
+    assert_eq!(pids.len(), 1, "one VMM for {vm_id}: {pids:?}");
+    let raw = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let at = args.iter().position(|a| a == "-kernel").expect("-kernel");
+    args[at + 1].clone()
+}
+
+#[test]
+fn an_image_carries_a_bzimage_and_an_elf_kernel_and_qemu_prefers_the_bzimage_and_boots_either() {
+    let allowed = ScratchDir::new("two-kernels");
+    let dirs = allowed.0.display().to_string();
+    let img = image_dir();
+    let (kernel, elf, initrd, rootfs) = (
+        img.join("vmlinuz"),
+        vmlinux(),
+        img.join("initrd.img"),
+        img.join("rootfs.ext4"),
+    );
+    // The operator's default image may carry both too.
+    let d = Daemon::start_with(&[
+        ("HATCH_IMAGE_IMPORT_DIRS", &dirs),
+        ("HATCH_IMAGE_MAX_BYTES", "400M"),
+        ("HATCH_DEFAULT_KERNEL_ELF_PATH", elf.to_str().unwrap()),
+    ]);
+    let r = d.req("GET", "/images/img_default", None);
+    assert_eq!(r.body["kernels"], json!(["bzImage", "elf"]), "{}", r.text);
+
+    // Refused, with nothing left behind: a kernel_elf that is a bzImage, not
+    // a kernel at all, or a 32-bit ELF; two ELF kernels; kernel_elf twice.
+    let scratch = ScratchDir::new("two-kernels-bad");
+    let small = scratch.join("small.ext4");
+    small_ext4(&small, 16);
+    let not_kernel = scratch.join("passwd");
+    std::fs::write(&not_kernel, "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    let elf32 = scratch.join("vmlinux32");
+    let mut head = std::fs::read(&elf)
+        .unwrap()
+        .into_iter()
+        .take(4096)
+        .collect::<Vec<u8>>();
+    head[4] = 1; // ELFCLASS32
+    std::fs::write(&elf32, head).unwrap();
+    let bad: &[(&[Form], &str)] = &[
+        (
+            &[
+                Form::File("kernel", &kernel),
+                Form::File("kernel_elf", &kernel),
+                Form::File("rootfs", &small),
+            ],
+            "kernel_elf is a bzImage",
+        ),
+        (
+            &[
+                Form::File("kernel", &kernel),
+                Form::File("kernel_elf", &not_kernel),
+                Form::File("rootfs", &small),
+            ],
+            "kernel_elf: kernel is not an x86 kernel",
+        ),
+        (
+            &[
+                Form::File("kernel", &kernel),
+                Form::File("kernel_elf", &elf32),
+                Form::File("rootfs", &small),
+            ],
+            "not a 64-bit x86",
+        ),
+        (
+            &[
+                Form::File("kernel", &elf),
+                Form::File("kernel_elf", &elf),
+                Form::File("rootfs", &small),
+            ],
+            "both ELF kernels",
+        ),
+        (
+            &[
+                Form::File("kernel", &kernel),
+                Form::File("kernel_elf", &elf),
+                Form::File("kernel_elf", &elf),
+                Form::File("rootfs", &small),
+            ],
+            "kernel_elf was given more than once",
+        ),
+    ];
+    for (parts, needle) in bad {
+        let r = d.upload_as(&d.key, parts, false);
+        assert_eq!(r.status, 400, "{needle}: {}", r.text);
+        assert!(r.error().contains(needle), "{needle}: {}", r.text);
+    }
+    assert_eq!(d.req("GET", "/images", None).ids(), vec!["img_default"]);
+    assert_eq!(d.image_dirs(), vec!["img_default"]);
+
+    // An ELF alone is an image too, stored under the name of its format.
+    let r = d.upload_as(
+        &d.key,
+        &[
+            Form::File("kernel", &elf),
+            Form::File("initrd", &initrd),
+            Form::File("rootfs", &rootfs),
+        ],
+        false,
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["kernels"], json!(["elf"]), "{}", r.text);
+    let elf_only = r.body["id"].as_str().unwrap().to_string();
+
+    // Path import: kernel_elf_path goes through the same checks as kernel_path.
+    std::fs::copy(&elf, allowed.join("vmlinux")).unwrap();
+    std::fs::copy(&kernel, allowed.join("vmlinuz")).unwrap();
+    small_ext4(&allowed.join("small.ext4"), 16);
+    let import = |elf_path: &str| {
+        let body = json!({
+            "kernel_path": allowed.join("vmlinuz"),
+            "kernel_elf_path": elf_path,
+            "rootfs_path": allowed.join("small.ext4"),
+        });
+        d.req("POST", "/images", Some(&body.to_string()))
+    };
+    let r = import("/etc/passwd");
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(
+        r.error().contains("kernel_elf_path cannot be imported"),
+        "{}",
+        r.text
+    );
+    let r = import(allowed.join("vmlinuz").to_str().unwrap());
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.error().contains("kernel_elf is a bzImage"), "{}", r.text);
+    let r = import(allowed.join("vmlinux").to_str().unwrap());
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["kernels"], json!(["bzImage", "elf"]), "{}", r.text);
+    let imported = r.body["id"].as_str().unwrap().to_string();
+
+    // Both kernels uploaded: each stored whole under its own name, and QEMU,
+    // which prefers a bzImage, boots `vmlinuz` to the guest's ready line.
+    let r = d.upload_as(
+        &d.key,
+        &[
+            Form::File("kernel", &kernel),
+            Form::File("kernel_elf", &elf),
+            Form::File("initrd", &initrd),
+            Form::File("rootfs", &rootfs),
+        ],
+        false,
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_pathless(&r.body, "upload");
+    assert_eq!(r.body["kernels"], json!(["bzImage", "elf"]), "{}", r.text);
+    let size: u64 = [&kernel, &elf, &initrd, &rootfs]
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    assert_eq!(r.body["size_bytes"], size);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let stored = std::fs::read_dir(d.data_dir.join("images").join(&id))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    for (name, from) in [("vmlinuz", &kernel), ("vmlinux", &elf)] {
+        assert_eq!(
+            std::fs::read(stored.join(name)).unwrap(),
+            std::fs::read(from).unwrap(),
+            "{name}"
+        );
+    }
+    let listed = d.req("GET", "/images", None);
+    let view = listed
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(view["kernels"], json!(["bzImage", "elf"]));
+
+    let vm = d.create_vm(&json!({"image_id": id, "enable_network": false}).to_string());
+    let vm_id = vm["id"].as_str().unwrap().to_string();
+    d.wait_console(&vm_id, "hatch-guest: ready");
+    let booted = qemu_kernel_of(&d, &vm_id);
+    assert!(booted.ends_with("/vmlinuz"), "QEMU booted {booted}");
+    assert_eq!(d.req("DELETE", &format!("/vms/{vm_id}"), None).status, 200);
+
+    // QEMU boots the ELF too (its PVH entry): the vmlinux the build wrote is
+    // a whole kernel, and the same initramfs finds the disk under it.
+    let vm = d.create_vm(&json!({"image_id": elf_only, "enable_network": false}).to_string());
+    let vm_id = vm["id"].as_str().unwrap().to_string();
+    d.wait_console(&vm_id, "hatch-guest: ready");
+    let booted = qemu_kernel_of(&d, &vm_id);
+    assert!(booted.ends_with("/vmlinux"), "QEMU booted {booted}");
+    assert_eq!(d.req("DELETE", &format!("/vms/{vm_id}"), None).status, 200);
+    for image in [&id, &imported, &elf_only] {
+        assert_eq!(
+            d.req("DELETE", &format!("/images/{image}"), None).status,
+            200
+        );
+    }
+    assert_eq!(d.image_dirs(), vec!["img_default"]);
+}

@@ -114,6 +114,8 @@ pub struct ImageView {
     /// The stored files' lengths added up.
     pub size_bytes: i64,
     pub has_initrd: bool,
+    /// The kernel formats it carries (`bzImage`, `elf`), read from its files.
+    pub kernels: Vec<&'static str>,
     pub boot_args: Option<String>,
     pub created_at: String,
     pub updated_at: String,
@@ -121,7 +123,12 @@ pub struct ImageView {
 
 impl From<Image> for ImageView {
     fn from(i: Image) -> Self {
+        let kernels = crate::image::kernels_in(std::path::Path::new(&i.dir))
+            .into_iter()
+            .map(|(kind, _)| kind.api_name())
+            .collect();
         ImageView {
+            kernels,
             id: i.id,
             name: i.name,
             source: i.source,

@@ -13,6 +13,16 @@ pub enum KernelKind {
     Elf,
 }
 
+impl KernelKind {
+    /// The name the API shows (`kernels` of an image).
+    pub fn api_name(self) -> &'static str {
+        match self {
+            KernelKind::BzImage => "bzImage",
+            KernelKind::Elf => "elf",
+        }
+    }
+}
+
 /// How a root disk is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RootfsFormat {

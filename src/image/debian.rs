@@ -1,7 +1,7 @@
 //! Builds a stock Debian bookworm guest image: systemd, cloud-init (NoCloud)
 //! and openssh-server, on the same kernel and initramfs as the default image.
 //!
-//! Output (in `out`): `vmlinuz` and `initrd.img` from [`super::build::build`],
+//! Output (in `out`): `vmlinuz`, `vmlinux` and `initrd.img` from [`super::build::build`],
 //! and `rootfs.ext4`, a 2 GiB sparse ext4 (label `hatch-root`) made from a
 //! `debootstrap --variant=minbase` tree by `mkfs.ext4 -d`.
 //!
@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use super::build::{cache_dir, find_tool, make_ext4, run, step};
-use super::{INITRD_FILE, KERNEL_FILE, ROOTFS_FILE};
+use super::{INITRD_FILE, KERNEL_FILE, ROOTFS_FILE, VMLINUX_FILE};
 
 const SUITE: &str = "bookworm";
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -129,7 +129,7 @@ const MASKED_UNITS: &[&str] = &[
     "systemd-networkd-wait-online.service",
 ];
 
-/// Build the Debian image into `out` (`vmlinuz`, `initrd.img`, `rootfs.ext4`).
+/// Build the Debian image into `out` (`vmlinuz`, `vmlinux`, `initrd.img`, `rootfs.ext4`).
 pub fn build(out: &Path) -> Result<()> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     remove_dead_scratch(out, ".hatch-debian.");
@@ -145,7 +145,7 @@ pub fn build(out: &Path) -> Result<()> {
     step(&format!("copying {}", cached.display()));
     copy_sparse(&cached, &rootfs)?;
 
-    for name in [KERNEL_FILE, INITRD_FILE, ROOTFS_FILE] {
+    for name in [KERNEL_FILE, VMLINUX_FILE, INITRD_FILE, ROOTFS_FILE] {
         let dst = out.join(name);
         fs::rename(stage.path().join(name), &dst)
             .with_context(|| format!("moving image file to {}", dst.display()))?;
@@ -731,7 +731,7 @@ mod tests {
         let started = Instant::now();
         build(&out).unwrap();
         eprintln!("build took {:.1} s", started.elapsed().as_secs_f64());
-        for name in [KERNEL_FILE, INITRD_FILE, ROOTFS_FILE] {
+        for name in [KERNEL_FILE, VMLINUX_FILE, INITRD_FILE, ROOTFS_FILE] {
             assert!(out.join(name).is_file(), "{name} missing");
         }
     }

@@ -2,8 +2,8 @@
 //! copied from a checked host file): sparse, size-capped, content-checked,
 //! and moved into place by one rename. Dropped unfinished, it leaves nothing.
 
-use super::content::{self, RootfsFormat};
-use super::{INITRD_FILE, KERNEL_FILE, ROOTFS_FILE, ROOTFS_QCOW2_FILE};
+use super::content::{self, KernelKind, RootfsFormat};
+use super::{kernel_file, INITRD_FILE, ROOTFS_FILE, ROOTFS_QCOW2_FILE, VMLINUX_FILE};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 /// One file of an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
+    /// A bzImage or an ELF kernel.
     Kernel,
+    /// A second kernel, an ELF `vmlinux`, beside a bzImage `Kernel`.
+    KernelElf,
     Initrd,
     Rootfs,
 }
@@ -21,6 +24,7 @@ impl Part {
     pub fn from_field(name: &str) -> Option<Part> {
         match name {
             "kernel" => Some(Part::Kernel),
+            "kernel_elf" => Some(Part::KernelElf),
             "initrd" => Some(Part::Initrd),
             "rootfs" => Some(Part::Rootfs),
             _ => None,
@@ -30,6 +34,7 @@ impl Part {
     pub fn field(self) -> &'static str {
         match self {
             Part::Kernel => "kernel",
+            Part::KernelElf => "kernel_elf",
             Part::Initrd => "initrd",
             Part::Rootfs => "rootfs",
         }
@@ -303,11 +308,19 @@ impl Staging {
             }
         }
         let kernel = self.staged(Part::Kernel);
+        let kernel_elf = self
+            .received
+            .contains(&Part::KernelElf)
+            .then(|| self.staged(Part::KernelElf));
         let rootfs = self.staged(Part::Rootfs);
-        let format = tokio::task::spawn_blocking(move || -> Result<RootfsFormat, StageError> {
+        let (kind, format) = tokio::task::spawn_blocking(move || {
             let open = |p: &Path| File::open(p).map_err(io("reading a staged file"));
-            content::check_kernel(&open(&kernel)?).map_err(StageError::Invalid)?;
-            content::check_rootfs(&open(&rootfs)?).map_err(StageError::Invalid)
+            let kind = content::check_kernel(&open(&kernel)?).map_err(StageError::Invalid)?;
+            if let Some(elf) = kernel_elf {
+                check_second_kernel(kind, &open(&elf)?)?;
+            }
+            let format = content::check_rootfs(&open(&rootfs)?).map_err(StageError::Invalid)?;
+            Ok::<_, StageError>((kind, format))
         })
         .await
         .map_err(|e| StageError::Io(e.to_string()))??;
@@ -316,7 +329,14 @@ impl Staging {
             RootfsFormat::Qcow2 => ROOTFS_QCOW2_FILE,
         };
         let has_initrd = self.received.contains(&Part::Initrd);
-        let mut moves = vec![(Part::Kernel, KERNEL_FILE), (Part::Rootfs, rootfs_name)];
+        // Each kernel is stored under the name of its format (see `kernel_for`).
+        let mut moves = vec![
+            (Part::Kernel, kernel_file(kind)),
+            (Part::Rootfs, rootfs_name),
+        ];
+        if self.received.contains(&Part::KernelElf) {
+            moves.push((Part::KernelElf, VMLINUX_FILE));
+        }
         if has_initrd {
             moves.push((Part::Initrd, INITRD_FILE));
         }
@@ -336,6 +356,28 @@ impl Staging {
             has_initrd,
         })
     }
+}
+
+/// `kernel_elf` must be an ELF, and `kernel` (of format `first`) then a
+/// bzImage: an image holds at most one kernel of each format.
+fn check_second_kernel(first: KernelKind, elf: &File) -> Result<(), StageError> {
+    match content::check_kernel(elf) {
+        Ok(KernelKind::Elf) => {}
+        Ok(KernelKind::BzImage) => {
+            return Err(StageError::Invalid(
+                "kernel_elf is a bzImage: it must be an uncompressed x86-64 ELF (vmlinux); \
+                 give the bzImage as kernel"
+                    .into(),
+            ))
+        }
+        Err(e) => return Err(StageError::Invalid(format!("kernel_elf: {e}"))),
+    }
+    if first == KernelKind::Elf {
+        return Err(StageError::Invalid(
+            "kernel and kernel_elf are both ELF kernels: kernel must then be a bzImage".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for Staging {

@@ -23,25 +23,22 @@ impl Manager {
             .map_err(|e| ManagerError::BadRequest(format!("vm {}: {e}", vm.id)))
     }
 
-    /// Refuses an image whose kernel `backend` cannot boot, with the reason.
-    /// A kernel whose format cannot be read is left for the VMM to report.
+    /// Refuses an image none of whose kernels `backend` can boot, with the
+    /// reason. A kernel whose format cannot be read is left for the VMM to report.
     pub(super) fn check_kernel(
         backend: &dyn Vmm,
         image_dir: &Path,
     ) -> std::result::Result<(), String> {
-        let Ok(file) = std::fs::File::open(image::kernel_in(image_dir)) else {
-            return Ok(());
-        };
-        let Ok(kind) = image::content::check_kernel(&file) else {
-            return Ok(());
-        };
         let caps = backend.capabilities();
-        if caps.boots(kind) {
+        let kernels = image::kernels_in(image_dir);
+        if kernels.is_empty() || image::kernel_for(image_dir, caps.kernels).is_some() {
             return Ok(());
         }
+        let has: Vec<String> = kernels.iter().map(|(k, _)| k.to_string()).collect();
         let bootable: Vec<String> = caps.kernels.iter().map(|k| k.to_string()).collect();
         Err(format!(
-            "the image's kernel is {kind}, and the {} backend boots only {}",
+            "the image's kernel is {}, and the {} backend boots only {}",
+            has.join(" and "),
             backend.name(),
             bootable.join(" or ")
         ))
@@ -97,6 +94,16 @@ mod tests {
         head
     }
 
+    /// The first bytes of an x86-64 ELF.
+    fn elf_head() -> Vec<u8> {
+        let mut head = vec![0u8; 64];
+        head[..4].copy_from_slice(b"\x7fELF");
+        head[4] = 2;
+        head[5] = 1;
+        head[18] = 62;
+        head
+    }
+
     #[test]
     fn an_image_whose_kernel_the_backend_cannot_boot_is_refused_with_the_reason() {
         let dir = std::env::temp_dir().join(format!("hatch-kernel-check-{}", std::process::id()));
@@ -114,6 +121,18 @@ mod tests {
         assert_eq!(
             Manager::check_kernel(&elf_only, &dir),
             Err("the image's kernel is a bzImage, and the elf-only backend boots only an ELF vmlinux".into())
+        );
+        // With its ELF beside it, the image suits both backends.
+        std::fs::write(dir.join(image::VMLINUX_FILE), elf_head()).unwrap();
+        assert_eq!(Manager::check_kernel(&elf_only, &dir), Ok(()));
+        assert_eq!(Manager::check_kernel(&both, &dir), Ok(()));
+        let bz_only = FakeBackend::new("bz-only").kernels(&[KernelFormat::BzImage]);
+        std::fs::remove_file(image::kernel_in(&dir)).unwrap();
+        // A backend that prefers a bzImage boots the ELF it also takes.
+        assert_eq!(Manager::check_kernel(&both, &dir), Ok(()));
+        assert_eq!(
+            Manager::check_kernel(&bz_only, &dir),
+            Err("the image's kernel is an ELF vmlinux, and the bz-only backend boots only a bzImage".into())
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

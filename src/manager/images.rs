@@ -32,11 +32,11 @@ pub struct ImageUpload {
 }
 
 impl ImageUpload {
-    /// Starts the file of a multipart field (`kernel`, `rootfs`, `initrd`).
+    /// Starts the file of a multipart field (`kernel`, `kernel_elf`, `rootfs`, `initrd`).
     pub async fn begin(&mut self, field: &str) -> Result<()> {
         let part = Part::from_field(field).ok_or_else(|| {
             ManagerError::BadRequest(format!(
-                "unknown form field {field:?}: expected kernel, rootfs, initrd, name or boot_args"
+                "unknown form field {field:?}: expected kernel, kernel_elf, rootfs, initrd, name or boot_args"
             ))
         })?;
         Ok(self.staging.begin(part).await?)
@@ -154,6 +154,9 @@ impl Manager {
         ];
         if let Some(p) = &req.initrd_path {
             named.push((Part::Initrd, "initrd_path", p.clone()));
+        }
+        if let Some(p) = &req.kernel_elf_path {
+            named.push((Part::KernelElf, "kernel_elf_path", p.clone()));
         }
         self.admit_stored(&owner.id, SnapshotQuota::Enforced, 1)
             .await?;
@@ -330,6 +333,13 @@ impl Manager {
             initrd: match &self.config.default_initrd {
                 Some(p) => Some(
                     image::check_source_path("HATCH_DEFAULT_INITRD_PATH", &p.to_string_lossy())
+                        .map_err(bad)?,
+                ),
+                None => None,
+            },
+            kernel_elf: match &self.config.default_kernel_elf {
+                Some(p) => Some(
+                    image::check_source_path("HATCH_DEFAULT_KERNEL_ELF_PATH", &p.to_string_lossy())
                         .map_err(bad)?,
                 ),
                 None => None,

@@ -175,7 +175,10 @@ impl Manager {
             vm_id: vm.id.clone(),
             disk: backend.disk_path(&work_dir),
             work_dir,
-            kernel: image::kernel_in(&image_dir),
+            // `check_kernel` refused images with no kernel this backend boots;
+            // one of no known format is left for the VMM to report.
+            kernel: image::kernel_for(&image_dir, backend.capabilities().kernels)
+                .unwrap_or_else(|| image::kernel_in(&image_dir)),
             initrd: image::initrd_in(&image_dir),
             boot_args: backend.boot_args(&vm.boot_args),
             vcpu_count: vm.vcpu_count as u32,

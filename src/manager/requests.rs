@@ -303,6 +303,8 @@ fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
 pub struct CreateImage {
     pub name: Option<String>,
     pub kernel_path: Option<String>,
+    /// An ELF `vmlinux` beside a bzImage `kernel_path`.
+    pub kernel_elf_path: Option<String>,
     pub rootfs_path: Option<String>,
     pub initrd_path: Option<String>,
     pub boot_args: Option<String>,

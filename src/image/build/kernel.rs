@@ -7,13 +7,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Modules needed to mount a virtio-blk root and, later, for virtio-net.
+/// Modules needed to mount a virtio-blk root (on PCI or MMIO) and, later, for virtio-net.
 const BASE_MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
     "virtio_pci_legacy_dev",
     "virtio_pci_modern_dev",
     "virtio_pci",
+    // Firecracker's devices: found through ACPI (LNRO0005) or the
+    // `device=` options /init passes on from the command line.
+    "virtio_mmio",
     "virtio_blk",
     "failover",
     "net_failover",

@@ -2,6 +2,8 @@
 //!
 //! Output (in `out`):
 //! - `vmlinuz`: the Debian bookworm cloud kernel (`linux-image-cloud-amd64`).
+//! - `vmlinux`: the same kernel as an uncompressed x86-64 ELF (the LZ4
+//!   payload of `vmlinuz`), for VMMs that load an ELF (Firecracker).
 //! - `initrd.img`: an uncompressed newc cpio with static busybox, `/init` and the
 //!   virtio + power-button modules that kernel builds as `=m`.
 //! - `rootfs.ext4`: a 256 MiB sparse ext4 (label `hatch-root`) with busybox init,
@@ -14,7 +16,8 @@
 //! This file runs the steps in order; each concern has its own file: `apt`
 //! (the .deb cache), `kernel` (the kernel package and its module order),
 //! `elf`, `busybox`, `dropbear`, `cpio` (the archive format), `initramfs`
-//! and `rootfs` (what goes into each image file).
+//! and `rootfs` (what goes into each image file), `vmlinux` (the ELF kernel
+//! out of the bzImage).
 
 mod apt;
 mod busybox;
@@ -24,6 +27,7 @@ mod elf;
 mod initramfs;
 mod kernel;
 mod rootfs;
+mod vmlinux;
 
 pub(super) use apt::cache_dir;
 pub(super) use rootfs::make_ext4;
@@ -39,7 +43,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Build the default image into `out` (`vmlinuz`, `initrd.img`, `rootfs.ext4`).
+/// Build the default image into `out` (`vmlinuz`, `vmlinux`, `initrd.img`, `rootfs.ext4`).
 pub fn build(out: &Path) -> Result<()> {
     let busybox = check_busybox()?;
     let mkfs = find_tool("mkfs.ext4", "e2fsprogs")?;
@@ -86,6 +90,8 @@ pub fn build(out: &Path) -> Result<()> {
     let vmlinuz = work.path().join("vmlinuz");
     fs::copy(&kernel.vmlinuz, &vmlinuz)
         .with_context(|| format!("copying {}", kernel.vmlinuz.display()))?;
+    let vmlinux = work.path().join("vmlinux");
+    write_vmlinux(&vmlinuz, &vmlinux)?;
 
     let initrd = work.path().join("initrd.img");
     let cpio = initramfs(&busybox, &applets, &kernel.version, &modules)?;
@@ -98,6 +104,7 @@ pub fn build(out: &Path) -> Result<()> {
 
     for (src, name) in [
         (&vmlinuz, "vmlinuz"),
+        (&vmlinux, "vmlinux"),
         (&initrd, "initrd.img"),
         (&rootfs, "rootfs.ext4"),
     ] {
@@ -105,6 +112,24 @@ pub fn build(out: &Path) -> Result<()> {
         fs::rename(src, &dst).with_context(|| format!("moving image file to {}", dst.display()))?;
     }
     step(&format!("image written to {}", out.display()));
+    Ok(())
+}
+
+/// Writes the ELF kernel inside the bzImage `vmlinuz` to `out`.
+fn write_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
+    use std::io::Read;
+    // A bzImage is far smaller than the ELF it holds; read no more than that cap.
+    let mut bzimage = Vec::new();
+    fs::File::open(vmlinuz)
+        .and_then(|f| {
+            f.take(vmlinux::VMLINUX_MAX_BYTES as u64 + 1)
+                .read_to_end(&mut bzimage)
+        })
+        .with_context(|| format!("reading {}", vmlinuz.display()))?;
+    let elf = vmlinux::extract(&bzimage, vmlinux::VMLINUX_MAX_BYTES)
+        .with_context(|| format!("extracting the ELF kernel from {}", vmlinuz.display()))?;
+    fs::write(out, &elf).with_context(|| format!("writing {}", out.display()))?;
+    step(&format!("vmlinux: {} MiB ELF", elf.len() >> 20));
     Ok(())
 }
 

@@ -31,10 +31,39 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 
+# Under Firecracker the disks and the NIC are virtio-mmio devices, which it
+# lists on the command line (virtio_mmio.device=SIZE@BASE:IRQ[:ID], one per
+# device). Options on the command line reach only built-in code, and busybox
+# insmod does not read them, so each becomes a device=... option of
+# virtio_mmio here. Prints the options, each with a leading space.
+# (src/image/build/initramfs.rs runs the lines between the markers in its tests.)
+# -- begin module loading --
+virtio_mmio_options() {
+    set -f # split the command line into words, never expand them as globs
+    for arg in $1; do
+        case "$arg" in
+        virtio_mmio.device=*)
+            value="${arg#virtio_mmio.device=}"
+            # Only what the format allows, so the option is one plain word.
+            case "$value" in
+            "" | *[!0-9A-Za-z@:]*) echo "hatch-initrd: warning: ignoring $arg" >&2 ;;
+            *) printf ' device=%s' "$value" ;;
+            esac
+            ;;
+        esac
+    done
+    set +f
+}
+mmio_options=$(virtio_mmio_options "$(cat /proc/cmdline)")
+
 # Listed in dependency order by the image builder (no depmod/modprobe here).
 for m in @MODULES@; do
-    insmod "/lib/modules/@KVER@/$m.ko" || fail "cannot load kernel module $m"
+    options=
+    [ "$m" = virtio_mmio ] && options=$mmio_options
+    # $options unquoted: one argument per device (checked above to be plain words).
+    insmod "/lib/modules/@KVER@/$m.ko" $options || fail "cannot load kernel module $m"
 done
+# -- end module loading --
 
 # LABEL=/UUID= need a lookup; plain paths are used as they are.
 resolve_root() {
