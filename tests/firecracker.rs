@@ -44,9 +44,11 @@ fn firecracker_dir(test: &str) -> Option<PathBuf> {
 fn daemon(fc: &Path, extra: &[(&str, &str)]) -> Daemon {
     let fc_bin = fc.join("firecracker");
     let jailer = fc.join("jailer");
+    let vmlinux = image_dir().join("vmlinux");
     let mut env = vec![
         ("HATCH_FIRECRACKER_BINARY", fc_bin.to_str().unwrap()),
         ("HATCH_JAILER_BINARY", jailer.to_str().unwrap()),
+        ("HATCH_DEFAULT_KERNEL_ELF_PATH", vmlinux.to_str().unwrap()),
         // The guest never gets far enough here to power off: stop kills after this.
         ("HATCH_STOP_TIMEOUT", "3s"),
     ];
