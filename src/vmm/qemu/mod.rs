@@ -701,8 +701,9 @@ mod tests {
     }
 
     /// A VM with `netns` gets a QEMU that runs in that namespace and opens
-    /// the VM's TAP there, and whose pid and command line are QEMU's own (the
-    /// pid the manager watches, the command line `kill_all_under` matches).
+    /// the VM's TAP there (its metrics read the TAP there too), and whose
+    /// pid and command line are QEMU's own (the pid the manager watches, the
+    /// command line `kill_all_under` matches).
     /// The caller runs in a namespace of its own too, so a QEMU started in
     /// the wrong place would make its TAP there, not on the host. The guest
     /// "kernel" is zeros: QEMU starts, and the vCPU runs harmlessly.
@@ -756,6 +757,11 @@ mod tests {
             // A TAP has carrier once a queue is attached: QEMU holds it.
             assert!(vm_ns.ip(&["link", "show", "htq"]).contains("LOWER_UP"));
             assert!(!caller.try_ip(&["link", "show", "htq"]).status.success());
+            // Its metrics read the TAP in QEMU's namespace, not the caller's.
+            let m = q.metrics(&spec, p.pid).await.unwrap();
+            assert_eq!(m.raw["tap"]["name"], "htq");
+            assert_eq!(m.raw["query-blockstats"].as_array().map(Vec::len), Some(1));
+            assert!(m.rss_bytes > 0, "{m:?}");
             assert_eq!(process::kill_all_under(&dir.0), 1);
             let _ = p.child.wait().await;
             assert!(!vm_ns.ip(&["link", "show", "htq"]).contains("LOWER_UP"));
