@@ -74,14 +74,14 @@ fn a_running_vms_metrics_follow_its_cpu_disk_network_and_memory() {
     // sshd answers: from here on, traffic is only what the test makes.
     d.ssh_ok(None, &key, &format!("root@{ip}"), 22, "true");
 
-    // Only the owner of a running VM, only with a key; an id nobody has is a 404 too.
+    // Only with a key, only the owner of a running VM; an id nobody has is a 404 too.
+    let r = d.curl("GET", &format!("/vms/{id}/metrics"), &[], None);
+    assert_eq!(r.status, 401, "{}", r.text);
     let r = d.as_key(&bob, "GET", &format!("/vms/{id}/metrics"), None);
     assert_eq!(r.status, 404, "{}", r.text);
     assert_eq!(r.error(), format!("vm {id} not found"));
     let r = d.req("GET", "/vms/vm_000000000000/metrics", None);
     assert_eq!(r.status, 404, "{}", r.text);
-    let r = d.curl("GET", &format!("/vms/{id}/metrics"), &[], None);
-    assert_eq!(r.status, 401, "{}", r.text);
 
     let first = metrics(&d, &id);
     assert_eq!(first["vm_id"], id.as_str());
@@ -202,7 +202,7 @@ fn a_running_vms_metrics_follow_its_cpu_disk_network_and_memory() {
         assert_eq!(r.status, 200, "{}", r.text);
         assert!(
             Instant::now() < deadline,
-            "a VM whose metrics are read never fell asleep: {}",
+            "a VM whose metrics are read never fell asleep (or a read woke it): {}",
             d.vm(&id)
         );
         std::thread::sleep(Duration::from_millis(300));
