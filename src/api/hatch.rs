@@ -32,6 +32,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/vms/{vm_id}/stop", post(stop_vm))
         .route("/vms/{vm_id}/start", post(start_vm))
         .route("/vms/{vm_id}/logs", get(vm_logs))
+        .route("/vms/{vm_id}/metrics", get(vm_metrics))
         .route("/vms/{vm_id}/snapshot", post(snapshot_vm))
         .route("/vms/{vm_id}/restore", post(restore_vm))
         .route("/vms/{vm_id}/snapshots", get(list_vm_snapshots))
@@ -144,6 +145,66 @@ pub async fn delete_vm(
 ) -> ApiResult<Json<serde_json::Value>> {
     s.manager.delete_vm(&o, &id).await?;
     Ok(Json(json!({ "status": "deleted" })))
+}
+
+/// `GET /vms/{id}/metrics`: the Hatch API's metrics shape, extended
+/// (docs/API.md, "Metrics"). Network directions are the guest's.
+#[derive(serde::Serialize)]
+pub struct MetricsView {
+    vm_id: String,
+    state: crate::domain::VmState,
+    hypervisor: String,
+    vcpu_count: i64,
+    mem_mib: i64,
+    uptime_seconds: u64,
+    net: crate::vmm::metrics::NetCounters,
+    block: crate::vmm::metrics::BlockCounters,
+    vcpu: VcpuView,
+    memory: MemoryView,
+    raw: serde_json::Value,
+}
+
+#[derive(serde::Serialize)]
+struct VcpuView {
+    cpu_time_micros: u64,
+    utilization_percent: f64,
+}
+
+#[derive(serde::Serialize)]
+struct MemoryView {
+    vmm_rss_bytes: u64,
+}
+
+impl From<crate::manager::metrics::VmMetrics> for MetricsView {
+    fn from(m: crate::manager::metrics::VmMetrics) -> Self {
+        MetricsView {
+            vm_id: m.vm.id,
+            state: m.vm.state,
+            hypervisor: m.vm.hypervisor,
+            vcpu_count: m.vm.vcpu_count,
+            mem_mib: m.vm.mem_mib,
+            uptime_seconds: m.vmm.uptime_seconds,
+            net: m.vmm.net,
+            block: m.vmm.block,
+            vcpu: VcpuView {
+                cpu_time_micros: m.vmm.cpu_time_micros,
+                utilization_percent: m.utilization_percent,
+            },
+            memory: MemoryView {
+                vmm_rss_bytes: m.vmm.rss_bytes,
+            },
+            raw: m.vmm.raw,
+        }
+    }
+}
+
+/// A running VM's counters; 409 in any other state (there is no VMM to ask).
+pub async fn vm_metrics(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<MetricsView>> {
+    Ok(Json(s.manager.vm_metrics(&o, &id).await?.into()))
 }
 
 fn parse_follow(query: Option<&str>) -> ApiResult<bool> {

@@ -14,6 +14,7 @@ mod idle;
 mod images;
 mod lifecycle;
 mod locks;
+pub mod metrics;
 mod network;
 pub mod quotas;
 mod recovery;

@@ -74,6 +74,74 @@ pub fn process_metrics(pid: u32) -> Option<VmmMetrics> {
     })
 }
 
+/// A TAP's counters as the host sees them (its `rx` is what the guest sent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TapCounters {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_dropped: u64,
+}
+
+impl TapCounters {
+    /// The same counters from the guest's side of the wire: what the host
+    /// sent into the TAP, the guest received.
+    pub fn guest_view(&self) -> NetCounters {
+        NetCounters {
+            rx_bytes: self.tx_bytes,
+            tx_bytes: self.rx_bytes,
+            rx_packets: self.tx_packets,
+            tx_packets: self.rx_packets,
+        }
+    }
+}
+
+/// The counters of network device `iface` in the network namespace process
+/// `pid` runs in. The VMM's own `/proc/PID/net/dev` sees its namespace, so
+/// a TAP inside a VM's namespace is read without entering it. `None` when
+/// the process or the device is gone.
+pub fn tap_counters(pid: u32, iface: &str) -> Option<TapCounters> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;
+    parse_net_dev(&text, iface)
+}
+
+/// `iface`'s line of a `/proc/net/dev` table: after `NAME:`, eight receive
+/// columns (bytes, packets, errs, drop, fifo, frame, compressed, multicast)
+/// then eight transmit ones (bytes, packets, errs, drop, ...).
+fn parse_net_dev(text: &str, iface: &str) -> Option<TapCounters> {
+    let line = text.lines().find_map(|l| {
+        let (name, rest) = l.split_once(':')?;
+        (name.trim() == iface).then_some(rest)
+    })?;
+    let cols: Vec<u64> = line
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    if cols.len() < 16 {
+        return None;
+    }
+    Some(TapCounters {
+        rx_bytes: cols[0],
+        rx_packets: cols[1],
+        rx_dropped: cols[3],
+        tx_bytes: cols[8],
+        tx_packets: cols[9],
+        tx_dropped: cols[11],
+    })
+}
+
+/// How busy the vCPUs were on average since the VMM started, in percent:
+/// its CPU time over `uptime_seconds x vcpus` (at least one second, so a
+/// VMM in its first second is not divided by zero), clamped to 0..=100
+/// (the VMM's own threads can add to the vCPUs' time), one decimal.
+pub fn utilization_percent(cpu_time_micros: u64, uptime_seconds: u64, vcpus: u32) -> f64 {
+    let available = uptime_seconds.max(1) as f64 * f64::from(vcpus.max(1)) * 1e6;
+    let percent = (cpu_time_micros as f64 / available * 100.0).clamp(0.0, 100.0);
+    (percent * 10.0).round() / 10.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +165,54 @@ mod tests {
         assert!(first.rss_bytes > 100 * 1024, "{first:?}");
         assert!(first.uptime_seconds < 60);
         assert!(process_metrics(child.id()).is_none());
+    }
+
+    /// Two devices in a real-shaped table (the header included): the one
+    /// asked for is read column by column, and the guest's view swaps them.
+    #[test]
+    fn a_taps_line_of_proc_net_dev_is_read_and_seen_from_the_guest() {
+        let table = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:     100       2    0    0    0     0          0         0      100       2    0    0    0     0       0          0
+htabc:    5000      40    1    2    0     0          0         0    90000      70    0    3    0     0       0          0
+";
+        let tap = parse_net_dev(table, "htabc").unwrap();
+        assert_eq!(
+            tap,
+            TapCounters {
+                rx_bytes: 5000,
+                rx_packets: 40,
+                rx_dropped: 2,
+                tx_bytes: 90000,
+                tx_packets: 70,
+                tx_dropped: 3,
+            }
+        );
+        assert_eq!(
+            tap.guest_view(),
+            NetCounters {
+                rx_bytes: 90000,
+                tx_bytes: 5000,
+                rx_packets: 70,
+                tx_packets: 40,
+            }
+        );
+        assert_eq!(parse_net_dev(table, "htab"), None);
+        assert_eq!(parse_net_dev(table, "face |bytes"), None);
+        // This process's own namespace has a loopback device.
+        assert!(tap_counters(std::process::id(), "lo").is_some());
+        assert!(tap_counters(std::process::id(), "no-such-device").is_none());
+    }
+
+    #[test]
+    fn utilization_is_cpu_time_over_uptime_and_vcpus_clamped() {
+        // 3 s of CPU in 10 s on 2 vCPUs: 15 %.
+        assert_eq!(utilization_percent(3_000_000, 10, 2), 15.0);
+        assert_eq!(utilization_percent(1_234_567, 10, 1), 12.3);
+        // More CPU than the vCPUs had (the VMM's own threads): at most 100.
+        assert_eq!(utilization_percent(50_000_000, 10, 2), 100.0);
+        // The first second counts as one second.
+        assert_eq!(utilization_percent(500_000, 0, 1), 50.0);
+        assert_eq!(utilization_percent(0, 0, 0), 0.0);
     }
 }

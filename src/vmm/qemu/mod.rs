@@ -6,6 +6,7 @@ mod qmp;
 pub use config::{Accel, QemuConfig};
 
 use super::confine::{self, Confinement, Jail};
+use super::metrics::{self, VmmMetrics};
 use super::{
     Capabilities, DiskFormat, KernelFormat, MemoryTransport, Result, SnapshotFiles, VmProcess,
     VmSpec, Vmm, VmmError,
@@ -533,6 +534,33 @@ impl Vmm for Qemu {
         Ok(())
     }
 
+    /// The process's figures from /proc, block counters from QMP
+    /// `query-blockstats` and network counters from the VM's TAP; both
+    /// answers go under `raw` as they came.
+    async fn metrics(&self, spec: &VmSpec, pid: u32) -> Result<VmmMetrics> {
+        let gone = || VmmError::Control(format!("the VMM (pid {pid}) is not running"));
+        let mut m = metrics::process_metrics(pid).ok_or_else(gone)?;
+        let blockstats = qmp(spec)
+            .await?
+            .execute("query-blockstats", None)
+            .await
+            .map_err(VmmError::Control)?;
+        m.block = block_counters(&blockstats);
+        // QEMU runs in the namespace its TAP is in, so its /proc entry sees the TAP.
+        let tap = match &spec.nic {
+            Some(nic) => {
+                let counters = metrics::tap_counters(pid, &nic.tap).ok_or_else(|| {
+                    VmmError::Control(format!("no counters for TAP {} of pid {pid}", nic.tap))
+                })?;
+                m.net = counters.guest_view();
+                json!({ "name": nic.tap, "host_view": counters })
+            }
+            None => serde_json::Value::Null,
+        };
+        m.raw = json!({ "query-blockstats": blockstats, "tap": tap });
+        Ok(m)
+    }
+
     async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> Result<VmProcess> {
         // QEMU reads the memory (a file, or a FIFO the caller feeds) from an
         // inherited fd: no `cat` and no extra pipe between the two. Opened
@@ -558,6 +586,26 @@ impl Vmm for Qemu {
     }
 }
 
+/// Block counters summed over every disk in a `query-blockstats` answer
+/// (each device's own figures: what its guest asked for, not the
+/// format layer's reads of the image files below it).
+fn block_counters(blockstats: &serde_json::Value) -> metrics::BlockCounters {
+    let mut sum = metrics::BlockCounters::default();
+    for stats in blockstats
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.get("stats"))
+    {
+        let n = |k: &str| stats.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        sum.read_bytes += n("rd_bytes");
+        sum.write_bytes += n("wr_bytes");
+        sum.read_ops += n("rd_operations");
+        sum.write_ops += n("wr_operations");
+    }
+    sum
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,6 +617,39 @@ mod tests {
         assert_eq!(choose_accel(Accel::Auto, true, true), ResolvedAccel::Kvm);
         assert_eq!(choose_accel(Accel::Kvm, false, false), ResolvedAccel::Kvm);
         assert_eq!(choose_accel(Accel::Tcg, true, true), ResolvedAccel::Tcg);
+    }
+
+    /// Two disks as QEMU 7.2 reports them (the qcow2 overlay with its file
+    /// node as `parent` and the image as `backing`): the devices' own
+    /// counters are summed, the nodes below them are not counted again.
+    #[test]
+    fn block_counters_sum_the_devices_of_query_blockstats() {
+        let answer = json!([
+            {
+                "device": "vda",
+                "qdev": "/machine/peripheral-anon/device[0]/virtio-backend",
+                "stats": { "rd_bytes": 1000, "wr_bytes": 200, "rd_operations": 10,
+                           "wr_operations": 2, "flush_operations": 1 },
+                "parent": { "stats": { "rd_bytes": 999999, "wr_bytes": 999999,
+                                       "rd_operations": 999, "wr_operations": 999 } },
+                "backing": { "stats": { "rd_bytes": 888888, "rd_operations": 888 } }
+            },
+            {
+                "device": "seed",
+                "stats": { "rd_bytes": 24, "wr_bytes": 0, "rd_operations": 3,
+                           "wr_operations": 0 }
+            }
+        ]);
+        assert_eq!(
+            block_counters(&answer),
+            metrics::BlockCounters {
+                read_bytes: 1024,
+                write_bytes: 200,
+                read_ops: 13,
+                write_ops: 2,
+            }
+        );
+        assert_eq!(block_counters(&json!([])), Default::default());
     }
 
     #[test]
@@ -620,8 +701,9 @@ mod tests {
     }
 
     /// A VM with `netns` gets a QEMU that runs in that namespace and opens
-    /// the VM's TAP there, and whose pid and command line are QEMU's own (the
-    /// pid the manager watches, the command line `kill_all_under` matches).
+    /// the VM's TAP there (its metrics read the TAP there too), and whose
+    /// pid and command line are QEMU's own (the pid the manager watches, the
+    /// command line `kill_all_under` matches).
     /// The caller runs in a namespace of its own too, so a QEMU started in
     /// the wrong place would make its TAP there, not on the host. The guest
     /// "kernel" is zeros: QEMU starts, and the vCPU runs harmlessly.
@@ -675,6 +757,11 @@ mod tests {
             // A TAP has carrier once a queue is attached: QEMU holds it.
             assert!(vm_ns.ip(&["link", "show", "htq"]).contains("LOWER_UP"));
             assert!(!caller.try_ip(&["link", "show", "htq"]).status.success());
+            // Its metrics read the TAP in QEMU's namespace, not the caller's.
+            let m = q.metrics(&spec, p.pid).await.unwrap();
+            assert_eq!(m.raw["tap"]["name"], "htq");
+            assert_eq!(m.raw["query-blockstats"].as_array().map(Vec::len), Some(1));
+            assert!(m.rss_bytes > 0, "{m:?}");
             assert_eq!(process::kill_all_under(&dir.0), 1);
             let _ = p.child.wait().await;
             assert!(!vm_ns.ip(&["link", "show", "htq"]).contains("LOWER_UP"));
