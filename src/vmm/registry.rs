@@ -264,4 +264,93 @@ mod tests {
         assert!(super::super::HYPERVISORS.contains(&default), "{default}");
         assert_eq!(b.get(default).unwrap().name(), default);
     }
+
+    #[test]
+    fn the_default_is_what_hatch_hypervisor_asks_where_the_host_can_run_it() {
+        use DefaultHypervisor::*;
+        let found: std::result::Result<(), &str> = Ok(());
+        let missing: std::result::Result<(), &str> = Err("no jailer binary at \"jailer\"");
+        assert_eq!(
+            backend_order(Qemu, found, true).unwrap(),
+            ["qemu", "firecracker"]
+        );
+        assert_eq!(backend_order(Qemu, missing, true).unwrap(), ["qemu"]);
+        assert_eq!(
+            backend_order(Firecracker, found, false).unwrap(),
+            ["firecracker", "qemu"]
+        );
+        let e = backend_order(Firecracker, missing, true).unwrap_err();
+        assert!(
+            e.contains("HATCH_HYPERVISOR=firecracker") && e.contains("no jailer"),
+            "{e}"
+        );
+        assert_eq!(
+            backend_order(Auto, found, true).unwrap(),
+            ["firecracker", "qemu"]
+        );
+        // A software KVM (this project's machines) runs Firecracker guests too slowly.
+        assert_eq!(
+            backend_order(Auto, found, false).unwrap(),
+            ["qemu", "firecracker"]
+        );
+        assert_eq!(backend_order(Auto, missing, true).unwrap(), ["qemu"]);
+        assert_eq!("AUTO".parse::<DefaultHypervisor>(), Ok(Auto));
+        assert_eq!("".parse::<DefaultHypervisor>(), Ok(Qemu));
+        assert!("vz"
+            .parse::<DefaultHypervisor>()
+            .unwrap_err()
+            .contains("HATCH_HYPERVISOR"));
+    }
+
+    /// Registration only looks for the binaries (and reads the ELF header of
+    /// firecracker's, for the libraries its jail needs): copies of `true`
+    /// stand in for them here.
+    #[test]
+    fn firecracker_is_registered_where_its_binaries_are_found() {
+        let dir = std::env::temp_dir().join(format!("hatch-registry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let truth =
+            crate::vmm::firecracker::find_executable("true", Some("/usr/bin:/bin")).unwrap();
+        for name in ["firecracker", "jailer"] {
+            std::fs::copy(&truth, dir.join(name)).unwrap();
+        }
+        let cfg = |vars: &[(&str, String)]| {
+            let vars = vars.to_vec();
+            Config::from_lookup(move |k| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.clone())
+                    .or_else(|| (k == "HATCH_VMM_CONFINE").then(|| "off".into()))
+            })
+            .unwrap()
+        };
+        let path = dir.display().to_string();
+        let names = |c: &Config, kvm: bool| {
+            Backends::from_config_with(c, Some(&path), || kvm).map(|b| b.names())
+        };
+        assert_eq!(names(&cfg(&[]), true).unwrap(), ["qemu", "firecracker"]);
+        let auto = cfg(&[("HATCH_HYPERVISOR", "auto".into())]);
+        assert_eq!(names(&auto, true).unwrap(), ["firecracker", "qemu"]);
+        assert_eq!(names(&auto, false).unwrap(), ["qemu", "firecracker"]);
+        let fc = cfg(&[("HATCH_HYPERVISOR", "firecracker".into())]);
+        assert_eq!(names(&fc, false).unwrap(), ["firecracker", "qemu"]);
+        let b = Backends::from_config_with(&fc, Some(&path), || false).unwrap();
+        assert_eq!(b.default_backend().name(), "firecracker");
+        assert_eq!(
+            b.get("firecracker").unwrap().capabilities().disk_format,
+            DiskFormat::Raw
+        );
+        let gone = cfg(&[
+            ("HATCH_HYPERVISOR", "firecracker".into()),
+            ("HATCH_JAILER_BINARY", "/nonexistent/jailer".into()),
+        ]);
+        let e = names(&gone, true).unwrap_err();
+        assert!(
+            e.contains("HATCH_JAILER_BINARY") && e.contains("/nonexistent/jailer"),
+            "{e}"
+        );
+        let unasked = cfg(&[("HATCH_JAILER_BINARY", "/nonexistent/jailer".into())]);
+        assert_eq!(names(&unasked, true).unwrap(), ["qemu"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -364,6 +364,57 @@ mod tests {
         assert_eq!(fault_message(b"oops"), "oops");
     }
 
+    /// A socket reached through a symlink, or owned by another uid, is
+    /// refused before anything is sent; the real one is used, and a fault
+    /// comes back with Firecracker's own words. The server is a fake (a
+    /// few lines of HTTP), as the point is the client's checks.
+    #[tokio::test]
+    async fn a_planted_socket_is_refused_and_faults_pass_through() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("hatch-fc-api-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            for (status, body) in [
+                ("200 OK", r#"{"state":"Paused"}"#),
+                ("400 Bad Request", r#"{"fault_message":"no, sir"}"#),
+            ] {
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await.unwrap();
+                s.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let link = dir.join("planted.sock");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let e = Api::new(link, me).state().await.unwrap_err().to_string();
+        assert!(e.contains("not a socket (refused)"), "{e}");
+        let e = Api::new(sock.clone(), me + 1)
+            .state()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("owned by uid"), "{e}");
+        let api = Api::new(sock, me);
+        assert_eq!(api.state().await.unwrap(), InstanceState::Paused);
+        let e = api
+            .action(ActionType::InstanceStart)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "PUT /actions: 400: no, sir");
+        server.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     mod erased {
         pub trait Ser {
             fn json(&self) -> String;
