@@ -474,10 +474,15 @@ impl Prep {
                 confine::own_file(&dst, 0, 0, 0o644).map_err(|err| e(&dst, err))?;
             }
         }
+        // Copies, not links: the host's libc must never share an inode with
+        // a file in the data directory, whose files `make_private` sets to
+        // 0600 at start-up (a jail an earlier daemon left included).
         for lib in &self.libs {
-            let real = std::fs::canonicalize(lib).map_err(|err| e(lib, err))?;
             let dst = root.join(lib.strip_prefix("/").unwrap_or(lib));
-            jail::link_in(&real, &dst, true)?;
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent).map_err(|err| e(parent, err))?;
+            }
+            std::fs::copy(lib, &dst).map_err(|err| e(lib, err))?;
         }
         // Firecracker's log and metrics files are written from offset 0 by
         // each process: fresh ones per launch (metrics.rs keeps the totals).
