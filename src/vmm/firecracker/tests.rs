@@ -462,3 +462,37 @@ fn a_failed_restore_leaves_no_process_jail_cgroup_or_uid() {
     assert_nothing_left(&s, pid);
     s.conf.cgroups.as_ref().unwrap().remove_bases();
 }
+
+/// HATCH_VMM_CONFINE=off: still the jailer's chroot (of hard links), but
+/// Firecracker runs as root and in the daemon's own cgroup.
+#[test]
+fn unconfined_firecracker_is_still_jailed_but_runs_as_root() {
+    let Some(bins) = binaries() else { return };
+    let vm_ns = Netns::new("fc-open");
+    vm_ns.ip(&["tuntap", "add", "dev", "htfo", "mode", "tap"]);
+    let s = setup(bins.clone(), "fc-unconfined", &vm_ns.0, "htfo", 64);
+    let fc = Firecracker::new(bins, &s.data).unwrap();
+    let spec = &s.spec;
+    let root = fc.root(&spec.vm_id).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut p = fc.boot(spec).await.expect("boot");
+        assert_eq!(state_of(&fc, &spec.vm_id).await, InstanceState::Running);
+        assert_eq!(status_field(p.pid, "Uid"), "0\t0\t0\t0");
+        assert_eq!(std::fs::metadata(&root).unwrap().uid(), 0);
+        assert_eq!(
+            std::fs::metadata(root.join("disk.raw")).unwrap().ino(),
+            std::fs::metadata(&spec.disk).unwrap().ino()
+        );
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let its = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap();
+        assert_eq!(its, own);
+        let _ = p.child.start_kill();
+        let _ = p.child.wait().await;
+        fc.release(&spec.vm_id).await;
+        assert!(!root.exists());
+    });
+}
