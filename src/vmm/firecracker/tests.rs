@@ -381,10 +381,15 @@ fn a_jailed_firecracker_boots_pauses_snapshots_restores_and_leaves_nothing() {
         let _ = p.child.wait().await;
         fc.release(&spec.vm_id).await;
         assert_nothing_left(&s, pid);
-        // A restore in a fresh jail comes back paused, then resumes.
+        // A restore in a fresh jail comes back paused, then resumes; on a
+        // TAP of its own, as a fork gets (network_overrides).
+        vm_ns.ip(&["tuntap", "add", "dev", "htfd", "mode", "tap"]);
+        vm_ns.ip(&["link", "set", "htfd", "up"]);
+        let mut moved = spec.clone();
+        moved.nic.as_mut().unwrap().tap = "htfd".into();
         let console_before = std::fs::read(spec.console_log()).unwrap();
         let t = Instant::now();
-        let mut r = fc.restore(spec, &files).await.expect("restore");
+        let mut r = fc.restore(&moved, &files).await.expect("restore");
         let loaded = t.elapsed();
         assert_eq!(state_of(fc, &spec.vm_id).await, InstanceState::Paused);
         fc.resume(spec).await.unwrap();
@@ -398,7 +403,8 @@ fn a_jailed_firecracker_boots_pauses_snapshots_restores_and_leaves_nothing() {
             std::fs::read_to_string(spec.pid_file()).unwrap().trim(),
             r.pid.to_string()
         );
-        assert!(vm_ns.ip(&["link", "show", "htfc"]).contains("LOWER_UP"));
+        assert!(vm_ns.ip(&["link", "show", "htfd"]).contains("LOWER_UP"));
+        assert!(!vm_ns.ip(&["link", "show", "htfc"]).contains("LOWER_UP"));
         // The console log was appended to, never overwritten.
         assert!(std::fs::read(spec.console_log())
             .unwrap()
@@ -495,4 +501,33 @@ fn unconfined_firecracker_is_still_jailed_but_runs_as_root() {
         fc.release(&spec.vm_id).await;
         assert!(!root.exists());
     });
+}
+
+/// A daemon killed with -9 leaves its Firecracker running in its jail and
+/// cgroup: the next daemon's `recover` removes all three.
+#[test]
+fn recover_removes_the_vmms_jails_and_cgroups_an_earlier_daemon_left() {
+    let Some(bins) = binaries() else { return };
+    let vm_ns = Netns::new("fc-left");
+    vm_ns.ip(&["tuntap", "add", "dev", "htfl", "mode", "tap"]);
+    let s = setup(bins.clone(), "fc-recover", &vm_ns.0, "htfl", 64);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let p = rt.block_on(s.fc.boot(&s.spec)).expect("boot");
+    // The earlier daemon is gone without a word: nothing waits for the VMM.
+    let pid = p.pid;
+    std::mem::forget(p);
+    assert!(crate::vmm::process::is_alive(pid));
+    let next = Firecracker::new(bins, &s.data)
+        .unwrap()
+        .confined(Arc::clone(&s.conf));
+    rt.block_on(next.recover());
+    // Reap it (this test process is its parent), then nothing is left.
+    let mut status = 0;
+    // SAFETY: waitpid on our own child with a valid status pointer.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+    s.conf.uids.give_back(&s.spec.vm_id);
+    assert_nothing_left(&s, pid);
 }
