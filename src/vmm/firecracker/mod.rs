@@ -167,8 +167,7 @@ impl Firecracker {
             None => 0,
         };
         let prepared = {
-            let (this, spec, from, id) =
-                (self.snapshot_of(), spec.clone(), from.cloned(), id.clone());
+            let (this, spec, from, id) = (self.prep(), spec.clone(), from.cloned(), id.clone());
             tokio::task::spawn_blocking(move || this.prepare(&spec, from.as_ref(), &id, uid))
                 .await
                 .map_err(|e| VmmError::Launch(e.to_string()))?
@@ -199,7 +198,7 @@ impl Firecracker {
     }
 
     /// A copy of what `prepare` needs, for a blocking thread.
-    fn snapshot_of(&self) -> Prep {
+    fn prep(&self) -> Prep {
         Prep {
             jails: self.jails.clone(),
             libs: self.libs.clone(),
