@@ -338,7 +338,7 @@ async fn serve() -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || hatch::vmm::confine::make_private(&data_dir))
         .await?
         .context("making the data directory private")?;
-    let backends = hatch::vmm::Backends::from_config(&cfg);
+    let backends = hatch::vmm::Backends::from_config(&cfg).map_err(anyhow::Error::msg)?;
     let addr = cfg.http_addr;
     let api_cfg = cfg.api.clone();
     let objects = hatch::snapshot::Objects::from_config(&cfg).context("snapshot store")?;

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod confine;
 pub mod disk;
 pub mod fifo;
+pub mod firecracker;
 pub mod metrics;
 pub mod process;
 pub mod qemu;
@@ -17,7 +18,7 @@ mod registry;
 pub mod testing;
 
 pub use crate::image::content::{KernelKind as KernelFormat, RootfsFormat};
-pub use registry::{Backends, BackendsConfig};
+pub use registry::{Backends, BackendsConfig, DefaultHypervisor};
 
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
