@@ -6,6 +6,8 @@
 mod fake_vmm;
 #[path = "fast/host.rs"]
 mod host;
+#[path = "fast/mapped.rs"]
+mod mapped;
 
 use fake_vmm::{BootFault, Event, Memory, RestoreFault, SnapshotFault, MEMORY_BYTES};
 use hatch::manager::ErrorKind;

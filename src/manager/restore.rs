@@ -1,5 +1,6 @@
 //! Restore: a VM resumed from its standby snapshot or from one it chose.
 
+use super::backend::SavedMemory;
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
 use super::snapshots::{compression_of, stored, DiskSwap};
 use super::state::{CompressionState, VmState};
@@ -143,7 +144,7 @@ impl Manager {
             self.objects
                 .get_file(
                     &snap.state_key,
-                    &dir.join("vmstate"),
+                    &backend.snapshot_files(dir).state,
                     &stored(&snap.state_sha256, snap.state_size),
                 )
                 .await?;
@@ -265,17 +266,31 @@ impl Manager {
         }))
     }
 
-    /// Verified state and disk in place, then the memory streamed into a new
-    /// VMM for `vm`, which resumes. On failure the VM's disk is as it was.
+    /// Verified state and disk in place, then the memory given to a new VMM
+    /// for `vm`, which resumes: streamed (and verified as it goes), or, for a
+    /// backend that maps a memory file, fetched and verified whole before the
+    /// VMM starts. On failure the VM's disk is as it was. The restore
+    /// directory goes either way (a VMM that maps the memory keeps its mapping).
     pub(super) async fn load_standby(self: &Arc<Self>, vm: &Vm, snap: &Snapshot) -> Result<()> {
         let backend = self.backend_for(vm)?;
-        Self::check_standby_support(backend.as_ref()).map_err(ManagerError::BadRequest)?;
+        let memory =
+            Self::check_standby_support(backend.as_ref()).map_err(ManagerError::BadRequest)?;
         let work_dir = self.work_dir(&vm.id);
         let dir = work_dir.join(format!("restore-{}", snap.id));
         let result = async {
-            let swap = self.fetch(snap, vm, &dir, true).await?;
             let files = backend.snapshot_files(&dir);
-            let loaded = match self.memory_feed(snap, &files.memory) {
+            if memory == SavedMemory::File {
+                // First: a corrupt or missing memory object changes nothing.
+                tokio::fs::create_dir_all(&dir).await?;
+                self.fetch_memory_file(snap, &files.memory).await?;
+            }
+            let swap = self.fetch(snap, vm, &dir, true).await?;
+            let feed = match memory {
+                SavedMemory::Stream => self.memory_feed(snap, &files.memory),
+                // Already there and verified: nothing left to send.
+                SavedMemory::File => Ok(Box::pin(std::future::ready(Ok(()))) as super::MemoryFeed),
+            };
+            let loaded = match feed {
                 Ok(feed) => self.boot_from(vm, Some((&files, feed))).await,
                 Err(e) => Err(e),
             };
@@ -286,13 +301,32 @@ impl Manager {
                 }
                 Err(e) => {
                     swap.rollback().await;
-                    Err(self.explain_load_failure(snap, e).await)
+                    Err(match memory {
+                        SavedMemory::Stream => self.explain_load_failure(snap, e).await,
+                        // The memory was verified before the VMM saw it.
+                        SavedMemory::File => e,
+                    })
                 }
             }
         }
         .await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
         result
+    }
+
+    /// `snap`'s memory into the regular file `dest`, decompressed when it is
+    /// stored compressed, every byte verified; `dest` appears only if all were.
+    pub(super) async fn fetch_memory_file(&self, snap: &Snapshot, dest: &Path) -> Result<()> {
+        let (key, expected, decompress) = Self::memory_source(snap);
+        match decompress {
+            None => self.objects.get_file(&key, dest, &expected).await?,
+            Some((algorithm, raw)) => {
+                self.objects
+                    .get_file_decompressed(&key, dest, &expected, algorithm, &raw)
+                    .await?
+            }
+        }
+        Ok(())
     }
 
     /// A VMM that could not load streamed memory says little about why; when

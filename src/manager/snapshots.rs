@@ -167,6 +167,38 @@ impl Manager {
         Ok(())
     }
 
+    /// Start-up, once no VMM of an earlier daemon runs: the scratch
+    /// directories of snapshot flows a crash cut short go (`capture-*` and
+    /// `restore-*` in a VM's work directory: a memory file as big as the
+    /// guest's RAM, a fetched or half-converted disk). Every flow removes its
+    /// own whatever happens, so anything there now is left from a crash.
+    pub(super) async fn remove_snapshot_scratch(&self) {
+        let vms = self.config.vms_dir();
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut removed = 0;
+            for vm in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
+                for entry in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    let scratch = name.starts_with("capture-") || name.starts_with("restore-");
+                    // Never through a symlink: only real directories are ours.
+                    if scratch && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        match std::fs::remove_dir_all(entry.path()) {
+                            Ok(()) => removed += 1,
+                            Err(e) => tracing::error!("removing {}: {e}", entry.path().display()),
+                        }
+                    }
+                }
+            }
+            removed
+        })
+        .await
+        .unwrap_or(0);
+        if removed > 0 {
+            tracing::warn!(dirs = removed, "removed snapshot scratch a crash left");
+        }
+    }
+
     /// Deletes every snapshot of a VM, objects first.
     pub(super) async fn delete_vm_snapshots(&self, vm_id: &str) -> Result<()> {
         self.objects
