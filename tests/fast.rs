@@ -2,6 +2,8 @@
 //! on a temporary SQLite file and data dir with the FakeVmm (a fake standing
 //! in for a hypervisor), networking off: no root, QEMU or network namespace.
 
+#[path = "fast/backends.rs"]
+mod backends;
 #[path = "fast/fake_vmm.rs"]
 mod fake_vmm;
 #[path = "fast/host.rs"]

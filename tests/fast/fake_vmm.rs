@@ -40,6 +40,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub const BOTH_KERNELS: &[KernelFormat] = &[KernelFormat::BzImage, KernelFormat::Elf];
+
 /// The memory a snapshot holds: several MiB, more than one 8 MiB upload part.
 pub const MEMORY_BYTES: u64 = 20 << 20;
 const CHUNK: usize = 1 << 20;
@@ -122,6 +124,7 @@ struct Faults {
 pub struct FakeVmm {
     name: &'static str,
     memory: MemoryTransport,
+    kernels: &'static [KernelFormat],
     vms: Mutex<HashMap<String, VmRecord>>,
     faults: Mutex<Faults>,
 }
@@ -133,19 +136,26 @@ fn control(msg: impl Into<String>) -> VmmError {
 impl FakeVmm {
     /// The fake named `fake`, its memory streamed through a FIFO.
     pub fn new() -> Arc<FakeVmm> {
-        FakeVmm::named("fake", MemoryTransport::Stream)
+        FakeVmm::named("fake", MemoryTransport::Stream, BOTH_KERNELS)
     }
 
     /// The fake named `fake-mapped`, its memory a regular file written whole
     /// and read back whole (a fake standing in for a backend that maps it).
     pub fn mapped_file() -> Arc<FakeVmm> {
-        FakeVmm::named("fake-mapped", MemoryTransport::MappedFile)
+        FakeVmm::named("fake-mapped", MemoryTransport::MappedFile, BOTH_KERNELS)
     }
 
-    pub fn named(name: &'static str, memory: MemoryTransport) -> Arc<FakeVmm> {
+    /// A fake registered as `name` (a name the API accepts, where a test
+    /// needs one), moving memory as `memory` says, booting only `kernels`.
+    pub fn named(
+        name: &'static str,
+        memory: MemoryTransport,
+        kernels: &'static [KernelFormat],
+    ) -> Arc<FakeVmm> {
         Arc::new(FakeVmm {
             name,
             memory,
+            kernels,
             vms: Default::default(),
             faults: Default::default(),
         })
@@ -305,7 +315,7 @@ impl Vmm for FakeVmm {
             graceful_shutdown: true,
             // A raw copy of the image's rootfs: no disk tool runs in this tier.
             disk_format: DiskFormat::Raw,
-            kernels: &[KernelFormat::BzImage, KernelFormat::Elf],
+            kernels: self.kernels,
             memory: self.memory,
         }
     }
