@@ -10,6 +10,8 @@ mod fake_vmm;
 mod host;
 #[path = "fast/mapped.rs"]
 mod mapped;
+#[path = "fast/moves.rs"]
+mod moves;
 
 use fake_vmm::{BootFault, Event, Memory, RestoreFault, SnapshotFault, MEMORY_BYTES};
 use hatch::manager::ErrorKind;

@@ -649,6 +649,63 @@ fn a_vm_runs_on_the_hypervisor_its_create_names() {
         let id = id_of(v);
         assert_eq!(d.vm(&id)["hypervisor"], "qemu");
         d.wait_console(&id, "hatch-guest: ready");
+    }
+
+    // target_hypervisor on a Stopped snapshot: names this daemon lacks are
+    // 400 with the reason, another owner's snapshot a 404, nothing changes;
+    // its own backend named outright works.
+    let id = id_of(&named);
+    let r = snapshot(&d, &id, json!({"kind": "Stopped"}));
+    assert_eq!(r.status, 201, "{}", r.text);
+    let sid = id_of(&r.body);
+    let restore = |key: Option<&str>, body: Value| {
+        let path = format!("/instances/{id}/snapshots/{sid}/restore");
+        match key {
+            Some(k) => d.as_key(k, "POST", &path, Some(&body.to_string())),
+            None => d.req("POST", &path, Some(&body.to_string())),
+        }
+    };
+    let fork = |key: Option<&str>, body: Value| {
+        let path = format!("/snapshots/{sid}/fork");
+        match key {
+            Some(k) => d.as_key(k, "POST", &path, Some(&body.to_string())),
+            None => d.req("POST", &path, Some(&body.to_string())),
+        }
+    };
+    for (hv, needle) in [
+        ("vz", "target_hypervisor vz is not available on this host"),
+        ("xen", "target_hypervisor must be one of"),
+    ] {
+        let r = restore(None, json!({"target_hypervisor": hv}));
+        assert_eq!(r.status, 400, "{hv}: {}", r.text);
+        assert!(r.error().contains(needle), "{hv}: {}", r.text);
+        let r = fork(None, json!({"name": "moved", "target_hypervisor": hv}));
+        assert_eq!(r.status, 400, "{hv}: {}", r.text);
+        assert!(r.error().contains(needle), "{hv}: {}", r.text);
+    }
+    let bob = d.create_key(&["--name", "bob"]);
+    let r = restore(Some(&bob), json!({"target_hypervisor": "qemu"}));
+    assert_eq!(r.status, 404, "{}", r.text);
+    let r = fork(
+        Some(&bob),
+        json!({"name": "theirs", "target_hypervisor": "qemu"}),
+    );
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(d.vm(&id)["state"], "stopped");
+    assert_eq!(d.req("GET", "/vms", None).ids().len(), 2);
+    let r = restore(
+        None,
+        json!({"target_hypervisor": "qemu", "target_state": "Running"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        (r.body["hypervisor"].clone(), r.body["state"].clone()),
+        (json!("qemu"), json!("running"))
+    );
+    d.wait_console(&id, "hatch-guest: ready");
+
+    for v in [&named, &default] {
+        let id = id_of(v);
         assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
     }
     assert!(d.vmm_pids().is_empty());

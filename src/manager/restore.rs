@@ -5,9 +5,11 @@ use super::requests::{FromSnapshot, SnapshotKind, TargetState};
 use super::snapshots::{compression_of, stored, DiskSwap};
 use super::state::{CompressionState, VmState};
 use super::{Context, Manager, ManagerError, Result};
+use crate::image;
 use crate::snapshot::{self, ObjectError, Stored};
 use crate::store::{Owner, Snapshot, Vm};
 use crate::vmm::fifo::{grow_pipe, make_fifo};
+use crate::vmm::{self, confine, Vmm};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -127,17 +129,35 @@ impl Manager {
     }
 
     /// Downloads and verifies the snapshot's disk (and its device state
-    /// when `state`) into `dir`, then puts the disk in place as `vm`'s; the
-    /// VM's previous disk is kept until the swap is committed or rolled back.
+    /// when `state`) into `dir`, converts the disk to `backend`'s format when
+    /// the snapshot's backend keeps another (a Stopped snapshot moving
+    /// backends), then puts it in place as `vm`'s disk on `backend`. The
+    /// VM's previous disk is kept until the swap is committed (then it goes,
+    /// also one its previous backend kept in another format) or rolled back.
     pub(super) async fn fetch(
         &self,
         snap: &Snapshot,
         vm: &Vm,
+        backend: &dyn Vmm,
         dir: &Path,
         state: bool,
     ) -> Result<DiskSwap> {
-        Self::check_same_backend(snap, &vm.id, &vm.hypervisor).map_err(ManagerError::BadRequest)?;
-        let backend = self.backend_for(vm)?;
+        if state {
+            Self::check_same_backend(snap, &vm.id, backend.name())
+                .map_err(ManagerError::BadRequest)?;
+        }
+        let to = backend.capabilities().disk_format;
+        // Known by the snapshot's backend's name, never guessed from the disk.
+        let from = if snap.source_hypervisor == backend.name() {
+            to
+        } else {
+            vmm::disk_format_of(&snap.source_hypervisor).ok_or_else(|| {
+                ManagerError::BadRequest(format!(
+                    "snapshot {} was taken on {}, whose disk format this daemon does not know",
+                    snap.id, snap.source_hypervisor
+                ))
+            })?
+        };
         let work_dir = self.work_dir(&vm.id);
         tokio::fs::create_dir_all(dir).await?;
         if state {
@@ -149,14 +169,49 @@ impl Manager {
                 )
                 .await?;
         }
-        let fetched = backend.disk_path(dir);
-        self.objects
-            .get_file(
-                &snap.disk_key,
-                &fetched,
-                &stored(&snap.disk_sha256, snap.disk_size),
-            )
-            .await?;
+        let disk_stored = stored(&snap.disk_sha256, snap.disk_size);
+        let fetched = if from == to {
+            let fetched = backend.disk_path(dir);
+            self.objects
+                .get_file(&snap.disk_key, &fetched, &disk_stored)
+                .await?;
+            fetched
+        } else {
+            // The conversion sees these two directories and the image, nothing else.
+            let (input, out) = (dir.join("in"), dir.join("out"));
+            tokio::fs::create_dir_all(&input).await?;
+            tokio::fs::create_dir_all(&out).await?;
+            let source = from.path_in(&input);
+            self.objects
+                .get_file(&snap.disk_key, &source, &disk_stored)
+                .await?;
+            let rootfs = image::rootfs_in(Path::new(&vm.image_dir));
+            let converted = vmm::disk::convert(&vmm::disk::Conversion {
+                input: &source,
+                from,
+                to,
+                out_dir: &out,
+                rootfs: &rootfs,
+                stored: image::rootfs_format(&rootfs),
+                hide: &[confine::hiding_root(&self.config.data_dir)],
+            })
+            .await
+            .map_err(ManagerError::from)
+            .context(|| {
+                format!(
+                    "converting the disk of snapshot {} from {} for {}",
+                    snap.id,
+                    snap.source_hypervisor,
+                    backend.name()
+                )
+            })?;
+            // The backend names its disk; the converted file takes that name.
+            let named = backend.disk_path(&out);
+            if converted != named {
+                tokio::fs::rename(&converted, &named).await?;
+            }
+            named
+        };
         tokio::fs::create_dir_all(&work_dir).await?;
         // Everything arrived intact: only now is the VM's disk replaced.
         let disk = backend.disk_path(&work_dir);
@@ -174,9 +229,15 @@ impl Manager {
             }
             return Err(e.into());
         }
+        // The disk the VM had on its previous backend, under that backend's name.
+        let previous = match self.backend_for(vm) {
+            Ok(b) => Some(b.disk_path(&work_dir)),
+            Err(_) => vmm::disk_format_of(&vm.hypervisor).map(|f| f.path_in(&work_dir)),
+        };
         Ok(DiskSwap {
-            disk,
             backup: had_disk.then_some(backup),
+            previous: previous.filter(|p| *p != disk),
+            disk,
         })
     }
 
@@ -284,7 +345,7 @@ impl Manager {
                 tokio::fs::create_dir_all(&dir).await?;
                 self.fetch_memory_file(snap, &files.memory).await?;
             }
-            let swap = self.fetch(snap, vm, &dir, true).await?;
+            let swap = self.fetch(snap, vm, backend.as_ref(), &dir, true).await?;
             let feed = match memory {
                 SavedMemory::Stream => self.memory_feed(snap, &files.memory),
                 // Already there and verified: nothing left to send.
@@ -383,19 +444,24 @@ impl Manager {
         let target = req
             .target(kind, &self.backends.names())
             .map_err(ManagerError::BadRequest)?;
-        if let Some(h) = req
-            .target_hypervisor
-            .as_deref()
-            .filter(|h| *h != vm.hypervisor)
-        {
-            return Err(ManagerError::BadRequest(format!(
-                "instance {id} runs on {}: moving it to {h} is not supported yet",
-                vm.hypervisor
-            )));
+        // Where the instance runs afterwards: `target_hypervisor` (a Stopped
+        // snapshot's disk is converted for it), else where it runs now.
+        let backend = match req.target_hypervisor.as_deref() {
+            Some(h) => self
+                .backends
+                .get(h)
+                .map_err(|e| ManagerError::BadRequest(format!("target_hypervisor: {e}")))?,
+            None => self.backend_or_reject(&vm)?,
+        };
+        if kind == SnapshotKind::Standby {
+            // Its memory (and disk) load only on the backend that saved them.
+            Self::check_same_backend(&snap, &vm.id, backend.name())
+                .map_err(ManagerError::BadRequest)?;
         }
-        self.backend_or_reject(&vm)?;
-        Self::check_same_backend(&snap, &vm.id, &vm.hypervisor)
-            .map_err(ManagerError::BadRequest)?;
+        if backend.name() != vm.hypervisor {
+            Self::check_kernel(backend.as_ref(), Path::new(&vm.image_dir))
+                .map_err(|e| ManagerError::BadRequest(format!("target_hypervisor: {e}")))?;
+        }
         let st = vm.state;
         if !matches!(st, VmState::Stopped | VmState::Snapshotted | VmState::Error) {
             return Err(ManagerError::Conflict(format!(
@@ -419,14 +485,21 @@ impl Manager {
                 // The snapshot's disk, booted fresh (Running) or not at all (Stopped).
                 let (_r, snap) = self.read_locked(&snap).await?;
                 let dir = self.work_dir(id).join(format!("restore-{}", snap.id));
-                let fetched = self.fetch(&snap, &vm, &dir, false).await;
+                let fetched = self.fetch(&snap, &vm, backend.as_ref(), &dir, false).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
-                fetched
-                    .map(DiskSwap::commit)
-                    .context(|| {
-                        format!("restoring instance {id} from {snap_id} failed, it is unchanged")
-                    })?
-                    .await;
+                let unchanged =
+                    || format!("restoring instance {id} from {snap_id} failed, it is unchanged");
+                let swap = fetched.context(unchanged)?;
+                if backend.name() != vm.hypervisor {
+                    // The disk in place is the new backend's: so is the VM now.
+                    if let Err(e) = self.store.set_vm_hypervisor(id, backend.name()).await {
+                        swap.rollback().await;
+                        return Err(ManagerError::from(e).context(unchanged()));
+                    }
+                    tracing::info!(vm = id, from = %vm.hypervisor, to = backend.name(), "moved to another hypervisor");
+                    vm.hypervisor = backend.name().into();
+                }
+                swap.commit().await;
                 self.store.set_vm_standby(id, None).await?;
                 vm.standby_snapshot_id = None;
                 if vm.state != VmState::Stopped {

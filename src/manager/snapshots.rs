@@ -31,12 +31,15 @@ pub(super) fn compression_of(snap: &Snapshot) -> CompressionConfig {
 pub(super) struct DiskSwap {
     pub(super) disk: std::path::PathBuf,
     pub(super) backup: Option<std::path::PathBuf>,
+    /// The VM's disk under its previous backend's name, when the snapshot's
+    /// disk went in for another backend: it goes at commit.
+    pub(super) previous: Option<std::path::PathBuf>,
 }
 
 impl DiskSwap {
     pub(super) async fn commit(self) {
-        if let Some(b) = &self.backup {
-            let _ = tokio::fs::remove_file(b).await;
+        for old in [&self.backup, &self.previous].into_iter().flatten() {
+            let _ = tokio::fs::remove_file(old).await;
         }
     }
 

@@ -125,6 +125,7 @@ pub struct FakeVmm {
     name: &'static str,
     memory: MemoryTransport,
     kernels: &'static [KernelFormat],
+    disk_format: DiskFormat,
     vms: Mutex<HashMap<String, VmRecord>>,
     faults: Mutex<Faults>,
 }
@@ -146,16 +147,29 @@ impl FakeVmm {
     }
 
     /// A fake registered as `name` (a name the API accepts, where a test
-    /// needs one), moving memory as `memory` says, booting only `kernels`.
+    /// needs one), moving memory as `memory` says, booting only `kernels`,
+    /// its disks raw.
     pub fn named(
         name: &'static str,
         memory: MemoryTransport,
         kernels: &'static [KernelFormat],
     ) -> Arc<FakeVmm> {
+        FakeVmm::with_disks(name, memory, kernels, DiskFormat::Raw)
+    }
+
+    /// `named`, its disks in `disk_format` (a qcow2 overlay is made by the
+    /// same disk code as a real backend's, with `qemu-img`).
+    pub fn with_disks(
+        name: &'static str,
+        memory: MemoryTransport,
+        kernels: &'static [KernelFormat],
+        disk_format: DiskFormat,
+    ) -> Arc<FakeVmm> {
         Arc::new(FakeVmm {
             name,
             memory,
             kernels,
+            disk_format,
             vms: Default::default(),
             faults: Default::default(),
         })
@@ -313,8 +327,8 @@ impl Vmm for FakeVmm {
         Capabilities {
             snapshot: true,
             graceful_shutdown: true,
-            // A raw copy of the image's rootfs: no disk tool runs in this tier.
-            disk_format: DiskFormat::Raw,
+            // Raw by default: a copy of the image's rootfs, no disk tool needed.
+            disk_format: self.disk_format,
             kernels: self.kernels,
             memory: self.memory,
         }
