@@ -649,14 +649,17 @@ mod tests {
             };
             assert_eq!(r.validate(), Ok(()), "{h}");
         }
-        for bad in ["", "QEMU", "xen", "qemu ", "../qemu"] {
+        for bad in ["", "VZ", "xen", "vz ", "../vz"] {
             let r = CreateVm {
                 hypervisor: Some(bad.into()),
                 ..Default::default()
             };
             assert_eq!(
                 r.validate().unwrap_err(),
-                format!("hypervisor must be one of cloud-hypervisor, firecracker, qemu, vz, got {bad:?}")
+                format!(
+                    "hypervisor must be one of {}, got {bad:?}",
+                    crate::vmm::HYPERVISORS.join(", ")
+                )
             );
         }
     }
