@@ -14,7 +14,7 @@ use super::{flip_byte, state, FILE_LIMIT, MEM_MIB};
 use hatch::manager::requests::{CreateSnapshot, FromSnapshot};
 use hatch::manager::ErrorKind;
 use hatch::store::Snapshot;
-use hatch::vmm::{DiskFormat, MemoryTransport};
+use hatch::vmm::{DiskFormat, KernelFormat, MemoryTransport};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -395,4 +395,59 @@ async fn moves_that_cannot_be_made_change_nothing() {
     assert_eq!(vm.hypervisor, "firecracker");
     assert_eq!(disk_files(&h, &id), ["disk.raw"]);
     assert!(disk_bytes(&disk_of(&h, &id, DiskFormat::Raw)) == expected(&h, &[(0, 0x11)]));
+}
+
+#[tokio::test]
+async fn a_move_to_a_backend_that_cannot_boot_the_image_is_refused() {
+    let _shared = FILE_LIMIT.read().await;
+    let qemu = FakeVmm::with_disks(
+        "qemu",
+        MemoryTransport::Stream,
+        BOTH_KERNELS,
+        DiskFormat::Qcow2Overlay,
+    );
+    let fc = FakeVmm::with_disks(
+        "firecracker",
+        MemoryTransport::MappedFile,
+        &[KernelFormat::Elf],
+        DiskFormat::Raw,
+    );
+    let h = Host::with_fakes(&[], vec![qemu, fc]).await;
+    let image = h.manager.get_image(&h.owner, "img_default").await.unwrap();
+    // A bzImage: the boot sector signature and `HdrS`.
+    let mut head = vec![0u8; 0x400];
+    head[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+    head[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(hatch::image::kernel_in(Path::new(&image.dir)), head).unwrap();
+    let id = h.create(MEM_MIB).await.unwrap().id;
+    let snap = stopped_snapshot(&h, &id).await;
+    let reason = "target_hypervisor: the image's kernel is a bzImage, and the firecracker backend boots only an ELF vmlinux";
+    let err = h
+        .manager
+        .restore_snapshot(&h.owner, &id, &snap.id, onto("firecracker", "Stopped"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::BadRequest, "{err}");
+    assert_eq!(err.to_string(), reason);
+    let err = h
+        .manager
+        .fork_snapshot(
+            &h.owner,
+            &snap.id,
+            FromSnapshot {
+                name: Some("cannot-boot".into()),
+                ..onto("firecracker", "Stopped")
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::BadRequest, "{err}");
+    assert_eq!(err.to_string(), reason);
+    let vms = h.manager.list_vms(&h.owner).await.unwrap();
+    assert_eq!(vms.len(), 1, "no fork was made");
+    assert_eq!(
+        (vms[0].hypervisor.as_str(), state(&vms[0]).as_str()),
+        ("qemu", "stopped")
+    );
+    assert_eq!(disk_files(&h, &id), ["disk.qcow2"]);
 }
