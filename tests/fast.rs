@@ -2,10 +2,16 @@
 //! on a temporary SQLite file and data dir with the FakeVmm (a fake standing
 //! in for a hypervisor), networking off: no root, QEMU or network namespace.
 
+#[path = "fast/backends.rs"]
+mod backends;
 #[path = "fast/fake_vmm.rs"]
 mod fake_vmm;
 #[path = "fast/host.rs"]
 mod host;
+#[path = "fast/mapped.rs"]
+mod mapped;
+#[path = "fast/moves.rs"]
+mod moves;
 
 use fake_vmm::{BootFault, Event, Memory, RestoreFault, SnapshotFault, MEMORY_BYTES};
 use hatch::manager::ErrorKind;

@@ -610,3 +610,103 @@ fn compression_defaults_come_from_server_instance_and_request() {
         assert_eq!(d.req("DELETE", &format!("/vms/{v}"), None).status, 200);
     }
 }
+
+/// `hypervisor` at create (Hatch `POST /vms`): a name the API knows and this
+/// daemon has runs the VM there; the server's default when absent; any other
+/// name is a 400 with the reason, and nothing is made.
+#[test]
+fn a_vm_runs_on_the_hypervisor_its_create_names() {
+    let d = Daemon::start();
+    for (body, needle) in [
+        (
+            json!({"hypervisor": "vz"}),
+            "hypervisor: hypervisor vz is not available on this host (it has qemu",
+        ),
+        (
+            json!({"hypervisor": "cloud-hypervisor"}),
+            "hypervisor: hypervisor cloud-hypervisor is not available on this host",
+        ),
+        (
+            json!({"hypervisor": "xen"}),
+            "hypervisor must be one of cloud-hypervisor, firecracker, qemu, vz, got \"xen\"",
+        ),
+        (json!({"hypervisor": "QEMU"}), "hypervisor must be one of"),
+        (json!({"hypervisor": ""}), "hypervisor must be one of"),
+        (json!({"hypervisor": 7}), "expected a string"),
+    ] {
+        let r = d.req("POST", "/vms", Some(&body.to_string()));
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert!(r.error().contains(needle), "{body}: {}", r.text);
+    }
+    assert_eq!(d.req("GET", "/vms", None).ids(), Vec::<String>::new());
+
+    let named = d.create_vm(r#"{"hypervisor": "qemu", "enable_network": false, "mem_mib": 128}"#);
+    assert_eq!(named["hypervisor"], "qemu");
+    assert_eq!(named["state"], "running");
+    let default = d.create_vm(r#"{"enable_network": false, "mem_mib": 128}"#);
+    assert_eq!(default["hypervisor"], "qemu");
+    for v in [&named, &default] {
+        let id = id_of(v);
+        assert_eq!(d.vm(&id)["hypervisor"], "qemu");
+        d.wait_console(&id, "hatch-guest: ready");
+    }
+
+    // target_hypervisor on a Stopped snapshot: names this daemon lacks are
+    // 400 with the reason, another owner's snapshot a 404, nothing changes;
+    // its own backend named outright works.
+    let id = id_of(&named);
+    let r = snapshot(&d, &id, json!({"kind": "Stopped"}));
+    assert_eq!(r.status, 201, "{}", r.text);
+    let sid = id_of(&r.body);
+    let restore = |key: Option<&str>, body: Value| {
+        let path = format!("/instances/{id}/snapshots/{sid}/restore");
+        match key {
+            Some(k) => d.as_key(k, "POST", &path, Some(&body.to_string())),
+            None => d.req("POST", &path, Some(&body.to_string())),
+        }
+    };
+    let fork = |key: Option<&str>, body: Value| {
+        let path = format!("/snapshots/{sid}/fork");
+        match key {
+            Some(k) => d.as_key(k, "POST", &path, Some(&body.to_string())),
+            None => d.req("POST", &path, Some(&body.to_string())),
+        }
+    };
+    for (hv, needle) in [
+        ("vz", "target_hypervisor vz is not available on this host"),
+        ("xen", "target_hypervisor must be one of"),
+    ] {
+        let r = restore(None, json!({"target_hypervisor": hv}));
+        assert_eq!(r.status, 400, "{hv}: {}", r.text);
+        assert!(r.error().contains(needle), "{hv}: {}", r.text);
+        let r = fork(None, json!({"name": "moved", "target_hypervisor": hv}));
+        assert_eq!(r.status, 400, "{hv}: {}", r.text);
+        assert!(r.error().contains(needle), "{hv}: {}", r.text);
+    }
+    let bob = d.create_key(&["--name", "bob"]);
+    let r = restore(Some(&bob), json!({"target_hypervisor": "qemu"}));
+    assert_eq!(r.status, 404, "{}", r.text);
+    let r = fork(
+        Some(&bob),
+        json!({"name": "theirs", "target_hypervisor": "qemu"}),
+    );
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(d.vm(&id)["state"], "stopped");
+    assert_eq!(d.req("GET", "/vms", None).ids().len(), 2);
+    let r = restore(
+        None,
+        json!({"target_hypervisor": "qemu", "target_state": "Running"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        (r.body["hypervisor"].clone(), r.body["state"].clone()),
+        (json!("qemu"), json!("running"))
+    );
+    d.wait_console(&id, "hatch-guest: ready");
+
+    for v in [&named, &default] {
+        let id = id_of(v);
+        assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+    }
+    assert!(d.vmm_pids().is_empty());
+}

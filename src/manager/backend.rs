@@ -9,6 +9,17 @@ use crate::vmm::{self, MemoryTransport, Vmm};
 use std::path::Path;
 use std::sync::Arc;
 
+/// How a Standby snapshot's memory moves between a VMM and the store, as
+/// far as the manager implements it (`check_standby_support`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SavedMemory {
+    /// Uploaded from a FIFO while the VMM writes it; fed back the same way.
+    Stream,
+    /// A regular file the VMM writes whole, uploaded afterwards; fetched and
+    /// verified whole before the VMM that maps it starts.
+    File,
+}
+
 impl Manager {
     /// The backend `vm` runs on: the one its `hypervisor` names, or an
     /// error saying this daemon has none by that name (never another one).
@@ -45,8 +56,11 @@ impl Manager {
     }
 
     /// Whether `backend` can save a guest's memory in a way this daemon can
-    /// store: today through a stream only.
-    pub(super) fn check_standby_support(backend: &dyn Vmm) -> std::result::Result<(), String> {
+    /// store, and how that memory moves: through a stream, or as a file the
+    /// VMM writes whole (and maps on restore).
+    pub(super) fn check_standby_support(
+        backend: &dyn Vmm,
+    ) -> std::result::Result<SavedMemory, String> {
         let caps = backend.capabilities();
         if !caps.snapshot {
             return Err(format!(
@@ -55,7 +69,8 @@ impl Manager {
             ));
         }
         match caps.memory {
-            MemoryTransport::Stream => Ok(()),
+            MemoryTransport::Stream => Ok(SavedMemory::Stream),
+            MemoryTransport::MappedFile => Ok(SavedMemory::File),
             other => Err(format!(
                 "snapshots through {other} (the {} backend's) are not supported yet",
                 backend.name()
@@ -138,21 +153,26 @@ mod tests {
     }
 
     #[test]
-    fn memory_moved_any_other_way_than_a_stream_is_not_supported_yet() {
+    fn memory_moves_as_a_stream_or_a_mapped_file_and_nothing_else_yet() {
         let stream = FakeBackend::new("streams");
-        assert_eq!(Manager::check_standby_support(&stream), Ok(()));
-        for (transport, words) in [
-            (MemoryTransport::MappedFile, "a mapped memory file"),
-            (MemoryTransport::Directory, "a snapshot directory"),
-        ] {
-            let other = FakeBackend::new("maps").memory(transport);
-            let e = Manager::check_standby_support(&other).unwrap_err();
-            assert_eq!(
-                e,
-                format!("snapshots through {words} (the maps backend's) are not supported yet")
-            );
-        }
-        let none = FakeBackend::new("plain").without_snapshots();
+        assert_eq!(
+            Manager::check_standby_support(&stream),
+            Ok(SavedMemory::Stream)
+        );
+        let mapped = FakeBackend::new("maps").memory(MemoryTransport::MappedFile);
+        assert_eq!(
+            Manager::check_standby_support(&mapped),
+            Ok(SavedMemory::File)
+        );
+        let other = FakeBackend::new("dirs").memory(MemoryTransport::Directory);
+        let e = Manager::check_standby_support(&other).unwrap_err();
+        assert_eq!(
+            e,
+            "snapshots through a snapshot directory (the dirs backend's) are not supported yet"
+        );
+        let none = FakeBackend::new("plain")
+            .memory(MemoryTransport::MappedFile)
+            .without_snapshots();
         assert!(Manager::check_standby_support(&none)
             .unwrap_err()
             .contains("cannot save a guest's memory"));

@@ -1,5 +1,6 @@
 //! Snapshot capture: Standby (memory, CPU and disk of a paused guest) and Stopped (the disk alone).
 
+use super::backend::SavedMemory;
 use super::quotas::SnapshotQuota;
 use super::requests::{CreateSnapshot, SnapshotKind};
 use super::state::{CompressionState, SnapshotStatus, VmState};
@@ -178,9 +179,10 @@ impl Manager {
         Ok(())
     }
 
-    /// Pauses and saves the guest, streaming its memory straight into the
-    /// store through a FIFO (never a whole copy on local disk or in RAM),
-    /// then stores state and disk.
+    /// Pauses and saves the guest, then stores state and disk. Memory moves
+    /// as the backend saves it: streamed straight into the store through a
+    /// FIFO (never a whole copy on local disk or in RAM), or written whole
+    /// into `dir` by the VMM and uploaded from there. The caller removes `dir`.
     pub(super) async fn capture(
         &self,
         backend: &dyn Vmm,
@@ -188,20 +190,31 @@ impl Manager {
         dir: &Path,
         snap: &mut Snapshot,
     ) -> Result<()> {
-        Self::check_standby_support(backend).map_err(ManagerError::BadRequest)?;
+        let saved = Self::check_standby_support(backend).map_err(ManagerError::BadRequest)?;
         tokio::fs::create_dir_all(dir).await?;
         let files = backend.snapshot_files(dir);
-        let pipe = MemoryPipe::open(&files.memory).context(|| "memory pipe".into())?;
-        let (reader, keeper) = (pipe.reader, pipe.keeper);
-        let save = async {
-            let saved = backend.snapshot(spec, &files).await;
-            // The VMM's writer is done (or never came): let the reader see the end.
-            drop(keeper);
-            saved
+        let memory = match saved {
+            SavedMemory::Stream => {
+                let pipe = MemoryPipe::open(&files.memory).context(|| "memory pipe".into())?;
+                let (reader, keeper) = (pipe.reader, pipe.keeper);
+                let save = async {
+                    let saved = backend.snapshot(spec, &files).await;
+                    // The VMM's writer is done (or never came): let the reader see the end.
+                    drop(keeper);
+                    saved
+                };
+                let (saved, memory) =
+                    tokio::join!(save, self.objects.put_reader(&snap.memory_key, reader));
+                saved?;
+                memory?
+            }
+            SavedMemory::File => {
+                backend.snapshot(spec, &files).await?;
+                self.objects
+                    .put_file(&snap.memory_key, &files.memory)
+                    .await?
+            }
         };
-        let (saved, memory) = tokio::join!(save, self.objects.put_reader(&snap.memory_key, reader));
-        saved?;
-        let memory = memory?;
         // The guest is paused and the VMM flushed the disk when saving completed.
         let state = self.objects.put_file(&snap.state_key, &files.state).await?;
         let disk = self.objects.put_file(&snap.disk_key, &spec.disk).await?;

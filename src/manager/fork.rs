@@ -35,27 +35,25 @@ impl Manager {
         let target = req
             .target(kind, &self.backends.names())
             .map_err(ManagerError::BadRequest)?;
-        // The fork runs where its snapshot was taken: its disk (and memory)
-        // are in that backend's format.
-        if let Some(h) = req
+        // The fork runs where its snapshot was taken, or (a Stopped snapshot,
+        // whose disk is converted) on `target_hypervisor`.
+        let hypervisor = req
             .target_hypervisor
             .as_deref()
-            .filter(|h| *h != snap.source_hypervisor)
-        {
-            return Err(ManagerError::BadRequest(format!(
-                "snapshot {snap_id} was taken on {}: forking it onto {h} is not supported yet",
-                snap.source_hypervisor
-            )));
-        }
+            .unwrap_or(&snap.source_hypervisor);
         let backend = self
             .backends
-            .get(&snap.source_hypervisor)
+            .get(hypervisor)
             .map_err(|e| ManagerError::BadRequest(format!("snapshot {snap_id}: {e}")))?;
         let source = self
             .store
             .get_vm(&snap.vm_id)
             .await?
             .ok_or_else(|| not_found("instance", &snap.vm_id))?;
+        if backend.name() != snap.source_hypervisor {
+            Self::check_kernel(backend.as_ref(), std::path::Path::new(&source.image_dir))
+                .map_err(|e| ManagerError::BadRequest(format!("target_hypervisor: {e}")))?;
+        }
         let saved = &snap.vm_config;
         let mut vm = Vm::new(NewVm {
             owner_id: owner.id.clone(),
@@ -143,7 +141,8 @@ impl Manager {
                 let lock = self.snap_lock(&snap.id);
                 let _r = lock.read().await;
                 let dir = work_dir.join(format!("restore-{}", snap.id));
-                let fetched = self.fetch(snap, vm, &dir, false).await;
+                let backend = self.backend_for(vm)?;
+                let fetched = self.fetch(snap, vm, backend.as_ref(), &dir, false).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 fetched?.commit().await;
                 if target == TargetState::Running {

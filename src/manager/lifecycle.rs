@@ -77,8 +77,15 @@ impl Manager {
                 )))
             }
         };
-        // A new VM runs on the server's default backend, which must boot the image's kernel.
-        let backend = Arc::clone(self.backends.default_backend());
+        // The backend asked for (else the server's default) must be one this
+        // daemon has, and must boot the image's kernel.
+        let backend = match &req.hypervisor {
+            Some(h) => self
+                .backends
+                .get(h)
+                .map_err(|e| ManagerError::BadRequest(format!("hypervisor: {e}")))?,
+            None => Arc::clone(self.backends.default_backend()),
+        };
         Self::check_kernel(backend.as_ref(), Path::new(&image.dir))
             .map_err(|e| ManagerError::BadRequest(format!("image_id: {e}")))?;
         let mut vm = Vm::new(NewVm {

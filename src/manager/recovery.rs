@@ -15,6 +15,7 @@ impl Manager {
             tracing::warn!(killed, "killed VMM processes left from a previous daemon");
         }
         self.backends.recover().await;
+        self.remove_snapshot_scratch().await;
         match self.objects.remove_unfinished_uploads().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(files = n, "removed uploads a crash left unfinished"),

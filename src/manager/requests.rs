@@ -40,6 +40,9 @@ pub struct CreateVm {
     /// This VM's own idle timeout, in seconds (also turns idle sleep on for it
     /// when the server has none).
     pub idle_timeout_seconds: Option<i64>,
+    /// The backend it runs on (one of `vmm::HYPERVISORS`, and one this daemon
+    /// has); the server's default when absent.
+    pub hypervisor: Option<String>,
 }
 
 /// The longest idle timeout a VM may have: 30 days.
@@ -228,13 +231,7 @@ impl FromSnapshot {
             );
         }
         if let Some(h) = &self.target_hypervisor {
-            // Every name the API knows, also those this daemon has no backend for.
-            if !crate::vmm::HYPERVISORS.contains(&h.as_str()) {
-                return Err(format!(
-                    "target_hypervisor must be one of {}, got {h:?}",
-                    crate::vmm::HYPERVISORS.join(", ")
-                ));
-            }
+            check_hypervisor("target_hypervisor", h)?;
             if kind == SnapshotKind::Standby {
                 return Err(
                     "target_hypervisor can only be given for a Stopped snapshot: a Standby snapshot's memory loads only in the hypervisor that saved it"
@@ -250,6 +247,18 @@ impl FromSnapshot {
         }
         Ok(state)
     }
+}
+
+/// A hypervisor name from a request: one the API knows (`vmm::HYPERVISORS`),
+/// whether or not this daemon has a backend for it (the registry says that).
+pub fn check_hypervisor(field: &str, name: &str) -> Result<(), String> {
+    if crate::vmm::HYPERVISORS.contains(&name) {
+        return Ok(());
+    }
+    Err(format!(
+        "{field} must be one of {}, got {name:?}",
+        crate::vmm::HYPERVISORS.join(", ")
+    ))
 }
 
 /// Instance and snapshot names: lowercase letters, digits and dashes, not
@@ -455,6 +464,9 @@ impl CreateVm {
         if let Some(t) = self.idle_timeout_seconds {
             check_idle_timeout(t)?;
         }
+        if let Some(h) = &self.hypervisor {
+            check_hypervisor("hypervisor", h)?;
+        }
         if self.enable_network == Some(false) {
             for (field, value) in [("guest_ip", &self.guest_ip), ("guest_mac", &self.guest_mac)] {
                 if value.is_some() {
@@ -628,6 +640,30 @@ mod tests {
         assert!(!p(&[("name", "other")])
             .unwrap()
             .matches(&snap("Standby", "vm_z", "{}")));
+    }
+
+    #[test]
+    fn a_hypervisor_is_one_the_api_knows() {
+        for h in crate::vmm::HYPERVISORS {
+            let r = CreateVm {
+                hypervisor: Some(h.into()),
+                ..Default::default()
+            };
+            assert_eq!(r.validate(), Ok(()), "{h}");
+        }
+        for bad in ["", "VZ", "xen", "vz ", "../vz"] {
+            let r = CreateVm {
+                hypervisor: Some(bad.into()),
+                ..Default::default()
+            };
+            assert_eq!(
+                r.validate().unwrap_err(),
+                format!(
+                    "hypervisor must be one of {}, got {bad:?}",
+                    crate::vmm::HYPERVISORS.join(", ")
+                )
+            );
+        }
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Restore: a VM resumed from its standby snapshot or from one it chose.
 
+use super::backend::SavedMemory;
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
 use super::snapshots::{compression_of, stored, DiskSwap};
 use super::state::{CompressionState, VmState};
 use super::{Context, Manager, ManagerError, Result};
+use crate::image;
 use crate::snapshot::{self, ObjectError, Stored};
 use crate::store::{Owner, Snapshot, Vm};
 use crate::vmm::fifo::{grow_pipe, make_fifo};
+use crate::vmm::{self, confine, Vmm};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -126,36 +129,89 @@ impl Manager {
     }
 
     /// Downloads and verifies the snapshot's disk (and its device state
-    /// when `state`) into `dir`, then puts the disk in place as `vm`'s; the
-    /// VM's previous disk is kept until the swap is committed or rolled back.
+    /// when `state`) into `dir`, converts the disk to `backend`'s format when
+    /// the snapshot's backend keeps another (a Stopped snapshot moving
+    /// backends), then puts it in place as `vm`'s disk on `backend`. The
+    /// VM's previous disk is kept until the swap is committed (then it goes,
+    /// also one its previous backend kept in another format) or rolled back.
     pub(super) async fn fetch(
         &self,
         snap: &Snapshot,
         vm: &Vm,
+        backend: &dyn Vmm,
         dir: &Path,
         state: bool,
     ) -> Result<DiskSwap> {
-        Self::check_same_backend(snap, &vm.id, &vm.hypervisor).map_err(ManagerError::BadRequest)?;
-        let backend = self.backend_for(vm)?;
+        if state {
+            Self::check_same_backend(snap, &vm.id, backend.name())
+                .map_err(ManagerError::BadRequest)?;
+        }
+        let to = backend.capabilities().disk_format;
+        // Known by the snapshot's backend's name, never guessed from the disk.
+        let from = if snap.source_hypervisor == backend.name() {
+            to
+        } else {
+            vmm::disk_format_of(&snap.source_hypervisor).ok_or_else(|| {
+                ManagerError::BadRequest(format!(
+                    "snapshot {} was taken on {}, whose disk format this daemon does not know",
+                    snap.id, snap.source_hypervisor
+                ))
+            })?
+        };
         let work_dir = self.work_dir(&vm.id);
         tokio::fs::create_dir_all(dir).await?;
         if state {
             self.objects
                 .get_file(
                     &snap.state_key,
-                    &dir.join("vmstate"),
+                    &backend.snapshot_files(dir).state,
                     &stored(&snap.state_sha256, snap.state_size),
                 )
                 .await?;
         }
-        let fetched = backend.disk_path(dir);
-        self.objects
-            .get_file(
-                &snap.disk_key,
-                &fetched,
-                &stored(&snap.disk_sha256, snap.disk_size),
-            )
-            .await?;
+        let disk_stored = stored(&snap.disk_sha256, snap.disk_size);
+        let fetched = if from == to {
+            let fetched = backend.disk_path(dir);
+            self.objects
+                .get_file(&snap.disk_key, &fetched, &disk_stored)
+                .await?;
+            fetched
+        } else {
+            // The conversion sees these two directories and the image, nothing else.
+            let (input, out) = (dir.join("in"), dir.join("out"));
+            tokio::fs::create_dir_all(&input).await?;
+            tokio::fs::create_dir_all(&out).await?;
+            let source = from.path_in(&input);
+            self.objects
+                .get_file(&snap.disk_key, &source, &disk_stored)
+                .await?;
+            let rootfs = image::rootfs_in(Path::new(&vm.image_dir));
+            let converted = vmm::disk::convert(&vmm::disk::Conversion {
+                input: &source,
+                from,
+                to,
+                out_dir: &out,
+                rootfs: &rootfs,
+                stored: image::rootfs_format(&rootfs),
+                hide: &[confine::hiding_root(&self.config.data_dir)],
+            })
+            .await
+            .map_err(ManagerError::from)
+            .context(|| {
+                format!(
+                    "converting the disk of snapshot {} from {} for {}",
+                    snap.id,
+                    snap.source_hypervisor,
+                    backend.name()
+                )
+            })?;
+            // The backend names its disk; the converted file takes that name.
+            let named = backend.disk_path(&out);
+            if converted != named {
+                tokio::fs::rename(&converted, &named).await?;
+            }
+            named
+        };
         tokio::fs::create_dir_all(&work_dir).await?;
         // Everything arrived intact: only now is the VM's disk replaced.
         let disk = backend.disk_path(&work_dir);
@@ -173,9 +229,15 @@ impl Manager {
             }
             return Err(e.into());
         }
+        // The disk the VM had on its previous backend, under that backend's name.
+        let previous = match self.backend_for(vm) {
+            Ok(b) => Some(b.disk_path(&work_dir)),
+            Err(_) => vmm::disk_format_of(&vm.hypervisor).map(|f| f.path_in(&work_dir)),
+        };
         Ok(DiskSwap {
-            disk,
             backup: had_disk.then_some(backup),
+            previous: previous.filter(|p| *p != disk),
+            disk,
         })
     }
 
@@ -265,17 +327,31 @@ impl Manager {
         }))
     }
 
-    /// Verified state and disk in place, then the memory streamed into a new
-    /// VMM for `vm`, which resumes. On failure the VM's disk is as it was.
+    /// Verified state and disk in place, then the memory given to a new VMM
+    /// for `vm`, which resumes: streamed (and verified as it goes), or, for a
+    /// backend that maps a memory file, fetched and verified whole before the
+    /// VMM starts. On failure the VM's disk is as it was. The restore
+    /// directory goes either way (a VMM that maps the memory keeps its mapping).
     pub(super) async fn load_standby(self: &Arc<Self>, vm: &Vm, snap: &Snapshot) -> Result<()> {
         let backend = self.backend_for(vm)?;
-        Self::check_standby_support(backend.as_ref()).map_err(ManagerError::BadRequest)?;
+        let memory =
+            Self::check_standby_support(backend.as_ref()).map_err(ManagerError::BadRequest)?;
         let work_dir = self.work_dir(&vm.id);
         let dir = work_dir.join(format!("restore-{}", snap.id));
         let result = async {
-            let swap = self.fetch(snap, vm, &dir, true).await?;
             let files = backend.snapshot_files(&dir);
-            let loaded = match self.memory_feed(snap, &files.memory) {
+            if memory == SavedMemory::File {
+                // First: a corrupt or missing memory object changes nothing.
+                tokio::fs::create_dir_all(&dir).await?;
+                self.fetch_memory_file(snap, &files.memory).await?;
+            }
+            let swap = self.fetch(snap, vm, backend.as_ref(), &dir, true).await?;
+            let feed = match memory {
+                SavedMemory::Stream => self.memory_feed(snap, &files.memory),
+                // Already there and verified: nothing left to send.
+                SavedMemory::File => Ok(Box::pin(std::future::ready(Ok(()))) as super::MemoryFeed),
+            };
+            let loaded = match feed {
                 Ok(feed) => self.boot_from(vm, Some((&files, feed))).await,
                 Err(e) => Err(e),
             };
@@ -286,13 +362,32 @@ impl Manager {
                 }
                 Err(e) => {
                     swap.rollback().await;
-                    Err(self.explain_load_failure(snap, e).await)
+                    Err(match memory {
+                        SavedMemory::Stream => self.explain_load_failure(snap, e).await,
+                        // The memory was verified before the VMM saw it.
+                        SavedMemory::File => e,
+                    })
                 }
             }
         }
         .await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
         result
+    }
+
+    /// `snap`'s memory into the regular file `dest`, decompressed when it is
+    /// stored compressed, every byte verified; `dest` appears only if all were.
+    pub(super) async fn fetch_memory_file(&self, snap: &Snapshot, dest: &Path) -> Result<()> {
+        let (key, expected, decompress) = Self::memory_source(snap);
+        match decompress {
+            None => self.objects.get_file(&key, dest, &expected).await?,
+            Some((algorithm, raw)) => {
+                self.objects
+                    .get_file_decompressed(&key, dest, &expected, algorithm, &raw)
+                    .await?
+            }
+        }
+        Ok(())
     }
 
     /// A VMM that could not load streamed memory says little about why; when
@@ -349,19 +444,24 @@ impl Manager {
         let target = req
             .target(kind, &self.backends.names())
             .map_err(ManagerError::BadRequest)?;
-        if let Some(h) = req
-            .target_hypervisor
-            .as_deref()
-            .filter(|h| *h != vm.hypervisor)
-        {
-            return Err(ManagerError::BadRequest(format!(
-                "instance {id} runs on {}: moving it to {h} is not supported yet",
-                vm.hypervisor
-            )));
+        // Where the instance runs afterwards: `target_hypervisor` (a Stopped
+        // snapshot's disk is converted for it), else where it runs now.
+        let backend = match req.target_hypervisor.as_deref() {
+            Some(h) => self
+                .backends
+                .get(h)
+                .map_err(|e| ManagerError::BadRequest(format!("target_hypervisor: {e}")))?,
+            None => self.backend_or_reject(&vm)?,
+        };
+        if kind == SnapshotKind::Standby {
+            // Its memory (and disk) load only on the backend that saved them.
+            Self::check_same_backend(&snap, &vm.id, backend.name())
+                .map_err(ManagerError::BadRequest)?;
         }
-        self.backend_or_reject(&vm)?;
-        Self::check_same_backend(&snap, &vm.id, &vm.hypervisor)
-            .map_err(ManagerError::BadRequest)?;
+        if backend.name() != vm.hypervisor {
+            Self::check_kernel(backend.as_ref(), Path::new(&vm.image_dir))
+                .map_err(|e| ManagerError::BadRequest(format!("target_hypervisor: {e}")))?;
+        }
         let st = vm.state;
         if !matches!(st, VmState::Stopped | VmState::Snapshotted | VmState::Error) {
             return Err(ManagerError::Conflict(format!(
@@ -385,14 +485,21 @@ impl Manager {
                 // The snapshot's disk, booted fresh (Running) or not at all (Stopped).
                 let (_r, snap) = self.read_locked(&snap).await?;
                 let dir = self.work_dir(id).join(format!("restore-{}", snap.id));
-                let fetched = self.fetch(&snap, &vm, &dir, false).await;
+                let fetched = self.fetch(&snap, &vm, backend.as_ref(), &dir, false).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
-                fetched
-                    .map(DiskSwap::commit)
-                    .context(|| {
-                        format!("restoring instance {id} from {snap_id} failed, it is unchanged")
-                    })?
-                    .await;
+                let unchanged =
+                    || format!("restoring instance {id} from {snap_id} failed, it is unchanged");
+                let swap = fetched.context(unchanged)?;
+                if backend.name() != vm.hypervisor {
+                    // The disk in place is the new backend's: so is the VM now.
+                    if let Err(e) = self.store.set_vm_hypervisor(id, backend.name()).await {
+                        swap.rollback().await;
+                        return Err(ManagerError::from(e).context(unchanged()));
+                    }
+                    tracing::info!(vm = id, from = %vm.hypervisor, to = backend.name(), "moved to another hypervisor");
+                    vm.hypervisor = backend.name().into();
+                }
+                swap.commit().await;
                 self.store.set_vm_standby(id, None).await?;
                 vm.standby_snapshot_id = None;
                 if vm.state != VmState::Stopped {

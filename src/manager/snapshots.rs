@@ -31,12 +31,15 @@ pub(super) fn compression_of(snap: &Snapshot) -> CompressionConfig {
 pub(super) struct DiskSwap {
     pub(super) disk: std::path::PathBuf,
     pub(super) backup: Option<std::path::PathBuf>,
+    /// The VM's disk under its previous backend's name, when the snapshot's
+    /// disk went in for another backend: it goes at commit.
+    pub(super) previous: Option<std::path::PathBuf>,
 }
 
 impl DiskSwap {
     pub(super) async fn commit(self) {
-        if let Some(b) = &self.backup {
-            let _ = tokio::fs::remove_file(b).await;
+        for old in [&self.backup, &self.previous].into_iter().flatten() {
+            let _ = tokio::fs::remove_file(old).await;
         }
     }
 
@@ -165,6 +168,38 @@ impl Manager {
         self.store.delete_snapshot(id).await?;
         self.snap_locks.lock().unwrap().remove(id);
         Ok(())
+    }
+
+    /// Start-up, once no VMM of an earlier daemon runs: the scratch
+    /// directories of snapshot flows a crash cut short go (`capture-*` and
+    /// `restore-*` in a VM's work directory: a memory file as big as the
+    /// guest's RAM, a fetched or half-converted disk). Every flow removes its
+    /// own whatever happens, so anything there now is left from a crash.
+    pub(super) async fn remove_snapshot_scratch(&self) {
+        let vms = self.config.vms_dir();
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut removed = 0;
+            for vm in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
+                for entry in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    let scratch = name.starts_with("capture-") || name.starts_with("restore-");
+                    // Never through a symlink: only real directories are ours.
+                    if scratch && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        match std::fs::remove_dir_all(entry.path()) {
+                            Ok(()) => removed += 1,
+                            Err(e) => tracing::error!("removing {}: {e}", entry.path().display()),
+                        }
+                    }
+                }
+            }
+            removed
+        })
+        .await
+        .unwrap_or(0);
+        if removed > 0 {
+            tracing::warn!(dirs = removed, "removed snapshot scratch a crash left");
+        }
     }
 
     /// Deletes every snapshot of a VM, objects first.

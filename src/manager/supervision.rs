@@ -92,7 +92,9 @@ impl Manager {
 
     /// Starts a VMM that loads the snapshot memory `feed` streams into
     /// `files.memory` (a FIFO), and resumes the guest only once the feed has
-    /// verified every byte it sent. Whatever fails, no VMM is left behind.
+    /// verified every byte it sent. For a memory file the VMM maps, the file
+    /// was verified before this is called and `feed` is already finished.
+    /// Whatever fails, no VMM is left behind.
     pub(super) async fn load_and_resume(
         &self,
         backend: &dyn Vmm,

@@ -733,6 +733,16 @@ impl Store {
         Ok(())
     }
 
+    /// Records the backend a VM runs on now (a restore that moved its disk to another).
+    pub async fn set_vm_hypervisor(&self, id: &str, hypervisor: &str) -> Result<()> {
+        sqlx::query("UPDATE vms SET hypervisor = ? WHERE id = ?")
+            .bind(hypervisor)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records the address and MAC the guest's memory believes it has (None: its own).
     pub async fn set_vm_inner_address(
         &self,

@@ -429,7 +429,7 @@ impl Confinement {
 /// is shown it: traversable (0711) and its files world-readable (0644).
 /// Only root reaches it on the host (the data directory is 0700), and a VMM
 /// sees only its own VM's image through its mount namespace.
-fn open_image_dir(dir: &Path) -> std::io::Result<()> {
+pub fn open_image_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
     for entry in std::fs::read_dir(dir)? {

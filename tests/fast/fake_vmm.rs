@@ -20,6 +20,12 @@
 //! - Per-VM fault injection, each fault used once: a boot that fails, a child
 //!   that exits at once, a VMM that dies or hangs part way through a
 //!   snapshot, a restore that is refused or never finishes loading.
+//! - Two ways memory moves, as a backend declares: `FakeVmm::new()` streams
+//!   it through the FIFO (as QEMU does); `FakeVmm::mapped_file()` stands in
+//!   for a backend that writes a regular memory file whole and maps it on
+//!   restore (as Firecracker does, which cannot run in CI). In that mode the
+//!   fake refuses a FIFO or a missing file where it expects the memory file,
+//!   and reads the whole file at load as a VMM mapping it would.
 //!
 //! Everything about the fake lives in this file; the manager sees only the
 //! `hatch::vmm::Vmm` trait.
@@ -33,6 +39,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const BOTH_KERNELS: &[KernelFormat] = &[KernelFormat::BzImage, KernelFormat::Elf];
 
 /// The memory a snapshot holds: several MiB, more than one 8 MiB upload part.
 pub const MEMORY_BYTES: u64 = 20 << 20;
@@ -113,8 +121,11 @@ struct Faults {
 }
 
 /// A fake `Vmm` (see the module doc). Clone the `Arc` to observe it from a test.
-#[derive(Default)]
 pub struct FakeVmm {
+    name: &'static str,
+    memory: MemoryTransport,
+    kernels: &'static [KernelFormat],
+    disk_format: DiskFormat,
     vms: Mutex<HashMap<String, VmRecord>>,
     faults: Mutex<Faults>,
 }
@@ -124,8 +135,44 @@ fn control(msg: impl Into<String>) -> VmmError {
 }
 
 impl FakeVmm {
+    /// The fake named `fake`, its memory streamed through a FIFO.
     pub fn new() -> Arc<FakeVmm> {
-        Arc::new(FakeVmm::default())
+        FakeVmm::named("fake", MemoryTransport::Stream, BOTH_KERNELS)
+    }
+
+    /// The fake named `fake-mapped`, its memory a regular file written whole
+    /// and read back whole (a fake standing in for a backend that maps it).
+    pub fn mapped_file() -> Arc<FakeVmm> {
+        FakeVmm::named("fake-mapped", MemoryTransport::MappedFile, BOTH_KERNELS)
+    }
+
+    /// A fake registered as `name` (a name the API accepts, where a test
+    /// needs one), moving memory as `memory` says, booting only `kernels`,
+    /// its disks raw.
+    pub fn named(
+        name: &'static str,
+        memory: MemoryTransport,
+        kernels: &'static [KernelFormat],
+    ) -> Arc<FakeVmm> {
+        FakeVmm::with_disks(name, memory, kernels, DiskFormat::Raw)
+    }
+
+    /// `named`, its disks in `disk_format` (a qcow2 overlay is made by the
+    /// same disk code as a real backend's, with `qemu-img`).
+    pub fn with_disks(
+        name: &'static str,
+        memory: MemoryTransport,
+        kernels: &'static [KernelFormat],
+        disk_format: DiskFormat,
+    ) -> Arc<FakeVmm> {
+        Arc::new(FakeVmm {
+            name,
+            memory,
+            kernels,
+            disk_format,
+            vms: Default::default(),
+            faults: Default::default(),
+        })
     }
 
     // ---- fault injection (each used once) ----
@@ -273,17 +320,17 @@ fn parse_state(text: &str) -> Option<Memory> {
 #[async_trait]
 impl Vmm for FakeVmm {
     fn name(&self) -> &'static str {
-        "fake"
+        self.name
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             snapshot: true,
             graceful_shutdown: true,
-            // A raw copy of the image's rootfs: no disk tool runs in this tier.
-            disk_format: DiskFormat::Raw,
-            kernels: &[KernelFormat::BzImage, KernelFormat::Elf],
-            memory: MemoryTransport::Stream,
+            // Raw by default: a copy of the image's rootfs, no disk tool needed.
+            disk_format: self.disk_format,
+            kernels: self.kernels,
+            memory: self.memory,
         }
     }
 
@@ -358,11 +405,22 @@ impl Vmm for FakeVmm {
             Some(SnapshotFault::DieAfter(n)) | Some(SnapshotFault::HangAfter(n, _)) => *n,
             None => MEMORY_BYTES,
         };
-        // Opened for writing only: the manager has the reading end open.
-        let mut fifo = tokio::fs::OpenOptions::new()
-            .write(true)
-            .open(&out.memory)
-            .await?;
+        let mut fifo = match self.memory {
+            // Opened for writing only: the manager has the reading end open.
+            MemoryTransport::Stream => {
+                tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&out.memory)
+                    .await?
+            }
+            // A new regular file: the manager must have left nothing (no FIFO) there.
+            _ => tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out.memory)
+                .await
+                .map_err(|e| control(format!("fake VMM: creating the memory file: {e}")))?,
+        };
         let mut buf = vec![0u8; CHUNK];
         let mut written = 0u64;
         while written < stop_at {
@@ -407,7 +465,17 @@ impl Vmm for FakeVmm {
             started.notify_one();
             std::future::pending::<()>().await;
         }
-        let loaded = read_and_compare(&from.memory, &saved).await;
+        let loaded = match self.memory {
+            MemoryTransport::Stream => read_and_compare(&from.memory, &saved).await,
+            // Mapped: the whole file must be there, a regular file, before the VMM loads.
+            _ => match tokio::fs::symlink_metadata(&from.memory).await {
+                Ok(m) if m.file_type().is_file() => read_and_compare(&from.memory, &saved).await,
+                Ok(_) => Err(std::io::Error::other(
+                    "fake VMM: the memory to map is not a regular file",
+                )),
+                Err(e) => Err(e),
+            },
+        };
         let intact = match loaded {
             Ok(intact) => intact,
             Err(e) => {

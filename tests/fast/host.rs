@@ -1,5 +1,5 @@
 //! A "daemon" for fast tests: a Manager on a temporary data dir (SQLite file,
-//! local snapshot store, image files), networking off, the FakeVmm as its hypervisor.
+//! local snapshot store, image files), networking off, FakeVmms as its hypervisors.
 
 use super::fake_vmm::FakeVmm;
 use hatch::config::Config;
@@ -45,7 +45,10 @@ impl Drop for TempDir {
 
 pub struct Host {
     pub manager: Arc<Manager>,
+    /// The default backend (the first of `fakes`).
     pub fake: Arc<FakeVmm>,
+    /// Every backend this host has, the default first.
+    pub fakes: Vec<Arc<FakeVmm>>,
     pub owner: Owner,
     pub config: Config,
     vars: HashMap<String, String>,
@@ -60,6 +63,11 @@ impl Host {
 
     /// A host with these `HATCH_*` settings on top of the test's own.
     pub async fn with(extra: &[(&str, &str)]) -> Host {
+        Host::with_fakes(extra, vec![FakeVmm::new()]).await
+    }
+
+    /// A host whose backends are `fakes` (the first is the server default).
+    pub async fn with_fakes(extra: &[(&str, &str)], fakes: Vec<Arc<FakeVmm>>) -> Host {
         let tmp = Arc::new(TempDir::new());
         let src = tmp.0.join("image-src");
         std::fs::create_dir_all(&src).unwrap();
@@ -90,8 +98,7 @@ impl Host {
         for (k, v) in extra {
             vars.insert(k.to_string(), v.to_string());
         }
-        let fake = FakeVmm::new();
-        let (manager, config) = start(&vars, &fake).await;
+        let (manager, config) = start(&vars, &fakes).await;
         let owner = manager
             .store()
             .create_owner("own_fast", "fast")
@@ -99,7 +106,8 @@ impl Host {
             .unwrap();
         Host {
             manager,
-            fake,
+            fake: Arc::clone(&fakes[0]),
+            fakes,
             owner,
             config,
             vars,
@@ -113,6 +121,7 @@ impl Host {
         drop(self.manager);
         Crashed {
             fake: self.fake,
+            fakes: self.fakes,
             owner: self.owner,
             vars: self.vars,
             tmp: self.tmp,
@@ -185,6 +194,7 @@ impl Host {
 /// What a crashed daemon leaves: its files and its (fake) VMMs.
 pub struct Crashed {
     pub fake: Arc<FakeVmm>,
+    fakes: Vec<Arc<FakeVmm>>,
     pub owner: Owner,
     vars: HashMap<String, String>,
     tmp: Arc<TempDir>,
@@ -194,10 +204,11 @@ impl Crashed {
     /// A new Manager on the same files and the same fake, as a restarted
     /// daemon would be (recovery is the caller's to run).
     pub async fn restart(&self) -> Host {
-        let (manager, config) = start(&self.vars, &self.fake).await;
+        let (manager, config) = start(&self.vars, &self.fakes).await;
         Host {
             manager,
             fake: Arc::clone(&self.fake),
+            fakes: self.fakes.clone(),
             owner: self.owner.clone(),
             config,
             vars: self.vars.clone(),
@@ -206,14 +217,17 @@ impl Crashed {
     }
 }
 
-/// The one place a Manager is made: the FakeVmm is its only backend.
-async fn start(vars: &HashMap<String, String>, fake: &Arc<FakeVmm>) -> (Arc<Manager>, Config) {
+/// The one place a Manager is made: the FakeVmms are its backends, the first the default.
+async fn start(vars: &HashMap<String, String>, fakes: &[Arc<FakeVmm>]) -> (Arc<Manager>, Config) {
     let config = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
     std::fs::create_dir_all(&config.data_dir).unwrap();
     let store = Store::open(&config.db_path()).await.unwrap();
     let objects = Objects::from_config(&config).unwrap();
-    let vmm: Arc<dyn hatch::vmm::Vmm> = fake.clone();
-    let manager = Manager::new(store, objects, Backends::new(vmm), config.clone());
+    let mut backends = Backends::new(fakes[0].clone());
+    for fake in &fakes[1..] {
+        backends = backends.with(fake.clone());
+    }
+    let manager = Manager::new(store, objects, backends, config.clone());
     manager.seed_default_image().await.unwrap();
     (manager, config)
 }
