@@ -211,23 +211,29 @@ fn a_firecracker_vm_runs_jailed_and_leaves_nothing_behind() {
     let js = jails(&d);
     assert_eq!(js.len(), 1, "{js:?}");
     let jail = &js[0];
-    let disk = work.join("disk.raw");
-    let mut linked = 0;
+    let disk = std::fs::metadata(work.join("disk.raw")).unwrap();
+    let mut names = vec![];
     for e in std::fs::read_dir(jail).unwrap().flatten() {
         let m = std::fs::symlink_metadata(e.path()).unwrap();
         assert!(!m.file_type().is_symlink(), "{:?}", e.path());
-        if m.is_file() && m.len() > 16 << 20 {
-            // Anything big in the jail is the VM's own disk, by inode.
-            assert_eq!(
-                m.ino(),
-                std::fs::metadata(&disk).unwrap().ino(),
-                "{:?}",
-                e.path()
-            );
-            linked += 1;
+        names.push(e.file_name().to_string_lossy().into_owned());
+        // The disk is there once, as another name of the work dir's: never a copy.
+        if m.is_file() && m.len() == disk.len() {
+            assert_eq!(e.file_name(), "disk.raw");
+            assert_eq!(m.ino(), disk.ino(), "the jail's disk is a hard link");
         }
     }
-    assert_eq!(linked, 1, "the disk is in the jail once, as a hard link");
+    assert!(names.contains(&"disk.raw".to_string()), "{names:?}");
+    // The kernel too is the image's own file, linked.
+    let kernel = std::fs::metadata(jail.join("vmlinux")).unwrap();
+    assert!(kernel.nlink() >= 2, "the kernel is linked, not copied");
+    // Nothing of another VM, and no database or objects: only this VM's files.
+    for n in &names {
+        assert!(
+            !n.contains("hatch.db") && !n.contains("objects"),
+            "{names:?}"
+        );
+    }
     let other = d.req(
         "POST",
         "/vms",

@@ -154,10 +154,17 @@ mod tests {
             .args(["-c", "while :; do :; done"])
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(600));
-        let first = process_metrics(child.id()).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(600));
-        let second = process_metrics(child.id()).unwrap();
+        // A shared machine may give the loop little CPU: wait for some, boundedly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let busy = |least: u64| loop {
+            let m = process_metrics(child.id()).unwrap();
+            if m.cpu_time_micros > least || std::time::Instant::now() > deadline {
+                return m;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let first = busy(100_000);
+        let second = busy(first.cpu_time_micros);
         let _ = child.kill();
         let _ = child.wait();
         assert!(first.cpu_time_micros > 100_000, "{first:?}");

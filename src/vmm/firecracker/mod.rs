@@ -258,6 +258,10 @@ impl Firecracker {
                 // The jailer does nothing with cgroups v1 unless given
                 // --cgroup: it stays in (and Firecracker inherits) this one.
                 confine::join_cgroups(&procs)?;
+                // The daemon's umask (077) would make the jailer's copy of
+                // the firecracker binary 0700 root's: the VM's uid could not
+                // exec it. What the jailer makes is for that uid to use.
+                libc::umask(0o022);
                 // The jailer needs its root privileges (mknod, mount, chroot,
                 // setuid) but never gains any through exec: neither may Firecracker.
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
@@ -493,6 +497,12 @@ impl Prep {
             let dst = root.join(lib.strip_prefix("/").unwrap_or(lib));
             if let Some(parent) = dst.parent() {
                 std::fs::create_dir_all(parent).map_err(|err| e(parent, err))?;
+                // The daemon's umask (077) made them root's alone: the VM's
+                // uid must traverse them to load the libraries.
+                for dir in parent.ancestors().take_while(|a| *a != root) {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                        .map_err(|err| e(dir, err))?;
+                }
             }
             std::fs::copy(lib, &dst).map_err(|err| e(lib, err))?;
         }
