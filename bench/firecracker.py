@@ -724,8 +724,15 @@ class Bench:
                 return bool(glob.glob(f"{objects}/*/{part}"))
             return check
 
+        def in_capture_dir(*names):
+            return lambda: "dir" in found and all((found["dir"] / n).exists() for n in names)
+
         checks = {
             "capture dir": capture_dir,
+            "memory file in the jail (Firecracker writing it)":
+                lambda: any(os.path.exists(f"{r}/memory") for r in self.jail_roots()),
+            "snapshot files in the capture dir": in_capture_dir("vmstate", "memory"),
+            "snapshot created (Firecracker logged it)": self.fc_logged(vm_id, "create full snapshot", found),
             "state object stored": stored("vmstate"),
             "memory object stored": stored("memory"),
             "disk object stored": stored("disk"),
@@ -745,6 +752,13 @@ class Bench:
             w.stop()
         marks = dict(w.marks, response=t, log=log_events(self.hatchd.log_path, log_off, wall0))
         marks["size_bytes"] = snap.get("size_bytes")
+        marks["fc"] = found.get("fc", {})
+        # hatch's pause + Full snapshot ends when the backend has checked the files and linked them into
+        # the capture dir (src/vmm/firecracker); Firecracker's own log line, if it keeps one, is earlier.
+        ends = [marks[k] for k in ("snapshot files in the capture dir", "snapshot created (Firecracker logged it)")
+                if k in marks]
+        if ends:
+            marks["pause + snapshot"] = min(ends)
         marks["objects"] = {}
         for f in sorted((objects / snap["id"]).glob("*")):
             marks["objects"][f.name] = f.stat().st_size
@@ -764,8 +778,14 @@ class Bench:
         def new_pid():
             return self.hatchd.vmm_pid(vm_id) is not None
 
+        def in_restore_dir(name):
+            return lambda: "dir" in found and (found["dir"] / name).exists()
+
         checks = {
             "restore dir": restore_dir,
+            # The manager names the memory file only once all of it was fetched and verified.
+            "memory fetched and verified": in_restore_dir("memory"),
+            "state fetched": in_restore_dir("vmstate"),
             "jail root": self.new_jail(),
             "VMM started (vmm.pid)": new_pid,
             "restore dir removed": lambda: "dir" in found and not found["dir"].exists(),
@@ -793,22 +813,42 @@ class Bench:
         marks["fc"] = self.hatch_fc_log(vm_id)
         return marks
 
-    def hatch_fc_log(self, vm_id):
-        """Firecracker's own request times for hatch's VM, from whichever log file (in its jail or its
-        work dir) has them; the latest of each request. Empty if hatch keeps no Firecracker log."""
-        out = {}
+    def hatch_log_files(self, vm_id):
+        """Files that may hold Firecracker's log for hatch's VM: `*log*` files in its jail and work dir."""
         candidates = [p for r in self.jail_roots() for p in glob.glob(f"{r}/**", recursive=True)]
         candidates += glob.glob(f"{self.hatchd.vms_dir / vm_id}/**", recursive=True)
+        out = []
         for p in candidates:
             try:
-                if ("log" not in Path(p).name or not Path(p).is_file() or Path(p).is_symlink()
-                        or os.stat(p).st_size > 16 * MiB):
-                    continue
+                if ("log" in Path(p).name and Path(p).is_file() and not Path(p).is_symlink()
+                        and os.stat(p).st_size <= 16 * MiB):
+                    out.append(p)
             except OSError:
                 continue
+        return out
+
+    def hatch_fc_log(self, vm_id, files=None):
+        """Firecracker's own request times for hatch's VM, from whichever log file (in its jail or its
+        work dir) has them. Empty if hatch keeps no Firecracker log."""
+        out = {}
+        for p in files if files is not None else self.hatch_log_files(vm_id):
             for name, times in fc_request_times(p).items():
                 out.setdefault(name, []).extend(times)
         return out
+
+    def fc_logged(self, vm_id, request, found):
+        """A check: true once Firecracker logged `request` for hatch's VM (it logs it as it answers);
+        keeps what it read in found["fc"], since the jail may be gone by the end of the operation."""
+        def check():
+            files = self.hatch_log_files(vm_id)
+            if not files:
+                return False
+            fc = self.hatch_fc_log(vm_id, files)
+            if request in fc:
+                found["fc"] = fc
+                return True
+            return False
+        return check
 
     def hatch_run(self, g):
         vm_id, c = self.hatch_create(g.mem)
@@ -905,11 +945,12 @@ def render(meta, bench, markdown):
     def vals(runs, key):
         return [m.get(key) for m in runs]
 
-    def ratio_row(label, h, r, target=True):
+    def ratio_row(label, h, r, apart=None):
+        """`apart`: what hatch does here that the raw side does not (then no verdict on the ratio)."""
         a, b = med(h), med(r)
         q = a / b if a is not None and b else None
         return [label, fmt_s(h), fmt_s(r), "-" if q is None else f"{q:.2f}",
-                verdict(q, TARGET) if target and q is not None else "-"]
+                f"none: hatch also {apart}" if apart else verdict(q, TARGET) if q is not None else "-"]
 
     add(f"Command: `{meta['command']}` (from the repository root, as root)  ")
     add(f"Date: {meta['date']}  ")
@@ -942,7 +983,10 @@ def render(meta, bench, markdown):
         "**restore**: hatch `POST /vms/{id}/restore` until the 200 (memory and state fetched from the store and "
         "verified, then jail, jailer, `snapshot/load` with the File backend, resume); raw: jail with hard links "
         "of the snapshot files, jailer, socket, PUT `/snapshot/load` (File backend), PATCH `/vm` Resumed. "
-        "**restore from the VMM's start**: hatch from its new VMM's pid file (written once the fetch is done) to "
+        "**pause + Full snapshot** (hatch): from its request until `vmstate` and `memory` are in its capture "
+        "dir (the backend links them there once Firecracker wrote them and they passed its checks), or until "
+        "Firecracker's log shows `create full snapshot` answered if that comes first (a log at Info level "
+        "only). **restore from the VMM's start**: hatch from its new VMM's pid file (written once the fetch is done) to "
         "the 200; raw from spawning the jailer to `Resumed`. The raw side makes every API call with one `curl` "
         "process (a few ms each here); hatch uses an HTTP client inside the daemon.")
     add("")
@@ -953,9 +997,12 @@ def render(meta, bench, markdown):
         m = f"{g.mem} MiB"
         if hatch:
             rows += [[m] + ratio_row("create -> running", vals(H["create"], "response"), rc),
-                     [m] + ratio_row("snapshot (hatch: + stored, VMM ended)", vals(H["snapshot"], "response"), rs),
+                     [m] + ratio_row("pause + Full snapshot (hatch: until the files are in its capture dir)",
+                                     vals(H["snapshot"], "pause + snapshot"), rs),
+                     [m] + ratio_row("snapshot (hatch: + stored, VMM ended)", vals(H["snapshot"], "response"), rs,
+                                     "stores the files and ends the VMM"),
                      [m] + ratio_row("restore (hatch: + fetch and verify from the store)",
-                                     vals(H["restore"], "response"), rr),
+                                     vals(H["restore"], "response"), rr, "fetches and verifies the files"),
                      [m] + ratio_row("restore from the VMM's start", vals(H["restore"], "VMM -> 200"),
                                      vals(R["restore"], "from spawn"))]
         else:
@@ -1032,6 +1079,12 @@ def render(meta, bench, markdown):
                      [m, "hatch create: vmm.pid", fmt_ms(vals(H["create"], "vmm.pid"))],
                      [m, "hatch create: 201", fmt_ms(vals(H["create"], "response"))],
                      [m, "hatch snapshot: capture dir", fmt_ms(vals(H["snapshot"], "capture dir"))],
+                     [m, "hatch snapshot: `memory` in the jail (Firecracker writing it)",
+                      fmt_ms(vals(H["snapshot"], "memory file in the jail (Firecracker writing it)"))],
+                     [m, "hatch snapshot: `vmstate` and `memory` in the capture dir (checked, linked)",
+                      fmt_ms(vals(H["snapshot"], "snapshot files in the capture dir"))],
+                     [m, "hatch snapshot: Firecracker logged `create full snapshot`",
+                      fmt_ms(vals(H["snapshot"], "snapshot created (Firecracker logged it)"))],
                      [m, "hatch snapshot: memory object in the store",
                       fmt_ms(vals(H["snapshot"], "memory object stored"))],
                      [m, "hatch snapshot: state object in the store",
@@ -1041,6 +1094,9 @@ def render(meta, bench, markdown):
                      [m, "hatch snapshot: jail removed", fmt_ms(vals(H["snapshot"], "jail removed"))],
                      [m, "hatch snapshot: 201", fmt_ms(vals(H["snapshot"], "response"))],
                      [m, "hatch restore: restore dir", fmt_ms(vals(H["restore"], "restore dir"))],
+                     [m, "hatch restore: `memory` in the restore dir (fetched, verified)",
+                      fmt_ms(vals(H["restore"], "memory fetched and verified"))],
+                     [m, "hatch restore: `vmstate` in the restore dir", fmt_ms(vals(H["restore"], "state fetched"))],
                      [m, "hatch restore: new jail root", fmt_ms(vals(H["restore"], "jail root"))],
                      [m, "hatch restore: VMM started (vmm.pid)", fmt_ms(vals(H["restore"], "VMM started (vmm.pid)"))],
                      [m, "hatch restore: restore dir removed", fmt_ms(vals(H["restore"], "restore dir removed"))],
@@ -1049,6 +1105,15 @@ def render(meta, bench, markdown):
     table(["guest", "step", "median (min-max)"], rows)
 
     add_heading(add, markdown, "Details")
+
+    def fc_own(side, who):
+        runs = side["snapshot"] + side["restore"]
+        names = list(dict.fromkeys(n for m in runs for n in (m.get("fc") or {})))
+
+        def own(n):
+            return med([(m.get("fc") or {}).get(n, [None])[-1] for m in runs])
+        add(f"  - Firecracker's own time per API request ({who}, from its log; median ms): "
+            + (", ".join(f"`{n}` {ms(own(n)):.1f}" for n in names) if names else "no log found"))
     for g in gs:
         R = g.raw
         add(f"- {g.mem} MiB, raw, every run (s): create " + ", ".join(f"{m['response']:.3f}" for m in R["create"])
@@ -1057,12 +1122,7 @@ def render(meta, bench, markdown):
             + f". Snapshot files: memory {mib(med(vals(R['snapshot'], 'mem_size')))} "
             f"({mib(med(vals(R['snapshot'], 'mem_alloc')))} allocated on disk), state "
             f"{med(vals(R['snapshot'], 'state_size')):.0f} bytes.")
-        names = list(dict.fromkeys(n for m in R["snapshot"] + R["restore"] for n in (m.get("fc") or {})))
-        if names:
-            def own(n):
-                return med([(m.get("fc") or {}).get(n, [None])[-1] for m in R["snapshot"] + R["restore"]])
-            add("  - Firecracker's own time per API request (raw side, from its log; median ms): "
-                + ", ".join(f"`{n}` {ms(own(n)):.1f}" for n in names))
+        fc_own(R, "raw")
         if hatch:
             H = g.hatch
             objs = H["snapshot"][0]["objects"] if H["snapshot"] else {}
@@ -1072,6 +1132,7 @@ def render(meta, bench, markdown):
                 + "; restore " + ", ".join(f"{m['response']:.3f}" for m in H["restore"])
                 + f". Stored `size_bytes` {mib(med(vals(H['snapshot'], 'size_bytes')))} (objects, first run: "
                 + (", ".join(f"{k} {mib(v)}" for k, v in objs.items()) or "none seen") + ").")
+            fc_own(H, "hatch")
             for op in ("create", "snapshot", "restore"):
                 firsts = []
                 for m in H[op]:
@@ -1086,7 +1147,7 @@ def render(meta, bench, markdown):
                                                     for n in names))
     add(f"- raw VMs: jailer `--uid`/`--gid` {bench.uid}, `--chroot-base-dir` in the run's temp dir, "
         f"`--resource-limit fsize=` (larger of disk and RAM + 64 MiB), firecracker `--api-sock --log-path --level "
-        f"Info --metrics-path`, serial console (stdout) into a `console.log`; boot args `{BOOT_ARGS}`; "
+        f"Info --metrics-path` (Info, not hatch's Warning, for Firecracker's own request times above), serial console (stdout) into a `console.log`; boot args `{BOOT_ARGS}`; "
         + (f"cgroup {bench.cgroup.version} with hatch's limits (CPU: vCPUs + 1 periods of {CPU_PERIOD_US // 1000} "
            f"ms per period; memory: RAM + {OVERHEAD_MIB} MiB; 130 pids), joined before the jailer runs."
            if bench.cgroup and bench.cgroup.version else "no cgroup (no cgroup v1 cpu/memory/pids here)."))
