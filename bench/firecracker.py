@@ -867,6 +867,15 @@ class Bench:
 
     # ------------------------------------------------------------ raw
 
+    def curl_cost(self, vm):
+        """What one `curl` call costs here (GET `/` on a running VM, 10 times), for reading the raw figures."""
+        t = []
+        for _ in range(10):
+            t0 = now()
+            curl(vm.sock, "GET", "/")
+            t.append(now() - t0)
+        return f"GET `/` alone {fmt_ms(t)} here, 10 calls on the warm-up VM"
+
     def raw_run(self, g, i):
         vm = RawVm(self, g.mem, i)
         c = vm.create()
@@ -890,6 +899,7 @@ class Bench:
         # The raw side's warm-up (uncounted), as the daemon's is the check above.
         w = RawVm(self, self.args.sizes[0], 999)
         w.create()
+        self.facts["curl"] = self.curl_cost(w)
         w.delete()
         self.load_before = os.getloadavg()[0]
         busy = CpuBusy().start()
@@ -964,31 +974,46 @@ def render(meta, bench, markdown):
         f"(shared libraries hard-linked into each chroot: {', '.join(f'`{x}`' for x in bench.libs) or 'none'})  ")
     add(f"Kernel: {bench.kernel_from}; the image's initrd and root filesystem "
         f"({bench.disk_bytes / MiB:.0f} MiB, raw: a sparse copy per VM)  ")
+    seed = (f"hatch: the cloud-init seed; raw: a {SEED_BYTES // MiB} MiB file" if hatch
+            else f"a {SEED_BYTES // MiB} MiB file standing in for hatch's cloud-init seed")
     add(f"Guests: {', '.join(str(g.mem) for g in gs)} MiB, 1 vCPU, a NIC on a TAP in a bridge, root disk + a "
-        f"read-only second drive (hatch: the cloud-init seed; raw: a {SEED_BYTES // MiB} MiB file). Under this "
-        f"host's software KVM the guest does not get far into boot: every figure is the VMM's, not a guest's  ")
+        f"read-only second drive ({seed}). Under this host's software KVM the guest does not get far into boot: "
+        f"every figure is the VMM's, not a guest's  ")
     add(f"Runs: {meta['runs']} per size (median, min-max); each run makes a VM, snapshots it, restores it and "
-        f"deletes it; hatch and raw interleaved, alternating which goes first; one uncounted warm-up VM per side")
+        f"deletes it; " + ("hatch and raw interleaved, alternating which goes first; one uncounted warm-up VM per "
+                           "side" if hatch else "one uncounted warm-up VM first"))
     add("")
 
     add_heading(add, markdown, "hatch vs the same Firecracker driven by hand" if hatch
                 else "The same Firecracker driven by hand (hatch not measured: `--raw-only`)")
-    add("What each figure includes. **create**: hatch `POST /vms {\"hypervisor\": \"firecracker\"}` until the "
-        "201 (API, SQLite row, work dir, raw root disk, seed, TAP and firewall, cgroup, uid, jail of hard links, "
-        "jailer, the API calls, InstanceStart, `Running`); raw: sparse copy of the root filesystem, TAP, cgroup, "
-        "jail of hard links, jailer, socket, PUT boot-source, machine-config, two drives, network-interfaces, "
-        "InstanceStart, GET `/` = `Running`. **snapshot**: hatch `POST /vms/{id}/snapshot` until the 201 (pause, "
-        "Full snapshot, the memory, state and disk stored in the object store with checksums, the VMM ended); "
-        "raw: PATCH `/vm` Paused + PUT `/snapshot/create` Full only (nothing stored, the VMM still there). "
-        "**restore**: hatch `POST /vms/{id}/restore` until the 200 (memory and state fetched from the store and "
-        "verified, then jail, jailer, `snapshot/load` with the File backend, resume); raw: jail with hard links "
-        "of the snapshot files, jailer, socket, PUT `/snapshot/load` (File backend), PATCH `/vm` Resumed. "
-        "**pause + Full snapshot** (hatch): from its request until `vmstate` and `memory` are in its capture "
-        "dir (the backend links them there once Firecracker wrote them and they passed its checks), or until "
-        "Firecracker's log shows `create full snapshot` answered if that comes first (a log at Info level "
-        "only). **restore from the VMM's start**: hatch from its new VMM's pid file (written once the fetch is done) to "
-        "the 200; raw from spawning the jailer to `Resumed`. The raw side makes every API call with one `curl` "
-        "process (a few ms each here); hatch uses an HTTP client inside the daemon.")
+    raw_text = {
+        "create": "sparse copy of the root filesystem, TAP, cgroup, jail of hard links, jailer, socket, PUT "
+                  "boot-source, machine-config, two drives, network-interfaces, InstanceStart, GET `/` = `Running`",
+        "snapshot": "PATCH `/vm` Paused + PUT `/snapshot/create` Full only (nothing stored, the VMM still there)",
+        "restore": "jail with hard links of the snapshot files, jailer, socket, PUT `/snapshot/load` (File "
+                   "backend), PATCH `/vm` Resumed",
+        "from start": "from spawning the jailer to `Resumed`",
+    }
+    curl_cost = (f"every API call is one `curl` process ({bench.facts['curl']}); "
+                 if bench.facts.get("curl") else "every API call is one `curl` process; ")
+    if hatch:
+        add("What each figure includes. **create**: hatch `POST /vms {\"hypervisor\": \"firecracker\"}` until "
+            "the 201 (API, SQLite row, work dir, raw root disk, seed, TAP and firewall, cgroup, uid, jail of hard "
+            f"links, jailer, the API calls, InstanceStart, `Running`); raw: {raw_text['create']}. **snapshot**: "
+            "hatch `POST /vms/{id}/snapshot` until the 201 (pause, Full snapshot, the memory, state and disk "
+            f"stored in the object store with checksums, the VMM ended); raw: {raw_text['snapshot']}. "
+            "**pause + Full snapshot** (hatch): from its request until `vmstate` and `memory` are in its capture "
+            "dir (the backend links them there once Firecracker wrote them and they passed its checks), or until "
+            "Firecracker's log shows `create full snapshot` answered if that comes first (a log at Info level "
+            "only). **restore**: hatch `POST /vms/{id}/restore` until the 200 (memory and state fetched from the "
+            "store and verified, then jail, jailer, `snapshot/load` with the File backend, resume); raw: "
+            f"{raw_text['restore']}. **restore from the VMM's start**: hatch from its new VMM's pid file (written "
+            f"once the fetch is done) to the 200; raw {raw_text['from start']}. Raw side: {curl_cost}hatch uses "
+            "an HTTP client inside the daemon.")
+    else:
+        add(f"What each figure includes. **create**: {raw_text['create']}. **snapshot**: {raw_text['snapshot']}. "
+            f"**restore**: {raw_text['restore']}. **restore from the VMM's start**: {raw_text['from start']}. "
+            f"{curl_cost[0].upper() + curl_cost[1:-2]}.")
     add("")
     rows = []
     for g in gs:
@@ -1024,9 +1049,9 @@ def render(meta, bench, markdown):
 
     add(f"Median (min-max) at each size, and the {big.mem} MiB / {small.mem} MiB ratio of the medians (flat = "
         f"1.00). \"Firecracker's own\" is what Firecracker logs for its `load snapshot` and `resume vm` requests "
-        f"(no client, no process start); \"two API calls\" adds `curl`. hatch's \"fetch + verify\" runs from its "
-        f"request to the new VMM's pid file: the memory file copied from the store and its checksum checked, "
-        f"which grows with RAM by design.")
+        f"(no client, no process start); \"two API calls\" adds `curl`."
+        + (" hatch's \"fetch + verify\" runs from its request to the new VMM's pid file: the memory file copied "
+           "from the store and its checksum checked, which grows with RAM by design." if hatch else ""))
     add("")
     series = [("raw: Firecracker's own `load snapshot` + `resume vm`",
                lambda g: fc_sum(g.raw["restore"], "load snapshot", "resume vm")),
@@ -1047,8 +1072,8 @@ def render(meta, bench, markdown):
     table(["figure"] + [f"{g.mem} MiB" for g in gs] + [f"{big.mem} / {small.mem} MiB"], rows)
 
     add_heading(add, markdown, "Where the time goes")
-    add("Milliseconds from the start of each operation (median, min-max). hatch's steps are seen from outside: "
-        "its data dir polled every 2 ms.")
+    add("Milliseconds from the start of each operation (median, min-max)."
+        + (" hatch's steps are seen from outside: its data dir polled every 2 ms." if hatch else ""))
     add("")
     rows = []
     for g in gs:
