@@ -163,16 +163,6 @@ def shared_libraries(binary):
     return re.findall(r"(/\S+) \(0x[0-9a-f]+\)", out)
 
 
-def link_or_copy(src, dst):
-    """A hard link (a copy only across filesystems: small files only, never a disk)."""
-    try:
-        os.link(src, dst)
-    except OSError as e:
-        if e.errno != 18:  # EXDEV
-            raise
-        shutil.copy2(src, dst)
-
-
 def mount_cgroups():
     """`ip netns exec` gave this script a fresh /sys without the cgroup filesystems: mount the
     hierarchies this process is in at /sys/fs/cgroup, as hatch's daemon does in the same case
@@ -273,6 +263,26 @@ def fc_request_times(log_path):
     return out
 
 
+LAUNCH_PART = re.compile(r"\b(jail_ms|api_ready_ms|api_calls_ms)=([\d.]+)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def launch_parts(log_path, offset):
+    """The backend's own account of its last launch after byte `offset` of the daemon log (its
+    `firecracker launched` debug line): {"jail_ms": ..., "api_ready_ms": ..., "api_calls_ms": ...}."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            text = ANSI.sub("", f.read().decode(errors="replace"))
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        if "firecracker launched" in line:
+            found = {k: float(v) / 1000 for k, v in LAUNCH_PART.findall(line)}
+    return found
+
+
 def ip(*args):
     r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
@@ -308,10 +318,11 @@ class RawVm:
         """The chroot with only this VM's files (hard links), its log and metrics files."""
         b = self.b
         self.root.mkdir(parents=True)
+        # Copies, as hatch makes them (a hard link would share the host's libc inode with the jail).
         for lib in b.libs:
             dst = self.root / lib.lstrip("/")
             dst.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(os.path.realpath(lib), dst)
+            shutil.copy(os.path.realpath(lib), dst)
         for name, src in links.items():
             os.link(src, self.root / name)
         for name in ("fc.log", "metrics.json"):
@@ -385,6 +396,10 @@ class RawVm:
         if state != "Running":
             raise BenchError(f"raw {self.name}: state {state!r} after InstanceStart")
         marks["response"] = now() - t0
+        # The parts hatch's backend logs for a launch, measured the same way here.
+        marks["jail_ms"] = marks["jailer spawned"] - marks["TAP up"]
+        marks["api_ready_ms"] = marks["API socket"] - marks["jailer spawned"]
+        marks["api_calls_ms"] = marks["response"] - marks["API socket"]
         return marks
 
     def snapshot(self):
@@ -434,6 +449,9 @@ class RawVm:
         marks["response"] = now() - t0
         marks["load + resume"] = now() - t1
         marks["from spawn"] = marks["response"] - marks["jailer spawned"]
+        marks["jail_ms"] = marks["jailer spawned"]
+        marks["api_ready_ms"] = marks["API socket"] - marks["jailer spawned"]
+        marks["api_calls_ms"] = marks["loaded"] - marks["API socket"]
         state = curl(self.sock, "GET", "/").get("state")
         if state != "Running":
             raise BenchError(f"raw {self.name}: state {state!r} after the resume")
@@ -473,8 +491,8 @@ class RawVm:
 
 
 class FcDaemon(Daemon):
-    """`hatch serve` whose default image boots the ELF kernel both sides use (Firecracker boots no
-    bzImage), with the Firecracker backend's binaries named."""
+    """`hatch serve` whose default image also carries the ELF kernel both sides boot (Firecracker
+    boots no bzImage), with the Firecracker backend's binaries named."""
 
     def __init__(self, tmp, binary, image, vmlinux, fc_dir):
         super().__init__(tmp, binary, image)
@@ -484,9 +502,12 @@ class FcDaemon(Daemon):
     def env(self, extra_env=None):
         env = super().env(extra_env)
         env.update(
-            HATCH_DEFAULT_KERNEL_PATH=str(self.vmlinux),
+            # The default image carries both kernels: QEMU's bzImage and this ELF.
+            HATCH_DEFAULT_KERNEL_ELF_PATH=str(self.vmlinux),
             HATCH_FIRECRACKER_BINARY=str(self.fc_dir / "firecracker"),
             HATCH_JAILER_BINARY=str(self.fc_dir / "jailer"),
+            # The backend logs where each launch's time went (jail, API ready, API calls) at debug level.
+            HATCH_LOG="info,sqlx=warn,hatch::vmm::firecracker=debug",
         )
         return env
 
@@ -694,6 +715,7 @@ class Bench:
             w.stop()
         self.hatchd.live_vms.add(vm["id"])
         marks = dict(w.marks, response=t, log=log_events(self.hatchd.log_path, log_off, wall0))
+        marks.update(launch_parts(self.hatchd.log_path, log_off))
         got = self.api("GET", f"/vms/{vm['id']}")
         if got.get("hypervisor") != "firecracker" or got.get("state") != "running":
             raise BenchError(f"{vm['id']} after the 201: hypervisor {got.get('hypervisor')!r}, state "
@@ -800,6 +822,7 @@ class Bench:
         finally:
             w.stop()
         marks = dict(w.marks, response=t, log=log_events(self.hatchd.log_path, log_off, wall0))
+        marks.update(launch_parts(self.hatchd.log_path, log_off))
         # The manager fetches and verifies the files before it starts the VMM: the new VMM's pid
         # file splits the restore into the fetch (and all else before it) and the VMM's part.
         split = marks.get("VMM started (vmm.pid)", marks.get("jail root"))
@@ -940,11 +963,11 @@ def render(meta, bench, markdown):
     def vals(runs, key):
         return [m.get(key) for m in runs]
 
-    def ratio_row(label, h, r, apart=None):
+    def ratio_row(label, h, r, apart=None, fmt=fmt_s):
         """`apart`: what hatch does here that the raw side does not (then no verdict on the ratio)."""
         a, b = med(h), med(r)
         q = a / b if a is not None and b else None
-        return [label, fmt_s(h), fmt_s(r), "-" if q is None else f"{q:.2f}",
+        return [label, fmt(h), fmt(r), "-" if q is None else f"{q:.2f}",
                 f"none: hatch also {apart}" if apart else verdict(q, TARGET) if q is not None else "-"]
 
     add(f"Command: `{meta['command']}` (from the repository root, as root)  ")
@@ -1019,6 +1042,25 @@ def render(meta, bench, markdown):
                      [m, "restore from the VMM's start", fmt_s(vals(R["restore"], "from spawn"))]]
     table(["guest", "operation", "hatch", "raw (curl)", "hatch / raw", "target"] if hatch
           else ["guest", "operation", "raw (curl)"], rows)
+
+    if hatch:
+        add_heading(add, markdown, "A launch step by step: hatch's backend against the same steps by hand")
+        add("hatch's figures are its backend's own (`firecracker launched`, a debug line of the daemon log with "
+            "`hatch::vmm::firecracker=debug`), the raw ones this script's clock around the same steps. **jail**: "
+            "hatch prepares the chroot (links, copies of the libraries, log and metrics files, cgroup) and spawns "
+            "the jailer; raw the same (create: after its disk and TAP, like hatch's). **API ready**: from the spawn "
+            "to an answering socket. **API calls**: create: PUT boot-source, machine-config, drives, "
+            "network-interfaces, InstanceStart, state check; restore: PUT snapshot/load (the resume is a later "
+            "call in both). Raw: one `curl` per call.")
+        add("")
+        rows = []
+        for g in gs:
+            for op in ("create", "restore"):
+                for key, label in (("jail_ms", "jail"), ("api_ready_ms", "API ready"),
+                                   ("api_calls_ms", "API calls")):
+                    rows.append([f"{g.mem} MiB"] + ratio_row(f"{op}: {label}", vals(g.hatch[op], key),
+                                                               vals(g.raw[op], key), fmt=fmt_ms))
+        table(["guest", "step", "hatch (its log)", "raw (curl)", "hatch / raw", "target"], rows)
 
     add_heading(add, markdown, "Load + resume against guest RAM")
     big, small = max(gs, key=lambda g: g.mem), min(gs, key=lambda g: g.mem)
