@@ -18,7 +18,7 @@ raw interleaved, alternating which goes first:
               (hatch answers once Firecracker reports the instance running)
     snapshot: `POST /vms/{id}/snapshot` until the 201: pause, Full snapshot,
               the files stored in the object store with checksums, VMM ended
-    restore:  `POST /vms/{id}/restore` until the 200: memory and state fetched
+    restore:  `POST /vms/{id}/restore` until the 200: memory, state and disk fetched
               from the store and verified, a new jail, `snapshot/load` with the
               memory file mapped, resume
   raw (curl over the API socket, as a person would do it):
@@ -43,6 +43,11 @@ appears), which grows with guest RAM, and the jail + load + resume after it.
 Under this machine's software KVM a Firecracker guest does not get far into
 boot: every figure is VMM-level (API calls, jail, snapshot files, load), not
 a guest's boot or a guest running after the restore.
+
+--vmm-confine on (default) runs every Firecracker under a uid of its own and
+in a cgroup with hatch's limits on both sides; off starts the daemon with
+HATCH_VMM_CONFINE=off (Firecracker still jailed, as root, without a cgroup)
+and runs the raw side the same way.
 
 Without --raw-only the script first checks that the daemon has a firecracker
 backend (a warm-up VM made with `"hypervisor": "firecracker"` must run a
@@ -553,7 +558,10 @@ class Bench:
         self.vmlinux = self.tmp / "vmlinux"
         self.kernel_from = None
         self.disk_bytes = self.rootfs.stat().st_size
-        self.uid = RAW_UID_BASE + os.getpid() % 100_000
+        # --vmm-confine off: hatch runs Firecracker jailed as root without a cgroup (HATCH_VMM_CONFINE=off);
+        # the raw side then does the same.
+        self.confine = args.vmm_confine == "on"
+        self.uid = RAW_UID_BASE + os.getpid() % 100_000 if self.confine else 0
         self.raw_jail_base = self.tmp / "raw-jail"
         self.bridge = "fcbraw0"
         self.cgroup = None
@@ -592,9 +600,11 @@ class Bench:
         os.chmod(self.initrd, 0o644)
         mount_cgroups()
         self.cgroup = RawCgroup(os.environ.get("HATCH_BENCH_CGROUP", f"hatch-benchfc-{os.getpid()}"))
+        if not self.confine:
+            self.cgroup.version = None  # no cgroup, as hatch with HATCH_VMM_CONFINE=off
         ip("link", "add", self.bridge, "type", "bridge")
         ip("link", "set", self.bridge, "up")
-        if self.cgroup.version is None:
+        if self.confine and self.cgroup.version is None:
             log("no cgroup v1 cpu/memory/pids hierarchies here: the raw VMs run without a cgroup (recorded)")
 
     def sample_others(self):
@@ -902,7 +912,7 @@ class Bench:
     def run(self):
         self.prepare()
         if self.hatchd:
-            self.hatchd.start("bench")
+            self.hatchd.start("bench", {"HATCH_VMM_CONFINE": self.args.vmm_confine})
             self.check_backend()
         # The raw side's warm-up (uncounted), as the daemon's is the check above.
         w = RawVm(self, self.args.sizes[0], 999)
@@ -980,6 +990,10 @@ def render(meta, bench, markdown):
     add(f"hatch: {meta['build'] if hatch else 'not measured (`--raw-only`)'}  ")
     add(f"Firecracker: {bench.facts['firecracker']} and its jailer, both sides the same binaries; gnu build "
         f"(shared libraries hard-linked into each chroot: {', '.join(f'`{x}`' for x in bench.libs) or 'none'})  ")
+    add("VMM confinement: " + ("on (`--vmm-confine on`): each Firecracker under a uid of its own with no "
+                               "capabilities, in a cgroup with hatch's limits, on both sides  " if bench.confine else
+                               "off (`--vmm-confine off`): hatch with `HATCH_VMM_CONFINE=off`, which still jails "
+                               "Firecracker but as root and without a cgroup; the raw side the same  "))
     add(f"Kernel: {bench.kernel_from}; the image's initrd and root filesystem "
         f"({bench.disk_bytes / MiB:.0f} MiB, raw: a sparse copy per VM)  ")
     seed = (f"hatch: the cloud-init seed; raw: a {SEED_BYTES // MiB} MiB file" if hatch
@@ -1012,7 +1026,7 @@ def render(meta, bench, markdown):
             f"stored in the object store with checksums, the VMM ended); raw: {raw_text['snapshot']}. "
             "**pause + Full snapshot** (hatch): from its request until `vmstate` and `memory` are in its capture "
             "dir (the backend links them there once Firecracker wrote them and they passed its checks). "
-            "**restore**: hatch `POST /vms/{id}/restore` until the 200 (memory and state fetched from the "
+            "**restore**: hatch `POST /vms/{id}/restore` until the 200 (memory, state and disk fetched from the "
             "store and verified, then jail, jailer, `snapshot/load` with the File backend, resume); raw: "
             f"{raw_text['restore']}. **restore from the VMM's start**: hatch from its new VMM's pid file (written "
             f"once the fetch is done) to the 200; raw {raw_text['from start']}. Raw side: {curl_cost}hatch uses "
@@ -1033,7 +1047,7 @@ def render(meta, bench, markdown):
                                      vals(H["snapshot"], "pause + snapshot"), rs),
                      [m] + ratio_row("snapshot (hatch: + stored, VMM ended)", vals(H["snapshot"], "response"), rs,
                                      "stores the files and ends the VMM"),
-                     [m] + ratio_row("restore (hatch: + fetch and verify from the store)",
+                     [m] + ratio_row("restore (hatch: + fetch and verify of memory, state, disk)",
                                      vals(H["restore"], "response"), rr, "fetches and verifies the files"),
                      [m] + ratio_row("restore from the VMM's start", vals(H["restore"], "VMM -> 200"),
                                      vals(R["restore"], "from spawn"))]
@@ -1076,8 +1090,9 @@ def render(meta, bench, markdown):
     add(f"Median (min-max) at each size, and the {big.mem} MiB / {small.mem} MiB ratio of the medians (flat = "
         f"1.00). \"Firecracker's own\" is what Firecracker logs for its `load snapshot` and `resume vm` requests "
         f"(no client, no process start); \"two API calls\" adds `curl`."
-        + (" hatch's \"fetch + verify\" runs from its request to the new VMM's pid file: the memory file copied "
-           "from the store and its checksum checked, which grows with RAM by design." if hatch else ""))
+        + (" hatch's \"fetch + verify\" runs from its request to the new VMM's pid file: the memory file, the "
+           "state and the raw disk copied from the store and their checksums checked, which grows with RAM (and "
+           "disk) by design." if hatch else ""))
     add("")
     series = [("raw: Firecracker's own `load snapshot` + `resume vm`",
                lambda g: fc_sum(g.raw["restore"], "load snapshot", "resume vm")),
@@ -1088,7 +1103,7 @@ def render(meta, bench, markdown):
     if hatch:
         series += [("hatch: Firecracker's own `load snapshot` + `resume vm`",
                     lambda g: fc_sum(g.hatch["restore"], "load snapshot", "resume vm")),
-                   ("hatch: fetch + verify (request -> new VMM)", lambda g: vals(g.hatch["restore"], "before VMM")),
+                   ("hatch: fetch + verify of memory, state, disk (request -> new VMM)", lambda g: vals(g.hatch["restore"], "before VMM")),
                    ("hatch: restore from the VMM's start (-> 200)", lambda g: vals(g.hatch["restore"], "VMM -> 200")),
                    ("hatch: whole restore (request -> 200)", lambda g: vals(g.hatch["restore"], "response"))]
     rows = []
@@ -1194,12 +1209,14 @@ def render(meta, bench, markdown):
                     add(f"  - daemon log during {op}, median ms from the request to each line's first "
                         f"appearance: " + ", ".join(f"`{n}` {ms(med([d.get(n) for d in firsts])):.0f}"
                                                     for n in names))
-    add(f"- raw VMs: jailer `--uid`/`--gid` {bench.uid}, `--chroot-base-dir` in the run's temp dir, "
+    add(f"- raw VMs: jailer `--uid`/`--gid` {bench.uid}{'' if bench.confine else ' (`--vmm-confine off`: root, as hatch with HATCH_VMM_CONFINE=off)'}, `--chroot-base-dir` in the run's temp dir, "
         f"`--resource-limit fsize=` (larger of disk and RAM + 64 MiB), firecracker `--api-sock --log-path --level "
         f"Info --metrics-path` (Info, not hatch's Warning, for Firecracker's own request times above), serial console (stdout) into a `console.log`; boot args `{BOOT_ARGS}`; "
         + (f"cgroup {bench.cgroup.version} with hatch's limits (CPU: vCPUs + 1 periods of {CPU_PERIOD_US // 1000} "
            f"ms per period; memory: RAM + {OVERHEAD_MIB} MiB; 130 pids), joined before the jailer runs."
-           if bench.cgroup and bench.cgroup.version else "no cgroup (no cgroup v1 cpu/memory/pids here)."))
+           if bench.cgroup and bench.cgroup.version
+           else "no cgroup (`--vmm-confine off`)." if not bench.confine
+           else "no cgroup (no cgroup v1 cpu/memory/pids here)."))
     if hatch:
         add(f"- hatch's VMs (warm-up VM): `{bench.facts.get('hatch_cmdline', '?')}`, "
             f"{bench.facts.get('hatch_uid', '?')}, jail "
@@ -1223,6 +1240,9 @@ def main():
     ap.add_argument("--sizes", default="128,1024", help="guest RAM sizes in MiB, comma-separated (default 128,1024)")
     ap.add_argument("--firecracker-dir", default=os.environ.get("HATCH_TEST_FIRECRACKER_DIR"),
                     help="directory holding `firecracker` and `jailer` (default $HATCH_TEST_FIRECRACKER_DIR)")
+    ap.add_argument("--vmm-confine", choices=("on", "off"), default="on",
+                    help="on (default): each VMM under its own uid and cgroup on both sides; off: the daemon with "
+                         "HATCH_VMM_CONFINE=off (Firecracker still jailed, as root, no cgroup) and the raw side alike")
     ap.add_argument("--raw-only", action="store_true",
                     help="measure only the Firecracker driven by hand (no daemon); prints, never updates the docs")
     ap.add_argument("--markdown", action="store_true",
