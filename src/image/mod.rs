@@ -21,9 +21,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use tokio::process::Command;
 
-/// The image's bzImage kernel (what QEMU boots).
+/// The image's bzImage kernel (what a PC-type machine boots).
 pub const KERNEL_FILE: &str = "vmlinuz";
-/// The image's uncompressed ELF kernel (what Firecracker boots).
+/// The image's uncompressed ELF kernel (what a minimal VMM boots).
 pub const VMLINUX_FILE: &str = "vmlinux";
 pub const INITRD_FILE: &str = "initrd.img";
 pub const ROOTFS_FILE: &str = "rootfs.ext4";

@@ -46,7 +46,7 @@ impl Manager {
         let vmm = match backend.metrics(&spec, pid).await {
             Ok(m) => m,
             // The VMM ended while we asked it: the VM is no longer running.
-            Err(_) if !self.still_running(id, pid) => {
+            Err(_) if !self.still_running(id, pid).await => {
                 return Err(ManagerError::Conflict(format!(
                     "vm {id} stopped running while its metrics were read"
                 )))
@@ -64,10 +64,23 @@ impl Manager {
         })
     }
 
-    /// Is `pid` still the VM's VMM, and alive?
-    fn still_running(&self, id: &str, pid: u32) -> bool {
-        let current = self.running.lock().unwrap().get(id).map(|r| r.pid) == Some(pid);
-        current && std::path::Path::new(&format!("/proc/{pid}")).exists()
+    /// Is `pid` still the VM's VMM, alive, and the VM running? A VMM that
+    /// is being ended (a stop, or an idle sleep killing it after its
+    /// snapshot) closes its control socket a moment before it is a zombie,
+    /// so a failed read waits up to a second for that to show.
+    async fn still_running(&self, id: &str, pid: u32) -> bool {
+        for _ in 0..20 {
+            let current = self.running.lock().unwrap().get(id).map(|r| r.pid) == Some(pid);
+            if !current || !crate::vmm::process::is_alive(pid) {
+                return false;
+            }
+            match self.store.get_vm(id).await {
+                Ok(Some(vm)) if vm.state == VmState::Running => {}
+                _ => return false,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        true
     }
 }
 

@@ -87,17 +87,17 @@ mod tests {
     #[test]
     fn virtio_mmio_gets_the_devices_on_the_command_line_as_options() {
         let cwd = std::env::temp_dir();
-        // What Firecracker boots with: its devices appended to our boot args.
-        let firecracker = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw \
+        // What a virtio-mmio VMM boots with: its devices appended to our boot args.
+        let mmio = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw \
              virtio_mmio.device=4K@0xc0001000:5 virtio_mmio.device=4K@0xc0002000:6:3";
         assert_eq!(
-            load_modules(firecracker, &cwd),
+            load_modules(mmio, &cwd),
             (
                 insmods(&["4K@0xc0001000:5", "4K@0xc0002000:6:3"]),
                 String::new()
             )
         );
-        // QEMU's command line has none: every module loads without options.
+        // A PC machine's command line has none: every module loads without options.
         assert_eq!(
             load_modules("console=ttyS0 root=/dev/vda rw", &cwd),
             (insmods(&[]), String::new())

@@ -14,7 +14,7 @@ const BASE_MODULES: &[&str] = &[
     "virtio_pci_legacy_dev",
     "virtio_pci_modern_dev",
     "virtio_pci",
-    // Firecracker's devices: found through ACPI (LNRO0005) or the
+    // A virtio-mmio machine's devices: found through ACPI (LNRO0005) or the
     // `device=` options /init passes on from the command line.
     "virtio_mmio",
     "virtio_blk",

@@ -3,7 +3,7 @@
 //! Output (in `out`):
 //! - `vmlinuz`: the Debian bookworm cloud kernel (`linux-image-cloud-amd64`).
 //! - `vmlinux`: the same kernel as an uncompressed x86-64 ELF (the LZ4
-//!   payload of `vmlinuz`), for VMMs that load an ELF (Firecracker).
+//!   payload of `vmlinuz`), for VMMs that load only an ELF.
 //! - `initrd.img`: an uncompressed newc cpio with static busybox, `/init` and the
 //!   virtio + power-button modules that kernel builds as `=m`.
 //! - `rootfs.ext4`: a 256 MiB sparse ext4 (label `hatch-root`) with busybox init,

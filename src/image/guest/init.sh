@@ -31,7 +31,7 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 
-# Under Firecracker the disks and the NIC are virtio-mmio devices, which it
+# Under a virtio-mmio VMM the disks and the NIC are virtio-mmio devices, which it
 # lists on the command line (virtio_mmio.device=SIZE@BASE:IRQ[:ID], one per
 # device). Options on the command line reach only built-in code, and busybox
 # insmod does not read them, so each becomes a device=... option of
