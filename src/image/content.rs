@@ -159,6 +159,28 @@ fn check_qcow2(file: &File, head: &[u8]) -> Result<(), String> {
     Err("rootfs: the qcow2 header extensions are not terminated".into())
 }
 
+/// The first bytes of each kernel format, for tests that need a kernel file.
+#[cfg(test)]
+pub(crate) mod samples {
+    /// An x86 bzImage's head: the boot sector signature and `HdrS`.
+    pub(crate) fn bzimage_head() -> Vec<u8> {
+        let mut head = vec![0u8; 0x400];
+        head[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+        head[0x202..0x206].copy_from_slice(b"HdrS");
+        head
+    }
+
+    /// An x86-64 ELF's head (ELFCLASS64, little-endian, EM_X86_64).
+    pub(crate) fn elf_head() -> Vec<u8> {
+        let mut head = vec![0u8; 64];
+        head[..4].copy_from_slice(b"\x7fELF");
+        head[4] = 2;
+        head[5] = 1;
+        head[18] = 62;
+        head
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -226,22 +226,7 @@ pub async fn import(src: &ImageSource, dest: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bzimage_head() -> Vec<u8> {
-        let mut head = vec![0u8; 0x400];
-        head[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
-        head[0x202..0x206].copy_from_slice(b"HdrS");
-        head
-    }
-
-    fn elf_head() -> Vec<u8> {
-        let mut head = vec![0u8; 64];
-        head[..4].copy_from_slice(b"\x7fELF");
-        head[4] = 2;
-        head[5] = 1;
-        head[18] = 62;
-        head
-    }
+    use crate::image::content::samples::{bzimage_head, elf_head};
 
     #[test]
     fn the_kernel_a_backend_gets_is_its_first_preferred_format_the_image_has() {

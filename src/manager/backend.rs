@@ -98,26 +98,9 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::content::samples::{bzimage_head, elf_head};
     use crate::vmm::testing::FakeBackend;
     use crate::vmm::KernelFormat;
-
-    /// The first bytes of an x86 bzImage: the boot sector signature and `HdrS`.
-    fn bzimage_head() -> Vec<u8> {
-        let mut head = vec![0u8; 0x400];
-        head[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
-        head[0x202..0x206].copy_from_slice(b"HdrS");
-        head
-    }
-
-    /// The first bytes of an x86-64 ELF.
-    fn elf_head() -> Vec<u8> {
-        let mut head = vec![0u8; 64];
-        head[..4].copy_from_slice(b"\x7fELF");
-        head[4] = 2;
-        head[5] = 1;
-        head[18] = 62;
-        head
-    }
 
     #[test]
     fn an_image_whose_kernel_the_backend_cannot_boot_is_refused_with_the_reason() {
