@@ -462,8 +462,13 @@ impl Prep {
     ) -> std::result::Result<Prepared, String> {
         use std::os::unix::fs::PermissionsExt;
         let e = |what: &Path, err: std::io::Error| format!("{}: {err}", what.display());
-        // Whatever an earlier VMM of this VM left goes first.
-        jail::remove(&self.jails, id);
+        // Whatever an earlier VMM of this VM left goes first. Its jail is
+        // made before its jailer starts and goes only after it was killed,
+        // so without a jail there is no VMM to look for (a search of every
+        // process's command line costs more than the rest of the jail).
+        if self.jails.jail_dir(id).exists() {
+            jail::remove(&self.jails, id);
+        }
         std::fs::create_dir_all(&self.jails.base).map_err(|err| e(&self.jails.base, err))?;
         std::fs::set_permissions(&self.jails.base, std::fs::Permissions::from_mode(0o700))
             .map_err(|err| e(&self.jails.base, err))?;
