@@ -29,6 +29,17 @@ pub fn pids_mentioning(needle: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The last `max` bytes (at most) of a log file, trimmed: what a VMM said
+/// before it failed, for the error the caller gets.
+pub fn tail_of(path: &Path, max: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    let start = (start..=text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    text[start..].trim().to_string()
+}
+
 pub fn is_alive(pid: u32) -> bool {
     // A zombie has exited already; only its parent's wait is missing.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

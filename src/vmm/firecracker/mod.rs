@@ -416,19 +416,10 @@ fn control(e: ApiError) -> VmmError {
     VmmError::Control(e.to_string())
 }
 
-fn tail_of(path: &Path, max: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(max);
-    let start = (start..=text.len())
-        .find(|i| text.is_char_boundary(*i))
-        .unwrap_or(text.len());
-    text[start..].trim().to_string()
-}
-
 /// The jailer's own errors (stderr, vmm.log) and Firecracker's log.
 fn failure_tail(spec: &VmSpec) -> String {
-    let jailer = tail_of(&spec.vmm_log(), 400);
-    let fc = tail_of(&log_path(&spec.work_dir), 400);
+    let jailer = super::process::tail_of(&spec.vmm_log(), 400);
+    let fc = super::process::tail_of(&log_path(&spec.work_dir), 400);
     [jailer, fc]
         .into_iter()
         .filter(|s| !s.is_empty())

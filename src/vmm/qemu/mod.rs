@@ -194,15 +194,6 @@ fn qemu_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
-fn tail_of(path: &Path, max: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(max);
-    let start = (start..=text.len())
-        .find(|i| text.is_char_boundary(*i))
-        .unwrap_or(text.len());
-    text[start..].trim().to_string()
-}
-
 async fn qmp(spec: &VmSpec) -> Result<Qmp> {
     Qmp::connect(&spec.control_socket())
         .await
@@ -369,7 +360,7 @@ impl Qemu {
             if let Some(status) = child.try_wait()? {
                 return Err(VmmError::Launch(format!(
                     "qemu exited during start-up ({status}): {}",
-                    tail_of(&spec.vmm_log(), 600)
+                    super::process::tail_of(&spec.vmm_log(), 600)
                 )));
             }
             // One connection for the whole wait: a new QMP session every poll
@@ -398,7 +389,7 @@ impl Qemu {
                 return Err(VmmError::Launch(format!(
                     "qemu did not come up within {}s: {}",
                     timeout.as_secs(),
-                    tail_of(&spec.vmm_log(), 600)
+                    super::process::tail_of(&spec.vmm_log(), 600)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
