@@ -42,7 +42,7 @@ impl Manager {
     ) -> std::result::Result<(), String> {
         let caps = backend.capabilities();
         let kernels = image::kernels_in(image_dir);
-        if kernels.is_empty() || image::kernel_for(image_dir, caps.kernels).is_some() {
+        if kernels.is_empty() || kernels.iter().any(|(k, _)| caps.boots(*k)) {
             return Ok(());
         }
         let has: Vec<String> = kernels.iter().map(|(k, _)| k.to_string()).collect();
