@@ -6,10 +6,15 @@
 //! dir by default, an S3-compatible bucket when `HATCH_S3_BUCKET` is set. Keys
 //! follow the Hatch API's layout: `snapshots/{vm_id}/{snap_id}/{vmstate|memory|disk}`.
 
+mod chunks;
 mod compress;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use chunks::{
+    ChunkHash, ChunkRef, ChunkSizes, Chunked, ListedChunk, ParseChunkHashError, StoredChunk,
+    CHUNKS_IN_FLIGHT,
+};
 pub use compress::{Algorithm, CompressionConfig};
 
 use crate::config::{Config, S3Config};

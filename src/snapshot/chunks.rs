@@ -1,0 +1,1313 @@
+//! Content-defined chunk store: a stream becomes FastCDC chunks stored once per owner under their BLAKE3 hash, and comes back verified chunk by chunk.
+
+use super::{
+    check, describe_stored, local_path, partial_path, read_err, settle, store_err, Algorithm,
+    ObjectError, Objects, Result, Stored, Tallied, COPY_BUF,
+};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStoreExt, PutPayload};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+/// Chunks being hashed, encoded or uploaded at once by `put_chunked`, and
+/// chunks fetched ahead by `get_chunked`: memory stays about this many
+/// maximum-size chunks whatever the stream size.
+pub const CHUNKS_IN_FLIGHT: usize = 16;
+/// Bytes read from the body at a time and handed to the chunker thread.
+const READ_BLOCK: usize = 1 << 20;
+/// Read blocks queued for the chunker, and batches of cut chunks queued for hashing.
+const BLOCKS_QUEUED: usize = 2;
+
+/// The sizes FastCDC aims at. Cut points depend on them: chunks stored with
+/// other sizes do not deduplicate against these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkSizes {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl ChunkSizes {
+    pub const DEFAULT: ChunkSizes = ChunkSizes {
+        min: 16 << 10,
+        avg: 64 << 10,
+        max: 256 << 10,
+    };
+
+    /// Within FastCDC's limits and ordered: the chunker only debug-asserts them.
+    fn validate(&self) -> Result<()> {
+        use fastcdc::v2020::{
+            AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+        };
+        let (min, avg, max) = (self.min as usize, self.avg as usize, self.max as usize);
+        let ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&min)
+            && (AVERAGE_MIN..=AVERAGE_MAX).contains(&avg)
+            && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&max)
+            && min <= avg
+            && avg <= max
+            && [min, avg, max].iter().all(|s| s % 2 == 0);
+        if ok {
+            Ok(())
+        } else {
+            Err(invalid(format!(
+                "chunk sizes {self:?} are outside FastCDC's limits"
+            )))
+        }
+    }
+}
+
+/// The BLAKE3 hash of a chunk's raw bytes: its address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl ChunkHash {
+    pub fn of(raw: &[u8]) -> ChunkHash {
+        ChunkHash(*blake3::hash(raw).as_bytes())
+    }
+}
+
+impl std::fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a chunk hash (64 lowercase hex digits)")]
+pub struct ParseChunkHashError(String);
+
+impl std::str::FromStr for ChunkHash {
+    type Err = ParseChunkHashError;
+
+    fn from_str(s: &str) -> std::result::Result<ChunkHash, ParseChunkHashError> {
+        // Lowercase only: a key is one spelling of one hash.
+        let lower_hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+        let mut out = [0u8; 32];
+        if s.len() != 64 || !s.as_bytes().iter().all(lower_hex) {
+            return Err(ParseChunkHashError(s.to_string()));
+        }
+        hex::decode_to_slice(s, &mut out).map_err(|_| ParseChunkHashError(s.to_string()))?;
+        Ok(ChunkHash(out))
+    }
+}
+
+/// One manifest entry, in stream order (a hash may repeat).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub hash: ChunkHash,
+    pub raw_size: u32,
+}
+
+/// A chunk as stored: what reading it back needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub hash: ChunkHash,
+    pub raw_size: u32,
+    pub stored_size: u32,
+    pub encoding: Option<Algorithm>,
+}
+
+/// The result of chunking a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunked {
+    /// The ordered manifest.
+    pub entries: Vec<ChunkRef>,
+    /// Chunks this call uploaded, each once, in no particular order.
+    pub new: Vec<StoredChunk>,
+    /// Sum of the entries' raw sizes.
+    pub raw_size: u64,
+    /// SHA-256 of the whole raw stream (hex).
+    pub sha256: String,
+}
+
+/// A chunk object found in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedChunk {
+    pub owner: String,
+    pub hash: ChunkHash,
+    pub encoding: Option<Algorithm>,
+    /// Size of the object (the stored, possibly encoded, bytes).
+    pub size: u64,
+}
+
+const PREFIX: &str = "chunks";
+
+fn invalid(msg: String) -> ObjectError {
+    ObjectError::Io(io::Error::new(io::ErrorKind::InvalidInput, msg))
+}
+
+fn join_err(e: tokio::task::JoinError) -> ObjectError {
+    ObjectError::Store(format!("a chunk task failed: {e}"))
+}
+
+/// Owner ids become a path segment: only `[A-Za-z0-9_-]{1,64}` may, so no
+/// owner can name another's prefix (`..`, `/`) or a staging file (`#`).
+fn check_owner(owner: &str) -> Result<()> {
+    let ok = (1..=64).contains(&owner.len())
+        && owner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{owner:?} is not an owner id (1 to 64 of A-Z a-z 0-9 _ -)"
+        )))
+    }
+}
+
+fn suffix(encoding: Option<Algorithm>) -> &'static str {
+    match encoding {
+        None => "",
+        Some(Algorithm::Lz4) => ".lz4",
+        Some(Algorithm::Zstd) => ".zst",
+    }
+}
+
+/// The owner, hash and encoding a chunk key names; None for anything else.
+fn parse_chunk_key(key: &str) -> Option<(String, ChunkHash, Option<Algorithm>)> {
+    let mut parts = key.strip_prefix("chunks/")?.split('/');
+    let (owner, fan, file) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || check_owner(owner).is_err() {
+        return None;
+    }
+    let (hex, encoding) = match file.split_once('.') {
+        None => (file, None),
+        Some((h, "zst")) => (h, Some(Algorithm::Zstd)),
+        Some((h, "lz4")) => (h, Some(Algorithm::Lz4)),
+        Some(_) => return None,
+    };
+    let hash: ChunkHash = hex.parse().ok()?;
+    (fan == &hex[..2]).then(|| (owner.to_string(), hash, encoding))
+}
+
+/// A staging name beside `dest`: `#` and digits only after it, so the
+/// start-up sweep removes it and object_store's local listing skips it.
+fn staging_path(dest: &Path) -> std::path::PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    dest.with_file_name(format!("{name}#{}{n:010}", std::process::id()))
+}
+
+/// `raw` encoded as asked: a standard zstd frame (`zstd -d` reads it) or a
+/// standard LZ4 frame with the content size in its header (`lz4 -d` reads it).
+fn encode(raw: &[u8], encoding: Option<(Algorithm, i32)>) -> io::Result<Bytes> {
+    match encoding {
+        None => Ok(Bytes::copy_from_slice(raw)),
+        Some((Algorithm::Zstd, level)) => {
+            // One compression context per blocking thread, reused: making one
+            // per chunk costs more than compressing 64 KiB at low levels.
+            thread_local! {
+                static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            ZSTD.with(|cell| {
+                let mut cell = cell.borrow_mut();
+                let compressor = match cell.as_mut() {
+                    Some(c) => {
+                        c.set_compression_level(level)?;
+                        c
+                    }
+                    None => cell.insert(zstd::bulk::Compressor::new(level)?),
+                };
+                compressor.compress(raw).map(Bytes::from)
+            })
+        }
+        Some((Algorithm::Lz4, level)) => {
+            use std::io::Write;
+            let mut encoder = lz4::EncoderBuilder::new()
+                .level(level.max(0) as u32)
+                .content_size(raw.len() as u64)
+                .build(Vec::with_capacity(raw.len() / 2 + 64))?;
+            encoder.write_all(raw)?;
+            let (out, result) = encoder.finish();
+            result.map(|()| Bytes::from(out))
+        }
+    }
+}
+
+/// The raw bytes of the stored chunk `stored` (read from `key`), verified:
+/// its stored size, its decoding, then the raw length and BLAKE3 hash. Any
+/// mismatch is `Corrupt`; nothing unverified leaves this function.
+fn decode_verified(key: &str, chunk: &StoredChunk, stored: Bytes) -> Result<Bytes> {
+    let corrupt = |expected: String, actual: String| ObjectError::Corrupt {
+        key: key.to_string(),
+        expected,
+        actual,
+    };
+    if stored.len() as u64 != u64::from(chunk.stored_size) {
+        return Err(corrupt(
+            format!("{} stored bytes", chunk.stored_size),
+            format!("{} stored bytes", stored.len()),
+        ));
+    }
+    let limit = chunk.raw_size as usize;
+    let raw = match chunk.encoding {
+        None => Ok(stored),
+        Some(Algorithm::Zstd) => {
+            thread_local! {
+                static ZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            ZSTD.with(|cell| {
+                let mut cell = cell.borrow_mut();
+                let d = match cell.as_mut() {
+                    Some(d) => d,
+                    None => cell.insert(zstd::bulk::Decompressor::new()?),
+                };
+                // At most the recorded size: a frame that says more is corrupt, not a reason to allocate.
+                d.decompress(&stored, limit).map(Bytes::from)
+            })
+        }
+        Some(Algorithm::Lz4) => (|| {
+            use std::io::Read;
+            let mut out = Vec::with_capacity(limit);
+            let decoder = lz4::Decoder::new(&stored[..])?;
+            decoder.take(limit as u64 + 1).read_to_end(&mut out)?;
+            Ok(Bytes::from(out))
+        })(),
+    };
+    let raw = raw.map_err(|e: io::Error| {
+        corrupt(
+            format!("a {} frame", suffix(chunk.encoding).trim_start_matches('.')),
+            format!("undecodable data ({e})"),
+        )
+    })?;
+    let hash = ChunkHash::of(&raw);
+    if raw.len() != limit || hash != chunk.hash {
+        return Err(corrupt(
+            format!("blake3 {} ({} bytes)", chunk.hash, chunk.raw_size),
+            format!("blake3 {hash} ({} bytes)", raw.len()),
+        ));
+    }
+    Ok(raw)
+}
+
+/// The sequential part of chunking, on a blocking thread: SHA-256 of the
+/// whole stream and FastCDC cut points. Blocks arrive on `blocks`; each batch
+/// of whole chunks goes out on `batches`. Returns the stream's SHA-256 and
+/// length. Cut points are those of fastcdc's `StreamCDC` with the same sizes
+/// (normalization level 1): a chunk is cut only once `max` bytes or the end
+/// are in hand, so a block boundary never moves a cut.
+fn cut_stream(
+    mut blocks: mpsc::Receiver<Bytes>,
+    batches: mpsc::Sender<Vec<Bytes>>,
+    sizes: ChunkSizes,
+) -> (String, u64) {
+    use fastcdc::v2020::{cut, select_masks, Normalization};
+    let (min, avg, max) = (sizes.min as usize, sizes.avg as usize, sizes.max as usize);
+    let (mask_s, mask_l) = select_masks(avg, Normalization::Level1);
+    let mut sha = Sha256::new();
+    let mut total = 0u64;
+    let mut pending = BytesMut::with_capacity(READ_BLOCK + max);
+    let mut eof = false;
+    while !eof {
+        match blocks.blocking_recv() {
+            Some(block) => {
+                sha.update(&block);
+                total += block.len() as u64;
+                pending.extend_from_slice(&block);
+            }
+            None => eof = true,
+        }
+        let mut batch = vec![];
+        while pending.len() >= max || (eof && !pending.is_empty()) {
+            let (_, len) = cut(
+                &pending,
+                min,
+                avg,
+                max,
+                mask_s,
+                mask_l,
+                mask_s << 1,
+                mask_l << 1,
+            );
+            batch.push(pending.split_to(len).freeze());
+        }
+        if !batch.is_empty() && batches.blocking_send(batch).is_err() {
+            // The consumer gave up (an error it reports itself).
+            break;
+        }
+    }
+    (hex::encode(sha.finalize()), total)
+}
+
+impl Objects {
+    /// The key of a chunk: `chunks/{owner}/{first 2 hex}/{64 hex}[.lz4|.zst]`.
+    pub fn chunk_key(owner: &str, hash: &ChunkHash, encoding: Option<Algorithm>) -> Result<String> {
+        check_owner(owner)?;
+        let hex = hash.to_string();
+        Ok(format!(
+            "{PREFIX}/{owner}/{}/{hex}{}",
+            &hex[..2],
+            suffix(encoding)
+        ))
+    }
+
+    /// Splits `body` into content-defined chunks and uploads each chunk that
+    /// `known` lacks and this call has not uploaded yet, raw (encoding None)
+    /// or encoded with `encoding`. Returns the manifest. On error, chunks
+    /// already uploaded stay (a sweep finds them): nothing is half-written
+    /// under a chunk's final key. Chunks are not durable on the local store
+    /// until `sync_chunks`.
+    pub async fn put_chunked(
+        &self,
+        owner: &str,
+        body: impl AsyncRead + Unpin + Send,
+        known: &(dyn Fn(&ChunkHash) -> bool + Sync),
+        encoding: Option<(Algorithm, i32)>,
+    ) -> Result<Chunked> {
+        self.put_chunked_with(owner, body, known, encoding, ChunkSizes::DEFAULT)
+            .await
+    }
+
+    /// `put_chunked` with other chunk sizes (for experiments).
+    pub async fn put_chunked_with(
+        &self,
+        owner: &str,
+        body: impl AsyncRead + Unpin + Send,
+        known: &(dyn Fn(&ChunkHash) -> bool + Sync),
+        encoding: Option<(Algorithm, i32)>,
+        sizes: ChunkSizes,
+    ) -> Result<Chunked> {
+        self.chunk_stream(owner, body, known, encoding, sizes, ObjectError::Io)
+            .await
+    }
+
+    /// The pipeline behind `put_chunked`: this task reads the body in 1 MiB
+    /// blocks; a blocking thread hashes the stream (SHA-256) and cuts it;
+    /// batches of chunks are BLAKE3-hashed on the blocking pool, two at once;
+    /// back in stream order each chunk is recorded and, if new, handed to an
+    /// upload task (encoding on the blocking pool), at most
+    /// `CHUNKS_IN_FLIGHT` at once. Every queue is bounded.
+    async fn chunk_stream(
+        &self,
+        owner: &str,
+        mut body: impl AsyncRead + Unpin + Send,
+        known: &(dyn Fn(&ChunkHash) -> bool + Sync),
+        encoding: Option<(Algorithm, i32)>,
+        sizes: ChunkSizes,
+        on_read: impl Fn(io::Error) -> ObjectError,
+    ) -> Result<Chunked> {
+        check_owner(owner)?;
+        sizes.validate()?;
+        let (block_tx, block_rx) = mpsc::channel::<Bytes>(BLOCKS_QUEUED);
+        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Bytes>>(BLOCKS_QUEUED);
+        let cutter = tokio::task::spawn_blocking(move || cut_stream(block_rx, batch_tx, sizes));
+
+        let read = async move {
+            loop {
+                let mut block = BytesMut::with_capacity(READ_BLOCK);
+                let mut eof = false;
+                while block.len() < READ_BLOCK {
+                    if body.read_buf(&mut block).await.map_err(&on_read)? == 0 {
+                        eof = true;
+                        break;
+                    }
+                }
+                // A closed channel means the chunker stopped; its reason surfaces below.
+                if (!block.is_empty() && block_tx.send(block.freeze()).await.is_err()) || eof {
+                    return Ok::<_, ObjectError>(());
+                }
+            }
+        };
+
+        let store = async {
+            let mut hashed = tokio_stream::wrappers::ReceiverStream::new(batch_rx)
+                .map(|batch| async {
+                    tokio::task::spawn_blocking(move || {
+                        batch
+                            .into_iter()
+                            .map(|raw| (ChunkHash::of(&raw), raw))
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                    .map_err(join_err)
+                })
+                .buffered(BLOCKS_QUEUED);
+            let mut entries = vec![];
+            let mut new = vec![];
+            let mut raw_size = 0u64;
+            let mut scheduled = HashSet::new();
+            // Aborted when dropped: an error leaves no upload running for nobody.
+            let mut uploads = tokio::task::JoinSet::new();
+            while let Some(batch) = hashed.next().await {
+                for (hash, raw) in batch? {
+                    entries.push(ChunkRef {
+                        hash,
+                        raw_size: raw.len() as u32,
+                    });
+                    raw_size += raw.len() as u64;
+                    if known(&hash) || !scheduled.insert(hash) {
+                        continue;
+                    }
+                    while uploads.len() >= CHUNKS_IN_FLIGHT {
+                        new.push(
+                            uploads
+                                .join_next()
+                                .await
+                                .expect("not empty")
+                                .map_err(join_err)??,
+                        );
+                    }
+                    let key = Objects::chunk_key(owner, &hash, encoding.map(|e| e.0))?;
+                    // A copy, so an upload holds its own chunk and not the
+                    // whole read block the chunk is a slice of.
+                    let raw = Bytes::copy_from_slice(&raw);
+                    uploads.spawn(self.clone().store_chunk(key, hash, raw, encoding, false));
+                }
+            }
+            while let Some(done) = uploads.join_next().await {
+                new.push(done.map_err(join_err)??);
+            }
+            Ok::<_, ObjectError>((entries, new, raw_size))
+        };
+
+        let ((), (entries, new, raw_size)) = tokio::try_join!(read, store)?;
+        let (sha256, total) = cutter.await.map_err(join_err)?;
+        if total != raw_size {
+            return Err(ObjectError::Store(format!(
+                "chunking lost bytes: read {total}, chunked {raw_size}"
+            )));
+        }
+        Ok(Chunked {
+            entries,
+            new,
+            raw_size,
+            sha256,
+        })
+    }
+
+    /// Encodes `raw` as asked and stores it under `key` (its chunk key).
+    /// Locally: written to a staging name and renamed, so the key only ever
+    /// holds a whole chunk; `durable` adds an fdatasync of the file before
+    /// the rename and an fsync of the directory after it. S3: one PUT.
+    async fn store_chunk(
+        self,
+        key: String,
+        hash: ChunkHash,
+        raw: Bytes,
+        encoding: Option<(Algorithm, i32)>,
+        durable: bool,
+    ) -> Result<StoredChunk> {
+        let raw_size = raw.len() as u32;
+        let local = self.local_root.as_ref().map(|root| local_path(root, &key));
+        let stored_size =
+            tokio::task::spawn_blocking(move || -> io::Result<(u32, Option<Bytes>)> {
+                let stored = encode(&raw, encoding)?;
+                drop(raw);
+                let Some(dest) = local else {
+                    return Ok((stored.len() as u32, Some(stored)));
+                };
+                write_chunk_file(&dest, &stored, durable)?;
+                Ok((stored.len() as u32, None))
+            })
+            .await
+            .map_err(join_err)??;
+        let stored_size = match stored_size {
+            (size, None) => size,
+            (size, Some(bytes)) => {
+                self.store
+                    .put(&ObjPath::from(key.as_str()), PutPayload::from(bytes))
+                    .await
+                    .map_err(store_err)?;
+                size
+            }
+        };
+        Ok(StoredChunk {
+            hash,
+            raw_size,
+            stored_size,
+            encoding: encoding.map(|e| e.0),
+        })
+    }
+
+    /// Makes every chunk written so far durable: one `syncfs(2)` of the
+    /// local store's file system (cheaper than an fsync per chunk). S3: a
+    /// successful PUT is already durable, so nothing.
+    pub async fn sync_chunks(&self) -> Result<()> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsRawFd;
+            let dir = std::fs::File::open(&root)?;
+            // SAFETY: the fd is open for the duration of the call; syncfs only reads it.
+            if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(ObjectError::Io)
+    }
+
+    /// The stored bytes of a chunk, from its file (one read, on the blocking
+    /// pool) or one GET.
+    async fn fetch_chunk(&self, key: String) -> Result<Bytes> {
+        if let Some(root) = &self.local_root {
+            let path = local_path(root, &key);
+            return match tokio::task::spawn_blocking(move || std::fs::read(path))
+                .await
+                .map_err(join_err)?
+            {
+                Ok(bytes) => Ok(Bytes::from(bytes)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ObjectError::Missing(key)),
+                Err(e) => Err(e.into()),
+            };
+        }
+        let got = match self.store.get(&ObjPath::from(key.as_str())).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Err(ObjectError::Missing(key)),
+            Err(e) => return Err(store_err(e)),
+        };
+        got.bytes().await.map_err(|e| match e {
+            object_store::Error::NotFound { .. } => ObjectError::Missing(key),
+            e => store_err(e),
+        })
+    }
+
+    /// A chunk's raw bytes, fetched and verified (`decode_verified`).
+    async fn read_chunk(&self, owner: &str, chunk: StoredChunk) -> Result<Bytes> {
+        let key = Objects::chunk_key(owner, &chunk.hash, chunk.encoding)?;
+        let stored = self.fetch_chunk(key.clone()).await?;
+        tokio::task::spawn_blocking(move || decode_verified(&key, &chunk, stored))
+            .await
+            .map_err(join_err)?
+    }
+
+    /// Writes the raw bytes of `chunks`, in order, into `out`, prefetching
+    /// ahead and verifying each chunk before writing it: on error, `out` has
+    /// received exactly the chunks before the failed one.
+    pub async fn get_chunked(
+        &self,
+        owner: &str,
+        chunks: &[StoredChunk],
+        out: &mut (impl AsyncWrite + Unpin),
+    ) -> Result<()> {
+        check_owner(owner)?;
+        let mut fetched = futures_util::stream::iter(chunks.iter().copied())
+            .map(|chunk| self.read_chunk(owner, chunk))
+            .buffered(CHUNKS_IN_FLIGHT);
+        while let Some(raw) = fetched.next().await {
+            out.write_all(&raw?).await?;
+        }
+        out.flush().await?;
+        Ok(())
+    }
+
+    /// The same into a file: `dest` appears (rename of a `.partial` beside it)
+    /// only once every chunk arrived intact; on error nothing is left. Chunks
+    /// are fetched and written at their offsets in parallel, and a chunk of
+    /// zeros is not written at all (the file is sized first), so runs of
+    /// zeros stay holes.
+    pub async fn get_chunked_file(
+        &self,
+        owner: &str,
+        chunks: &[StoredChunk],
+        dest: &Path,
+    ) -> Result<()> {
+        check_owner(owner)?;
+        let tmp = partial_path(dest);
+        let verdict = async {
+            let file = std::sync::Arc::new(tokio::fs::File::create(&tmp).await?.into_std().await);
+            let total: u64 = chunks.iter().map(|c| u64::from(c.raw_size)).sum();
+            file.set_len(total)?;
+            let mut offset = 0u64;
+            let placed = chunks.iter().map(|c| {
+                let at = offset;
+                offset += u64::from(c.raw_size);
+                (*c, at)
+            });
+            let mut written = futures_util::stream::iter(placed)
+                .map(|(chunk, at)| {
+                    let file = file.clone();
+                    async move {
+                        let raw = self.read_chunk(owner, chunk).await?;
+                        tokio::task::spawn_blocking(move || {
+                            use std::os::unix::fs::FileExt;
+                            if raw.iter().all(|&b| b == 0) {
+                                return Ok(());
+                            }
+                            file.write_all_at(&raw, at)
+                        })
+                        .await
+                        .map_err(join_err)?
+                        .map_err(ObjectError::Io)
+                    }
+                })
+                .buffer_unordered(CHUNKS_IN_FLIGHT);
+            while let Some(done) = written.next().await {
+                done?;
+            }
+            Ok(())
+        }
+        .await;
+        settle(&tmp, dest, verdict).await
+    }
+
+    /// Stores `chunk` again encoded with `to` (read, decoded, verified,
+    /// re-encoded, written under the new key, durable when this returns).
+    /// The old object stays: the caller deletes it once the new one is
+    /// recorded. `to` must be another encoding than the chunk's: the same
+    /// one would be the same key, which the caller would then delete.
+    pub async fn recode_chunk(
+        &self,
+        owner: &str,
+        chunk: &StoredChunk,
+        to: (Algorithm, i32),
+    ) -> Result<StoredChunk> {
+        if chunk.encoding == Some(to.0) {
+            return Err(invalid(format!(
+                "chunk {} is already stored as {}",
+                chunk.hash, to.0
+            )));
+        }
+        let raw = self.read_chunk(owner, *chunk).await?;
+        let key = Objects::chunk_key(owner, &chunk.hash, Some(to.0))?;
+        self.clone()
+            .store_chunk(key, chunk.hash, raw, Some(to), true)
+            .await
+    }
+
+    /// Deletes one chunk object; a missing one is not an error (a retried delete succeeds).
+    pub async fn delete_chunk(
+        &self,
+        owner: &str,
+        hash: &ChunkHash,
+        encoding: Option<Algorithm>,
+    ) -> Result<()> {
+        self.delete(&Objects::chunk_key(owner, hash, encoding)?)
+            .await
+    }
+
+    /// Every chunk object of `owner` (None: of every owner). Keys under
+    /// `chunks/` that do not parse are skipped with a warning.
+    pub async fn list_chunks(&self, owner: Option<&str>) -> Result<Vec<ListedChunk>> {
+        let prefix = match owner {
+            Some(o) => {
+                check_owner(o)?;
+                format!("{PREFIX}/{o}")
+            }
+            None => PREFIX.to_string(),
+        };
+        let mut out = vec![];
+        let mut items = self.store.list(Some(&ObjPath::from(prefix)));
+        while let Some(meta) = items.next().await {
+            let meta = meta.map_err(store_err)?;
+            let key = meta.location.to_string();
+            match parse_chunk_key(&key) {
+                Some((owner, hash, encoding)) => out.push(ListedChunk {
+                    owner,
+                    hash,
+                    encoding,
+                    size: meta.size,
+                }),
+                None => tracing::warn!(key, "not a chunk key; left alone"),
+            }
+        }
+        out.sort_by(|a, b| (&a.owner, a.hash).cmp(&(&b.owner, b.hash)));
+        Ok(out)
+    }
+
+    /// Chunks a whole object already in the store (a snapshot in the
+    /// previous format): streams `key`, decompressing with `decompress` when
+    /// given, through `put_chunked` (new chunks stored raw); at the end
+    /// checks the object against `expected` (and the raw bytes against the
+    /// decompress checksum), as `stream_to` does. A mismatch is `Corrupt`.
+    pub async fn chunk_object(
+        &self,
+        key: &str,
+        expected: &Stored,
+        decompress: Option<(Algorithm, &Stored)>,
+        owner: &str,
+        known: &(dyn Fn(&ChunkHash) -> bool + Sync),
+    ) -> Result<Chunked> {
+        check_owner(owner)?;
+        let sizes = ChunkSizes::DEFAULT;
+        let mut body = Tallied::new(self.open(key).await?);
+        let Some((algorithm, raw)) = decompress else {
+            let chunked = self
+                .chunk_stream(owner, &mut body, known, None, sizes, |e| read_err(key, e))
+                .await?;
+            check(key, "", expected, &body.tally())?;
+            return Ok(chunked);
+        };
+        let decoder = algorithm.decoder(BufReader::with_capacity(COPY_BUF, &mut body));
+        let chunked = self
+            .chunk_stream(owner, decoder, known, None, sizes, |e| {
+                match read_err(key, e) {
+                    // Not from the store, so from the decoder: the bytes are not a valid stream.
+                    ObjectError::Io(e) => ObjectError::Corrupt {
+                        key: key.to_string(),
+                        expected: format!("a {algorithm} stream, {}", describe_stored(expected)),
+                        actual: format!("undecodable data ({e})"),
+                    },
+                    other => other,
+                }
+            })
+            .await?;
+        // The decoder stops at the end of its frame; anything after it still counts.
+        tokio::io::copy(&mut body, &mut tokio::io::sink())
+            .await
+            .map_err(|e| read_err(key, e))?;
+        let decoded = Stored {
+            size: chunked.raw_size,
+            sha256: chunked.sha256.clone(),
+        };
+        check(key, "compressed ", expected, &body.tally())?;
+        check(key, "uncompressed ", raw, &decoded)?;
+        Ok(chunked)
+    }
+}
+
+/// Writes `bytes` to `dest` through a staging file beside it and a rename.
+/// Creates the fan-out directory the first time it is missing.
+fn write_chunk_file(dest: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+    use std::io::Write;
+    let staging = staging_path(dest);
+    let mut file = match std::fs::File::create(&staging) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dest.parent().unwrap_or(Path::new("/")))?;
+            std::fs::File::create(&staging)?
+        }
+        other => other?,
+    };
+    let written = (|| {
+        file.write_all(bytes)?;
+        if durable {
+            file.sync_data()?;
+        }
+        drop(file);
+        std::fs::rename(&staging, dest)?;
+        if durable {
+            if let Some(dir) = dest.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+        }
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::testing::{S3sFs, TempDir};
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    const SIZES: ChunkSizes = ChunkSizes::DEFAULT;
+
+    /// Incompressible bytes, the same for the same seed (xorshift64).
+    fn random(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// About 6.5 MiB like a guest's memory: random pages, a run of zeros
+    /// (identical chunks inside one stream), text (compressible), and a
+    /// second copy of an earlier random region (repeated content).
+    fn mixed_stream() -> Vec<u8> {
+        let mut data = random(1, (2 << 20) + 12345);
+        let earlier = data[256 << 10..(256 << 10) + (3 << 19)].to_vec();
+        data.extend(std::iter::repeat_n(0u8, 1 << 20));
+        let mut text = String::new();
+        for i in 0.. {
+            if text.len() >= 1 << 20 {
+                break;
+            }
+            text.push_str(&format!(
+                "line {i}: the guest kernel wrote this page of text\n"
+            ));
+        }
+        data.extend_from_slice(text.as_bytes());
+        data.extend(random(2, 1 << 20));
+        data.extend(earlier);
+        data.extend(random(3, 777));
+        data
+    }
+
+    /// The chunk lengths fastcdc's own whole-buffer chunker finds, with their hashes.
+    fn reference_chunks(data: &[u8]) -> Vec<(ChunkHash, usize)> {
+        fastcdc::v2020::FastCDC::new(
+            data,
+            SIZES.min as usize,
+            SIZES.avg as usize,
+            SIZES.max as usize,
+        )
+        .map(|c| {
+            (
+                ChunkHash::of(&data[c.offset..c.offset + c.length]),
+                c.length,
+            )
+        })
+        .collect()
+    }
+
+    fn manifest(
+        entries: &[ChunkRef],
+        stored: &HashMap<ChunkHash, StoredChunk>,
+    ) -> Vec<StoredChunk> {
+        entries.iter().map(|e| stored[&e.hash]).collect()
+    }
+
+    fn record(map: &mut HashMap<ChunkHash, StoredChunk>, new: &[StoredChunk]) {
+        for c in new {
+            map.insert(c.hash, *c);
+        }
+    }
+
+    async fn object_count(objects: &Objects) -> usize {
+        objects.list("chunks/").await.unwrap().len()
+    }
+
+    /// What `get_chunked` wrote before it returned, and its verdict.
+    async fn read_back(
+        objects: &Objects,
+        owner: &str,
+        chunks: &[StoredChunk],
+    ) -> (Vec<u8>, Result<()>) {
+        let mut out = vec![];
+        let verdict = objects.get_chunked(owner, chunks, &mut out).await;
+        (out, verdict)
+    }
+
+    async fn read_file_back(
+        objects: &Objects,
+        owner: &str,
+        chunks: &[StoredChunk],
+        dest: &Path,
+    ) -> Result<Vec<u8>> {
+        objects.get_chunked_file(owner, chunks, dest).await?;
+        assert!(!partial_path(dest).exists());
+        Ok(std::fs::read(dest).unwrap())
+    }
+
+    fn flip_byte(file: &Path, at: usize) {
+        let mut bytes = std::fs::read(file).unwrap();
+        bytes[at] ^= 0x40;
+        std::fs::write(file, bytes).unwrap();
+    }
+
+    fn assert_corrupt(e: &ObjectError, key: &str) {
+        assert!(
+            matches!(e, ObjectError::Corrupt { key: k, .. } if k == key),
+            "expected Corrupt naming {key}, got {e}"
+        );
+    }
+
+    fn assert_refused(e: &ObjectError) {
+        assert!(
+            matches!(e, ObjectError::Io(io) if io.kind() == io::ErrorKind::InvalidInput),
+            "{e}"
+        );
+    }
+
+    /// The checks every store must pass. `backing` names the file that holds
+    /// a key's bytes, so corruption can be injected under the store's feet.
+    async fn check_chunks(objects: &Objects, backing: &dyn Fn(&str) -> PathBuf, scratch: &Path) {
+        let owner = "own_aaaaaaaaaaaa";
+        let data = mixed_stream();
+        let nothing = |_: &ChunkHash| false;
+        assert_eq!(object_count(objects).await, 0);
+
+        // Round trip, cut exactly where fastcdc cuts the whole buffer.
+        let first = objects
+            .put_chunked(owner, &data[..], &nothing, None)
+            .await
+            .unwrap();
+        objects.sync_chunks().await.unwrap();
+        let reference = reference_chunks(&data);
+        let got: Vec<_> = first
+            .entries
+            .iter()
+            .map(|e| (e.hash, e.raw_size as usize))
+            .collect();
+        assert_eq!(got, reference);
+        assert_eq!(
+            first
+                .entries
+                .iter()
+                .map(|e| u64::from(e.raw_size))
+                .sum::<u64>(),
+            data.len() as u64
+        );
+        assert_eq!(first.raw_size, data.len() as u64);
+        assert_eq!(first.sha256, hex::encode(Sha256::digest(&data)));
+        // A chunk repeated inside the stream is uploaded once.
+        let distinct: HashSet<_> = first.entries.iter().map(|e| e.hash).collect();
+        assert!(
+            distinct.len() < first.entries.len(),
+            "the stream repeats chunks"
+        );
+        let uploaded: HashSet<_> = first.new.iter().map(|c| c.hash).collect();
+        assert_eq!(uploaded, distinct);
+        assert_eq!(first.new.len(), distinct.len());
+        assert_eq!(object_count(objects).await, distinct.len());
+        for c in &first.new {
+            assert_eq!((c.encoding, c.stored_size), (None, c.raw_size));
+            let key = Objects::chunk_key(owner, &c.hash, None).unwrap();
+            assert_eq!(
+                std::fs::metadata(backing(&key)).unwrap().len(),
+                u64::from(c.raw_size)
+            );
+        }
+        let mut stored = HashMap::new();
+        record(&mut stored, &first.new);
+        let chunks = manifest(&first.entries, &stored);
+        let (back, verdict) = read_back(objects, owner, &chunks).await;
+        verdict.unwrap();
+        assert!(back == data);
+        let dest = scratch.join("memory");
+        assert!(
+            read_file_back(objects, owner, &chunks, &dest)
+                .await
+                .unwrap()
+                == data
+        );
+
+        // The same stream again, with the first's chunks known: nothing uploaded.
+        let again = objects
+            .put_chunked(owner, &data[..], &|h| distinct.contains(h), None)
+            .await
+            .unwrap();
+        assert_eq!(again.entries, first.entries);
+        assert_eq!(again.new, vec![]);
+        assert_eq!(object_count(objects).await, distinct.len());
+
+        // A few bytes changed in the middle: only the chunks around them are new.
+        let mut changed = data.clone();
+        let middle = (4 << 20) + 500_000;
+        for b in &mut changed[middle..middle + 3] {
+            *b ^= 0xff;
+        }
+        let edited = objects
+            .put_chunked(owner, &changed[..], &|h| stored.contains_key(h), None)
+            .await
+            .unwrap();
+        let expected_new: HashSet<_> = reference_chunks(&changed)
+            .into_iter()
+            .map(|(h, _)| h)
+            .filter(|h| !stored.contains_key(h))
+            .collect();
+        let uploaded: HashSet<_> = edited.new.iter().map(|c| c.hash).collect();
+        assert_eq!(uploaded, expected_new);
+        // The chunk holding the change, and at most the next before the cut points meet again.
+        let new_bytes: u64 = edited.new.iter().map(|c| u64::from(c.raw_size)).sum();
+        assert!(
+            !edited.new.is_empty() && new_bytes <= 2 * u64::from(SIZES.max),
+            "{} chunks, {new_bytes} bytes uploaded for 3 changed bytes",
+            edited.new.len()
+        );
+        assert_eq!(
+            object_count(objects).await,
+            distinct.len() + edited.new.len()
+        );
+        record(&mut stored, &edited.new);
+        let (back, verdict) = read_back(objects, owner, &manifest(&edited.entries, &stored)).await;
+        verdict.unwrap();
+        assert!(back == changed);
+
+        // Encoded chunks: smaller when the data compresses, read back exact,
+        // and standard frames the usual tools decode.
+        for (algorithm, level, enc_owner) in [
+            (Algorithm::Zstd, 3, "own_zstdzstdzstd"),
+            (Algorithm::Lz4, 0, "own_lz4lz4lz4lz4"),
+        ] {
+            let encoded = objects
+                .put_chunked(enc_owner, &data[..], &nothing, Some((algorithm, level)))
+                .await
+                .unwrap();
+            assert_eq!(encoded.entries, first.entries);
+            let mut enc_stored = HashMap::new();
+            record(&mut enc_stored, &encoded.new);
+            let (mut raw_total, mut stored_total) = (0u64, 0u64);
+            for c in &encoded.new {
+                assert_eq!(c.encoding, Some(algorithm));
+                let key = Objects::chunk_key(enc_owner, &c.hash, c.encoding).unwrap();
+                let bytes = std::fs::read(backing(&key)).unwrap();
+                assert_eq!(bytes.len() as u64, u64::from(c.stored_size), "{key}");
+                let raw = match algorithm {
+                    Algorithm::Zstd => zstd::decode_all(&bytes[..]).unwrap(),
+                    Algorithm::Lz4 => {
+                        let mut out = vec![];
+                        std::io::Read::read_to_end(
+                            &mut lz4::Decoder::new(&bytes[..]).unwrap(),
+                            &mut out,
+                        )
+                        .unwrap();
+                        out
+                    }
+                };
+                assert_eq!(ChunkHash::of(&raw), c.hash);
+                raw_total += u64::from(c.raw_size);
+                stored_total += u64::from(c.stored_size);
+            }
+            // The zero chunk and the text chunks shrink a lot; random ones barely grow.
+            let zeros = encoded
+                .new
+                .iter()
+                .find(|c| c.hash == ChunkHash::of(&vec![0u8; c.raw_size as usize]))
+                .expect("a chunk of zeros");
+            assert!(
+                zeros.stored_size < zeros.raw_size / 100,
+                "{algorithm}: {zeros:?}"
+            );
+            assert!(
+                stored_total < raw_total * 3 / 4,
+                "{algorithm}: {stored_total} of {raw_total}"
+            );
+            let chunks = manifest(&encoded.entries, &enc_stored);
+            let (back, verdict) = read_back(objects, enc_owner, &chunks).await;
+            verdict.unwrap();
+            assert!(back == data, "{algorithm}");
+            let dest = scratch.join(format!("memory.{algorithm}"));
+            assert!(
+                read_file_back(objects, enc_owner, &chunks, &dest)
+                    .await
+                    .unwrap()
+                    == data
+            );
+        }
+
+        // Recoding raw -> zstd: a new object beside the old, read back exact.
+        let text_chunk = first
+            .entries
+            .iter()
+            .map(|e| stored[&e.hash])
+            .find(|c| {
+                let key = Objects::chunk_key(owner, &c.hash, None).unwrap();
+                let bytes = std::fs::read(backing(&key)).unwrap();
+                bytes
+                    .iter()
+                    .all(|b| b.is_ascii_graphic() || b" \n".contains(b))
+            })
+            .expect("a text chunk");
+        let recoded = objects
+            .recode_chunk(owner, &text_chunk, (Algorithm::Zstd, 5))
+            .await
+            .unwrap();
+        assert_eq!(recoded.encoding, Some(Algorithm::Zstd));
+        assert_eq!(
+            (recoded.hash, recoded.raw_size),
+            (text_chunk.hash, text_chunk.raw_size)
+        );
+        assert!(recoded.stored_size < text_chunk.raw_size / 2, "{recoded:?}");
+        let old_key = Objects::chunk_key(owner, &text_chunk.hash, None).unwrap();
+        let new_key = Objects::chunk_key(owner, &text_chunk.hash, Some(Algorithm::Zstd)).unwrap();
+        assert!(backing(&old_key).exists() && backing(&new_key).exists());
+        let e = objects
+            .recode_chunk(owner, &recoded, (Algorithm::Zstd, 1))
+            .await
+            .unwrap_err();
+        assert_refused(&e);
+        objects
+            .delete_chunk(owner, &text_chunk.hash, None)
+            .await
+            .unwrap();
+        stored.insert(recoded.hash, recoded);
+        let chunks = manifest(&first.entries, &stored);
+        let (back, verdict) = read_back(objects, owner, &chunks).await;
+        verdict.unwrap();
+        assert!(back == data);
+
+        // A flipped byte, in a raw chunk and in a compressed one: Corrupt
+        // naming the chunk, nothing of it written, no file left.
+        let victim = first.entries.len() / 2;
+        let raw_victim = chunks[victim];
+        assert_eq!(raw_victim.encoding, None);
+        let zst_victim = recoded;
+        for (victim_chunk, at) in [
+            (raw_victim, 1000),
+            (zst_victim, zst_victim.stored_size as usize / 2),
+        ] {
+            let key = Objects::chunk_key(owner, &victim_chunk.hash, victim_chunk.encoding).unwrap();
+            let original = std::fs::read(backing(&key)).unwrap();
+            flip_byte(&backing(&key), at);
+            let first_use = chunks
+                .iter()
+                .position(|c| c.hash == victim_chunk.hash)
+                .unwrap();
+            let before: usize = chunks[..first_use]
+                .iter()
+                .map(|c| c.raw_size as usize)
+                .sum();
+            let (back, verdict) = read_back(objects, owner, &chunks).await;
+            assert_corrupt(&verdict.unwrap_err(), &key);
+            assert!(
+                back == data[..before],
+                "wrote {} bytes, {before} verified",
+                back.len()
+            );
+            let dest = scratch.join("corrupt");
+            let e = objects
+                .get_chunked_file(owner, &chunks, &dest)
+                .await
+                .unwrap_err();
+            assert_corrupt(&e, &key);
+            assert!(!dest.exists() && !partial_path(&dest).exists());
+            std::fs::write(backing(&key), original).unwrap();
+        }
+
+        // A deleted chunk is Missing; deleting it again is fine.
+        let gone = chunks[victim];
+        let gone_key = Objects::chunk_key(owner, &gone.hash, gone.encoding).unwrap();
+        objects
+            .delete_chunk(owner, &gone.hash, gone.encoding)
+            .await
+            .unwrap();
+        objects
+            .delete_chunk(owner, &gone.hash, gone.encoding)
+            .await
+            .unwrap();
+        let (_, verdict) = read_back(objects, owner, &chunks).await;
+        let e = verdict.unwrap_err();
+        assert!(
+            matches!(&e, ObjectError::Missing(k) if *k == gone_key),
+            "{e}"
+        );
+        let dest = scratch.join("missing");
+        let e = objects
+            .get_chunked_file(owner, &chunks, &dest)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ObjectError::Missing(k) if *k == gone_key),
+            "{e}"
+        );
+        assert!(!dest.exists() && !partial_path(&dest).exists());
+        stored.remove(&gone.hash);
+
+        // Listing: exactly each owner's objects, never a neighbour's whose id
+        // extends it, and a stray key under chunks/ skipped.
+        let small = random(9, 100_000);
+        let a = objects
+            .put_chunked("own_a", &small[..], &nothing, None)
+            .await
+            .unwrap();
+        let ab = objects
+            .put_chunked("own_ab", &small[..], &nothing, Some((Algorithm::Lz4, 1)))
+            .await
+            .unwrap();
+        objects
+            .store
+            .put(
+                &ObjPath::from("chunks/own_a/zz/not-a-chunk"),
+                PutPayload::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        let listed = |owner: &str, new: &[StoredChunk]| {
+            let mut l: Vec<ListedChunk> = new
+                .iter()
+                .map(|c| ListedChunk {
+                    owner: owner.to_string(),
+                    hash: c.hash,
+                    encoding: c.encoding,
+                    size: u64::from(c.stored_size),
+                })
+                .collect();
+            l.sort_by(|a, b| (&a.owner, a.hash).cmp(&(&b.owner, b.hash)));
+            l
+        };
+        assert_eq!(
+            objects.list_chunks(Some("own_a")).await.unwrap(),
+            listed("own_a", &a.new)
+        );
+        assert_eq!(
+            objects.list_chunks(Some("own_ab")).await.unwrap(),
+            listed("own_ab", &ab.new)
+        );
+        let mine: Vec<StoredChunk> = stored.values().copied().collect();
+        assert_eq!(
+            objects.list_chunks(Some(owner)).await.unwrap(),
+            listed(owner, &mine)
+        );
+        let all = objects.list_chunks(None).await.unwrap();
+        for o in [
+            owner,
+            "own_a",
+            "own_ab",
+            "own_zstdzstdzstd",
+            "own_lz4lz4lz4lz4",
+        ] {
+            assert_eq!(
+                all.iter()
+                    .filter(|c| c.owner == o)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                objects.list_chunks(Some(o)).await.unwrap()
+            );
+        }
+        assert_eq!(all.len() + 1, object_count(objects).await);
+
+        // Owner ids that could name another prefix are refused before anything is touched.
+        let count = object_count(objects).await;
+        let too_long = "o".repeat(65);
+        for bad in [
+            "",
+            "own/a",
+            "..",
+            "../own_a",
+            "own_a/..",
+            "own a",
+            "own#1",
+            too_long.as_str(),
+        ] {
+            assert_refused(&Objects::chunk_key(bad, &gone.hash, None).unwrap_err());
+            assert_refused(
+                &objects
+                    .put_chunked(bad, &small[..], &nothing, None)
+                    .await
+                    .unwrap_err(),
+            );
+            assert_refused(&objects.list_chunks(Some(bad)).await.unwrap_err());
+            assert_refused(&read_back(objects, bad, &chunks[..1]).await.1.unwrap_err());
+            assert_refused(
+                &objects
+                    .delete_chunk(bad, &gone.hash, None)
+                    .await
+                    .unwrap_err(),
+            );
+        }
+        assert_eq!(object_count(objects).await, count);
+    }
+
+    #[tokio::test]
+    async fn local_chunk_store_round_trips_dedups_and_verifies() {
+        let dir = TempDir::new("chunks-local");
+        let root = dir.path().join("store");
+        let objects = Objects::local(&root).unwrap();
+        check_chunks(&objects, &|k| root.join(k), dir.path()).await;
+        // No staging file stays behind.
+        assert_eq!(objects.remove_unfinished_uploads().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn s3_chunk_store_round_trips_dedups_and_verifies() {
+        let s3 = S3sFs::start();
+        let objects = Objects::s3(&s3.config()).unwrap();
+        check_chunks(&objects, &|k| s3.object_file(k), &s3.scratch()).await;
+    }
+}
