@@ -28,6 +28,10 @@ pub struct Config {
     pub s3: Option<S3Config>,
     /// The compression a snapshot gets when its request does not say (the Hypeman API's server default).
     pub snapshot_compression: CompressionConfig,
+    /// HATCH_CHUNK_GRACE (default 1h): how long a snapshot chunk no manifest
+    /// references any more stays in the store, so a VM that sleeps again
+    /// soon after its last sleep snapshot went uploads only what changed.
+    pub chunk_grace: Duration,
     pub proxy: ProxyConfig,
     pub idle: IdleConfig,
     pub auth: AuthConfig,
@@ -385,6 +389,10 @@ impl Config {
             Some(v) => parse_duration(&v).map_err(|e| format!("HATCH_STOP_TIMEOUT: {e}"))?,
             None => Duration::from_secs(30),
         };
+        let chunk_grace = match get("HATCH_CHUNK_GRACE") {
+            Some(v) => parse_duration(&v).map_err(|e| format!("HATCH_CHUNK_GRACE: {e}"))?,
+            None => Duration::from_secs(3600),
+        };
         let s3 = S3Config::from_lookup(&get)?;
         let auth = AuthConfig::from_lookup(&get)?;
         let snapshot_compression = match get("HATCH_SNAPSHOT_COMPRESSION") {
@@ -494,6 +502,7 @@ impl Config {
             },
             s3,
             snapshot_compression,
+            chunk_grace,
         })
     }
 
@@ -617,6 +626,9 @@ mod tests {
         assert!(cfg(&[("HATCH_STOP_TIMEOUT", "3x")])
             .unwrap_err()
             .contains("HATCH_STOP_TIMEOUT"));
+        assert!(cfg(&[("HATCH_CHUNK_GRACE", "soon")])
+            .unwrap_err()
+            .contains("HATCH_CHUNK_GRACE"));
         assert!(cfg(&[("HATCH_VMM_CONFINE", "no")])
             .unwrap_err()
             .contains("HATCH_VMM_CONFINE"));

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod config;
+pub mod crash;
 pub mod domain;
 pub mod ids;
 pub mod image;

@@ -1,9 +1,10 @@
 //! Snapshot capture: Standby (memory, CPU and disk of a paused guest) and Stopped (the disk alone).
 
 use super::backend::SavedMemory;
+use super::chunks::ChunkedCapture;
 use super::quotas::SnapshotQuota;
 use super::requests::{CreateSnapshot, SnapshotKind};
-use super::state::{CompressionState, SnapshotStatus, VmState};
+use super::state::{CompressionState, VmState};
 use super::{Context, Manager, ManagerError, Result};
 use crate::domain::Json;
 use crate::ids;
@@ -97,6 +98,7 @@ impl Manager {
                 .await
                 .map(|m| m.len())
                 .unwrap_or(0);
+            self.collect_for_quota(&vm.owner_id, quota, disk).await;
             let _admission = self.alloc_lock.lock().await;
             self.admit_snapshot(vm, quota, disk).await?;
             // A duplicate name fails here, before the guest is touched.
@@ -150,15 +152,21 @@ impl Manager {
             captured.context(|| format!("snapshot of vm {} failed, the VM keeps running", vm.id));
         // Only now is the memory's size known: does it still fit?
         let admission = self.alloc_lock.lock().await;
-        let admitted = match captured {
-            Ok(()) => {
-                self.admit_stored(&vm.owner_id, quota, snap.size_bytes.max(0) as u64)
-                    .await
-            }
+        let committed = match captured {
+            Ok(cap) => match self
+                .admit_stored(&vm.owner_id, quota, snap.size_bytes.max(0) as u64)
+                .await
+            {
+                Ok(()) => self.commit_chunked(snap, cap).await.map(|_| ()),
+                Err(e) => {
+                    self.abandon_chunked(cap).await;
+                    Err(e)
+                }
+            },
             Err(e) => Err(e),
         };
-        if let Err(e) = admitted {
-            drop(admission);
+        drop(admission);
+        if let Err(e) = committed {
             if matches!(e, ManagerError::Forbidden(_)) {
                 tracing::info!(vm = %vm.id, snapshot = %snap.id, "snapshot refused after capture: {e}");
             }
@@ -167,9 +175,6 @@ impl Manager {
             }
             return Err(e);
         }
-        self.store.mark_snapshot_ready(snap).await?;
-        drop(admission);
-        snap.status = SnapshotStatus::Ready;
         // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
         vm.standby_snapshot_id = Some(snap.id.clone());
@@ -180,52 +185,66 @@ impl Manager {
     }
 
     /// Pauses and saves the guest, then stores state and disk. Memory moves
-    /// as the backend saves it: streamed straight into the store through a
-    /// FIFO (never a whole copy on local disk or in RAM), or written whole
-    /// into `dir` by the VMM and uploaded from there. The caller removes `dir`.
+    /// as the backend saves it: streamed straight into the owner's chunks
+    /// through a FIFO (never a whole copy on local disk or in RAM), or
+    /// written whole into `dir` by the VMM and chunked from there. Memory and
+    /// disk upload only the chunks the owner lacks; the device state is one
+    /// small object. `snap.size_bytes` is what this capture added to the
+    /// store until the commit sets the snapshot's own. The caller removes
+    /// `dir`, and commits or abandons what is returned.
     pub(super) async fn capture(
         &self,
         backend: &dyn Vmm,
         spec: &VmSpec,
         dir: &Path,
         snap: &mut Snapshot,
-    ) -> Result<()> {
+    ) -> Result<ChunkedCapture> {
         let saved = Self::check_standby_support(backend).map_err(ManagerError::BadRequest)?;
         tokio::fs::create_dir_all(dir).await?;
         let files = backend.snapshot_files(dir);
-        let memory = match saved {
-            SavedMemory::Stream => {
-                let pipe = MemoryPipe::open(&files.memory).context(|| "memory pipe".into())?;
-                let (reader, keeper) = (pipe.reader, pipe.keeper);
-                let save = async {
-                    let saved = backend.snapshot(spec, &files).await;
-                    // The VMM's writer is done (or never came): let the reader see the end.
-                    drop(keeper);
-                    saved
-                };
-                let (saved, memory) =
-                    tokio::join!(save, self.objects.put_reader(&snap.memory_key, reader));
-                saved?;
-                memory?
+        let mut cap = self.begin_chunked(&snap.owner_id).await?;
+        let stored = async {
+            let memory = match saved {
+                SavedMemory::Stream => {
+                    let pipe = MemoryPipe::open(&files.memory).context(|| "memory pipe".into())?;
+                    let (reader, keeper) = (pipe.reader, pipe.keeper);
+                    let save = async {
+                        let saved = backend.snapshot(spec, &files).await;
+                        // The VMM's writer is done (or never came): let the reader see the end.
+                        drop(keeper);
+                        saved
+                    };
+                    let (saved, memory) = tokio::join!(save, self.chunk_stream(&mut cap, reader));
+                    saved?;
+                    memory?
+                }
+                SavedMemory::File => {
+                    backend.snapshot(spec, &files).await?;
+                    self.chunk_file(&mut cap, &files.memory).await?
+                }
+            };
+            // The guest is paused and the VMM flushed the disk when saving completed.
+            let state = self.objects.put_file(&snap.state_key, &files.state).await?;
+            let disk = self.chunk_file(&mut cap, &spec.disk).await?;
+            snap.state_sha256 = Some(state.sha256);
+            snap.state_size = Some(state.size as i64);
+            snap.memory_sha256 = Some(memory.sha256);
+            snap.memory_size = Some(memory.raw_size as i64);
+            snap.disk_sha256 = Some(disk.sha256);
+            snap.disk_size = Some(disk.raw_size as i64);
+            cap.memory = Some(memory.entries);
+            cap.disk = disk.entries;
+            snap.size_bytes = (state.size + cap.new_bytes()) as i64;
+            Ok(())
+        }
+        .await;
+        match stored {
+            Ok(()) => Ok(cap),
+            Err(e) => {
+                self.abandon_chunked(cap).await;
+                Err(e)
             }
-            SavedMemory::File => {
-                backend.snapshot(spec, &files).await?;
-                self.objects
-                    .put_file(&snap.memory_key, &files.memory)
-                    .await?
-            }
-        };
-        // The guest is paused and the VMM flushed the disk when saving completed.
-        let state = self.objects.put_file(&snap.state_key, &files.state).await?;
-        let disk = self.objects.put_file(&snap.disk_key, &spec.disk).await?;
-        snap.size_bytes = (state.size + memory.size + disk.size) as i64;
-        snap.state_sha256 = Some(state.sha256);
-        snap.state_size = Some(state.size as i64);
-        snap.memory_sha256 = Some(memory.sha256);
-        snap.memory_size = Some(memory.size as i64);
-        snap.disk_sha256 = Some(disk.sha256);
-        snap.disk_size = Some(disk.size as i64);
-        Ok(())
+        }
     }
 
     /// Stopped capture: the guest powers off (as a stop does), then its disk is stored.
@@ -240,23 +259,32 @@ impl Manager {
             self.stop_locked(vm).await?;
         }
         let disk = backend.disk_path(&self.work_dir(&vm.id));
-        let stored = self
-            .objects
-            .put_file(&snap.disk_key, &disk)
-            .await
-            .context(|| {
-                format!(
-                    "snapshot of vm {} failed, the VM is stopped and its disk unchanged",
-                    vm.id
-                )
-            })?;
-        snap.size_bytes = stored.size as i64;
-        snap.disk_sha256 = Some(stored.sha256);
-        snap.disk_size = Some(stored.size as i64);
+        let mut cap = self.begin_chunked(&vm.owner_id).await?;
+        let chunked = self.chunk_file(&mut cap, &disk).await.context(|| {
+            format!(
+                "snapshot of vm {} failed, the VM is stopped and its disk unchanged",
+                vm.id
+            )
+        });
+        let chunked = match chunked {
+            Ok(c) => c,
+            Err(e) => {
+                self.abandon_chunked(cap).await;
+                return Err(e);
+            }
+        };
+        snap.disk_sha256 = Some(chunked.sha256);
+        snap.disk_size = Some(chunked.raw_size as i64);
+        cap.disk = chunked.entries;
         let _admission = self.alloc_lock.lock().await;
-        self.admit_stored(&vm.owner_id, quota, stored.size).await?;
-        self.store.mark_snapshot_ready(snap).await?;
-        snap.status = SnapshotStatus::Ready;
+        if let Err(e) = self
+            .admit_stored(&vm.owner_id, quota, cap.new_bytes())
+            .await
+        {
+            self.abandon_chunked(cap).await;
+            return Err(e);
+        }
+        self.commit_chunked(snap, cap).await?;
         Ok(())
     }
 }

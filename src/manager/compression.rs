@@ -3,7 +3,7 @@
 use super::snapshots::compression_of;
 use super::state::CompressionState;
 use super::{Manager, Result};
-use crate::store::Snapshot;
+use crate::store::{Snapshot, CHUNKED};
 use std::sync::Arc;
 
 impl Manager {
@@ -12,56 +12,50 @@ impl Manager {
         tokio::spawn(async move { mgr.compress(snap).await });
     }
 
-    /// Compresses the memory object of `snap` into a second object, then
-    /// switches the snapshot to it and deletes the raw one. Until the switch
-    /// the raw object is what restores use; a failure leaves it in place.
-    pub(super) async fn compress(&self, mut snap: Snapshot) {
-        let Some((algorithm, level)) = compression_of(&snap).effective() else {
+    /// Stores the memory chunks of `snap` that only it references
+    /// compressed (see `recode_chunks`), then records it `compressed` with
+    /// its sizes. Until a chunk's compressed copy is recorded, the raw one is
+    /// what restores read; a chunk that fails stays raw. A snapshot in the
+    /// format before chunks is converted first.
+    pub(super) async fn compress(&self, snap: Snapshot) {
+        if compression_of(&snap).effective().is_none() {
             return;
-        };
-        let ckey = format!("{}.{}", snap.memory_key, algorithm.as_str());
-        let result = self
-            .objects
-            .compress(&snap.memory_key, &ckey, algorithm, level)
-            .await;
-        let lock = self.snap_lock(&snap.id);
-        let _w = lock.write().await;
-        match self.store.get_snapshot(&snap.id).await {
-            Ok(Some(_)) => {}
-            _ => {
-                // Deleted while compressing: what was written goes too.
-                let _ = self.objects.delete(&ckey).await;
+        }
+        let from = snap.compression_state;
+        if snap.layout != CHUNKED {
+            if let Err(e) = self.convert_snapshot(&snap).await {
+                self.compression_failed(snap, from, e.to_string()).await;
                 return;
             }
         }
-        let from = snap.compression_state;
-        match result {
-            Ok(c) => {
-                snap.compression_state = CompressionState::Compressed;
-                snap.compressed_key = Some(ckey);
-                snap.compressed_sha256 = Some(c.sha256);
-                snap.compressed_size_bytes = Some(c.size as i64);
-                snap.size_bytes =
-                    snap.state_size.unwrap_or(0) + c.size as i64 + snap.disk_size.unwrap_or(0);
-                if let Err(e) = self.store.set_snapshot_compression(&snap, from).await {
-                    tracing::error!(snapshot = %snap.id, "recording compression: {e}");
+        let mut fresh = match self.store.get_snapshot(&snap.id).await {
+            Ok(Some(s)) => s,
+            // Deleted meanwhile: its chunks are orphaned, nothing to record.
+            _ => return,
+        };
+        match self.recode_chunks(&mut fresh).await {
+            Some(compressed) => {
+                fresh.compression_state = CompressionState::Compressed;
+                if let Err(e) = self.store.set_snapshot_compression(&fresh, from).await {
+                    tracing::error!(snapshot = %fresh.id, "recording compression: {e}");
                     return;
                 }
-                if let Err(e) = self.objects.delete(&snap.memory_key).await {
-                    tracing::warn!(snapshot = %snap.id, "removing the uncompressed memory: {e}");
-                }
-                tracing::info!(snapshot = %snap.id, algorithm = algorithm.as_str(), level,
-                    raw = snap.memory_size.unwrap_or(0), compressed = c.size, "memory compressed");
+                tracing::info!(snapshot = %fresh.id, raw = fresh.memory_size.unwrap_or(0),
+                    compressed, "memory compressed");
             }
-            Err(e) => {
-                let _ = self.objects.delete(&ckey).await;
-                snap.compression_state = CompressionState::Error;
-                snap.compression_error = Some(e.to_string());
-                tracing::error!(snapshot = %snap.id, "compression failed, the uncompressed memory stays: {e}");
-                if let Err(e) = self.store.set_snapshot_compression(&snap, from).await {
-                    tracing::error!(snapshot = %snap.id, "recording compression failure: {e}");
-                }
+            None => {
+                let msg = "the snapshot's chunks could not be read for compression".to_string();
+                self.compression_failed(fresh, from, msg).await;
             }
+        }
+    }
+
+    async fn compression_failed(&self, mut snap: Snapshot, from: CompressionState, msg: String) {
+        tracing::error!(snapshot = %snap.id, "compression failed, the memory stays uncompressed: {msg}");
+        snap.compression_state = CompressionState::Error;
+        snap.compression_error = Some(msg);
+        if let Err(e) = self.store.set_snapshot_compression(&snap, from).await {
+            tracing::error!(snapshot = %snap.id, "recording compression failure: {e}");
         }
     }
 
@@ -77,6 +71,7 @@ impl Manager {
             .compressed_snapshots()
             .await?
             .into_iter()
+            .filter(|s| s.layout != CHUNKED)
             .map(|s| s.memory_key)
             .collect();
         let objects = self.objects.clone();

@@ -1,11 +1,11 @@
 //! Fork: a new VM from a snapshot, beside its source.
 
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::state::{CompressionState, SnapshotStatus, VmState};
+use super::state::{CompressionState, VmState};
 use super::{not_found, Context, Manager, ManagerError, Result};
 use crate::ids;
 use crate::snapshot::{self};
-use crate::store::{NewVm, Owner, Snapshot, Vm};
+use crate::store::{NewVm, Owner, Snapshot, Vm, DISK, MEMORY};
 use std::sync::Arc;
 
 impl Manager {
@@ -138,11 +138,10 @@ impl Manager {
                 Ok(())
             }
             (_, target) => {
-                let lock = self.snap_lock(&snap.id);
-                let _r = lock.read().await;
+                let (_r, snap) = self.read_locked(snap).await?;
                 let dir = work_dir.join(format!("restore-{}", snap.id));
                 let backend = self.backend_for(vm)?;
-                let fetched = self.fetch(snap, vm, backend.as_ref(), &dir, false).await;
+                let fetched = self.fetch(&snap, vm, backend.as_ref(), &dir, false).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 fetched?.commit().await;
                 if target == TargetState::Running {
@@ -164,15 +163,10 @@ impl Manager {
         self.transition(vm, VmState::Snapshotted, None).await
     }
 
-    /// Copies `snap`'s objects to a new snapshot owned by `vm` (store-side copy).
+    /// A new snapshot owned by `vm` with `snap`'s content: its device state
+    /// copied (store-side), its manifests shared (no chunk is copied).
     pub(super) async fn copy_snapshot(&self, snap: &Snapshot, vm: &Vm) -> Result<Snapshot> {
-        let lock = self.snap_lock(&snap.id);
-        let _r = lock.read().await;
-        let snap = self
-            .store
-            .get_snapshot(&snap.id)
-            .await?
-            .ok_or_else(|| not_found("snapshot", &snap.id))?;
+        let (_r, snap) = self.read_locked(snap).await?;
         let new_id = ids::new_id("snap");
         let mut own = snapshot::capturing_record(
             &new_id,
@@ -185,41 +179,38 @@ impl Manager {
         own.source_instance_name = vm.name.clone();
         own.compression = snap.compression.clone();
         self.store.insert_snapshot(&own).await?;
-        let compressed = snap.compression_state == CompressionState::Compressed;
-        let mut pairs = vec![
-            (snap.state_key.clone(), own.state_key.clone()),
-            (snap.disk_key.clone(), own.disk_key.clone()),
-        ];
-        match (&snap.compressed_key, compressed) {
-            (Some(k), true) => {
-                let algo = k.rsplit('.').next().unwrap_or_default();
-                own.compressed_key = Some(format!("{}.{algo}", own.memory_key));
-                pairs.push((k.clone(), own.compressed_key.clone().unwrap_or_default()));
+        let copied = async {
+            let mut parts = vec![];
+            for part in [DISK, MEMORY] {
+                let entries = self.store.manifest_entries(&snap, part).await?;
+                if part == DISK || !entries.is_empty() {
+                    parts.push((part, entries));
+                }
             }
-            _ => pairs.push((snap.memory_key.clone(), own.memory_key.clone())),
-        }
-        for (from, to) in &pairs {
-            if let Err(e) = self.objects.copy(from, to).await {
-                let _ = self
-                    .objects
-                    .delete_prefix(&format!("{}{new_id}/", snapshot::prefix_of_vm(&vm.id)))
-                    .await;
-                self.store.delete_snapshot(&new_id).await?;
-                return Err(ManagerError::from(e).context(format!("copying snapshot {}", snap.id)));
+            if !snap.state_key.is_empty() {
+                self.objects.copy(&snap.state_key, &own.state_key).await?;
             }
+            own.state_sha256 = snap.state_sha256.clone();
+            own.state_size = snap.state_size;
+            own.memory_sha256 = snap.memory_sha256.clone();
+            own.memory_size = snap.memory_size;
+            own.disk_sha256 = snap.disk_sha256.clone();
+            own.disk_size = snap.disk_size;
+            let parts: Vec<(&str, &[crate::snapshot::ChunkRef])> =
+                parts.iter().map(|(p, e)| (*p, e.as_slice())).collect();
+            self.store
+                .commit_chunked_snapshot(&mut own, &[], &parts)
+                .await?;
+            Ok::<_, ManagerError>(())
         }
-        own.state_sha256 = snap.state_sha256.clone();
-        own.state_size = snap.state_size;
-        own.memory_sha256 = snap.memory_sha256.clone();
-        own.memory_size = snap.memory_size;
-        own.disk_sha256 = snap.disk_sha256.clone();
-        own.disk_size = snap.disk_size;
-        own.size_bytes = snap.size_bytes;
-        self.store.mark_snapshot_ready(&own).await?;
-        own.status = SnapshotStatus::Ready;
-        if compressed {
+        .await;
+        if let Err(e) = copied {
+            let _ = self.objects.delete(&own.state_key).await;
+            self.store.delete_snapshot(&new_id).await?;
+            return Err(e.context(format!("copying snapshot {}", snap.id)));
+        }
+        if snap.compression_state == CompressionState::Compressed {
             own.compression_state = CompressionState::Compressed;
-            own.compressed_sha256 = snap.compressed_sha256.clone();
             own.compressed_size_bytes = snap.compressed_size_bytes;
             self.store
                 .set_snapshot_compression(&own, CompressionState::None)

@@ -6,6 +6,7 @@
 
 mod backend;
 mod capture;
+mod chunks;
 mod compression;
 pub mod console;
 mod error;
@@ -86,6 +87,12 @@ pub struct Manager {
     wakes: Mutex<HashMap<String, watch::Receiver<routes::WakeResult>>>,
     /// Per image: creating a VM or template from it (shared) against deleting it (exclusive).
     image_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// Snapshot chunks: captures and compression hold it shared, collection
+    /// exclusively (see chunks.rs).
+    chunk_gc: Arc<tokio::sync::RwLock<()>>,
+    /// Asks the chunk collector to run now: (owner or all, grace).
+    collect_now: tokio::sync::mpsc::UnboundedSender<chunks::Collect>,
+    collect_asked: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<chunks::Collect>>>,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -99,6 +106,7 @@ impl Manager {
         backends: vmm::Backends,
         config: Config,
     ) -> Arc<Manager> {
+        let (collect_now, collect_asked) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Manager {
             store,
             objects,
@@ -115,6 +123,9 @@ impl Manager {
             activity: Default::default(),
             wakes: Mutex::new(HashMap::new()),
             image_locks: Mutex::new(HashMap::new()),
+            chunk_gc: Default::default(),
+            collect_now,
+            collect_asked: Mutex::new(Some(collect_asked)),
         })
     }
 

@@ -52,6 +52,13 @@ impl Manager {
                 tracing::warn!(vm = %vm.id, was = %st, "marked error after restart");
             }
         }
-        self.recover_compression().await
+        self.recover_compression().await?;
+        // Chunks: what a crash left without a manifest goes, snapshots in the
+        // format before chunks are converted, and collection starts.
+        let mgr = Arc::clone(self);
+        tokio::spawn(async move { mgr.sweep_chunks().await });
+        self.spawn_conversions().await?;
+        self.spawn_chunk_collector();
+        Ok(())
     }
 }

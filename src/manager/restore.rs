@@ -2,12 +2,12 @@
 
 use super::backend::SavedMemory;
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
-use super::snapshots::{compression_of, stored, DiskSwap};
-use super::state::{CompressionState, VmState};
+use super::snapshots::{stored, DiskSwap};
+use super::state::VmState;
 use super::{Context, Manager, ManagerError, Result};
 use crate::image;
-use crate::snapshot::{self, ObjectError, Stored};
-use crate::store::{Owner, Snapshot, Vm};
+use crate::snapshot::ObjectError;
+use crate::store::{Owner, Snapshot, Vm, DISK, MEMORY};
 use crate::vmm::fifo::{grow_pipe, make_fifo};
 use crate::vmm::{self, confine, Vmm};
 use std::path::Path;
@@ -169,11 +169,11 @@ impl Manager {
                 )
                 .await?;
         }
-        let disk_stored = stored(&snap.disk_sha256, snap.disk_size);
+        let disk_chunks = self.manifest(snap, DISK).await?;
         let fetched = if from == to {
             let fetched = backend.disk_path(dir);
             self.objects
-                .get_file(&snap.disk_key, &fetched, &disk_stored)
+                .get_chunked_file(&snap.owner_id, &disk_chunks, &fetched)
                 .await?;
             fetched
         } else {
@@ -183,7 +183,7 @@ impl Manager {
             tokio::fs::create_dir_all(&out).await?;
             let source = from.path_in(&input);
             self.objects
-                .get_file(&snap.disk_key, &source, &disk_stored)
+                .get_chunked_file(&snap.owner_id, &disk_chunks, &source)
                 .await?;
             let rootfs = image::rootfs_in(Path::new(&vm.image_dir));
             let converted = vmm::disk::convert(&vmm::disk::Conversion {
@@ -241,33 +241,15 @@ impl Manager {
         })
     }
 
-    /// Where a snapshot's memory is and how to check it: the key, its
-    /// recorded checksum, and the algorithm and raw checksum when compressed.
-    pub(super) fn memory_source(
+    /// The stream of `snap`'s memory chunks into the FIFO at `fifo`, each
+    /// verified before its bytes go in.
+    pub(super) async fn memory_feed(
+        &self,
         snap: &Snapshot,
-    ) -> (String, Stored, Option<(snapshot::Algorithm, Stored)>) {
-        let raw = stored(&snap.memory_sha256, snap.memory_size);
-        match (&snap.compressed_key, compression_of(snap).effective()) {
-            (Some(key), Some((algorithm, _)))
-                if snap.compression_state == CompressionState::Compressed =>
-            {
-                (
-                    key.clone(),
-                    stored(&snap.compressed_sha256, snap.compressed_size_bytes),
-                    Some((algorithm, raw)),
-                )
-            }
-            _ => (snap.memory_key.clone(), raw, None),
-        }
-    }
-
-    /// The stream of `snap`'s memory into the FIFO at `fifo`, verified.
-    pub(super) fn memory_feed(&self, snap: &Snapshot, fifo: &Path) -> Result<super::MemoryFeed> {
+        fifo: &Path,
+    ) -> Result<super::MemoryFeed> {
         make_fifo(fifo).context(|| "memory pipe".into())?;
-        let (key, expected, decompress) = Self::memory_source(snap);
-        if let (Some(src), None) = (self.objects.local_file(&key), &decompress) {
-            return Self::blocking_feed(src, key, expected, fifo);
-        }
+        let chunks = self.manifest(snap, MEMORY).await?;
         // Read-write: opening never waits for (or fails without) the VMM's
         // reader; once we close it, the reader sees the end of the stream.
         let mut tx = tokio::net::unix::pipe::OpenOptions::new()
@@ -276,54 +258,11 @@ impl Manager {
             .context(|| "memory pipe".into())?;
         grow_pipe(&tx);
         let objects = self.objects.clone();
+        let owner = snap.owner_id.clone();
         Ok(Box::pin(async move {
-            let sent = objects
-                .stream_to(
-                    &key,
-                    &mut tx,
-                    &expected,
-                    decompress.as_ref().map(|(a, r)| (*a, r)),
-                )
-                .await;
+            let sent = objects.get_chunked(&owner, &chunks, &mut tx).await;
             drop(tx);
             Ok(sent?)
-        }))
-    }
-
-    /// The local, uncompressed case of `memory_feed`: a blocking thread that
-    /// reads, hashes and writes each MiB once. Dropping the feed (the VMM
-    /// failed) tells the thread to stop.
-    pub(super) fn blocking_feed(
-        src: std::path::PathBuf,
-        key: String,
-        expected: Stored,
-        fifo: &Path,
-    ) -> Result<super::MemoryFeed> {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Read-write: never waits for the VMM's reader; non-blocking, so the
-        // thread can notice it was abandoned.
-        let out = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(fifo)
-            .context(|| "memory pipe".into())?;
-        grow_pipe(&out);
-        struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
-        impl Drop for CancelOnDrop {
-            fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let guard = CancelOnDrop(Arc::clone(&cancel));
-        Ok(Box::pin(async move {
-            let _guard = guard;
-            tokio::task::spawn_blocking(move || {
-                snapshot::feed_blocking(&src, &key, out, &expected, &cancel)
-            })
-            .await??;
-            Ok(())
         }))
     }
 
@@ -347,7 +286,7 @@ impl Manager {
             }
             let swap = self.fetch(snap, vm, backend.as_ref(), &dir, true).await?;
             let feed = match memory {
-                SavedMemory::Stream => self.memory_feed(snap, &files.memory),
+                SavedMemory::Stream => self.memory_feed(snap, &files.memory).await,
                 // Already there and verified: nothing left to send.
                 SavedMemory::File => Ok(Box::pin(std::future::ready(Ok(()))) as super::MemoryFeed),
             };
@@ -375,18 +314,13 @@ impl Manager {
         result
     }
 
-    /// `snap`'s memory into the regular file `dest`, decompressed when it is
-    /// stored compressed, every byte verified; `dest` appears only if all were.
+    /// `snap`'s memory into the regular file `dest`, every chunk verified;
+    /// `dest` appears only if all were.
     pub(super) async fn fetch_memory_file(&self, snap: &Snapshot, dest: &Path) -> Result<()> {
-        let (key, expected, decompress) = Self::memory_source(snap);
-        match decompress {
-            None => self.objects.get_file(&key, dest, &expected).await?,
-            Some((algorithm, raw)) => {
-                self.objects
-                    .get_file_decompressed(&key, dest, &expected, algorithm, &raw)
-                    .await?
-            }
-        }
+        let chunks = self.manifest(snap, MEMORY).await?;
+        self.objects
+            .get_chunked_file(&snap.owner_id, &chunks, dest)
+            .await?;
         Ok(())
     }
 
@@ -400,18 +334,16 @@ impl Manager {
         if let Some(ObjectError::Corrupt { .. } | ObjectError::Missing(_)) = error.object_error() {
             return error;
         }
-        let (key, expected, decompress) = Self::memory_source(snap);
-        match self
-            .objects
-            .stream_to(
-                &key,
-                &mut tokio::io::sink(),
-                &expected,
-                decompress.as_ref().map(|(a, r)| (*a, r)),
-            )
-            .await
-        {
-            Err(e) => e.into(),
+        let checked = async {
+            let chunks = self.manifest(snap, MEMORY).await?;
+            self.objects
+                .get_chunked(&snap.owner_id, &chunks, &mut tokio::io::sink())
+                .await?;
+            Ok::<_, ManagerError>(())
+        }
+        .await;
+        match checked {
+            Err(e) => e,
             Ok(()) => error,
         }
     }

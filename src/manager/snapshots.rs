@@ -59,18 +59,27 @@ impl DiskSwap {
 
 impl Manager {
     /// Takes `snap`'s read lock and reads its row again under it: compression
-    /// may have switched the memory to another object since `snap` was read.
+    /// may have changed how its chunks are stored since `snap` was read. A
+    /// snapshot still in the format before chunks is converted first.
     pub(super) async fn read_locked(
         &self,
         snap: &Snapshot,
     ) -> Result<(tokio::sync::OwnedRwLockReadGuard<()>, Snapshot)> {
-        let guard = self.snap_lock(&snap.id).read_owned().await;
-        let fresh = self
-            .store
-            .get_snapshot(&snap.id)
-            .await?
-            .ok_or_else(|| not_found("snapshot", &snap.id))?;
-        Ok((guard, fresh))
+        loop {
+            let guard = self.snap_lock(&snap.id).read_owned().await;
+            let fresh = self
+                .store
+                .get_snapshot(&snap.id)
+                .await?
+                .ok_or_else(|| not_found("snapshot", &snap.id))?;
+            if fresh.layout == crate::store::CHUNKED {
+                return Ok((guard, fresh));
+            }
+            drop(guard);
+            self.convert_snapshot(&fresh)
+                .await
+                .context(|| format!("reading snapshot {}", fresh.id))?;
+        }
     }
 
     pub(super) fn snap_lock(&self, id: &str) -> Arc<tokio::sync::RwLock<()>> {
@@ -153,20 +162,26 @@ impl Manager {
         let id = &snap.id;
         let lock = self.snap_lock(id);
         let _w = lock.write().await;
-        let keys = [
-            Some(&snap.state_key),
-            Some(&snap.memory_key),
-            Some(&snap.disk_key),
-            snap.compressed_key.as_ref(),
-        ];
-        for key in keys.into_iter().flatten().filter(|k| !k.is_empty()) {
+        // Re-read under the lock: a conversion may have made it chunked.
+        let Some(snap) = self.store.get_snapshot(id).await? else {
+            return Ok(());
+        };
+        let mut keys = vec![&snap.state_key];
+        if snap.layout != crate::store::CHUNKED {
+            keys.extend([&snap.memory_key, &snap.disk_key]);
+            keys.extend(snap.compressed_key.as_ref());
+        }
+        for key in keys.into_iter().filter(|k| !k.is_empty()) {
             self.objects
                 .delete(key)
                 .await
                 .context(|| format!("deleting snapshot {id}"))?;
         }
+        crate::crash::point(crate::crash::Point::DeleteObjectsGone);
+        // Its chunks that no other snapshot shares are orphaned, collected later.
         self.store.delete_snapshot(id).await?;
         self.snap_locks.lock().unwrap().remove(id);
+        self.collect_after_delete();
         Ok(())
     }
 
@@ -209,6 +224,7 @@ impl Manager {
             .await
             .context(|| format!("deleting snapshots of {vm_id}"))?;
         self.store.delete_vm_snapshots(vm_id).await?;
+        self.collect_after_delete();
         Ok(())
     }
 }

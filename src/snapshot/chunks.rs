@@ -595,8 +595,15 @@ impl Objects {
         out: &mut (impl AsyncWrite + Unpin),
     ) -> Result<()> {
         check_owner(owner)?;
-        let mut fetched = futures_util::stream::iter(chunks.iter().copied())
-            .map(|chunk| self.read_chunk(owner, chunk))
+        // The closure owns what its futures use: one borrowing `self` makes
+        // the whole future not `Send` for every lifetime, which spawned
+        // callers need.
+        let (objects, owner) = (self.clone(), owner.to_string());
+        let mut fetched = futures_util::stream::iter(chunks.to_vec())
+            .map(move |chunk| {
+                let (objects, owner) = (objects.clone(), owner.clone());
+                async move { objects.read_chunk(&owner, chunk).await }
+            })
             .buffered(CHUNKS_IN_FLIGHT);
         while let Some(raw) = fetched.next().await {
             out.write_all(&raw?).await?;
@@ -623,16 +630,20 @@ impl Objects {
             let total: u64 = chunks.iter().map(|c| u64::from(c.raw_size)).sum();
             file.set_len(total)?;
             let mut offset = 0u64;
-            let placed = chunks.iter().map(|c| {
-                let at = offset;
-                offset += u64::from(c.raw_size);
-                (*c, at)
-            });
+            let placed: Vec<(StoredChunk, u64)> = chunks
+                .iter()
+                .map(|c| {
+                    let at = offset;
+                    offset += u64::from(c.raw_size);
+                    (*c, at)
+                })
+                .collect();
+            let (objects, owner) = (self.clone(), owner.to_string());
             let mut written = futures_util::stream::iter(placed)
-                .map(|(chunk, at)| {
-                    let file = file.clone();
+                .map(move |(chunk, at)| {
+                    let (file, objects, owner) = (file.clone(), objects.clone(), owner.clone());
                     async move {
-                        let raw = self.read_chunk(owner, chunk).await?;
+                        let raw = objects.read_chunk(&owner, chunk).await?;
                         tokio::task::spawn_blocking(move || {
                             use std::os::unix::fs::FileExt;
                             if raw.iter().all(|&b| b == 0) {

@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use tokio::io::{AsyncBufRead, AsyncRead};
 
 /// A compression algorithm for the memory object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Algorithm {
     Zstd,

@@ -110,6 +110,7 @@ pub fn capturing_record(
         created_at: crate::store::now(),
         compressed_key: None,
         compressed_sha256: None,
+        layout: crate::store::CHUNKED.into(),
     }
 }
 

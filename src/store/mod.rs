@@ -15,6 +15,9 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+mod chunks;
+pub use chunks::{unix_now, ChunkedSizes, CHUNKED, DISK, MEMORY};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
@@ -23,6 +26,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Conflict(String),
+    /// A row that cannot be what we wrote (a manifest of the wrong length).
+    #[error("corrupt snapshot record: {0}")]
+    Corrupt(String),
     /// A write the state table does not allow, or a row that is no longer
     /// in the state the caller read: a bug, never a user's doing.
     #[error("internal error: {what} {id} cannot go from {from} to {to}")]
@@ -240,6 +246,9 @@ pub struct Snapshot {
     pub created_at: String,
     pub compressed_key: Option<String>,
     pub compressed_sha256: Option<String>,
+    /// `objects` (memory and disk as whole objects, the format before
+    /// chunks) or `chunks` (manifests; see store/chunks.rs).
+    pub layout: String,
 }
 
 #[derive(Clone)]
@@ -820,8 +829,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO snapshots (id, vm_id, owner_id, kind, name, tags, status, source_hypervisor,
                                     source_instance_name, vm_config, state_key, memory_key, disk_key,
-                                    compression, compression_state, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                    compression, compression_state, created_at, layout)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&s.id)
         .bind(&s.vm_id)
@@ -839,6 +848,7 @@ impl Store {
         .bind(&s.compression)
         .bind(s.compression_state)
         .bind(&s.created_at)
+        .bind(&s.layout)
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -976,19 +986,42 @@ impl Store {
             .await?)
     }
 
+    /// Deletes a snapshot's row with its manifests and references; chunks
+    /// no other snapshot references become orphaned (collected later).
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let owner: Option<(String,)> =
+            sqlx::query_as("SELECT owner_id FROM snapshots WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some((owner,)) = owner {
+            chunks::orphan_chunks_of(&mut tx, id, &owner).await?;
+        }
         sqlx::query("DELETE FROM snapshots WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
+    /// `delete_snapshot` of every snapshot of a VM, in one transaction.
     pub async fn delete_vm_snapshots(&self, vm_id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let snaps: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, owner_id FROM snapshots WHERE vm_id = ?")
+                .bind(vm_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        for (id, owner) in &snaps {
+            chunks::orphan_chunks_of(&mut tx, id, owner).await?;
+        }
         sqlx::query("DELETE FROM snapshots WHERE vm_id = ?")
             .bind(vm_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1125,12 +1158,20 @@ impl Store {
         .bind(owner_id)
         .fetch_one(&self.pool)
         .await?;
-        // Rows still capturing count 0 until their objects are stored.
-        let (snapshot_bytes,): (i64,) =
-            sqlx::query_as("SELECT COALESCE(SUM(size_bytes), 0) FROM snapshots WHERE owner_id = ?")
-                .bind(owner_id)
-                .fetch_one(&self.pool)
-                .await?;
+        // Rows still capturing count 0 until their objects are stored. A
+        // chunked snapshot's own objects are its device state; its chunks
+        // count once per owner however many snapshots share them.
+        let (whole, states): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(CASE WHEN layout = ? THEN 0 ELSE size_bytes END), 0),
+                    COALESCE(SUM(CASE WHEN layout = ? THEN COALESCE(state_size, 0) ELSE 0 END), 0)
+             FROM snapshots WHERE owner_id = ?",
+        )
+        .bind(CHUNKED)
+        .bind(CHUNKED)
+        .bind(owner_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let snapshot_bytes = whole + states + self.owner_chunk_bytes(owner_id).await?;
         Ok(OwnerUsage {
             vms,
             vcpus,

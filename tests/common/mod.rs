@@ -302,21 +302,44 @@ impl Daemon {
                 out.retain(|(k, _)| k.starts_with(prefix));
             }
             Storage::S3 => {
-                let query = format!("?list-type=2&prefix={}", prefix.replace('/', "%2F"));
-                let xml = self.s3(&[], "GET", &query);
-                assert!(
-                    xml.contains("ListBucketResult"),
-                    "listing the bucket: {xml}"
-                );
-                for item in xml.split("<Contents>").skip(1) {
-                    let field = |name: &str| {
-                        item.split(&format!("<{name}>"))
-                            .nth(1)
-                            .and_then(|r| r.split(&format!("</{name}>")).next())
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    out.push((field("Key"), field("Size").parse().unwrap_or(0)));
+                let field = |xml: &str, name: &str| {
+                    xml.split(&format!("<{name}>"))
+                        .nth(1)
+                        .and_then(|r| r.split(&format!("</{name}>")).next())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                // Our keys are [A-Za-z0-9_.-] and `/`: only `/` needs escaping.
+                let encode = |v: &str| v.replace('/', "%2F");
+                // Pages of at most 1000 keys: go on after the last one seen.
+                let mut after: Option<String> = None;
+                loop {
+                    let mut query = format!("?list-type=2&prefix={}", encode(prefix));
+                    if let Some(a) = &after {
+                        query.push_str(&format!("&start-after={}", encode(a)));
+                    }
+                    // s3s-fs walks its directory: a file the daemon deletes
+                    // meanwhile makes that walk fail. Ask again.
+                    let mut xml = self.s3(&[], "GET", &query);
+                    for _ in 0..20 {
+                        if xml.contains("ListBucketResult") {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                        xml = self.s3(&[], "GET", &query);
+                    }
+                    assert!(
+                        xml.contains("ListBucketResult"),
+                        "listing the bucket: {xml}"
+                    );
+                    let before = out.len();
+                    for item in xml.split("<Contents>").skip(1) {
+                        out.push((field(item, "Key"), field(item, "Size").parse().unwrap_or(0)));
+                    }
+                    if field(&xml, "IsTruncated") != "true" || out.len() == before {
+                        break;
+                    }
+                    after = out.last().map(|(k, _)| k.clone());
                 }
             }
         }
@@ -663,6 +686,14 @@ impl Daemon {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+        }
+    }
+
+    /// Sets (or with None removes) a HATCH_* variable for the next `restart`.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.extra_env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.extra_env.push((key.to_string(), v.to_string()));
         }
     }
 
