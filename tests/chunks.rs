@@ -387,3 +387,125 @@ fn crashes(storage: Storage) {
     });
     assert!(d.vmm_pids().is_empty());
 }
+
+/// Rewrites the chunked snapshot `snap` (daemon stopped) as the format
+/// before chunks wrote it: memory and disk as whole objects beside the
+/// device state (memory compressed with zstd as `memory.zstd` when
+/// `compressed`), checksums and sizes in the row, and no chunk, manifest or
+/// reference left.
+fn make_whole_object_snapshot(d: &Daemon, vm: &str, snap: &str, compressed: bool) {
+    use sha2::{Digest, Sha256};
+    let objects = d.data_dir.join("objects");
+    let join = |part: &str| -> Vec<u8> {
+        d.chunk_keys(snap, part)
+            .iter()
+            .flat_map(|k| std::fs::read(objects.join(k)).unwrap())
+            .collect()
+    };
+    let (memory, disk) = (join("memory"), join("disk"));
+    let dir = objects.join(format!("snapshots/{vm}/{snap}"));
+    let sum = |b: &[u8]| hex::encode(Sha256::digest(b));
+    std::fs::write(dir.join("disk"), &disk).unwrap();
+    let state: u64 = std::fs::metadata(dir.join("vmstate")).unwrap().len();
+    let mut set = format!(
+        "layout = 'objects', memory_sha256 = '{}', memory_size = {}, disk_sha256 = '{}', disk_size = {}",
+        sum(&memory),
+        memory.len(),
+        sum(&disk),
+        disk.len()
+    );
+    if compressed {
+        let packed = zstd::encode_all(&memory[..], 3).unwrap();
+        std::fs::write(dir.join("memory.zstd"), &packed).unwrap();
+        set += &format!(
+            ", compression = '{{\"enabled\":true,\"algorithm\":\"zstd\",\"level\":3}}',
+             compression_state = 'compressed', compressed_key = 'snapshots/{vm}/{snap}/memory.zstd',
+             compressed_sha256 = '{}', compressed_size_bytes = {}, size_bytes = {}",
+            sum(&packed),
+            packed.len(),
+            state + packed.len() as u64 + disk.len() as u64
+        );
+    } else {
+        std::fs::write(dir.join("memory"), &memory).unwrap();
+        set += &format!(
+            ", size_bytes = {}",
+            state + memory.len() as u64 + disk.len() as u64
+        );
+    }
+    d.db_value(&format!("UPDATE snapshots SET {set} WHERE id = '{snap}'"));
+    d.db_value(&format!(
+        "DELETE FROM manifests WHERE snapshot_id = '{snap}'"
+    ));
+    d.db_value(&format!(
+        "DELETE FROM chunk_refs WHERE snapshot_id = '{snap}'"
+    ));
+}
+
+/// Snapshots stored as whole objects (the format before chunks; one plain,
+/// one with zstd-compressed memory) are converted to chunks at start-up and
+/// restore, the guest going on from where it was; their whole objects go.
+#[test]
+fn snapshots_stored_as_whole_objects_are_converted_and_still_restore() {
+    let mut d = Daemon::start_with(&[("HATCH_CHUNK_GRACE", "0s")]);
+    let plain = ticking_vm(&d);
+    let packed = ticking_vm(&d);
+    let sp = snapshot(&d, &plain)["id"].as_str().unwrap().to_string();
+    let sz = snapshot(&d, &packed)["id"].as_str().unwrap().to_string();
+    d.kill9();
+    make_whole_object_snapshot(&d, &plain, &sp, false);
+    make_whole_object_snapshot(&d, &packed, &sz, true);
+    d.db_value("DELETE FROM chunks");
+    std::fs::remove_dir_all(d.data_dir.join("objects/chunks")).unwrap();
+    fn names(d: &Daemon, vm: &str, snap: &str) -> Vec<String> {
+        let prefix = format!("snapshots/{vm}/{snap}/");
+        d.stored_objects(&prefix)
+            .into_iter()
+            .map(|(k, _)| k[prefix.len()..].to_string())
+            .collect()
+    }
+    assert_eq!(names(&d, &plain, &sp), vec!["disk", "memory", "vmstate"]);
+    assert_eq!(
+        names(&d, &packed, &sz),
+        vec!["disk", "memory.zstd", "vmstate"]
+    );
+
+    d.restart();
+    wait_until("both converted", Duration::from_secs(120), || {
+        let log = d.daemon_log_plain();
+        [&sp, &sz].iter().all(|s| {
+            log.lines()
+                .any(|l| l.contains("snapshot converted to chunks") && l.contains(s.as_str()))
+        })
+    });
+    assert_eq!(
+        d.db_value("SELECT COUNT(*) FROM snapshots WHERE layout = 'chunks'"),
+        "2"
+    );
+    for (vm, snap) in [(&plain, &sp), (&packed, &sz)] {
+        assert_eq!(
+            names(&d, vm, snap),
+            vec!["vmstate"],
+            "the whole objects went"
+        );
+        assert!(!d.chunk_keys(snap, "memory").is_empty());
+        assert!(hashes(&chunks(&d)).is_superset(&referenced(&d, snap)));
+    }
+    // The compressed one is compressed again, chunk by chunk (those it
+    // shares with the other stay as they are).
+    let s = d.req("GET", &format!("/snapshots/{sz}"), None).body;
+    assert_eq!(s["compression_state"], "compressed", "{s}");
+    assert!(
+        d.chunk_keys(&sz, "memory")
+            .iter()
+            .any(|k| k.ends_with(".zst")),
+        "its chunks are stored compressed"
+    );
+    for vm in [&plain, &packed] {
+        assert_eq!(d.vm(vm)["state"], "snapshotted");
+        restore_and_tick(&d, vm, 2);
+        assert_eq!(d.req("DELETE", &format!("/vms/{vm}"), None).status, 200);
+    }
+    wait_until("every chunk collected", Duration::from_secs(30), || {
+        chunks(&d).is_empty()
+    });
+}

@@ -245,14 +245,22 @@ fn stored_bytes_limit_refuses_before_and_after_capture() {
     assert_eq!(limit_row(&table, "stored_bytes").1, stored.to_string());
     let objects = snapshot_objects(&d, &vm);
 
-    // Room for the disk but not for the memory: the snapshot is taken, found
-    // too big, and undone; the guest runs on.
-    let disk = std::fs::metadata(d.work_dir(&vm).join("disk.qcow2"))
-        .unwrap()
-        .len();
-    let limit = stored + disk + (16 << 20);
+    // Room left, but not for what a guest with 8 MiB of fresh random bytes
+    // in RAM adds: the snapshot is taken, found too big, and undone; the
+    // guest runs on and its chunks go again.
+    let noisy = id_of(&d.create_vm(
+        &json!({
+            "mem_mib": 128,
+            "enable_network": false,
+            "user_data": "#!/bin/sh\nmkdir -p /run/noise && mount -t tmpfs tmpfs /run/noise && dd if=/dev/urandom of=/run/noise/r bs=1M count=8 && echo noise-ready > /dev/console\n",
+        })
+        .to_string(),
+    ));
+    d.wait_console(&noisy, "noise-ready");
+    let chunks_before = d.stored_objects("chunks/");
+    let limit = stored + (4 << 20);
     owner_limits(&d, &["alice", "--stored-bytes", &limit.to_string()]);
-    let r = d.req("POST", &format!("/vms/{vm}/snapshot"), None);
+    let r = d.req("POST", &format!("/vms/{noisy}/snapshot"), None);
     assert_eq!(r.status, 403, "{}", r.text);
     assert!(
         r.error().starts_with(&format!(
@@ -261,13 +269,19 @@ fn stored_bytes_limit_refuses_before_and_after_capture() {
         "{}",
         r.text
     );
-    assert_eq!(d.vm(&vm)["state"], "running");
+    assert_eq!(d.vm(&noisy)["state"], "running");
     assert!(
         d.daemon_log().contains("snapshot refused after capture"),
         "the capture ran and was undone"
     );
-    assert_eq!(snapshot_objects(&d, &vm), objects);
+    assert_eq!(snapshot_objects(&d, &noisy), vec![]);
+    wait_until(
+        "the refused capture's chunks removed",
+        Duration::from_secs(30),
+        || d.stored_objects("chunks/") == chunks_before,
+    );
     assert_eq!(d.req("GET", "/snapshots", None).ids(), vec![id_of(&first)]);
+    assert_eq!(d.req("DELETE", &format!("/vms/{noisy}"), None).status, 200);
 
     // At the limit, refused up front: a Stopped snapshot does not even stop the VM.
     owner_limits(&d, &["alice", "--stored-bytes", &stored.to_string()]);

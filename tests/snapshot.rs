@@ -9,7 +9,6 @@
 
 #[macro_use]
 mod common;
-use common::safety::*;
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -22,7 +21,7 @@ fn objects_of(d: &Daemon, vm_id: &str) -> Vec<(String, u64)> {
 on_both_stores!(snapshot_and_restore: snapshot_and_restore_continue_the_guest, snapshot_and_restore_continue_the_guest_s3);
 
 fn snapshot_and_restore(storage: Storage) {
-    let d = Daemon::start_storage(storage, false);
+    let d = Daemon::start_storage_with(storage, &[("HATCH_CHUNK_GRACE", "0s")]);
     let (key, public) = keypair(&d.data_dir);
     let vm = counting_guest(&d, &public);
     let id = vm["id"].as_str().unwrap().to_string();
@@ -60,7 +59,15 @@ fn snapshot_and_restore(storage: Storage) {
     let config: Value = serde_json::from_str(snap["vm_config"].as_str().unwrap()).unwrap();
     assert_eq!(config["vcpu_count"], 1);
     assert_eq!(config["mem_mib"], 512);
-    let stored: u64 = objects_of(&d, &id).iter().map(|(_, size)| size).sum();
+    // The device state is one object; memory and disk are the owner's chunks
+    // (this owner's only snapshot so far: every chunk is this one's).
+    let state: Vec<String> = objects_of(&d, &id).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(state, vec![format!("snapshots/{id}/{snap_id}/vmstate")]);
+    let stored: u64 = objects_of(&d, &id)
+        .iter()
+        .chain(d.stored_objects("chunks/").iter())
+        .map(|(_, size)| size)
+        .sum();
     assert_eq!(
         snap["size_bytes"].as_u64().unwrap(),
         stored,
@@ -132,9 +139,13 @@ fn snapshot_and_restore(storage: Storage) {
         "newest first"
     );
 
-    // Deleting the VM deletes its snapshots from storage.
+    // Deleting the VM deletes its snapshots from storage (with no grace
+    // period, their chunks at once).
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
     assert!(objects_of(&d, &id).is_empty(), "{:?}", objects_of(&d, &id));
+    wait_until("the chunks collected", Duration::from_secs(30), || {
+        d.stored_objects("chunks/").is_empty()
+    });
     assert_eq!(
         d.req("GET", &format!("/vms/{id}/snapshots"), None).status,
         404
@@ -151,11 +162,18 @@ fn corrupt_or_missing(storage: Storage) {
     wait_until("ticks", BOOT_TIMEOUT, || last_tick(&d.logs(&id)) >= 2);
     let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
     assert_eq!(r.status, 201, "{}", r.text);
-    let memory = r.body["memory_key"].as_str().unwrap().to_string();
-    let disk = r.body["disk_key"].as_str().unwrap().to_string();
+    let snap = r.body["id"].as_str().unwrap().to_string();
+    // A chunk in the middle of the memory, and one of the disk's.
+    let memory_chunks = d.chunk_keys(&snap, "memory");
+    let memory = memory_chunks[memory_chunks.len() / 2].clone();
+    let disk = d
+        .chunk_keys(&snap, "disk")
+        .into_iter()
+        .find(|k| !memory_chunks.contains(k))
+        .unwrap();
     let good = d.read_object(&memory);
 
-    // One flipped byte in the memory image.
+    // One flipped byte in a chunk of the memory image.
     let mut bad = good.clone();
     let at = bad.len() / 2;
     bad[at] ^= 0x5a;
@@ -163,7 +181,9 @@ fn corrupt_or_missing(storage: Storage) {
     let r = d.req("POST", &format!("/vms/{id}/restore"), None);
     assert_eq!(r.status, 500, "{}", r.text);
     assert!(
-        r.error().contains("corrupt") && r.error().contains("stays snapshotted"),
+        r.error().contains("corrupt")
+            && r.error().contains(&memory)
+            && r.error().contains("stays snapshotted"),
         "{}",
         r.text
     );
@@ -178,13 +198,17 @@ fn corrupt_or_missing(storage: Storage) {
         1
     );
 
-    // A missing disk object.
+    // A missing chunk of the disk.
     d.write_object(&memory, &good);
     let disk_bytes = d.read_object(&disk);
     d.remove_object(&disk);
     let r = d.req("POST", &format!("/vms/{id}/restore"), None);
     assert_eq!(r.status, 500, "{}", r.text);
-    assert!(r.error().contains("missing"), "{}", r.text);
+    assert!(
+        r.error().contains("missing") && r.error().contains(&disk),
+        "{}",
+        r.text
+    );
     assert_eq!(d.vm(&id)["state"], "snapshotted");
 
     // Repaired, and across a daemon restart: the snapshot restores.
@@ -331,7 +355,7 @@ fn hypeman_list_get_and_delete_snapshots() {
         left.iter().all(|(k, _)| k.contains(&b)),
         "objects of {a} removed: {left:?}"
     );
-    assert_eq!(left.len(), 3);
+    assert_eq!(left.len(), 1, "the device state of {b}: {left:?}");
 
     // The VM still restores from the one it needs.
     assert_eq!(
@@ -367,22 +391,27 @@ fn slowly_compressed_snapshot(d: &Daemon, vm: &str) -> String {
     r.body["id"].as_str().unwrap().to_string()
 }
 
-/// Waits until the compressor has written compressed bytes into its staging
-/// file (`memory.zstd#PID`), which proves compression is under way.
-fn wait_compression_writing(d: &Daemon, vm: &str, snap: &str) {
-    let dir = d.snapshot_dir(vm, snap);
-    wait_until(
-        "compressed bytes being written",
-        COMPRESSION_TIMEOUT,
-        || staged_size(&dir, "memory.zstd#").is_some_and(|n| n > 0),
-    );
-    let s = d.req("GET", &format!("/snapshots/{snap}"), None).body;
-    assert_eq!(s["compression_state"], "compressing", "{s}");
-    assert!(
-        !file_names(&dir).contains(&"memory.zstd".to_string()),
-        "compression must not have finished yet: {:?}",
-        file_names(&dir)
-    );
+/// The store's chunk objects against the daemon's chunk index: (objects the
+/// index lacks, rows whose object is missing).
+fn chunk_drift(d: &Daemon) -> (Vec<String>, Vec<String>) {
+    let stored: std::collections::BTreeSet<String> = d
+        .stored_objects("chunks/")
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| !k.contains('#'))
+        .collect();
+    let indexed: std::collections::BTreeSet<String> = d
+        .db_value(
+            "SELECT 'chunks/' || owner_id || '/' || substr(lower(hex(hash)), 1, 2) || '/' || lower(hex(hash))
+                    || CASE encoding WHEN 'zstd' THEN '.zst' WHEN 'lz4' THEN '.lz4' ELSE '' END FROM chunks",
+        )
+        .lines()
+        .map(str::to_string)
+        .collect();
+    (
+        stored.difference(&indexed).cloned().collect(),
+        indexed.difference(&stored).cloned().collect(),
+    )
 }
 
 /// Waits for background compression to end and returns the snapshot.
@@ -415,29 +444,41 @@ fn restore_continues(d: &Daemon, vm: &str) {
 const COMPRESSION_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A daemon killed with SIGKILL in the middle of compressing a snapshot's
-/// memory starts that compression again after its restart and finishes it.
+/// memory chunks (a crash point: right after the 20th compressed copy was
+/// written, before it was recorded) starts that compression again after its
+/// restart and finishes it; the copy the kill left unrecorded is swept.
 #[test]
 fn compression_cut_by_kill_9_resumes_after_restart() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::start_with(&[("HATCH_TEST_CRASH_AT", "recode-written:20")]);
     let id = ticking_vm(&d);
     let snap = slowly_compressed_snapshot(&d, &id);
-    wait_compression_writing(&d, &id, &snap);
+    wait_until("the daemon died compressing", COMPRESSION_TIMEOUT, || {
+        d.curl("GET", "/health", &[], None).status != 200
+    });
     d.kill9();
 
-    // What the kill left: the database says compressing, the raw memory is
-    // there, and the compressed object exists only half written.
+    // What the kill left: the database says compressing, some chunks are
+    // recorded compressed, most are still raw, and one compressed copy is
+    // in the store without a row.
     assert_eq!(
         d.db_value(&format!(
             "SELECT compression_state FROM snapshots WHERE id = '{snap}'"
         )),
         "compressing"
     );
-    let dir = d.snapshot_dir(&id, &snap);
-    let names = file_names(&dir);
-    assert!(names.contains(&"memory".to_string()), "{names:?}");
-    assert!(!names.contains(&"memory.zstd".to_string()), "{names:?}");
-    assert!(staged_size(&dir, "memory.zstd#").is_some(), "{names:?}");
+    let keys = d.chunk_keys(&snap, "memory");
+    let compressed = keys.iter().filter(|k| k.ends_with(".zst")).count();
+    assert!(
+        compressed < 20 && compressed * 2 < keys.len(),
+        "{compressed} of {}",
+        keys.len()
+    );
+    let (unindexed, missing) = chunk_drift(&d);
+    assert!(missing.is_empty(), "{missing:?}");
+    assert_eq!(unindexed.len(), 1, "{unindexed:?}");
+    assert!(unindexed[0].ends_with(".zst"), "{unindexed:?}");
 
+    d.set_env("HATCH_TEST_CRASH_AT", None);
     d.restart();
     let s = compression_ended(&d, &snap);
     assert_eq!(s["compression_state"], "compressed", "{s}");
@@ -449,63 +490,88 @@ fn compression_cut_by_kill_9_resumes_after_restart() {
         "{}",
         d.daemon_log_plain()
     );
-    // The raw memory and the half-written leftover are gone.
-    let prefix = format!("snapshots/{id}/{snap}/");
-    let stored: Vec<String> = d
-        .stored_objects(&prefix)
-        .into_iter()
-        .map(|(k, _)| k[prefix.len()..].to_string())
-        .collect();
-    assert_eq!(stored, vec!["disk", "memory.zstd", "vmstate"]);
+    // Every memory chunk this snapshot alone holds is compressed now, the
+    // unrecorded copy is gone, and the sizes say so.
+    let keys = d.chunk_keys(&snap, "memory");
+    assert!(
+        keys.iter().filter(|k| k.ends_with(".zst")).count() * 2 > keys.len(),
+        "{keys:?}"
+    );
+    wait_until("the sweep", Duration::from_secs(30), || {
+        chunk_drift(&d) == (vec![], vec![])
+    });
     assert!(
         s["compressed_size_bytes"].as_u64().unwrap()
             < s["uncompressed_size_bytes"].as_u64().unwrap(),
         "{s}"
     );
+    let stored: u64 = d
+        .stored_objects(&format!("snapshots/{id}/"))
+        .iter()
+        .chain(d.stored_objects("chunks/").iter())
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(s["size_bytes"].as_u64().unwrap(), stored, "{s}");
     assert_eq!(d.vm(&id)["state"], "snapshotted");
     restore_continues(&d, &id);
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
 }
 
-/// A compression that fails ends `error`, and the snapshot still restores
-/// from the raw memory it kept. The failure is real: while the compressor
-/// writes, a directory takes the place its finished object must be renamed
-/// to, so putting it in place fails (EISDIR) as an unwritable target would.
+/// A compression that fails ends `error` with the reason, and the snapshot
+/// still restores: chunks that could not be compressed stay raw. The failure
+/// is real: right after the snapshot is stored, the owner's chunk
+/// directories are made immutable (chattr +i), so no compressed copy can be
+/// written into them.
 #[test]
 fn failed_compression_keeps_the_raw_memory_restorable() {
     let d = Daemon::start();
     let id = ticking_vm(&d);
     let snap = slowly_compressed_snapshot(&d, &id);
-    let before = d.req("GET", &format!("/snapshots/{snap}"), None).body;
-    let dir = d.snapshot_dir(&id, &snap);
-    let raw = std::fs::metadata(dir.join("memory")).unwrap().len();
-    wait_compression_writing(&d, &id, &snap);
-    let blocker = dir.join("memory.zstd");
-    std::fs::create_dir(&blocker).expect("compression already finished");
+    let owner = d.db_value(&format!(
+        "SELECT owner_id FROM snapshots WHERE id = '{snap}'"
+    ));
+    let dirs: Vec<String> = std::fs::read_dir(d.data_dir.join("objects/chunks").join(&owner))
+        .unwrap()
+        .map(|e| e.unwrap().path().to_string_lossy().into_owned())
+        .collect();
+    let chattr = |flag: &str| {
+        let out = std::process::Command::new("chattr")
+            .arg(flag)
+            .args(&dirs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    chattr("+i");
     let s = compression_ended(&d, &snap);
-    assert!(blocker.is_dir(), "the compressor could not replace it");
-    std::fs::remove_dir(&blocker).unwrap();
+    chattr("-i");
     assert_eq!(s["compression_state"], "error", "{s}");
+    let reason = s["compression_error"].as_str().unwrap_or_default();
     assert!(
-        !s["compression_error"]
-            .as_str()
-            .unwrap_or_default()
-            .is_empty(),
+        reason.contains("could not be compressed"),
         "the reason is given: {s}"
     );
-    assert_eq!(s["size_bytes"], before["size_bytes"], "{s}");
-    // Only the raw memory, whole, beside the state and the disk.
-    let prefix = format!("snapshots/{id}/{snap}/");
-    let stored: Vec<(String, u64)> = d
-        .stored_objects(&prefix)
-        .into_iter()
-        .map(|(k, n)| (k[prefix.len()..].to_string(), n))
-        .collect();
-    assert_eq!(
-        stored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
-        vec!["disk", "memory", "vmstate"]
-    );
-    assert_eq!(stored[1].1, raw, "the raw memory stays whole");
+    // The sizes are what is stored (raw chunks, and any compressed before the failure).
+    let stored: u64 = d
+        .stored_objects(&format!("snapshots/{id}/"))
+        .iter()
+        .chain(d.stored_objects("chunks/").iter())
+        .filter(|(k, _)| !k.contains('#'))
+        .map(|(_, n)| n)
+        .sum();
+    let (unindexed, missing) = chunk_drift(&d);
+    assert!(missing.is_empty(), "{missing:?}");
+    let extra: u64 = d
+        .stored_objects("chunks/")
+        .iter()
+        .filter(|(k, _)| unindexed.contains(k))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(s["size_bytes"].as_u64().unwrap(), stored - extra, "{s}");
     assert_eq!(d.vm(&id)["state"], "snapshotted");
     restore_continues(&d, &id);
     assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);

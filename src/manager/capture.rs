@@ -93,14 +93,13 @@ impl Manager {
             snap.memory_key.clear();
         }
         {
-            // The disk is stored whatever the kind: at least that much must fit.
-            let disk = tokio::fs::metadata(self.spec_for(vm, backend.as_ref()).disk)
-                .await
-                .map(|m| m.len())
-                .unwrap_or(0);
-            self.collect_for_quota(&vm.owner_id, quota, disk).await;
+            // What a capture adds is known only once its chunks are compared
+            // with the owner's (often little: what changed since the last
+            // one). Up front, an owner already at the limit is refused; the
+            // rest is checked after the capture, before anything is committed.
+            self.collect_for_quota(&vm.owner_id, quota, 0).await;
             let _admission = self.alloc_lock.lock().await;
-            self.admit_snapshot(vm, quota, disk).await?;
+            self.admit_snapshot(vm, quota, 0).await?;
             // A duplicate name fails here, before the guest is touched.
             self.store.insert_snapshot(&snap).await?;
         }

@@ -350,11 +350,14 @@ impl Manager {
                 tracing::warn!(snapshot = %fresh.id, "removing {key} after its conversion to chunks: {e}");
             }
         }
+        // Compression below takes the lock itself, chunk by chunk.
+        drop(_w);
         if fresh.compression_state == CompressionState::Compressed {
             // Its chunks are raw now: compress them again, keeping the state.
-            if self.recode_chunks(&mut fresh).await.is_some() {
-                self.store.set_snapshot_sizes(&fresh).await?;
+            if let Err(e) = self.recode_chunks(&mut fresh).await {
+                tracing::warn!(snapshot = %fresh.id, "compressing the converted chunks again: {e}");
             }
+            self.store.set_snapshot_sizes(&fresh).await?;
         }
         tracing::info!(snapshot = %fresh.id, bytes = fresh.size_bytes, "snapshot converted to chunks");
         Ok(())
@@ -380,19 +383,26 @@ impl Manager {
     }
 
     /// Stores the memory chunks only `snap` references compressed, as its
-    /// compression settings say, and records its new sizes. A chunk another
-    /// snapshot shares stays as it is (what that one reads never changes
-    /// under it). Returns the compressed memory's stored size.
-    pub(super) async fn recode_chunks(&self, snap: &mut Snapshot) -> Option<u64> {
+    /// compression settings say, and sets its new sizes in `snap` (the
+    /// caller records them). A chunk another snapshot shares stays as it is
+    /// (what that one reads never changes under it). Returns the compressed
+    /// memory's stored size, or why some chunks could not be compressed
+    /// (those stay raw: the snapshot restores either way, and its sizes are
+    /// set in both cases).
+    pub(super) async fn recode_chunks(
+        &self,
+        snap: &mut Snapshot,
+    ) -> std::result::Result<u64, String> {
         use futures_util::StreamExt;
-        let (algorithm, level) = super::snapshots::compression_of(snap).effective()?;
-        let chunks = match self.store.recodable_chunks(snap).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(snapshot = %snap.id, "listing chunks to compress: {e}");
-                return None;
-            }
+        let Some((algorithm, level)) = super::snapshots::compression_of(snap).effective() else {
+            return Err("compression is not enabled".into());
         };
+        let chunks = self
+            .store
+            .recodable_chunks(snap)
+            .await
+            .map_err(|e| format!("listing the chunks to compress: {e}"))?;
+        let total = chunks.len();
         let owner = snap.owner_id.clone();
         // Futures made up front (a stream of closures is not `Send` enough
         // for the callers' spawned tasks).
@@ -413,11 +423,13 @@ impl Manager {
             .collect();
         let mut recoded = futures_util::stream::iter(jobs).buffer_unordered(4);
         let lock = self.snap_lock(&snap.id);
+        let (mut failed, mut first_error) = (0usize, None);
         while let Some((old, result, _gc)) = recoded.next().await {
             let new = match result {
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::warn!(snapshot = %snap.id, chunk = %old.hash, "compressing a chunk (it stays raw): {e}");
+                    failed += 1;
+                    first_error.get_or_insert_with(|| e.to_string());
                     continue;
                 }
             };
@@ -437,7 +449,8 @@ impl Manager {
                 Ok(true) => old.encoding,
                 Ok(false) => new.encoding,
                 Err(e) => {
-                    tracing::warn!(snapshot = %snap.id, "recording a compressed chunk: {e}");
+                    failed += 1;
+                    first_error.get_or_insert_with(|| format!("recording a compressed chunk: {e}"));
                     new.encoding
                 }
             };
@@ -445,16 +458,18 @@ impl Manager {
                 tracing::warn!(chunk = %old.hash, "removing a chunk's other copy (the next sweep does): {e}");
             }
         }
-        match self.store.chunked_sizes(snap).await {
-            Ok(sizes) => {
-                snap.compressed_size_bytes = Some(sizes.memory_stored as i64);
-                snap.size_bytes = snap.state_size.unwrap_or(0) + sizes.all_stored as i64;
-                Some(sizes.memory_stored)
-            }
-            Err(e) => {
-                tracing::error!(snapshot = %snap.id, "sizing a compressed snapshot: {e}");
-                None
-            }
+        let sizes = self
+            .store
+            .chunked_sizes(snap)
+            .await
+            .map_err(|e| format!("sizing the compressed snapshot: {e}"))?;
+        snap.size_bytes = snap.state_size.unwrap_or(0) + sizes.all_stored as i64;
+        snap.compressed_size_bytes = Some(sizes.memory_stored as i64);
+        match first_error {
+            None => Ok(sizes.memory_stored),
+            Some(e) => Err(format!(
+                "{failed} of {total} memory chunks could not be compressed and stay uncompressed: {e}"
+            )),
         }
     }
 }

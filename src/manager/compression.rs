@@ -34,7 +34,7 @@ impl Manager {
             _ => return,
         };
         match self.recode_chunks(&mut fresh).await {
-            Some(compressed) => {
+            Ok(compressed) => {
                 fresh.compression_state = CompressionState::Compressed;
                 if let Err(e) = self.store.set_snapshot_compression(&fresh, from).await {
                     tracing::error!(snapshot = %fresh.id, "recording compression: {e}");
@@ -43,10 +43,7 @@ impl Manager {
                 tracing::info!(snapshot = %fresh.id, raw = fresh.memory_size.unwrap_or(0),
                     compressed, "memory compressed");
             }
-            None => {
-                let msg = "the snapshot's chunks could not be read for compression".to_string();
-                self.compression_failed(fresh, from, msg).await;
-            }
+            Err(msg) => self.compression_failed(fresh, from, msg).await,
         }
     }
 

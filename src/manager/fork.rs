@@ -71,9 +71,12 @@ impl Manager {
             auto_sleep: source.auto_sleep,
             idle_timeout_seconds: source.idle_timeout_seconds,
         });
-        // A fork kept in Standby gets its own copy of the snapshot's objects.
+        // A fork kept in Standby gets a snapshot of its own: a copy of the
+        // device state, sharing the chunks.
         let copies = match (kind, target) {
-            (SnapshotKind::Standby, TargetState::Standby) => snap.size_bytes.max(0) as u64,
+            (SnapshotKind::Standby, TargetState::Standby) => {
+                snap.state_size.unwrap_or(0).max(0) as u64
+            }
             _ => 0,
         };
         let _guard = self.lock_vm(&vm.id).await;

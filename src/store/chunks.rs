@@ -117,7 +117,7 @@ impl Store {
     ) -> Result<ChunkedSizes> {
         let to = SnapshotStatus::Ready;
         check_snapshot_move(&s.id, "snapshot", s.status, to, s.status.can_become(to))?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         insert_chunks(&mut tx, &s.owner_id, new, None).await?;
         let sizes = write_manifests(&mut tx, s, parts).await?;
         s.size_bytes = s.state_size.unwrap_or(0) + sizes.all_stored as i64;
@@ -154,7 +154,7 @@ impl Store {
         new: &[StoredChunk],
         parts: &[(&str, &[ChunkRef])],
     ) -> Result<ChunkedSizes> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         insert_chunks(&mut tx, &s.owner_id, new, None).await?;
         let sizes = write_manifests(&mut tx, s, parts).await?;
         s.size_bytes = s.state_size.unwrap_or(0) + sizes.all_stored as i64;
@@ -187,7 +187,7 @@ impl Store {
     /// as orphaned long ago, so the next collection removes them, unless a
     /// manifest committed meanwhile (or later) references them.
     pub async fn record_orphan_chunks(&self, owner_id: &str, new: &[StoredChunk]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         insert_chunks(&mut tx, owner_id, new, Some(0)).await?;
         tx.commit().await?;
         Ok(())
@@ -319,7 +319,7 @@ impl Store {
         owner_id: Option<&str>,
         orphaned_before: i64,
     ) -> Result<Vec<(String, StoredChunk)>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let rows: Vec<OwnedChunkRow> = sqlx::query_as(
             "SELECT owner_id, hash, raw_size, stored_size, encoding FROM chunks
              WHERE orphaned_at IS NOT NULL AND orphaned_at <= ? AND (? IS NULL OR owner_id = ?)",

@@ -292,6 +292,14 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 impl Store {
+    /// A transaction that takes the write lock at once (`BEGIN IMMEDIATE`):
+    /// one that reads first and writes later can find another writer
+    /// committed in between and fail with "database is locked" at once,
+    /// whatever the busy timeout; this one waits its turn instead.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     /// Opens (creating if needed) the SQLite file and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Store> {
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
@@ -989,7 +997,7 @@ impl Store {
     /// Deletes a snapshot's row with its manifests and references; chunks
     /// no other snapshot references become orphaned (collected later).
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let owner: Option<(String,)> =
             sqlx::query_as("SELECT owner_id FROM snapshots WHERE id = ?")
                 .bind(id)
@@ -1008,7 +1016,7 @@ impl Store {
 
     /// `delete_snapshot` of every snapshot of a VM, in one transaction.
     pub async fn delete_vm_snapshots(&self, vm_id: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let snaps: Vec<(String, String)> =
             sqlx::query_as("SELECT id, owner_id FROM snapshots WHERE vm_id = ?")
                 .bind(vm_id)

@@ -293,7 +293,10 @@ impl Daemon {
                             walk(&p, base, out);
                         } else {
                             let key = p.strip_prefix(base).unwrap().to_string_lossy().to_string();
-                            out.push((key, e.metadata().unwrap().len()));
+                            // The daemon may remove (collect) it meanwhile.
+                            if let Ok(m) = e.metadata() {
+                                out.push((key, m.len()));
+                            }
                         }
                     }
                 }

@@ -148,6 +148,42 @@ impl Daemon {
         out
     }
 
+    /// The store keys of the chunks of `part` (`memory` or `disk`) of
+    /// `snap`, in its manifest's order, from the daemon's database.
+    pub fn chunk_keys(&self, snap: &str, part: &str) -> Vec<String> {
+        let owner = self.db_value(&format!(
+            "SELECT owner_id FROM snapshots WHERE id = '{snap}'"
+        ));
+        let suffixes: std::collections::HashMap<String, &str> = self
+            .db_value(&format!(
+                "SELECT lower(hex(hash)) || ' ' || COALESCE(encoding, '') FROM chunks WHERE owner_id = '{owner}'"
+            ))
+            .lines()
+            .map(|l| {
+                let (h, e) = l.split_once(' ').unwrap_or((l, ""));
+                let suffix = match e.trim() {
+                    "zstd" => ".zst",
+                    "lz4" => ".lz4",
+                    _ => "",
+                };
+                (h.to_string(), suffix)
+            })
+            .collect();
+        let blob = self
+            .db_value(&format!(
+                "SELECT hex(entries) FROM manifests WHERE snapshot_id = '{snap}' AND part = '{part}'"
+            ))
+            .to_lowercase();
+        // Entries of 36 bytes: the 32-byte hash, then the raw size.
+        blob.as_bytes()
+            .chunks(72)
+            .map(|e| {
+                let h = std::str::from_utf8(&e[..64]).unwrap();
+                format!("chunks/{owner}/{}/{h}{}", &h[..2], suffixes[h])
+            })
+            .collect()
+    }
+
     /// The local store's directory of one snapshot's objects.
     pub fn snapshot_dir(&self, vm_id: &str, snap_id: &str) -> PathBuf {
         self.data_dir
