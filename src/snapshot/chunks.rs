@@ -385,8 +385,8 @@ impl Objects {
             .await
     }
 
-    /// The pipeline behind `put_chunked`: this task reads the body in 1 MiB
-    /// blocks; a blocking thread hashes the stream (SHA-256) and cuts it;
+    /// The pipeline behind `put_chunked`: this task reads the body in
+    /// `READ_BLOCK` blocks; a blocking thread hashes the stream (SHA-256) and cuts it;
     /// batches of chunks are BLAKE3-hashed on the blocking pool, two at once;
     /// back in stream order each chunk is recorded and, if new, handed to an
     /// upload task (encoding on the blocking pool), at most
@@ -440,7 +440,9 @@ impl Objects {
             let mut new = vec![];
             let mut raw_size = 0u64;
             let mut scheduled = HashSet::new();
-            // Aborted when dropped: an error leaves no upload running for nobody.
+            // Dropped on error, which aborts the uploads still running (a
+            // chunk file being written on the blocking pool is finished and
+            // renamed first: whole, unreferenced, the collector's).
             let mut uploads = tokio::task::JoinSet::new();
             while let Some(batch) = hashed.next().await {
                 for (hash, raw) in batch? {
@@ -943,6 +945,7 @@ mod tests {
         let data = mixed_stream();
         let nothing = |_: &ChunkHash| false;
         assert_eq!(object_count(objects).await, 0);
+        assert_eq!(objects.list_chunks(None).await.unwrap(), vec![]);
 
         // Round trip, cut exactly where fastcdc cuts the whole buffer.
         let first = objects
@@ -1761,6 +1764,48 @@ mod tests {
             report(&format!("get_chunked_file, {owner}"), rate(t));
             assert!(std::fs::read(&dest).unwrap() == data);
             std::fs::remove_file(&dest).unwrap();
+        }
+    }
+
+    /// A body that fails after `good` bytes, like a VMM dying mid-save.
+    struct FailsAfter(Generated);
+
+    impl AsyncRead for FailsAfter {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            if self.0.left == 0 {
+                return std::task::Poll::Ready(Err(io::Error::other("the VMM went away")));
+            }
+            std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    /// A stream that breaks off is an error, and whatever chunks were
+    /// stored before it are whole: every object under a chunk key holds
+    /// bytes whose BLAKE3 is that key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_stream_leaves_only_whole_chunks() {
+        let dir = TempDir::new("chunks-broken");
+        let root = dir.path().join("store");
+        let objects = Objects::local(&root).unwrap();
+        let body = FailsAfter(Generated {
+            left: 5 << 20,
+            x: 7,
+        });
+        let e = objects
+            .put_chunked("own_b", body, &|_| false, Some((Algorithm::Zstd, 1)))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("the VMM went away"), "{e}");
+        let listed = objects.list_chunks(Some("own_b")).await.unwrap();
+        assert!(!listed.is_empty(), "chunks before the break were stored");
+        for c in listed {
+            let key = Objects::chunk_key(&c.owner, &c.hash, c.encoding).unwrap();
+            let raw = zstd::decode_all(&std::fs::read(root.join(&key)).unwrap()[..]).unwrap();
+            assert_eq!(ChunkHash::of(&raw), c.hash, "{key}");
         }
     }
 }
