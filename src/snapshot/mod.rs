@@ -4,7 +4,8 @@
 //!
 //! The store is the `object_store` abstraction: a directory under the data
 //! dir by default, an S3-compatible bucket when `HATCH_S3_BUCKET` is set. Keys
-//! follow the Hatch API's layout: `snapshots/{vm_id}/{snap_id}/{vmstate|memory|disk}`.
+//! follow the Hatch API's layout: `snapshots/{vm_id}/{snap_id}/{vmstate|memory|disk}`;
+//! content-defined chunks live under `chunks/{owner}/` (chunks.rs).
 
 mod chunks;
 mod compress;
