@@ -6,6 +6,7 @@
 
 mod backend;
 mod capture;
+mod checkpoint;
 mod compression;
 pub mod console;
 mod error;
