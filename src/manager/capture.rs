@@ -1,7 +1,6 @@
 //! Snapshot capture: Standby (memory, CPU and disk of a paused guest) and Stopped (the disk alone).
 
 use super::backend::SavedMemory;
-use super::checkpoint::AfterCapture;
 use super::quotas::SnapshotQuota;
 use super::requests::{CreateSnapshot, SnapshotKind};
 use super::state::{CompressionState, SnapshotStatus, VmState};
@@ -64,8 +63,8 @@ impl Manager {
         req: &CreateSnapshot,
         quota: SnapshotQuota,
     ) -> Result<Snapshot> {
-        self.take_snapshot(vm, kind, req, quota, AfterCapture::Standby)
-            .await
+        let then = super::checkpoint::AfterCapture::Standby;
+        self.take_snapshot(vm, kind, req, quota, then).await
     }
 
     /// `snapshot_locked`, with what a Standby capture does with the guest
@@ -76,7 +75,7 @@ impl Manager {
         kind: SnapshotKind,
         req: &CreateSnapshot,
         quota: SnapshotQuota,
-        then: AfterCapture,
+        then: super::checkpoint::AfterCapture,
     ) -> Result<Snapshot> {
         let id = vm.id.clone();
         let st = vm.state;
@@ -169,7 +168,7 @@ impl Manager {
         vm: &mut Vm,
         snap: &mut Snapshot,
         quota: SnapshotQuota,
-        then: AfterCapture,
+        then: super::checkpoint::AfterCapture,
     ) -> Result<()> {
         // Proxied requests wait for a wake instead of reaching a guest about to pause.
         let _pausing = self.activity.pause(&vm.id);
@@ -201,10 +200,11 @@ impl Manager {
         self.store.mark_snapshot_ready(snap).await?;
         drop(admission);
         snap.status = SnapshotStatus::Ready;
-        if then == AfterCapture::Resume {
+        // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
+        // (A checkpoint records nothing and keeps its VMM: the caller resumes it.)
+        if then == super::checkpoint::AfterCapture::Resume {
             return Ok(());
         }
-        // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
         vm.standby_snapshot_id = Some(snap.id.clone());
         self.end_vmm(vm, false).await;

@@ -125,6 +125,9 @@ impl Manager {
             vm.standby_snapshot_id = Some(standby.id.clone());
         }
         {
+            // The copy's size is known: checked whole before anything is
+            // copied, as a fork kept in Standby is (the copy is not made
+            // under the admission lock, which never waits for an upload).
             let _admission = self.alloc_lock.lock().await;
             self.admit_snapshot(
                 vm,
@@ -138,7 +141,6 @@ impl Manager {
             name: req.name.clone(),
             tags: req.tags.clone().unwrap_or_default(),
             compression: Some(compression),
-            quota: Some(SnapshotQuota::Enforced),
         };
         let mut snap = self.copy_snapshot(&standby, vm, copy_as).await?;
         let enabled = snap.compression.as_deref().is_some_and(|c| c.enabled);

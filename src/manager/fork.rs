@@ -1,26 +1,23 @@
 //! Fork: a new VM from a snapshot, beside its source.
 
-use super::quotas::SnapshotQuota;
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
 use super::state::{CompressionState, SnapshotStatus, VmState};
 use super::{not_found, Context, Manager, ManagerError, Result};
 use crate::domain::{Json, Tags};
 use crate::ids;
-use crate::snapshot::{self, CompressionConfig};
+use crate::snapshot::{self};
 use crate::store::{NewVm, Owner, Snapshot, Vm};
 use std::sync::Arc;
 
-/// How `copy_snapshot` labels and admits its copy. A fork's own copy has no
-/// name or tags, keeps its source's compression, and was admitted with its VM.
+/// How `copy_snapshot` labels its copy. A fork's own copy has no name or
+/// tags and keeps its source's compression.
 #[derive(Default)]
 pub(super) struct CopyAs {
     pub(super) name: Option<String>,
     pub(super) tags: Tags,
     /// The copy's compression when its source's memory is raw (a compressed
     /// one is copied compressed, keeping its source's).
-    pub(super) compression: Option<CompressionConfig>,
-    /// Checked against the owner's stored bytes before the copy is ready.
-    pub(super) quota: Option<SnapshotQuota>,
+    pub(super) compression: Option<crate::snapshot::CompressionConfig>,
 }
 
 impl Manager {
@@ -179,8 +176,7 @@ impl Manager {
         self.transition(vm, VmState::Snapshotted, None).await
     }
 
-    /// Copies `snap`'s objects to a new snapshot owned by `vm` (store-side
-    /// copy), named and admitted as `copy_as` says.
+    /// Copies `snap`'s objects to a new snapshot owned by `vm` (store-side copy).
     pub(super) async fn copy_snapshot(
         &self,
         snap: &Snapshot,
@@ -204,16 +200,18 @@ impl Manager {
             snap.vm_config.0.clone(),
         );
         own.source_instance_name = vm.name.clone();
+        own.compression = snap.compression.clone();
         own.name = copy_as.name;
         own.tags = Json(copy_as.tags);
-        let compressed = snap.compression_state == CompressionState::Compressed;
-        // A compressed memory is copied as it is stored, so it keeps its compression.
-        own.compression = match copy_as.compression {
-            Some(c) if !compressed => Some(Json(c)),
-            _ => snap.compression.clone(),
-        };
+        // A compressed memory is copied as it is stored, keeping its compression.
+        if let Some(c) = copy_as.compression {
+            if snap.compression_state != CompressionState::Compressed {
+                own.compression = Some(Json(c));
+            }
+        }
         // A duplicate name fails here, before anything is copied.
         self.store.insert_snapshot(&own).await?;
+        let compressed = snap.compression_state == CompressionState::Compressed;
         let mut pairs = vec![
             (snap.state_key.clone(), own.state_key.clone()),
             (snap.disk_key.clone(), own.disk_key.clone()),
@@ -243,32 +241,7 @@ impl Manager {
         own.disk_sha256 = snap.disk_sha256.clone();
         own.disk_size = snap.disk_size;
         own.size_bytes = snap.size_bytes;
-        let admission = self.alloc_lock.lock().await;
-        let admitted = match copy_as.quota {
-            // Checked again now the copy is stored, as a capture is (quotas.rs).
-            Some(quota) => {
-                self.admit_stored(&vm.owner_id, quota, own.size_bytes.max(0) as u64)
-                    .await
-            }
-            None => Ok(()),
-        };
-        let ready = match admitted {
-            Ok(()) => self
-                .store
-                .mark_snapshot_ready(&own)
-                .await
-                .map_err(Into::into),
-            Err(e) => Err(e),
-        };
-        drop(admission);
-        if let Err(e) = ready {
-            let _ = self
-                .objects
-                .delete_prefix(&format!("{}{new_id}/", snapshot::prefix_of_vm(&vm.id)))
-                .await;
-            self.store.delete_snapshot(&new_id).await?;
-            return Err(e);
-        }
+        self.store.mark_snapshot_ready(&own).await?;
         own.status = SnapshotStatus::Ready;
         if compressed {
             own.compression_state = CompressionState::Compressed;
