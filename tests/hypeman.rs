@@ -165,6 +165,14 @@ fn standby_compression(storage: Storage) {
         assert_eq!(d.vm(&id)["state"], "running");
         assert_eq!(d.vmm_pids_of(&id), pids);
         let sid = id_of(&s);
+        // The instance goes to sleep (Hatch's snapshot, uncompressed) ticks
+        // later, so no guest competes with the compression for the CPU.
+        wait_until("ticks past the checkpoint", BOOT_TIMEOUT, || {
+            now(run) >= after + 5
+        });
+        let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+        assert_eq!(r.status, 201, "{}", r.text);
+        let asleep = id_of(&r.body);
 
         let done = compressed(&d, &sid);
         let stored = parts(&d, &id, &sid);
@@ -195,14 +203,8 @@ fn standby_compression(storage: Storage) {
             assert_eq!(stored[1].1, raw);
         }
 
-        // Restore by id once the instance sleeps (Hatch's snapshot, ticks
-        // later): the counter in guest memory goes on from the checkpoint.
-        wait_until("ticks past the checkpoint", BOOT_TIMEOUT, || {
-            now(run) >= after + 5
-        });
-        let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
-        assert_eq!(r.status, 201, "{}", r.text);
-        let asleep = id_of(&r.body);
+        // Restore by id once the instance sleeps: the counter in guest
+        // memory goes on from the checkpoint.
         let seen = d.logs(&id).len();
         let r = d.req(
             "POST",
