@@ -4,6 +4,8 @@
 
 #[path = "fast/backends.rs"]
 mod backends;
+#[path = "fast/checkpoint.rs"]
+mod checkpoint;
 #[path = "fast/fake_vmm.rs"]
 mod fake_vmm;
 #[path = "fast/host.rs"]

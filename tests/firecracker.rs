@@ -298,9 +298,10 @@ fn a_firecracker_vm_runs_jailed_and_leaves_nothing_behind() {
 }
 
 /// Hatch's snapshot of a Firecracker VM stores its state and whole memory
-/// file and ends the VMM; restore loads it into a new jailed VMM; a corrupt
-/// memory object fails the restore with nothing changed; a Standby
-/// snapshot forks onto Firecracker only.
+/// file and ends the VMM; restore loads it into a new jailed VMM; a Hypeman
+/// Standby snapshot (a checkpoint) keeps the VMM running and forks onto
+/// Firecracker only; a corrupt memory object fails the restore with nothing
+/// changed.
 #[test]
 fn firecracker_snapshots_store_the_memory_file_and_load_it_back() {
     let Some(fc) = firecracker_dir("firecracker_snapshots_store_the_memory_file_and_load_it_back")
@@ -365,7 +366,7 @@ fn firecracker_snapshots_store_the_memory_file_and_load_it_back() {
         "restored on its own address: no namespace"
     );
 
-    // Standby through the Hypeman API, then forks: onto Firecracker, and not onto QEMU.
+    // Standby through the Hypeman API is a checkpoint: the same VMM runs on.
     let r = d.req(
         "POST",
         &format!("/instances/{id}/snapshots"),
@@ -373,6 +374,17 @@ fn firecracker_snapshots_store_the_memory_file_and_load_it_back() {
     );
     assert_eq!(r.status, 201, "{}", r.text);
     let warm = id_of(&r.body);
+    assert_eq!(d.vm(&id)["state"], "running");
+    assert_eq!(fc_pid(&d, &id), restored);
+    assert_eq!(jails(&d).len(), 1);
+    let stored = d.stored_objects(&format!("snapshots/{id}/{warm}/"));
+    assert!(
+        stored
+            .iter()
+            .any(|(k, s)| k.ends_with("memory") && *s == 128 << 20),
+        "{stored:?}"
+    );
+    // Forks: onto Firecracker, and not onto QEMU.
     let fork = |body: Value| {
         d.req(
             "POST",
@@ -396,13 +408,17 @@ fn firecracker_snapshots_store_the_memory_file_and_load_it_back() {
     // The fork believes it has its source's address: it runs in a network namespace of its own.
     assert_ne!(ns(twin_pid), host_ns);
 
+    // The checkpoint is independent of its instance: deleted while it runs.
+    let r = d.req("DELETE", &format!("/snapshots/{warm}"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(fc_pid(&d, &id), restored);
+
     // A corrupt memory object: the restore fails, the VM stays snapshotted, no VMM is left.
-    let sleeping = d.vm(&id);
-    assert_eq!(
-        sleeping["state"], "snapshotted",
-        "the Hypeman Standby leaves it in standby"
-    );
-    let key = format!("snapshots/{id}/{warm}/memory");
+    let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    let asleep = id_of(&r.body);
+    assert_eq!(d.vm(&id)["state"], "snapshotted");
+    let key = format!("snapshots/{id}/{asleep}/memory");
     let mut bytes = d.read_object(&key);
     bytes[4096] ^= 0xff;
     d.write_object(&key, &bytes);

@@ -128,10 +128,17 @@ fn standby_compression(storage: Storage) {
         ),
     ];
     let mut snaps = vec![];
-    // The last tick each snapshot holds, in the order of `snaps`.
+    // The ticks printed just before and just after each snapshot was taken
+    // (the tick it holds is between), in the order of `snaps`.
     let mut frozen_at = vec![];
+    // Where the console of the guest's current run starts (each restore
+    // takes its counter back to a snapshot's tick).
+    let mut run = 0;
+    let now = |run: usize| last_tick(&d.logs(&id)[run..]);
     for (n, (asked, shown)) in cycles.iter().enumerate() {
         let algo = shown["algorithm"].as_str().unwrap_or("none");
+        let pids = d.vmm_pids_of(&id);
+        let before = now(run);
         let r = snapshot(
             &d,
             &id,
@@ -153,9 +160,19 @@ fn standby_compression(storage: Storage) {
             if enabled { "compressing" } else { "none" },
             "the create call returns before compression: {s}"
         );
-        assert_eq!(d.vm(&id)["state"], "snapshotted");
-        let frozen = last_tick(&d.logs(&id));
+        // A checkpoint: the instance runs on in the same VMM.
+        let after = now(run);
+        assert_eq!(d.vm(&id)["state"], "running");
+        assert_eq!(d.vmm_pids_of(&id), pids);
         let sid = id_of(&s);
+        // The instance goes to sleep (Hatch's snapshot, uncompressed) ticks
+        // later, so no guest competes with the compression for the CPU.
+        wait_until("ticks past the checkpoint", BOOT_TIMEOUT, || {
+            now(run) >= after + 5
+        });
+        let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+        assert_eq!(r.status, 201, "{}", r.text);
+        let asleep = id_of(&r.body);
 
         let done = compressed(&d, &sid);
         let stored = parts(&d, &id, &sid);
@@ -186,7 +203,9 @@ fn standby_compression(storage: Storage) {
             assert_eq!(stored[1].1, raw);
         }
 
-        // Restore by id: the counter in guest memory goes on.
+        // Restore by id once the instance sleeps: the counter in guest
+        // memory goes on from the checkpoint.
+        let seen = d.logs(&id).len();
         let r = d.req(
             "POST",
             &format!("/instances/{id}/snapshots/{sid}/restore"),
@@ -194,14 +213,21 @@ fn standby_compression(storage: Storage) {
         );
         assert_eq!(r.status, 200, "{}", r.text);
         assert_eq!(r.body["state"], "running");
-        wait_until("ticks after restore", BOOT_TIMEOUT, || {
-            last_tick(&d.logs(&id)) > frozen
-        });
-        let log = d.logs(&id);
-        let after = &log[log.rfind(&format!("tick {frozen}")).unwrap()..];
-        assert!(after.contains(&format!("tick {}", frozen + 1)), "{after}");
+        run = seen;
+        wait_until("ticks after restore", BOOT_TIMEOUT, || now(run) > 0);
+        let resumed_at = first_tick(&d.logs(&id)[run..]);
+        assert!(
+            resumed_at > before && resumed_at <= after + 2,
+            "the guest goes on from the checkpoint (ticks {before}..{after}), yet its first tick is {resumed_at}"
+        );
+        // The sleep snapshot is an ordinary one now.
+        let r = d.req("DELETE", &format!("/snapshots/{asleep}"), None);
+        assert_eq!(r.status, 200, "{}", r.text);
         snaps.push(sid);
-        frozen_at.push(frozen);
+        frozen_at.push((before, after));
+        wait_until("ticks after restore", BOOT_TIMEOUT, || {
+            now(run) >= resumed_at + 2
+        });
     }
 
     // Names are unique per instance; a duplicate is refused before the guest is touched.
@@ -252,18 +278,19 @@ fn standby_compression(storage: Storage) {
         400
     );
 
-    // Standby target: the instance stands by on an older snapshot, then
-    // resumes from it. The guest counts well past that snapshot's tick first,
-    // so the counter tells which memory came back.
-    let older = frozen_at[3];
+    // Standby target: the instance, asleep in a later snapshot, stands by on
+    // an older one instead, then resumes from it. The guest counts well past
+    // the older snapshot's tick first, so the counter tells which memory came back.
+    let (older, older_until) = frozen_at[3];
+    let seen = d.logs(&id).len();
     wait_until("ticks past the older snapshot", BOOT_TIMEOUT, || {
-        last_tick(&d.logs(&id)) >= older + 10
+        last_tick(&d.logs(&id)[seen..]) >= older_until + 10
     });
     assert_eq!(
-        snapshot(&d, &id, json!({"kind": "Standby", "name": "latest"})).status,
+        d.req("POST", &format!("/vms/{id}/snapshot"), None).status,
         201
     );
-    let latest = last_tick(&d.logs(&id));
+    let latest = last_tick(&d.logs(&id)[seen..]);
     let r = restore(&snaps[3], json!({"target_state": "Standby"}));
     assert_eq!(
         (r.status, r.body["state"].clone()),
@@ -280,14 +307,10 @@ fn standby_compression(storage: Storage) {
         last_tick(&d.logs(&id)[seen..]) > 0
     });
     let log = d.logs(&id);
-    let resumed_at = log[seen..]
-        .lines()
-        .filter_map(|l| l.split("tick ").nth(1))
-        .find_map(|n| n.trim().parse::<u64>().ok())
-        .unwrap();
-    // older + 1, or older + 2 should a tick have been half printed at the pause.
+    let resumed_at = first_tick(&log[seen..]);
+    // Up to two past the checkpoint's tick, should one have been half printed at the pause.
     assert!(
-        resumed_at > older && resumed_at <= older + 2,
+        resumed_at > older && resumed_at <= older_until + 2,
         "the guest goes on from s-3 (tick {older}), not from \"latest\" (tick {latest}), \
          yet its first tick is {resumed_at}:\n{}",
         &log[seen..]
@@ -334,7 +357,7 @@ fn stopped_and_fork(storage: Storage) {
         vec!["disk"]
     );
     assert_eq!(snap["size_bytes"].as_u64().unwrap(), stored[0].1);
-    // A stopped VM can be snapshotted (Stopped) again; a Standby needs it running.
+    // A stopped VM can be snapshotted (Stopped) again; a Standby needs it running or in standby.
     assert_eq!(snapshot(&d, &id, json!({"kind": "Standby"})).status, 409);
 
     // Fork requests that are wrong change nothing.
@@ -441,6 +464,8 @@ fn standby_fork(storage: Storage) {
     ssh(&src_ip, "echo before-fork > /tmp/ram-marker");
     wait_until("ticks", BOOT_TIMEOUT, || last_tick(&d.logs(&sid_vm)) >= 2);
 
+    // A checkpoint: the source runs on.
+    let frozen = last_tick(&d.logs(&sid_vm));
     let r = snapshot(
         &d,
         &sid_vm,
@@ -448,12 +473,7 @@ fn standby_fork(storage: Storage) {
     );
     assert_eq!(r.status, 201, "{}", r.text);
     let snap = id_of(&r.body);
-    let frozen = last_tick(&d.logs(&sid_vm));
-    assert_eq!(
-        d.req("POST", &format!("/vms/{sid_vm}/restore"), None)
-            .status,
-        200
-    );
+    assert_eq!(d.vm(&sid_vm)["state"], "running");
 
     // The fork runs from the same memory, beside its source.
     let r = d.req(
@@ -590,7 +610,8 @@ fn compression_defaults_come_from_server_instance_and_request() {
         json!({"enabled": true, "algorithm": "lz4", "level": 0})
     );
     assert_eq!(s["compression_state"], "compressed", "{s}");
-    // Restored from compressed memory, then a request that turns it off.
+    // Restored from compressed memory, then a request that turns it off (a
+    // checkpoint: the instance runs on).
     assert_eq!(
         d.req("POST", &format!("/vms/{o}/restore"), None).status,
         200
@@ -602,10 +623,7 @@ fn compression_defaults_come_from_server_instance_and_request() {
     );
     assert_eq!(r.status, 201, "{}", r.text);
     assert_eq!(r.body["compression_state"], "none");
-    assert_eq!(
-        d.req("POST", &format!("/vms/{o}/restore"), None).status,
-        200
-    );
+    assert_eq!(d.vm(&o)["state"], "running");
     for v in [&p, &o] {
         assert_eq!(d.req("DELETE", &format!("/vms/{v}"), None).status, 200);
     }
@@ -709,4 +727,212 @@ fn a_vm_runs_on_the_hypervisor_its_create_names() {
         assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
     }
     assert!(d.vmm_pids().is_empty());
+}
+
+/// The first tick in `log`.
+fn first_tick(log: &str) -> u64 {
+    ticks(log)[0]
+}
+
+/// Ticks in the order the console printed them.
+fn ticks(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.split("tick ").nth(1))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// The first tick the console printed after byte `seen` of its log.
+fn first_tick_after(d: &Daemon, vm: &str, seen: usize) -> u64 {
+    wait_until("ticks after the resume", BOOT_TIMEOUT, || {
+        !ticks(&d.logs(vm)[seen..]).is_empty()
+    });
+    first_tick(&d.logs(vm)[seen..])
+}
+
+/// Hypeman's Standby snapshot is a checkpoint: a running instance is paused,
+/// captured and resumed in the same VMM (its counter goes on, no second
+/// boot); the snapshot is independent of it (deleted at once) and restores
+/// later. In standby, the instance is copied from its stored state and stays
+/// asleep on its own snapshot. Another owner can do none of it.
+#[test]
+fn a_standby_snapshot_is_a_checkpoint_the_instance_runs_on_from() {
+    let d = Daemon::start();
+    // A counter in guest memory, ten ticks a second, nothing on disk.
+    let script = "#!/bin/sh\n(i=0; while true; do i=$((i+1)); echo \"tick $i\" > /dev/console; sleep 0.1; done) &\n";
+    let vm = d.create_vm(
+        &json!({"name": "ticker", "mem_mib": 128, "enable_network": false, "user_data": script})
+            .to_string(),
+    );
+    let id = id_of(&vm);
+    let now = || last_tick(&d.logs(&id));
+    wait_until("ticks", BOOT_TIMEOUT, || now() >= 20);
+    let pids = d.vmm_pids_of(&id);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let standby_of = || {
+        d.db_value(&format!(
+            "SELECT standby_snapshot_id FROM vms WHERE id = '{id}'"
+        ))
+    };
+
+    // Twice while running: each time the same VMM goes on, the counter with it.
+    // (before, after): the ticks around the call, the checkpoint's tick between.
+    let mut taken = vec![];
+    for name in ["one", "two"] {
+        let before = now();
+        let r = snapshot(&d, &id, json!({"kind": "Standby", "name": name}));
+        assert_eq!(r.status, 201, "{}", r.text);
+        let after = now();
+        assert_eq!(r.body["kind"], "Standby");
+        assert_eq!(r.body["name"], name);
+        assert_eq!(d.vm(&id)["state"], "running");
+        assert_eq!(d.vmm_pids_of(&id), pids, "the same VMM");
+        assert_eq!(
+            standby_of(),
+            "",
+            "the checkpoint is not its standby snapshot"
+        );
+        wait_until("ticks after the checkpoint", BOOT_TIMEOUT, || {
+            now() >= after + 10
+        });
+        taken.push((id_of(&r.body), before, after));
+    }
+    let log = d.logs(&id);
+    let counted = ticks(&log);
+    assert!(
+        counted.windows(2).all(|w| w[1] == w[0] + 1),
+        "the counter never restarted nor skipped back: {log}"
+    );
+    assert!(log.contains("boot=1") && !log.contains("boot=2"), "{log}");
+
+    // Independent: the first is deleted while the instance runs.
+    let (one, two) = (&taken[0].0, &taken[1].0);
+    let r = d.req("DELETE", &format!("/snapshots/{one}"), None);
+    assert_eq!(
+        (r.status, r.body.clone()),
+        (200, json!({"status": "deleted"})),
+        "{}",
+        r.text
+    );
+    assert_eq!(d.req("GET", &format!("/snapshots/{one}"), None).status, 404);
+    assert!(d
+        .stored_objects(&format!("snapshots/{id}/{one}/"))
+        .is_empty());
+    assert_eq!(d.vm(&id)["state"], "running");
+    assert_eq!(d.vmm_pids_of(&id), pids);
+
+    // The second restores into the instance once it sleeps (Hatch's
+    // snapshot, well past the checkpoint): the counter goes on from it.
+    let (_, before, after) = taken[1];
+    wait_until("ticks well past the checkpoint", BOOT_TIMEOUT, || {
+        now() >= after + 30
+    });
+    let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    let asleep = id_of(&r.body);
+    let seen = d.logs(&id).len();
+    let r = d.req(
+        "POST",
+        &format!("/instances/{id}/snapshots/{two}/restore"),
+        Some(r#"{"target_state": "Running"}"#),
+    );
+    assert_eq!(
+        (r.status, r.body["state"].clone()),
+        (200, json!("running")),
+        "{}",
+        r.text
+    );
+    let resumed_at = first_tick_after(&d, &id, seen);
+    assert!(
+        resumed_at > before && resumed_at <= after + 2,
+        "the guest goes on from the checkpoint (ticks {before}..{after}), yet its first tick is {resumed_at}"
+    );
+    // The sleep snapshot is an ordinary one now.
+    assert_eq!(
+        d.req("DELETE", &format!("/snapshots/{asleep}"), None)
+            .status,
+        200
+    );
+
+    // In standby: a copy of its standby snapshot; it sleeps on, on its own.
+    wait_until("ticks after the restore", BOOT_TIMEOUT, || {
+        ticks(&d.logs(&id)[seen..]).len() >= 10
+    });
+    let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    let asleep = id_of(&r.body);
+    let slept_at = last_tick(&d.logs(&id)[seen..]);
+    assert_eq!(standby_of(), asleep);
+    let r = snapshot(
+        &d,
+        &id,
+        json!({"kind": "Standby", "name": "cold", "tags": {"from": "standby"},
+               "compression": {"enabled": true, "algorithm": "lz4"}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    let cold = id_of(&r.body);
+    assert_eq!(r.body["name"], "cold");
+    assert_eq!(r.body["tags"], json!({"from": "standby"}));
+    assert_eq!(r.body["compression_state"], "compressing", "{}", r.text);
+    assert_eq!(d.vm(&id)["state"], "snapshotted");
+    assert_eq!(standby_of(), asleep, "still asleep on its own snapshot");
+    assert!(d.vmm_pids_of(&id).is_empty(), "nothing was started");
+    let done = compressed(&d, &cold);
+    assert_eq!(done["compression_state"], "compressed", "{done}");
+    assert_eq!(
+        d.req("DELETE", &format!("/snapshots/{asleep}"), None)
+            .status,
+        409,
+        "the snapshot it sleeps on stays"
+    );
+    // The copy forks and runs from the moment the instance went to sleep.
+    let r = d.req(
+        "POST",
+        &format!("/snapshots/{cold}/fork"),
+        Some(r#"{"name": "thaw", "target_state": "Running"}"#),
+    );
+    assert_eq!(
+        (r.status, r.body["state"].clone()),
+        (201, json!("running")),
+        "{}",
+        r.text
+    );
+    let thaw = id_of(&r.body);
+    let forked_at = first_tick_after(&d, &thaw, 0);
+    assert!(
+        forked_at > slept_at && forked_at <= slept_at + 2,
+        "the fork goes on from tick {slept_at}, yet starts at {forked_at}"
+    );
+    assert_eq!(d.req("DELETE", &format!("/vms/{thaw}"), None).status, 200);
+    assert_eq!(
+        d.req("DELETE", &format!("/snapshots/{cold}"), None).status,
+        200
+    );
+    // The instance still resumes from its own standby snapshot.
+    let seen = d.logs(&id).len();
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    let woke_at = first_tick_after(&d, &id, seen);
+    assert!(
+        woke_at > slept_at && woke_at <= slept_at + 2,
+        "the instance goes on from tick {slept_at}, yet starts at {woke_at}"
+    );
+
+    // Another owner's key: 404, nothing taken, the guest untouched.
+    let bob = d.create_key(&["--name", "bob"]);
+    let listed = d.req("GET", "/snapshots", None).ids();
+    let r = d.as_key(
+        &bob,
+        "POST",
+        &format!("/instances/{id}/snapshots"),
+        Some(r#"{"kind": "Standby"}"#),
+    );
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(d.req("GET", "/snapshots", None).ids(), listed);
+    assert_eq!(d.as_key(&bob, "GET", "/snapshots", None).body, json!([]));
+    assert_eq!(d.vm(&id)["state"], "running");
+
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+    assert!(d.vmm_pids().is_empty());
+    assert_eq!(d.stored_objects("snapshots/"), vec![]);
 }

@@ -196,8 +196,8 @@ fn snapshots_per_vm_on_both_apis_with_an_owner_override() {
         Some(r#"{"kind": "Standby", "name": "one"}"#),
     );
     assert_eq!(s.status, 201, "{}", s.text);
-    let r = d.req("POST", &format!("/vms/{vm}/restore"), None);
-    assert_eq!(r.status, 200, "{}", r.text);
+    // A checkpoint: the guest runs on.
+    assert_eq!(d.vm(&vm)["state"], "running");
     let second = hatch_snapshot_and_restore(&d, &vm);
     let objects = snapshot_objects(&d, &vm);
 
@@ -280,6 +280,25 @@ fn stored_bytes_limit_refuses_before_and_after_capture() {
         Duration::from_secs(30),
         || d.stored_objects("chunks/") == chunks_before,
     );
+    assert_eq!(d.req("GET", "/snapshots", None).ids(), vec![id_of(&first)]);
+    // A Hypeman Standby (a checkpoint) is refused alike: the same VMM runs on.
+    let pids = d.vmm_pids_of(&noisy);
+    let r = d.req(
+        "POST",
+        &format!("/instances/{noisy}/snapshots"),
+        Some(r#"{"kind": "Standby", "name": "too-big"}"#),
+    );
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(
+        r.error().starts_with(&format!(
+            "stored bytes limit reached ({stored}/{limit}, this needs "
+        )),
+        "{}",
+        r.text
+    );
+    assert_eq!(d.vm(&noisy)["state"], "running");
+    assert_eq!(d.vmm_pids_of(&noisy), pids);
+    assert_eq!(snapshot_objects(&d, &noisy), vec![]);
     assert_eq!(d.req("GET", "/snapshots", None).ids(), vec![id_of(&first)]);
     assert_eq!(d.req("DELETE", &format!("/vms/{noisy}"), None).status, 200);
 

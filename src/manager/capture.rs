@@ -17,19 +17,26 @@ use std::sync::Arc;
 impl Manager {
     /// Hatch's `POST /vms/{id}/snapshot`: a Standby snapshot with the VM's
     /// (or the server's) compression default.
+    /// The VM ends `snapshotted` (as idle sleep does); Hypeman's Standby
+    /// keeps it running instead (checkpoint.rs).
     pub async fn snapshot_vm(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<Snapshot> {
         let req = CreateSnapshot {
             kind: Some("Standby".into()),
             ..Default::default()
         };
-        self.create_snapshot(owner, id, req).await
+        let kind = req.validate().map_err(ManagerError::BadRequest)?;
+        let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
+        self.snapshot_locked(&mut vm, kind, &req, SnapshotQuota::Enforced)
+            .await
     }
 
-    /// Hypeman's `POST /instances/{id}/snapshots`. Standby: memory, CPU/device
-    /// state and disk, captured while the guest is paused; the VM ends
-    /// `snapshotted`. Stopped: the guest is powered off first and only its
-    /// disk is stored; the VM ends `stopped`. Returns once the snapshot is
-    /// durable; compression, if asked for, continues in the background.
+    /// Hypeman's `POST /instances/{id}/snapshots`. Standby: a checkpoint
+    /// (checkpoint.rs): memory, CPU/device state and disk, captured while the
+    /// guest is paused, after which it runs on in the same VMM (or, in
+    /// standby, a copy of its standby snapshot). Stopped: the guest is
+    /// powered off first and only its disk is stored; the VM ends `stopped`.
+    /// Returns once the snapshot is durable; compression, if asked for,
+    /// continues in the background.
     pub async fn create_snapshot(
         self: &Arc<Self>,
         owner: &Owner,
@@ -38,18 +45,38 @@ impl Manager {
     ) -> Result<Snapshot> {
         let kind = req.validate().map_err(ManagerError::BadRequest)?;
         let (_guard, mut vm) = self.lock_visible_vm(owner, id).await?;
-        self.snapshot_locked(&mut vm, kind, &req, SnapshotQuota::Enforced)
-            .await
+        match kind {
+            SnapshotKind::Standby => self.checkpoint_locked(&mut vm, &req).await,
+            SnapshotKind::Stopped => {
+                self.snapshot_locked(&mut vm, kind, &req, SnapshotQuota::Enforced)
+                    .await
+            }
+        }
     }
 
-    /// Takes a snapshot of `vm` (its lock held); see `create_snapshot`.
-    /// `quota` says whether the owner's snapshot limits may refuse it.
+    /// Takes a snapshot of `vm` (its lock held); a Standby one leaves the VM
+    /// `snapshotted` (Hatch's snapshot, idle sleep). `quota` says whether the
+    /// owner's snapshot limits may refuse it.
     pub(super) async fn snapshot_locked(
         self: &Arc<Self>,
         vm: &mut Vm,
         kind: SnapshotKind,
         req: &CreateSnapshot,
         quota: SnapshotQuota,
+    ) -> Result<Snapshot> {
+        let then = super::checkpoint::AfterCapture::Standby;
+        self.take_snapshot(vm, kind, req, quota, then).await
+    }
+
+    /// `snapshot_locked`, with what a Standby capture does with the guest
+    /// once its snapshot is stored (`then`).
+    pub(super) async fn take_snapshot(
+        self: &Arc<Self>,
+        vm: &mut Vm,
+        kind: SnapshotKind,
+        req: &CreateSnapshot,
+        quota: SnapshotQuota,
+        then: super::checkpoint::AfterCapture,
     ) -> Result<Snapshot> {
         let id = vm.id.clone();
         let st = vm.state;
@@ -105,7 +132,7 @@ impl Manager {
         }
         let result = match kind {
             SnapshotKind::Standby => {
-                self.capture_standby(backend.as_ref(), vm, &mut snap, quota)
+                self.capture_standby(backend.as_ref(), vm, &mut snap, quota, then)
                     .await
             }
             SnapshotKind::Stopped => {
@@ -133,13 +160,16 @@ impl Manager {
     }
 
     /// Standby capture. The guest stays paused until every object is stored;
-    /// any failure before that resumes it, so nothing is lost.
+    /// any failure before that resumes it, so nothing is lost. Stored, the
+    /// VM goes to standby on it, or (`AfterCapture::Resume`) is left paused
+    /// in its VMM for the caller to resume.
     pub(super) async fn capture_standby(
         &self,
         backend: &dyn Vmm,
         vm: &mut Vm,
         snap: &mut Snapshot,
         quota: SnapshotQuota,
+        then: super::checkpoint::AfterCapture,
     ) -> Result<()> {
         // Proxied requests wait for a wake instead of reaching a guest about to pause.
         let _pausing = self.activity.pause(&vm.id);
@@ -175,6 +205,10 @@ impl Manager {
             return Err(e);
         }
         // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
+        // (A checkpoint records nothing and keeps its VMM: the caller resumes it.)
+        if then == super::checkpoint::AfterCapture::Resume {
+            return Ok(());
+        }
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
         vm.standby_snapshot_id = Some(snap.id.clone());
         self.end_vmm(vm, false).await;

@@ -3,10 +3,22 @@
 use super::requests::{FromSnapshot, SnapshotKind, TargetState};
 use super::state::{CompressionState, VmState};
 use super::{not_found, Context, Manager, ManagerError, Result};
+use crate::domain::{Json, Tags};
 use crate::ids;
 use crate::snapshot::{self};
 use crate::store::{NewVm, Owner, Snapshot, Vm, DISK, MEMORY};
 use std::sync::Arc;
+
+/// How `copy_snapshot` labels its copy. A fork's own copy has no name or
+/// tags and keeps its source's compression.
+#[derive(Default)]
+pub(super) struct CopyAs {
+    pub(super) name: Option<String>,
+    pub(super) tags: Tags,
+    /// The copy's compression when its source's memory is raw (a compressed
+    /// one is copied compressed, keeping its source's).
+    pub(super) compression: Option<crate::snapshot::CompressionConfig>,
+}
 
 impl Manager {
     /// Hypeman's `POST /snapshots/{id}/fork`: a new VM with its own id,
@@ -128,7 +140,7 @@ impl Manager {
             (SnapshotKind::Standby, TargetState::Standby) => {
                 // The fork sleeps in a snapshot of its own, so deleting the
                 // source (and its snapshots) never takes the fork's memory away.
-                let own = self.copy_snapshot(snap, vm).await?;
+                let own = self.copy_snapshot(snap, vm, CopyAs::default()).await?;
                 self.settle_standby_new(vm, &own).await
             }
             (SnapshotKind::Standby, TargetState::Running) => {
@@ -168,7 +180,12 @@ impl Manager {
 
     /// A new snapshot owned by `vm` with `snap`'s content: its device state
     /// copied (store-side), its manifests shared (no chunk is copied).
-    pub(super) async fn copy_snapshot(&self, snap: &Snapshot, vm: &Vm) -> Result<Snapshot> {
+    pub(super) async fn copy_snapshot(
+        &self,
+        snap: &Snapshot,
+        vm: &Vm,
+        copy_as: CopyAs,
+    ) -> Result<Snapshot> {
         let (_r, snap) = self.read_locked(snap).await?;
         let new_id = ids::new_id("snap");
         let mut own = snapshot::capturing_record(
@@ -181,6 +198,15 @@ impl Manager {
         );
         own.source_instance_name = vm.name.clone();
         own.compression = snap.compression.clone();
+        own.name = copy_as.name;
+        own.tags = Json(copy_as.tags);
+        // A compressed memory is copied as it is stored, keeping its compression.
+        if let Some(c) = copy_as.compression {
+            if snap.compression_state != CompressionState::Compressed {
+                own.compression = Some(Json(c));
+            }
+        }
+        // A duplicate name fails here, before anything is copied.
         self.store.insert_snapshot(&own).await?;
         let copied = async {
             let mut parts = vec![];

@@ -6,6 +6,7 @@
 
 mod backend;
 mod capture;
+mod checkpoint;
 mod chunks;
 mod compression;
 pub mod console;

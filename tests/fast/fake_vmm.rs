@@ -19,7 +19,8 @@
 //!   so a test can see whether the manager resumed a guest from bad memory.
 //! - Per-VM fault injection, each fault used once: a boot that fails, a child
 //!   that exits at once, a VMM that dies or hangs part way through a
-//!   snapshot, a restore that is refused or never finishes loading.
+//!   snapshot, a restore that is refused or never finishes loading, a resume
+//!   that is refused.
 //! - Two ways memory moves, as a backend declares: `FakeVmm::new()` streams
 //!   it through the FIFO (as QEMU does); `FakeVmm::mapped_file()` stands in
 //!   for a backend that writes a regular memory file whole and maps it on
@@ -75,6 +76,8 @@ pub enum Event {
         intact: bool,
     },
     RestoreRefused,
+    /// `resume` failed (injected): the "guest" stays paused.
+    ResumeRefused,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +121,7 @@ struct Faults {
     boot: HashMap<String, BootFault>,
     snapshot: HashMap<String, SnapshotFault>,
     restore: HashMap<String, RestoreFault>,
+    resume: std::collections::HashSet<String>,
 }
 
 /// A fake `Vmm` (see the module doc). Clone the `Arc` to observe it from a test.
@@ -196,6 +200,11 @@ impl FakeVmm {
 
     pub fn fail_restore(&self, vm: &str, fault: RestoreFault) {
         self.faults.lock().unwrap().restore.insert(vm.into(), fault);
+    }
+
+    /// The VM's next `resume` fails (its VMM keeps running, the guest paused).
+    pub fn fail_resume(&self, vm: &str) {
+        self.faults.lock().unwrap().resume.insert(vm.into());
     }
 
     // ---- observation ----
@@ -380,6 +389,10 @@ impl Vmm for FakeVmm {
 
     async fn resume(&self, spec: &VmSpec) -> vmm::Result<()> {
         self.live_pid(spec)?;
+        if self.faults.lock().unwrap().resume.remove(&spec.vm_id) {
+            self.record(&spec.vm_id, Event::ResumeRefused);
+            return Err(control("fake VMM refused to resume (injected fault)"));
+        }
         self.set_paused(&spec.vm_id, false);
         self.record(&spec.vm_id, Event::Resumed);
         Ok(())

@@ -181,7 +181,13 @@ async fn a_compressed_mapped_memory_is_decompressed_into_the_file_and_forks_load
             }),
             ..Default::default()
         };
+        // A checkpoint (Hypeman's Standby): the VM runs on.
         let snap = h.manager.create_snapshot(&h.owner, &id, req).await.unwrap();
+        assert_eq!(state(&h.vm(&id).await), "running");
+        let checkpointed = match h.fake.events(&id).as_slice() {
+            [.., Event::Saved(m), Event::Resumed] => m.clone(),
+            other => panic!("{other:?}"),
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let snap = loop {
             let s = h.manager.get_snapshot(&h.owner, &snap.id).await.unwrap();
@@ -223,17 +229,33 @@ async fn a_compressed_mapped_memory_is_decompressed_into_the_file_and_forks_load
         assert!(scratch(&h, &fork.id).is_empty());
         h.manager.delete_vm(&h.owner, &fork.id).await.unwrap();
 
-        let vm = h.manager.restore_vm(&h.owner, &id).await.unwrap();
+        // Asleep (Hatch's snapshot), the VM restores the checkpoint's memory.
+        let asleep = h.manager.snapshot_vm(&h.owner, &id).await.unwrap();
+        let running = FromSnapshot {
+            target_state: Some("Running".into()),
+            ..Default::default()
+        };
+        let vm = h
+            .manager
+            .restore_snapshot(&h.owner, &id, &snap.id, running)
+            .await
+            .unwrap();
         assert_eq!(state(&vm), "running");
-        assert!(
-            matches!(
-                h.fake.events(&id).last_chunk::<2>().unwrap(),
-                [Event::Loaded { from, intact: true }, Event::Resumed] if from.vm == id
-            ),
-            "{:?}",
-            h.fake.events(&id)
+        assert_eq!(
+            h.fake.events(&id).last_chunk::<2>().unwrap(),
+            &[
+                Event::Loaded {
+                    from: checkpointed,
+                    intact: true
+                },
+                Event::Resumed
+            ],
         );
         assert!(scratch(&h, &id).is_empty());
+        h.manager
+            .delete_snapshot(&h.owner, &asleep.id)
+            .await
+            .unwrap();
     }
 }
 
