@@ -1880,4 +1880,26 @@ mod tests {
             std::hint::black_box(data.clone());
         });
     }
+
+    /// The manager captures in spawned tasks: these futures must be `Send`
+    /// for any lifetime of their borrows (this does not compile otherwise).
+    #[tokio::test]
+    async fn capture_runs_in_a_spawned_task() {
+        let dir = TempDir::new("chunks-spawned");
+        let objects = Objects::local(&dir.path().join("store")).unwrap();
+        let spawned = tokio::spawn(async move {
+            let data = random(11, 300_000);
+            let chunked = objects
+                .put_chunked("own_t", &data[..], &|_| false, None)
+                .await?;
+            objects.sync_chunks().await?;
+            let recoded = objects
+                .recode_chunk("own_t", &chunked.new[0], (Algorithm::Lz4, 0))
+                .await?;
+            objects.delete_chunk("own_t", &recoded.hash, None).await?;
+            Ok::<_, ObjectError>((objects.list_chunks(Some("own_t")).await?, chunked))
+        });
+        let (listed, chunked) = spawned.await.unwrap().unwrap();
+        assert_eq!(listed.len(), chunked.new.len());
+    }
 }
