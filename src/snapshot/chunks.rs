@@ -294,28 +294,36 @@ fn decode_verified(key: &str, chunk: &StoredChunk, stored: Bytes) -> Result<Byte
     Ok(raw)
 }
 
-/// The sequential part of chunking, on a blocking thread: SHA-256 of the
-/// whole stream and FastCDC cut points. Blocks arrive on `blocks`; each batch
-/// of whole chunks goes out on `batches`. Returns the stream's SHA-256 and
-/// length. Cut points are those of fastcdc's `StreamCDC` with the same sizes
+/// The SHA-256 of every block `blocks` delivers, in order (hex), on a
+/// blocking thread of its own: it costs about as much as cutting, so the
+/// two run side by side.
+fn hash_stream(mut blocks: mpsc::Receiver<Bytes>) -> String {
+    let mut sha = Sha256::new();
+    while let Some(block) = blocks.blocking_recv() {
+        sha.update(&block);
+    }
+    hex::encode(sha.finalize())
+}
+
+/// FastCDC cut points, on a blocking thread. Blocks arrive on `blocks`;
+/// each batch of whole chunks goes out on `batches`. Returns the length of
+/// the stream. Cut points are those of fastcdc's `StreamCDC` with the same sizes
 /// (normalization level 1): a chunk is cut only once `max` bytes or the end
 /// are in hand, so a block boundary never moves a cut.
 fn cut_stream(
     mut blocks: mpsc::Receiver<Bytes>,
     batches: mpsc::Sender<Vec<Bytes>>,
     sizes: ChunkSizes,
-) -> (String, u64) {
+) -> u64 {
     use fastcdc::v2020::{cut, select_masks, Normalization};
     let (min, avg, max) = (sizes.min as usize, sizes.avg as usize, sizes.max as usize);
     let (mask_s, mask_l) = select_masks(avg, Normalization::Level1);
-    let mut sha = Sha256::new();
     let mut total = 0u64;
     let mut pending = BytesMut::with_capacity(READ_BLOCK + max);
     let mut eof = false;
     while !eof {
         match blocks.blocking_recv() {
             Some(block) => {
-                sha.update(&block);
                 total += block.len() as u64;
                 pending.extend_from_slice(&block);
             }
@@ -340,7 +348,7 @@ fn cut_stream(
             break;
         }
     }
-    (hex::encode(sha.finalize()), total)
+    total
 }
 
 impl Objects {
@@ -386,11 +394,12 @@ impl Objects {
     }
 
     /// The pipeline behind `put_chunked`: this task reads the body in
-    /// `READ_BLOCK` blocks; a blocking thread hashes the stream (SHA-256) and cuts it;
-    /// batches of chunks are BLAKE3-hashed on the blocking pool, two at once;
-    /// back in stream order each chunk is recorded and, if new, handed to an
-    /// upload task (encoding on the blocking pool), at most
-    /// `CHUNKS_IN_FLIGHT` at once. Every queue is bounded.
+    /// `READ_BLOCK` blocks; one blocking thread hashes the stream (SHA-256)
+    /// while another cuts it; batches of chunks are BLAKE3-hashed on the
+    /// blocking pool, two at once; back in stream order each chunk is
+    /// recorded and, if new, handed to an upload task (encoding on the
+    /// blocking pool), at most `CHUNKS_IN_FLIGHT` at once. Every queue is
+    /// bounded.
     async fn chunk_stream(
         &self,
         owner: &str,
@@ -405,6 +414,8 @@ impl Objects {
         let (block_tx, block_rx) = mpsc::channel::<Bytes>(BLOCKS_QUEUED);
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<Bytes>>(BLOCKS_QUEUED);
         let cutter = tokio::task::spawn_blocking(move || cut_stream(block_rx, batch_tx, sizes));
+        let (sha_tx, sha_rx) = mpsc::channel::<Bytes>(BLOCKS_QUEUED);
+        let hasher = tokio::task::spawn_blocking(move || hash_stream(sha_rx));
 
         let read = async move {
             loop {
@@ -416,9 +427,18 @@ impl Objects {
                         break;
                     }
                 }
-                // A closed channel means the chunker stopped; its reason surfaces below.
-                if (!block.is_empty() && block_tx.send(block.freeze()).await.is_err()) || eof {
-                    return Ok::<_, ObjectError>(());
+                if !block.is_empty() {
+                    // Both threads share the block. A closed channel means
+                    // a thread stopped; its reason surfaces below.
+                    let block = block.freeze();
+                    if block_tx.send(block.clone()).await.is_err()
+                        || sha_tx.send(block).await.is_err()
+                    {
+                        return Ok::<_, ObjectError>(());
+                    }
+                }
+                if eof {
+                    return Ok(());
                 }
             }
         };
@@ -477,7 +497,8 @@ impl Objects {
         };
 
         let ((), (entries, new, raw_size)) = tokio::try_join!(read, store)?;
-        let (sha256, total) = cutter.await.map_err(join_err)?;
+        let total = cutter.await.map_err(join_err)?;
+        let sha256 = hasher.await.map_err(join_err)?;
         if total != raw_size {
             return Err(ObjectError::Store(format!(
                 "chunking lost bytes: read {total}, chunked {raw_size}"
@@ -1818,5 +1839,78 @@ mod tests {
             let raw = zstd::decode_all(&std::fs::read(root.join(&key)).unwrap()[..]).unwrap();
             assert_eq!(ChunkHash::of(&raw), c.hash, "{key}");
         }
+    }
+
+    /// CPU time per byte of each step of chunking, on one thread (so a
+    /// loaded machine changes little): what bounds the sequential stage.
+    /// `cargo nextest run --lib snapshot::chunks::tests::measure_step_costs --run-ignored only --no-capture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn measure_step_costs() {
+        fn cpu_now() -> std::time::Duration {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: a valid timespec for the duration of the call.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        }
+        const LEN: usize = 256 << 20;
+        let data: Vec<u8> = (0..LEN >> 20)
+            .flat_map(|r| {
+                if r % 2 == 0 {
+                    random(r as u64 + 1, 1 << 20)
+                } else {
+                    vec![0; 1 << 20]
+                }
+            })
+            .collect();
+        let per_byte = |what: &str, f: &mut dyn FnMut()| {
+            let t = cpu_now();
+            f();
+            let ns = (cpu_now() - t).as_nanos() as f64 / LEN as f64;
+            println!(
+                "MEASURE {what:<32} {ns:.2} ns/byte ({:.0} MB/s of one core)",
+                1e3 / ns
+            );
+        };
+        per_byte("SHA-256", &mut || {
+            std::hint::black_box(Sha256::digest(&data));
+        });
+        per_byte("BLAKE3 per 64 KiB", &mut || {
+            for c in data.chunks(64 << 10) {
+                std::hint::black_box(ChunkHash::of(c));
+            }
+        });
+        per_byte("FastCDC cut points", &mut || {
+            let n = fastcdc::v2020::FastCDC::new(&data, 16 << 10, 64 << 10, 256 << 10).count();
+            std::hint::black_box(n);
+        });
+        per_byte("copy", &mut || {
+            std::hint::black_box(data.clone());
+        });
+    }
+
+    /// The manager captures in spawned tasks: these futures must be `Send`
+    /// for any lifetime of their borrows (this does not compile otherwise).
+    #[tokio::test]
+    async fn capture_runs_in_a_spawned_task() {
+        let dir = TempDir::new("chunks-spawned");
+        let objects = Objects::local(&dir.path().join("store")).unwrap();
+        let spawned = tokio::spawn(async move {
+            let data = random(11, 300_000);
+            let chunked = objects
+                .put_chunked("own_t", &data[..], &|_| false, None)
+                .await?;
+            objects.sync_chunks().await?;
+            let recoded = objects
+                .recode_chunk("own_t", &chunked.new[0], (Algorithm::Lz4, 0))
+                .await?;
+            objects.delete_chunk("own_t", &recoded.hash, None).await?;
+            Ok::<_, ObjectError>((objects.list_chunks(Some("own_t")).await?, chunked))
+        });
+        let (listed, chunked) = spawned.await.unwrap().unwrap();
+        assert_eq!(listed.len(), chunked.new.len());
     }
 }
