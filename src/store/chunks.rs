@@ -319,7 +319,7 @@ impl Store {
         owner_id: Option<&str>,
         orphaned_before: i64,
     ) -> Result<Vec<(String, StoredChunk)>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let rows: Vec<OwnedChunkRow> = sqlx::query_as(
             "SELECT owner_id, hash, raw_size, stored_size, encoding FROM chunks
              WHERE orphaned_at IS NOT NULL AND orphaned_at <= ? AND (? IS NULL OR owner_id = ?)",

@@ -309,6 +309,14 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// A transaction that reads before it writes. It takes the write lock
+    /// at once, waiting for it as long as the busy timeout allows: a deferred
+    /// one fails at its first write, without waiting (SQLITE_BUSY, "database
+    /// is locked"), when another connection committed after its first read.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     // ---- owners and keys ----
 
     pub async fn create_owner(&self, id: &str, name: &str) -> Result<Owner> {
@@ -989,7 +997,7 @@ impl Store {
     /// Deletes a snapshot's row with its manifests and references; chunks
     /// no other snapshot references become orphaned (collected later).
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let owner: Option<(String,)> =
             sqlx::query_as("SELECT owner_id FROM snapshots WHERE id = ?")
                 .bind(id)
@@ -1008,7 +1016,7 @@ impl Store {
 
     /// `delete_snapshot` of every snapshot of a VM, in one transaction.
     pub async fn delete_vm_snapshots(&self, vm_id: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let snaps: Vec<(String, String)> =
             sqlx::query_as("SELECT id, owner_id FROM snapshots WHERE vm_id = ?")
                 .bind(vm_id)
