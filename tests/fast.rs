@@ -15,17 +15,16 @@ mod mapped;
 #[path = "fast/moves.rs"]
 mod moves;
 
-use fake_vmm::{BootFault, Event, Memory, RestoreFault, SnapshotFault, MEMORY_BYTES};
+use fake_vmm::{memory_bytes, BootFault, Event, Memory, RestoreFault, SnapshotFault, MEMORY_BYTES};
 use hatch::manager::ErrorKind;
+use hatch::snapshot::Objects;
+use hatch::store::MEMORY;
 use hatch::vmm::process::is_alive;
 use hatch::vmm::DiskFormat;
 use host::Host;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Held shared by every test, exclusively by the one that lowers this
-/// process's file size limit (under `cargo test` tests share a process).
-static FILE_LIMIT: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 const MEM_MIB: i64 = 128;
 
@@ -41,7 +40,6 @@ fn events_after(events: &[Event], since: impl Fn(&Event) -> bool) -> Vec<Event> 
 
 #[tokio::test]
 async fn create_stop_start_delete_as_the_api_reports_them() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let vm = h.create(MEM_MIB).await.unwrap();
     let id = vm.id.clone();
@@ -110,7 +108,6 @@ fn room_for_one_vm() -> String {
 
 #[tokio::test]
 async fn a_vmm_failing_to_boot_ends_in_error_and_frees_the_host_memory() {
-    let _shared = FILE_LIMIT.read().await;
     let reserve = room_for_one_vm();
     let h = Host::with(&[("HATCH_HOST_MEMORY_RESERVE_MIB", &reserve)]).await;
 
@@ -154,7 +151,6 @@ async fn a_vmm_failing_to_boot_ends_in_error_and_frees_the_host_memory() {
 
 #[tokio::test]
 async fn a_vmm_exiting_right_after_boot_is_recorded_as_error() {
-    let _shared = FILE_LIMIT.read().await;
     let reserve = room_for_one_vm();
     let h = Host::with(&[("HATCH_HOST_MEMORY_RESERVE_MIB", &reserve)]).await;
     h.fake.fail_next_boot(BootFault::ChildExits);
@@ -179,53 +175,40 @@ async fn a_vmm_exiting_right_after_boot_is_recorded_as_error() {
     assert_eq!(state(&again), "running");
 }
 
-/// Limits the size of any file this process writes (root included: the
-/// kernel enforces RLIMIT_FSIZE for everyone); a write past it fails with EFBIG.
-struct FileSizeLimit(libc::rlimit);
-
-impl FileSizeLimit {
-    fn set(bytes: u64) -> FileSizeLimit {
-        let mut old = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: `old` is a valid rlimit for getrlimit to fill; setrlimit
-        // reads a valid rlimit; ignoring SIGXFSZ makes the write fail instead
-        // of killing the process.
-        unsafe {
-            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut old), 0);
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let new = libc::rlimit {
-                rlim_cur: bytes,
-                rlim_max: old.rlim_max,
-            };
-            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &new), 0);
-        }
-        FileSizeLimit(old)
-    }
-}
-
-impl Drop for FileSizeLimit {
-    fn drop(&mut self) {
-        // SAFETY: restores the limit read in `set` (a valid rlimit).
-        unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &self.0) };
-    }
-}
-
 #[tokio::test]
 async fn a_snapshot_whose_upload_fails_halfway_leaves_the_vm_running() {
-    let _alone = FILE_LIMIT.write().await;
     let h = Host::new().await;
     let vm = h.create(MEM_MIB).await.unwrap();
     let id = vm.id.clone();
     let pid = h.fake.pid(&id).unwrap();
 
-    let failed = {
-        // The memory object stops growing at 4 MiB of its 20: a real write
-        // error (EFBIG) half way through the upload.
-        let _limit = FileSizeLimit::set(4 << 20);
-        h.manager.snapshot_vm(&h.owner, &id).await
-    };
+    // The memory the VMM will save is known, so are its chunks: the first
+    // one past 4 MiB of the 20 whose fan-out directory no earlier chunk
+    // needs is made impossible to store (a plain file is where its
+    // directory goes), a real write error half way through the upload.
+    let chunks = host::cut(&memory_bytes(&Memory {
+        vm: id.clone(),
+        generation: 1,
+    }));
+    let fans: Vec<(u64, String)> = chunks
+        .iter()
+        .map(|(offset, _, hash)| (*offset, hash.to_string()[..2].to_string()))
+        .collect();
+    let (before, after): (Vec<_>, Vec<_>) = fans.iter().partition(|(o, _)| *o < 4 << 20);
+    let blocked = after
+        .iter()
+        .map(|(_, fan)| fan.clone())
+        .find(|f| !before.iter().any(|(_, b)| b == f))
+        .unwrap();
+    let blocker = h
+        .data_dir()
+        .join("objects/chunks")
+        .join(&h.owner.id)
+        .join(&blocked);
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let blocker_key = format!("chunks/{}/{blocked}", h.owner.id);
+    let failed = h.manager.snapshot_vm(&h.owner, &id).await;
     let err = failed.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Internal, "{err:?}");
     assert!(err.to_string().contains("the VM keeps running"), "{err}");
@@ -248,6 +231,12 @@ async fn a_snapshot_whose_upload_fails_halfway_leaves_the_vm_running() {
         .is_empty());
     assert_eq!(h.snapshot_rows(&id).await, 0);
     assert_eq!(h.object_files(&id), Vec::<std::path::PathBuf>::new());
+    // The chunks uploaded before the failure go too, rows and objects.
+    h.eventually("the failed capture's chunks are removed", || async {
+        h.chunk_keys() == BTreeSet::from([blocker_key.clone()])
+    })
+    .await;
+    assert!(h.chunk_rows().await.is_empty());
     let leftovers: Vec<_> = std::fs::read_dir(h.work_dir(&id))
         .unwrap()
         .flatten()
@@ -256,7 +245,8 @@ async fn a_snapshot_whose_upload_fails_halfway_leaves_the_vm_running() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
-    // With room again, the same VM snapshots and restores.
+    // With the way clear again, the same VM snapshots and restores.
+    std::fs::remove_file(&blocker).unwrap();
     let snap = h.manager.snapshot_vm(&h.owner, &id).await.unwrap();
     assert_eq!(snap.status.to_string(), "ready");
     assert_eq!(state(&h.vm(&id).await), "snapshotted");
@@ -266,7 +256,6 @@ async fn a_snapshot_whose_upload_fails_halfway_leaves_the_vm_running() {
 
 #[tokio::test]
 async fn a_vmm_dying_mid_snapshot_leaves_no_snapshot_and_the_vm_in_error() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let vm = h.create(MEM_MIB).await.unwrap();
     let id = vm.id.clone();
@@ -294,8 +283,13 @@ async fn a_vmm_dying_mid_snapshot_leaves_no_snapshot_and_the_vm_in_error() {
         .is_empty());
     assert_eq!(h.snapshot_rows(&id).await, 0);
     // The stream ended early but cleanly (the writer went away), so the
-    // store holds a complete, short memory object until the manager removes it.
+    // store holds the chunks of a short memory until the manager removes them.
     assert!(h.object_files(&id).is_empty(), "{:?}", h.object_files(&id));
+    h.eventually("the chunks of the short memory are removed", || async {
+        h.chunk_keys().is_empty()
+    })
+    .await;
+    assert!(h.chunk_rows().await.is_empty());
     assert!(h.processes_of(&id).is_empty());
 }
 
@@ -313,23 +307,29 @@ fn flip_byte(path: &std::path::Path, offset: u64) {
 
 #[tokio::test]
 async fn a_restore_whose_memory_checksum_fails_changes_nothing() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let vm = h.create(MEM_MIB).await.unwrap();
     let id = vm.id.clone();
     let snap = h.manager.snapshot_vm(&h.owner, &id).await.unwrap();
     assert_eq!(state(&h.vm(&id).await), "snapshotted");
     assert!(h.processes_of(&id).is_empty(), "standby ends the VMM");
-    let memory = h.data_dir().join("objects").join(&snap.memory_key);
-    assert_eq!(std::fs::metadata(&memory).unwrap().len(), MEMORY_BYTES);
+    // The memory is chunks of exactly what the VMM saved, MEMORY_BYTES of them.
+    let saved = Memory {
+        vm: id.clone(),
+        generation: 1,
+    };
+    h.assert_memory_stored(&snap, &saved).await;
+    assert_eq!(snap.memory_size, Some(MEMORY_BYTES as i64));
+    let chunk = h.chunk_at(&snap, MEMORY, 12 << 20).await;
+    let (memory, at) = (&chunk.path, (12 << 20) - chunk.offset);
     let disk = DiskFormat::Raw.path_in(&h.work_dir(&id));
     let disk_before = std::fs::read(&disk).unwrap();
 
-    flip_byte(&memory, 12 << 20);
+    flip_byte(memory, at);
     let err = h.manager.restore_vm(&h.owner, &id).await.unwrap_err();
     assert!(err.to_string().contains("corrupt"), "{err}");
     assert!(err.to_string().contains("stays snapshotted"), "{err}");
-    // restore.rs: a corrupt object fails the restore before anything changes.
+    // restore.rs: a corrupt chunk fails the restore before anything changes.
     let vm = h.vm(&id).await;
     assert_eq!(state(&vm), "snapshotted");
     assert_eq!(vm.last_error, None);
@@ -351,14 +351,10 @@ async fn a_restore_whose_memory_checksum_fails_changes_nothing() {
     );
 
     // Mended, the same snapshot restores, and the VMM got exactly what was saved.
-    flip_byte(&memory, 12 << 20);
+    flip_byte(memory, at);
     let vm = h.manager.restore_vm(&h.owner, &id).await.unwrap();
     assert_eq!(state(&vm), "running");
     let since_save = events_after(&h.fake.events(&id), |e| matches!(e, Event::Saved(_)));
-    let saved = Memory {
-        vm: id.clone(),
-        generation: 1,
-    };
     assert_eq!(
         since_save.last_chunk::<2>().unwrap(),
         &[
@@ -373,7 +369,6 @@ async fn a_restore_whose_memory_checksum_fails_changes_nothing() {
 
 #[tokio::test]
 async fn a_refused_restore_leaves_the_vm_snapshotted() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let vm = h.create(MEM_MIB).await.unwrap();
     let id = vm.id.clone();
@@ -399,7 +394,6 @@ fn recovery_after_a_crash_mid_snapshot_and_mid_restore() {
             .unwrap()
     };
     let first = rt();
-    let _shared = first.block_on(FILE_LIMIT.read());
     let h = first.block_on(Host::new());
     let [running, stopped, standby, capturing, restoring] = first.block_on(async {
         let mut ids = vec![];
@@ -441,8 +435,26 @@ fn recovery_after_a_crash_mid_snapshot_and_mid_restore() {
             .await
             .expect("the flows never got going")
     });
-    // Mid-capture: a snapshot row and part of its memory are on disk.
-    assert!(!h.object_files(&capturing).is_empty());
+    // Mid-capture: a snapshot row, and chunks of the memory it streams are
+    // stored (none has a row yet: rows come with the manifest's commit).
+    let capturing_chunks: BTreeSet<String> = host::cut(&memory_bytes(&Memory {
+        vm: capturing.clone(),
+        generation: 1,
+    }))
+    .iter()
+    .map(|(_, _, hash)| Objects::chunk_key(&h.owner.id, hash, None).unwrap())
+    .collect();
+    let stored_of_capture = |h: &Host| -> BTreeSet<String> {
+        h.chunk_keys()
+            .intersection(&capturing_chunks)
+            .cloned()
+            .collect()
+    };
+    first.block_on(h.eventually("chunks of the capture are stored", || async {
+        !stored_of_capture(&h).is_empty()
+    }));
+    let rows = first.block_on(h.chunk_rows());
+    assert!(stored_of_capture(&h).is_disjoint(&rows), "{rows:?}");
     assert_eq!(first.block_on(h.snapshot_rows(&capturing)), 1);
     // Mid-restore: the VM is starting.
     assert_eq!(state(&first.block_on(h.vm(&restoring))), "starting");
@@ -482,6 +494,13 @@ fn recovery_after_a_crash_mid_snapshot_and_mid_restore() {
             .is_empty());
         assert_eq!(h.snapshot_rows(&capturing).await, 0);
         assert_eq!(h.object_files(&capturing), Vec::<std::path::PathBuf>::new());
+        // The start-up sweep removes its chunks (they have no row); the store
+        // then holds exactly the chunks the database knows.
+        h.eventually("the sweep removes the capture's chunks", || async {
+            stored_of_capture(&h).is_empty()
+        })
+        .await;
+        assert_eq!(h.chunk_keys(), h.chunk_rows().await);
         // A VM in standby still is, also one whose restore was cut short, and
         // each resumes from exactly what it saved.
         for id in [&standby, &restoring] {

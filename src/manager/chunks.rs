@@ -37,6 +37,9 @@ pub(super) struct ChunkedCapture {
     new: Vec<StoredChunk>,
     pub(super) memory: Option<Vec<ChunkRef>>,
     pub(super) disk: Vec<ChunkRef>,
+    /// Chunks a stream that failed part way set out to upload: it does not
+    /// say which of them it stored, so abandoning asks the store.
+    unsure: HashSet<ChunkHash>,
 }
 
 impl ChunkedCapture {
@@ -66,6 +69,7 @@ impl Manager {
             new: vec![],
             memory: None,
             disk: vec![],
+            unsure: HashSet::new(),
         })
     }
 
@@ -77,12 +81,30 @@ impl Manager {
         body: impl AsyncRead + Unpin + Send,
     ) -> Result<Chunked> {
         let known = &cap.known;
-        let chunked = self
+        let asked = std::sync::Mutex::new(HashSet::new());
+        let is_known = |h: &ChunkHash| {
+            let lacked = !known.contains(h);
+            if lacked {
+                asked.lock().unwrap().insert(*h);
+            }
+            !lacked
+        };
+        match self
             .objects
-            .put_chunked(&cap.owner, body, &|h: &ChunkHash| known.contains(h), None)
-            .await?;
-        cap.absorb(&chunked);
-        Ok(chunked)
+            .put_chunked(&cap.owner, body, &is_known, None)
+            .await
+        {
+            Ok(chunked) => {
+                cap.absorb(&chunked);
+                Ok(chunked)
+            }
+            Err(e) => {
+                // Chunks stored before the failure are in no `Chunked`.
+                let asked = asked.into_inner().unwrap_or_else(|p| p.into_inner());
+                cap.unsure.extend(asked);
+                Err(e.into())
+            }
+        }
     }
 
     /// `chunk_stream` of a file.
@@ -123,10 +145,35 @@ impl Manager {
 
     /// A capture that failed: the chunks it uploaded are recorded as
     /// orphans, collected now unless a manifest committed meanwhile shares them.
+    /// Those of a stream that failed part way are found in the store (raw,
+    /// as a capture uploads them); one whose write ends after that listing
+    /// is left to the next start-up sweep.
     pub(super) async fn abandon_chunked(&self, cap: ChunkedCapture) {
         let ChunkedCapture {
-            _gc, owner, new, ..
+            _gc,
+            owner,
+            mut new,
+            unsure,
+            ..
         } = cap;
+        if !unsure.is_empty() {
+            match self.objects.list_chunks(Some(&owner)).await {
+                Ok(listed) => new.extend(
+                    listed
+                        .into_iter()
+                        .filter(|l| l.encoding.is_none() && unsure.contains(&l.hash))
+                        .map(|l| StoredChunk {
+                            hash: l.hash,
+                            raw_size: l.size as u32,
+                            stored_size: l.size as u32,
+                            encoding: None,
+                        }),
+                ),
+                Err(e) => {
+                    tracing::warn!(owner = %owner, "listing the chunks of a failed capture (the next sweep removes them): {e}")
+                }
+            }
+        }
         if let Err(e) = self.store.record_orphan_chunks(&owner, &new).await {
             tracing::warn!(owner = %owner, "recording the chunks of a failed capture (the next sweep removes them): {e}");
         }

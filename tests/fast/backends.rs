@@ -3,7 +3,7 @@
 
 use super::fake_vmm::FakeVmm;
 use super::host::Host;
-use super::{state, FILE_LIMIT, MEM_MIB};
+use super::{state, MEM_MIB};
 use hatch::manager::requests::CreateVm;
 use hatch::manager::ErrorKind;
 use hatch::vmm::{KernelFormat, MemoryTransport};
@@ -29,7 +29,6 @@ fn elf_head() -> Vec<u8> {
 
 #[tokio::test]
 async fn a_vm_runs_on_the_hypervisor_it_asks_for_which_must_boot_its_kernel() {
-    let _shared = FILE_LIMIT.read().await;
     // A second fake registered as `vz`: a name the API accepts that this
     // daemon never has a backend of its own for. It boots ELF kernels only.
     let vz = FakeVmm::named("vz", MemoryTransport::Stream, &[KernelFormat::Elf]);

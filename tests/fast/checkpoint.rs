@@ -5,11 +5,11 @@
 
 use super::fake_vmm::{Event, Memory, MEMORY_BYTES};
 use super::host::Host;
-use super::{events_after, state, FILE_LIMIT, MEM_MIB};
+use super::{events_after, state, MEM_MIB};
 use hatch::manager::requests::{CreateSnapshot, FromSnapshot};
 use hatch::manager::ErrorKind;
 use hatch::snapshot::{Algorithm, CompressionConfig};
-use hatch::store::{OwnerLimits, Snapshot};
+use hatch::store::{self, OwnerLimits};
 use hatch::vmm::process::is_alive;
 use std::time::Duration;
 
@@ -43,18 +43,8 @@ fn running_to(target: &str) -> FromSnapshot {
     }
 }
 
-/// The bytes of every object a snapshot points at, key by key.
-fn object_bytes(h: &Host, s: &Snapshot) -> Vec<Vec<u8>> {
-    let memory = s.compressed_key.clone().unwrap_or(s.memory_key.clone());
-    [&s.state_key, &memory, &s.disk_key]
-        .iter()
-        .map(|k| std::fs::read(h.data_dir().join("objects").join(k)).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn a_running_instance_is_checkpointed_and_runs_on_in_the_same_vmm() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     let pid = h.fake.pid(&id).unwrap();
@@ -144,7 +134,6 @@ async fn a_running_instance_is_checkpointed_and_runs_on_in_the_same_vmm() {
 
 #[tokio::test]
 async fn hatch_snapshots_still_put_the_vm_to_sleep() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     let pid = h.fake.pid(&id).unwrap();
@@ -165,7 +154,6 @@ async fn hatch_snapshots_still_put_the_vm_to_sleep() {
 
 #[tokio::test]
 async fn an_instance_in_standby_is_checkpointed_from_its_stored_state() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     let asleep = h.manager.snapshot_vm(&h.owner, &id).await.unwrap();
@@ -193,7 +181,10 @@ async fn an_instance_in_standby_is_checkpointed_from_its_stored_state() {
     let vm = h.vm(&id).await;
     assert_eq!(state(&vm), "snapshotted");
     assert_eq!(vm.standby_snapshot_id.as_deref(), Some(asleep.id.as_str()));
-    // Its own objects, the same bytes (compressed in the background as asked).
+    // Its own device state object, the same bytes; the same chunks, shared
+    // (none copied). Compression asked for has nothing of its own to
+    // compress: every chunk is shared, and stays as the standby reads it.
+    let chunks_before = h.chunk_keys();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let copy = loop {
         let s = h.manager.get_snapshot(&h.owner, &copy.id).await.unwrap();
@@ -204,21 +195,29 @@ async fn an_instance_in_standby_is_checkpointed_from_its_stored_state() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(copy.compression_state.to_string(), "compressed", "{copy:?}");
-    let theirs = object_bytes(&h, &asleep);
-    let ours = object_bytes(&h, &copy);
-    assert_eq!((&ours[0], &ours[2]), (&theirs[0], &theirs[2]));
-    let key = copy.compressed_key.clone().unwrap_or_default();
-    assert!(key.ends_with("memory.lz4"), "{copy:?}");
     let objects = h.data_dir().join("objects");
-    assert!(
-        !objects.join(&copy.memory_key).exists(),
-        "raw memory replaced"
+    assert_ne!(copy.state_key, asleep.state_key);
+    assert_eq!(
+        std::fs::read(objects.join(&copy.state_key)).unwrap(),
+        std::fs::read(objects.join(&asleep.state_key)).unwrap()
     );
-    assert!(
-        objects.join(&asleep.memory_key).is_file(),
-        "the standby's is untouched"
+    for part in [store::MEMORY, store::DISK] {
+        let (ours, theirs) = (
+            h.manifest(&copy, part).await,
+            h.manifest(&asleep, part).await,
+        );
+        assert_eq!(
+            ours.iter().map(|c| c.chunk).collect::<Vec<_>>(),
+            theirs.iter().map(|c| c.chunk).collect::<Vec<_>>(),
+            "{part}"
+        );
+    }
+    assert_eq!(
+        h.chunk_keys(),
+        chunks_before,
+        "no chunk was copied or recoded"
     );
-    assert_ne!(ours[1], theirs[1]);
+    assert_eq!(copy.size_bytes, asleep.size_bytes);
 
     // The copy forks and runs: the memory the fork loads is what the instance saved.
     let fork = h
@@ -241,7 +240,8 @@ async fn an_instance_in_standby_is_checkpointed_from_its_stored_state() {
     h.manager.delete_vm(&h.owner, &fork.id).await.unwrap();
     // Deleted, it takes nothing of the instance's: that still restores from its own.
     h.manager.delete_snapshot(&h.owner, &copy.id).await.unwrap();
-    assert_eq!(object_bytes(&h, &asleep), theirs);
+    assert!(objects.join(&asleep.state_key).is_file());
+    assert_eq!(h.chunk_keys(), chunks_before, "the shared chunks stay");
     let vm = h.manager.restore_vm(&h.owner, &id).await.unwrap();
     assert_eq!(state(&vm), "running");
     assert_eq!(
@@ -252,7 +252,6 @@ async fn an_instance_in_standby_is_checkpointed_from_its_stored_state() {
 
 #[tokio::test]
 async fn a_checkpoint_whose_guest_does_not_resume_leaves_the_vm_in_standby_on_it() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     let pid = h.fake.pid(&id).unwrap();
@@ -296,7 +295,6 @@ async fn a_checkpoint_whose_guest_does_not_resume_leaves_the_vm_in_standby_on_it
 
 #[tokio::test]
 async fn a_checkpoint_over_the_stored_bytes_quota_keeps_nothing_and_the_guest_runs() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     let pid = h.fake.pid(&id).unwrap();
@@ -360,7 +358,6 @@ async fn a_checkpoint_over_the_stored_bytes_quota_keeps_nothing_and_the_guest_ru
 
 #[tokio::test]
 async fn another_owner_cannot_checkpoint_and_other_states_are_refused() {
-    let _shared = FILE_LIMIT.read().await;
     let h = Host::new().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     let bob = h

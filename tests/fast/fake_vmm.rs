@@ -12,6 +12,8 @@
 //! - `snapshot` writes a state file and streams `MEMORY_BYTES` of memory into
 //!   the memory FIFO, bytes that are a pure function of the VM id and a
 //!   generation (one per save), so a restore can tell exactly what it got.
+//!   The second half of every 4 KiB page is zeros: like a real guest's
+//!   memory it compresses, yet no two chunks of it are alike.
 //! - `restore` starts the child first (a real VMM exists while it loads), then
 //!   reads the memory stream to its end and compares it with what the saved
 //!   generation wrote. Like a real VMM it does not refuse memory that differs
@@ -292,7 +294,8 @@ impl FakeVmm {
 }
 
 /// The memory bytes of `m` at `offset..offset + buf.len()` (offset a multiple
-/// of 8): SplitMix64 of the word index, seeded by the VM id and generation.
+/// of 8): SplitMix64 of the word index, seeded by the VM id and generation,
+/// in the first half of each 4 KiB page; zeros in the second.
 pub fn memory_at(m: &Memory, offset: u64, buf: &mut [u8]) {
     // FNV-1a of the VM id, mixed with the generation.
     let mut seed: u64 = 0xcbf2_9ce4_8422_2325;
@@ -301,12 +304,23 @@ pub fn memory_at(m: &Memory, offset: u64, buf: &mut [u8]) {
     }
     seed ^= m.generation.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     for (i, word) in buf.chunks_mut(8).enumerate() {
+        if (offset + 8 * i as u64) % 4096 >= 2048 {
+            word.fill(0);
+            continue;
+        }
         let mut z = seed.wrapping_add((offset / 8 + i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
         word.copy_from_slice(&z.to_le_bytes()[..word.len()]);
     }
+}
+
+/// The whole memory `m` (MEMORY_BYTES), for a test to cut into the chunks the store makes of it.
+pub fn memory_bytes(m: &Memory) -> Vec<u8> {
+    let mut bytes = vec![0u8; MEMORY_BYTES as usize];
+    memory_at(m, 0, &mut bytes);
+    bytes
 }
 
 fn state_text(m: &Memory) -> String {

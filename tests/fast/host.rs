@@ -1,14 +1,14 @@
 //! A "daemon" for fast tests: a Manager on a temporary data dir (SQLite file,
 //! local snapshot store, image files), networking off, FakeVmms as its hypervisors.
 
-use super::fake_vmm::FakeVmm;
+use super::fake_vmm::{memory_bytes, FakeVmm, Memory};
 use hatch::config::Config;
 use hatch::manager::requests::CreateVm;
 use hatch::manager::Manager;
-use hatch::snapshot::Objects;
-use hatch::store::{Owner, Store, Vm};
+use hatch::snapshot::{ChunkHash, ChunkSizes, Objects, StoredChunk};
+use hatch::store::{Owner, Snapshot, Store, Vm};
 use hatch::vmm::Backends;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -99,6 +99,9 @@ impl Host {
             vars.insert(k.to_string(), v.to_string());
         }
         let (manager, config) = start(&vars, &fakes).await;
+        // As the daemon does before it serves: among others, this starts the
+        // collector of chunks no snapshot references.
+        manager.recover().await.unwrap();
         let owner = manager
             .store()
             .create_owner("own_fast", "fast")
@@ -139,6 +142,100 @@ impl Host {
     /// The local snapshot store's files of one VM (staging files included).
     pub fn object_files(&self, vm: &str) -> Vec<PathBuf> {
         files_under(&self.data_dir().join("objects/snapshots").join(vm))
+    }
+
+    /// The chunk objects in the local store, of every owner, as keys
+    /// (`chunks/{owner}/{2 hex}/{64 hex}[.zst|.lz4]`), staging files included.
+    pub fn chunk_keys(&self) -> BTreeSet<String> {
+        let objects = self.data_dir().join("objects");
+        files_under(&objects.join("chunks"))
+            .into_iter()
+            .map(|p| p.strip_prefix(&objects).unwrap().display().to_string())
+            .collect()
+    }
+
+    /// The keys of the chunks the database has a row for (orphans included):
+    /// what the store should hold once no flow is under way.
+    pub async fn chunk_rows(&self) -> BTreeSet<String> {
+        let rows = self.manager.store().all_chunks().await.unwrap();
+        rows.into_iter()
+            .map(|(owner, hash, encoding)| Objects::chunk_key(&owner, &hash, encoding).unwrap())
+            .collect()
+    }
+
+    /// The chunks of `part` (`store::MEMORY` or `store::DISK`) of `snap`, in
+    /// order, as its manifest in the database lists them.
+    pub async fn manifest(&self, snap: &Snapshot, part: &str) -> Vec<PartChunk> {
+        let chunks = self
+            .manager
+            .store()
+            .snapshot_manifest(snap, part)
+            .await
+            .unwrap();
+        let mut offset = 0;
+        chunks
+            .into_iter()
+            .map(|chunk| {
+                let key = Objects::chunk_key(&snap.owner_id, &chunk.hash, chunk.encoding).unwrap();
+                let c = PartChunk {
+                    offset,
+                    path: self.data_dir().join("objects").join(key),
+                    chunk,
+                };
+                offset += u64::from(chunk.raw_size);
+                c
+            })
+            .collect()
+    }
+
+    /// The chunk of `part` of `snap` that holds the part's byte `offset`.
+    pub async fn chunk_at(&self, snap: &Snapshot, part: &str, offset: u64) -> PartChunk {
+        self.manifest(snap, part)
+            .await
+            .into_iter()
+            .find(|c| (c.offset..c.offset + u64::from(c.chunk.raw_size)).contains(&offset))
+            .unwrap_or_else(|| panic!("{part} of {} has no byte {offset}", snap.id))
+    }
+
+    /// Asserts that `snap`'s memory is stored as exactly the memory `m` the
+    /// fake saved: its manifest is the chunks the store cuts `m` into, and
+    /// every raw chunk's file holds those bytes. Returns the manifest.
+    pub async fn assert_memory_stored(&self, snap: &Snapshot, m: &Memory) -> Vec<PartChunk> {
+        let manifest = self.manifest(snap, hatch::store::MEMORY).await;
+        let bytes = memory_bytes(m);
+        let want = cut(&bytes);
+        let got: Vec<_> = manifest
+            .iter()
+            .map(|c| (c.offset, c.chunk.raw_size as usize, c.chunk.hash))
+            .collect();
+        assert!(
+            got == want,
+            "the memory manifest of {} is not {m:?}",
+            snap.id
+        );
+        for c in manifest.iter().filter(|c| c.chunk.encoding.is_none()) {
+            let start = c.offset as usize;
+            let stored = std::fs::read(&c.path).unwrap();
+            assert!(
+                stored == bytes[start..start + c.chunk.raw_size as usize],
+                "{} does not hold the memory at {start}",
+                c.path.display()
+            );
+        }
+        manifest
+    }
+
+    /// Waits (bounded) until `holds` says yes, as a client polling would.
+    pub async fn eventually<F: std::future::Future<Output = bool>>(
+        &self,
+        what: &str,
+        holds: impl Fn() -> F,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !holds().await {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Snapshot rows of a VM in any status (listings show only `ready` ones).
@@ -189,6 +286,34 @@ impl Host {
             .filter(|p| hatch::vmm::process::is_alive(*p))
             .collect()
     }
+}
+
+/// One chunk of a snapshot's memory or disk: where its bytes sit in the
+/// part, how it is stored, and its file in the local store.
+pub struct PartChunk {
+    pub offset: u64,
+    pub chunk: StoredChunk,
+    pub path: PathBuf,
+}
+
+/// The chunks the store cuts `bytes` into (FastCDC with the store's default
+/// sizes, as src/snapshot/chunks.rs cuts a stream): (offset, length, BLAKE3
+/// hash) each, in order. Known content gives known chunk keys before any upload.
+pub fn cut(bytes: &[u8]) -> Vec<(u64, usize, ChunkHash)> {
+    use fastcdc::v2020::{FastCDC, Normalization};
+    let s = ChunkSizes::DEFAULT;
+    FastCDC::with_level(
+        bytes,
+        s.min as usize,
+        s.avg as usize,
+        s.max as usize,
+        Normalization::Level1,
+    )
+    .map(|c| {
+        let raw = &bytes[c.offset..c.offset + c.length];
+        (c.offset as u64, c.length, ChunkHash::of(raw))
+    })
+    .collect()
 }
 
 /// What a crashed daemon leaves: its files and its (fake) VMMs.

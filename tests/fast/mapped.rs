@@ -6,12 +6,14 @@ use super::fake_vmm::{
     memory_at, Event, FakeVmm, Memory, RestoreFault, SnapshotFault, MEMORY_BYTES,
 };
 use super::host::Host;
-use super::{events_after, flip_byte, state, FILE_LIMIT, MEM_MIB};
+use super::{events_after, flip_byte, state, MEM_MIB};
 use hatch::manager::requests::{CreateSnapshot, FromSnapshot};
 use hatch::snapshot::{Algorithm, CompressionConfig};
+use hatch::store::{DISK, MEMORY};
 use hatch::vmm::process::is_alive;
 use hatch::vmm::DiskFormat;
 use sha2::Digest;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +56,6 @@ fn loaded(vm: &str, generation: u64) -> Event {
 
 #[tokio::test]
 async fn a_mapped_memory_file_is_stored_whole_and_restored_verified_before_the_vmm_starts() {
-    let _shared = FILE_LIMIT.read().await;
     let h = mapped_host().await;
     let vm = h.create(MEM_MIB).await.unwrap();
     let id = vm.id.clone();
@@ -66,21 +67,42 @@ async fn a_mapped_memory_file_is_stored_whole_and_restored_verified_before_the_v
         vm: id.clone(),
         generation: 1,
     };
-    // What the VMM wrote, stored byte for byte, its size and checksum recorded truthfully.
+    // What the VMM wrote, stored byte for byte as chunks, its size and
+    // checksum recorded truthfully.
     assert_eq!(snap.memory_size, Some(MEMORY_BYTES as i64));
     assert_eq!(
         snap.memory_sha256.as_deref(),
         Some(memory_sha256(&saved).as_str())
     );
-    let memory = h.data_dir().join("objects").join(&snap.memory_key);
-    assert_eq!(std::fs::metadata(&memory).unwrap().len(), MEMORY_BYTES);
+    let memory = h.assert_memory_stored(&snap, &saved).await;
+    // The device state is the one whole object; memory and disk are chunks.
+    let state_object = h.data_dir().join("objects").join(&snap.state_key);
+    assert_eq!(h.object_files(&id), [state_object]);
     let disk = DiskFormat::Raw.path_in(&h.work_dir(&id));
     let disk_size = std::fs::metadata(&disk).unwrap().len();
+    let disk_chunks = h.manifest(&snap, DISK).await;
+    let disk_raw: u64 = disk_chunks
+        .iter()
+        .map(|c| u64::from(c.chunk.raw_size))
+        .sum();
+    assert_eq!(disk_raw, disk_size);
+    assert_eq!(snap.disk_size, Some(disk_size as i64));
     let state_size = snap.state_size.unwrap();
     assert!(state_size > 0);
+    // size_bytes: the device state and every chunk the snapshot references, each once.
+    let referenced: BTreeMap<_, _> = memory
+        .iter()
+        .chain(&disk_chunks)
+        .map(|c| (c.path.clone(), std::fs::metadata(&c.path).unwrap().len()))
+        .collect();
     assert_eq!(
         snap.size_bytes,
-        MEMORY_BYTES as i64 + state_size + disk_size as i64
+        state_size + referenced.values().sum::<u64>() as i64
+    );
+    assert_eq!(
+        h.chunk_keys().len(),
+        referenced.len(),
+        "the store holds these chunks, nothing else"
     );
     assert_eq!(state(&h.vm(&id).await), "snapshotted");
     assert!(!is_alive(pid), "standby ends the VMM");
@@ -110,11 +132,12 @@ async fn a_mapped_memory_file_is_stored_whole_and_restored_verified_before_the_v
 
 #[tokio::test]
 async fn a_corrupt_or_missing_mapped_memory_file_changes_nothing_and_starts_no_vmm() {
-    let _shared = FILE_LIMIT.read().await;
     let h = mapped_host().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     let snap = h.manager.snapshot_vm(&h.owner, &id).await.unwrap();
-    let memory = h.data_dir().join("objects").join(&snap.memory_key);
+    // A chunk of the memory, in the middle of it.
+    let chunk = h.chunk_at(&snap, MEMORY, 12 << 20).await;
+    let (memory, at) = (&chunk.path, (12 << 20) - chunk.offset);
     let disk = DiskFormat::Raw.path_in(&h.work_dir(&id));
     let disk_before = std::fs::read(&disk).unwrap();
     let pid_before = h.fake.pid(&id);
@@ -143,19 +166,19 @@ async fn a_corrupt_or_missing_mapped_memory_file_changes_nothing_and_starts_no_v
         }
     };
 
-    flip_byte(&memory, 12 << 20);
+    flip_byte(memory, at);
     let err = h.manager.restore_vm(&h.owner, &id).await.unwrap_err();
     assert!(err.to_string().contains("is corrupt"), "{err}");
     assert!(err.to_string().contains("stays snapshotted"), "{err}");
     unchanged("corrupt").await;
-    flip_byte(&memory, 12 << 20);
+    flip_byte(memory, at);
 
     let aside = memory.with_extension("aside");
-    std::fs::rename(&memory, &aside).unwrap();
+    std::fs::rename(memory, &aside).unwrap();
     let err = h.manager.restore_vm(&h.owner, &id).await.unwrap_err();
     assert!(err.to_string().contains("is missing"), "{err}");
     unchanged("missing").await;
-    std::fs::rename(&aside, &memory).unwrap();
+    std::fs::rename(&aside, memory).unwrap();
 
     // Mended, the same snapshot restores.
     let vm = h.manager.restore_vm(&h.owner, &id).await.unwrap();
@@ -168,7 +191,6 @@ async fn a_corrupt_or_missing_mapped_memory_file_changes_nothing_and_starts_no_v
 
 #[tokio::test]
 async fn a_compressed_mapped_memory_is_decompressed_into_the_file_and_forks_load_it() {
-    let _shared = FILE_LIMIT.read().await;
     let h = mapped_host().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     for (algorithm, name) in [(Algorithm::Zstd, "zstd"), (Algorithm::Lz4, "lz4")] {
@@ -197,12 +219,39 @@ async fn a_compressed_mapped_memory_is_decompressed_into_the_file_and_forks_load
             assert!(std::time::Instant::now() < deadline, "{s:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        // Only the compressed object is left to restore from.
-        let objects = h.data_dir().join("objects");
-        assert!(!objects.join(&snap.memory_key).exists());
-        assert!(objects
-            .join(snap.compressed_key.as_ref().unwrap())
-            .is_file());
+        // The memory's chunks (only this snapshot references them) are
+        // stored compressed, `.zst` or `.lz4`, and only so; no whole memory
+        // object exists. The sizes say so truthfully.
+        let suffix = match algorithm {
+            Algorithm::Zstd => ".zst",
+            Algorithm::Lz4 => ".lz4",
+        };
+        let memory = h.manifest(&snap, MEMORY).await;
+        let mut compressed = 0;
+        for c in &memory {
+            assert_eq!(c.chunk.encoding, Some(algorithm), "{}", c.path.display());
+            assert!(c.path.to_string_lossy().ends_with(suffix));
+            let stored = std::fs::metadata(&c.path).unwrap().len();
+            assert_eq!(stored, u64::from(c.chunk.stored_size));
+            assert!(stored < u64::from(c.chunk.raw_size));
+            let raw = c.path.with_file_name(c.chunk.hash.to_string());
+            assert!(!raw.exists(), "{} is also stored raw", c.path.display());
+            compressed += stored;
+        }
+        assert!(!h.data_dir().join("objects").join(&snap.memory_key).exists());
+        assert_eq!(snap.compressed_size_bytes, Some(compressed as i64));
+        assert_eq!(snap.memory_size, Some(MEMORY_BYTES as i64));
+        let disk: BTreeMap<_, _> = h
+            .manifest(&snap, DISK)
+            .await
+            .into_iter()
+            .map(|c| (c.path, i64::from(c.chunk.stored_size)))
+            .collect();
+        assert_eq!(
+            snap.size_bytes,
+            snap.state_size.unwrap() + compressed as i64 + disk.values().sum::<i64>()
+        );
+        assert!(compressed < MEMORY_BYTES * 3 / 4, "{compressed}");
 
         // A fork resumed as Running loads the source's memory in a VMM of its own.
         let fork = h
@@ -261,7 +310,6 @@ async fn a_compressed_mapped_memory_is_decompressed_into_the_file_and_forks_load
 
 #[tokio::test]
 async fn a_mapped_capture_that_fails_resumes_the_guest_and_leaves_no_file() {
-    let _shared = FILE_LIMIT.read().await;
     let h = mapped_host().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     let pid = h.fake.pid(&id).unwrap();
@@ -316,7 +364,6 @@ fn recovery_removes_the_memory_files_a_crash_left() {
             .unwrap()
     };
     let first = rt();
-    let _shared = first.block_on(FILE_LIMIT.read());
     let h = first.block_on(mapped_host());
     let [capturing, restoring] = first.block_on(async {
         let a = h.create(MEM_MIB).await.unwrap().id;

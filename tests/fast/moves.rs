@@ -10,10 +10,10 @@
 
 use super::fake_vmm::{FakeVmm, BOTH_KERNELS};
 use super::host::Host;
-use super::{flip_byte, state, FILE_LIMIT, MEM_MIB};
+use super::{flip_byte, state, MEM_MIB};
 use hatch::manager::requests::{CreateSnapshot, FromSnapshot};
 use hatch::manager::ErrorKind;
-use hatch::store::Snapshot;
+use hatch::store::{Snapshot, DISK};
 use hatch::vmm::{DiskFormat, KernelFormat, MemoryTransport};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -131,7 +131,6 @@ async fn a_stopped_snapshot_moves_between_backends_with_its_disk() {
         println!("skipped: converting a disk runs the tool as nobody, which needs root");
         return;
     }
-    let _shared = FILE_LIMIT.read().await;
     let (h, qemu, fc) = two_backends().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     assert_eq!(h.vm(&id).await.hypervisor, "qemu");
@@ -225,7 +224,6 @@ async fn moves_that_cannot_be_made_change_nothing() {
         println!("skipped: converting a disk runs the tool as nobody, which needs root");
         return;
     }
-    let _shared = FILE_LIMIT.read().await;
     let (h, _qemu, _fc) = two_backends().await;
     let id = h.create(MEM_MIB).await.unwrap().id;
     h.manager.stop_vm(&h.owner, &id).await.unwrap();
@@ -327,9 +325,10 @@ async fn moves_that_cannot_be_made_change_nothing() {
     assert!(h.manager.list_vms(&other).await.unwrap().is_empty());
     unchanged("another owner").await;
 
-    // A corrupt disk object: refused before anything changes.
-    let object = h.data_dir().join("objects").join(&stopped.disk_key);
-    flip_byte(&object, 4096);
+    // A corrupt disk chunk: refused before anything changes.
+    let chunk = h.chunk_at(&stopped, DISK, 4096).await;
+    let (object, at) = (&chunk.path, 4096 - chunk.offset);
+    flip_byte(object, at);
     let err = h
         .manager
         .restore_snapshot(&h.owner, &id, &stopped.id, onto("firecracker", "Stopped"))
@@ -338,7 +337,7 @@ async fn moves_that_cannot_be_made_change_nothing() {
     assert!(err.to_string().contains("is corrupt"), "{err}");
     assert!(err.to_string().contains("it is unchanged"), "{err}");
     unchanged("corrupt").await;
-    flip_byte(&object, 4096);
+    flip_byte(object, at);
 
     // The conversion fails (the image's rootfs it lies over is gone): no
     // half-converted disk is left, the VM keeps its backend and disk.
@@ -399,7 +398,6 @@ async fn moves_that_cannot_be_made_change_nothing() {
 
 #[tokio::test]
 async fn a_move_to_a_backend_that_cannot_boot_the_image_is_refused() {
-    let _shared = FILE_LIMIT.read().await;
     let qemu = FakeVmm::with_disks(
         "qemu",
         MemoryTransport::Stream,
