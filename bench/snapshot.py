@@ -76,8 +76,9 @@ with each other and with --confine-only), skipped with --sleeps 0, --fresh-vms
 While hatch works, the work dir and the object store are polled every 2 ms, so
 each phase (migration done, each object stored, QEMU gone or started) gets a
 time, with the daemon's CPU time at each; the daemon's own log lines are timed
-too. After each hatch snapshot every stored object is fsynced (timed apart): it
-shows whether hatch's 201 came before the data was on disk. Every timed
+too. After each hatch snapshot every stored object (with chunked snapshots: every
+file it added to the store) is fsynced (timed apart): it shows whether hatch's
+201 came before the data was on disk. Every timed
 operation starts after a `sync`, so none pays for the writeback of the one
 before. Before measuring, the script waits (bounded) until no QEMU but its own
 runs on the host, and records how many it saw while measuring.
@@ -292,9 +293,8 @@ def store_total(walk):
     return sum(seen.values()), len(seen)
 
 
-def store_new(before, after):
-    """(bytes, files) in `after` that were not in `before`: new files, or ones written since. Unlike
-    the change of the total, a removal in between (another snapshot's data collected) hides none."""
+def new_files(before, after):
+    """The files of walk `after` that were not in walk `before`, new or written since: {inode: (path, size)}."""
     old = {v[1] for v in before.values()}
     seen = {}
     for path, (size, inode, mtime) in after.items():
@@ -303,8 +303,15 @@ def store_new(before, after):
             continue  # untouched
         if was is None and inode in old:
             continue  # a new name for bytes that were already there
-        seen[inode] = size
-    return sum(seen.values()), len(seen)
+        seen[inode] = (path, size)
+    return seen
+
+
+def store_new(before, after):
+    """(bytes, files) in `after` that were not in `before`: new files, or ones written since. Unlike
+    the change of the total, a removal in between (another snapshot's data collected) hides none."""
+    seen = new_files(before, after)
+    return sum(size for _, size in seen.values()), len(seen)
 
 
 class S3sFs:
@@ -831,7 +838,9 @@ class Bench:
         reset_hwm(self.dpid)
         hwm0 = proc_status(self.dpid, "VmHWM")
         log_off = log_size(self.hatchd.log_path)
-        walk0 = store_walk(store) if store is not None else None
+        # With `fsync_after` the store is walked too: a chunked snapshot has no directory of its own to fsync.
+        watched = store if store is not None else self.objects if fsync_after else None
+        walk0 = store_walk(watched) if watched is not None else None
         t0, wall0 = now(), time.time()
         w = Watcher(t0, checks, {"daemon": self.dpid})
         w.start()
@@ -842,7 +851,7 @@ class Bench:
             w.stop()
         marks = dict(w.marks)
         if walk0 is not None:
-            walk1 = store_walk(store)
+            walk1 = store_walk(watched)
             marks["store_new"] = store_new(walk0, walk1)
             marks["store_growth"] = store_total(walk1)[0] - store_total(walk0)[0]
         marks["response"] = t_response - t0
@@ -864,12 +873,19 @@ class Bench:
             except FileNotFoundError:  # the raw memory object goes once compressed
                 pass
         if fsync_after:
+            if sdir.is_dir():
+                files = sorted(sdir.iterdir())
+            else:  # chunks: the files the snapshot added to the store
+                files = sorted(watched / path for path, _ in new_files(walk0, walk1).values())
             t1 = now()
-            for f in sorted(sdir.iterdir()):
+            for f in files:
                 fsync_path(f)
-            fsync_path(sdir)
+            for d in sorted({f.parent for f in files} | ({sdir} if sdir.is_dir() else set())):
+                fsync_path(d)
             marks["fsync_after"] = now() - t1
-            marks["ref_copy"] = copy_and_hash(sdir / "memory", self.tmp / "ref-copy")
+            # The reference copy needs one whole memory object.
+            marks["ref_copy"] = (copy_and_hash(sdir / "memory", self.tmp / "ref-copy")
+                                 if (sdir / "memory").is_file() else None)
         return snap, marks
 
     def hatch_restore(self, g):
