@@ -193,6 +193,7 @@ class Daemon:
         self.proc = None
         self.key = None
         self.live_vms = set()  # VMs created and not yet deleted
+        self.vm_keys = {}  # vm id -> key, for live VMs of an owner other than the first (add_owner)
 
     def tail(self, n=3000):
         try:
@@ -220,13 +221,21 @@ class Daemon:
     def start(self, owner="bench", extra_env=None):
         self.data.mkdir(parents=True)
         env = self.env(extra_env)
+        self.key = self.add_owner(owner, env)
+        self.spawn(env)
+
+    def add_owner(self, owner, env=None):
+        """A new owner with a key (returned) and no limits in the way; works while the daemon runs
+        (the CLI writes the database, which the daemon reads at each request). bench/snapshot
+        gives each part an owner of its own, since snapshot storage may be shared within an owner."""
+        env = env or self.env()
         out = subprocess.run(
             [self.bin, "keys", "create", "--name", owner],
             env=env, capture_output=True, text=True, timeout=60,
         )
         if out.returncode != 0:
             raise BenchError(f"hatch keys create failed: {out.stderr}")
-        self.key = out.stdout.strip().splitlines()[-1].strip()
+        key = out.stdout.strip().splitlines()[-1].strip()
         # Benchmarks measure speed, not quotas: the bench owner may hold what
         # they create (bench/boot fills the store with stopped VMs), as an operator would allow.
         out = subprocess.run(
@@ -236,7 +245,7 @@ class Daemon:
         )
         if out.returncode != 0:
             raise BenchError(f"hatch owners limits failed: {out.stderr}")
-        self.spawn(env)
+        return key
 
     def restart(self, extra_env=None):
         """`hatch serve` ended gracefully and started again on the same data dir and key, with
@@ -269,10 +278,11 @@ class Daemon:
         log(f"daemon pid {self.proc.pid} up, data dir {self.data}")
 
     def delete_vm(self, vm_id):
-        status, raw = one_request(self.key, "DELETE", f"/vms/{vm_id}", timeout=60)
+        status, raw = one_request(self.vm_keys.get(vm_id, self.key), "DELETE", f"/vms/{vm_id}", timeout=60)
         if status != 200:
             raise BenchError(f"DELETE /vms/{vm_id}: {status} {raw[:300]!r}")
         self.live_vms.discard(vm_id)
+        self.vm_keys.pop(vm_id, None)
 
     def vmm_pid(self, vm_id):
         try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """bench/snapshot: hatch snapshot/restore against the same QEMU driven by hand,
-stored bytes per compression algorithm, and the daemon's memory while it stores
-a large guest.
+stored bytes per compression algorithm, the daemon's memory while it stores
+a large guest, VMM confinement on vs off, what the store keeps for repeated and
+for look-alike snapshots, and restore from s3s-fs against the local store.
 
 Run through `bench/snapshot` (it builds, makes the network namespace and the
 temp dir, and passes them in HATCH_BENCH_*); this script runs inside that
@@ -45,19 +46,47 @@ interleaved, alternating which goes first:
      (--confine-rounds; 0 skips the part, --confine-only runs only it). Each
      block wakes the guest first (uncounted), and /proc/PID/status of every
      restored QEMU is checked against the setting.
+  6. repeated sleep (issue 13): a new guest of a new owner, half filled, is
+     snapshotted (`POST /vms/{id}/snapshot`) and restored (-> first new tick)
+     --sleeps times in a row, every snapshot kept until the VM is deleted. For
+     each snapshot, what it added to the store: bytes and number of the regular
+     files of the store's directory (staging names with `#` left out) that are
+     new or rewritten between a walk right before the request and one right
+     after the 201, as a fraction of RAM. Also what the store holds after the
+     last one that was not there before the first, and what is left right after
+     the VM is deleted. The store is only looked at from outside, so this works
+     whether it keeps whole objects or content-defined chunks.
+  7. fresh VMs of one image: --fresh-vms VMs of a new owner made one after
+     another from the default image, without the fill (booted, ticking, idle),
+     each snapshotted once and left asleep; what the store holds for all of them
+     against the first alone. Again with the fill, as a second row (a quarter
+     of each guest's RAM is its own random bytes, so that row cannot share).
+  8. s3s-fs against the local store: a second daemon on its own data dir with
+     `HATCH_S3_*` pointing at s3s-fs (started here on 127.0.0.1, its bucket in
+     the temp dir, stopped at the end whatever happens); one daemon runs at a
+     time, restarted for each block of one snapshot + restore per size (timed as
+     in 1. and 2.), blocks alternating between the stores for --runs rounds.
+     Skipped, saying why, when bench/snapshot finds no s3s-fs.
+
+Parts 6-8 run before part 5 (which leaves the daemon with HATCH_VMM_CONFINE
+set); each selectable with --sleeps-only, --fresh-only, --s3-only (combinable
+with each other and with --confine-only), skipped with --sleeps 0, --fresh-vms
+0, --no-s3.
 
 While hatch works, the work dir and the object store are polled every 2 ms, so
 each phase (migration done, each object stored, QEMU gone or started) gets a
 time, with the daemon's CPU time at each; the daemon's own log lines are timed
-too. After each hatch snapshot every stored object is fsynced (timed apart): it
-shows whether hatch's 201 came before the data was on disk. Every timed
+too. After each hatch snapshot every stored object (with chunked snapshots: every
+file it added to the store) is fsynced (timed apart): it shows whether hatch's
+201 came before the data was on disk. Every timed
 operation starts after a `sync`, so none pays for the writeback of the one
 before. Before measuring, the script waits (bounded) until no QEMU but its own
 runs on the host, and records how many it saw while measuring.
 
 Output: plain tables on stdout; with --markdown the `## Snapshots` section for
-docs/BENCHMARKS.md instead, also written there unless --no-docs (with
---confine-only: part 5's table only, never written to the docs).
+docs/BENCHMARKS.md instead, also written there unless --no-docs (with any
+--*-only: the selected parts' tables under their command and date, never
+written to the docs).
 """
 
 import argparse
@@ -108,20 +137,23 @@ def now():
     return time.monotonic()
 
 
-def user_data(mem_mib):
+def user_data(mem_mib, fill=True):
+    """The bench's user-data script; without `fill` only the ticks (part 7's idle guests)."""
     rand = mem_mib // 4
     text = mem_mib // 2 - rand
-    return f"""#!/bin/sh
-# bench/snapshot: fill half of RAM in a tmpfs ({rand} MiB random + {text} MiB of one
-# repeating text line), then print a tick every {int(TICK_S * 1000)} ms without forking.
-set -e
-mkdir -p /run/bench-fill
+    fill_lines = f"""mkdir -p /run/bench-fill
 mount -t tmpfs -o size={rand + text + 4}m bench-fill /run/bench-fill
 dd if=/dev/urandom of=/run/bench-fill/random bs=1M count={rand} 2>/dev/null
 yes 'hatch bench/snapshot: one line of text repeated, 0123456789 abcdefghijklmnopqrstuvwxyz' |
     head -c {text * MiB} >/run/bench-fill/text
 echo "{FILLED.decode()} random_kib=$(du -k /run/bench-fill/random | cut -f1) text_kib=$(du -k /run/bench-fill/text | cut -f1) $(grep -E '^(MemFree|Shmem):' /proc/meminfo | tr -s ' ' | tr '\\n' ' ')"
-mkfifo /run/bench-tick
+""" if fill else ""
+    what = (f"fill half of RAM in a tmpfs ({rand} MiB random + {text} MiB of one\n# repeating text line), then "
+            if fill else "")
+    return f"""#!/bin/sh
+# bench/snapshot: {what}print a tick every {int(TICK_S * 1000)} ms without forking.
+set -e
+{fill_lines}mkfifo /run/bench-tick
 (
     exec 3<>/run/bench-tick
     i=0
@@ -232,6 +264,119 @@ def du(path):
             except OSError:
                 pass
     return total
+
+
+def store_walk(root):
+    """The regular files of a store's directory, staging files (`#` in the name) left out:
+    {path: (size, (dev, inode), mtime_ns)}. It looks only from outside, so it reads whole objects
+    and content-addressed chunks alike, in the local store or in s3s-fs's bucket directory."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if "#" in name:
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:  # removed while we walked
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out[os.path.relpath(path, root)] = (st.st_size, (st.st_dev, st.st_ino), st.st_mtime_ns)
+    return out
+
+
+def store_total(walk):
+    """(bytes, files) a walk holds; a file with several names (a hard-linked copy) counts once."""
+    seen = {}
+    for size, inode, _ in walk.values():
+        seen[inode] = size
+    return sum(seen.values()), len(seen)
+
+
+def new_files(before, after):
+    """The files of walk `after` that were not in walk `before`, new or written since: {inode: (path, size)}."""
+    old = {v[1] for v in before.values()}
+    seen = {}
+    for path, (size, inode, mtime) in after.items():
+        was = before.get(path)
+        if was == (size, inode, mtime):
+            continue  # untouched
+        if was is None and inode in old:
+            continue  # a new name for bytes that were already there
+        seen[inode] = (path, size)
+    return seen
+
+
+def store_new(before, after):
+    """(bytes, files) in `after` that were not in `before`: new files, or ones written since. Unlike
+    the change of the total, a removal in between (another snapshot's data collected) hides none."""
+    seen = new_files(before, after)
+    return sum(size for _, size in seen.values()), len(seen)
+
+
+class S3sFs:
+    """Part 8's S3-compatible server, run as src/snapshot/testing.rs runs it for the tests: one bucket
+    in the run's temp dir, on 127.0.0.1 of the bench's namespace with a port the kernel picks."""
+
+    BUCKET = "hatch-bench"
+    ACCESS_KEY = "hatch-bench-access"
+    SECRET_KEY = "hatch-bench-secret"
+
+    def __init__(self, binary, workdir):
+        self.bin = binary
+        self.dir = Path(workdir)
+        self.root = self.dir / "root"
+        self.bucket_dir = self.root / self.BUCKET  # s3s-fs serves each directory of its root as a bucket
+        self.log_path = self.dir / "s3s-fs.log"
+        self.proc = None
+        self.endpoint = None
+        self.version = None
+
+    def start(self):
+        self.bucket_dir.mkdir(parents=True)
+        try:
+            out = subprocess.run([self.bin, "--version"], capture_output=True, text=True, timeout=20)
+            self.version = out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+        logf = open(self.log_path, "ab")
+        # Own process group, like the daemon: a Ctrl-C reaches only the script, which stops it.
+        self.proc = subprocess.Popen(
+            [self.bin, "--host", "127.0.0.1", "--port", "0", "--access-key", self.ACCESS_KEY,
+             "--secret-key", self.SECRET_KEY, str(self.root)],
+            env={**os.environ, "RUST_LOG": "s3s_fs=info"}, stdin=subprocess.DEVNULL, stdout=logf,
+            stderr=logf, process_group=0,
+        )
+        logf.close()
+        deadline = now() + 20
+        while True:
+            text = ANSI.sub("", self.log_path.read_text(errors="replace"))
+            # Its start-up line is how we learn the port it was given.
+            m = re.search(r"server is running at http://(\S+)", text)
+            if m:
+                if not m.group(1).startswith("127.0.0.1:"):
+                    raise BenchError(f"s3s-fs bound {m.group(1)}, not loopback")
+                self.endpoint = f"http://{m.group(1)}"
+                log(f"s3s-fs pid {self.proc.pid} at {self.endpoint}, bucket in {self.bucket_dir}")
+                return
+            if self.proc.poll() is not None:
+                raise BenchError(f"s3s-fs exited ({self.proc.returncode}) before listening:\n{text[-2000:]}")
+            if now() > deadline:
+                raise BenchError(f"s3s-fs did not report its address within 20 s:\n{text[-2000:]}")
+            time.sleep(0.02)
+
+    def env(self):
+        """The daemon's settings for this server (src/config.rs)."""
+        return {"HATCH_S3_BUCKET": self.BUCKET, "HATCH_S3_ENDPOINT": self.endpoint,
+                "HATCH_S3_ACCESS_KEY": self.ACCESS_KEY, "HATCH_S3_SECRET_KEY": self.SECRET_KEY}
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                log(f"s3s-fs {self.proc.pid} did not exit after SIGKILL")
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -434,6 +579,7 @@ class Guest:
         self.hatch_snap, self.hatch_restore = [], []
         self.raw_snap, self.raw_restore = [], []
         self.compress = {name: [] for name, _ in ALGORITHMS}
+        self.key = None  # its owner's API key; None: the daemon's first owner
         self.standby = None  # the snapshot the hatch VM stands by on while it sleeps (part 5)
         self.confine = {"on": [], "off": []}  # part 5: {"round", "snapshot", "restore"} per run
         self.confine_proc = {}  # mode -> what /proc showed of its QEMU
@@ -445,11 +591,18 @@ class Bench:
         self.tmp = Path(os.environ["HATCH_BENCH_TMP"])
         self.hatch = os.environ["HATCH_BENCH_BIN"]
         self.image = Path(os.environ["HATCH_BENCH_IMAGE"])
-        self.hatchd = Daemon(self.tmp, self.hatch, self.image)
-        self.data = self.hatchd.data
-        self.vms_dir = self.hatchd.vms_dir
-        self.objects = self.data / "objects"
+        self.hatchd = Daemon(self.tmp, self.hatch, self.image)  # the one running (part 8 switches)
+        self.daemons = [self.hatchd]  # every daemon this run made, for the clean-up
+        self.s3 = None  # part 8's s3s-fs
         self.raw_procs = {}  # pid -> Popen
+        self.cmdline = None  # the first hatch VM's QEMU command line (for the QEMU facts)
+        self.part_busy = {}  # part 6-8 name -> host cores busy while it ran
+        self.part_others = {}  # part 6-8 name -> [other QEMU pids seen, most at once]
+        self.current_part = None
+        self.sleeps = []  # part 6: one dict per size
+        self.fresh = []  # part 7: one dict per size and fill
+        self.stores = {}  # part 8: mode -> [Guest]; each Guest's runs in g.store_runs
+        self.store_skipped = None  # part 8: why it did not run
         self.guests = []
         self.others_seen = set()
         self.others_max = 0
@@ -465,11 +618,24 @@ class Bench:
         return self.hatchd.key
 
     @property
+    def data(self):
+        return self.hatchd.data
+
+    @property
+    def vms_dir(self):
+        return self.hatchd.vms_dir
+
+    @property
+    def objects(self):
+        """The running daemon's local object store (empty when it stores to S3)."""
+        return self.hatchd.data / "objects"
+
+    @property
     def dpid(self):
         return self.hatchd.proc.pid
 
-    def api(self, method, path, body=None, expect=(200,), timeout=OP_TIMEOUT_S):
-        status, raw = one_request(self.key, method, path, body, timeout=timeout)
+    def api(self, method, path, body=None, expect=(200,), timeout=OP_TIMEOUT_S, key=None):
+        status, raw = one_request(key or self.key, method, path, body, timeout=timeout)
         if status not in expect:
             raise BenchError(f"{method} {path}: {status} {raw[:500]!r}\n{self.hatchd.tail()}")
         return json.loads(raw) if raw else None
@@ -478,6 +644,10 @@ class Bench:
         pids = other_qemu_pids(self.tmp)
         self.others_seen |= pids
         self.others_max = max(self.others_max, len(pids))
+        if self.current_part:
+            seen = self.part_others.setdefault(self.current_part, [set(), 0])
+            seen[0] |= pids
+            seen[1] = max(seen[1], len(pids))
 
     def wait_quiet(self):
         """Waits (bounded, polling) until no QEMU but ours runs on the host."""
@@ -515,32 +685,38 @@ class Bench:
         finally:
             con.close()
 
-    def wait_filled(self, path, alive, who):
+    def wait_filled(self, path, alive, who, fill=True):
         t0 = now()
-        con = self.wait_console(path, 0, "fill line, ready line and ticks",
-                                lambda c: READY in c.buf and FILLED in c.buf and (c.last_tick() or 0) >= 3,
+        con = self.wait_console(path, 0, "fill line, ready line and ticks" if fill else "ready line and ticks",
+                                lambda c: READY in c.buf and (FILLED in c.buf or not fill)
+                                and (c.last_tick() or 0) >= 3,
                                 FILL_TIMEOUT_S, alive)
         text = con.buf.decode(errors="replace")
-        fill = next(line for line in text.splitlines() if FILLED.decode() in line).strip()
+        fill_line = next(line for line in text.splitlines() if FILLED.decode() in line).strip() if fill else "no fill"
         ready = next(line for line in text.splitlines() if READY.decode() in line).strip()
-        log(f"  {who}: filled and ticking after {now() - t0:.1f}s: {fill}")
-        return fill, ready
+        log(f"  {who}: {'filled and ' if fill else ''}ticking after {now() - t0:.1f}s: {fill_line}")
+        return fill_line, ready
 
-    def create_hatch_guest(self, g):
-        body = {"mem_mib": g.mem, "vcpu_count": 1, "enable_network": False, "user_data": user_data(g.mem)}
-        vm = self.api("POST", "/vms", body, expect=(201,))
+    def create_hatch_guest(self, g, fill=True):
+        body = {"mem_mib": g.mem, "vcpu_count": 1, "enable_network": False, "user_data": user_data(g.mem, fill)}
+        vm = self.api("POST", "/vms", body, expect=(201,), key=g.key)
         g.vm_id = vm["id"]
         self.hatchd.live_vms.add(g.vm_id)
+        if g.key:
+            self.hatchd.vm_keys[g.vm_id] = g.key
         g.work = self.vms_dir / g.vm_id
 
         def alive():
             if self.hatchd.vmm_pid(g.vm_id) is None:
                 raise BenchError(f"hatch's QEMU for {g.vm_id} is gone:\n{self.hatchd.tail()}")
 
-        g.facts["fill"], g.facts["ready"] = self.wait_filled(g.work / "console.log", alive, f"hatch {g.vm_id}")
+        g.facts["fill"], g.facts["ready"] = self.wait_filled(g.work / "console.log", alive, f"hatch {g.vm_id}",
+                                                             fill)
         g.cmdline = self.hatchd.vmm_cmdline(g.vm_id)
         if not g.cmdline:
             raise BenchError(f"cannot read the QEMU command line of {g.vm_id}")
+        if self.cmdline is None:
+            self.cmdline = g.cmdline
 
     def raw_alive(self, g):
         p = g.raw_proc
@@ -612,11 +788,13 @@ class Bench:
 
     # ------------------------------------------------------------ hatch: snapshot and restore
 
-    def hatch_snapshot(self, g, path="/vms/{id}/snapshot", body=None, fsync_after=True):
+    def hatch_snapshot(self, g, path="/vms/{id}/snapshot", body=None, fsync_after=True, store=None):
         """One snapshot through the API with the work dir and the store watched; returns (record, marks).
 
         marks["t_response"] is the monotonic time of the response; with `fsync_after`, every stored
-        object is fsynced after it (timed separately)."""
+        object is fsynced after it (timed separately). With `store` (a store's directory), that
+        directory is walked right before the request and right after the 201: marks["store_new"]
+        is (bytes, files) new or changed between the two, marks["store_growth"] the change of its total."""
         work = g.work
         qemu = self.hatchd.vmm_pid(g.vm_id)
         if qemu is None:
@@ -660,15 +838,22 @@ class Bench:
         reset_hwm(self.dpid)
         hwm0 = proc_status(self.dpid, "VmHWM")
         log_off = log_size(self.hatchd.log_path)
+        # With `fsync_after` the store is walked too: a chunked snapshot has no directory of its own to fsync.
+        watched = store if store is not None else self.objects if fsync_after else None
+        walk0 = store_walk(watched) if watched is not None else None
         t0, wall0 = now(), time.time()
         w = Watcher(t0, checks, {"daemon": self.dpid})
         w.start()
         try:
-            snap = self.api("POST", path.format(id=g.vm_id), body, expect=(201,))
+            snap = self.api("POST", path.format(id=g.vm_id), body, expect=(201,), key=g.key)
             t_response = now()
         finally:
             w.stop()
         marks = dict(w.marks)
+        if walk0 is not None:
+            walk1 = store_walk(watched)
+            marks["store_new"] = store_new(walk0, walk1)
+            marks["store_growth"] = store_total(walk1)[0] - store_total(walk0)[0]
         marks["response"] = t_response - t0
         marks["t_response"] = t_response
         marks["rss_max"] = w.rss_max["daemon"]
@@ -681,18 +866,26 @@ class Bench:
         # How far from durable the store was when the 201 came: fsync every object now.
         sdir = self.objects / "snapshots" / g.vm_id / snap["id"]
         marks["objects"] = {}
-        for f in sorted(sdir.iterdir()):
+        # Not there when the daemon stores to S3 (part 8); other layouts may keep none per snapshot.
+        for f in sorted(sdir.iterdir()) if sdir.is_dir() else []:
             try:
                 marks["objects"][f.name] = f.stat().st_size
             except FileNotFoundError:  # the raw memory object goes once compressed
                 pass
         if fsync_after:
+            if sdir.is_dir():
+                files = sorted(sdir.iterdir())
+            else:  # chunks: the files the snapshot added to the store
+                files = sorted(watched / path for path, _ in new_files(walk0, walk1).values())
             t1 = now()
-            for f in sorted(sdir.iterdir()):
+            for f in files:
                 fsync_path(f)
-            fsync_path(sdir)
+            for d in sorted({f.parent for f in files} | ({sdir} if sdir.is_dir() else set())):
+                fsync_path(d)
             marks["fsync_after"] = now() - t1
-            marks["ref_copy"] = copy_and_hash(sdir / "memory", self.tmp / "ref-copy")
+            # The reference copy needs one whole memory object.
+            marks["ref_copy"] = (copy_and_hash(sdir / "memory", self.tmp / "ref-copy")
+                                 if (sdir / "memory").is_file() else None)
         return snap, marks
 
     def hatch_restore(self, g):
@@ -770,7 +963,7 @@ class Bench:
         w = Watcher(t0, checks, {"daemon": self.dpid})
         w.start()
         try:
-            self.api("POST", f"/vms/{g.vm_id}/restore", None, expect=(200,))
+            self.api("POST", f"/vms/{g.vm_id}/restore", None, expect=(200,), key=g.key)
             t = now() - t0
             w.wait_for("tick", now() + 60)
         finally:
@@ -960,12 +1153,12 @@ class Bench:
 
     def sleep_guest(self, g):
         """An uncounted snapshot: the hatch VM stands by on it, its QEMU gone (survives a daemon restart)."""
-        g.standby = self.api("POST", f"/vms/{g.vm_id}/snapshot", None, expect=(201,))["id"]
+        g.standby = self.api("POST", f"/vms/{g.vm_id}/snapshot", None, expect=(201,), key=g.key)["id"]
 
     def wake_guest(self, g):
         """An uncounted restore from the standby snapshot, which is then deleted."""
-        self.api("POST", f"/vms/{g.vm_id}/restore", None, expect=(200,))
-        self.api("DELETE", f"/snapshots/{g.standby}")
+        self.api("POST", f"/vms/{g.vm_id}/restore", None, expect=(200,), key=g.key)
+        self.api("DELETE", f"/snapshots/{g.standby}", key=g.key)
         g.standby = None
 
     def vmm_proc(self, g, mode):
@@ -1013,11 +1206,150 @@ class Bench:
                         f"{f0(rs.get('restore dir removed (resumed)'))} ms), tick {rs['tick']:.3f}s")
                 self.sleep_guest(g)
 
+    # ------------------------------------------------------------ 6-8. what the store holds
+
+    def part(self, name, body):
+        """Runs one of parts 6-8 with the host's CPU use and other QEMUs recorded for it."""
+        self.current_part = name
+        busy = CpuBusy().start()
+        try:
+            body()
+        finally:
+            busy.stop()
+            self.part_busy[name] = busy.cores
+            self.sample_others()
+            self.current_part = None
+
+    def sleeps_part(self, mem):
+        """Part 6: one guest, half filled, snapshotted and restored --sleeps times in a row, every
+        snapshot kept until the end; what each snapshot added to the store. The guest belongs to an
+        owner of its own so that nothing stored before (the store may share data within an owner)
+        makes its first snapshot look cheaper."""
+        n = self.args.sleeps
+        g = Guest(mem)
+        g.key = self.hatchd.add_owner(f"bench-sleeps-{mem}")
+        log(f"guest {mem} MiB: repeated sleep, booting a new owner's VM and filling {mem // 2} MiB")
+        self.create_hatch_guest(g)
+        store = self.objects
+        before = store_walk(store)
+        runs = []
+        for k in range(n):
+            self.sample_others()
+            snap, s = self.hatch_snapshot(g, fsync_after=False, store=store)
+            r = self.hatch_restore(g)
+            runs.append({"snapshot": s["response"], "new": s["store_new"], "growth": s["store_growth"],
+                         "size_bytes": snap["size_bytes"], "tick": r["tick"]})
+            log(f"  m{mem} sleep {k + 1}/{n}: snapshot {s['response']:.3f}s stored "
+                f"{s['store_new'][0] / MiB:.1f} MiB in {s['store_new'][1]} new file(s) "
+                f"({s['store_new'][0] / (mem * MiB):.3f} of RAM); restore -> tick {r['tick']:.3f}s")
+        held = store_new(before, store_walk(store))
+        self.hatchd.delete_vm(g.vm_id)  # with its snapshots
+        left = store_new(before, store_walk(store))
+        self.sleeps.append({"mem": mem, "fill": g.facts["fill"], "runs": runs, "held": held, "left": left})
+
+    def fresh_part(self, mem, fill):
+        """Part 7: --fresh-vms VMs of the default image, one after another (one QEMU at a time), each
+        snapshotted once when it ticks and left asleep; what the store holds for all against the
+        first alone. An owner of their own per size and fill, as in part 6."""
+        n = self.args.fresh_vms
+        what = "half filled" if fill else "idle"
+        key = self.hatchd.add_owner(f"bench-fresh-{mem}-{'filled' if fill else 'idle'}")
+        log(f"guest {mem} MiB: {n} fresh VMs, {what}, one snapshot each")
+        store = self.objects
+        before = store_walk(store)
+        row = {"mem": mem, "fill": fill, "vms": [], "fills": []}
+        guests = []
+        for i in range(n):
+            self.sample_others()
+            g = Guest(mem)
+            g.key = key
+            self.create_hatch_guest(g, fill=fill)
+            guests.append(g)
+            snap, s = self.hatch_snapshot(g, fsync_after=False, store=store)
+            row["vms"].append({"snapshot": s["response"], "new": s["store_new"], "size_bytes": snap["size_bytes"]})
+            row["fills"].append(g.facts["fill"])
+            log(f"  m{mem} {what} VM {i + 1}/{n}: snapshot {s['response']:.3f}s stored "
+                f"{s['store_new'][0] / MiB:.1f} MiB in {s['store_new'][1]} new file(s)")
+        row["total"] = store_new(before, store_walk(store))
+        for g in guests:
+            self.hatchd.delete_vm(g.vm_id)
+        row["left"] = store_new(before, store_walk(store))
+        self.fresh.append(row)
+
+    def switch_daemon(self, d, extra_env=None):
+        """Makes `d` the running daemon (one at a time: they share 127.0.0.1:8080); the one running
+        before ends gracefully, its guests asleep."""
+        if self.hatchd is d and d.proc is not None and d.proc.poll() is None:
+            return
+        self.hatchd.terminate()
+        self.hatchd = d
+        if d.proc is None:
+            d.start("bench-store", extra_env)
+        else:
+            d.spawn(d.env(extra_env))
+
+    def store_part(self):
+        """Part 8: hatch snapshot and restore of the same kind of guest with the local store and
+        with s3s-fs. Each store has a daemon on its own data dir; one runs at a time, restarted for
+        every block, blocks alternating between the stores with the order swapping every round."""
+        self.s3 = S3sFs(os.environ["HATCH_BENCH_S3S_FS"], self.tmp / "s3s-fs")
+        self.s3.start()
+        main = self.hatchd
+        remote = Daemon(self.tmp / "s3", self.hatch, self.image)
+        self.daemons.append(remote)
+        modes = {
+            "local": {"daemon": main, "env": None, "store": main.data / "objects"},
+            "s3s-fs": {"daemon": remote, "env": self.s3.env(), "store": self.s3.bucket_dir},
+        }
+        key = main.add_owner("bench-store-local")
+        for mode, m in modes.items():
+            self.switch_daemon(m["daemon"], m["env"])
+            self.stores[mode] = []
+            for mem in self.args.sizes:
+                g = Guest(mem)
+                g.key = key if mode == "local" else self.hatchd.key
+                g.store_runs = []
+                log(f"guest {mem} MiB for the {mode} store: booting, filling {mem // 2} MiB")
+                self.create_hatch_guest(g)
+                self.sleep_guest(g)  # one running guest at a time
+                self.stores[mode].append(g)
+        if not store_total(store_walk(self.s3.bucket_dir))[1]:
+            raise BenchError("s3s-fs holds nothing after the guests' first snapshots: the daemon stored elsewhere")
+        for r in range(self.args.runs):
+            for mode in (("s3s-fs", "local") if r % 2 == 0 else ("local", "s3s-fs")):
+                m = modes[mode]
+                self.sample_others()
+                self.switch_daemon(m["daemon"], m["env"])
+                for g in self.stores[mode]:
+                    self.wake_guest(g)
+                    snap, s = self.hatch_snapshot(g, fsync_after=False, store=m["store"])
+                    stray = store_total(store_walk(remote.data / "objects"))[1]
+                    if stray:
+                        raise BenchError(f"the daemon meant to store to s3s-fs has {stray} file(s) in its local "
+                                         f"store ({remote.data / 'objects'})")
+                    rs = self.hatch_restore(g)
+                    self.api("DELETE", f"/snapshots/{snap['id']}", key=g.key)
+                    g.store_runs.append({"round": r, "snapshot": s, "restore": rs})
+                    log(f"  m{g.mem} {mode:7} round {r + 1}/{self.args.runs}: snapshot {s['response']:.3f}s "
+                        f"({s['store_new'][0] / MiB:.1f} MiB in {s['store_new'][1]} file(s)), restore -> tick "
+                        f"{rs['tick']:.3f}s")
+                    self.sleep_guest(g)
+        # Each daemon deletes its own VMs (s3s-fs still up for the remote one's); the main one runs last.
+        order = ["local", "s3s-fs"] if self.hatchd is main else ["s3s-fs", "local"]
+        for mode in order + ["local"]:
+            m = modes[mode]
+            self.switch_daemon(m["daemon"], m["env"])
+            for g in self.stores[mode]:
+                if g.vm_id in self.hatchd.live_vms:
+                    self.hatchd.delete_vm(g.vm_id)
+        self.s3.stop()
+
     def run(self):
         self.hatchd.start("bench")
-        only = self.args.confine_only
-        confine = self.args.confine_rounds > 0
-        for mem in self.args.sizes:
+        parts = self.args.parts
+        only = "compare" not in parts  # parts 1-4 not measured: no raw QEMU
+        confine = "confine" in parts
+        for mem in self.args.sizes if not only or confine else []:
             g = Guest(mem)
             self.guests.append(g)
             if only:
@@ -1047,6 +1379,14 @@ class Bench:
                     self.hatchd.delete_vm(g.vm_id)
             busy.stop()
             self.busy = busy.cores
+        # Parts 6-8 before part 5, which leaves the daemon with HATCH_VMM_CONFINE set.
+        if "sleeps" in parts:
+            self.part("sleeps", lambda: [self.sleeps_part(mem) for mem in self.args.sizes])
+        if "fresh" in parts:
+            self.part("fresh", lambda: [self.fresh_part(mem, fill) for mem in self.args.sizes
+                                        for fill in (False, True)])
+        if "s3" in parts:
+            self.part("s3", self.store_part)
         if confine:
             busy = CpuBusy().start()
             for g in self.guests:
@@ -1061,7 +1401,11 @@ class Bench:
     def cleanup(self):
         for p in list(self.raw_procs.values()):
             self.kill_raw(p)
-        self.hatchd.stop()
+        # Daemons before s3s-fs: the one storing there deletes its VMs' snapshots from it.
+        for d in self.daemons:
+            d.stop()
+        if self.s3 is not None:
+            self.s3.stop()
         kill_leftovers(self.tmp)
 
 
@@ -1459,6 +1803,198 @@ def render_confinement(meta, bench, markdown, standalone=False):
     return "\n".join(lines)
 
 
+SLEEP_TARGET = 0.05
+FRESH_TARGET = 1.5
+
+
+def ordinal(n):
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def of_ram(b, ram):
+    return "-" if b is None else f"{b / ram:.3f} ({mib(b)})"
+
+
+def part_footer(add, meta, bench, name):
+    busy = bench.part_busy.get(name)
+    seen, most = bench.part_others.get(name, [set(), 0])
+    add(f"- While measuring: host CPU busy (all processes, /proc/stat) "
+        f"{'?' if busy is None else f'{busy:.2f}'} of {meta['cpus']} cores; {len(seen)} other QEMU process(es) "
+        f"seen on the host, at most {most} at once (sampled between runs).")
+
+
+STORE_WALK_TEXT = (
+    "Stored by a snapshot: the bytes of the regular files in the object store's directory that are new or "
+    "rewritten between a walk of it right before the request and one right after the 201 (staging files, "
+    "`#` in the name, left out; a file with several names counted once). Only the directory is looked at, "
+    "so this reads whole objects and content-addressed chunks alike, and another snapshot's data removed "
+    "meanwhile hides nothing. Each part's guests belong to an owner of their own (`hatch keys create`), so "
+    "nothing another part stored can make them look cheaper.")
+
+
+def render_sleeps(meta, bench, markdown):
+    """Part 6's block: what each of N snapshots of one idle guest adds to the store."""
+    lines = []
+    add = lines.append
+    n = bench.args.sleeps
+    last = ordinal(n)
+    add("")
+    add_heading(add, markdown, f"Repeated sleep of an idle guest: what each of {n} snapshots adds to the store")
+    add(f"One guest per size, half filled as above and ticking, otherwise idle: `POST /vms/{{id}}/snapshot` (until "
+        f"the 201), then `POST /vms/{{id}}/restore` (until the first new `bench-tick` line), {n} times in a row; "
+        f"every snapshot is kept until the end, then the VM is deleted with them. Local store "
+        f"(`$HATCH_DATA_DIR/objects`). {STORE_WALK_TEXT} Figures are fractions of guest RAM (bytes in brackets). "
+        f"Target: the 2nd and the {last} <= {SLEEP_TARGET}. \"store after the {last}\": what the store holds that "
+        f"was not there before the 1st snapshot.")
+    add("")
+    rows = []
+    for p in bench.sleeps:
+        ram = p["mem"] * MiB
+        new = [r["new"][0] for r in p["runs"]]
+        worst = max(new[1], new[-1]) / ram
+        held, files = p["held"]
+        rows.append([f"{p['mem']} MiB", of_ram(new[0], ram), of_ram(new[1], ram), of_ram(new[-1], ram),
+                     of_ram(med(new[1:]), ram),
+                     f"{'within' if worst <= SLEEP_TARGET else 'MISSES'} {SLEEP_TARGET}",
+                     f"{mib(held)} ({held / ram:.3f} of RAM), {files} object file(s)"])
+    add_table(add, markdown, ["guest", "1st snapshot", "2nd", last, f"median of 2nd-{last}",
+                              f"target (2nd and {last})", f"store after the {last}"], rows)
+    for p in bench.sleeps:
+        ram = p["mem"] * MiB
+        runs = p["runs"]
+        left, left_files = p["left"]
+        add(f"- {p['mem']} MiB (`{p['fill']}`), every snapshot in order, stored / RAM: "
+            + ", ".join(f"{r['new'][0] / ram:.3f}" for r in runs)
+            + "; new object files: " + ", ".join(str(r["new"][1]) for r in runs)
+            + "; snapshot (201, s): " + ", ".join(f"{r['snapshot']:.3f}" for r in runs)
+            + "; restore -> tick (s): " + ", ".join(f"{r['tick']:.3f}" for r in runs)
+            + f"; `size_bytes` as the API reports it: {mib(runs[0]['size_bytes'])} for the 1st, "
+            f"{mib(runs[-1]['size_bytes'])} for the {last}. Right after deleting the VM (and so its {n} "
+            f"snapshots), the store still held {mib(left)} in {left_files} file(s) that the part had added.")
+        moved = [(i, r) for i, r in enumerate(runs) if r["growth"] != r["new"][0]]
+        if moved:
+            add("  - The store's total changed by another amount than was stored (something was also removed or "
+                "shrunk meanwhile), change of the total: " + ", ".join(
+                    f"snapshot {i + 1} {r['growth'] / MiB:+.1f} MiB" for i, r in moved) + ".")
+    part_footer(add, meta, bench, "sleeps")
+    return "\n".join(lines)
+
+
+def render_fresh(meta, bench, markdown):
+    """Part 7's block: what N fresh VMs of one image cost in the store against one."""
+    lines = []
+    add = lines.append
+    n = bench.args.fresh_vms
+    add("")
+    add_heading(add, markdown, f"Fresh VMs of one image: what the store holds for {n} against one")
+    add(f"{n} VMs made one after another from the default image (`POST /vms`, the bench's user data, an owner "
+        f"of their own per row), each snapshotted once with `POST /vms/{{id}}/snapshot` once it ticks and left "
+        f"asleep (one QEMU running at a time). Idle: the user data without the fill (booted, ticking, nothing "
+        f"else). Half filled: the fill as above, for contrast: a quarter of each guest's RAM comes from its own "
+        f"`/dev/urandom`, which no other guest shares, so at best only the kernel, the image's pages and the "
+        f"text quarter can be stored once; that row has no target. Local store. {STORE_WALK_TEXT} \"all\": "
+        f"what the store holds after the {ordinal(n)} snapshot that was not there before the 1st. Target (idle): "
+        f"all <= {FRESH_TARGET}x the first alone.")
+    add("")
+    rows = []
+    for row in bench.fresh:
+        ram = row["mem"] * MiB
+        first = row["vms"][0]["new"][0]
+        total, files = row["total"]
+        ratio = total / first if first else None
+        target = ("- (each guest's random quarter is its own)" if row["fill"] else
+                  "-" if ratio is None else verdict(ratio, FRESH_TARGET))
+        rows.append([f"{row['mem']} MiB", "half filled" if row["fill"] else "idle (no fill)", str(len(row["vms"])),
+                     f"{mib(first)} ({first / ram:.3f} of RAM)", f"{mib(total)} in {files} object file(s)",
+                     "-" if ratio is None else f"{ratio:.2f}x", target])
+    add_table(add, markdown, ["guest", "kind", "VMs", "first alone", "all", "all / first", "target"], rows)
+    for row in bench.fresh:
+        left, left_files = row["left"]
+        add(f"- {row['mem']} MiB {'half filled' if row['fill'] else 'idle'}, each VM's snapshot in order, stored: "
+            + ", ".join(f"{mib(v['new'][0])} ({v['new'][1]} file(s))" for v in row["vms"])
+            + "; snapshot (201, s): " + ", ".join(f"{v['snapshot']:.3f}" for v in row["vms"])
+            + f"; `size_bytes` as the API reports it (1st): {mib(row['vms'][0]['size_bytes'])}. Right after "
+            f"deleting the VMs the store still held {mib(left)} in {left_files} file(s) that the row had added."
+            + (f" Fill of the 1st: `{row['fills'][0]}`." if row["fill"] else ""))
+    part_footer(add, meta, bench, "fresh")
+    return "\n".join(lines)
+
+
+def render_stores(meta, bench, markdown):
+    """Part 8's block: hatch snapshot and restore with s3s-fs against the local store."""
+    lines = []
+    add = lines.append
+    add("")
+    add_heading(add, markdown, "Snapshot and restore: s3s-fs against the local store")
+    if bench.store_skipped:
+        add(f"Skipped in this run: {bench.store_skipped}")
+        add("")
+        return "\n".join(lines)
+    runs = bench.args.runs
+    s3 = bench.s3
+    add(f"The same kind of guest (half filled, ticking) stored in the local directory (`$HATCH_DATA_DIR/objects`) "
+        f"and in s3s-fs ({s3.version or 'version unknown'}) on 127.0.0.1 in the bench's namespace, its bucket "
+        f"a directory on the same disk (`HATCH_S3_BUCKET`, `HATCH_S3_ENDPOINT`, `HATCH_S3_ACCESS_KEY`, "
+        f"`HATCH_S3_SECRET_KEY`). One daemon per store, each on its own data dir and only one running at a time: "
+        f"restarted for every block (one snapshot + restore of each size), blocks alternating between the "
+        f"stores with the order swapping every round ({runs} round(s)); each block first wakes its guests "
+        f"(uncounted) and puts them back to sleep at the end. Timed as in the first table: snapshot until the "
+        f"201, restore until the first new `bench-tick` line. Median (min-max); ratio = s3s-fs / local, of the "
+        f"medians and the median of each round's own ratio.")
+    add("")
+    steps = (
+        ("snapshot (201)", lambda x: x["snapshot"]["response"], fmt_s),
+        ("restore: QEMU started (new pid file)", lambda x: x["restore"].get("QEMU started (pid file)"), fmt_ms),
+        ("restore: 200 returned", lambda x: x["restore"]["response"], fmt_s),
+        ("restore -> guest ticks", lambda x: x["restore"]["tick"], fmt_s),
+    )
+    rows = []
+    for loc, rem in zip(bench.stores.get("local", []), bench.stores.get("s3s-fs", [])):
+        a_runs, b_runs = loc.store_runs, rem.store_runs
+        for label, value, fmt in steps:
+            a, b = med([value(x) for x in a_runs]), med([value(x) for x in b_runs])
+            ratio = b / a if a and b is not None else None
+            per = per_round_ratio(b_runs, a_runs, value)
+            rows.append([f"{loc.mem} MiB", label, fmt([value(x) for x in a_runs]), fmt([value(x) for x in b_runs]),
+                         "-" if ratio is None else f"{ratio:.3f}", "-" if per is None else f"{per:.3f}"])
+    add_table(add, markdown, ["guest", "operation", "local", "s3s-fs", "s3s-fs / local",
+                              "median of per-round ratios"], rows)
+    for loc, rem in zip(bench.stores.get("local", []), bench.stores.get("s3s-fs", [])):
+        def every(g, key):
+            return ", ".join(f"{key(x):.3f}" for x in g.store_runs)
+
+        def stored(g):
+            return (f"{mib(med([x['snapshot']['store_new'][0] for x in g.store_runs]))} in "
+                    f"{med([x['snapshot']['store_new'][1] for x in g.store_runs]):.0f} file(s)")
+
+        add(f"- {loc.mem} MiB, every run in order (s), snapshot: local {every(loc, lambda x: x['snapshot']['response'])}; "
+            f"s3s-fs {every(rem, lambda x: x['snapshot']['response'])}. Restore -> tick: local "
+            f"{every(loc, lambda x: x['restore']['tick'])}; s3s-fs {every(rem, lambda x: x['restore']['tick'])}. "
+            f"Stored per snapshot (median, walked as in the parts above; s3s-fs: its bucket directory): local "
+            f"{stored(loc)}, s3s-fs {stored(rem)}. Fill: local `{loc.facts['fill']}`; s3s-fs `{rem.facts['fill']}`.")
+    part_footer(add, meta, bench, "s3")
+    return "\n".join(lines)
+
+
+def render_partial_header(meta, bench):
+    """The lines above the blocks of a partial run (the `--*-only` options), for pasting under the section."""
+    lines = []
+    add = lines.append
+    add(f"Command: `{meta['command']}` (from the repository root, as root)  ")
+    add(f"Date: {meta['date']}  ")
+    add(f"Host: {meta['cpus']} cores ({meta['cpu']}), kernel {meta['kernel']}, load average "
+        f"{meta['load_before']:.2f} before / {meta['load_after']:.2f} after the measurements"
+        + (f"; host CPU busy (all processes, /proc/stat) {bench.confine_busy:.2f} of {meta['cpus']} cores while "
+           f"measuring confinement on vs off" if bench.confine_busy is not None else "") + "  ")
+    add(f"hatch: {meta['build']} of {meta['source']}  ")
+    add(f"QEMU: {meta['qemu']}, accelerator `{meta['accel']}`, machine `{meta['machine']}`, {meta['smp']} vCPU, "
+        f"no NIC; snapshot store: the local directory `$HATCH_DATA_DIR/objects` unless a block says otherwise  ")
+    add(f"Guests: {', '.join(str(s) for s in bench.args.sizes)} MiB, unless a block says otherwise filled as in the "
+        f"full run (half of RAM in a tmpfs, half of that random), ticking every {int(TICK_S * 1000)} ms"
+        + ("; " + "; ".join(f"{g.mem} MiB guest: `{g.facts['fill']}`" for g in bench.guests) if bench.guests else ""))
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="runs of each timed measurement (default 3)")
@@ -1476,6 +2012,14 @@ def main():
                     help="part 5: snapshot + restore runs per block, i.e. per daemon (default 2)")
     ap.add_argument("--confine-only", action="store_true",
                     help="measure only part 5 (no raw QEMU, no compression); prints its table, never updates the docs")
+    ap.add_argument("--sleeps", type=int, default=10,
+                    help="part 6: snapshot + restore rounds of one idle guest (default 10, 0: skip it)")
+    ap.add_argument("--fresh-vms", type=int, default=5,
+                    help="part 7: fresh VMs of one image, one snapshot each (default 5, 0: skip it)")
+    ap.add_argument("--no-s3", action="store_true", help="skip part 8 (s3s-fs against the local store)")
+    ap.add_argument("--sleeps-only", action="store_true", help="measure part 6 (with any other --*-only)")
+    ap.add_argument("--fresh-only", action="store_true", help="measure part 7 (with any other --*-only)")
+    ap.add_argument("--s3-only", action="store_true", help="measure part 8 (with any other --*-only)")
     args = ap.parse_args()
     if not 1 <= args.runs <= 100:
         ap.error("--runs must be between 1 and 100")
@@ -1487,6 +2031,27 @@ def main():
         ap.error("--confine-runs must be between 1 and 100")
     if args.confine_only and args.confine_rounds == 0:
         ap.error("--confine-only needs --confine-rounds of at least 1")
+    if not (args.sleeps == 0 or 2 <= args.sleeps <= 100):
+        ap.error("--sleeps must be 0 or between 2 and 100")
+    if not (args.fresh_vms == 0 or 2 <= args.fresh_vms <= 20):
+        ap.error("--fresh-vms must be 0 or between 2 and 20")
+    if args.sleeps_only and args.sleeps == 0:
+        ap.error("--sleeps-only needs --sleeps of at least 2")
+    if args.fresh_only and args.fresh_vms == 0:
+        ap.error("--fresh-only needs --fresh-vms of at least 2")
+    if args.s3_only and args.no_s3:
+        ap.error("--s3-only and --no-s3 contradict each other")
+    selected = {name for name, on in (("confine", args.confine_only), ("sleeps", args.sleeps_only),
+                                      ("fresh", args.fresh_only), ("s3", args.s3_only)) if on}
+    # Parts: compare (1-4, with compression unless --no-compression), sleeps (6), fresh (7), s3 (8), confine (5).
+    args.parts = selected or {name for name, on in (
+        ("compare", True), ("sleeps", args.sleeps), ("fresh", args.fresh_vms), ("s3", not args.no_s3),
+        ("confine", args.confine_rounds)) if on}
+    # bench/snapshot looks for s3s-fs and says why when it finds none.
+    s3_missing = None if os.environ.get("HATCH_BENCH_S3S_FS") else (
+        os.environ.get("HATCH_BENCH_S3S_FS_MISSING") or "no s3s-fs binary given (HATCH_BENCH_S3S_FS)")
+    if "s3" in selected and s3_missing:
+        ap.error(f"--s3-only: {s3_missing}")
     try:
         args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     except ValueError:
@@ -1497,6 +2062,10 @@ def main():
         ap.error("run this through bench/snapshot (it makes the namespace and the temp dir)")
 
     bench = Bench(args)
+    if "s3" in args.parts and s3_missing:
+        args.parts.discard("s3")
+        bench.store_skipped = s3_missing
+        log(f"part 8 (s3s-fs against the local store) skipped: {s3_missing}")
     meta = {
         "command": os.environ.get("HATCH_BENCH_COMMAND", "bench/snapshot"),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1512,7 +2081,7 @@ def main():
     status, _ = run_guarded(bench.run, bench.cleanup)
     if status != 0:
         return status
-    cmd = bench.guests[0].cmdline
+    cmd = bench.cmdline
     meta.update(
         load_before=bench.load_before,
         load_after=os.getloadavg()[0],
@@ -1521,11 +2090,22 @@ def main():
         machine=arg_after(cmd, "-M"),
         smp=arg_after(cmd, "-smp"),
     )
-    if args.confine_only:
+    blocks = [render_block(meta, bench, args.markdown) for name, render_block in (
+        ("sleeps", render_sleeps), ("fresh", render_fresh), ("s3", render_stores))
+        if name in args.parts or (name == "s3" and bench.store_skipped)]
+    if selected:
+        # A partial run prints its blocks with their command and date, never into the docs.
         print()
-        print(render_confinement(meta, bench, args.markdown, standalone=True))
+        if selected == {"confine"}:
+            print(render_confinement(meta, bench, args.markdown, standalone=True))
+            return 0
+        if "confine" in selected:
+            blocks.append(render_confinement(meta, bench, args.markdown))
+        print("\n".join(render_partial_header(meta, bench) + blocks))
         return 0
     section = render(meta, bench, args.markdown)
+    for block in blocks:
+        section += "\n" + block
     if args.confine_rounds:
         section += "\n" + render_confinement(meta, bench, args.markdown)
     if args.markdown:
