@@ -319,25 +319,35 @@ fn firecracker_snapshots_store_the_memory_file_and_load_it_back() {
     let sid = id_of(&snap);
     assert_eq!(d.vm(&id)["state"], "snapshotted");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    // The device state is one object; the memory file and the disk are chunks.
     let stored = d.stored_objects(&format!("snapshots/{id}/{sid}/"));
-    let size = |name: &str| {
-        stored
-            .iter()
-            .find(|(k, _)| k.ends_with(name))
-            .map(|(_, s)| *s)
-            .unwrap_or_else(|| panic!("no {name} in {stored:?}"))
-    };
-    assert_eq!(
-        size("memory"),
-        128 << 20,
-        "a Full snapshot's memory file is the guest's RAM"
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(
+        stored[0].0.ends_with("vmstate") && stored[0].1 > 0,
+        "{stored:?}"
     );
-    assert!(size("state") > 0);
     assert_eq!(
-        size("disk"),
-        std::fs::metadata(d.work_dir(&id).join("disk.raw"))
-            .unwrap()
-            .len()
+        snap["size_bytes"].as_u64().unwrap(),
+        stored[0].1
+            + d.stored_objects("chunks/")
+                .iter()
+                .map(|(_, n)| n)
+                .sum::<u64>(),
+        "{snap}"
+    );
+    let sizes = d.db_value(&format!(
+        "SELECT memory_size || ' ' || disk_size FROM snapshots WHERE id = '{sid}'"
+    ));
+    assert_eq!(
+        sizes,
+        format!(
+            "{} {}",
+            128u64 << 20,
+            std::fs::metadata(d.work_dir(&id).join("disk.raw"))
+                .unwrap()
+                .len()
+        ),
+        "a Full snapshot's memory file is the guest's RAM; the disk is whole"
     );
     let r = d.req("GET", &format!("/snapshots/{sid}"), None);
     assert_eq!(r.body["source_hypervisor"], "firecracker", "{}", r.text);
@@ -377,13 +387,13 @@ fn firecracker_snapshots_store_the_memory_file_and_load_it_back() {
     assert_eq!(d.vm(&id)["state"], "running");
     assert_eq!(fc_pid(&d, &id), restored);
     assert_eq!(jails(&d).len(), 1);
-    let stored = d.stored_objects(&format!("snapshots/{id}/{warm}/"));
-    assert!(
-        stored
-            .iter()
-            .any(|(k, s)| k.ends_with("memory") && *s == 128 << 20),
-        "{stored:?}"
+    assert_eq!(
+        r.body["uncompressed_size_bytes"],
+        json!(128u64 << 20),
+        "{}",
+        r.text
     );
+    assert!(!d.chunk_keys(&warm, "memory").is_empty());
     // Forks: onto Firecracker, and not onto QEMU.
     let fork = |body: Value| {
         d.req(
@@ -418,9 +428,9 @@ fn firecracker_snapshots_store_the_memory_file_and_load_it_back() {
     assert_eq!(r.status, 201, "{}", r.text);
     let asleep = id_of(&r.body);
     assert_eq!(d.vm(&id)["state"], "snapshotted");
-    let key = format!("snapshots/{id}/{asleep}/memory");
+    let key = d.chunk_keys(&asleep, "memory")[0].clone();
     let mut bytes = d.read_object(&key);
-    bytes[4096] ^= 0xff;
+    bytes[0] ^= 0xff;
     d.write_object(&key, &bytes);
     let r = d.req("POST", &format!("/vms/{id}/restore"), None);
     assert!(r.status >= 400, "{}", r.text);

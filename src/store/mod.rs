@@ -873,31 +873,6 @@ impl Store {
         Ok(())
     }
 
-    /// Records the stored objects and makes the snapshot usable (`s.status`
-    /// is what the caller read: it must be `capturing`).
-    pub async fn mark_snapshot_ready(&self, s: &Snapshot) -> Result<()> {
-        let to = SnapshotStatus::Ready;
-        check_snapshot_move(&s.id, "snapshot", s.status, to, s.status.can_become(to))?;
-        let done = sqlx::query(
-            "UPDATE snapshots SET status = ?, state_sha256 = ?, state_size = ?, memory_sha256 = ?,
-                    memory_size = ?, disk_sha256 = ?, disk_size = ?, size_bytes = ?
-             WHERE id = ? AND status = ?",
-        )
-        .bind(to)
-        .bind(&s.state_sha256)
-        .bind(s.state_size)
-        .bind(&s.memory_sha256)
-        .bind(s.memory_size)
-        .bind(&s.disk_sha256)
-        .bind(s.disk_size)
-        .bind(s.size_bytes)
-        .bind(&s.id)
-        .bind(s.status)
-        .execute(&self.pool)
-        .await?;
-        stayed_as_read(&s.id, "snapshot", s.status, to, done.rows_affected())
-    }
-
     /// Background compression moved from `from` (what the caller read) to
     /// `s.compression_state`: `compressing`, `compressed` (with the compressed
     /// object) or `error` (with the reason; the raw memory stays).
@@ -1519,18 +1494,28 @@ mod tests {
         assert_eq!((status.as_str(), cstate.as_str()), ("capturing", "none"));
 
         // capturing -> ready, once.
-        snap.size_bytes = 42;
-        t.store.mark_snapshot_ready(&snap).await.unwrap();
+        t.store
+            .commit_chunked_snapshot(&mut snap.clone(), &[], &[])
+            .await
+            .unwrap();
         let back = t.store.get_snapshot("snap_1").await.unwrap().unwrap();
         assert_eq!(back.status, SnapshotStatus::Ready);
         assert_eq!(back.vm_config.0, config);
         assert_eq!(back.tags, snap.tags);
         assert_eq!(back.compression, snap.compression);
         assert_eq!(back.kind, SnapshotKind::Standby);
-        let again = t.store.mark_snapshot_ready(&back).await.unwrap_err();
+        let again = t
+            .store
+            .commit_chunked_snapshot(&mut back.clone(), &[], &[])
+            .await
+            .unwrap_err();
         assert!(matches!(again, StoreError::Transition { .. }), "{again}");
         // A caller that read `capturing` but the row is ready: nothing changes.
-        let stale = t.store.mark_snapshot_ready(&snap).await.unwrap_err();
+        let stale = t
+            .store
+            .commit_chunked_snapshot(&mut snap.clone(), &[], &[])
+            .await
+            .unwrap_err();
         assert!(matches!(stale, StoreError::Transition { .. }), "{stale}");
 
         // Compression: none -> compressing -> compressed; never back.
