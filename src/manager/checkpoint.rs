@@ -125,14 +125,14 @@ impl Manager {
             vm.standby_snapshot_id = Some(standby.id.clone());
         }
         {
-            // The copy's size is known: checked whole before anything is
-            // copied, as a fork kept in Standby is (the copy is not made
-            // under the admission lock, which never waits for an upload).
+            // What the copy adds is known: its own device state object (it
+            // shares the chunks), checked before anything is copied, as a
+            // fork kept in Standby is.
             let _admission = self.alloc_lock.lock().await;
             self.admit_snapshot(
                 vm,
                 SnapshotQuota::Enforced,
-                standby.size_bytes.max(0) as u64,
+                standby.state_size.unwrap_or(0).max(0) as u64,
             )
             .await?;
         }
