@@ -489,12 +489,6 @@ impl Objects {
         self.upload(key, f, ObjectError::Io).await
     }
 
-    /// Streams whatever `reader` yields until its end into `key` (a pipe
-    /// the VMM is writing its memory into), hashing as it goes.
-    pub async fn put_reader(&self, key: &str, reader: impl AsyncRead + Unpin) -> Result<Stored> {
-        self.upload(key, reader, ObjectError::Io).await
-    }
-
     /// Streams `key` into `dest` and checks it against `expected`. `dest`
     /// appears only once the whole object arrived intact.
     pub async fn get_file(&self, key: &str, dest: &Path, expected: &Stored) -> Result<()> {
@@ -594,11 +588,6 @@ impl Objects {
             .map_err(|e| read_err(key, e))?;
         check(key, "compressed ", stored, &body.tally())
             .and_then(|()| check(key, "uncompressed ", raw, &decoded))
-    }
-
-    /// The file behind `key` when the store is a local directory.
-    pub fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
-        self.local_root.as_ref().map(|root| local_path(root, key))
     }
 
     /// Copies `from` to `to` (a fork's objects), inside the store where it can: a hard link

@@ -195,14 +195,7 @@ impl Store {
 
     /// The chunks of `part` of the chunked snapshot `s`, in order, each as stored.
     pub async fn snapshot_manifest(&self, s: &Snapshot, part: &str) -> Result<Vec<StoredChunk>> {
-        let mut conn = self.pool.acquire().await?;
-        let blob: Option<(Vec<u8>,)> =
-            sqlx::query_as("SELECT entries FROM manifests WHERE snapshot_id = ? AND part = ?")
-                .bind(&s.id)
-                .bind(part)
-                .fetch_optional(&mut *conn)
-                .await?;
-        let Some((blob,)) = blob else {
+        let Some(blob) = self.manifest_blob(s, part).await? else {
             return Err(StoreError::Corrupt(format!(
                 "snapshot {} has no {part} manifest",
                 s.id
@@ -216,7 +209,7 @@ impl Store {
         )
         .bind(&s.id)
         .bind(&s.owner_id)
-        .fetch_all(&mut *conn)
+        .fetch_all(&self.pool)
         .await?;
         let mut by_hash = HashMap::with_capacity(rows.len());
         for row in rows {
@@ -237,16 +230,20 @@ impl Store {
 
     /// The ordered entries of `part` of `s` (no lookup of how each is stored).
     pub async fn manifest_entries(&self, s: &Snapshot, part: &str) -> Result<Vec<ChunkRef>> {
+        match self.manifest_blob(s, part).await? {
+            Some(blob) => decode_manifest(&s.id, &blob),
+            None => Ok(vec![]),
+        }
+    }
+
+    async fn manifest_blob(&self, s: &Snapshot, part: &str) -> Result<Option<Vec<u8>>> {
         let blob: Option<(Vec<u8>,)> =
             sqlx::query_as("SELECT entries FROM manifests WHERE snapshot_id = ? AND part = ?")
                 .bind(&s.id)
                 .bind(part)
                 .fetch_optional(&self.pool)
                 .await?;
-        match blob {
-            Some((blob,)) => decode_manifest(&s.id, &blob),
-            None => Ok(vec![]),
-        }
+        Ok(blob.map(|(b,)| b))
     }
 
     /// What the chunked snapshot `s` occupies (see `ChunkedSizes`).
