@@ -236,6 +236,7 @@ impl Manager {
         tokio::fs::create_dir_all(dir).await?;
         let files = backend.snapshot_files(dir);
         let mut cap = self.begin_chunked(&snap.owner_id).await?;
+        let started = std::time::Instant::now();
         let stored = async {
             let memory = match saved {
                 SavedMemory::Stream => {
@@ -256,14 +257,23 @@ impl Manager {
                     self.chunk_file(&mut cap, &files.memory).await?
                 }
             };
+            let memory_done = started.elapsed();
             // The guest is paused and the VMM flushed the disk when saving completed.
             let state = self.objects.put_file(&snap.state_key, &files.state).await?;
+            let state_done = started.elapsed();
             let disk = self.chunk_file(&mut cap, &spec.disk).await?;
+            tracing::debug!(
+                snapshot = %snap.id,
+                memory_ms = memory_done.as_millis() as u64,
+                state_ms = (state_done - memory_done).as_millis() as u64,
+                disk_ms = (started.elapsed() - state_done).as_millis() as u64,
+                "captured"
+            );
             snap.state_sha256 = Some(state.sha256);
             snap.state_size = Some(state.size as i64);
-            snap.memory_sha256 = Some(memory.sha256);
+            snap.memory_sha256 = memory.sha256;
             snap.memory_size = Some(memory.raw_size as i64);
-            snap.disk_sha256 = Some(disk.sha256);
+            snap.disk_sha256 = disk.sha256;
             snap.disk_size = Some(disk.raw_size as i64);
             cap.memory = Some(memory.entries);
             cap.disk = disk.entries;
@@ -306,7 +316,7 @@ impl Manager {
                 return Err(e);
             }
         };
-        snap.disk_sha256 = Some(chunked.sha256);
+        snap.disk_sha256 = chunked.sha256;
         snap.disk_size = Some(chunked.raw_size as i64);
         cap.disk = chunked.entries;
         let _admission = self.alloc_lock.lock().await;

@@ -48,6 +48,26 @@ impl ChunkedCapture {
         self.new.iter().map(|c| u64::from(c.stored_size)).sum()
     }
 
+    /// Takes in what one chunking call stored; on failure, the chunks it
+    /// set out to upload (`asked`), since no `Chunked` says which it stored.
+    fn settle(
+        &mut self,
+        chunked: std::result::Result<Chunked, crate::snapshot::ObjectError>,
+        asked: std::sync::Mutex<HashSet<ChunkHash>>,
+    ) -> Result<Chunked> {
+        match chunked {
+            Ok(chunked) => {
+                self.absorb(&chunked);
+                Ok(chunked)
+            }
+            Err(e) => {
+                let asked = asked.into_inner().unwrap_or_else(|p| p.into_inner());
+                self.unsure.extend(asked);
+                Err(e.into())
+            }
+        }
+    }
+
     fn absorb(&mut self, chunked: &Chunked) {
         for c in &chunked.new {
             if self.known.insert(c.hash) {
@@ -89,32 +109,34 @@ impl Manager {
             }
             !lacked
         };
-        match self
+        let chunked = self
             .objects
             .put_chunked(&cap.owner, body, &is_known, None)
-            .await
-        {
-            Ok(chunked) => {
-                cap.absorb(&chunked);
-                Ok(chunked)
-            }
-            Err(e) => {
-                // Chunks stored before the failure are in no `Chunked`.
-                let asked = asked.into_inner().unwrap_or_else(|p| p.into_inner());
-                cap.unsure.extend(asked);
-                Err(e.into())
-            }
-        }
+            .await;
+        cap.settle(chunked, asked)
     }
 
-    /// `chunk_stream` of a file.
+    /// A file (a disk, a memory image) in fixed-size chunks at fixed
+    /// offsets (`Objects::put_file_chunked`), uploading only those the owner lacks.
     pub(super) async fn chunk_file(
         &self,
         cap: &mut ChunkedCapture,
         path: &std::path::Path,
     ) -> Result<Chunked> {
-        let file = tokio::fs::File::open(path).await?;
-        self.chunk_stream(cap, file).await
+        let known = &cap.known;
+        let asked = std::sync::Mutex::new(HashSet::new());
+        let is_known = |h: &ChunkHash| {
+            let lacked = !known.contains(h);
+            if lacked {
+                asked.lock().unwrap().insert(*h);
+            }
+            !lacked
+        };
+        let chunked = self
+            .objects
+            .put_file_chunked(&cap.owner, path, &is_known)
+            .await;
+        cap.settle(chunked, asked)
     }
 
     /// Makes the capture's chunks durable, then `snap` usable: its row
@@ -126,15 +148,25 @@ impl Manager {
     ) -> Result<store::ChunkedSizes> {
         crate::crash::point(crate::crash::Point::CaptureUploaded);
         let committed = async {
+            let started = std::time::Instant::now();
             self.objects.sync_chunks().await?;
+            let synced = started.elapsed();
             let mut parts: Vec<(&str, &[ChunkRef])> = vec![(DISK, &cap.disk)];
             if let Some(memory) = &cap.memory {
                 parts.push((MEMORY, memory));
             }
-            Ok(self
+            let sizes = self
                 .store
                 .commit_chunked_snapshot(snap, &cap.new, &parts)
-                .await?)
+                .await?;
+            tracing::debug!(
+                snapshot = %snap.id,
+                new_chunks = cap.new.len(),
+                sync_ms = synced.as_millis() as u64,
+                rows_ms = (started.elapsed() - synced).as_millis() as u64,
+                "committed"
+            );
+            Ok(sizes)
         }
         .await;
         if committed.is_err() {

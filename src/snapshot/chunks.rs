@@ -24,6 +24,66 @@ pub const CHUNKS_IN_FLIGHT: usize = 16;
 const READ_BLOCK: usize = 512 << 10;
 /// Read blocks queued for the chunker, and batches of cut chunks queued for hashing.
 const BLOCKS_QUEUED: usize = 2;
+/// The size of a file's chunks (`put_file_chunked`): fixed, at fixed
+/// offsets, so a change to a page of a memory image or a cluster of a qcow2
+/// disk changes exactly one chunk, and a capture costs no cut-point search.
+pub const FILE_CHUNK: u32 = 64 << 10;
+/// Bytes of a file read, hashed and handed on at once, and segments in flight.
+const FILE_SEGMENT: u64 = 4 << 20;
+const SEGMENTS_QUEUED: usize = 2;
+/// A chunk of zeros as long as a file chunk: what a hole reads as.
+static ZEROS: [u8; FILE_CHUNK as usize] = [0; FILE_CHUNK as usize];
+
+/// The hash of `len` zero bytes, computed once for a whole file chunk.
+fn zeros_hash(len: usize) -> ChunkHash {
+    static FULL: std::sync::OnceLock<ChunkHash> = std::sync::OnceLock::new();
+    if len == FILE_CHUNK as usize {
+        *FULL.get_or_init(|| ChunkHash::of(&ZEROS))
+    } else {
+        ChunkHash::of(&ZEROS[..len.min(ZEROS.len())])
+    }
+}
+
+/// Hashed chunks in stream order, a batch at a time.
+type Hashed = Vec<(ChunkHash, Bytes)>;
+
+/// One segment of `file` (`len` bytes at `start`) as file chunks, hashed.
+/// A segment with no data (a hole, as tmpfs and ext4 report it) is not read.
+fn hash_segment(file: &std::fs::File, start: u64, len: u64) -> io::Result<Hashed> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let chunk = u64::from(FILE_CHUNK);
+    let sizes = (0..len.div_ceil(chunk)).map(|i| chunk.min(len - i * chunk) as usize);
+    // SAFETY: lseek on an fd the caller keeps open; only the (unused) offset changes.
+    let data_at = unsafe { libc::lseek(file.as_raw_fd(), start as libc::off_t, libc::SEEK_DATA) };
+    let hole = if data_at < 0 {
+        let e = io::Error::last_os_error();
+        // ENXIO: no data after `start`. Other errors: read it all.
+        e.raw_os_error() == Some(libc::ENXIO)
+    } else {
+        data_at as u64 >= start + len
+    };
+    if hole {
+        return Ok(sizes
+            .map(|n| (zeros_hash(n), Bytes::from_static(&ZEROS[..n])))
+            .collect());
+    }
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, start)?;
+    let buf = Bytes::from(buf);
+    let mut at = 0;
+    Ok(sizes
+        .map(|n| {
+            let raw = buf.slice(at..at + n);
+            at += n;
+            if is_zeros(&raw) {
+                (zeros_hash(n), Bytes::from_static(&ZEROS[..n]))
+            } else {
+                (ChunkHash::of(&raw), raw)
+            }
+        })
+        .collect())
+}
 
 /// The sizes FastCDC aims at. Cut points depend on them: chunks stored with
 /// other sizes do not deduplicate against these.
@@ -123,8 +183,10 @@ pub struct Chunked {
     pub new: Vec<StoredChunk>,
     /// Sum of the entries' raw sizes.
     pub raw_size: u64,
-    /// SHA-256 of the whole raw stream (hex).
-    pub sha256: String,
+    /// SHA-256 of the whole raw stream (hex), when the caller asked for it:
+    /// only converting a whole object does, to check it against the checksum
+    /// recorded for it. Each chunk's BLAKE3 already vouches for a capture.
+    pub sha256: Option<String>,
 }
 
 /// A chunk object found in the store.
@@ -389,13 +451,13 @@ impl Objects {
         encoding: Option<(Algorithm, i32)>,
         sizes: ChunkSizes,
     ) -> Result<Chunked> {
-        self.chunk_stream(owner, body, known, encoding, sizes, ObjectError::Io)
+        self.chunk_stream(owner, body, known, encoding, sizes, false, ObjectError::Io)
             .await
     }
 
     /// The pipeline behind `put_chunked`: this task reads the body in
-    /// `READ_BLOCK` blocks; one blocking thread hashes the stream (SHA-256)
-    /// while another cuts it; batches of chunks are BLAKE3-hashed on the
+    /// `READ_BLOCK` blocks; one blocking thread cuts it (and, with
+    /// `whole_sha256`, another hashes the whole stream, SHA-256); batches of chunks are BLAKE3-hashed on the
     /// blocking pool, two at once; back in stream order each chunk is
     /// recorded and, if new, handed to an upload task (encoding on the
     /// blocking pool), at most `CHUNKS_IN_FLIGHT` at once. Every queue is
@@ -407,6 +469,7 @@ impl Objects {
         known: &(dyn Fn(&ChunkHash) -> bool + Sync),
         encoding: Option<(Algorithm, i32)>,
         sizes: ChunkSizes,
+        whole_sha256: bool,
         on_read: impl Fn(io::Error) -> ObjectError,
     ) -> Result<Chunked> {
         check_owner(owner)?;
@@ -414,8 +477,15 @@ impl Objects {
         let (block_tx, block_rx) = mpsc::channel::<Bytes>(BLOCKS_QUEUED);
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<Bytes>>(BLOCKS_QUEUED);
         let cutter = tokio::task::spawn_blocking(move || cut_stream(block_rx, batch_tx, sizes));
-        let (sha_tx, sha_rx) = mpsc::channel::<Bytes>(BLOCKS_QUEUED);
-        let hasher = tokio::task::spawn_blocking(move || hash_stream(sha_rx));
+        let (sha_tx, hasher) = if whole_sha256 {
+            let (tx, rx) = mpsc::channel::<Bytes>(BLOCKS_QUEUED);
+            (
+                Some(tx),
+                Some(tokio::task::spawn_blocking(move || hash_stream(rx))),
+            )
+        } else {
+            (None, None)
+        };
 
         let read = async move {
             loop {
@@ -431,10 +501,13 @@ impl Objects {
                     // Both threads share the block. A closed channel means
                     // a thread stopped; its reason surfaces below.
                     let block = block.freeze();
-                    if block_tx.send(block.clone()).await.is_err()
-                        || sha_tx.send(block).await.is_err()
-                    {
-                        return Ok::<_, ObjectError>(());
+                    if let Some(sha_tx) = &sha_tx {
+                        if sha_tx.send(block.clone()).await.is_err() {
+                            return Ok::<_, ObjectError>(());
+                        }
+                    }
+                    if block_tx.send(block).await.is_err() {
+                        return Ok(());
                     }
                 }
                 if eof {
@@ -443,62 +516,26 @@ impl Objects {
             }
         };
 
-        let store = async {
-            let mut hashed = tokio_stream::wrappers::ReceiverStream::new(batch_rx)
-                .map(|batch| async {
-                    tokio::task::spawn_blocking(move || {
-                        batch
-                            .into_iter()
-                            .map(|raw| (ChunkHash::of(&raw), raw))
-                            .collect::<Vec<_>>()
-                    })
-                    .await
-                    .map_err(join_err)
+        let hashed = tokio_stream::wrappers::ReceiverStream::new(batch_rx)
+            .map(|batch| async {
+                tokio::task::spawn_blocking(move || {
+                    batch
+                        .into_iter()
+                        .map(|raw| (ChunkHash::of(&raw), raw))
+                        .collect::<Vec<_>>()
                 })
-                .buffered(BLOCKS_QUEUED);
-            let mut entries = vec![];
-            let mut new = vec![];
-            let mut raw_size = 0u64;
-            let mut scheduled = HashSet::new();
-            // Dropped on error, which aborts the uploads still running (a
-            // chunk file being written on the blocking pool is finished and
-            // renamed first: whole, unreferenced, the collector's).
-            let mut uploads = tokio::task::JoinSet::new();
-            while let Some(batch) = hashed.next().await {
-                for (hash, raw) in batch? {
-                    entries.push(ChunkRef {
-                        hash,
-                        raw_size: raw.len() as u32,
-                    });
-                    raw_size += raw.len() as u64;
-                    if known(&hash) || !scheduled.insert(hash) {
-                        continue;
-                    }
-                    while uploads.len() >= CHUNKS_IN_FLIGHT {
-                        new.push(
-                            uploads
-                                .join_next()
-                                .await
-                                .expect("not empty")
-                                .map_err(join_err)??,
-                        );
-                    }
-                    let key = Objects::chunk_key(owner, &hash, encoding.map(|e| e.0))?;
-                    // A copy, so an upload holds its own chunk and not the
-                    // whole read block the chunk is a slice of.
-                    let raw = Bytes::copy_from_slice(&raw);
-                    uploads.spawn(self.clone().store_chunk(key, hash, raw, encoding, false));
-                }
-            }
-            while let Some(done) = uploads.join_next().await {
-                new.push(done.map_err(join_err)??);
-            }
-            Ok::<_, ObjectError>((entries, new, raw_size))
-        };
+                .await
+                .map_err(join_err)
+            })
+            .buffered(BLOCKS_QUEUED);
+        let store = self.store_hashed(owner, hashed, known, encoding);
 
         let ((), (entries, new, raw_size)) = tokio::try_join!(read, store)?;
         let total = cutter.await.map_err(join_err)?;
-        let sha256 = hasher.await.map_err(join_err)?;
+        let sha256 = match hasher {
+            Some(hasher) => Some(hasher.await.map_err(join_err)?),
+            None => None,
+        };
         if total != raw_size {
             return Err(ObjectError::Store(format!(
                 "chunking lost bytes: read {total}, chunked {raw_size}"
@@ -509,6 +546,101 @@ impl Objects {
             new,
             raw_size,
             sha256,
+        })
+    }
+
+    /// Records each hashed chunk `hashed` yields in a manifest, in order,
+    /// and hands each one `known` lacks and this call has not scheduled yet
+    /// to an upload task (encoding on the blocking pool), at most
+    /// `CHUNKS_IN_FLIGHT` at once. Returns the manifest, the chunks
+    /// uploaded and the bytes seen.
+    async fn store_hashed(
+        &self,
+        owner: &str,
+        mut hashed: impl futures_util::Stream<Item = Result<Hashed>> + Unpin + Send,
+        known: &(dyn Fn(&ChunkHash) -> bool + Sync),
+        encoding: Option<(Algorithm, i32)>,
+    ) -> Result<(Vec<ChunkRef>, Vec<StoredChunk>, u64)> {
+        let mut entries = vec![];
+        let mut new = vec![];
+        let mut raw_size = 0u64;
+        let mut scheduled = HashSet::new();
+        // Dropped on error, which aborts the uploads still running (a
+        // chunk file being written on the blocking pool is finished and
+        // renamed first: whole, unreferenced, the collector's).
+        let mut uploads = tokio::task::JoinSet::new();
+        while let Some(batch) = hashed.next().await {
+            for (hash, raw) in batch? {
+                entries.push(ChunkRef {
+                    hash,
+                    raw_size: raw.len() as u32,
+                });
+                raw_size += raw.len() as u64;
+                if known(&hash) || !scheduled.insert(hash) {
+                    continue;
+                }
+                while uploads.len() >= CHUNKS_IN_FLIGHT {
+                    new.push(
+                        uploads
+                            .join_next()
+                            .await
+                            .expect("not empty")
+                            .map_err(join_err)??,
+                    );
+                }
+                let key = Objects::chunk_key(owner, &hash, encoding.map(|e| e.0))?;
+                // A copy, so an upload holds its own chunk and not the
+                // whole read block the chunk is a slice of.
+                let raw = Bytes::copy_from_slice(&raw);
+                uploads.spawn(self.clone().store_chunk(key, hash, raw, encoding, false));
+            }
+        }
+        while let Some(done) = uploads.join_next().await {
+            new.push(done.map_err(join_err)??);
+        }
+        Ok((entries, new, raw_size))
+    }
+
+    /// Splits the file at `path` into `FILE_CHUNK` chunks at fixed offsets
+    /// and uploads each one `known` lacks, raw, as `put_chunked` does.
+    /// Segments are read (holes skipped) and hashed on the blocking pool,
+    /// two at once. The file must not change meanwhile (a paused guest's).
+    pub async fn put_file_chunked(
+        &self,
+        owner: &str,
+        path: &Path,
+        known: &(dyn Fn(&ChunkHash) -> bool + Sync),
+    ) -> Result<Chunked> {
+        check_owner(owner)?;
+        let file = std::sync::Arc::new(tokio::fs::File::open(path).await?.into_std().await);
+        let len = file.metadata()?.len();
+        let segments = (0..len.div_ceil(FILE_SEGMENT)).map(move |i| {
+            let start = i * FILE_SEGMENT;
+            (start, FILE_SEGMENT.min(len - start))
+        });
+        let hashed = futures_util::stream::iter(segments)
+            .map(move |(start, n)| {
+                let file = file.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || hash_segment(&file, start, n))
+                        .await
+                        .map_err(join_err)?
+                        .map_err(ObjectError::Io)
+                }
+            })
+            .buffered(SEGMENTS_QUEUED);
+        let (entries, new, raw_size) = self.store_hashed(owner, hashed, known, None).await?;
+        if raw_size != len {
+            return Err(ObjectError::Store(format!(
+                "chunking lost bytes of {}: {len} bytes, chunked {raw_size}",
+                path.display()
+            )));
+        }
+        Ok(Chunked {
+            entries,
+            new,
+            raw_size,
+            sha256: None,
         })
     }
 
@@ -669,6 +801,13 @@ impl Objects {
                 .map(move |(chunk, at)| {
                     let (file, objects, owner) = (file.clone(), objects.clone(), owner.clone());
                     async move {
+                        // A file chunk of zeros is what the hole already
+                        // holds: nothing to fetch, and its hash says so.
+                        if chunk.raw_size == FILE_CHUNK
+                            && chunk.hash == zeros_hash(FILE_CHUNK as usize)
+                        {
+                            return Ok(());
+                        }
                         let raw = objects.read_chunk(&owner, chunk).await?;
                         tokio::task::spawn_blocking(move || {
                             use std::os::unix::fs::FileExt;
@@ -774,14 +913,16 @@ impl Objects {
         let mut body = Tallied::new(self.open(key).await?);
         let Some((algorithm, raw)) = decompress else {
             let chunked = self
-                .chunk_stream(owner, &mut body, known, None, sizes, |e| read_err(key, e))
+                .chunk_stream(owner, &mut body, known, None, sizes, false, |e| {
+                    read_err(key, e)
+                })
                 .await?;
             check(key, "", expected, &body.tally())?;
             return Ok(chunked);
         };
         let decoder = algorithm.decoder(BufReader::with_capacity(COPY_BUF, &mut body));
         let chunked = self
-            .chunk_stream(owner, decoder, known, None, sizes, |e| {
+            .chunk_stream(owner, decoder, known, None, sizes, true, |e| {
                 match read_err(key, e) {
                     // Not from the store, so from the decoder: the bytes are not a valid stream.
                     ObjectError::Io(e) => ObjectError::Corrupt {
@@ -799,7 +940,7 @@ impl Objects {
             .map_err(|e| read_err(key, e))?;
         let decoded = Stored {
             size: chunked.raw_size,
-            sha256: chunked.sha256.clone(),
+            sha256: chunked.sha256.clone().unwrap_or_default(),
         };
         check(key, "compressed ", expected, &body.tally())?;
         check(key, "uncompressed ", raw, &decoded)?;
@@ -1001,7 +1142,8 @@ mod tests {
             data.len() as u64
         );
         assert_eq!(first.raw_size, data.len() as u64);
-        assert_eq!(first.sha256, hex::encode(Sha256::digest(&data)));
+        // No whole-stream checksum for a capture: each chunk has its own.
+        assert_eq!(first.sha256, None);
         // A chunk repeated inside the stream is uploaded once.
         let distinct: HashSet<_> = first.entries.iter().map(|e| e.hash).collect();
         assert!(
@@ -1472,14 +1614,12 @@ mod tests {
             .collect();
         assert_eq!(got, reference);
         assert!(got.len() > 300, "{} chunks", got.len());
-        assert_eq!(chunked.sha256, hex::encode(Sha256::digest(&data)));
         // An empty stream is an empty manifest, and reads back as nothing.
         let empty = objects
             .put_chunked("own_s", &b""[..], &|_| false, None)
             .await
             .unwrap();
         assert_eq!((empty.entries.len(), empty.raw_size), (0, 0));
-        assert_eq!(empty.sha256, hex::encode(Sha256::digest(b"")));
         let dest = dir.path().join("empty");
         assert_eq!(
             read_file_back(&objects, "own_s", &[], &dest).await.unwrap(),
@@ -1515,8 +1655,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            (&from_raw.entries, &from_raw.sha256),
-            (&direct.entries, &direct.sha256)
+            (&from_raw.entries, &from_raw.raw_size),
+            (&direct.entries, &direct.raw_size)
         );
         let from_zst = objects
             .chunk_object(
@@ -1759,22 +1899,16 @@ mod tests {
             SIZES.avg as usize,
             SIZES.max as usize,
         );
-        let mut sha = Sha256::new();
         let mut lengths = vec![];
         let mut stream = Box::pin(cdc.as_stream());
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.unwrap();
-            sha.update(&chunk.data);
             let _ = ChunkHash::of(&chunk.data);
             lengths.push(chunk.length as u32);
         }
-        report(
-            "AsyncStreamCDC + SHA-256 + BLAKE3 inline (no upload)",
-            rate(t),
-        );
+        report("AsyncStreamCDC + BLAKE3 inline (no upload)", rate(t));
         let ours: Vec<u32> = again.entries.iter().map(|e| e.raw_size).collect();
         assert_eq!(lengths, ours);
-        assert_eq!(hex::encode(sha.finalize()), again.sha256);
 
         for (owner, chunked) in &manifests {
             let mut stored = HashMap::new();

@@ -14,7 +14,7 @@ pub(crate) mod testing;
 
 pub use chunks::{
     ChunkHash, ChunkRef, ChunkSizes, Chunked, ListedChunk, ParseChunkHashError, StoredChunk,
-    CHUNKS_IN_FLIGHT,
+    CHUNKS_IN_FLIGHT, FILE_CHUNK,
 };
 pub use compress::{Algorithm, CompressionConfig};
 

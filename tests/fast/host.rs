@@ -7,7 +7,7 @@ use hatch::manager::requests::CreateVm;
 use hatch::manager::Manager;
 use hatch::snapshot::{ChunkHash, ChunkSizes, Objects, StoredChunk};
 use hatch::store::{Owner, Snapshot, Store, Vm};
-use hatch::vmm::Backends;
+use hatch::vmm::{Backends, Vmm};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -203,7 +203,12 @@ impl Host {
     pub async fn assert_memory_stored(&self, snap: &Snapshot, m: &Memory) -> Vec<PartChunk> {
         let manifest = self.manifest(snap, hatch::store::MEMORY).await;
         let bytes = memory_bytes(m);
-        let want = cut(&bytes);
+        // A memory file is chunked at fixed offsets, a memory stream at cut points.
+        let want = if self.fake.capabilities().memory == hatch::vmm::MemoryTransport::MappedFile {
+            split_fixed(&bytes)
+        } else {
+            cut(&bytes)
+        };
         let got: Vec<_> = manifest
             .iter()
             .map(|c| (c.offset, c.chunk.raw_size as usize, c.chunk.hash))
@@ -314,6 +319,17 @@ pub fn cut(bytes: &[u8]) -> Vec<(u64, usize, ChunkHash)> {
         (c.offset as u64, c.length, ChunkHash::of(raw))
     })
     .collect()
+}
+
+/// The chunks the store splits a file's `bytes` into (`FILE_CHUNK` each at
+/// fixed offsets, as src/snapshot/chunks.rs splits a file), as `cut` gives them.
+pub fn split_fixed(bytes: &[u8]) -> Vec<(u64, usize, ChunkHash)> {
+    let size = hatch::snapshot::FILE_CHUNK as usize;
+    bytes
+        .chunks(size)
+        .enumerate()
+        .map(|(i, raw)| ((i * size) as u64, raw.len(), ChunkHash::of(raw)))
+        .collect()
 }
 
 /// What a crashed daemon leaves: its files and its (fake) VMMs.
