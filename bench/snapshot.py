@@ -1418,13 +1418,19 @@ class Bench:
 
 def raw_command_line(cmdline, work, raw_dir):
     """hatch's QEMU command line for a run by hand: per-VM paths moved to `raw_dir`, the QMP
-    socket bound by QEMU itself (hatch passes a listening fd 4), and no `-sandbox`: its
-    spawn=deny would stop the `exec:cat` migration the raw side uses (hatch passes an fd)."""
+    socket bound by QEMU itself (hatch passes a listening fd 4), no `-sandbox` (its
+    spawn=deny would stop the `exec:cat` migration the raw side uses; hatch passes an fd),
+    and plain `-m` RAM instead of hatch's memfd backend: the raw side is QEMU as a user
+    would run it, saving and loading RAM inside the migration stream."""
     args = [a.replace(work, raw_dir) for a in cmdline]
     args = [a.replace("socket,id=qmp,fd=4,", f"socket,id=qmp,path={raw_dir}/vmm.sock,") for a in args]
-    if "-sandbox" in args:
-        i = args.index("-sandbox")
-        del args[i:i + 2]
+    for flag in ("-sandbox", "-object"):
+        while flag in args:
+            i = args.index(flag)
+            if flag == "-object" and not args[i + 1].startswith("memory-backend-"):
+                raise BenchError(f"unexpected -object in hatch's command line: {args[i + 1]}")
+            del args[i:i + 2]
+    args = [a.replace(",memory-backend=pc.ram", "") for a in args]
     return args
 
 

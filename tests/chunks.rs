@@ -392,22 +392,42 @@ fn crashes(storage: Storage) {
 /// before chunks wrote it: memory and disk as whole objects beside the
 /// device state (memory compressed with zstd as `memory.zstd` when
 /// `compressed`), checksums and sizes in the row, and no chunk, manifest or
-/// reference left.
-fn make_whole_object_snapshot(d: &Daemon, vm: &str, snap: &str, compressed: bool) {
+/// reference left. `stream`, when given, is (memory, device state) to store
+/// instead of the snapshot's own.
+fn make_whole_object_snapshot(
+    d: &Daemon,
+    vm: &str,
+    snap: &str,
+    compressed: bool,
+    stream: Option<(Vec<u8>, Vec<u8>)>,
+) {
     use sha2::{Digest, Sha256};
     let objects = d.data_dir.join("objects");
     let join = |part: &str| -> Vec<u8> {
-        d.chunk_keys(snap, part)
+        d.manifest_keys(snap, part)
             .iter()
             .flat_map(|k| std::fs::read(objects.join(k)).unwrap())
             .collect()
     };
-    let (memory, disk) = (join("memory"), join("disk"));
     let dir = objects.join(format!("snapshots/{vm}/{snap}"));
     let sum = |b: &[u8]| hex::encode(Sha256::digest(b));
+    let (memory, disk) = (join("memory"), join("disk"));
+    let mut set = String::new();
+    let memory = match stream {
+        Some((memory, state)) => {
+            std::fs::write(dir.join("vmstate"), &state).unwrap();
+            set += &format!(
+                "state_sha256 = '{}', state_size = {}, ",
+                sum(&state),
+                state.len()
+            );
+            memory
+        }
+        None => memory,
+    };
     std::fs::write(dir.join("disk"), &disk).unwrap();
     let state: u64 = std::fs::metadata(dir.join("vmstate")).unwrap().len();
-    let mut set = format!(
+    set += &format!(
         "layout = 'objects', memory_sha256 = '{}', memory_size = {}, disk_sha256 = '{}', disk_size = {}",
         sum(&memory),
         memory.len(),
@@ -452,8 +472,8 @@ fn snapshots_stored_as_whole_objects_are_converted_and_still_restore() {
     let sp = snapshot(&d, &plain)["id"].as_str().unwrap().to_string();
     let sz = snapshot(&d, &packed)["id"].as_str().unwrap().to_string();
     d.kill9();
-    make_whole_object_snapshot(&d, &plain, &sp, false);
-    make_whole_object_snapshot(&d, &packed, &sz, true);
+    make_whole_object_snapshot(&d, &plain, &sp, false, None);
+    make_whole_object_snapshot(&d, &packed, &sz, true, None);
     d.db_value("DELETE FROM chunks");
     std::fs::remove_dir_all(d.data_dir.join("objects/chunks")).unwrap();
     fn names(d: &Daemon, vm: &str, snap: &str) -> Vec<String> {
@@ -508,4 +528,92 @@ fn snapshots_stored_as_whole_objects_are_converted_and_still_restore() {
     wait_until("every chunk collected", Duration::from_secs(30), || {
         chunks(&d).is_empty()
     });
+}
+
+/// Commands to a QEMU's QMP socket, one session; the answers in order (an
+/// error answer fails the test).
+fn qmp(sock: &std::path::Path, commands: &[Value]) -> Vec<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
+    let mut answer = |conn: &mut std::os::unix::net::UnixStream, cmd: &Value| -> Value {
+        writeln!(conn, "{cmd}").unwrap();
+        loop {
+            let v: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+            assert!(v.get("error").is_none(), "{cmd}: {v}");
+            if let Some(r) = v.get("return") {
+                return r.clone();
+            }
+        }
+    };
+    // The greeting has neither `return` nor `error`: `answer` reads past it.
+    answer(&mut conn, &json!({"execute": "qmp_capabilities"}));
+    commands.iter().map(|c| answer(&mut conn, c)).collect()
+}
+
+/// A QEMU snapshot as it was stored before guest RAM became a memfd: the
+/// memory object a whole migration stream (RAM and device state), the
+/// state object a JSON description. Stored as whole objects, it is
+/// converted at start-up and restores, the guest ticking on; new snapshots
+/// of that VM are of the current kind. QEMU runs unconfined here so the
+/// test can have it write the stream with `exec:` (the sandbox forbids
+/// spawning), as the daemon did then.
+#[test]
+fn a_qemu_snapshot_whose_memory_is_a_whole_migration_stream_still_restores() {
+    let mut d = Daemon::start_with(&[("HATCH_CHUNK_GRACE", "0s"), ("HATCH_VMM_CONFINE", "off")]);
+    let vm = ticking_vm(&d);
+    let sock = d.data_dir.join("vms").join(&vm).join("vmm.sock");
+    let stream = d.data_dir.join("stream");
+    qmp(
+        &sock,
+        &[
+            json!({"execute": "stop"}),
+            json!({"execute": "migrate", "arguments": {"uri": format!("exec:cat > {}", stream.display())}}),
+        ],
+    );
+    wait_until("the stream is written", Duration::from_secs(60), || {
+        qmp(&sock, &[json!({"execute": "query-migrate"})])[0]["status"] == "completed"
+    });
+    // QEMU takes no second migration of a guest a finished one paused: it
+    // runs on for the moment before the daemon's own snapshot, which gives
+    // the rows and the disk (the ticker writes nothing to its disk meanwhile).
+    qmp(&sock, &[json!({"execute": "cont"})]);
+    let snap = snapshot(&d, &vm)["id"].as_str().unwrap().to_string();
+    d.kill9();
+    let memory = std::fs::read(&stream).unwrap();
+    assert!(
+        memory.starts_with(b"QEVM") && memory.len() > 16 << 20,
+        "a whole stream"
+    );
+    let state = json!({
+        "hypervisor": "qemu",
+        "format": "qemu migration stream (device state and RAM) in the memory object",
+    });
+    make_whole_object_snapshot(
+        &d,
+        &vm,
+        &snap,
+        false,
+        Some((memory, state.to_string().into_bytes())),
+    );
+    d.db_value("DELETE FROM chunks");
+    std::fs::remove_dir_all(d.data_dir.join("objects/chunks")).unwrap();
+
+    d.restart();
+    wait_until("converted", Duration::from_secs(120), || {
+        d.daemon_log_plain()
+            .lines()
+            .any(|l| l.contains("snapshot converted to chunks") && l.contains(snap.as_str()))
+    });
+    restore_and_tick(&d, &vm, 2);
+    // Its next snapshot is of the current kind (device state only), and restores too.
+    let again = snapshot(&d, &vm)["id"].as_str().unwrap().to_string();
+    let state = d.read_object(&format!("snapshots/{vm}/{again}/vmstate"));
+    assert!(
+        state.starts_with(b"QEVM") && state.len() < 4 << 20,
+        "{} bytes",
+        state.len()
+    );
+    restore_and_tick(&d, &vm, 2);
+    assert_eq!(d.req("DELETE", &format!("/vms/{vm}"), None).status, 200);
 }

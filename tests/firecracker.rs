@@ -428,7 +428,7 @@ fn firecracker_snapshots_store_the_memory_file_and_load_it_back() {
     assert_eq!(r.status, 201, "{}", r.text);
     let asleep = id_of(&r.body);
     assert_eq!(d.vm(&id)["state"], "snapshotted");
-    let key = d.chunk_keys(&asleep, "memory")[0].clone();
+    let key = d.read_chunk_keys(&asleep, "memory")[0].clone();
     let mut bytes = d.read_object(&key);
     bytes[0] ^= 0xff;
     d.write_object(&key, &bytes);

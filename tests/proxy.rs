@@ -493,7 +493,7 @@ fn a_sleeping_vm_wakes_once_for_20_concurrent_requests_and_a_stopped_one_stays_s
     let asleep_in = d.db_value(&format!(
         "SELECT standby_snapshot_id FROM vms WHERE id = '{vm}'"
     ));
-    let chunks = d.chunk_keys(&asleep_in, "memory");
+    let chunks = d.read_chunk_keys(&asleep_in, "memory");
     let memory = chunks[chunks.len() / 2].clone();
     let good = d.read_object(&memory);
     let mut bad = good.clone();

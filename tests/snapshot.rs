@@ -164,7 +164,7 @@ fn corrupt_or_missing(storage: Storage) {
     assert_eq!(r.status, 201, "{}", r.text);
     let snap = r.body["id"].as_str().unwrap().to_string();
     // A chunk in the middle of the memory, and one of the disk's.
-    let memory_chunks = d.chunk_keys(&snap, "memory");
+    let memory_chunks = d.read_chunk_keys(&snap, "memory");
     let memory = memory_chunks[memory_chunks.len() / 2].clone();
     let disk = d
         .chunk_keys(&snap, "disk")

@@ -149,8 +149,19 @@ impl Daemon {
     }
 
     /// The store keys of the chunks of `part` (`memory` or `disk`) of
-    /// `snap`, in its manifest's order, from the daemon's database.
+    /// `snap`, each once, in the order its manifest first lists them.
     pub fn chunk_keys(&self, snap: &str, part: &str) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        self.manifest_keys(snap, part)
+            .into_iter()
+            .filter(|k| seen.insert(k.clone()))
+            .collect()
+    }
+
+    /// The store key of every entry of the manifest of `part` (`memory` or
+    /// `disk`) of `snap`, in order (a chunk listed twice is there twice),
+    /// from the daemon's database.
+    pub fn manifest_keys(&self, snap: &str, part: &str) -> Vec<String> {
         let owner = self.db_value(&format!(
             "SELECT owner_id FROM snapshots WHERE id = '{snap}'"
         ));
@@ -181,6 +192,20 @@ impl Daemon {
                 let h = std::str::from_utf8(&e[..64]).unwrap();
                 format!("chunks/{owner}/{}/{h}{}", &h[..2], suffixes[h])
             })
+            .collect()
+    }
+
+    /// `chunk_keys` without the chunk of a file chunk's worth of zeros (a
+    /// hole of a memory image or disk): a restore never reads that one, it
+    /// knows what it holds. A test that corrupts a chunk to watch a restore
+    /// catch it picks one of these.
+    pub fn read_chunk_keys(&self, snap: &str, part: &str) -> Vec<String> {
+        let zeros =
+            hatch::snapshot::ChunkHash::of(&vec![0u8; hatch::snapshot::FILE_CHUNK as usize])
+                .to_string();
+        self.chunk_keys(snap, part)
+            .into_iter()
+            .filter(|k| !k.contains(&zeros))
             .collect()
     }
 

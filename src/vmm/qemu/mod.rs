@@ -118,8 +118,17 @@ impl Qemu {
         let mut push = |s: &str| args.push(s.into());
         push("-name");
         push(&format!("hatch-{}", spec.vm_id));
+        // Guest RAM is a memfd (shared), so a snapshot saves device state
+        // only (`x-ignore-shared`) and the daemon reads the RAM itself
+        // (`Qemu::snapshot`). Its id is the one QEMU gives `-m` RAM on `pc`:
+        // a migration stream saved with RAM inside still loads into it.
+        push("-object");
+        push(&format!(
+            "memory-backend-memfd,id={RAM_ID},size={}M",
+            spec.mem_mib
+        ));
         push("-M");
-        push("pc");
+        push(&format!("pc,memory-backend={RAM_ID}"));
         push("-accel");
         match (self.accel, &self.confine) {
             (ResolvedAccel::Tcg, Some(_)) => push(&format!("tcg,tb-size={TCG_TB_SIZE_MIB}")),
@@ -217,6 +226,90 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The name a snapshot's output fd has in QEMU (QMP `getfd`).
 const MIGRATION_FD_NAME: &str = "snapshot";
+/// The guest RAM backend's id (`command_line`).
+const RAM_ID: &str = "pc.ram";
+/// What a migration stream starts with (QEMU_VM_FILE_MAGIC): a state object
+/// that starts otherwise is the description a snapshot from before guest RAM
+/// was a memfd wrote, whose memory object is the whole stream.
+const STREAM_MAGIC: &[u8; 4] = b"QEVM";
+/// How QEMU names the memfd behind `memory-backend-memfd` (/proc/PID/fd link target).
+const RAM_MEMFD: &str = "/memfd:memory-backend-memfd";
+
+/// The guest RAM of the QEMU whose pid the VM's pid file holds: a path
+/// under /proc/PID/fd that opens its memfd.
+fn guest_ram(spec: &VmSpec) -> Result<std::path::PathBuf> {
+    let pid = std::fs::read_to_string(spec.pid_file())
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .ok_or_else(|| VmmError::Control(format!("no VMM pid for vm {}", spec.vm_id)))?;
+    guest_ram_of(pid)
+}
+
+fn guest_ram_of(pid: u32) -> Result<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(format!("/proc/{pid}/fd"));
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|e| VmmError::Control(format!("reading {}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target
+            .as_os_str()
+            .as_encoded_bytes()
+            .starts_with(RAM_MEMFD.as_bytes())
+        {
+            return Ok(entry.path());
+        }
+    }
+    Err(VmmError::Control(format!(
+        "QEMU (pid {pid}) holds no guest RAM memfd"
+    )))
+}
+
+/// Copies the memory image `from` into the guest RAM `to` (same size),
+/// writing only data: holes and blocks of zeros stay unallocated in the memfd.
+fn fill_ram(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::open(from)?;
+    let dst = std::fs::OpenOptions::new().write(true).open(to)?;
+    let (len, ram) = (src.metadata()?.len(), dst.metadata()?.len());
+    if len != ram {
+        return Err(std::io::Error::other(format!(
+            "the memory image is {len} bytes, the guest's RAM {ram}"
+        )));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        // SAFETY: lseek on an fd we own; we read with pread, so the offset it moves is unused.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole is left
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
+        at = data as u64;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                dst.write_all_at(&buf[..n], at)?;
+            }
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
 
 /// Opens where a snapshot's migration stream goes, for writing. A FIFO is
 /// opened without waiting (its reader is open already, or this fails), then
@@ -245,13 +338,14 @@ impl Qemu {
         extra: &[OsString],
         incoming: Option<&std::fs::File>,
         timeout: Duration,
+        ready: &[&str],
     ) -> Result<VmProcess> {
         let jail = match &self.confine {
             Some(c) => Some(c.prepare(spec).map_err(VmmError::Launch)?),
             None => None,
         };
         let launched = self
-            .launch_inner(spec, extra, incoming, timeout, jail)
+            .launch_inner(spec, extra, incoming, timeout, jail, ready)
             .await;
         if launched.is_err() {
             self.release(&spec.vm_id).await;
@@ -260,7 +354,8 @@ impl Qemu {
     }
 
     /// Starts QEMU for `spec` with `extra` arguments and waits until QMP
-    /// answers and the guest is running (a boot) or loaded and paused (`-incoming`).
+    /// answers with a status in `ready`: `running` (a boot), `paused` (an
+    /// `-incoming` load done) or `inmigrate` (waiting, `-incoming defer`).
     async fn launch_inner(
         &self,
         spec: &VmSpec,
@@ -268,6 +363,7 @@ impl Qemu {
         incoming: Option<&std::fs::File>,
         timeout: Duration,
         jail: Option<Jail>,
+        ready: &[&str],
     ) -> Result<VmProcess> {
         let sock = spec.control_socket();
         // sun_path holds 108 bytes; a longer path would fail later with a confusing error.
@@ -372,10 +468,10 @@ impl Qemu {
                 match q.execute("query-status", None).await {
                     // `inmigrate` while an incoming snapshot loads; `paused` once it has.
                     Ok(status)
-                        if matches!(
-                            status.get("status").and_then(|s| s.as_str()),
-                            Some("running" | "paused")
-                        ) =>
+                        if status
+                            .get("status")
+                            .and_then(|s| s.as_str())
+                            .is_some_and(|s| ready.contains(&s)) =>
                     {
                         return Ok(VmProcess { pid, child });
                     }
@@ -410,13 +506,15 @@ impl Vmm for Qemu {
             disk_format: DiskFormat::Qcow2Overlay,
             // `-kernel` takes a bzImage, and an ELF vmlinux with a PVH note.
             kernels: &[KernelFormat::BzImage, KernelFormat::Elf],
-            // The migration stream carries RAM and device state together.
-            memory: MemoryTransport::Stream,
+            // Guest RAM is a memfd the daemon reads and fills; the
+            // migration stream carries device state only.
+            memory: MemoryTransport::MappedFile,
         }
     }
 
     async fn boot(&self, spec: &VmSpec) -> Result<VmProcess> {
-        self.launch(spec, &[], None, LAUNCH_TIMEOUT).await
+        self.launch(spec, &[], None, LAUNCH_TIMEOUT, &["running", "paused"])
+            .await
     }
 
     async fn release(&self, vm_id: &str) {
@@ -456,6 +554,9 @@ impl Vmm for Qemu {
         qmp_run(spec, "cont").await
     }
 
+    /// Pauses the guest and saves its device state to `out.state` (guest
+    /// RAM left out: `x-ignore-shared`); `out.memory` becomes a link to the
+    /// guest's RAM memfd, which the caller reads while the guest stays paused.
     async fn snapshot(&self, spec: &VmSpec, out: &SnapshotFiles) -> Result<()> {
         let mut q = qmp(spec).await?;
         q.execute("stop", None).await.map_err(VmmError::Control)?;
@@ -467,18 +568,24 @@ impl Vmm for Qemu {
         )
         .await
         .map_err(VmmError::Control)?;
-        // QEMU may not spawn `cat` (seccomp spawn=deny) and need not see the
-        // file: the daemon opens it (a FIFO it reads from, or a file) and
-        // hands QEMU the fd over QMP.
-        let memory = open_for_migration(&out.memory)?;
-        q.execute_with_fd(
-            "getfd",
-            Some(json!({ "fdname": MIGRATION_FD_NAME })),
-            std::os::fd::AsRawFd::as_raw_fd(&memory),
+        q.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })),
         )
         .await
         .map_err(VmmError::Control)?;
-        drop(memory);
+        // QEMU may not spawn `cat` (seccomp spawn=deny) and need not see the
+        // file: the daemon opens it and hands QEMU the fd over QMP.
+        std::fs::File::create(&out.state)?;
+        let state = open_for_migration(&out.state)?;
+        q.execute_with_fd(
+            "getfd",
+            Some(json!({ "fdname": MIGRATION_FD_NAME })),
+            std::os::fd::AsRawFd::as_raw_fd(&state),
+        )
+        .await
+        .map_err(VmmError::Control)?;
+        drop(state);
         let uri = format!("fd:{MIGRATION_FD_NAME}");
         if let Err(e) = q.execute("migrate", Some(json!({ "uri": uri }))).await {
             let _ = q
@@ -505,23 +612,10 @@ impl Vmm for Qemu {
                     let _ = q.execute("migrate_cancel", None).await;
                     return Err(VmmError::Control("saving the guest timed out".into()));
                 }
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
-        let version = q
-            .execute("query-version", None)
-            .await
-            .map_err(VmmError::Control)?;
-        let state = json!({
-            "hypervisor": "qemu",
-            "format": "qemu migration stream (device state and RAM) in the memory object",
-            "qemu": version.get("qemu"),
-        });
-        tokio::fs::write(
-            &out.state,
-            serde_json::to_vec_pretty(&state).unwrap_or_default(),
-        )
-        .await?;
+        std::os::unix::fs::symlink(guest_ram(spec)?, &out.memory)?;
         Ok(())
     }
 
@@ -552,28 +646,103 @@ impl Vmm for Qemu {
         Ok(m)
     }
 
+    /// A new QEMU for `spec`, loaded from `from` and paused. From a state
+    /// object that is a migration stream (device state only): QEMU starts
+    /// waiting (`-incoming defer`), the memory image fills its RAM memfd,
+    /// then the stream loads. From one written before guest RAM was a memfd
+    /// (a JSON description): the memory object is the whole stream, loaded
+    /// as it is.
     async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> Result<VmProcess> {
-        // QEMU reads the memory (a file, or a FIFO the caller feeds) from an
-        // inherited fd: no `cat` and no extra pipe between the two. Opened
-        // non-blocking so a FIFO without a writer yet cannot hang us, then
-        // made blocking again for QEMU.
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
-        let memory = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&from.memory)?;
-        // SAFETY: F_SETFL on an fd we own only changes its status flags.
-        unsafe {
-            libc::fcntl(memory.as_raw_fd(), libc::F_SETFL, 0);
+        use std::io::Read;
+        let mut state = std::fs::File::open(&from.state)?;
+        let mut magic = [0u8; 4];
+        let device_state_only = state.read_exact(&mut magic).is_ok() && &magic == STREAM_MAGIC;
+        if !device_state_only {
+            let memory = std::fs::File::open(&from.memory)?;
+            return self
+                .launch(
+                    spec,
+                    &["-incoming".into(), format!("fd:{INCOMING_FD}").into()],
+                    Some(&memory),
+                    SNAPSHOT_TIMEOUT,
+                    &["running", "paused"],
+                )
+                .await;
         }
-        self.launch(
-            spec,
-            &["-incoming".into(), format!("fd:{INCOMING_FD}").into()],
-            Some(&memory),
-            SNAPSHOT_TIMEOUT,
+        let state = std::fs::File::open(&from.state)?;
+        let mut process = self
+            .launch(
+                spec,
+                &["-incoming".into(), "defer".into()],
+                Some(&state),
+                LAUNCH_TIMEOUT,
+                &["inmigrate"],
+            )
+            .await?;
+        drop(state);
+        match self.load_deferred(spec, process.pid, &from.memory).await {
+            Ok(()) => Ok(process),
+            Err(e) => {
+                let _ = process.child.start_kill();
+                let _ = process.child.wait().await;
+                self.release(&spec.vm_id).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Qemu {
+    /// The waiting QEMU `pid` gets `memory` in its RAM, then loads the device
+    /// state it inherited as `INCOMING_FD`; returns once the guest is paused.
+    async fn load_deferred(&self, spec: &VmSpec, pid: u32, memory: &Path) -> Result<()> {
+        let ram = guest_ram_of(pid)?;
+        let image = memory.to_path_buf();
+        tokio::task::spawn_blocking(move || fill_ram(&image, &ram))
+            .await
+            .map_err(|e| VmmError::Control(format!("filling guest RAM: {e}")))?
+            .map_err(|e| VmmError::Control(format!("filling guest RAM: {e}")))?;
+        let mut q = qmp(spec).await?;
+        q.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })),
         )
         .await
+        .map_err(VmmError::Control)?;
+        q.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("fd:{INCOMING_FD}") })),
+        )
+        .await
+        .map_err(VmmError::Control)?;
+        let started = Instant::now();
+        loop {
+            let status = q
+                .execute("query-status", None)
+                .await
+                .map_err(VmmError::Control)?;
+            match status.get("status").and_then(|s| s.as_str()) {
+                Some("paused") => return Ok(()),
+                Some("inmigrate") if started.elapsed() < SNAPSHOT_TIMEOUT => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                other => {
+                    let why = q
+                        .execute("query-migrate", None)
+                        .await
+                        .ok()
+                        .and_then(|m| {
+                            m.get("error-desc")
+                                .and_then(|d| d.as_str())
+                                .map(String::from)
+                        })
+                        .unwrap_or_else(|| format!("status {other:?}"));
+                    return Err(VmmError::Control(format!(
+                        "loading the device state failed: {why}"
+                    )));
+                }
+            }
+        }
     }
 }
 
