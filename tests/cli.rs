@@ -468,3 +468,56 @@ fn where_the_cli_finds_the_daemon_and_its_key() {
         r.stdout
     );
 }
+
+#[test]
+fn images_upload_show_and_delete_by_name() {
+    let d = Daemon::start();
+    let img = image_dir();
+    let path = |f: &str| img.join(f).display().to_string();
+    let up = hatch(
+        &d,
+        &[
+            "image",
+            "create",
+            "--kernel",
+            &path("vmlinuz"),
+            "--rootfs",
+            &path("rootfs.ext4"),
+            "--initrd",
+            &path("initrd.img"),
+            "--name",
+            "up",
+            "--wait",
+            "--json",
+        ],
+    )
+    .json();
+    assert_eq!(up["source"], "upload", "{up}");
+    assert_eq!(up["has_initrd"], true, "{up}");
+    let id = up["id"].as_str().unwrap();
+    let size = ["vmlinuz", "rootfs.ext4", "initrd.img"]
+        .iter()
+        .map(|f| std::fs::metadata(img.join(f)).unwrap().len())
+        .sum::<u64>();
+    assert_eq!(up["size_bytes"], size, "every byte arrived");
+    let table = hatch(&d, &["image", "ls"]).ok().to_string();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(id))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("up") && row.contains("upload"), "{row}");
+    assert_eq!(
+        hatch(&d, &["image", "show", "up", "--json"]).json()["id"],
+        id
+    );
+    assert_eq!(
+        hatch(&d, &["image", "rm", "up"]).ok().trim(),
+        format!("deleted {id}")
+    );
+    assert_eq!(d.req("GET", &format!("/images/{id}"), None).status, 404);
+    // The shared default image is not the CLI's to delete: the API's 409 text.
+    let r = hatch(&d, &["image", "rm", "img_default"]);
+    let api = d.req("DELETE", "/images/img_default", None);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.stderr.trim(), format!("error: {}", api.error()));
+}

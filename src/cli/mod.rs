@@ -38,15 +38,20 @@ pub enum VmCmd {
     #[command(alias = "list")]
     Ls,
     /// Show one VM.
-    Show { vm: String },
+    Show {
+        /// VM name or id.
+        vm: String,
+    },
     /// Power a VM off (ACPI; killed after the server's stop timeout).
     Stop {
+        /// VM name or id.
         vm: String,
         #[command(flatten)]
         wait: Wait,
     },
     /// Boot a stopped (or failed) VM again from its disk.
     Start {
+        /// VM name or id.
         vm: String,
         #[command(flatten)]
         wait: Wait,
@@ -54,11 +59,13 @@ pub enum VmCmd {
     /// Delete VMs: their VMM, disk, snapshots and routes.
     #[command(alias = "delete")]
     Rm {
+        /// VM names or ids.
         #[arg(required = true)]
         vms: Vec<String>,
     },
     /// Print a VM's serial console.
     Logs {
+        /// VM name or id.
         vm: String,
         /// Keep printing new output until the VM's VMM exits.
         #[arg(short, long)]
@@ -148,6 +155,7 @@ pub enum SnapshotCmd {
     /// Snapshot a VM. By default the VM goes to sleep on it (the Hatch
     /// snapshot); `--kind standby|stopped` makes a Hypeman snapshot.
     Create {
+        /// VM name or id.
         vm: String,
         #[arg(long, value_enum, default_value_t = SnapshotKind::Sleep)]
         kind: SnapshotKind,
@@ -179,7 +187,10 @@ pub enum SnapshotCmd {
         tags: Vec<(String, String)>,
     },
     /// Show one snapshot (id, or a name unique among your snapshots).
-    Show { snapshot: String },
+    Show {
+        /// Snapshot id or name.
+        snapshot: String,
+    },
     /// Delete snapshots and their objects.
     #[command(alias = "delete")]
     Rm {
@@ -189,7 +200,9 @@ pub enum SnapshotCmd {
     /// Restore a VM: without SNAPSHOT it wakes from the snapshot it sleeps
     /// on; with one, it takes that snapshot's state (Hypeman restore).
     Restore {
+        /// VM name or id.
         vm: String,
+        /// One of the VM's snapshots (id or name).
         snapshot: Option<String>,
         #[arg(long, value_enum)]
         target_state: Option<TargetState>,
@@ -201,6 +214,7 @@ pub enum SnapshotCmd {
     },
     /// A new VM from a snapshot.
     Fork {
+        /// Snapshot id or name.
         snapshot: String,
         /// The new VM's name.
         #[arg(long)]
@@ -306,9 +320,13 @@ pub enum TemplateCmd {
 pub enum RouteCmd {
     /// A VM's proxy routes.
     #[command(alias = "list")]
-    Ls { vm: String },
+    Ls {
+        /// VM name or id.
+        vm: String,
+    },
     /// Expose a VM's port as SUBDOMAIN.BASE_DOMAIN through the proxy.
     Add {
+        /// VM name or id.
         vm: String,
         /// The guest's port.
         #[arg(long)]
@@ -322,7 +340,12 @@ pub enum RouteCmd {
     },
     /// Delete a route (its id or subdomain).
     #[command(alias = "delete")]
-    Rm { vm: String, route: String },
+    Rm {
+        /// VM name or id.
+        vm: String,
+        /// Route id or subdomain.
+        route: String,
+    },
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
