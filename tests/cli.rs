@@ -377,6 +377,12 @@ fn errors_owners_and_names_as_the_cli_shows_them() {
     .json();
     assert_eq!(back["state"], "running", "{back}");
 
+    // Stop and start by name.
+    let stopped = hatch(&d, &["vm", "stop", "two", "--wait", "--json"]).json();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    let started = hatch(&d, &["vm", "start", "two", "--wait", "--json"]).json();
+    assert_eq!(started["state"], "running", "{started}");
+
     // --wait on a compressed snapshot stays until its memory is compressed
     // (the API answers `compressing` at once).
     let z = hatch(
