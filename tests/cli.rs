@@ -127,8 +127,13 @@ fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
 #[test]
 fn the_cli_drives_the_quickstart_on_a_real_guest() {
     let d = Daemon::start();
-    // The README's user data: the guest's httpd serves /srv/www.
-    let user_data = "#!/bin/sh\nmkdir -p /srv/www && echo hi > /srv/www/index.html";
+    // The README's user data, from a file as there: the guest's httpd serves /srv/www.
+    let script = d.data_dir.join("web.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nmkdir -p /srv/www && echo hi > /srv/www/index.html\n",
+    )
+    .unwrap();
     let vm = hatch(
         &d,
         &[
@@ -136,8 +141,8 @@ fn the_cli_drives_the_quickstart_on_a_real_guest() {
             "create",
             "--name",
             "demo",
-            "--user-data",
-            user_data,
+            "--user-data-file",
+            script.to_str().unwrap(),
             "--wait",
             "--json",
         ],
@@ -293,11 +298,14 @@ fn errors_owners_and_names_as_the_cli_shows_them() {
             "small",
             "--mem-mib",
             "256",
+            "--user-data",
+            "#!/bin/sh\necho from-template",
             "--json",
         ],
     )
     .json();
     assert_eq!(tpl["mem_mib"], 256);
+    assert_eq!(tpl["user_data"], "#!/bin/sh\necho from-template");
     let a = hatch(
         &d,
         &[
