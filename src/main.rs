@@ -16,8 +16,6 @@ use std::sync::Arc;
 #[derive(Parser)]
 #[command(name = "hatch", version, about = "Self-hosted microVM control plane")]
 struct Cli {
-    #[command(flatten)]
-    global: cli::Global,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -38,26 +36,37 @@ enum Cmd {
     },
     /// VMs: create, list, show, stop, start, delete, console logs (over the API).
     Vm {
+        #[command(flatten)]
+        global: cli::Global,
         #[command(subcommand)]
         cmd: cli::VmCmd,
     },
     /// Snapshots: create, list, show, delete, restore, fork (over the API).
     Snapshot {
+        #[command(flatten)]
+        global: cli::Global,
         #[command(subcommand)]
         cmd: cli::SnapshotCmd,
     },
     /// Images: build one here, or list, show, upload and delete them (over the API).
     Image {
+        // Ignored by `image build`, which is local.
+        #[command(flatten)]
+        global: cli::Global,
         #[command(subcommand)]
         cmd: ImageCmd,
     },
     /// Templates: defaults for `vm create` (over the API).
     Template {
+        #[command(flatten)]
+        global: cli::Global,
         #[command(subcommand)]
         cmd: cli::TemplateCmd,
     },
     /// A VM's proxy routes (over the API).
     Route {
+        #[command(flatten)]
+        global: cli::Global,
         #[command(subcommand)]
         cmd: cli::RouteCmd,
     },
@@ -157,11 +166,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::umask(0o077);
     }
-    let parsed = Cli::parse();
-    let global = parsed.global;
-    let local = match parsed.cmd {
+    let local = match Cli::parse().cmd {
         Cmd::Image {
             cmd: ImageCmd::Build { out, kind },
+            ..
         } => match kind {
             ImageKind::Busybox => hatch::image::build::build(&out),
             ImageKind::Debian => hatch::image::debian::build(&out),
@@ -173,11 +181,12 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "hatch", &mut std::io::stdout());
             Ok(())
         }
-        Cmd::Vm { cmd } => return cli::run(global, cli::Command::Vm(cmd)),
-        Cmd::Snapshot { cmd } => return cli::run(global, cli::Command::Snapshot(cmd)),
-        Cmd::Image { cmd } => return cli::run(global, cli::Command::Image(cmd)),
-        Cmd::Template { cmd } => return cli::run(global, cli::Command::Template(cmd)),
-        Cmd::Route { cmd } => return cli::run(global, cli::Command::Route(cmd)),
+        // The API's clients: they exit with their own status (3: not found).
+        Cmd::Vm { global, cmd } => return cli::run(global, cli::Command::Vm(cmd)),
+        Cmd::Snapshot { global, cmd } => return cli::run(global, cli::Command::Snapshot(cmd)),
+        Cmd::Image { global, cmd } => return cli::run(global, cli::Command::Image(cmd)),
+        Cmd::Template { global, cmd } => return cli::run(global, cli::Command::Template(cmd)),
+        Cmd::Route { global, cmd } => return cli::run(global, cli::Command::Route(cmd)),
     };
     match local {
         Ok(()) => ExitCode::SUCCESS,
