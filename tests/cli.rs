@@ -468,6 +468,35 @@ fn where_the_cli_finds_the_daemon_and_its_key() {
         r.stderr
     );
 
+    // --wait shows a spinner on a terminal (script(1) gives it one), never in a pipe.
+    let unreachable = [("HATCH_URL", "http://127.0.0.1:9"), ("HATCH_API_KEY", "k")];
+    let piped = run(&unreachable, &["vm", "create", "--wait"]);
+    assert_eq!(piped.code, 1);
+    assert!(!piped.stderr.contains("booting"), "{}", piped.stderr);
+    let line = format!("{} vm create --wait", bin().display());
+    let out = d.in_ns(
+        None,
+        &[
+            "env",
+            "HATCH_URL=http://127.0.0.1:9",
+            "HATCH_API_KEY=k",
+            "TERM=xterm",
+            "script",
+            "-qec",
+            &line,
+            "/dev/null",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("creating and booting the VM"),
+        "no spinner on a terminal: {text:?}"
+    );
+    assert!(
+        text.contains("error: cannot reach the hatch API"),
+        "{text:?}"
+    );
+
     // A broken config file is an error naming it, not a silent default.
     std::fs::write(dir.join("config.toml"), "key = \"x\"\n").unwrap();
     let r = run(&[], &["vm", "ls"]);

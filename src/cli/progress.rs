@@ -17,6 +17,8 @@ impl Spinner {
             bar.set_style(style);
         }
         bar.set_message(message.to_string());
+        // Drawn at once, so even a call that fails at once showed what it was doing.
+        bar.tick();
         bar.enable_steady_tick(Duration::from_millis(100));
         Spinner(Some(bar))
     }
