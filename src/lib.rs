@@ -1,6 +1,7 @@
 //! hatch: a self-hosted microVM control plane (daemon, REST API and CLI).
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod crash;
 pub mod domain;

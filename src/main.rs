@@ -1,14 +1,16 @@
-//! The `hatch` binary: `hatch serve` runs the daemon; `keys` and `image` are
-//! administration tools that work on the data directory directly.
+//! The `hatch` binary: `hatch serve` runs the daemon; `vm`, `snapshot`,
+//! `image`, `template` and `route` are clients of its API (src/cli); `keys`,
+//! `owners` and `image build` work on this host directly.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hatch::api::{self, AppState};
+use hatch::cli::{self, ImageCmd, ImageKind};
 use hatch::config::Config;
 use hatch::manager::Manager;
 use hatch::store::{self, ApiKey, Store};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -32,10 +34,46 @@ enum Cmd {
         #[command(subcommand)]
         cmd: OwnersCmd,
     },
-    /// Images: build the default guest image.
+    /// VMs: create, list, show, stop, start, delete, console logs (over the API).
+    Vm {
+        #[command(flatten)]
+        global: cli::Global,
+        #[command(subcommand)]
+        cmd: cli::VmCmd,
+    },
+    /// Snapshots: create, list, show, delete, restore, fork (over the API).
+    Snapshot {
+        #[command(flatten)]
+        global: cli::Global,
+        #[command(subcommand)]
+        cmd: cli::SnapshotCmd,
+    },
+    /// Images: build one here, or list, show, upload and delete them (over the API).
     Image {
+        // Ignored by `image build`, which is local.
+        #[command(flatten)]
+        global: cli::Global,
         #[command(subcommand)]
         cmd: ImageCmd,
+    },
+    /// Templates: defaults for `vm create` (over the API).
+    Template {
+        #[command(flatten)]
+        global: cli::Global,
+        #[command(subcommand)]
+        cmd: cli::TemplateCmd,
+    },
+    /// A VM's proxy routes (over the API).
+    Route {
+        #[command(flatten)]
+        global: cli::Global,
+        #[command(subcommand)]
+        cmd: cli::RouteCmd,
+    },
+    /// Print a shell completion script: `hatch completions bash > /etc/bash_completion.d/hatch`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -121,43 +159,42 @@ fn parse_size_limit(s: &str) -> Result<Limit, String> {
     }
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ImageKind {
-    Busybox,
-    Debian,
-}
-
-#[derive(Subcommand)]
-enum ImageCmd {
-    /// Build a guest image into DIR (DIR/vmlinuz, DIR/vmlinux, DIR/initrd.img, DIR/rootfs.ext4).
-    Build {
-        #[arg(long)]
-        out: PathBuf,
-        /// `busybox`: the small default image (seconds to build and boot);
-        /// `debian`: Debian bookworm with systemd, cloud-init and OpenSSH (debootstrap).
-        #[arg(long, value_enum, default_value_t = ImageKind::Busybox)]
-        kind: ImageKind,
-    },
-}
-
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     // Everything the daemon and its tools create is theirs alone: files
     // 0600, directories 0700 (the data dir holds every owner's data).
     // SAFETY: umask only sets this process's file-creation mask.
     unsafe {
         libc::umask(0o077);
     }
-    let cli = Cli::parse();
-    match cli.cmd {
+    let local = match Cli::parse().cmd {
         Cmd::Image {
             cmd: ImageCmd::Build { out, kind },
+            ..
         } => match kind {
             ImageKind::Busybox => hatch::image::build::build(&out),
             ImageKind::Debian => hatch::image::debian::build(&out),
         },
-        Cmd::Serve => runtime()?.block_on(serve()),
-        Cmd::Keys { cmd } => runtime()?.block_on(keys(cmd)),
-        Cmd::Owners { cmd } => runtime()?.block_on(owners(cmd)),
+        Cmd::Serve => runtime().and_then(|rt| rt.block_on(serve())),
+        Cmd::Keys { cmd } => runtime().and_then(|rt| rt.block_on(keys(cmd))),
+        Cmd::Owners { cmd } => runtime().and_then(|rt| rt.block_on(owners(cmd))),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "hatch", &mut std::io::stdout());
+            Ok(())
+        }
+        // The API's clients: they exit with their own status (3: not found).
+        Cmd::Vm { global, cmd } => return cli::run(global, cli::Command::Vm(cmd)),
+        Cmd::Snapshot { global, cmd } => return cli::run(global, cli::Command::Snapshot(cmd)),
+        Cmd::Image { global, cmd } => return cli::run(global, cli::Command::Image(cmd)),
+        Cmd::Template { global, cmd } => return cli::run(global, cli::Command::Template(cmd)),
+        Cmd::Route { global, cmd } => return cli::run(global, cli::Command::Route(cmd)),
+    };
+    match local {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // As `fn main() -> anyhow::Result` printed it before.
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,0 +1,180 @@
+//! The CLI's HTTP client: one call per API request, the API's `{"error": ...}` turned into a [`CliError`].
+
+use super::Settings;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The API answered 404, or a name matched nothing.
+    #[error("{0}")]
+    NotFound(String),
+    /// The API refused or failed: its own `error` text.
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    /// The daemon could not be reached, or answered something that is not the API.
+    #[error("{0}")]
+    Transport(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::NotFound(_) => super::EXIT_NOT_FOUND,
+            _ => super::EXIT_FAILURE,
+        }
+    }
+}
+
+/// One answer of the API: the body exactly as sent (for `--json`) and parsed.
+pub struct Answer {
+    pub text: String,
+    pub json: Value,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl Client {
+    pub fn new(settings: Settings) -> Result<Client, CliError> {
+        let http = reqwest::Client::builder()
+            // No overall timeout: a snapshot or an upload takes as long as it takes.
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| CliError::Other(format!("making the HTTP client: {e}")))?;
+        Ok(Client {
+            http,
+            base: settings.url,
+            key: settings.api_key,
+        })
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = &self.key {
+            r = r.bearer_auth(k);
+        }
+        r
+    }
+
+    /// Sends a request and reads the whole answer; a non-2xx status is an error.
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<Answer, CliError> {
+        let resp = self.start(req).await?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| CliError::Transport(format!("reading the answer: {e}")))?;
+        let json = serde_json::from_str(&text).map_err(|_| {
+            CliError::Transport(format!(
+                "{} did not answer with JSON (is it a hatch daemon?)",
+                self.base
+            ))
+        })?;
+        Ok(Answer { text, json })
+    }
+
+    /// Sends a request and hands back the response once its status is a success.
+    pub async fn start(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, CliError> {
+        let resp = req.send().await.map_err(|e| {
+            CliError::Transport(format!(
+                "cannot reach the hatch API at {}: {}",
+                self.base,
+                error_chain(&e)
+            ))
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        match api_error(status, &body) {
+            CliError::Api { status: 401, message } if self.key.is_none() => Err(CliError::Api {
+                status: 401,
+                message: format!("{message} (no key given: set HATCH_API_KEY, --api-key or api_key in the config file)"),
+            }),
+            e => Err(e),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Answer, CliError> {
+        self.send(self.request(Method::GET, path)).await
+    }
+
+    /// A GET with query parameters, each encoded.
+    pub async fn get_query(
+        &self,
+        path: &str,
+        query: &[(String, String)],
+    ) -> Result<Answer, CliError> {
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))
+            .map_err(|e| CliError::Other(format!("the API address {}: {e}", self.base)))?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let mut r = self.http.get(url);
+        if let Some(k) = &self.key {
+            r = r.bearer_auth(k);
+        }
+        self.send(r).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Answer, CliError> {
+        self.send(self.request(Method::DELETE, path)).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Answer, CliError> {
+        self.send(self.request(Method::POST, path).json(body)).await
+    }
+}
+
+/// The API's own error text when it sent one, else the status.
+fn api_error(status: StatusCode, body: &str) -> CliError {
+    let message = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| format!("the API answered {status}"));
+    if status == StatusCode::NOT_FOUND {
+        CliError::NotFound(message)
+    } else {
+        CliError::Api {
+            status: status.as_u16(),
+            message,
+        }
+    }
+}
+
+/// reqwest's error with its causes ("error sending request: ... Connection refused").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_apis_error_text_is_the_message_and_404_is_not_found() {
+        let e = api_error(StatusCode::CONFLICT, r#"{"error":"vm is stopped"}"#);
+        assert!(matches!(&e, CliError::Api { status: 409, .. }), "{e:?}");
+        assert_eq!(e.to_string(), "vm is stopped");
+        assert_eq!(e.exit_code(), super::super::EXIT_FAILURE);
+        let e = api_error(StatusCode::NOT_FOUND, r#"{"error":"vm not found"}"#);
+        assert_eq!(e.to_string(), "vm not found");
+        assert_eq!(e.exit_code(), super::super::EXIT_NOT_FOUND);
+        let e = api_error(StatusCode::BAD_GATEWAY, "<html>");
+        assert_eq!(e.to_string(), "the API answered 502 Bad Gateway");
+    }
+}

@@ -1,0 +1,680 @@
+//! Each client subcommand: the API calls it makes and what it prints.
+
+use super::client::{Answer, CliError, Client};
+use super::output::{bytes, col, fields, s, table, Column};
+use super::progress::Spinner;
+use super::{resolve, Command, Global, Settings};
+use super::{ImageCmd, RouteCmd, SnapshotCmd, SnapshotKind, TemplateCmd, VmCmd, VmCreate, Wait};
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+/// How often `--wait` asks again.
+const POLL: Duration = Duration::from_millis(500);
+
+pub async fn run(global: Global, cmd: Command) -> Result<(), CliError> {
+    let client = Client::new(Settings::resolve(&global.connection)?)?;
+    let out = Out { json: global.json };
+    match cmd {
+        Command::Vm(c) => vm(&client, out, c).await,
+        Command::Snapshot(c) => snapshot(&client, out, c).await,
+        Command::Image(c) => image(&client, out, c).await,
+        Command::Template(c) => template(&client, out, c).await,
+        Command::Route(c) => route(&client, out, c).await,
+    }
+}
+
+/// Where answers go: the API's JSON as sent, or the people's view.
+#[derive(Clone, Copy)]
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// A list: the JSON array as sent, or a table.
+    fn list(self, a: &Answer, columns: &[Column]) {
+        if self.json {
+            println!("{}", a.text);
+        } else {
+            let rows = a.json.as_array().cloned().unwrap_or_default();
+            print!("{}", table(columns, &rows));
+        }
+    }
+
+    /// One object: its JSON as sent, or `field  value` lines.
+    fn one(self, a: &Answer) {
+        if self.json {
+            println!("{}", a.text);
+        } else {
+            print!("{}", fields(&a.json));
+        }
+    }
+
+    /// A delete: its JSON as sent, or one line saying what went.
+    fn deleted(self, a: &Answer, what: &str) {
+        if self.json {
+            println!("{}", a.text);
+        } else {
+            println!("deleted {what}");
+        }
+    }
+}
+
+const VM_COLUMNS: &[Column] = &[
+    col("ID", |v| s(v, "id")),
+    col("NAME", |v| s(v, "name")),
+    col("STATE", |v| s(v, "state")),
+    col("IMAGE", |v| s(v, "image_id")),
+    col("VCPUS", |v| s(v, "vcpu_count")),
+    col("MEM_MIB", |v| s(v, "mem_mib")),
+    col("IP", |v| s(v, "guest_ip")),
+    col("SSH_PORT", |v| s(v, "ssh_port")),
+    col("CREATED", |v| s(v, "created_at")),
+];
+
+async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
+    match cmd {
+        VmCmd::Create(c) => {
+            let wait = c.wait;
+            let body = create_body(client, c).await?;
+            let spinner = Spinner::start(wait.wait, "creating and booting the VM");
+            let a = client.post("/vms", &body).await?;
+            let a = settle_vm(client, a, wait, &spinner).await?;
+            spinner.finish();
+            out.one(&a);
+        }
+        VmCmd::Ls => out.list(&client.get("/vms").await?, VM_COLUMNS),
+        VmCmd::Show { vm } => {
+            let id = resolve::vm(client, &vm).await?;
+            out.one(&client.get(&format!("/vms/{id}")).await?);
+        }
+        VmCmd::Stop { vm, wait } => power(client, out, &vm, "stop", wait).await?,
+        VmCmd::Start { vm, wait } => power(client, out, &vm, "start", wait).await?,
+        VmCmd::Rm { vms } => {
+            for vm in vms {
+                let id = resolve::vm(client, &vm).await?;
+                let a = client.delete(&format!("/vms/{id}")).await?;
+                out.deleted(&a, &id);
+            }
+        }
+        VmCmd::Logs { vm, follow } => {
+            let id = resolve::vm(client, &vm).await?;
+            let path = if follow {
+                format!("/vms/{id}/logs?follow=true")
+            } else {
+                format!("/vms/{id}/logs")
+            };
+            let mut resp = client.start(client.request(Method::GET, &path)).await?;
+            let mut stdout = std::io::stdout().lock();
+            // Chunk by chunk: with --follow the answer lasts as long as the VMM.
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| CliError::Transport(format!("reading the log: {e}")))?
+            {
+                if stdout
+                    .write_all(&chunk)
+                    .and_then(|_| stdout.flush())
+                    .is_err()
+                {
+                    // The reader went away (`| head`): that is the end, not a failure.
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `vm stop` and `vm start`: one POST, then (with --wait) until the VM settles.
+async fn power(
+    client: &Client,
+    out: Out,
+    vm: &str,
+    verb: &str,
+    wait: Wait,
+) -> Result<(), CliError> {
+    let id = resolve::vm(client, vm).await?;
+    let spinner = Spinner::start(wait.wait, &format!("{verb} {id}"));
+    let a = client
+        .post(&format!("/vms/{id}/{verb}"), &json!({}))
+        .await?;
+    let a = settle_vm(client, a, wait, &spinner).await?;
+    spinner.finish();
+    out.one(&a);
+    Ok(())
+}
+
+/// The `POST /vms` body from the flags; names of images and templates resolved.
+async fn create_body(client: &Client, c: VmCreate) -> Result<Value, CliError> {
+    let mut body = Map::new();
+    let mut put = |k: &str, v: Value| {
+        body.insert(k.to_string(), v);
+    };
+    if let Some(n) = c.name {
+        put("name", n.into());
+    }
+    if let Some(i) = c.image {
+        put("image_id", resolve::image(client, &i).await?.into());
+    }
+    if let Some(t) = c.template {
+        put("template_id", resolve::template(client, &t).await?.into());
+    }
+    if let Some(n) = c.vcpus {
+        put("vcpu_count", n.into());
+    }
+    if let Some(n) = c.mem_mib {
+        put("mem_mib", n.into());
+    }
+    if let Some(b) = c.boot_args {
+        put("boot_args", b.into());
+    }
+    if c.no_network {
+        put("enable_network", false.into());
+    }
+    if let Some(u) = user_data(c.user_data, c.user_data_file.as_deref())? {
+        put("user_data", u.into());
+    }
+    if let Some(h) = c.hypervisor {
+        put("hypervisor", h.into());
+    }
+    if let Some(t) = c.idle_timeout {
+        put("idle_timeout_seconds", t.into());
+    }
+    if c.no_auto_sleep {
+        put("auto_sleep", false.into());
+    }
+    Ok(Value::Object(body))
+}
+
+/// `--user-data TEXT` or `--user-data-file PATH` (`-` reads standard input).
+fn user_data(text: Option<String>, file: Option<&Path>) -> Result<Option<String>, CliError> {
+    let Some(path) = file else {
+        return Ok(text);
+    };
+    let read = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(path)
+    };
+    read.map(Some)
+        .map_err(|e| CliError::Other(format!("reading {}: {e}", path.display())))
+}
+
+/// With --wait, asks again until the VM is no longer `starting` or
+/// `stopping`; a VM that ends in `error` fails the command with its `last_error`.
+async fn settle_vm(
+    client: &Client,
+    mut a: Answer,
+    wait: Wait,
+    spinner: &Spinner,
+) -> Result<Answer, CliError> {
+    if !wait.wait {
+        return Ok(a);
+    }
+    let id = s(&a.json, "id");
+    loop {
+        let state = s(&a.json, "state");
+        match state.as_str() {
+            "starting" | "stopping" => spinner.set_message(&format!("{id} is {state}")),
+            "error" => {
+                return Err(CliError::Other(format!(
+                    "VM {id} is in error: {}",
+                    s(&a.json, "last_error")
+                )))
+            }
+            _ => return Ok(a),
+        }
+        tokio::time::sleep(POLL).await;
+        a = client.get(&format!("/vms/{id}")).await?;
+    }
+}
+
+const SNAPSHOT_COLUMNS: &[Column] = &[
+    col("ID", |v| s(v, "id")),
+    col("NAME", |v| s(v, "name")),
+    col("KIND", |v| s(v, "kind")),
+    col("VM", |v| s(v, "source_instance_id")),
+    col("SIZE", |v| bytes(v, "size_bytes")),
+    col("COMPRESSION", |v| s(v, "compression_state")),
+    col("CREATED", |v| s(v, "created_at")),
+];
+
+async fn snapshot(client: &Client, out: Out, cmd: SnapshotCmd) -> Result<(), CliError> {
+    match cmd {
+        SnapshotCmd::Create {
+            vm,
+            kind,
+            name,
+            tags,
+            compression,
+            wait,
+        } => {
+            let id = resolve::vm(client, &vm).await?;
+            let a = match kind {
+                SnapshotKind::Sleep => {
+                    if name.is_some() || !tags.is_empty() || compression.is_some() {
+                        return Err(CliError::Other(
+                            "--name, --tag and --compression need --kind standby or stopped (a sleep snapshot has none)".into(),
+                        ));
+                    }
+                    let spinner = Spinner::start(wait.wait, &format!("putting {id} to sleep"));
+                    let a = client
+                        .post(&format!("/vms/{id}/snapshot"), &json!({}))
+                        .await?;
+                    spinner.finish();
+                    a
+                }
+                SnapshotKind::Standby | SnapshotKind::Stopped => {
+                    let mut body = Map::new();
+                    let api_kind = if kind == SnapshotKind::Standby {
+                        "Standby"
+                    } else {
+                        "Stopped"
+                    };
+                    body.insert("kind".into(), api_kind.into());
+                    if let Some(n) = name {
+                        body.insert("name".into(), n.into());
+                    }
+                    if !tags.is_empty() {
+                        let tags: Map<String, Value> =
+                            tags.into_iter().map(|(k, v)| (k, v.into())).collect();
+                        body.insert("tags".into(), tags.into());
+                    }
+                    if let Some(c) = compression {
+                        body.insert("compression".into(), parse_compression(&c)?);
+                    }
+                    let spinner = Spinner::start(wait.wait, &format!("snapshotting {id}"));
+                    let a = client
+                        .post(&format!("/instances/{id}/snapshots"), &Value::Object(body))
+                        .await?;
+                    let a = settle_snapshot(client, a, wait, &spinner).await?;
+                    spinner.finish();
+                    a
+                }
+            };
+            out.one(&a);
+        }
+        SnapshotCmd::Ls {
+            vm,
+            kind,
+            name,
+            tags,
+        } => {
+            let mut query: Vec<(String, String)> = vec![];
+            if let Some(vm) = vm {
+                query.push(("source_instance_id".into(), resolve::vm(client, &vm).await?));
+            }
+            if let Some(k) = kind {
+                query.push(("kind".into(), k));
+            }
+            if let Some(n) = name {
+                query.push(("name".into(), n));
+            }
+            for (k, v) in tags {
+                query.push((format!("tags[{k}]"), v));
+            }
+            let a = client.get_query("/snapshots", &query).await?;
+            out.list(&a, SNAPSHOT_COLUMNS);
+        }
+        SnapshotCmd::Show { snapshot } => {
+            let id = resolve::snapshot(client, &snapshot).await?;
+            out.one(&client.get(&format!("/snapshots/{id}")).await?);
+        }
+        SnapshotCmd::Rm { snapshots } => {
+            for snap in snapshots {
+                let id = resolve::snapshot(client, &snap).await?;
+                let a = client.delete(&format!("/snapshots/{id}")).await?;
+                out.deleted(&a, &id);
+            }
+        }
+        SnapshotCmd::Restore {
+            vm,
+            snapshot,
+            target_state,
+            target_hypervisor,
+            wait,
+        } => {
+            let id = resolve::vm(client, &vm).await?;
+            let (path, body) = match snapshot {
+                None => {
+                    if target_state.is_some() || target_hypervisor.is_some() {
+                        return Err(CliError::Other(
+                            "--target-state and --target-hypervisor need a SNAPSHOT to restore"
+                                .into(),
+                        ));
+                    }
+                    (format!("/vms/{id}/restore"), json!({}))
+                }
+                Some(snap) => {
+                    // A name means one of this VM's own snapshots.
+                    let sid = resolve::resolve(
+                        client,
+                        &resolve::SNAPSHOT,
+                        &snap,
+                        &format!("/snapshots?source_instance_id={id}"), // an id: nothing to encode
+                    )
+                    .await?;
+                    (
+                        format!("/instances/{id}/snapshots/{sid}/restore"),
+                        target_body(None, target_state, target_hypervisor),
+                    )
+                }
+            };
+            let spinner = Spinner::start(wait.wait, &format!("restoring {id}"));
+            let a = client.post(&path, &body).await?;
+            let a = settle_vm(client, a, wait, &spinner).await?;
+            spinner.finish();
+            out.one(&a);
+        }
+        SnapshotCmd::Fork {
+            snapshot,
+            name,
+            target_state,
+            target_hypervisor,
+            wait,
+        } => {
+            let sid = resolve::snapshot(client, &snapshot).await?;
+            let spinner = Spinner::start(wait.wait, &format!("forking {sid} as {name}"));
+            let body = target_body(Some(name), target_state, target_hypervisor);
+            let a = client
+                .post(&format!("/snapshots/{sid}/fork"), &body)
+                .await?;
+            let a = settle_vm(client, a, wait, &spinner).await?;
+            spinner.finish();
+            out.one(&a);
+        }
+    }
+    Ok(())
+}
+
+/// The body of a Hypeman restore or fork.
+fn target_body(
+    name: Option<String>,
+    state: Option<super::TargetState>,
+    hypervisor: Option<String>,
+) -> Value {
+    let mut body = Map::new();
+    if let Some(n) = name {
+        body.insert("name".into(), n.into());
+    }
+    if let Some(t) = state {
+        body.insert("target_state".into(), t.api_name().into());
+    }
+    if let Some(h) = hypervisor {
+        body.insert("target_hypervisor".into(), h.into());
+    }
+    Value::Object(body)
+}
+
+/// `none`, `zstd`, `zstd:LEVEL`, `lz4`, `lz4:LEVEL` as the API's compression object.
+fn parse_compression(s: &str) -> Result<Value, CliError> {
+    if s == "none" {
+        return Ok(json!({"enabled": false}));
+    }
+    let (algorithm, level) = match s.split_once(':') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    if !matches!(algorithm, "zstd" | "lz4") {
+        return Err(CliError::Other(format!(
+            "--compression {s:?}: use none, zstd, zstd:LEVEL, lz4 or lz4:LEVEL"
+        )));
+    }
+    let mut c = json!({"enabled": true, "algorithm": algorithm});
+    if let Some(l) = level {
+        let l: u32 = l
+            .parse()
+            .map_err(|_| CliError::Other(format!("--compression {s:?}: the level is a number")))?;
+        c["level"] = l.into();
+    }
+    Ok(c)
+}
+
+/// With --wait, asks again until the snapshot's memory is no longer being
+/// compressed. A compression that failed leaves a snapshot that still
+/// restores (its memory raw): a warning, not a failure.
+async fn settle_snapshot(
+    client: &Client,
+    mut a: Answer,
+    wait: Wait,
+    spinner: &Spinner,
+) -> Result<Answer, CliError> {
+    if !wait.wait {
+        return Ok(a);
+    }
+    let id = s(&a.json, "id");
+    while s(&a.json, "compression_state") == "compressing" {
+        spinner.set_message(&format!("compressing {id}"));
+        tokio::time::sleep(POLL).await;
+        a = client.get(&format!("/snapshots/{id}")).await?;
+    }
+    if s(&a.json, "compression_state") == "error" {
+        eprintln!(
+            "warning: {id} was not compressed ({}); it restores from its raw memory",
+            s(&a.json, "compression_error")
+        );
+    }
+    Ok(a)
+}
+
+const IMAGE_COLUMNS: &[Column] = &[
+    col("ID", |v| s(v, "id")),
+    col("NAME", |v| s(v, "name")),
+    col("SOURCE", |v| s(v, "source")),
+    col("SIZE", |v| bytes(v, "size_bytes")),
+    col("KERNELS", |v| {
+        v["kernels"]
+            .as_array()
+            .map(|k| {
+                k.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_else(|| "-".into())
+    }),
+    col("INITRD", |v| s(v, "has_initrd")),
+    col("CREATED", |v| s(v, "created_at")),
+];
+
+async fn image(client: &Client, out: Out, cmd: ImageCmd) -> Result<(), CliError> {
+    match cmd {
+        ImageCmd::Build { .. } => unreachable!("`image build` is local: main runs it"),
+        ImageCmd::Ls => out.list(&client.get("/images").await?, IMAGE_COLUMNS),
+        ImageCmd::Show { image } => {
+            let id = resolve::image(client, &image).await?;
+            out.one(&client.get(&format!("/images/{id}")).await?);
+        }
+        ImageCmd::Rm { images } => {
+            for image in images {
+                let id = resolve::image(client, &image).await?;
+                let a = client.delete(&format!("/images/{id}")).await?;
+                out.deleted(&a, &id);
+            }
+        }
+        ImageCmd::Create {
+            kernel,
+            rootfs,
+            kernel_elf,
+            initrd,
+            name,
+            boot_args,
+            import,
+            wait,
+        } => {
+            let files = [
+                ("kernel", Some(kernel)),
+                ("rootfs", Some(rootfs)),
+                ("kernel_elf", kernel_elf),
+                ("initrd", initrd),
+            ];
+            let a = if import {
+                let mut body = Map::new();
+                for (field, path) in files {
+                    if let Some(p) = path {
+                        body.insert(format!("{field}_path"), p.display().to_string().into());
+                    }
+                }
+                if let Some(n) = name {
+                    body.insert("name".into(), n.into());
+                }
+                if let Some(b) = boot_args {
+                    body.insert("boot_args".into(), b.into());
+                }
+                let spinner = Spinner::start(wait.wait, "importing the image");
+                let a = client.post("/images", &Value::Object(body)).await?;
+                spinner.finish();
+                a
+            } else {
+                let mut form = reqwest::multipart::Form::new();
+                for (field, path) in files {
+                    if let Some(p) = path {
+                        // Streamed from the file, never read into memory whole.
+                        let part = reqwest::multipart::Part::file(&p).await.map_err(|e| {
+                            CliError::Other(format!("reading {}: {e}", p.display()))
+                        })?;
+                        form = form.part(field, part);
+                    }
+                }
+                if let Some(n) = name {
+                    form = form.text("name", n);
+                }
+                if let Some(b) = boot_args {
+                    form = form.text("boot_args", b);
+                }
+                let spinner = Spinner::start(wait.wait, "uploading the image");
+                let a = client
+                    .send(client.request(Method::POST, "/images").multipart(form))
+                    .await?;
+                spinner.finish();
+                a
+            };
+            out.one(&a);
+        }
+    }
+    Ok(())
+}
+
+const TEMPLATE_COLUMNS: &[Column] = &[
+    col("ID", |v| s(v, "id")),
+    col("NAME", |v| s(v, "name")),
+    col("IMAGE", |v| s(v, "image_id")),
+    col("VCPUS", |v| s(v, "vcpu_count")),
+    col("MEM_MIB", |v| s(v, "mem_mib")),
+    col("CREATED", |v| s(v, "created_at")),
+];
+
+async fn template(client: &Client, out: Out, cmd: TemplateCmd) -> Result<(), CliError> {
+    match cmd {
+        TemplateCmd::Create {
+            name,
+            description,
+            image,
+            user_data: text,
+            user_data_file,
+            vcpus,
+            mem_mib,
+        } => {
+            let mut body = Map::new();
+            body.insert("name".into(), name.into());
+            if let Some(d) = description {
+                body.insert("description".into(), d.into());
+            }
+            if let Some(i) = image {
+                body.insert("image_id".into(), resolve::image(client, &i).await?.into());
+            }
+            if let Some(u) = user_data(text, user_data_file.as_deref())? {
+                body.insert("user_data".into(), u.into());
+            }
+            if let Some(n) = vcpus {
+                body.insert("vcpu_count".into(), n.into());
+            }
+            if let Some(n) = mem_mib {
+                body.insert("mem_mib".into(), n.into());
+            }
+            out.one(&client.post("/templates", &Value::Object(body)).await?);
+        }
+        TemplateCmd::Ls => out.list(&client.get("/templates").await?, TEMPLATE_COLUMNS),
+        TemplateCmd::Show { template } => {
+            let id = resolve::template(client, &template).await?;
+            out.one(&client.get(&format!("/templates/{id}")).await?);
+        }
+        TemplateCmd::Rm { templates } => {
+            for t in templates {
+                let id = resolve::template(client, &t).await?;
+                let a = client.delete(&format!("/templates/{id}")).await?;
+                out.deleted(&a, &id);
+            }
+        }
+    }
+    Ok(())
+}
+
+const ROUTE_COLUMNS: &[Column] = &[
+    col("ID", |v| s(v, "id")),
+    col("SUBDOMAIN", |v| s(v, "subdomain")),
+    col("PORT", |v| s(v, "target_port")),
+    col("AUTO_WAKE", |v| s(v, "auto_wake")),
+    col("URL", |v| s(v, "url")),
+];
+
+async fn route(client: &Client, out: Out, cmd: RouteCmd) -> Result<(), CliError> {
+    match cmd {
+        RouteCmd::Ls { vm } => {
+            let id = resolve::vm(client, &vm).await?;
+            out.list(
+                &client.get(&format!("/vms/{id}/routes")).await?,
+                ROUTE_COLUMNS,
+            );
+        }
+        RouteCmd::Add {
+            vm,
+            port,
+            subdomain,
+            no_auto_wake,
+        } => {
+            let id = resolve::vm(client, &vm).await?;
+            let mut body = json!({"target_port": port});
+            if let Some(sd) = subdomain {
+                body["subdomain"] = sd.into();
+            }
+            if no_auto_wake {
+                body["auto_wake"] = false.into();
+            }
+            out.one(&client.post(&format!("/vms/{id}/routes"), &body).await?);
+        }
+        RouteCmd::Rm { vm, route } => {
+            let id = resolve::vm(client, &vm).await?;
+            let rid = resolve::route(client, &id, &route).await?;
+            let a = client.delete(&format!("/vms/{id}/routes/{rid}")).await?;
+            out.deleted(&a, &rid);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_flags_become_the_apis_object() {
+        assert_eq!(
+            parse_compression("none").unwrap(),
+            json!({"enabled": false})
+        );
+        assert_eq!(
+            parse_compression("zstd").unwrap(),
+            json!({"enabled": true, "algorithm": "zstd"})
+        );
+        assert_eq!(
+            parse_compression("lz4:3").unwrap(),
+            json!({"enabled": true, "algorithm": "lz4", "level": 3})
+        );
+        assert!(parse_compression("gzip").is_err());
+        assert!(parse_compression("zstd:x").is_err());
+    }
+}
