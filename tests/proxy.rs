@@ -878,10 +878,21 @@ fn access_lines(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// A file removed when this goes, a failed test's included.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
 fn the_access_log_has_one_json_line_per_request_with_its_outcome() {
+    // Outside the data dir, which exists only once the daemon starts.
     let log = std::env::temp_dir().join(format!("hatch-access-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&log);
+    let _removed = RemovedOnDrop(log.clone());
     let d = Daemon::start_with(&[("HATCH_PROXY_ACCESS_LOG", log.to_str().unwrap())]);
     let vm = web_vm(&d, json!({}));
     add_route(&d, &vm, json!({"target_port": 80, "subdomain": "site"}));
@@ -967,5 +978,4 @@ fn the_access_log_has_one_json_line_per_request_with_its_outcome() {
     assert_eq!(lines[4]["version"], "HTTP/2");
     assert_eq!(lines[4]["host"], "site.localhost:8081");
     assert_eq!(lines[5]["woke"], false);
-    let _ = std::fs::remove_file(&log);
 }
