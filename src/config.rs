@@ -244,6 +244,31 @@ pub struct ProxyConfig {
     /// Peers whose X-Forwarded-* / Forwarded / X-Real-IP headers are kept
     /// (HATCH_PROXY_TRUSTED_PROXIES); everyone else's are replaced.
     pub trusted_proxies: Vec<crate::proxy::Cidr>,
+    /// HATCH_PROXY_ACCESS_LOG: where the proxy writes one JSON line per
+    /// request; None (the default) writes none.
+    pub access_log: Option<AccessLogTarget>,
+}
+
+/// Where the proxy's access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stderr,
+    /// A file, appended to (created 0600 if missing).
+    File(PathBuf),
+}
+
+impl AccessLogTarget {
+    /// `off` (or unset), `stderr`, or an absolute file path.
+    fn parse(v: Option<&str>) -> Result<Option<AccessLogTarget>, String> {
+        match v.map(str::trim) {
+            None | Some("" | "off") => Ok(None),
+            Some("stderr") => Ok(Some(AccessLogTarget::Stderr)),
+            Some(p) if p.starts_with('/') => Ok(Some(AccessLogTarget::File(PathBuf::from(p)))),
+            Some(p) => Err(format!(
+                "HATCH_PROXY_ACCESS_LOG must be off, stderr or an absolute file path, not {p:?}"
+            )),
+        }
+    }
 }
 
 /// Idle sleep: running VMs without traffic are put to standby.
@@ -426,6 +451,7 @@ impl Config {
                 &get("HATCH_PROXY_TRUSTED_PROXIES").unwrap_or_default(),
             )
             .map_err(|e| format!("HATCH_PROXY_TRUSTED_PROXIES: {e}"))?,
+            access_log: AccessLogTarget::parse(get("HATCH_PROXY_ACCESS_LOG").as_deref())?,
         };
         let api = ApiConfig {
             header_timeout: duration("HATCH_API_HEADER_TIMEOUT", Duration::from_secs(30))?,
@@ -728,6 +754,20 @@ mod tests {
         assert_eq!(c.proxy.wake_timeout, Duration::from_secs(60));
         assert_eq!(c.idle.timeout, None, "idle sleep is off unless asked for");
         assert_eq!(c.idle.check_interval, Duration::from_secs(30));
+        assert_eq!(c.proxy.access_log, None, "no access log unless asked for");
+        for (v, want) in [
+            ("off", None),
+            ("stderr", Some(AccessLogTarget::Stderr)),
+            (
+                "/var/log/hatch/access.log",
+                Some(AccessLogTarget::File("/var/log/hatch/access.log".into())),
+            ),
+        ] {
+            let c = cfg(&[("HATCH_PROXY_ACCESS_LOG", v)]).unwrap();
+            assert_eq!(c.proxy.access_log, want, "{v}");
+        }
+        let e = cfg(&[("HATCH_PROXY_ACCESS_LOG", "access.log")]).unwrap_err();
+        assert!(e.starts_with("HATCH_PROXY_ACCESS_LOG must be"), "{e}");
         let c = cfg(&[
             ("HATCH_PROXY_ADDR", "0.0.0.0:80"),
             ("HATCH_PROXY_BASE_DOMAIN", "VMs.Example.com."),

@@ -399,11 +399,10 @@ async fn serve() -> anyhow::Result<()> {
                 format!("listening on {paddr} (HATCH_PROXY_ADDR; `off` disables the proxy)")
             })?;
         tracing::info!(addr = %paddr, base_domain = %proxy_cfg.base_domain, "hatch proxy listening");
-        tokio::spawn(hatch::proxy::serve(
-            proxy_listener,
-            manager.clone(),
-            proxy_cfg,
-        ));
+        tokio::spawn(
+            hatch::proxy::serve(proxy_listener, manager.clone(), proxy_cfg)
+                .context("opening the proxy's access log (HATCH_PROXY_ACCESS_LOG)")?,
+        );
     }
     match manager.idle_timeout() {
         Some(t) => tracing::info!(timeout_secs = t.as_secs_f64(), "idle sleep on (HATCH_IDLE_TIMEOUT)"),

@@ -868,3 +868,114 @@ fn another_base_domain_end_to_end_and_a_wake_past_its_timeout_is_504() {
     assert_eq!((code, after), (200, page));
     assert_eq!(d.logs(&vm).matches("hatch-guest: ready").count(), 1);
 }
+
+/// The access log's lines so far, each parsed (a line that is not JSON fails).
+fn access_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// A file removed when this goes, a failed test's included.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn the_access_log_has_one_json_line_per_request_with_its_outcome() {
+    // Outside the data dir, which exists only once the daemon starts.
+    let log = std::env::temp_dir().join(format!("hatch-access-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let _removed = RemovedOnDrop(log.clone());
+    let d = Daemon::start_with(&[("HATCH_PROXY_ACCESS_LOG", log.to_str().unwrap())]);
+    let vm = web_vm(&d, json!({}));
+    add_route(&d, &vm, json!({"target_port": 80, "subdomain": "site"}));
+    let wait_lines = |n: usize| {
+        wait_until(
+            &format!("{n} access log lines"),
+            Duration::from_secs(30),
+            || access_lines(&log).len() >= n,
+        );
+        let lines = access_lines(&log);
+        assert_eq!(lines.len(), n, "{lines:#?}");
+        lines
+    };
+
+    let (code, page) = via_proxy(&d, "site.localhost", "/?token=secret", &[]);
+    assert_eq!(code, 200, "{page}");
+    // busybox httpd has no DELETE: its 501 is what the log says.
+    let (code, _) = via_proxy(&d, "site.localhost", "/missing", &["-X", "DELETE"]);
+    assert_eq!(code, 501);
+    let (code, body) = via_proxy(&d, "nobody.localhost", "/", &[]);
+    assert_eq!(code, 404, "{body}");
+    // A client that gives up before the guest answers.
+    let (code, _) = via_proxy(
+        &d,
+        "site.localhost",
+        "/cgi-bin/slow?5",
+        &["--max-time", "1"],
+    );
+    assert_eq!(code, 0, "curl gave up");
+    let lines = wait_lines(4);
+    let first = &lines[0];
+    assert_eq!(first["host"], "site.localhost:8081");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/", "the query is not logged");
+    assert_eq!(first["version"], "HTTP/1.1");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["bytes"], page.len());
+    assert_eq!(first["vm_id"], vm.as_str());
+    assert_eq!(first["woke"], false);
+    assert!(
+        first["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{first}"
+    );
+    assert!(first["duration_ms"].as_f64().unwrap() > 0.0, "{first}");
+    let at = chrono::DateTime::parse_from_rfc3339(first["time"].as_str().unwrap()).unwrap();
+    assert!(
+        (chrono::Utc::now() - at.to_utc()).num_seconds().abs() < 300,
+        "{first}"
+    );
+    assert_eq!(
+        (&lines[1]["method"], &lines[1]["path"], &lines[1]["status"]),
+        (&json!("DELETE"), &json!("/missing"), &json!(501))
+    );
+    assert_eq!(lines[1]["vm_id"], vm.as_str());
+    let no_route = &lines[2];
+    assert_eq!(
+        (&no_route["status"], &no_route["vm_id"]),
+        (&json!(404), &Value::Null)
+    );
+    assert_eq!(no_route["bytes"], body.len());
+    assert_eq!(no_route["host"], "nobody.localhost:8081");
+    let gone = &lines[3];
+    assert_eq!(
+        (&gone["status"], &gone["bytes"]),
+        (&json!(499), &json!(0)),
+        "{gone}"
+    );
+    assert_eq!(gone["path"], "/cgi-bin/slow");
+    assert!(gone["duration_ms"].as_f64().unwrap() >= 900.0, "{gone}");
+
+    // A request that wakes the sleeping VM says so; the next one does not.
+    let r = d.req("POST", &format!("/vms/{vm}/snapshot"), None);
+    assert_eq!(r.status, 201, "{}", r.text);
+    for _ in 0..2 {
+        let (code, body) = via_proxy(&d, "site.localhost", "/", &["--http2-prior-knowledge"]);
+        assert_eq!(code, 200, "{body}");
+    }
+    let lines = wait_lines(6);
+    assert_eq!(
+        (&lines[4]["woke"], &lines[4]["status"]),
+        (&json!(true), &json!(200))
+    );
+    assert_eq!(lines[4]["version"], "HTTP/2");
+    assert_eq!(lines[4]["host"], "site.localhost:8081");
+    assert_eq!(lines[5]["woke"], false);
+}

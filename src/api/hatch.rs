@@ -3,6 +3,7 @@
 //! result into JSON. The contract is docs/API.md, "Hatch API".
 
 use super::json::JsonBody;
+use super::paging::{self, List, ListQuery, PageRequest};
 use super::views::{HatchSnapshotView, ImageView, RouteView, TemplateView, VmView};
 use super::{ApiError, ApiResult, AppState, St};
 use crate::manager::requests::{CreateImage, CreateRoute, CreateTemplate, CreateVm, UpdateVm};
@@ -29,6 +30,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
         .route("/vms/{vm_id}/routes", get(list_routes).post(create_route))
         .route("/vms/{vm_id}/routes/{route_id}", delete(delete_route))
+        .route("/routes/{route_id}", delete(delete_route_by_id))
         .route("/vms/{vm_id}/stop", post(stop_vm))
         .route("/vms/{vm_id}/start", post(start_vm))
         .route("/vms/{vm_id}/logs", get(vm_logs))
@@ -52,12 +54,22 @@ pub fn routes() -> Router<Arc<AppState>> {
 
 // ---- vms ----
 
+/// `GET /vms`: every VM of the owner, or a page of them (docs/API.md, "Paging").
 pub async fn list_vms(
     State(s): St,
     Extension(o): Extension<Owner>,
-) -> ApiResult<Json<Vec<VmView>>> {
-    let vms = s.manager.list_vms(&o).await?;
-    Ok(Json(vms.into_iter().map(VmView::from).collect()))
+    query: ListQuery,
+) -> ApiResult<Response> {
+    let req = paging::page_only(List::Vms, query)?;
+    let page = PageRequest::store_page(req.as_ref());
+    let rows = s.manager.list_vms_page(&o, &page).await?;
+    Ok(paging::respond(
+        List::Vms,
+        req.as_ref(),
+        &[],
+        rows,
+        VmView::from,
+    ))
 }
 
 pub async fn create_vm(
@@ -119,6 +131,17 @@ pub async fn delete_route(
     Path((id, route_id)): Path<(String, String)>,
 ) -> ApiResult<Json<serde_json::Value>> {
     s.manager.delete_route(&o, &id, &route_id).await?;
+    Ok(Json(json!({ "status": "deleted" })))
+}
+
+/// `DELETE /routes/{route_id}`: the Hatch product's path for a route delete,
+/// beside `DELETE /vms/{vm_id}/routes/{route_id}`; the same answers.
+pub async fn delete_route_by_id(
+    State(s): St,
+    Extension(o): Extension<Owner>,
+    Path(route_id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.manager.delete_route_by_id(&o, &route_id).await?;
     Ok(Json(json!({ "status": "deleted" })))
 }
 
@@ -362,14 +385,17 @@ pub async fn list_vm_snapshots(
 pub async fn list_images(
     State(s): St,
     Extension(o): Extension<Owner>,
-) -> ApiResult<Json<Vec<ImageView>>> {
-    Ok(Json(
-        s.manager
-            .list_images(&o)
-            .await?
-            .into_iter()
-            .map(ImageView::from)
-            .collect(),
+    query: ListQuery,
+) -> ApiResult<Response> {
+    let req = paging::page_only(List::Images, query)?;
+    let page = PageRequest::store_page(req.as_ref());
+    let rows = s.manager.list_images_page(&o, &page).await?;
+    Ok(paging::respond(
+        List::Images,
+        req.as_ref(),
+        &[],
+        rows,
+        ImageView::from,
     ))
 }
 
@@ -502,14 +528,17 @@ pub async fn delete_image(
 pub async fn list_templates(
     State(s): St,
     Extension(o): Extension<Owner>,
-) -> ApiResult<Json<Vec<TemplateView>>> {
-    Ok(Json(
-        s.manager
-            .list_templates(&o)
-            .await?
-            .into_iter()
-            .map(TemplateView::from)
-            .collect(),
+    query: ListQuery,
+) -> ApiResult<Response> {
+    let req = paging::page_only(List::Templates, query)?;
+    let page = PageRequest::store_page(req.as_ref());
+    let rows = s.manager.list_templates_page(&o, &page).await?;
+    Ok(paging::respond(
+        List::Templates,
+        req.as_ref(),
+        &[],
+        rows,
+        TemplateView::from,
     ))
 }
 

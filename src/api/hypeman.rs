@@ -3,15 +3,16 @@
 //! a hatch VM; the contract is docs/API.md, "Hypeman API".
 
 use super::json::JsonBody;
+use super::paging::{self, List, ListQuery, PageRequest};
 use super::views::VmView;
 use super::{ApiError, ApiResult, AppState, St};
 use crate::domain::{CompressionState, SnapshotKind, Tags};
 use crate::manager::requests::{CreateSnapshot, FromSnapshot, SnapshotFilter};
 use crate::snapshot::CompressionConfig;
 use crate::store::{Owner, Snapshot};
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Serialize;
@@ -37,15 +38,24 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
 }
 
+/// `GET /snapshots`: the owner's snapshots that pass the filters, all or a
+/// page (docs/API.md, "Paging"); the next page's link keeps the filters.
 pub async fn list_snapshots(
     State(s): St,
     Extension(o): Extension<Owner>,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> ApiResult<Json<Vec<SnapshotView>>> {
-    let Query(pairs) = query.map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
-    let filter = SnapshotFilter::parse(&pairs).map_err(ApiError::BadRequest)?;
-    let snaps = s.manager.list_snapshots(&o, &filter).await?;
-    Ok(Json(snaps.into_iter().map(SnapshotView::from).collect()))
+    query: ListQuery,
+) -> ApiResult<Response> {
+    let (req, filters) = paging::split_query(List::Snapshots, paging::pairs_of(query)?)?;
+    let filter = SnapshotFilter::parse(&filters).map_err(ApiError::BadRequest)?;
+    let page = PageRequest::store_page(req.as_ref());
+    let rows = s.manager.list_snapshots_page(&o, &filter, &page).await?;
+    Ok(paging::respond(
+        List::Snapshots,
+        req.as_ref(),
+        &filters,
+        rows,
+        SnapshotView::from,
+    ))
 }
 
 pub async fn create_instance_snapshot(

@@ -9,6 +9,7 @@ mod hatch;
 mod hypeman;
 mod json;
 mod listener;
+mod paging;
 mod views;
 
 pub use auth::{hash_key, new_key, Authenticator};

@@ -114,6 +114,15 @@ impl Manager {
         Ok(self.store.list_images(&owner.id).await?)
     }
 
+    /// One page of the images this owner sees, newest first.
+    pub async fn list_images_page(
+        &self,
+        owner: &Owner,
+        page: &store::Page,
+    ) -> Result<Vec<store::Listed<Image>>> {
+        Ok(self.store.list_images_page(&owner.id, page).await?)
+    }
+
     /// Bytes this owner's images take in the data dir (for quotas).
     pub async fn image_bytes_of_owner(&self, owner: &Owner) -> Result<i64> {
         Ok(self.store.image_bytes_of_owner(&owner.id).await?)

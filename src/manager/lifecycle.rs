@@ -26,6 +26,15 @@ impl Manager {
         Ok(self.store.list_vms(&owner.id).await?)
     }
 
+    /// One page of the owner's VMs, newest first (`GET /vms?limit=`).
+    pub async fn list_vms_page(
+        &self,
+        owner: &Owner,
+        page: &crate::store::Page,
+    ) -> Result<Vec<crate::store::Listed<Vm>>> {
+        Ok(self.store.list_vms_page(&owner.id, page).await?)
+    }
+
     /// Creates and boots a VM. A failure after the row exists leaves the VM in
     /// `error` with the reason, its console log kept for diagnosis.
     pub async fn create_vm(self: &Arc<Self>, owner: &Owner, req: CreateVm) -> Result<Vm> {

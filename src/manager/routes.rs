@@ -150,6 +150,15 @@ impl Manager {
         Ok(())
     }
 
+    /// `DELETE /routes/{route_id}` (the Hatch product's path): the owner's
+    /// route, whichever VM it is on.
+    pub async fn delete_route_by_id(&self, owner: &Owner, route_id: &str) -> Result<()> {
+        match self.store.route_vm(&owner.id, route_id).await? {
+            Some(vm_id) => self.delete_route(owner, &vm_id, route_id).await,
+            None => Err(not_found("route", route_id)),
+        }
+    }
+
     /// Removes a deleted VM's routes (Hatch API) and its activity record.
     pub(super) async fn delete_vm_routes(&self, vm_id: &str) -> Result<()> {
         self.store.delete_vm_routes(vm_id).await?;

@@ -129,8 +129,27 @@ impl Manager {
         owner: &Owner,
         filter: &super::requests::SnapshotFilter,
     ) -> Result<Vec<Snapshot>> {
-        let all = self.store.owner_snapshots(&owner.id).await?;
-        Ok(all.into_iter().filter(|s| filter.matches(s)).collect())
+        let all = self
+            .list_snapshots_page(owner, filter, &crate::store::Page::all())
+            .await?;
+        Ok(all.into_iter().map(|l| l.row).collect())
+    }
+
+    /// One page of them, newest first; the store applies the filter in the
+    /// same scan, so a page is full of matches.
+    pub async fn list_snapshots_page(
+        &self,
+        owner: &Owner,
+        filter: &super::requests::SnapshotFilter,
+        page: &crate::store::Page,
+    ) -> Result<Vec<crate::store::Listed<Snapshot>>> {
+        let m = crate::store::SnapshotMatch {
+            kind: filter.kind,
+            name: filter.name.as_deref(),
+            vm_id: filter.source_instance_id.as_deref(),
+            tags: &filter.tags,
+        };
+        Ok(self.store.list_snapshots_page(&owner.id, &m, page).await?)
     }
 
     pub async fn get_snapshot(&self, owner: &Owner, id: &str) -> Result<Snapshot> {

@@ -44,6 +44,15 @@ impl Manager {
         Ok(self.store.list_templates(&owner.id).await?)
     }
 
+    /// One page of the owner's templates, newest first.
+    pub async fn list_templates_page(
+        &self,
+        owner: &Owner,
+        page: &store::Page,
+    ) -> Result<Vec<store::Listed<Template>>> {
+        Ok(self.store.list_templates_page(&owner.id, page).await?)
+    }
+
     pub async fn delete_template(&self, owner: &Owner, id: &str) -> Result<()> {
         if self.store.delete_template(&owner.id, id).await? {
             Ok(())

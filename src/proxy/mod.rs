@@ -6,12 +6,15 @@
 //! both ways with back-pressure, and HTTP/1.1 upgrades (WebSocket) become a
 //! byte pipe between the client and the guest.
 
+mod access_log;
 mod trust;
 
 pub use trust::Cidr;
 
+use access_log::{AccessLog, Pending, Seen};
+
 use crate::config::ProxyConfig;
-use crate::manager::{Busy, Manager, RouteTarget, WakeError};
+use crate::manager::{Busy, Manager, RouteTarget, WakeError, Woke};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -36,10 +39,26 @@ struct Proxy {
     manager: Arc<Manager>,
     cfg: ProxyConfig,
     client: Client<HttpConnector, Passed>,
+    access_log: Option<Arc<AccessLog>>,
 }
 
-/// Serves the proxy on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, manager: Arc<Manager>, cfg: ProxyConfig) {
+/// The proxy on `listener`, serving until the process ends; an error when
+/// its access log (HATCH_PROXY_ACCESS_LOG) cannot be opened.
+pub fn serve(
+    listener: TcpListener,
+    manager: Arc<Manager>,
+    cfg: ProxyConfig,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let access_log = cfg.access_log.as_ref().map(AccessLog::open).transpose()?;
+    Ok(serve_with(listener, manager, cfg, access_log))
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    manager: Arc<Manager>,
+    cfg: ProxyConfig,
+    access_log: Option<Arc<AccessLog>>,
+) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(cfg.request_timeout.min(Duration::from_secs(10))));
@@ -51,6 +70,7 @@ pub async fn serve(listener: TcpListener, manager: Arc<Manager>, cfg: ProxyConfi
         manager,
         cfg,
         client,
+        access_log,
     });
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -219,7 +239,23 @@ impl Body for Passed {
 }
 
 impl Proxy {
+    /// A request, logged when the access log is on.
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let Some(log) = &self.access_log else {
+            return self.route(req, peer, &mut Seen::default()).await;
+        };
+        // Dropped unanswered (the client went away), it still logs its line.
+        let mut pending = Pending::new(log, &req, peer);
+        let resp = self.route(req, peer, &mut pending.seen).await;
+        pending.finish(resp)
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        seen: &mut Seen,
+    ) -> Response<ProxyBody> {
         // HTTP/2 carries the host in :authority, HTTP/1.1 in Host.
         let host = req
             .uri()
@@ -239,6 +275,7 @@ impl Proxy {
                 "the Host header is not a host name",
             );
         }
+        seen.host(&host);
         let no_route = || error(StatusCode::NOT_FOUND, "no route for this host");
         let Some(sub) = subdomain_of(&host, &self.cfg.base_domain) else {
             return no_route();
@@ -246,15 +283,21 @@ impl Proxy {
         let Some(target) = self.manager.route_for(&sub.to_ascii_lowercase()) else {
             return no_route();
         };
-        let busy = match self.reach(&target).await {
+        seen.vm(&target.vm_id);
+        let busy = match self.reach(&target, &mut seen.woke).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
         self.forward(req, peer, host, &target, busy).await
     }
 
-    /// Counts the request on the route's VM, waking the VM first if it sleeps.
-    async fn reach(&self, target: &RouteTarget) -> Result<Busy, Response<ProxyBody>> {
+    /// Counts the request on the route's VM, waking the VM first if it
+    /// sleeps (then `woke` is set).
+    async fn reach(
+        &self,
+        target: &RouteTarget,
+        woke: &mut bool,
+    ) -> Result<Busy, Response<ProxyBody>> {
         let vm = &target.vm_id;
         let deadline = tokio::time::Instant::now() + self.cfg.wake_timeout;
         let late = || {
@@ -281,7 +324,9 @@ impl Proxy {
                 ));
             }
             match tokio::time::timeout_at(deadline, self.manager.wake(vm)).await {
-                Ok(Ok(_)) => {}
+                // Shared: every request that waited for this restore counts it.
+                Ok(Ok(Woke::Restored)) => *woke = true,
+                Ok(Ok(Woke::AlreadyRunning)) => {}
                 // Stopped by its owner (or in error): not ours to start.
                 Ok(Err(WakeError::NotAsleep(e))) => {
                     return Err(error(StatusCode::SERVICE_UNAVAILABLE, e))

@@ -16,7 +16,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 mod chunks;
+mod lists;
 pub use chunks::{unix_now, ChunkedSizes, CHUNKED, DISK, MEMORY};
+pub use lists::{ListPos, Listed, Page, SnapshotMatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -521,12 +523,8 @@ impl Store {
 
     /// Images this owner can see: its own and the system ones.
     pub async fn list_images(&self, owner_id: &str) -> Result<Vec<Image>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM images WHERE owner_id = ? OR owner_id IS NULL ORDER BY created_at DESC, rowid DESC",
-        )
-        .bind(owner_id)
-        .fetch_all(&self.pool)
-        .await?)
+        let all = self.list_images_page(owner_id, &Page::all()).await?;
+        Ok(all.into_iter().map(|l| l.row).collect())
     }
 
     pub async fn delete_image(&self, id: &str) -> Result<()> {
@@ -624,12 +622,8 @@ impl Store {
     }
 
     pub async fn list_templates(&self, owner_id: &str) -> Result<Vec<Template>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM templates WHERE owner_id = ? ORDER BY created_at DESC, rowid DESC",
-        )
-        .bind(owner_id)
-        .fetch_all(&self.pool)
-        .await?)
+        let all = self.list_templates_page(owner_id, &Page::all()).await?;
+        Ok(all.into_iter().map(|l| l.row).collect())
     }
 
     pub async fn delete_template(&self, owner_id: &str, id: &str) -> Result<bool> {
@@ -817,12 +811,8 @@ impl Store {
     }
 
     pub async fn list_vms(&self, owner_id: &str) -> Result<Vec<Vm>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM vms WHERE owner_id = ? ORDER BY created_at DESC, rowid DESC",
-        )
-        .bind(owner_id)
-        .fetch_all(&self.pool)
-        .await?)
+        let all = self.list_vms_page(owner_id, &Page::all()).await?;
+        Ok(all.into_iter().map(|l| l.row).collect())
     }
 
     pub async fn all_vms(&self) -> Result<Vec<Vm>> {
@@ -952,13 +942,10 @@ impl Store {
 
     /// Usable snapshots of an owner, newest first.
     pub async fn owner_snapshots(&self, owner_id: &str) -> Result<Vec<Snapshot>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM snapshots WHERE owner_id = ? AND status = ? ORDER BY created_at DESC, rowid DESC",
-        )
-        .bind(owner_id)
-        .bind(SnapshotStatus::Ready)
-        .fetch_all(&self.pool)
-        .await?)
+        let all = self
+            .list_snapshots_page(owner_id, &SnapshotMatch::default(), &Page::all())
+            .await?;
+        Ok(all.into_iter().map(|l| l.row).collect())
     }
 
     /// Snapshots a crash left half-written.
@@ -1055,6 +1042,17 @@ impl Store {
         Ok(sqlx::query_as("SELECT * FROM routes ORDER BY rowid")
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    /// The VM of an owner's route; None when the owner has no such route.
+    pub async fn route_vm(&self, owner_id: &str, id: &str) -> Result<Option<String>> {
+        let vm: Option<(String,)> =
+            sqlx::query_as("SELECT vm_id FROM routes WHERE id = ? AND owner_id = ?")
+                .bind(id)
+                .bind(owner_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(vm.map(|(v,)| v))
     }
 
     /// Deletes one route of `vm_id`; false when it has no such route.
