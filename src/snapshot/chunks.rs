@@ -44,6 +44,26 @@ fn zeros_hash(len: usize) -> ChunkHash {
     }
 }
 
+/// How `chunk_stream` cuts and stores a stream.
+struct Cutting {
+    sizes: ChunkSizes,
+    /// Each new chunk stored encoded so, or raw.
+    encoding: Option<(Algorithm, i32)>,
+    /// Also the SHA-256 of the whole stream (`Chunked::sha256`).
+    whole_sha256: bool,
+}
+
+impl Cutting {
+    /// A whole object being converted: default sizes, raw chunks.
+    fn converting(whole_sha256: bool) -> Cutting {
+        Cutting {
+            sizes: ChunkSizes::DEFAULT,
+            encoding: None,
+            whole_sha256,
+        }
+    }
+}
+
 /// Hashed chunks in stream order, a batch at a time.
 type Hashed = Vec<(ChunkHash, Bytes)>;
 
@@ -451,7 +471,12 @@ impl Objects {
         encoding: Option<(Algorithm, i32)>,
         sizes: ChunkSizes,
     ) -> Result<Chunked> {
-        self.chunk_stream(owner, body, known, encoding, sizes, false, ObjectError::Io)
+        let how = Cutting {
+            sizes,
+            encoding,
+            whole_sha256: false,
+        };
+        self.chunk_stream(owner, body, known, how, ObjectError::Io)
             .await
     }
 
@@ -467,11 +492,14 @@ impl Objects {
         owner: &str,
         mut body: impl AsyncRead + Unpin + Send,
         known: &(dyn Fn(&ChunkHash) -> bool + Sync),
-        encoding: Option<(Algorithm, i32)>,
-        sizes: ChunkSizes,
-        whole_sha256: bool,
+        how: Cutting,
         on_read: impl Fn(io::Error) -> ObjectError,
     ) -> Result<Chunked> {
+        let Cutting {
+            sizes,
+            encoding,
+            whole_sha256,
+        } = how;
         check_owner(owner)?;
         sizes.validate()?;
         let (block_tx, block_rx) = mpsc::channel::<Bytes>(BLOCKS_QUEUED);
@@ -909,11 +937,10 @@ impl Objects {
         known: &(dyn Fn(&ChunkHash) -> bool + Sync),
     ) -> Result<Chunked> {
         check_owner(owner)?;
-        let sizes = ChunkSizes::DEFAULT;
         let mut body = Tallied::new(self.open(key).await?);
         let Some((algorithm, raw)) = decompress else {
             let chunked = self
-                .chunk_stream(owner, &mut body, known, None, sizes, false, |e| {
+                .chunk_stream(owner, &mut body, known, Cutting::converting(false), |e| {
                     read_err(key, e)
                 })
                 .await?;
@@ -922,7 +949,7 @@ impl Objects {
         };
         let decoder = algorithm.decoder(BufReader::with_capacity(COPY_BUF, &mut body));
         let chunked = self
-            .chunk_stream(owner, decoder, known, None, sizes, true, |e| {
+            .chunk_stream(owner, decoder, known, Cutting::converting(true), |e| {
                 match read_err(key, e) {
                     // Not from the store, so from the decoder: the bytes are not a valid stream.
                     ObjectError::Io(e) => ObjectError::Corrupt {
