@@ -11,4 +11,5 @@ pub mod net;
 pub mod proxy;
 pub mod snapshot;
 pub mod store;
+pub mod telemetry;
 pub mod vmm;

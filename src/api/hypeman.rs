@@ -9,6 +9,7 @@ use crate::domain::{CompressionState, SnapshotKind, Tags};
 use crate::manager::requests::{CreateSnapshot, FromSnapshot, SnapshotFilter};
 use crate::snapshot::CompressionConfig;
 use crate::store::{Owner, Snapshot};
+use crate::telemetry::Operation;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -54,7 +55,12 @@ pub async fn create_instance_snapshot(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<CreateSnapshot>,
 ) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
-    let snap = s.manager.create_snapshot(&o, &id, req).await?;
+    let snap = s.manager.create_snapshot(&o, &id, req);
+    let snap = s
+        .manager
+        .telemetry()
+        .time(Operation::Snapshot, snap)
+        .await?;
     Ok((StatusCode::CREATED, Json(snap.into())))
 }
 
