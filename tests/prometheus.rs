@@ -397,6 +397,12 @@ fn metrics_follow_a_vm_through_its_life_and_name_no_one() {
     let m = scrape(&d);
     m.assert_states(&[("stopped", 1.0)]);
     assert_eq!(m.ops("stop", "ok"), 1.0);
+    // A snapshot refused (a stopped VM cannot sleep) is not a snapshot.
+    let r = d.req("POST", &format!("/vms/{vm}/snapshot"), None);
+    assert_eq!(r.status, 409, "{}", r.text);
+    let after = scrape(&d);
+    assert_eq!(after.ops("snapshot", "ok"), 2.0);
+    assert_eq!(after.ops("snapshot", "error"), 0.0);
     assert_eq!(d.req("POST", &format!("/vms/{vm}/start"), None).status, 200);
     wait_until("the web guest's second boot", BOOT_TIMEOUT, || {
         d.logs(&vm).matches(READY_LINE).count() >= 2
