@@ -368,6 +368,11 @@ impl Telemetry {
         }
     }
 
+    /// Is `GET /metrics` served (HATCH_METRICS_TOKEN set)?
+    pub fn enabled(&self) -> bool {
+        self.token_sha256.is_some()
+    }
+
     /// May the holder of `bearer` (the token of `Authorization: Bearer`) scrape?
     pub fn access(&self, bearer: Option<&str>) -> Access {
         let Some(want) = &self.token_sha256 else {

@@ -463,8 +463,10 @@ fn metrics_do_not_exist_without_a_token() {
         vec![format!("Authorization: Bearer {}", d.key)],
         vec![format!("Authorization: Bearer {TOKEN}")],
     ] {
-        let r = d.curl("GET", "/metrics", &headers, None);
-        assert_eq!(r.status, 404, "{headers:?}: {}", r.text);
-        assert_eq!(r.body, unknown.body, "the same 404 as any unknown path");
+        for method in ["GET", "POST"] {
+            let r = d.curl(method, "/metrics", &headers, None);
+            assert_eq!(r.status, 404, "{method} {headers:?}: {}", r.text);
+            assert_eq!(r.body, unknown.body, "the same 404 as any unknown path");
+        }
     }
 }

@@ -47,11 +47,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key,
         ));
-    Router::new()
-        .route("/health", get(health))
-        // Its own bearer token (HATCH_METRICS_TOKEN), not an API key: it is host-wide.
-        .route("/metrics", get(metrics))
-        .merge(authed)
+    let mut open = Router::new().route("/health", get(health));
+    if state.manager.telemetry().enabled() {
+        // Its own bearer token (HATCH_METRICS_TOKEN), not an API key: it is
+        // host-wide. Without the setting there is no such route at all.
+        open = open.route("/metrics", get(metrics));
+    }
+    open.merge(authed)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // A route that takes more (an upload) lifts it with its own DefaultBodyLimit.
