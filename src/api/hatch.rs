@@ -335,12 +335,9 @@ pub async fn snapshot_vm(
     Extension(o): Extension<Owner>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<HatchSnapshotView>)> {
-    let snap = s.manager.snapshot_vm(&o, &id);
-    let snap = s
-        .manager
-        .telemetry()
-        .time(Operation::Snapshot, snap)
-        .await?;
+    let metrics = s.manager.telemetry();
+    let snap = metrics.time(Operation::Snapshot, s.manager.snapshot_vm(&o, &id));
+    let snap = snap.await?;
     Ok((StatusCode::CREATED, Json(snap.into())))
 }
 

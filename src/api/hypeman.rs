@@ -55,12 +55,9 @@ pub async fn create_instance_snapshot(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<CreateSnapshot>,
 ) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
-    let snap = s.manager.create_snapshot(&o, &id, req);
-    let snap = s
-        .manager
-        .telemetry()
-        .time(Operation::Snapshot, snap)
-        .await?;
+    let metrics = s.manager.telemetry();
+    let snap = metrics.time(Operation::Snapshot, s.manager.create_snapshot(&o, &id, req));
+    let snap = snap.await?;
     Ok((StatusCode::CREATED, Json(snap.into())))
 }
 
