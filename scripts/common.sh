@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 # Debian packages hatch needs at run time and for its tests and benches.
-HATCH_APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs iproute2 curl procps coreutils nftables dnsmasq-base genisoimage openssh-client dropbear-bin wrk sqlite3)
+HATCH_APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs iproute2 curl procps coreutils nftables dnsmasq-base genisoimage openssh-client dropbear-bin wrk sqlite3 python3-prometheus-client)
 
 # Every command the daemon, the image builder, the tests and the benches run, as `command:package`.
 # Checked after the install: a package can be installed and still miss a command (another package

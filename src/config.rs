@@ -39,6 +39,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub api: ApiConfig,
     pub confine: ConfineConfig,
+    /// HATCH_METRICS_TOKEN: who may read `GET /metrics` (src/telemetry.rs).
+    pub metrics: crate::telemetry::MetricsConfig,
 }
 
 /// How API callers may register images.
@@ -486,6 +488,7 @@ impl Config {
         Ok(Config {
             images: ImageConfig::from_lookup(&get)?,
             confine: ConfineConfig::from_lookup(&get)?,
+            metrics: crate::telemetry::MetricsConfig::from_lookup(&get)?,
             proxy,
             idle,
             auth,

@@ -12,4 +12,5 @@ pub mod net;
 pub mod proxy;
 pub mod snapshot;
 pub mod store;
+pub mod telemetry;
 pub mod vmm;

@@ -8,6 +8,7 @@ use super::views::{HatchSnapshotView, ImageView, RouteView, TemplateView, VmView
 use super::{ApiError, ApiResult, AppState, St};
 use crate::manager::requests::{CreateImage, CreateRoute, CreateTemplate, CreateVm, UpdateVm};
 use crate::store::Owner;
+use crate::telemetry::Operation;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State};
 use axum::handler::Handler;
@@ -357,7 +358,9 @@ pub async fn snapshot_vm(
     Extension(o): Extension<Owner>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<HatchSnapshotView>)> {
-    let snap = s.manager.snapshot_vm(&o, &id).await?;
+    let metrics = s.manager.telemetry();
+    let snap = metrics.time(Operation::Snapshot, s.manager.snapshot_vm(&o, &id));
+    let snap = snap.await?;
     Ok((StatusCode::CREATED, Json(snap.into())))
 }
 

@@ -10,6 +10,7 @@ use crate::domain::{CompressionState, SnapshotKind, Tags};
 use crate::manager::requests::{CreateSnapshot, FromSnapshot, SnapshotFilter};
 use crate::snapshot::CompressionConfig;
 use crate::store::{Owner, Snapshot};
+use crate::telemetry::Operation;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -64,7 +65,9 @@ pub async fn create_instance_snapshot(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<CreateSnapshot>,
 ) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
-    let snap = s.manager.create_snapshot(&o, &id, req).await?;
+    let metrics = s.manager.telemetry();
+    let snap = metrics.time(Operation::Snapshot, s.manager.create_snapshot(&o, &id, req));
+    let snap = snap.await?;
     Ok((StatusCode::CREATED, Json(snap.into())))
 }
 

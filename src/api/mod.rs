@@ -18,7 +18,11 @@ pub use json::JSON_BODY_LIMIT;
 pub use listener::serve;
 
 use crate::manager::Manager;
-use axum::extract::{DefaultBodyLimit, State};
+use crate::telemetry::{self, Access};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -44,14 +48,69 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key,
         ));
-    Router::new()
-        .route("/health", get(health))
-        .merge(authed)
+    let mut open = Router::new().route("/health", get(health));
+    if state.manager.telemetry().enabled() {
+        // Its own bearer token (HATCH_METRICS_TOKEN), not an API key: it is
+        // host-wide. Without the setting there is no such route at all.
+        open = open.route("/metrics", get(metrics));
+    }
+    open.merge(authed)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // A route that takes more (an upload) lifts it with its own DefaultBodyLimit.
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        // Outermost, and run after routing, so it sees the matched route
+        // template and every answer (a 401 of auth, a 404 of the id checks).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_request,
+        ))
         .with_state(state)
+}
+
+/// Counts each API request by method, route template and status.
+async fn count_request(State(s): St, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let resp = next.run(req).await;
+    s.manager
+        .telemetry()
+        .api_request(&method, route.as_ref(), resp.status().as_u16());
+    resp
+}
+
+/// `GET /metrics`: Prometheus text for the holder of HATCH_METRICS_TOKEN;
+/// without that setting it does not exist (404, like any unknown path).
+async fn metrics(State(s): St, headers: HeaderMap) -> ApiResult<Response> {
+    let t = s.manager.telemetry();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match t.access(bearer) {
+        Access::Off => Err(ApiError::NotFound("not found".into())),
+        Access::Denied => {
+            let mut resp = ApiError::Unauthorized(
+                "metrics need Authorization: Bearer with the HATCH_METRICS_TOKEN".into(),
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"hatch metrics\""),
+            );
+            Ok(resp)
+        }
+        Access::Granted => {
+            let text = t
+                .render(s.manager.store())
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let content_type = HeaderValue::from_static(telemetry::CONTENT_TYPE);
+            Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+        }
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -7,6 +7,7 @@ use crate::domain::{Json, Tags};
 use crate::ids;
 use crate::snapshot::{self};
 use crate::store::{NewVm, Owner, Snapshot, Vm, DISK, MEMORY};
+use crate::telemetry::Operation;
 use std::sync::Arc;
 
 /// How `copy_snapshot` labels its copy. A fork's own copy has no name or
@@ -99,11 +100,13 @@ impl Manager {
             copies,
         )
         .await?;
+        let timer = self.telemetry.timer(Operation::Fork);
         let result = self
             .prepare_fork(&mut vm, &source, &snap, kind, target)
             .await;
         match result {
             Ok(()) => {
+                timer.succeeded();
                 tracing::info!(vm = %vm.id, snapshot = snap_id, state = %vm.state, "forked");
                 Ok(vm)
             }

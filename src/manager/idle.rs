@@ -5,6 +5,7 @@ use super::requests::{CreateSnapshot, SnapshotKind};
 use super::state::VmState;
 use super::Manager;
 use crate::store::Vm;
+use crate::telemetry::Operation;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -272,15 +273,15 @@ impl Manager {
             tags: Some([(SLEEP_TAG.0.to_string(), SLEEP_TAG.1.to_string())].into()),
             ..Default::default()
         };
-        match self
-            .snapshot_locked(
-                &mut vm,
-                SnapshotKind::Standby,
-                &req,
-                super::quotas::SnapshotQuota::Sleep,
-            )
-            .await
-        {
+        let sleep = self.snapshot_locked(
+            &mut vm,
+            SnapshotKind::Standby,
+            &req,
+            super::quotas::SnapshotQuota::Sleep,
+        );
+        let slept = self.telemetry.time(Operation::Snapshot, sleep).await;
+        self.telemetry.slept(slept.is_ok());
+        match slept {
             Ok(snap) => {
                 let at = self.store.mark_vm_sleep_or_wake(vm_id, true).await;
                 tracing::info!(

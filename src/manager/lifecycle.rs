@@ -6,6 +6,7 @@ use super::{not_found, Context, Manager, ManagerError, Result, DEFAULT_IMAGE_ID}
 use crate::domain::Json;
 use crate::image::{self};
 use crate::store::{NewVm, Owner, Vm};
+use crate::telemetry::Operation;
 use crate::vmm;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -122,6 +123,7 @@ impl Manager {
         let _guard = self.lock_vm(&vm.id).await;
         self.insert_with_network(&mut vm, &req, true, 0).await?;
         drop(image_hold);
+        let boot_timer = self.telemetry.timer(Operation::Boot);
         let work_dir = self.work_dir(&vm.id);
         let prepared = async {
             tokio::fs::create_dir_all(&work_dir)
@@ -143,6 +145,7 @@ impl Manager {
         match booted {
             Ok(()) => {
                 self.transition(&mut vm, VmState::Running, None).await?;
+                boot_timer.succeeded();
                 self.refresh_forwards().await;
                 Ok(vm)
             }
@@ -193,10 +196,12 @@ impl Manager {
                 vm.id
             )));
         }
+        let timer = self.telemetry.timer(Operation::Stop);
         self.transition(vm, VmState::Stopping, None).await?;
         let clean = self.end_vmm(vm, true).await;
         tracing::info!(vm = %vm.id, clean, "stopped");
         self.transition(vm, VmState::Stopped, None).await?;
+        timer.succeeded();
         // Hatch API: stopping removes SSH forwarding and keeps the IP allocation.
         self.refresh_forwards().await;
         Ok(())
@@ -231,9 +236,11 @@ impl Manager {
             vm.inner_ip = None;
             vm.inner_mac = None;
         }
+        let boot_timer = self.telemetry.timer(Operation::Boot);
         match self.boot(vm).await {
             Ok(()) => {
                 self.transition(vm, VmState::Running, None).await?;
+                boot_timer.succeeded();
                 self.refresh_forwards().await;
                 Ok(())
             }

@@ -38,6 +38,7 @@ use crate::image::{self};
 use crate::net::Network;
 use crate::snapshot::Objects;
 use crate::store::{Owner, Store, Vm};
+use crate::telemetry::Telemetry;
 use crate::vmm::{self, VmSpec, Vmm};
 use state::VmState;
 use std::collections::HashMap;
@@ -94,6 +95,8 @@ pub struct Manager {
     /// Asks the chunk collector to run now: (owner or all, grace).
     collect_now: tokio::sync::mpsc::UnboundedSender<chunks::Collect>,
     collect_asked: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<chunks::Collect>>>,
+    /// The daemon's Prometheus metrics (src/telemetry.rs).
+    telemetry: Telemetry,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -108,6 +111,7 @@ impl Manager {
         config: Config,
     ) -> Arc<Manager> {
         let (collect_now, collect_asked) = tokio::sync::mpsc::unbounded_channel();
+        let telemetry = Telemetry::new(&config.metrics, objects.transfer());
         Arc::new(Manager {
             store,
             objects,
@@ -127,11 +131,16 @@ impl Manager {
             chunk_gc: Default::default(),
             collect_now,
             collect_asked: Mutex::new(Some(collect_asked)),
+            telemetry,
         })
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     pub fn proxy_config(&self) -> &crate::config::ProxyConfig {

@@ -8,6 +8,7 @@ use super::{Context, Manager, ManagerError, Result};
 use crate::image;
 use crate::snapshot::ObjectError;
 use crate::store::{Owner, Snapshot, Vm, DISK, MEMORY};
+use crate::telemetry::Operation;
 use crate::vmm::fifo::{grow_pipe, make_fifo};
 use crate::vmm::{self, confine, Vmm};
 use std::path::Path;
@@ -30,7 +31,9 @@ impl Manager {
             .standby_snapshot(&vm)
             .await?
             .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no snapshot to restore")))?;
+        let timer = self.telemetry.timer(Operation::Restore);
         self.resume_from(&mut vm, &snap).await?;
+        timer.succeeded();
         self.drop_sleep_snapshot(snap);
         Ok(vm)
     }
@@ -404,6 +407,7 @@ impl Manager {
             // Before the disk is swapped; booting checks again under the admission lock.
             self.check_host_memory(&vm).await?;
         }
+        let timer = self.telemetry.timer(Operation::Restore);
         // Whatever is left of an earlier VMM (a VM in error) goes first.
         self.end_vmm(&vm, false).await;
         match (kind, target) {
@@ -442,6 +446,7 @@ impl Manager {
                 }
             }
         }
+        timer.succeeded();
         tracing::info!(vm = id, snapshot = snap_id, state = %vm.state, "restored from snapshot");
         Ok(vm)
     }

@@ -294,6 +294,7 @@ impl Manager {
                 )))
             }
         };
+        self.telemetry.woke(started.elapsed(), woke.is_ok());
         woke.map_err(failed)?;
         let at = self
             .store

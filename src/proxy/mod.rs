@@ -92,7 +92,13 @@ async fn serve_with(
                     let _ = tx.send(());
                 }
                 let proxy = Arc::clone(&proxy);
-                async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+                async move {
+                    let started = std::time::Instant::now();
+                    let resp = proxy.handle(req, peer).await;
+                    let telemetry = proxy.manager.telemetry();
+                    telemetry.proxied(resp.status().as_u16(), started.elapsed());
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // A client that never finishes its request headers does not hold a connection forever.

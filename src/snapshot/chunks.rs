@@ -686,6 +686,8 @@ impl Objects {
     ) -> Result<StoredChunk> {
         let raw_size = raw.len() as u32;
         let local = self.local_root.as_ref().map(|root| local_path(root, &key));
+        // The local store's bytes are counted here; S3's by the counting store.
+        let transfer = std::sync::Arc::clone(&self.transfer);
         let stored_size =
             tokio::task::spawn_blocking(move || -> io::Result<(u32, Option<Bytes>)> {
                 let stored = encode(&raw, encoding)?;
@@ -694,6 +696,7 @@ impl Objects {
                     return Ok((stored.len() as u32, Some(stored)));
                 };
                 write_chunk_file(&dest, &stored, durable)?;
+                transfer.add_up(stored.len() as u64);
                 Ok((stored.len() as u32, None))
             })
             .await
@@ -746,7 +749,10 @@ impl Objects {
                 .await
                 .map_err(join_err)?
             {
-                Ok(bytes) => Ok(Bytes::from(bytes)),
+                Ok(bytes) => {
+                    self.transfer.add_down(bytes.len() as u64);
+                    Ok(Bytes::from(bytes))
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ObjectError::Missing(key)),
                 Err(e) => Err(e.into()),
             };

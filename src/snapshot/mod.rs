@@ -9,6 +9,7 @@
 
 mod chunks;
 mod compress;
+mod counted;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -17,6 +18,7 @@ pub use chunks::{
     CHUNKS_IN_FLIGHT, FILE_CHUNK,
 };
 pub use compress::{Algorithm, CompressionConfig};
+pub use counted::Transfer;
 
 use crate::config::{Config, S3Config};
 use bytes::Bytes;
@@ -122,6 +124,8 @@ pub struct Objects {
     description: String,
     /// The directory of a local store (None for S3).
     local_root: Option<std::path::PathBuf>,
+    /// Bytes moved to and from the store (the daemon's metrics).
+    transfer: Arc<Transfer>,
 }
 
 fn store_err(e: object_store::Error) -> ObjectError {
@@ -337,10 +341,12 @@ impl Objects {
     pub fn local(dir: &Path) -> Result<Objects> {
         std::fs::create_dir_all(dir)?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(store_err)?;
+        let transfer = Arc::new(Transfer::default());
         Ok(Objects {
-            store: Arc::new(fs),
+            store: Arc::new(counted::Counted::new(Arc::new(fs), Arc::clone(&transfer))),
             description: format!("local directory {}", dir.display()),
             local_root: Some(dir.to_path_buf()),
+            transfer,
         })
     }
 
@@ -373,10 +379,13 @@ impl Objects {
             }
             None => format!("s3://{} (AWS, region {})", s3.bucket, s3.region),
         };
+        let transfer = Arc::new(Transfer::default());
+        let s3 = Arc::new(builder.build().map_err(store_err)?);
         Ok(Objects {
-            store: Arc::new(builder.build().map_err(store_err)?),
+            store: Arc::new(counted::Counted::new(s3, Arc::clone(&transfer))),
             description,
             local_root: None,
+            transfer,
         })
     }
 
@@ -415,6 +424,11 @@ impl Objects {
         self.description.clone()
     }
 
+    /// The bytes this store has moved up and down (shared: it keeps counting).
+    pub fn transfer(&self) -> Arc<Transfer> {
+        Arc::clone(&self.transfer)
+    }
+
     /// The body of `key` as a buffered reader.
     async fn open(&self, key: &str) -> Result<Body> {
         if let Some(root) = &self.local_root {
@@ -428,7 +442,14 @@ impl Objects {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let stream = tokio_util::io::ReaderStream::with_capacity(file, COPY_BUF).boxed();
+            let transfer = Arc::clone(&self.transfer);
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, COPY_BUF)
+                .inspect(move |piece| {
+                    if let Ok(bytes) = piece {
+                        transfer.add_down(bytes.len() as u64);
+                    }
+                })
+                .boxed();
             return Ok(StreamReader::new(stream));
         }
         let got = match self.store.get(&ObjPath::from(key)).await {
@@ -454,7 +475,9 @@ impl Objects {
         on_read: impl Fn(io::Error) -> ObjectError,
     ) -> Result<Stored> {
         if let Some(root) = &self.local_root {
-            return write_durably(&local_path(root, key), body, on_read).await;
+            let stored = write_durably(&local_path(root, key), body, on_read).await?;
+            self.transfer.add_up(stored.size);
+            return Ok(stored);
         }
         let mut body = Tallied::new(body);
         let upload = self

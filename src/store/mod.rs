@@ -1176,6 +1176,16 @@ impl Store {
         .await?)
     }
 
+    /// How many VMs are in each state, host-wide (for `GET /metrics`). Text
+    /// a daemon does not know reads as `error`, so that state may come twice.
+    pub async fn vm_count_by_state(&self) -> Result<Vec<(VmState, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT state, COUNT(*) FROM vms GROUP BY state")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// Snapshots of a VM in any status (one being captured counts already).
     pub async fn vm_snapshot_count(&self, vm_id: &str) -> Result<i64> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM snapshots WHERE vm_id = ?")
