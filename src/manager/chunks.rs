@@ -27,6 +27,13 @@ use tokio::io::AsyncRead;
 /// at least this long.
 pub(super) type Collect = (Option<String>, Duration);
 
+/// What a capture chunks: a stream (cut where its content says) or a file
+/// (cut at fixed offsets).
+enum Source<'p, R> {
+    Stream(R),
+    File(&'p std::path::Path),
+}
+
 /// The chunks one capture uploaded, until it is committed or abandoned.
 /// While it lives no collection runs (it holds `chunk_gc` shared).
 pub(super) struct ChunkedCapture {
@@ -93,27 +100,14 @@ impl Manager {
         })
     }
 
-    /// Chunks what `body` yields into `cap`'s owner's chunks, uploading only
-    /// those the owner lacks.
+    /// Chunks what `body` yields into `cap`'s owner's chunks (FastCDC),
+    /// uploading only those the owner lacks.
     pub(super) async fn chunk_stream(
         &self,
         cap: &mut ChunkedCapture,
         body: impl AsyncRead + Unpin + Send,
     ) -> Result<Chunked> {
-        let known = &cap.known;
-        let asked = std::sync::Mutex::new(HashSet::new());
-        let is_known = |h: &ChunkHash| {
-            let lacked = !known.contains(h);
-            if lacked {
-                asked.lock().unwrap().insert(*h);
-            }
-            !lacked
-        };
-        let chunked = self
-            .objects
-            .put_chunked(&cap.owner, body, &is_known, None)
-            .await;
-        cap.settle(chunked, asked)
+        self.chunk_into(cap, Source::Stream(body)).await
     }
 
     /// A file (a disk, a memory image) in fixed-size chunks at fixed
@@ -123,6 +117,17 @@ impl Manager {
         cap: &mut ChunkedCapture,
         path: &std::path::Path,
     ) -> Result<Chunked> {
+        self.chunk_into(cap, Source::<tokio::io::Empty>::File(path))
+            .await
+    }
+
+    /// Chunks `source` for `cap`, noting each chunk the owner lacks: if the
+    /// call fails part way, those are the ones it may have stored.
+    async fn chunk_into<R: AsyncRead + Unpin + Send>(
+        &self,
+        cap: &mut ChunkedCapture,
+        source: Source<'_, R>,
+    ) -> Result<Chunked> {
         let known = &cap.known;
         let asked = std::sync::Mutex::new(HashSet::new());
         let is_known = |h: &ChunkHash| {
@@ -132,10 +137,18 @@ impl Manager {
             }
             !lacked
         };
-        let chunked = self
-            .objects
-            .put_file_chunked(&cap.owner, path, &is_known)
-            .await;
+        let chunked = match source {
+            Source::Stream(body) => {
+                self.objects
+                    .put_chunked(&cap.owner, body, &is_known, None)
+                    .await
+            }
+            Source::File(path) => {
+                self.objects
+                    .put_file_chunked(&cap.owner, path, &is_known)
+                    .await
+            }
+        };
         cap.settle(chunked, asked)
     }
 

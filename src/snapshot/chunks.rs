@@ -20,6 +20,10 @@ use tokio::sync::mpsc;
 /// chunks fetched ahead by `get_chunked`: memory stays about this many
 /// maximum-size chunks whatever the stream size.
 pub const CHUNKS_IN_FLIGHT: usize = 16;
+/// Chunks fetched at once from S3 by `get_chunked` and `get_chunked_file`:
+/// a GET of a 64 KiB chunk is mostly waiting, so more of them overlap
+/// (memory stays at most this many maximum-size chunks, 16 MiB).
+const FETCHES_IN_FLIGHT_REMOTE: usize = 64;
 /// Bytes read from the body at a time and handed to the chunker thread.
 const READ_BLOCK: usize = 512 << 10;
 /// Read blocks queued for the chunker, and batches of cut chunks queued for hashing.
@@ -719,6 +723,16 @@ impl Objects {
         })
     }
 
+    /// Chunks a read fetches ahead: the local store's files are read by the
+    /// blocking pool, S3's by requests that mostly wait.
+    fn fetch_window(&self) -> usize {
+        if self.local_root.is_some() {
+            CHUNKS_IN_FLIGHT
+        } else {
+            FETCHES_IN_FLIGHT_REMOTE
+        }
+    }
+
     /// Makes every chunk written so far durable: one `syncfs(2)` of the
     /// local store's file system (cheaper than an fsync per chunk). S3: a
     /// successful PUT is already durable, so nothing.
@@ -796,7 +810,7 @@ impl Objects {
                 let (objects, owner) = (objects.clone(), owner.clone());
                 async move { objects.read_chunk(&owner, chunk).await }
             })
-            .buffered(CHUNKS_IN_FLIGHT);
+            .buffered(self.fetch_window());
         while let Some(raw) = fetched.next().await {
             out.write_all(&raw?).await?;
         }
@@ -880,7 +894,7 @@ impl Objects {
                         .map_err(ObjectError::Io)
                     }
                 })
-                .buffer_unordered(CHUNKS_IN_FLIGHT);
+                .buffer_unordered(self.fetch_window());
             while let Some(done) = written.next().await {
                 done?;
             }
