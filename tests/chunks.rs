@@ -306,6 +306,7 @@ fn crashes(storage: Storage) {
         || chunks(&d) == kept,
     );
     // The VM lost its VMM with the daemon; the first snapshot still brings it back.
+    let frozen = last_tick(&d.logs(&id));
     let r = d.req(
         "POST",
         &format!("/instances/{id}/snapshots/{s1}/restore"),
@@ -315,7 +316,8 @@ fn crashes(storage: Storage) {
     wait_until(
         "ticks after restoring the first snapshot",
         Duration::from_secs(60),
-        || d.logs(&id).matches("tick ").count() > 0 && d.vm(&id)["state"] == "running",
+        // New ticks: the guest ran, so its memory differs from the first snapshot's.
+        || last_tick(&d.logs(&id)) > frozen && d.vm(&id)["state"] == "running",
     );
 
     // 2. Collection: a second snapshot, the first deleted; the collection

@@ -469,8 +469,8 @@ fn compression_cut_by_kill_9_resumes_after_restart() {
     d.kill9();
 
     // What the kill left: the database says compressing, some chunks are
-    // recorded compressed, most are still raw, and one compressed copy is
-    // in the store without a row.
+    // recorded compressed, most are still raw, and a compressed copy or a
+    // few are in the store without a row.
     assert_eq!(
         d.db_value(&format!(
             "SELECT compression_state FROM snapshots WHERE id = '{snap}'"
@@ -486,8 +486,13 @@ fn compression_cut_by_kill_9_resumes_after_restart() {
     );
     let (unindexed, missing) = chunk_drift(&d);
     assert!(missing.is_empty(), "{missing:?}");
-    assert_eq!(unindexed.len(), 1, "{unindexed:?}");
-    assert!(unindexed[0].ends_with(".zst"), "{unindexed:?}");
+    // The killed one's copy, and those of the others being compressed at
+    // the same moment (four at once): written, not yet recorded.
+    assert!((1..=4).contains(&unindexed.len()), "{unindexed:?}");
+    assert!(
+        unindexed.iter().all(|k| k.ends_with(".zst")),
+        "{unindexed:?}"
+    );
 
     d.set_env("HATCH_TEST_CRASH_AT", None);
     d.restart();

@@ -101,7 +101,7 @@ pub struct VmCreate {
     /// Read the user data from this file (`-`: standard input).
     #[arg(long)]
     pub user_data_file: Option<PathBuf>,
-    /// `qemu` or `firecracker` (default: the server's).
+    /// The hypervisor, by the name the API uses (default: the server's).
     #[arg(long)]
     pub hypervisor: Option<String>,
     /// Its own idle timeout in seconds (idle sleep).
@@ -266,7 +266,7 @@ pub enum ImageCmd {
         /// The root disk: ext4, or qcow2 without a backing file.
         #[arg(long)]
         rootfs: PathBuf,
-        /// An ELF vmlinux beside a bzImage kernel (for Firecracker).
+        /// An ELF vmlinux beside a bzImage kernel (for a VMM that boots only ELF).
         #[arg(long)]
         kernel_elf: Option<PathBuf>,
         #[arg(long)]

@@ -222,7 +222,7 @@ mod tests {
             boot_args: "console=ttyS0".into(),
             enable_network: false,
             user_data: None,
-            hypervisor: "qemu".into(),
+            hypervisor: "test".into(),
             name: None,
             snapshot_compression: None,
             auto_sleep: true,
@@ -343,7 +343,7 @@ mod tests {
             vm,
             &owner.id,
             kind,
-            "qemu",
+            "test",
             VmConfig::default(),
         );
         s.name = name.map(str::to_string);
@@ -415,7 +415,7 @@ mod tests {
             &va.id,
             &alice.id,
             Standby,
-            "qemu",
+            "test",
             VmConfig::default(),
         );
         t.store.insert_snapshot(&hidden).await.unwrap();
