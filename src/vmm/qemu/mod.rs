@@ -683,8 +683,21 @@ impl Vmm for Qemu {
         match self.load_deferred(spec, process.pid, &from.memory).await {
             Ok(()) => Ok(process),
             Err(e) => {
-                let _ = process.child.start_kill();
-                let _ = process.child.wait().await;
+                // QEMU exits by itself when a load fails (its log says why);
+                // one still waiting is killed.
+                let exited =
+                    tokio::time::timeout(Duration::from_secs(1), process.child.wait()).await;
+                let e = match exited {
+                    Ok(Ok(status)) => VmmError::Control(format!(
+                        "loading the device state failed: QEMU exited ({status}): {}",
+                        super::process::tail_of(&spec.vmm_log(), 600)
+                    )),
+                    _ => {
+                        let _ = process.child.start_kill();
+                        let _ = process.child.wait().await;
+                        e
+                    }
+                };
                 self.release(&spec.vm_id).await;
                 Err(e)
             }
@@ -925,6 +938,101 @@ mod tests {
             assert_eq!(process::kill_all_under(&dir.0), 1);
             let _ = p.child.wait().await;
             assert!(!vm_ns.ip(&["link", "show", "htq"]).contains("LOWER_UP"));
+        });
+    }
+
+    /// Guest RAM in a memfd: a snapshot writes device state only and links
+    /// the RAM; a restore fills a new QEMU's memfd and comes up paused. A
+    /// restore that cannot load (device state QEMU rejects, a memory image
+    /// of the wrong size) fails and leaves no QEMU. The guest "kernel" is
+    /// zeros, as above; no NIC, and the caller runs in a namespace of its own.
+    #[test]
+    fn guest_ram_is_a_memfd_saved_apart_and_a_failed_load_leaves_no_qemu() {
+        use crate::net::isolate::testing::{block_on_in, Netns, TestDir};
+        use crate::vmm::process;
+
+        let caller = Netns::new("qemu-memfd");
+        let dir = TestDir::new("qemu-memfd");
+        let kernel = dir.0.join("vmlinuz");
+        std::fs::write(&kernel, vec![0u8; 64 * 1024]).unwrap();
+        let disk = dir.0.join("disk.qcow2");
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("16M")
+            .status()
+            .expect("qemu-img (apt-get install qemu-utils)");
+        assert!(made.success());
+        let spec = VmSpec {
+            vm_id: "vm_m".into(),
+            work_dir: dir.0.clone(),
+            kernel,
+            initrd: None,
+            disk,
+            boot_args: "console=ttyS0".into(),
+            vcpu_count: 1,
+            mem_mib: 64,
+            nic: None,
+            seed: None,
+            netns: None,
+        };
+        block_on_in(&caller.0, || async {
+            let q = Qemu::new("qemu-system-x86_64".into(), ResolvedAccel::Tcg);
+            let mut p = q.boot(&spec).await.unwrap();
+            let out_dir = dir.0.join("capture");
+            std::fs::create_dir(&out_dir).unwrap();
+            let out = q.snapshot_files(&out_dir);
+            q.snapshot(&spec, &out).await.unwrap();
+            let state = std::fs::read(&out.state).unwrap();
+            assert!(state.starts_with(STREAM_MAGIC), "a migration stream");
+            assert!(
+                state.len() < 4 << 20,
+                "device state only: {} bytes",
+                state.len()
+            );
+            // The memory is the guest's RAM itself, whole.
+            let ram = std::fs::read(&out.memory).unwrap();
+            assert_eq!(ram.len(), 64 << 20);
+            let image = dir.0.join("memory.img");
+            std::fs::write(&image, &ram).unwrap();
+            assert_eq!(process::kill_all_under(&dir.0), 1);
+            let _ = p.child.wait().await;
+
+            let from = SnapshotFiles {
+                state: out.state.clone(),
+                memory: image.clone(),
+            };
+            let mut back = q.restore(&spec, &from).await.unwrap();
+            let status = qmp(&spec)
+                .await
+                .unwrap()
+                .execute("query-status", None)
+                .await
+                .unwrap();
+            assert_eq!(status["status"], "paused", "{status}");
+            assert_eq!(process::kill_all_under(&dir.0), 1);
+            let _ = back.child.wait().await;
+
+            // Device state QEMU cannot load, and a memory image of another size.
+            let bad_state = dir.0.join("bad-state");
+            let mut junk = STREAM_MAGIC.to_vec();
+            junk.extend_from_slice(&[0xa5; 4096]);
+            std::fs::write(&bad_state, junk).unwrap();
+            let short = dir.0.join("short.img");
+            std::fs::write(&short, &ram[..1 << 20]).unwrap();
+            for (state, memory) in [(&bad_state, &image), (&out.state, &short)] {
+                let from = SnapshotFiles {
+                    state: state.clone(),
+                    memory: memory.clone(),
+                };
+                let e = q.restore(&spec, &from).await.err().expect("a failed load");
+                assert!(
+                    e.to_string().contains("loading the device state")
+                        || e.to_string().contains("filling guest RAM"),
+                    "{e}"
+                );
+                assert_eq!(process::kill_all_under(&dir.0), 0, "no QEMU is left");
+            }
         });
     }
 }
