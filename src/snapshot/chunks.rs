@@ -758,18 +758,13 @@ impl Objects {
     /// pool) or one GET.
     async fn fetch_chunk(&self, key: String) -> Result<Bytes> {
         if let Some(root) = &self.local_root {
-            let path = local_path(root, &key);
-            return match tokio::task::spawn_blocking(move || std::fs::read(path))
+            let (path, transfer) = (
+                local_path(root, &key),
+                std::sync::Arc::clone(&self.transfer),
+            );
+            return tokio::task::spawn_blocking(move || read_local_chunk(&path, key, &transfer))
                 .await
-                .map_err(join_err)?
-            {
-                Ok(bytes) => {
-                    self.transfer.add_down(bytes.len() as u64);
-                    Ok(Bytes::from(bytes))
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ObjectError::Missing(key)),
-                Err(e) => Err(e.into()),
-            };
+                .map_err(join_err)?;
         }
         let got = match self.store.get(&ObjPath::from(key.as_str())).await {
             Ok(g) => g,
@@ -857,23 +852,16 @@ impl Objects {
                             return Ok(());
                         }
                         use std::os::unix::fs::FileExt;
-                        let key = Objects::chunk_key(&owner, &chunk.hash, chunk.encoding)?;
                         if let Some(root) = &objects.local_root {
                             // Local: read, verify and write in one trip to
                             // the blocking pool (three trips cost a third of
                             // a restore's time).
+                            let key = Objects::chunk_key(&owner, &chunk.hash, chunk.encoding)?;
                             let path = local_path(root, &key);
                             let transfer = std::sync::Arc::clone(&objects.transfer);
                             return tokio::task::spawn_blocking(move || {
-                                let stored = match std::fs::read(&path) {
-                                    Ok(b) => b,
-                                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                                        return Err(ObjectError::Missing(key));
-                                    }
-                                    Err(e) => return Err(e.into()),
-                                };
-                                transfer.add_down(stored.len() as u64);
-                                let raw = decode_verified(&key, &chunk, Bytes::from(stored))?;
+                                let stored = read_local_chunk(&path, key.clone(), &transfer)?;
+                                let raw = decode_verified(&key, &chunk, stored)?;
                                 if !is_zeros(&raw) {
                                     file.write_all_at(&raw, at)?;
                                 }
@@ -1017,6 +1005,19 @@ impl Objects {
         check(key, "compressed ", expected, &body.tally())?;
         check(key, "uncompressed ", raw, &decoded)?;
         Ok(chunked)
+    }
+}
+
+/// The stored bytes of the local chunk file `path` (key `key`), read whole
+/// and counted; a missing file is `Missing`. Blocking.
+fn read_local_chunk(path: &Path, key: String, transfer: &super::Transfer) -> Result<Bytes> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            transfer.add_down(bytes.len() as u64);
+            Ok(Bytes::from(bytes))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ObjectError::Missing(key)),
+        Err(e) => Err(e.into()),
     }
 }
 

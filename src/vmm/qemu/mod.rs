@@ -311,22 +311,30 @@ fn fill_ram(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Opens where a snapshot's migration stream goes, for writing. A FIFO is
-/// opened without waiting (its reader is open already, or this fails), then
-/// made blocking for QEMU; a symlink is never followed.
-fn open_for_migration(path: &Path) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
+/// Creates the file a snapshot's device state goes to, for writing; a
+/// symlink is never followed.
+fn create_state_file(path: &Path) -> Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|e| VmmError::Control(format!("opening {}: {e}", path.display())))?;
-    // SAFETY: F_SETFL on an fd we own only changes its status flags.
-    unsafe {
-        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0);
-    }
-    Ok(f)
+        .map_err(|e| VmmError::Control(format!("opening {}: {e}", path.display())))
+}
+
+/// Leaves shared RAM (the guest's memfd) out of a migration stream, on
+/// both ends: the saving QEMU's stream then says so, and the loading one
+/// must expect it.
+async fn ignore_shared_ram(q: &mut Qmp) -> Result<()> {
+    q.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })),
+    )
+    .await
+    .map_err(VmmError::Control)?;
+    Ok(())
 }
 
 impl Qemu {
@@ -568,16 +576,10 @@ impl Vmm for Qemu {
         )
         .await
         .map_err(VmmError::Control)?;
-        q.execute(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })),
-        )
-        .await
-        .map_err(VmmError::Control)?;
+        ignore_shared_ram(&mut q).await?;
         // QEMU may not spawn `cat` (seccomp spawn=deny) and need not see the
         // file: the daemon opens it and hands QEMU the fd over QMP.
-        std::fs::File::create(&out.state)?;
-        let state = open_for_migration(&out.state)?;
+        let state = create_state_file(&out.state)?;
         q.execute_with_fd(
             "getfd",
             Some(json!({ "fdname": MIGRATION_FD_NAME })),
@@ -716,12 +718,7 @@ impl Qemu {
             .map_err(|e| VmmError::Control(format!("filling guest RAM: {e}")))?
             .map_err(|e| VmmError::Control(format!("filling guest RAM: {e}")))?;
         let mut q = qmp(spec).await?;
-        q.execute(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })),
-        )
-        .await
-        .map_err(VmmError::Control)?;
+        ignore_shared_ram(&mut q).await?;
         q.execute(
             "migrate-incoming",
             Some(json!({ "uri": format!("fd:{INCOMING_FD}") })),
@@ -891,31 +888,13 @@ mod tests {
         vm_ns.ip(&["tuntap", "add", "dev", "htq", "mode", "tap"]);
         vm_ns.ip(&["link", "set", "htq", "up"]);
         let dir = TestDir::new("qemu-netns");
-        let kernel = dir.0.join("vmlinuz");
-        std::fs::write(&kernel, vec![0u8; 64 * 1024]).unwrap();
-        let disk = dir.0.join("disk.qcow2");
-        let made = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&disk)
-            .arg("16M")
-            .status()
-            .expect("qemu-img (apt-get install qemu-utils)");
-        assert!(made.success());
         let spec = VmSpec {
-            vm_id: "vm_q".into(),
-            work_dir: dir.0.clone(),
-            kernel,
-            initrd: None,
-            disk,
-            boot_args: "console=ttyS0".into(),
-            vcpu_count: 1,
-            mem_mib: 64,
             nic: Some(super::super::Nic {
                 tap: "htq".into(),
                 mac: "02:fc:00:00:00:01".into(),
             }),
-            seed: None,
             netns: Some(vm_ns.0.clone()),
+            ..zero_kernel_spec(&dir.0, "vm_q")
         };
         block_on_in(&caller.0, || async {
             let q = Qemu::new("qemu-system-x86_64".into(), ResolvedAccel::Tcg);
@@ -941,6 +920,34 @@ mod tests {
         });
     }
 
+    /// A 64 MiB VM in `dir` whose "kernel" is zeros (QEMU starts and the
+    /// vCPU runs harmlessly) on a fresh 16 MiB qcow2 disk; no NIC.
+    fn zero_kernel_spec(dir: &Path, vm_id: &str) -> VmSpec {
+        let kernel = dir.join("vmlinuz");
+        std::fs::write(&kernel, vec![0u8; 64 * 1024]).unwrap();
+        let disk = dir.join("disk.qcow2");
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("16M")
+            .status()
+            .expect("qemu-img (apt-get install qemu-utils)");
+        assert!(made.success());
+        VmSpec {
+            vm_id: vm_id.into(),
+            work_dir: dir.to_path_buf(),
+            kernel,
+            initrd: None,
+            disk,
+            boot_args: "console=ttyS0".into(),
+            vcpu_count: 1,
+            mem_mib: 64,
+            nic: None,
+            seed: None,
+            netns: None,
+        }
+    }
+
     /// Guest RAM in a memfd: a snapshot writes device state only and links
     /// the RAM; a restore fills a new QEMU's memfd and comes up paused. A
     /// restore that cannot load (device state QEMU rejects, a memory image
@@ -953,29 +960,7 @@ mod tests {
 
         let caller = Netns::new("qemu-memfd");
         let dir = TestDir::new("qemu-memfd");
-        let kernel = dir.0.join("vmlinuz");
-        std::fs::write(&kernel, vec![0u8; 64 * 1024]).unwrap();
-        let disk = dir.0.join("disk.qcow2");
-        let made = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&disk)
-            .arg("16M")
-            .status()
-            .expect("qemu-img (apt-get install qemu-utils)");
-        assert!(made.success());
-        let spec = VmSpec {
-            vm_id: "vm_m".into(),
-            work_dir: dir.0.clone(),
-            kernel,
-            initrd: None,
-            disk,
-            boot_args: "console=ttyS0".into(),
-            vcpu_count: 1,
-            mem_mib: 64,
-            nic: None,
-            seed: None,
-            netns: None,
-        };
+        let spec = zero_kernel_spec(&dir.0, "vm_m");
         block_on_in(&caller.0, || async {
             let q = Qemu::new("qemu-system-x86_64".into(), ResolvedAccel::Tcg);
             let mut p = q.boot(&spec).await.unwrap();
