@@ -281,11 +281,20 @@ impl Manager {
         let work_dir = self.work_dir(&vm.id);
         let dir = work_dir.join(format!("restore-{}", snap.id));
         let result = async {
-            let files = backend.snapshot_files(&dir);
+            let mut files = backend.snapshot_files(&dir);
+            // Held until the VMM has mapped it (`boot_from` returns).
+            let mut _ram = None;
             if memory == SavedMemory::File {
                 // First: a corrupt or missing memory object changes nothing.
                 tokio::fs::create_dir_all(&dir).await?;
-                self.fetch_memory_file(snap, &files.memory).await?;
+                if backend.capabilities().shared_ram {
+                    // Straight into the guest's RAM to be, with no file between.
+                    let ram = self.fetch_memory_ram(snap).await?;
+                    files.memory = crate::vmm::ram::path_of(&ram);
+                    _ram = Some(ram);
+                } else {
+                    self.fetch_memory_file(snap, &files.memory).await?;
+                }
             }
             let swap = self.fetch(snap, vm, backend.as_ref(), &dir, true).await?;
             let feed = match memory {
@@ -325,6 +334,22 @@ impl Manager {
             .get_chunked_file(&snap.owner_id, &chunks, dest)
             .await?;
         Ok(())
+    }
+
+    /// `snap`'s memory in new guest RAM (a memfd, `vmm::ram`), every chunk
+    /// verified; on error the memory goes.
+    pub(super) async fn fetch_memory_ram(&self, snap: &Snapshot) -> Result<std::fs::File> {
+        let chunks = self.manifest(snap, MEMORY).await?;
+        let ram = std::sync::Arc::new(
+            crate::vmm::ram::create(0).context(|| "guest RAM for the restore".into())?,
+        );
+        self.objects
+            .get_chunked_into(&snap.owner_id, &chunks, std::sync::Arc::clone(&ram))
+            .await?;
+        // The fetch keeps no copy once done; were one left, a dup is as good.
+        std::sync::Arc::try_unwrap(ram)
+            .or_else(|shared| shared.try_clone())
+            .context(|| "guest RAM for the restore".into())
     }
 
     /// A VMM that could not load streamed memory says little about why; when

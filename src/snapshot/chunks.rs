@@ -827,7 +827,26 @@ impl Objects {
         check_owner(owner)?;
         let tmp = partial_path(dest);
         let verdict = async {
-            let file = std::sync::Arc::new(tokio::fs::File::create(&tmp).await?.into_std().await);
+            let file = tokio::fs::File::create(&tmp).await?.into_std().await;
+            self.get_chunked_into(owner, chunks, std::sync::Arc::new(file))
+                .await
+        }
+        .await;
+        settle(&tmp, dest, verdict).await
+    }
+
+    /// `chunks`, in order, into `file` (sized to their total here; it must
+    /// be empty, as a new memfd or file is), every chunk verified before it
+    /// is written. Zeros are never written: they stay holes. On an error
+    /// the file holds part of the data: the caller drops it.
+    pub async fn get_chunked_into(
+        &self,
+        owner: &str,
+        chunks: &[StoredChunk],
+        file: std::sync::Arc<std::fs::File>,
+    ) -> Result<()> {
+        check_owner(owner)?;
+        {
             let total: u64 = chunks.iter().map(|c| u64::from(c.raw_size)).sum();
             file.set_len(total)?;
             let mut offset = 0u64;
@@ -888,8 +907,6 @@ impl Objects {
             }
             Ok(())
         }
-        .await;
-        settle(&tmp, dest, verdict).await
     }
 
     /// Stores `chunk` again encoded with `to` (read, decoded, verified,

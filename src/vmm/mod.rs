@@ -13,6 +13,7 @@ pub mod firecracker;
 pub mod metrics;
 pub mod process;
 pub mod qemu;
+pub mod ram;
 mod registry;
 #[cfg(test)]
 pub mod testing;
@@ -110,6 +111,13 @@ pub struct Capabilities {
     /// The kernel formats it boots, preferred first.
     pub kernels: &'static [KernelFormat],
     pub memory: MemoryTransport,
+    /// With `MemoryTransport::MappedFile`: the VMM maps a restore's memory
+    /// image shared, as the guest's RAM itself. The caller then best hands
+    /// the image over in anonymous shared memory (a memfd, named as
+    /// `/proc/self/fd/N`), which becomes the guest's RAM with no copy; an
+    /// image in a file on disk is copied into new RAM first. `false`: the
+    /// VMM maps the file privately (copy on write), so a file on disk is best.
+    pub shared_ram: bool,
 }
 
 impl Capabilities {

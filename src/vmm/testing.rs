@@ -24,6 +24,7 @@ impl FakeBackend {
                 disk_format: DiskFormat::Qcow2Overlay,
                 kernels: &[KernelFormat::BzImage, KernelFormat::Elf],
                 memory: MemoryTransport::Stream,
+                shared_ram: false,
             },
         }
     }

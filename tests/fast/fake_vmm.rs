@@ -354,6 +354,7 @@ impl Vmm for FakeVmm {
             disk_format: self.disk_format,
             kernels: self.kernels,
             memory: self.memory,
+            shared_ram: false,
         }
     }
 

@@ -589,6 +589,7 @@ impl Vmm for Firecracker {
             disk_format: DiskFormat::Raw,
             kernels: &[KernelFormat::Elf],
             memory: MemoryTransport::MappedFile,
+            shared_ram: false,
         }
     }
 

@@ -89,6 +89,8 @@ const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resour
 /// opened by the daemon (INCOMING_FD, below, is the third).
 const QMP_FD: i32 = 4;
 const TAP_FD: i32 = 5;
+/// A restoring QEMU's guest RAM, filled by the daemon (`Qemu::restore`).
+const RAM_FD: i32 = 6;
 
 impl Qemu {
     pub fn new(binary: String, accel: ResolvedAccel) -> Qemu {
@@ -112,21 +114,35 @@ impl Qemu {
         self
     }
 
-    /// The full command line for `spec` (without the binary).
+    /// The full command line for `spec` (without the binary), guest RAM a
+    /// new memfd.
     pub fn command_line(&self, spec: &VmSpec) -> Vec<OsString> {
+        self.command_line_with(spec, false)
+    }
+
+    /// The command line; with `inherited_ram`, guest RAM is the shared
+    /// memory QEMU inherits as `RAM_FD` instead of a new memfd.
+    fn command_line_with(&self, spec: &VmSpec, inherited_ram: bool) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |s: &str| args.push(s.into());
         push("-name");
         push(&format!("hatch-{}", spec.vm_id));
-        // Guest RAM is a memfd (shared), so a snapshot saves device state
-        // only (`x-ignore-shared`) and the daemon reads the RAM itself
+        // Guest RAM is shared memory (a memfd), so a snapshot saves device
+        // state only (`x-ignore-shared`) and the daemon reads the RAM itself
         // (`Qemu::snapshot`). Its id is the one QEMU gives `-m` RAM on `pc`:
         // a migration stream saved with RAM inside still loads into it.
         push("-object");
-        push(&format!(
-            "memory-backend-memfd,id={RAM_ID},size={}M",
-            spec.mem_mib
-        ));
+        push(&if inherited_ram {
+            // A restore's RAM, filled by the daemon before QEMU starts: QEMU
+            // opens its own fd of it through the magic link (a memfd's
+            // mode lets any uid do that; only holders of an fd can).
+            format!(
+                "memory-backend-file,id={RAM_ID},size={}M,mem-path=/proc/self/fd/{RAM_FD},share=on",
+                spec.mem_mib
+            )
+        } else {
+            format!("memory-backend-memfd,id={RAM_ID},size={}M", spec.mem_mib)
+        });
         push("-M");
         push(&format!("pc,memory-backend={RAM_ID}"));
         push("-accel");
@@ -232,8 +248,9 @@ const RAM_ID: &str = "pc.ram";
 /// that starts otherwise is the description a snapshot from before guest RAM
 /// was a memfd wrote, whose memory object is the whole stream.
 const STREAM_MAGIC: &[u8; 4] = b"QEVM";
-/// How QEMU names the memfd behind `memory-backend-memfd` (/proc/PID/fd link target).
-const RAM_MEMFD: &str = "/memfd:memory-backend-memfd";
+/// How QEMU names the memfd behind `memory-backend-memfd` (/proc/PID/fd link
+/// target); a restored QEMU's RAM is the daemon's memfd (`ram::NAME`).
+const RAM_MEMFDS: [&str; 2] = ["/memfd:memory-backend-memfd", "/memfd:hatch-guest-ram"];
 
 /// The guest RAM of the QEMU whose pid the VM's pid file holds: a path
 /// under /proc/PID/fd that opens its memfd.
@@ -253,11 +270,8 @@ fn guest_ram_of(pid: u32) -> Result<std::path::PathBuf> {
         let Ok(target) = std::fs::read_link(entry.path()) else {
             continue;
         };
-        if target
-            .as_os_str()
-            .as_encoded_bytes()
-            .starts_with(RAM_MEMFD.as_bytes())
-        {
+        let target = target.as_os_str().as_encoded_bytes();
+        if RAM_MEMFDS.iter().any(|m| target.starts_with(m.as_bytes())) {
             return Ok(entry.path());
         }
     }
@@ -266,13 +280,35 @@ fn guest_ram_of(pid: u32) -> Result<std::path::PathBuf> {
     )))
 }
 
-/// Copies the memory image `from` into the guest RAM `to` (same size),
+/// The guest RAM a restore of a `mem_mib` guest maps from the memory image
+/// at `memory`: the image itself when it is a guest-RAM memfd the caller
+/// filled (`ram::path_of`), with no copy; otherwise a new memfd the image is
+/// copied into.
+fn ram_for_restore(memory: &Path, mem_mib: u32) -> std::io::Result<std::fs::File> {
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(memory)?;
+    let len = u64::from(mem_mib) << 20;
+    let size = image.metadata()?.len();
+    if size != len {
+        return Err(std::io::Error::other(format!(
+            "the memory image is {size} bytes, the guest's RAM {len}"
+        )));
+    }
+    if super::ram::is_guest_ram(&image) {
+        return Ok(image);
+    }
+    let ram = super::ram::create(len)?;
+    fill_ram(&image, &ram)?;
+    Ok(ram)
+}
+
+/// Copies the memory image `src` into the guest RAM `dst` (same size),
 /// writing only data: holes and blocks of zeros stay unallocated in the memfd.
-fn fill_ram(from: &Path, to: &Path) -> std::io::Result<()> {
+fn fill_ram(src: &std::fs::File, dst: &std::fs::File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    let src = std::fs::File::open(from)?;
-    let dst = std::fs::OpenOptions::new().write(true).open(to)?;
     let (len, ram) = (src.metadata()?.len(), dst.metadata()?.len());
     if len != ram {
         return Err(std::io::Error::other(format!(
@@ -337,6 +373,15 @@ async fn ignore_shared_ram(q: &mut Qmp) -> Result<()> {
     Ok(())
 }
 
+/// Files a starting QEMU inherits beside its QMP socket and TAP.
+#[derive(Default, Clone, Copy)]
+struct Inherit<'a> {
+    /// An incoming migration stream, as `INCOMING_FD`.
+    incoming: Option<&'a std::fs::File>,
+    /// Guest RAM (shared memory the daemon filled), as `RAM_FD`.
+    ram: Option<&'a std::fs::File>,
+}
+
 impl Qemu {
     /// Starts QEMU for `spec` (see `launch_inner`); whatever fails, the VM's
     /// cgroup and uid are given back.
@@ -344,7 +389,7 @@ impl Qemu {
         &self,
         spec: &VmSpec,
         extra: &[OsString],
-        incoming: Option<&std::fs::File>,
+        inherit: Inherit<'_>,
         timeout: Duration,
         ready: &[&str],
     ) -> Result<VmProcess> {
@@ -353,7 +398,7 @@ impl Qemu {
             None => None,
         };
         let launched = self
-            .launch_inner(spec, extra, incoming, timeout, jail, ready)
+            .launch_inner(spec, extra, inherit, timeout, jail, ready)
             .await;
         if launched.is_err() {
             self.release(&spec.vm_id).await;
@@ -368,7 +413,7 @@ impl Qemu {
         &self,
         spec: &VmSpec,
         extra: &[OsString],
-        incoming: Option<&std::fs::File>,
+        inherit: Inherit<'_>,
         timeout: Duration,
         jail: Option<Jail>,
         ready: &[&str],
@@ -396,7 +441,7 @@ impl Qemu {
             .append(true)
             .open(spec.vmm_log())?;
         let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(self.command_line(spec))
+        cmd.args(self.command_line_with(spec, inherit.ram.is_some()))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -416,14 +461,15 @@ impl Qemu {
         };
         use std::os::fd::AsRawFd;
         let qmp_fd = listener.as_raw_fd();
-        let incoming_fd = incoming.map(|f| f.as_raw_fd());
+        let incoming_fd = inherit.incoming.map(|f| f.as_raw_fd());
+        let ram_fd = inherit.ram.map(|f| f.as_raw_fd());
         // SAFETY: the hook runs in the forked child before exec and makes
         // system calls only (TapRequest, Jail and the fd helpers say so), on
         // fds the parent keeps open until spawn returns. It runs after the
         // namespace hook, so the TAP is opened in the VM's network namespace.
         unsafe {
             cmd.pre_exec(move || {
-                let mut fds = [(qmp_fd, QMP_FD); 3];
+                let mut fds = [(qmp_fd, QMP_FD); 4];
                 let mut n = 1;
                 if let Some(t) = &tap {
                     fds[n] = (t.open_raw()?, TAP_FD);
@@ -431,6 +477,10 @@ impl Qemu {
                 }
                 if let Some(fd) = incoming_fd {
                     fds[n] = (fd, INCOMING_FD);
+                    n += 1;
+                }
+                if let Some(fd) = ram_fd {
+                    fds[n] = (fd, RAM_FD);
                     n += 1;
                 }
                 confine::place_fds(&fds[..n])?;
@@ -517,12 +567,19 @@ impl Vmm for Qemu {
             // Guest RAM is a memfd the daemon reads and fills; the
             // migration stream carries device state only.
             memory: MemoryTransport::MappedFile,
+            shared_ram: true,
         }
     }
 
     async fn boot(&self, spec: &VmSpec) -> Result<VmProcess> {
-        self.launch(spec, &[], None, LAUNCH_TIMEOUT, &["running", "paused"])
-            .await
+        self.launch(
+            spec,
+            &[],
+            Inherit::default(),
+            LAUNCH_TIMEOUT,
+            &["running", "paused"],
+        )
+        .await
     }
 
     async fn release(&self, vm_id: &str) {
@@ -649,9 +706,10 @@ impl Vmm for Qemu {
     }
 
     /// A new QEMU for `spec`, loaded from `from` and paused. From a state
-    /// object that is a migration stream (device state only): QEMU starts
-    /// waiting (`-incoming defer`), the memory image fills its RAM memfd,
-    /// then the stream loads. From one written before guest RAM was a memfd
+    /// object that is a migration stream (device state only): the memory
+    /// image becomes the guest's RAM (a guest-RAM memfd as it is, anything
+    /// else copied into a new one), QEMU starts on it waiting (`-incoming
+    /// defer`), then the stream loads. From one written before guest RAM was a memfd
     /// (a JSON description): the memory object is the whole stream, loaded
     /// as it is.
     async fn restore(&self, spec: &VmSpec, from: &SnapshotFiles) -> Result<VmProcess> {
@@ -661,28 +719,42 @@ impl Vmm for Qemu {
         let device_state_only = state.read_exact(&mut magic).is_ok() && &magic == STREAM_MAGIC;
         if !device_state_only {
             let memory = std::fs::File::open(&from.memory)?;
+            let inherit = Inherit {
+                incoming: Some(&memory),
+                ram: None,
+            };
             return self
                 .launch(
                     spec,
                     &["-incoming".into(), format!("fd:{INCOMING_FD}").into()],
-                    Some(&memory),
+                    inherit,
                     SNAPSHOT_TIMEOUT,
                     &["running", "paused"],
                 )
                 .await;
         }
+        // The RAM is complete before QEMU starts: it loads only device state.
+        let (memory, mem_mib) = (from.memory.clone(), spec.mem_mib);
+        let ram = tokio::task::spawn_blocking(move || ram_for_restore(&memory, mem_mib))
+            .await
+            .map_err(|e| VmmError::Control(format!("preparing guest RAM: {e}")))?
+            .map_err(|e| VmmError::Control(format!("preparing guest RAM: {e}")))?;
         let state = std::fs::File::open(&from.state)?;
+        let inherit = Inherit {
+            incoming: Some(&state),
+            ram: Some(&ram),
+        };
         let mut process = self
             .launch(
                 spec,
                 &["-incoming".into(), "defer".into()],
-                Some(&state),
+                inherit,
                 LAUNCH_TIMEOUT,
                 &["inmigrate"],
             )
             .await?;
-        drop(state);
-        match self.load_deferred(spec, process.pid, &from.memory).await {
+        drop((state, ram));
+        match self.load_deferred(spec).await {
             Ok(()) => Ok(process),
             Err(e) => {
                 // QEMU exits by itself when a load fails (its log says why);
@@ -708,15 +780,9 @@ impl Vmm for Qemu {
 }
 
 impl Qemu {
-    /// The waiting QEMU `pid` gets `memory` in its RAM, then loads the device
-    /// state it inherited as `INCOMING_FD`; returns once the guest is paused.
-    async fn load_deferred(&self, spec: &VmSpec, pid: u32, memory: &Path) -> Result<()> {
-        let ram = guest_ram_of(pid)?;
-        let image = memory.to_path_buf();
-        tokio::task::spawn_blocking(move || fill_ram(&image, &ram))
-            .await
-            .map_err(|e| VmmError::Control(format!("filling guest RAM: {e}")))?
-            .map_err(|e| VmmError::Control(format!("filling guest RAM: {e}")))?;
+    /// The waiting QEMU, its RAM already filled, loads the device state it
+    /// inherited as `INCOMING_FD`; returns once the guest is paused.
+    async fn load_deferred(&self, spec: &VmSpec) -> Result<()> {
         let mut q = qmp(spec).await?;
         ignore_shared_ram(&mut q).await?;
         q.execute(
@@ -949,8 +1015,9 @@ mod tests {
     }
 
     /// Guest RAM in a memfd: a snapshot writes device state only and links
-    /// the RAM; a restore fills a new QEMU's memfd and comes up paused. A
-    /// restore that cannot load (device state QEMU rejects, a memory image
+    /// the RAM; a restore from an image on disk copies it into new RAM, one
+    /// from a guest-RAM memfd maps that very memfd (no copy), and both come
+    /// up paused with the saved bytes as RAM. A restore that cannot load (device state QEMU rejects, a memory image
     /// of the wrong size) fails and leaves no QEMU. The guest "kernel" is
     /// zeros, as above; no NIC, and the caller runs in a namespace of its own.
     #[test]
@@ -995,6 +1062,26 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(status["status"], "paused", "{status}");
+            let restored = guest_ram_of(back.pid).unwrap();
+            assert!(std::fs::read(&restored).unwrap() == ram, "RAM is the image");
+            assert_eq!(process::kill_all_under(&dir.0), 1);
+            let _ = back.child.wait().await;
+
+            // From a guest-RAM memfd: QEMU maps it as it is.
+            let memfd = crate::vmm::ram::create(64 << 20).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&memfd, &ram, 0).unwrap();
+            let from = SnapshotFiles {
+                state: out.state.clone(),
+                memory: crate::vmm::ram::path_of(&memfd),
+            };
+            let mut back = q.restore(&spec, &from).await.unwrap();
+            use std::os::unix::fs::MetadataExt;
+            let mapped = std::fs::metadata(guest_ram_of(back.pid).unwrap()).unwrap();
+            assert_eq!(
+                mapped.ino(),
+                memfd.metadata().unwrap().ino(),
+                "the guest's RAM is the caller's memfd, not a copy"
+            );
             assert_eq!(process::kill_all_under(&dir.0), 1);
             let _ = back.child.wait().await;
 
@@ -1013,7 +1100,7 @@ mod tests {
                 let e = q.restore(&spec, &from).await.err().expect("a failed load");
                 assert!(
                     e.to_string().contains("loading the device state")
-                        || e.to_string().contains("filling guest RAM"),
+                        || e.to_string().contains("preparing guest RAM"),
                     "{e}"
                 );
                 assert_eq!(process::kill_all_under(&dir.0), 0, "no QEMU is left");
