@@ -13,20 +13,31 @@ Measured, in one run, with the same image and accelerator:
      the VM's cloud-init seed; process
      spawn -> first console line / ready line, then SIGKILL.
   3. API, the same requests with an empty store and then with --api-vms stopped VMs:
-     GET /health and GET /vms alternating on one connection, then POST /vms
-     {"enable_network": false} (each VM deleted after). The store is filled
-     through the API only: POST /vms and POST /vms/{id}/stop for each VM, as a
-     user would (the owner's limits raised with `hatch owners limits`).
+     the daemon's start-up (spawn to the first GET /health answer); GET /vms?limit=100
+     (the first page), a page deep in the list (cursor followed) and the unpaged
+     GET /vms, each alternating with GET /health on one connection; then POST /vms
+     {"enable_network": false} (each VM deleted after); and `hatch vm ls` against
+     curl of the same GET /vms. The store is filled with FILL_BATCH VMs made
+     through the API (POST /vms, POST /vms/{id}/stop; the owner's limits raised
+     with `hatch owners limits`), then, with the daemon stopped, copies of those
+     rows written into its SQLite file with their own ids, times and work
+     directories (Bench.copy_vms says exactly what a copy holds). Every page is
+     walked and checked against the store's order, and one copy is started,
+     booted, stopped and deleted through the API at the end.
   4. hatch boots with VMM confinement on against off (HATCH_VMM_CONFINE), one
      fresh daemon per block of boots, blocks alternating.
 """
 
 import argparse
 import datetime
+import http.client
 import json
 import os
+import re
+import secrets
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -36,8 +47,8 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    DOCS, READY, BenchError, CpuBusy, Daemon, Http, arg_after, cpu_model, kill_leftovers, log,
-    ms, one_request, other_qemus, qemu_version, run_guarded, stats, write_docs,
+    DOCS, HOST, PORT, READY, BenchError, CpuBusy, Daemon, Http, arg_after, cpu_model, kill_leftovers, log,
+    git_state, ms, nearest_rank, one_request, other_qemus, qemu_version, run_guarded, stats, write_docs,
 )
 
 POLL_S = 0.002
@@ -50,9 +61,40 @@ BOOT_TIMEOUT_S = 120.0
 POST_BODY = BOOT_BODY
 FILL_BODY = BOOT_BODY
 FILL_BATCH = 8
-# Every stopped VM in the store costs a boot and a stop (seconds per batch under TCG), so the default
-# is a count a run reaches in minutes; --api-vms 1000 works too, only slowly.
-API_VMS = 200
+# The store the paged list is measured on (issue 15). A VM made through the API costs a boot and a
+# stop (200 took 169 s), so FILL_BATCH are made that way and the rest are copies of them.
+API_VMS = 10000
+# The copies' creation times: this many to a second, like a burst of creates.
+COPIES_PER_SECOND = 10
+# The page size measured, and the page deep in the list (the 50th of 100: VMs 4,901-5,000).
+PAGE = 100
+DEEP_PAGE = 50
+ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # src/ids.rs
+SPARSE_BLOCK = 4096
+
+
+def parse_ts(s):
+    """The store's timestamps: RFC 3339, whole seconds, `Z` (src/store/mod.rs, now())."""
+    return datetime.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ")
+
+
+def fmt_ts(t):
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_sparse(path, data):
+    """`data` into a new file, its all-zero blocks left as holes (a fresh qcow2 overlay and an ISO
+    are mostly zeros: 10,000 work dirs take a tenth of the space); the bytes read back are `data`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        zero = bytes(SPARSE_BLOCK)
+        for off in range(0, len(data), SPARSE_BLOCK):
+            block = data[off:off + SPARSE_BLOCK]
+            if block != zero[:len(block)]:
+                os.pwrite(fd, block, off)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 class Console:
@@ -343,39 +385,43 @@ class Bench:
 
     # ------------------------------------------------------------ API latency
 
-    def interleaved_gets(self, n):
-        """n x GET /health and n x GET /vms, alternating, on one keep-alive connection."""
+    def alternating_gets(self, path, n, want_count):
+        """n x GET /health and n x GET `path`, alternating, on one keep-alive connection; each
+        `path` answer must be a JSON array of `want_count` VMs."""
         h = Http(self.key)
-        health, vms, size, count, hsize = [], [], None, None, None
+        health, timed, size, hsize = [], [], None, None
         try:
             for _ in range(n):
-                for path, out in (("/health", health), ("/vms", vms)):
+                for p, out in (("/health", health), (path, timed)):
                     t = time.monotonic()
-                    status, raw = h.request("GET", path)
+                    status, raw = h.request("GET", p)
                     out.append(time.monotonic() - t)
                     if status != 200:
-                        raise BenchError(f"GET {path}: {status} {raw[:300]!r}")
-                    if path == "/health":
+                        raise BenchError(f"GET {p}: {status} {raw[:300]!r}")
+                    if p == "/health":
                         hsize = len(raw)
-                    else:
+                    elif size is None:
                         size = len(raw)
-                        count = count if count is not None else len(json.loads(raw))
+                        got = len(json.loads(raw))
+                        if got != want_count:
+                            raise BenchError(f"GET {p} listed {got} VMs, expected {want_count}")
         finally:
             h.close()
-        return health, vms, size, count, hsize
+        return {"health": health, "times": timed, "size": size, "count": want_count, "health_size": hsize}
 
     def fill_vms(self, n):
         """n VMs made as a user makes them: `POST /vms` and then `POST /vms/{id}/stop`, FILL_BATCH at a
         time (the batch's stops in parallel: each waits for its guest to power off, at most the
-        daemon's HATCH_STOP_TIMEOUT, then hatch kills its QEMU). Stopped VMs stay in the store."""
+        daemon's HATCH_STOP_TIMEOUT, then hatch kills its QEMU). Stopped VMs stay in the store.
+        Returns their ids and the time it took."""
         t0 = time.monotonic()
-        made = 0
-        while made < n:
+        made = []
+        while len(made) < n:
             batch = []
-            for _ in range(min(FILL_BATCH, n - made)):
+            for _ in range(min(FILL_BATCH, n - len(made))):
                 status, raw = one_request(self.key, "POST", "/vms", FILL_BODY)
                 if status != 201:
-                    raise BenchError(f"POST /vms (filling the store, {made + len(batch)} made): {status} "
+                    raise BenchError(f"POST /vms (filling the store, {len(made) + len(batch)} made): {status} "
                                      f"{raw[:300]!r}\n{self.daemon_tail()}")
                 vm_id = json.loads(raw)["id"]
                 self.live_vms.add(vm_id)
@@ -400,47 +446,327 @@ class Bench:
                 raise BenchError("; ".join(errors) + f"\n{self.daemon_tail()}")
             # Nothing of theirs runs any more; the cleanup need not delete them one by one.
             self.live_vms.difference_update(batch)
-            made += len(batch)
-            if made == n or made % max(FILL_BATCH, n // 10 // FILL_BATCH * FILL_BATCH) == 0:
-                log(f"  {made}/{n} VMs created and stopped ({time.monotonic() - t0:.0f}s)")
-        return time.monotonic() - t0
+            made += batch
+            log(f"  {len(made)}/{n} VMs created and stopped through the API ({time.monotonic() - t0:.0f}s)")
+        return made, time.monotonic() - t0
+
+    def db(self):
+        return sqlite3.connect(self.data / "hatch.db", timeout=30)
+
+    def copy_vms(self, n, donors):
+        """Writes n more stopped VMs into the store while the daemon is down, each a copy of one of
+        `donors` (stopped VMs made through the API, so every column holds what the daemon itself
+        wrote), with its own id, `created_at` and `updated_at`. Their work directories hold what
+        `POST /vms` makes before a boot: a fresh overlay of the donor's backing file (`qemu-img
+        create` as src/vmm/disk.rs runs it) and the donor's cloud-init seed with the VM id
+        replaced. Returns (seconds, a description of a donor's work dir)."""
+        if self.hatchd.proc is not None and self.hatchd.proc.poll() is None:
+            raise BenchError("the daemon must be stopped while rows are written into its store")
+        t0 = time.monotonic()
+        db = self.db()
+        try:
+            cols = [r[1] for r in db.execute("PRAGMA table_info(vms)")]
+            rows = []
+            for d in donors:
+                r = dict(zip(cols, db.execute("SELECT * FROM vms WHERE id = ?", (d,)).fetchone()))
+                # Only what a copy may share with its donor: no name, address, TAP, port,
+                # error or standby snapshot (those are unique or belong to the one VM).
+                for c in ("name", "guest_ip", "guest_mac", "tap_name", "ssh_port", "inner_ip", "inner_mac",
+                          "last_error", "standby_snapshot_id", "template_id", "last_sleep_at", "last_wake_at"):
+                    if r[c] is not None:
+                        raise BenchError(f"donor {d} has {c} = {r[c]!r}; a copy cannot share it")
+                if r["state"] != "stopped" or r["enable_network"] != 0:
+                    raise BenchError(f"donor {d} is {r['state']}, enable_network {r['enable_network']}")
+                rows.append(r)
+            taken = {r[0] for r in db.execute("SELECT id FROM vms")}
+            ids = []
+            while len(ids) < n:
+                i = "vm_" + "".join(secrets.choice(ID_ALPHABET) for _ in range(12))
+                if i not in taken:
+                    taken.add(i)
+                    ids.append(i)
+            # Older than every API-made VM, COPIES_PER_SECOND to a second (rows of one second are
+            # ordered by rowid: the pages must get that right too), oldest inserted first.
+            newest = min(parse_ts(r["created_at"]) for r in rows) - datetime.timedelta(seconds=1)
+            first = newest - datetime.timedelta(seconds=(n - 1) // COPIES_PER_SECOND)
+            copies = []
+            for k, vm_id in enumerate(ids):
+                d = rows[k % len(rows)]
+                made = first + datetime.timedelta(seconds=k // COPIES_PER_SECOND)
+                # updated_at: as long after creation as the donor's (its stop).
+                updated = made + (parse_ts(d["updated_at"]) - parse_ts(d["created_at"]))
+                c = dict(d, id=vm_id, created_at=fmt_ts(made), updated_at=fmt_ts(updated))
+                copies.append((c, d["id"]))
+            files = {d: self.donor_files(d) for d in donors}
+            for c, donor in copies:
+                self.write_work_dir(c["id"], donor, files[donor])
+            with db:
+                db.executemany(f"INSERT INTO vms ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                               [tuple(c[k] for k in cols) for c, _ in copies])
+        finally:
+            db.close()
+        listing = sorted(p.name for p in (self.vms_dir / donors[0]).iterdir())
+        return time.monotonic() - t0, ids, listing
+
+    def donor_files(self, donor):
+        """What a copy of `donor` gets in its work dir: {relative path: (bytes, id-bearing)}; the
+        overlay made now, over the donor's own backing file."""
+        d = self.vms_dir / donor
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(d / "disk.qcow2")],
+                                         check=True, capture_output=True, timeout=60).stdout)
+        tdir = self.tmp / "copy-template"
+        tdir.mkdir(exist_ok=True)
+        disk = tdir / f"{donor}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", info["backing-filename-format"],
+                        "-b", info["backing-filename"], str(disk)], check=True, timeout=60)
+        out = {"disk.qcow2": (disk.read_bytes(), False)}
+        for rel in ("seed.iso", "seed/meta-data", "seed/user-data"):
+            data = (d / rel).read_bytes()
+            if rel != "seed/user-data" and (donor.encode() not in data
+                                             or donor.replace("_", "-").encode() not in data):
+                raise BenchError(f"{d / rel} does not name {donor} (instance-id and hostname)")
+            out[rel] = (data, True)
+        if (d / "seed" / "network-config").exists():
+            raise BenchError(f"{donor} has a network-config; copies are made of VMs without a NIC")
+        return out
+
+    def write_work_dir(self, vm_id, donor, files):
+        d = self.vms_dir / vm_id
+        (d / "seed").mkdir(parents=True)
+        ids = [(donor.encode(), vm_id.encode()),
+               (donor.replace("_", "-").encode(), vm_id.replace("_", "-").encode())]
+        for rel, (data, named) in files.items():
+            if named:
+                for a, b in ids:
+                    data = data.replace(a, b)  # same length: no offset in the ISO moves
+            write_sparse(d / rel, data)
+
+    def timed_spawn(self):
+        """`hatch serve` spawned on the present store; seconds until it first answers GET /health
+        (it listens only once start-up recovery and the network set-up are done), polled every 2 ms."""
+        d = self.hatchd
+        env = d.env()
+        logf = open(d.log_path, "ab")
+        t0 = time.monotonic()
+        d.proc = subprocess.Popen([d.bin, "serve"], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=logf, stderr=logf, process_group=0)
+        logf.close()
+        (d.tmp / "daemon.pid").write_text(str(d.proc.pid))
+        deadline = t0 + 600
+        while True:
+            if d.proc.poll() is not None:
+                raise BenchError(f"hatch serve exited ({d.proc.returncode}):\n{d.tail()}")
+            try:
+                if one_request(None, "GET", "/health", timeout=2)[0] == 200:
+                    return time.monotonic() - t0
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"daemon did not answer /health in 600 s:\n{d.tail()}")
+            time.sleep(POLL_S)
+
+    def startups(self, n, label):
+        """n restarts of the daemon on the present store (graceful stop, then a timed spawn)."""
+        out = []
+        for i in range(n):
+            self.hatchd.terminate()
+            out.append(self.timed_spawn())
+            log(f"  start-up {i + 1}/{n} with {label}: {out[-1] * 1000:.0f} ms to the first GET /health")
+        return out
+
+    def check_recovered(self, ids, log_from):
+        """After a start-up on the filled store: every VM still `stopped`, and nothing in the daemon's
+        log about any of the copies (no `marked error`, no failed clean-up)."""
+        db = self.db()
+        try:
+            states = dict(db.execute("SELECT state, COUNT(*) FROM vms GROUP BY state").fetchall())
+        finally:
+            db.close()
+        if set(states) != {"stopped"}:
+            raise BenchError(f"VM states after start-up: {states}, expected all stopped")
+        text = self.hatchd.log_path.read_bytes()[log_from:].decode(errors="replace")
+        named = [line for line in text.splitlines() if set(re.findall(r"vm_[a-z0-9]{12}", line)) & ids]
+        if named:
+            raise BenchError("the daemon's start-ups logged about VMs:\n" + "\n".join(named[:20]))
+        return states["stopped"]
+
+    def store_order(self):
+        """The bench owner's VM ids as SQLite itself orders the list (created_at, then rowid, descending)."""
+        db = self.db()
+        try:
+            return [r[0] for r in db.execute(
+                "SELECT id FROM vms WHERE owner_id = (SELECT owner_id FROM vms LIMIT 1) "
+                "ORDER BY created_at DESC, rowid DESC")]
+        finally:
+            db.close()
+
+    def walk_pages(self, want):
+        """Every page of `GET /vms?limit=PAGE`, following X-Next-Cursor to the end: the ids must be
+        `want` exactly (each VM once, in the list's order), every VM `stopped`. Returns the time per
+        page, and the cursor that fetches page DEEP_PAGE (or the middle one of a shorter list)."""
+        conn = http.client.HTTPConnection(HOST, PORT, timeout=120)
+        hdr = {"Authorization": f"Bearer {self.key}"}
+        pages = -(-len(want) // PAGE)
+        deep = min(DEEP_PAGE, max(1, (pages + 1) // 2))
+        seen, times, cursor, deep_cursor, n = [], [], None, None, 0
+        try:
+            while True:
+                n += 1
+                if n == deep:
+                    deep_cursor = cursor
+                path = f"/vms?limit={PAGE}" + (f"&cursor={cursor}" if cursor else "")
+                t = time.monotonic()
+                conn.request("GET", path, headers=hdr)
+                resp = conn.getresponse()
+                raw = resp.read()
+                times.append(time.monotonic() - t)
+                if resp.status != 200:
+                    raise BenchError(f"GET {path}: {resp.status} {raw[:300]!r}")
+                rows = json.loads(raw)
+                bad = [v["id"] for v in rows if v["state"] != "stopped"]
+                if bad:
+                    raise BenchError(f"page {n}: VMs not stopped: {bad[:5]}")
+                seen += [v["id"] for v in rows]
+                cursor = resp.getheader("X-Next-Cursor")
+                if cursor is None:
+                    break
+                if len(rows) != PAGE or n > pages:
+                    raise BenchError(f"page {n} has {len(rows)} VMs and a next cursor")
+        finally:
+            conn.close()
+        if seen != want:
+            missing, extra = set(want) - set(seen), len(seen) - len(set(seen))
+            raise BenchError(f"the pages listed {len(seen)} VMs ({len(set(seen))} distinct, {extra} repeated, "
+                             f"{len(missing)} missing), not the store's {len(want)} in its order")
+        if n != pages:
+            raise BenchError(f"{n} pages for {len(want)} VMs, expected {pages}")
+        return {"times": times, "pages": n, "deep": deep, "deep_cursor": deep_cursor, "count": len(seen)}
 
     def timed_posts(self, n):
-        """n x POST /vms POST_BODY, each on a fresh connection and timed to its 201; each VM deleted
-        after (untimed), so the store holds as many VMs after as before."""
-        out = []
+        """n x POST /vms POST_BODY, each on a fresh connection and timed to its 201, then its
+        DELETE timed to its 200, so the store holds as many VMs after as before."""
+        posts, deletes = [], []
         for _ in range(n):
             t = time.monotonic()
             status, raw = one_request(self.key, "POST", "/vms", POST_BODY)
-            out.append(time.monotonic() - t)
+            posts.append(time.monotonic() - t)
             if status != 201:
                 raise BenchError(f"POST /vms: {status} {raw[:300]!r}\n{self.daemon_tail()}")
             vm_id = json.loads(raw)["id"]
             self.live_vms.add(vm_id)
+            t = time.monotonic()
             self.delete_vm(vm_id)
+            deletes.append(time.monotonic() - t)
+        return posts, deletes
+
+    def api_at(self, label, count, deep=None):
+        """The same requests at the store's present size (`count` VMs): GET /health beside a first
+        page, a deep page (`deep`: its number and cursor) and the whole list; then POSTs."""
+        n, n_all, posts = self.args.get_requests, self.args.unpaged_requests, self.args.post_requests
+        log(f"API, {label}: {n} x GET /vms?limit={PAGE}, {n if deep else 0} x a deep page, "
+            f"{n_all} x GET /vms, each beside GET /health; then {posts} x POST /vms {json.dumps(POST_BODY)} "
+            f"and DELETE")
+        out = {"count": count}
+        with CpuBusy() as busy:
+            out["first"] = self.alternating_gets(f"/vms?limit={PAGE}", n, min(PAGE, count))
+            if deep is not None and deep[1] is not None:
+                page, cursor = deep
+                out["deep"] = self.alternating_gets(f"/vms?limit={PAGE}&cursor={cursor}", n,
+                                                    min(PAGE, count - (page - 1) * PAGE))
+                out["deep"]["page"] = page
+            out["all"] = self.alternating_gets("/vms", n_all, count)
+        out["busy"] = busy.cores
+        out["posts"], out["deletes"] = self.timed_posts(posts)
         return out
 
-    def api_at(self, label):
-        """The same requests at the store's present size: GETs, then POSTs."""
-        n, posts = self.args.get_requests, self.args.post_requests
-        log(f"API, {label}: {n} x GET /health + {n} x GET /vms, then {posts} x POST /vms {json.dumps(POST_BODY)}")
-        with CpuBusy() as busy:
-            health, vms, size, count, hsize = self.interleaved_gets(n)
-        post = self.timed_posts(posts)
-        return {"health": health, "vms": vms, "size": size, "count": count, "health_size": hsize,
-                "posts": post, "busy": busy.cores}
+    def cli_vs_curl(self, runs, count):
+        """`hatch vm ls` (HATCH_URL and HATCH_API_KEY set, no config file) against curl of the same
+        `GET /vms` with the same key: one uncounted run each, then `runs` each, interleaved and
+        alternating which goes first. Both write to a pipe this process reads to the end."""
+        conf = self.tmp / "cli-config"
+        conf.mkdir(exist_ok=True)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(conf),
+               "XDG_CONFIG_HOME": str(conf), "HATCH_URL": f"http://{HOST}:{PORT}", "HATCH_API_KEY": self.key}
+        cmds = {"hatch": [self.hatch, "vm", "ls"],
+                "curl": ["curl", "-sS", "--fail", "-H", f"Authorization: Bearer {self.key}",
+                         f"http://{HOST}:{PORT}/vms"]}
+
+        def run(which):
+            t = time.monotonic()
+            p = subprocess.run(cmds[which], env=env, capture_output=True, timeout=120)
+            s = time.monotonic() - t
+            if p.returncode != 0:
+                raise BenchError(f"{which}: exit {p.returncode}: {p.stderr[-500:]!r}")
+            return s, p.stdout
+
+        _, out = run("hatch")
+        lines = out.count(b"\n")
+        if lines != count + 1:
+            raise BenchError(f"hatch vm ls printed {lines} lines, expected a heading and {count} VMs")
+        _, out = run("curl")
+        if len(json.loads(out)) != count:
+            raise BenchError(f"curl GET /vms listed {len(json.loads(out))} VMs, expected {count}")
+        res = {"hatch": [], "curl": [], "count": count}
+        for i in range(runs):
+            for which in (("hatch", "curl") if i % 2 == 0 else ("curl", "hatch")):
+                res[which].append(run(which)[0])
+        log(f"  hatch vm ls vs curl, {count} VMs: median {ms(statistics.median(res['hatch'])):.1f} ms vs "
+            f"{ms(statistics.median(res['curl'])):.1f} ms")
+        return res
+
+    def copy_lifecycle(self, vm_id):
+        """One of the written VMs started, booted to its ready line, stopped and deleted through the
+        API, as any VM: its row and work dir are whole."""
+        status, raw = one_request(self.key, "POST", f"/vms/{vm_id}/start", timeout=BOOT_TIMEOUT_S)
+        if status != 200 or json.loads(raw).get("state") != "running":
+            raise BenchError(f"POST /vms/{vm_id}/start: {status} {raw[:300]!r}\n{self.daemon_tail()}")
+        self.live_vms.add(vm_id)
+        con = Console(self.vms_dir / vm_id / "console.log")
+        t0 = time.monotonic()
+        try:
+            self.wait_console(con, t0, t0 + BOOT_TIMEOUT_S, lambda: None)
+        finally:
+            con.close()
+        text = con.buf.decode(errors="replace")
+        ready = next(line for line in text.splitlines() if READY.decode() in line).strip()
+        if " boot=1 " not in ready or "hatch-guest: warning" in text:
+            raise BenchError(f"{vm_id} on its own fresh disk should say boot=1 and no warning:\n{con.tail()}")
+        status, raw = one_request(self.key, "POST", f"/vms/{vm_id}/stop", timeout=120)
+        if status != 200 or json.loads(raw).get("state") != "stopped":
+            raise BenchError(f"POST /vms/{vm_id}/stop: {status} {raw[:300]!r}")
+        self.delete_vm(vm_id)
+        if (self.vms_dir / vm_id).exists() or one_request(self.key, "GET", f"/vms/{vm_id}")[0] != 404:
+            raise BenchError(f"{vm_id} is still there after DELETE")
+        return ready[ready.index("hatch-guest:"):]
 
     def api(self):
-        n_vms = self.args.api_vms
-        empty = self.api_at("empty store")
-        if empty["count"] != 0:
-            raise BenchError(f"GET /vms listed {empty['count']} VMs before the store was filled, expected 0")
-        log(f"API: filling the store with {n_vms} VMs through the API ({FILL_BATCH} at a time)")
-        fill_s = self.fill_vms(n_vms)
-        full = self.api_at(f"{n_vms} stopped VMs")
-        if full["count"] != n_vms:
-            raise BenchError(f"GET /vms listed {full['count']} VMs, expected {n_vms}")
-        return {"empty": empty, "full": full, "fill_s": fill_s}
+        n_vms, restarts = self.args.api_vms, self.args.restarts
+        load0 = os.getloadavg()[0]
+        log(f"API: daemon start-up with an empty store, {restarts} times")
+        up_empty = self.startups(restarts, "0 VMs")
+        empty = self.api_at("empty store", 0)
+        cli_empty = self.cli_vs_curl(self.args.cli_runs, 0)
+        log(f"API: {FILL_BATCH} VMs through the API, then {n_vms - FILL_BATCH} copies of them written into the store")
+        donors, api_s = self.fill_vms(FILL_BATCH)
+        self.hatchd.terminate()
+        copy_s, ids, listing = self.copy_vms(n_vms - FILL_BATCH, donors)
+        log(f"  {len(ids)} VMs written in {copy_s:.1f}s; a donor's work dir holds {listing}")
+        log_from = self.hatchd.log_path.stat().st_size
+        up_full = [self.timed_spawn()]
+        log(f"  start-up 1/{restarts} with {n_vms} VMs: {up_full[0] * 1000:.0f} ms to the first GET /health")
+        up_full += self.startups(restarts - 1, f"{n_vms} VMs") if restarts > 1 else []
+        count = self.check_recovered(set(ids) | set(donors), log_from)
+        if count != n_vms:
+            raise BenchError(f"{count} VMs in the store, expected {n_vms}")
+        log(f"API: walking every page of GET /vms?limit={PAGE}")
+        walk = self.walk_pages(self.store_order())
+        full = self.api_at(f"{n_vms} stopped VMs", n_vms, (walk["deep"], walk["deep_cursor"]))
+        cli_full = self.cli_vs_curl(max(3, self.args.cli_runs // 5), n_vms)
+        log(f"API: one written VM started, booted, stopped and deleted through the API: {ids[len(ids) // 2]}")
+        ready = self.copy_lifecycle(ids[len(ids) // 2])
+        return {"empty": empty, "full": full, "up_empty": up_empty, "up_full": up_full, "walk": walk,
+                "cli": [cli_empty, cli_full], "api_s": api_s, "copy_s": copy_s, "listing": listing,
+                "ready": ready, "copies": len(ids), "load": (load0, os.getloadavg()[0])}
 
     # ------------------------------------------------------------ confinement
 
@@ -507,8 +833,7 @@ def render(meta, boot, api):
     add(f"Host: {meta['cpus']} cores ({meta['cpu']}), kernel {meta['kernel']}, load average "
         f"{meta['load_before']:.2f} before / {meta['load_after']:.2f} after, "
         f"at most {meta['other_qemus']} other QEMU(s) running on the host during the boot runs; "
-        f"host CPU busy (all processes, /proc/stat): {boot['busy']:.2f} of {meta['cpus']} cores during the boot runs, "
-        f"{api['full']['busy']:.2f} during the GET loop with {api['full']['count']} VMs  ")
+        f"host CPU busy (all processes, /proc/stat): {boot['busy']:.2f} of {meta['cpus']} cores during the boot runs  ")
     add(f"QEMU: {meta['qemu']}, accelerator `{meta['accel']}`, machine `{meta['machine']}`, "
         f"{meta['smp']} vCPU, {meta['mem']} MiB (hatch's defaults; `POST /vms {body}`)  ")
     add(f"Runs: {len(H)} hatch + {len(R)} raw QEMU, interleaved, after one uncounted hatch warm-up "
@@ -556,36 +881,91 @@ def render(meta, boot, api):
     add("")
     add(f"First console line: `{' | '.join(t[:100] for t in boot['first_line_texts'])}`")
     add("")
-    e, f = api["empty"], api["full"]
-    add(f"### API latency: an empty store against {f['count']} stopped VMs")
+    add(render_api(api))
+    return "\n".join(lines)
+
+
+def render_api(api):
+    e, f, w = api["empty"], api["full"], api["walk"]
+    n = f["count"]
+    lines = []
+    add = lines.append
+    add(f"### API: an empty store against {n:,} stopped VMs")
     add("")
-    add(f"The same requests at both sizes, all VMs made through the API: {f['count']} VMs created with "
-        f"`POST /vms {json.dumps(FILL_BODY)}` and stopped with `POST /vms/{{id}}/stop`, {FILL_BATCH} at a time "
-        f"(the bench owner's limits raised with `hatch owners limits`, as an operator would; filling took "
-        f"{api['fill_s']:.0f} s, untimed). At each size: {len(f['vms'])} x `GET /health` and `GET /vms`, "
-        f"alternating on one keep-alive connection, then {len(f['posts'])} x `POST /vms {json.dumps(POST_BODY)}`, "
-        f"each on a fresh connection and timed to its 201, the VM deleted after (untimed).")
+    add(f"Load average (/proc/loadavg, 1 min) {api['load'][0]:.2f} when this part began and {api['load'][1]:.2f} "
+        f"when it ended; host CPU busy {e['busy']:.2f} of {os.cpu_count()} cores during the GET loops with 0 VMs, "
+        f"{f['busy']:.2f} with {n:,}.")
     add("")
-    add("| request | VMs in store | n | p50 | p99 | max | response |")
-    add("|---|---|---|---|---|---|---|")
+    add(f"How the store was filled: {FILL_BATCH} VMs through the API (`POST /vms {json.dumps(FILL_BODY)}`, then "
+        f"`POST /vms/{{id}}/stop`; {api['api_s']:.0f} s), then the daemon stopped and {api['copies']:,} more written "
+        f"into its `hatch.db` with Python's sqlite3 ({api['copy_s']:.1f} s, untimed): each a copy of one of those "
+        f"{FILL_BATCH} rows, every column as the daemon wrote it (same owner, image, backend, settings; no name or "
+        f"address), with its own id, a `created_at` older than the API's ({COPIES_PER_SECOND} to a second, so "
+        f"pages also cross rows of one second) and an `updated_at` as far after it as its donor's. Each copy has "
+        f"a work directory with what `POST /vms` makes before a boot: a fresh `disk.qcow2` overlay (`qemu-img "
+        f"create` over the donor's backing file) and the donor's cloud-init seed (`seed/`, `seed.iso`) with the "
+        f"VM id in it replaced (a donor's work dir after its stop held {', '.join(api['listing'])}). Then the "
+        f"daemon started on that store.")
+    add("")
+    add("| daemon start-up: spawn to the first `GET /health` answer | VMs in store | n | median | min | max |")
+    add("|---|---|---|---|---|---|")
+    for label, ups, count in (("empty store", api["up_empty"], 0), ("filled store", api["up_full"], n)):
+        s = stats(ups)
+        add(f"| {label} | {count:,} | {s['n']} | {ms(s['median']):.0f} ms | {ms(s['min']):.0f} ms | "
+            f"{ms(s['max']):.0f} ms |")
+    add("")
+    ws = stats(w["times"])
+    add(f"After each start-up on the filled store every VM was still `stopped` and the daemon's log named "
+        f"none of them. `GET /vms?limit={PAGE}`, following `X-Next-Cursor`, then listed all {w['count']:,} in "
+        f"{w['pages']} pages, each VM once, all `stopped`, in the order of SQLite's own `ORDER BY created_at "
+        f"DESC, rowid DESC` (per page: p50 {ms(ws['p50']):.2f} ms, max {ms(ws['max']):.2f} ms).")
+    add("")
+    add(f"Latency, each request alternating with `GET /health` on one keep-alive connection (that "
+        f"`GET /health`'s own figures in the last column), then `POST /vms {json.dumps(POST_BODY)}` on a fresh "
+        f"connection each, timed to its 201, and the new VM's `DELETE /vms/{{id}}`, timed to its 200.")
+    add("")
+    add("| request | VMs in store | n | p50 | p99 | max | response | `GET /health` beside it, p50 / p99 |")
+    add("|---|---|---|---|---|---|---|---|")
     for d in (e, f):
-        hs, vs, ps = stats(d["health"]), stats(d["vms"]), stats(d["posts"])
-        add(f"| `GET /health` | {d['count']} | {hs['n']} | {ms(hs['p50']):.2f} ms | {ms(hs['p99']):.2f} ms | "
-            f"{ms(hs['max']):.2f} ms | {d['health_size']} B |")
-        add(f"| `GET /vms` | {d['count']} | {vs['n']} | {ms(vs['p50']):.2f} ms | {ms(vs['p99']):.2f} ms | "
-            f"{ms(vs['max']):.2f} ms | {d['size']:,} B ({d['count']} VMs) |")
-        add(f"| `POST /vms {json.dumps(POST_BODY)}` | {d['count']} | {ps['n']} | {ms(ps['p50']):.0f} ms | "
-            f"{ms(ps['p99']):.0f} ms | {ms(ps['max']):.0f} ms | 201 |")
+        c = d["count"]
+        for key, label in (("first", f"`GET /vms?limit={PAGE}` (first page)"),
+                           ("deep", f"`GET /vms?limit={PAGE}&cursor=...` (page {d.get('deep', {}).get('page')})"),
+                           ("all", "`GET /vms` (unpaged)")):
+            if key not in d:
+                continue
+            r = d[key]
+            s, h = stats(r["times"]), stats(r["health"])
+            add(f"| {label} | {c:,} | {s['n']} | {ms(s['p50']):.2f} ms | {ms(s['p99']):.2f} ms | "
+                f"{ms(s['max']):.2f} ms | {r['size']:,} B ({r['count']} VMs) | "
+                f"{ms(h['p50']):.2f} / {ms(h['p99']):.2f} ms |")
+        for key, label, code in (("posts", f"`POST /vms {json.dumps(POST_BODY)}`", 201),
+                                 ("deletes", "`DELETE /vms/{id}` (that VM)", 200)):
+            p = stats(d[key])
+            add(f"| {label} | {c:,} | {p['n']} | {ms(p['p50']):.0f} ms | {ms(p['p99']):.0f} ms | "
+                f"{ms(p['max']):.0f} ms | {code} | - |")
     add("")
-
-    def ratio(key, at):
-        return stats(f[key])[at] / stats(e[key])[at]
-
-    add(f"{f['count']} VMs against 0, same request: `GET /vms` {ratio('vms', 'p50'):.2f}x at p50 and "
-        f"{ratio('vms', 'p99'):.2f}x at p99; `GET /health` {ratio('health', 'p50'):.2f}x at p50; "
-        f"`POST /vms` {ratio('posts', 'p50'):.2f}x at p50. `GET /vms` / `GET /health` on the same connection: "
-        f"{stats(e['vms'])['p50'] / stats(e['health'])['p50']:.1f}x at p50 with 0 VMs, "
-        f"{stats(f['vms'])['p50'] / stats(f['health'])['p50']:.1f}x with {f['count']}.")
+    p99s = {k: ms(stats(f[k]["times"])["p99"]) for k in ("first", "deep") if k in f}
+    deep = f" and {p99s['deep']:.2f} ms for page {f['deep']['page']}" if "deep" in p99s else ""
+    add(f"`GET /vms?limit={PAGE}` with {n:,} VMs: p99 {p99s['first']:.2f} ms for the first page{deep}, against "
+        f"the issue's target of 5 ms: {'met' if max(p99s.values()) < 5 else 'missed'}. "
+        f"First page with {n:,} VMs against 0: {stats(f['first']['times'])['p50'] / stats(e['first']['times'])['p50']:.2f}x "
+        f"at p50; `GET /health` beside it {stats(f['first']['health'])['p50'] / stats(e['first']['health'])['p50']:.2f}x.")
+    add("")
+    add("CLI start-up: `hatch vm ls` (release binary; `HATCH_URL`, `HATCH_API_KEY` set, no config file) "
+        "against `curl -sS --fail -H 'Authorization: Bearer ...' http://127.0.0.1:8080/vms`, the same call "
+        "with the same key, each run as a process whose output this script reads to the end (both include "
+        "its spawn); one uncounted run each, then interleaved, alternating which goes first.")
+    add("")
+    add("| VMs in store | n | `hatch vm ls` p50 | p90 | `curl` p50 | p90 | hatch / curl, p50 | p90 |")
+    add("|---|---|---|---|---|---|---|---|")
+    for c in api["cli"]:
+        h50, h90 = statistics.median(c["hatch"]), nearest_rank(c["hatch"], 90)
+        c50, c90 = statistics.median(c["curl"]), nearest_rank(c["curl"], 90)
+        add(f"| {c['count']:,} | {len(c['hatch'])} | {ms(h50):.1f} ms | {ms(h90):.1f} ms | {ms(c50):.1f} ms | "
+            f"{ms(c90):.1f} ms | {h50 / c50:.2f} | {h90 / c90:.2f} |")
+    add("")
+    add(f"At the end, one of the written VMs was started through the API (`POST /vms/{{id}}/start`), booted to "
+        f"`{api['ready']}` on its own fresh disk, and was stopped and deleted through the API like any VM.")
     return "\n".join(lines)
 
 
@@ -610,17 +990,31 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10, help="boots of each kind (default 10)")
     ap.add_argument("--api-vms", type=int, default=API_VMS,
-                    help=f"stopped VMs made through the API for the API part (default {API_VMS})")
-    ap.add_argument("--get-requests", type=int, default=200, help="GET /vms and GET /health requests (default 200)")
+                    help=f"stopped VMs in the filled store: {FILL_BATCH} made through the API, the rest copies of "
+                         f"them (default {API_VMS})")
+    ap.add_argument("--get-requests", type=int, default=1000,
+                    help="GET /vms?limit=100 requests (and as many of the deep page), each beside a GET /health "
+                         "(default 1000)")
+    ap.add_argument("--unpaged-requests", type=int, default=20,
+                    help="unpaged GET /vms requests, each beside a GET /health (default 20)")
     ap.add_argument("--post-requests", type=int, default=10, help="POST /vms requests with the rows (default 10)")
+    ap.add_argument("--restarts", type=int, default=3, help="timed daemon start-ups at each store size (default 3)")
+    ap.add_argument("--cli-runs", type=int, default=30,
+                    help="`hatch vm ls` and curl runs each with the empty store; a fifth of that (at least 3) "
+                         "with the filled one (default 30)")
+    ap.add_argument("--api-only", action="store_true",
+                    help="only the API part (no boots, no confinement); prints its block, never writes the docs")
     ap.add_argument("--confine-rounds", type=int, default=2,
                     help="on/off block pairs for the confinement comparison (default 2)")
     ap.add_argument("--confine-boots", type=int, default=5, help="boots per confinement block (default 5)")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     args = ap.parse_args()
-    for name in ("runs", "api_vms", "get_requests", "post_requests", "confine_rounds", "confine_boots"):
+    for name in ("runs", "api_vms", "get_requests", "unpaged_requests", "post_requests", "restarts", "cli_runs",
+                 "confine_rounds", "confine_boots"):
         if not 1 <= getattr(args, name) <= 100000:
             ap.error(f"--{name.replace('_', '-')} must be between 1 and 100000")
+    if args.api_vms <= FILL_BATCH:
+        ap.error(f"--api-vms must be more than {FILL_BATCH} (the VMs made through the API)")
     if "HATCH_BENCH_TMP" not in os.environ:
         ap.error("run this through bench/boot (it makes the namespace and the temp dir)")
 
@@ -638,12 +1032,22 @@ def main():
 
     def body():
         bench.start_daemon()
+        if args.api_only:
+            return None, bench.api(), None
         return bench.boots(), bench.api(), bench.confinement()
 
     status, result = run_guarded(body, bench.cleanup)
     if status != 0:
         return status
     boot, api, conf = result
+    if args.api_only:
+        print(f"\nA partial run of bench/boot, to paste under its section:\n\n"
+              f"Command: `{meta['command']}` (from the repository root, as root)  \n"
+              f"Date: {meta['date']}  \n"
+              f"Host: {meta['cpus']} cores ({meta['cpu']}), kernel {meta['kernel']}  \n"
+              f"Source: {git_state()}\n")
+        print(render_api(api))
+        return 0
     cmd = bench.cmdline
     meta.update(
         load_after=os.getloadavg()[0],
