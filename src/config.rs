@@ -279,6 +279,13 @@ pub struct IdleConfig {
     /// The server's idle timeout; None: only VMs with their own timeout sleep.
     pub timeout: Option<Duration>,
     pub check_interval: Duration,
+    /// HATCH_HOT_SLEEP_SECONDS (default 600): how long a sleeping VM's guest
+    /// RAM stays in host memory as the hot copy a wake starts from, before
+    /// deep sleep drops it; zero keeps none.
+    pub hot_sleep: Duration,
+    /// HATCH_HOT_MEMORY_MAX (default: no limit but the host's): the most
+    /// guest RAM all hot copies together may hold; the oldest go first.
+    pub hot_max_bytes: Option<u64>,
 }
 
 /// Who decides whether an API key is good: the built-in `hatch keys` keys
@@ -481,6 +488,16 @@ impl Config {
             }
             .filter(|d| !d.is_zero()),
             check_interval: duration("HATCH_IDLE_CHECK_INTERVAL", Duration::from_secs(30))?,
+            hot_sleep: match get("HATCH_HOT_SLEEP_SECONDS") {
+                None => Duration::from_secs(600),
+                Some(v) => Duration::from_secs(v.trim().parse::<u64>().map_err(|_| {
+                    format!("HATCH_HOT_SLEEP_SECONDS: {v:?} is not a whole number of seconds")
+                })?),
+            },
+            hot_max_bytes: match get("HATCH_HOT_MEMORY_MAX") {
+                None => None,
+                Some(v) => Some(parse_size(&v).map_err(|e| format!("HATCH_HOT_MEMORY_MAX: {e}"))?),
+            },
         };
         if idle.check_interval < Duration::from_millis(100) {
             return Err("HATCH_IDLE_CHECK_INTERVAL must be at least 100ms".into());
@@ -793,6 +810,21 @@ mod tests {
             cfg(&[("HATCH_IDLE_TIMEOUT", "0")]).unwrap().idle.timeout,
             None
         );
+        let idle = cfg(&[]).unwrap().idle;
+        assert_eq!(
+            (idle.hot_sleep, idle.hot_max_bytes),
+            (Duration::from_secs(600), None)
+        );
+        let idle = cfg(&[
+            ("HATCH_HOT_SLEEP_SECONDS", "0"),
+            ("HATCH_HOT_MEMORY_MAX", "2G"),
+        ])
+        .unwrap()
+        .idle;
+        assert_eq!(
+            (idle.hot_sleep, idle.hot_max_bytes),
+            (Duration::ZERO, Some(2 << 30))
+        );
         for (k, v) in [
             ("HATCH_PROXY_ADDR", "8081"),
             ("HATCH_PROXY_BASE_DOMAIN", "a..b"),
@@ -800,6 +832,9 @@ mod tests {
             ("HATCH_PROXY_TIMEOUT", "x"),
             ("HATCH_IDLE_TIMEOUT", "soon"),
             ("HATCH_IDLE_CHECK_INTERVAL", "10ms"),
+            ("HATCH_HOT_SLEEP_SECONDS", "10m"),
+            ("HATCH_HOT_SLEEP_SECONDS", "-1"),
+            ("HATCH_HOT_MEMORY_MAX", "lots"),
         ] {
             assert!(cfg(&[(k, v)]).unwrap_err().contains(k), "{k}={v}");
         }

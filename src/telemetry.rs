@@ -143,6 +143,12 @@ struct ResultLabels {
     result: &'static str,
 }
 
+/// Where a Standby restore's guest memory came from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MemoryLabels {
+    memory: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProxyLabels {
     status_class: &'static str,
@@ -277,6 +283,8 @@ pub struct Telemetry {
     api: Family<ApiLabels, Counter>,
     sleeps: Family<ResultLabels, Counter>,
     wakes: Family<ResultLabels, Counter>,
+    memory_loads: Family<MemoryLabels, Counter>,
+    hot_bytes: Gauge,
 }
 
 impl Telemetry {
@@ -324,6 +332,20 @@ impl Telemetry {
             "Sleeping VMs woken by a proxied request, by outcome",
             wakes.clone(),
         );
+        let memory_loads = Family::<MemoryLabels, Counter>::default();
+        registry.register(
+            "standby_restores",
+            "Standby restores started (wakes included) by where the guest's memory came from: \
+             `hot` (kept in host memory since the VM went to sleep) or `store`",
+            memory_loads.clone(),
+        );
+        let hot_bytes = Gauge::default();
+        registry.register_with_unit(
+            "hot_copy",
+            "Guest RAM that sleeping VMs' hot copies hold in host memory",
+            Unit::Bytes,
+            hot_bytes.clone(),
+        );
         let api = Family::<ApiLabels, Counter>::default();
         registry.register(
             "api_requests",
@@ -348,6 +370,9 @@ impl Telemetry {
             drop(sleeps.get_or_create(&labels));
             drop(wakes.get_or_create(&labels));
         }
+        for memory in ["hot", "store"] {
+            drop(memory_loads.get_or_create(&MemoryLabels { memory }));
+        }
         for state in VmState::all() {
             drop(vms.get_or_create(&StateLabels {
                 state: state.as_str(),
@@ -365,6 +390,8 @@ impl Telemetry {
             api,
             sleeps,
             wakes,
+            memory_loads,
+            hot_bytes,
         }
     }
 
@@ -467,6 +494,19 @@ impl Telemetry {
                 result: result_of(ok),
             })
             .inc();
+    }
+
+    /// A Standby restore starts, its memory from a hot copy or the store.
+    pub fn restoring(&self, hot: bool) {
+        let memory = if hot { "hot" } else { "store" };
+        self.memory_loads
+            .get_or_create(&MemoryLabels { memory })
+            .inc();
+    }
+
+    /// The bytes all hot copies hold now.
+    pub fn hot_copies(&self, bytes: u64) {
+        self.hot_bytes.set(bytes.min(i64::MAX as u64) as i64);
     }
 
     /// One proxied request, answered with `status` after `took`.

@@ -14,6 +14,9 @@ use crate::vmm::{fifo::MemoryPipe, VmSpec, Vmm};
 use std::path::Path;
 use std::sync::Arc;
 
+/// A capture's guest RAM (open) and device state: a hot copy to be.
+pub(super) type HotParts = (std::fs::File, Vec<u8>);
+
 impl Manager {
     /// Hatch's `POST /vms/{id}/snapshot`: a Standby snapshot with the VM's
     /// (or the server's) compression default.
@@ -175,18 +178,26 @@ impl Manager {
         let _pausing = self.activity.pause(&vm.id);
         let spec = self.spec_for(vm, backend);
         let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
-        let captured = self.capture(backend, &spec, &dir, snap).await;
+        // A guest that goes to sleep leaves its RAM as a hot copy for its wake.
+        let keep_hot = then == super::checkpoint::AfterCapture::Standby
+            && !self.config.idle.hot_sleep.is_zero()
+            && backend.capabilities().shared_ram;
+        let captured = self.capture(backend, &spec, &dir, snap, keep_hot).await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let captured =
             captured.context(|| format!("snapshot of vm {} failed, the VM keeps running", vm.id));
         // Only now is the memory's size known: does it still fit?
         let admission = self.alloc_lock.lock().await;
+        let mut hot = None;
         let committed = match captured {
-            Ok(cap) => match self
+            Ok((cap, parts)) => match self
                 .admit_stored(&vm.owner_id, quota, snap.size_bytes.max(0) as u64)
                 .await
             {
-                Ok(()) => self.commit_chunked(snap, cap).await.map(|_| ()),
+                Ok(()) => {
+                    hot = parts;
+                    self.commit_chunked(snap, cap).await.map(|_| ())
+                }
                 Err(e) => {
                     self.abandon_chunked(cap).await;
                     Err(e)
@@ -211,10 +222,57 @@ impl Manager {
         }
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
         vm.standby_snapshot_id = Some(snap.id.clone());
+        let pid = self.vmm_pid(&vm.id);
         self.end_vmm(vm, false).await;
+        if let Some((ram, state)) = hot {
+            self.keep_hot(vm, backend, snap, pid, ram, state).await;
+        }
         self.transition(vm, VmState::Snapshotted, None).await?;
         self.refresh_forwards().await;
         Ok(())
+    }
+
+    /// Keeps `ram` and `state` as `vm`'s hot copy of `snap`, once its VMM
+    /// (`pid`) is gone, so this process alone holds the RAM.
+    async fn keep_hot(
+        &self,
+        vm: &Vm,
+        backend: &dyn Vmm,
+        snap: &Snapshot,
+        pid: Option<u32>,
+        ram: std::fs::File,
+        state: Vec<u8>,
+    ) {
+        let gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+        let bytes = ram.metadata().map(|m| m.len()).unwrap_or(0);
+        if !gone || bytes != (vm.mem_mib.max(0) as u64) << 20 {
+            tracing::warn!(vm = %vm.id, ?pid, bytes, "no hot copy: the VMM is not gone or its RAM is not the guest's size");
+            return;
+        }
+        let disk = super::hot::DiskStamp::of(&backend.disk_path(&self.work_dir(&vm.id)));
+        self.hot.keep(
+            &vm.id,
+            super::hot::HotCopy {
+                snapshot_id: snap.id.clone(),
+                ram,
+                state,
+                disk,
+                bytes,
+                since: std::time::Instant::now(),
+            },
+        );
+        if let Some(max) = self.config.idle.hot_max_bytes {
+            while self.hot.total() > max {
+                match self.hot.evict_oldest_except("") {
+                    Some(id) => {
+                        tracing::info!(vm = %id, "deep sleep: hot copies over HATCH_HOT_MEMORY_MAX")
+                    }
+                    None => break,
+                }
+            }
+        }
+        self.telemetry.hot_copies(self.hot.total());
+        tracing::debug!(vm = %vm.id, snapshot = %snap.id, bytes, "hot copy kept");
     }
 
     /// Pauses and saves the guest, then stores state and disk. Memory moves
@@ -224,19 +282,23 @@ impl Manager {
     /// disk upload only the chunks the owner lacks; the device state is one
     /// small object. `snap.size_bytes` is what this capture added to the
     /// store until the commit sets the snapshot's own. The caller removes
-    /// `dir`, and commits or abandons what is returned.
+    /// `dir`, and commits or abandons what is returned. With `keep_hot`
+    /// (a backend with `shared_ram`), also the guest's RAM, open, and the
+    /// device state's bytes: the parts of a hot copy (hot.rs).
     pub(super) async fn capture(
         &self,
         backend: &dyn Vmm,
         spec: &VmSpec,
         dir: &Path,
         snap: &mut Snapshot,
-    ) -> Result<ChunkedCapture> {
+        keep_hot: bool,
+    ) -> Result<(ChunkedCapture, Option<HotParts>)> {
         let saved = Self::check_standby_support(backend).map_err(ManagerError::BadRequest)?;
         tokio::fs::create_dir_all(dir).await?;
         let files = backend.snapshot_files(dir);
         let mut cap = self.begin_chunked(&snap.owner_id).await?;
         let started = std::time::Instant::now();
+        let mut hot = None;
         let stored = async {
             let memory = match saved {
                 SavedMemory::Stream => {
@@ -254,12 +316,19 @@ impl Manager {
                 }
                 SavedMemory::File => {
                     backend.snapshot(spec, &files).await?;
+                    if keep_hot {
+                        hot = Some(std::fs::File::open(&files.memory)?);
+                    }
                     self.chunk_file(&mut cap, &files.memory).await?
                 }
             };
             let memory_done = started.elapsed();
             // The guest is paused and the VMM flushed the disk when saving completed.
             let state = self.objects.put_file(&snap.state_key, &files.state).await?;
+            let hot_state = match hot.is_some() {
+                true => Some(tokio::fs::read(&files.state).await?),
+                false => None,
+            };
             let state_done = started.elapsed();
             let disk = self.chunk_file(&mut cap, &spec.disk).await?;
             tracing::debug!(
@@ -278,11 +347,11 @@ impl Manager {
             cap.memory = Some(memory.entries);
             cap.disk = disk.entries;
             snap.size_bytes = (state.size + cap.new_bytes()) as i64;
-            Ok(())
+            Ok(hot_state)
         }
         .await;
         match stored {
-            Ok(()) => Ok(cap),
+            Ok(state) => Ok((cap, hot.zip(state))),
             Err(e) => {
                 self.abandon_chunked(cap).await;
                 Err(e)

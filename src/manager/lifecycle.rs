@@ -257,6 +257,9 @@ impl Manager {
     pub async fn delete_vm(&self, owner: &Owner, id: &str) -> Result<()> {
         let (guard, vm) = self.lock_visible_vm(owner, id).await?;
         self.end_vmm(&vm, false).await;
+        if self.hot.drop_vm(id) {
+            self.telemetry.hot_copies(self.hot.total());
+        }
         let dir = self.work_dir(id);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
             if e.kind() != std::io::ErrorKind::NotFound {

@@ -12,6 +12,7 @@ mod compression;
 pub mod console;
 mod error;
 mod fork;
+mod hot;
 mod idle;
 mod images;
 mod lifecycle;
@@ -97,6 +98,8 @@ pub struct Manager {
     collect_asked: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<chunks::Collect>>>,
     /// The daemon's Prometheus metrics (src/telemetry.rs).
     telemetry: Telemetry,
+    /// Sleeping VMs' guest RAM kept in host memory for their wake (hot.rs).
+    hot: hot::HotCopies,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -132,6 +135,7 @@ impl Manager {
             collect_now,
             collect_asked: Mutex::new(Some(collect_asked)),
             telemetry,
+            hot: Default::default(),
         })
     }
 

@@ -149,11 +149,23 @@ impl Manager {
         };
         let limits = &self.config.limits;
         let capacity = host_capacity_mib(total, limits);
-        // The states that hold memory are VmState::is_transient's.
+        // The states that hold memory are VmState::is_transient's; sleeping
+        // VMs' hot copies hold theirs too (the VM's own becomes its RAM).
         let (count, mem) = self.store.memory_holders(&vm.id).await?;
         let held = used(mem) + used(count) * limits.vm_overhead_mib;
-        if fits_host(capacity, held, vm.mem_mib, limits.vm_overhead_mib) {
-            return Ok(());
+        loop {
+            let hot = self.hot.bytes_except(&vm.id) >> 20;
+            if fits_host(capacity, held + hot, vm.mem_mib, limits.vm_overhead_mib) {
+                return Ok(());
+            }
+            // Deep sleep for the oldest other hot copy: the host needs its memory.
+            match self.hot.evict_oldest_except(&vm.id) {
+                Some(id) => {
+                    self.telemetry.hot_copies(self.hot.total());
+                    tracing::info!(vm = %id, for_vm = %vm.id, "deep sleep: the host needs the memory");
+                }
+                None => break,
+            }
         }
         tracing::warn!(
             vm = %vm.id, mem_mib = vm.mem_mib, held_mib = held, capacity_mib = capacity,

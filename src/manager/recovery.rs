@@ -59,6 +59,7 @@ impl Manager {
         tokio::spawn(async move { mgr.sweep_chunks().await });
         self.spawn_conversions().await?;
         self.spawn_chunk_collector();
+        self.spawn_deep_sleep();
         Ok(())
     }
 }

@@ -241,6 +241,7 @@ impl Manager {
             backup: had_disk.then_some(backup),
             previous: previous.filter(|p| *p != disk),
             disk,
+            in_place: false,
         })
     }
 
@@ -284,19 +285,45 @@ impl Manager {
             let mut files = backend.snapshot_files(&dir);
             // Held until the VMM has mapped it (`boot_from` returns).
             let mut _ram = None;
-            if memory == SavedMemory::File {
-                // First: a corrupt or missing memory object changes nothing.
-                tokio::fs::create_dir_all(&dir).await?;
-                if backend.capabilities().shared_ram {
-                    // Straight into the guest's RAM to be, with no file between.
-                    let ram = self.fetch_memory_ram(snap).await?;
-                    files.memory = crate::vmm::ram::path_of(&ram);
-                    _ram = Some(ram);
-                } else {
-                    self.fetch_memory_file(snap, &files.memory).await?;
+            // The VM's own sleep, still hot: its RAM, device state and disk
+            // are where they were; only a disk that changed is fetched.
+            let hot = self
+                .hot
+                .take(&vm.id, &snap.id)
+                .filter(|_| memory == SavedMemory::File && backend.capabilities().shared_ram);
+            self.telemetry.restoring(hot.is_some());
+            self.telemetry.hot_copies(self.hot.total());
+            let swap = match hot {
+                Some(hot) => {
+                    tokio::fs::create_dir_all(&dir).await?;
+                    tokio::fs::write(&files.state, &hot.state).await?;
+                    files.memory = crate::vmm::ram::path_of(&hot.ram);
+                    _ram = Some(hot.ram);
+                    let disk = backend.disk_path(&work_dir);
+                    let in_place = hot.disk.is_some() && super::hot::DiskStamp::of(&disk) == hot.disk;
+                    tracing::info!(vm = %vm.id, snapshot = %snap.id, disk_in_place = in_place, "restoring from the hot copy");
+                    if in_place {
+                        DiskSwap::in_place(disk)
+                    } else {
+                        self.fetch(snap, vm, backend.as_ref(), &dir, false).await?
+                    }
                 }
-            }
-            let swap = self.fetch(snap, vm, backend.as_ref(), &dir, true).await?;
+                None => {
+                    if memory == SavedMemory::File {
+                        // First: a corrupt or missing memory object changes nothing.
+                        tokio::fs::create_dir_all(&dir).await?;
+                        if backend.capabilities().shared_ram {
+                            // Straight into the guest's RAM to be, with no file between.
+                            let ram = self.fetch_memory_ram(snap).await?;
+                            files.memory = crate::vmm::ram::path_of(&ram);
+                            _ram = Some(ram);
+                        } else {
+                            self.fetch_memory_file(snap, &files.memory).await?;
+                        }
+                    }
+                    self.fetch(snap, vm, backend.as_ref(), &dir, true).await?
+                }
+            };
             let feed = match memory {
                 SavedMemory::Stream => self.memory_feed(snap, &files.memory).await,
                 // Already there and verified: nothing left to send.
@@ -435,6 +462,11 @@ impl Manager {
         let timer = self.telemetry.timer(Operation::Restore);
         // Whatever is left of an earlier VMM (a VM in error) goes first.
         self.end_vmm(&vm, false).await;
+        // Only a resume can use the VM's hot copy (if it is of this
+        // snapshot, `load_standby`); any other target leaves it stale.
+        if (kind, target) != (SnapshotKind::Standby, TargetState::Running) && self.hot.drop_vm(id) {
+            self.telemetry.hot_copies(self.hot.total());
+        }
         match (kind, target) {
             (SnapshotKind::Standby, TargetState::Running) => {
                 self.resume_from(&mut vm, &snap).await?

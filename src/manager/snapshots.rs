@@ -34,9 +34,22 @@ pub(super) struct DiskSwap {
     /// The VM's disk under its previous backend's name, when the snapshot's
     /// disk went in for another backend: it goes at commit.
     pub(super) previous: Option<std::path::PathBuf>,
+    /// The VM's own disk, used where it is (a wake from a hot copy whose
+    /// disk stamp still matches): neither commit nor rollback touches it.
+    pub(super) in_place: bool,
 }
 
 impl DiskSwap {
+    /// The VM's disk at `disk`, as it is.
+    pub(super) fn in_place(disk: std::path::PathBuf) -> DiskSwap {
+        DiskSwap {
+            disk,
+            backup: None,
+            previous: None,
+            in_place: true,
+        }
+    }
+
     pub(super) async fn commit(self) {
         for old in [&self.backup, &self.previous].into_iter().flatten() {
             let _ = tokio::fs::remove_file(old).await;
@@ -44,6 +57,9 @@ impl DiskSwap {
     }
 
     pub(super) async fn rollback(self) {
+        if self.in_place {
+            return;
+        }
         match &self.backup {
             Some(b) => {
                 if let Err(e) = tokio::fs::rename(b, &self.disk).await {

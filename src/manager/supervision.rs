@@ -248,6 +248,11 @@ impl Manager {
         clean
     }
 
+    /// The pid of the VMM this daemon runs for `id`, if any.
+    pub(super) fn vmm_pid(&self, id: &str) -> Option<u32> {
+        self.running.lock().unwrap().get(id).map(|r| r.pid)
+    }
+
     pub fn is_running(&self, id: &str) -> bool {
         self.running.lock().unwrap().contains_key(id)
     }

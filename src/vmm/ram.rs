@@ -3,11 +3,14 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The name every guest-RAM memfd the daemon makes carries (the text after
 /// `/memfd:` in a /proc/PID/fd link), so one is told apart from other fds.
 pub const NAME: &str = "hatch-guest-ram";
+/// What QEMU names the memfd it makes for a booted guest's RAM
+/// (`memory-backend-memfd`).
+pub const QEMU_NAME: &str = "memory-backend-memfd";
 
 /// A new, empty memfd of `len` bytes (all holes), close-on-exec: a child
 /// gets it only where it is placed on purpose.
@@ -31,13 +34,18 @@ pub fn path_of(file: &File) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
-/// Whether `file` is a guest-RAM memfd made by `create`.
+/// Whether a /proc/PID/fd link target names guest RAM: a memfd made by
+/// `create`, or the one QEMU makes at boot.
+pub fn is_guest_ram_link(target: &Path) -> bool {
+    let t = target.as_os_str().as_encoded_bytes();
+    [NAME, QEMU_NAME]
+        .iter()
+        .any(|n| t.starts_with(format!("/memfd:{n}").as_bytes()))
+}
+
+/// Whether `file` is guest RAM (`is_guest_ram_link`).
 pub fn is_guest_ram(file: &File) -> bool {
-    std::fs::read_link(path_of(file)).is_ok_and(|t| {
-        t.as_os_str()
-            .as_encoded_bytes()
-            .starts_with(format!("/memfd:{NAME}").as_bytes())
-    })
+    std::fs::read_link(path_of(file)).is_ok_and(|t| is_guest_ram_link(&t))
 }
 
 #[cfg(test)]

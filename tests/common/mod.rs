@@ -544,6 +544,9 @@ impl Daemon {
             .env("HATCH_DEFAULT_INITRD_PATH", img.join("initrd.img"))
             .env("HATCH_DEFAULT_ROOTFS_PATH", img.join("rootfs.ext4"))
             .env("HATCH_LOG", "info,sqlx=warn")
+            // Wakes from the store, which most tests are about; tests/hot.rs
+            // turns hot copies (the default) back on.
+            .env("HATCH_HOT_SLEEP_SECONDS", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

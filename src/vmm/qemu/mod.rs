@@ -248,9 +248,6 @@ const RAM_ID: &str = "pc.ram";
 /// that starts otherwise is the description a snapshot from before guest RAM
 /// was a memfd wrote, whose memory object is the whole stream.
 const STREAM_MAGIC: &[u8; 4] = b"QEVM";
-/// How QEMU names the memfd behind `memory-backend-memfd` (/proc/PID/fd link
-/// target); a restored QEMU's RAM is the daemon's memfd (`ram::NAME`).
-const RAM_MEMFDS: [&str; 2] = ["/memfd:memory-backend-memfd", "/memfd:hatch-guest-ram"];
 
 /// The guest RAM of the QEMU whose pid the VM's pid file holds: a path
 /// under /proc/PID/fd that opens its memfd.
@@ -270,8 +267,8 @@ fn guest_ram_of(pid: u32) -> Result<std::path::PathBuf> {
         let Ok(target) = std::fs::read_link(entry.path()) else {
             continue;
         };
-        let target = target.as_os_str().as_encoded_bytes();
-        if RAM_MEMFDS.iter().any(|m| target.starts_with(m.as_bytes())) {
+        // QEMU's own memfd after a boot, the daemon's after a restore.
+        if super::ram::is_guest_ram_link(&target) {
             return Ok(entry.path());
         }
     }
