@@ -24,6 +24,7 @@ pub mod requests;
 mod restore;
 mod routes;
 mod snapshots;
+mod ssh;
 pub mod state;
 mod supervision;
 mod templates;
@@ -97,6 +98,9 @@ pub struct Manager {
     collect_asked: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<chunks::Collect>>>,
     /// The daemon's Prometheus metrics (src/telemetry.rs).
     telemetry: Telemetry,
+    /// The daemon's SSH CA (src/ssh), set once at start-up before any VM
+    /// boots: every seed written after it makes the guest trust it.
+    ssh_ca: OnceLock<Arc<crate::ssh::Ca>>,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -132,6 +136,7 @@ impl Manager {
             collect_now,
             collect_asked: Mutex::new(Some(collect_asked)),
             telemetry,
+            ssh_ca: OnceLock::new(),
         })
     }
 

@@ -1,44 +1,62 @@
-//! Dropbear for the rootfs: its package, the packages it needs, the libraries it loads.
+//! OpenSSH for the rootfs: `sshd` and `ssh-keygen` from Debian's packages,
+//! the library packages they need, and the libraries they load.
+//!
+//! OpenSSH rather than dropbear because dropbear has no certificates, and
+//! the daemon's SSH CA (src/ssh) logs users in with certificates.
 
 use super::apt::{control_field, depends_names, package_deb};
 use super::elf::Elf;
 use super::{find_tool, run};
 use anyhow::{anyhow, bail, Context, Result};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const DROPBEAR_PACKAGE: &str = "dropbear-bin";
+/// The server; its library dependencies are followed.
+const SERVER_PACKAGE: &str = "openssh-server";
+/// Only for `ssh-keygen` (the guest makes its host key on first boot); it
+/// loads a subset of the server's libraries, which `ldd` checks.
+const KEYGEN_PACKAGE: &str = "openssh-client";
+/// (path in the package and in the guest)
+const BINARIES: &[&str] = &["usr/sbin/sshd", "usr/bin/ssh-keygen"];
 
-/// The SSH server of the rootfs: Debian's dynamically linked dropbear, with
+/// The SSH server of the rootfs: Debian's dynamically linked OpenSSH, with
 /// the shared libraries and loader it needs (the rootfs has no libc).
-pub(super) struct Dropbear {
+pub(super) struct OpenSsh {
     pub(super) version: String,
-    pub(super) binary: PathBuf,
-    /// (path in the guest, file to copy it from)
+    /// (path in the guest, file to copy it from): the binaries, each library
+    /// under its soname, and the loader.
     pub(super) files: Vec<(PathBuf, PathBuf)>,
 }
 
 /// Always in the guest's loader search path, wherever the host keeps its libs.
 pub(super) const GUEST_LIB_DIR: &str = "lib/x86_64-linux-gnu";
 /// The host's libc (and its loader) is used instead: ldd resolves libc with
-/// the host's loader anyway, and the two must match.
+/// the host's loader, and the two must match.
 const HOST_PACKAGES: &[&str] = &["libc6"];
-/// Bound on the dependency walk, far above dropbear-bin's five libraries.
-const MAX_PACKAGES: usize = 16;
+/// Bound on the dependency walk, above openssh-server's two dozen libraries.
+const MAX_PACKAGES: usize = 48;
 
-impl Dropbear {
-    /// Fetches dropbear-bin and the library packages it depends on (so the
-    /// host needs none of them), extracts them under `root`, and asks `ldd`
-    /// which libraries the binary loads.
-    pub(super) fn fetch(cache: &Path, root: &Path) -> Result<Dropbear> {
+/// A package of shared libraries (Debian names them `lib*`, and zlib
+/// `zlib1g`). Its data, modules, tools and headers packages are not needed
+/// to load a library; neither is anything else a server package depends on
+/// (maintainer-script tools, PAM modules: the guest runs sshd without PAM).
+fn is_library_package(name: &str) -> bool {
+    (name.starts_with("lib") || name.starts_with("zlib"))
+        && !["-modules", "-runtime", "-common", "-bin", "-dev", "-data"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
+impl OpenSsh {
+    /// Fetches openssh-server and the library packages it depends on (so the
+    /// host needs none of them) and openssh-client, extracts them under
+    /// `root`, and asks `ldd` which libraries the binaries load.
+    pub(super) fn fetch(cache: &Path, root: &Path) -> Result<OpenSsh> {
         let ldd = find_tool("ldd", "libc-bin")?;
-        let mut queue = vec![DROPBEAR_PACKAGE.to_string()];
-        let mut seen: BTreeSet<String> = queue.iter().cloned().collect();
-        let mut version = String::new();
-        while let Some(package) = queue.pop() {
-            let deb = package_deb(cache, &package)?;
+        let extract = |package: &str| -> Result<String> {
+            let deb = package_deb(cache, package)?;
             run(
                 Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root),
                 "dpkg-deb -x",
@@ -51,28 +69,31 @@ impl Dropbear {
                 ]),
                 "dpkg-deb -f",
             )?;
-            let fields = String::from_utf8_lossy(&fields.stdout);
-            if package == DROPBEAR_PACKAGE {
+            Ok(String::from_utf8_lossy(&fields.stdout).into_owned())
+        };
+        let mut queue = vec![SERVER_PACKAGE.to_string()];
+        let mut seen: BTreeSet<String> = queue.iter().cloned().collect();
+        let mut version = String::new();
+        while let Some(package) = queue.pop() {
+            let fields = extract(&package)?;
+            if package == SERVER_PACKAGE {
                 version = control_field(&fields, "Version").unwrap_or_default();
             }
             for field in ["Pre-Depends", "Depends"] {
                 for dep in depends_names(&control_field(&fields, field).unwrap_or_default()) {
-                    if !HOST_PACKAGES.contains(&dep.as_str()) && seen.insert(dep.clone()) {
+                    if is_library_package(&dep)
+                        && !HOST_PACKAGES.contains(&dep.as_str())
+                        && seen.insert(dep.clone())
+                    {
                         queue.push(dep);
                     }
                 }
             }
             if seen.len() > MAX_PACKAGES {
-                bail!("{DROPBEAR_PACKAGE} pulls in more than {MAX_PACKAGES} packages: {seen:?}");
+                bail!("{SERVER_PACKAGE} pulls in more than {MAX_PACKAGES} packages: {seen:?}");
             }
         }
-
-        let binary = root.join("usr/sbin/dropbear");
-        let data = fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
-        let loader = Elf::parse(&data)
-            .and_then(|elf| elf.interpreter())
-            .with_context(|| format!("reading {}", binary.display()))?
-            .ok_or_else(|| anyhow!("{} has no dynamic loader (PT_INTERP)", binary.display()))?;
+        extract(KEYGEN_PACKAGE)?;
 
         let lib_path = [
             "lib/x86_64-linux-gnu",
@@ -86,29 +107,45 @@ impl Dropbear {
         .map(|d| d.display().to_string())
         .collect::<Vec<_>>()
         .join(":");
-        let output = run(
-            Command::new(&ldd)
-                .arg(&binary)
-                .env("LD_LIBRARY_PATH", lib_path),
-            "ldd dropbear",
-        )?;
-        let listing = String::from_utf8_lossy(&output.stdout);
-        let libs = parse_ldd(&listing).with_context(|| format!("ldd {}", binary.display()))?;
 
+        let mut files = Vec::new();
+        let mut loaders = BTreeSet::new();
+        let mut libs = BTreeMap::new();
+        for guest in BINARIES {
+            let binary = root.join(guest);
+            let data =
+                fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
+            let loader = Elf::parse(&data)
+                .and_then(|elf| elf.interpreter())
+                .with_context(|| format!("reading {}", binary.display()))?
+                .ok_or_else(|| anyhow!("{} has no dynamic loader (PT_INTERP)", binary.display()))?;
+            loaders.insert(loader);
+            let output = run(
+                Command::new(&ldd)
+                    .arg(&binary)
+                    .env("LD_LIBRARY_PATH", &lib_path),
+                "ldd",
+            )?;
+            let listing = String::from_utf8_lossy(&output.stdout);
+            for (soname, path) in
+                parse_ldd(&listing).with_context(|| format!("ldd {}", binary.display()))?
+            {
+                libs.entry(soname).or_insert(path);
+            }
+            files.push((PathBuf::from(guest), binary));
+        }
         // The loader at its PT_INTERP path (the host's, as ldd used it), each
         // library under its soname in a directory on the default search path.
-        let mut files = vec![(
-            PathBuf::from(loader.trim_start_matches('/')),
-            PathBuf::from(&loader),
-        )];
+        for loader in loaders {
+            files.push((
+                PathBuf::from(loader.trim_start_matches('/')),
+                PathBuf::from(&loader),
+            ));
+        }
         for (soname, path) in libs {
             files.push((Path::new(GUEST_LIB_DIR).join(soname), path));
         }
-        Ok(Dropbear {
-            version,
-            binary,
-            files,
-        })
+        Ok(OpenSsh { version, files })
     }
 }
 
@@ -140,7 +177,7 @@ mod tests {
     #[test]
     fn ldd_listing() {
         let listing = "\tlinux-vdso.so.1 (0x00007ffd)\n\
-            \tlibtomcrypt.so.1 => /tmp/x/usr/lib/x86_64-linux-gnu/libtomcrypt.so.1 (0x00007f1)\n\
+            \tlibwrap.so.0 => /tmp/x/lib/x86_64-linux-gnu/libwrap.so.0 (0x00007f1)\n\
             \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f2)\n\
             \t/lib64/ld-linux-x86-64.so.2 (0x00007f3)\n";
         let libs = parse_ldd(listing).unwrap();
@@ -148,8 +185,8 @@ mod tests {
             libs,
             vec![
                 (
-                    "libtomcrypt.so.1".to_string(),
-                    PathBuf::from("/tmp/x/usr/lib/x86_64-linux-gnu/libtomcrypt.so.1")
+                    "libwrap.so.0".to_string(),
+                    PathBuf::from("/tmp/x/lib/x86_64-linux-gnu/libwrap.so.0")
                 ),
                 (
                     "libc.so.6".to_string(),
@@ -159,5 +196,23 @@ mod tests {
         );
         let missing = parse_ldd("\tlibz.so.1 => not found\n").unwrap_err();
         assert!(missing.to_string().contains("libz.so.1"));
+    }
+
+    #[test]
+    fn library_packages() {
+        for lib in ["libssl3", "libkrb5-3", "zlib1g", "libpam0g", "libwrap0"] {
+            assert!(is_library_package(lib), "{lib}");
+        }
+        for other in [
+            "adduser",
+            "debconf",
+            "libpam-modules",
+            "libpam-runtime",
+            "libaudit-common",
+            "openssh-client",
+            "procps",
+        ] {
+            assert!(!is_library_package(other), "{other}");
+        }
     }
 }
