@@ -15,10 +15,10 @@ works, and then measures, each guest path interleaved with its baseline:
      when the sink closed the connection, which nc does only after it read EOF,
      so after every byte; one uncounted first run per path pipes nc into
      `wc -c` and checks the count.
-  2. SSH: (a) connect -> `SSH-2.0-dropbear...` banner line, via the forward
+  2. SSH: (a) connect -> `SSH-2.0-...` banner line, via the forward
      (127.0.0.1:ssh_port, DNAT in the nat output chain), direct to
-     guest_ip:22, and to a dropbear on 127.0.0.1:2222 (the same dropbear
-     version, `-s` like the guest's; its host key and root's authorized_keys
+     guest_ip:22 (the guest's OpenSSH), and to a dropbear on 127.0.0.1:2222
+     (the guest had dropbear before its SSH CA; `-s`; its host key and root's authorized_keys
      in the temp dir, bind-mounted over /root in a private mount namespace);
      (b) a session running `true`, and M MiB through
      `ssh ... 'busybox cat > /dev/null' < FILE` over the same three, with the
@@ -542,7 +542,8 @@ class Net:
                         fails[p.key] += 1
                         log(f"SSH connect {p.label} {p.addr}: {e}")
                         continue
-                    if not line.startswith("SSH-2.0-dropbear"):
+                    # The guest runs OpenSSH since the SSH CA (src/ssh), the host dropbear.
+                    if not line.startswith("SSH-2.0-"):
                         fails[p.key] += 1
                         log(f"SSH connect {p.label} {p.addr}: banner {line!r}")
                         continue

@@ -41,6 +41,46 @@ pub struct Config {
     pub confine: ConfineConfig,
     /// HATCH_METRICS_TOKEN: who may read `GET /metrics` (src/telemetry.rs).
     pub metrics: crate::telemetry::MetricsConfig,
+    pub ssh: SshConfig,
+}
+
+/// The SSH CA's certificates (src/ssh, `POST /vms/{id}/connect`).
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    /// HATCH_SSH_CERT_TTL (default 5m, at most 24h): how long a certificate
+    /// from `connect` logs in. A session that is open stays open after it.
+    pub cert_ttl: Duration,
+    /// HATCH_SSH_HOST: the host name `connect` tells clients to reach the
+    /// SSH forwards at; unset, the host name the client used for the API.
+    pub host: Option<String>,
+}
+
+/// The default of HATCH_SSH_CERT_TTL.
+pub const DEFAULT_SSH_CERT_TTL: Duration = Duration::from_secs(5 * 60);
+const MAX_SSH_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+impl SshConfig {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<SshConfig, String> {
+        let cert_ttl = match get("HATCH_SSH_CERT_TTL") {
+            Some(v) => parse_duration(&v).map_err(|e| format!("HATCH_SSH_CERT_TTL: {e}"))?,
+            None => DEFAULT_SSH_CERT_TTL,
+        };
+        if cert_ttl < Duration::from_secs(1) || cert_ttl > MAX_SSH_CERT_TTL {
+            return Err("HATCH_SSH_CERT_TTL must be from 1s to 24h".into());
+        }
+        let host = match get("HATCH_SSH_HOST") {
+            Some(h) => {
+                let h = h.trim().to_string();
+                if h.parse::<std::net::IpAddr>().is_err() {
+                    check_domain(&h.to_ascii_lowercase())
+                        .map_err(|e| format!("HATCH_SSH_HOST: {e}"))?;
+                }
+                Some(h)
+            }
+            None => None,
+        };
+        Ok(SshConfig { cert_ttl, host })
+    }
 }
 
 /// How API callers may register images.
@@ -506,6 +546,7 @@ impl Config {
             images: ImageConfig::from_lookup(&get)?,
             confine: ConfineConfig::from_lookup(&get)?,
             metrics: crate::telemetry::MetricsConfig::from_lookup(&get)?,
+            ssh: SshConfig::from_lookup(&get)?,
             proxy,
             idle,
             auth,
@@ -662,6 +703,28 @@ mod tests {
         assert_eq!(c.net.net.cidr(), "172.16.0.0/24");
         assert_eq!(c.net.ssh_ports, (16000, 16999));
         assert_eq!(c.net.ssh_allowed_sources, vec!["0.0.0.0/0"]);
+    }
+
+    #[test]
+    fn ssh_certificate_settings() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.ssh.cert_ttl, DEFAULT_SSH_CERT_TTL);
+        assert_eq!(c.ssh.host, None);
+        let c = cfg(&[
+            ("HATCH_SSH_CERT_TTL", "2s"),
+            ("HATCH_SSH_HOST", "vm.example.com"),
+        ])
+        .unwrap();
+        assert_eq!(c.ssh.cert_ttl, Duration::from_secs(2));
+        assert_eq!(c.ssh.host.as_deref(), Some("vm.example.com"));
+        assert!(cfg(&[("HATCH_SSH_HOST", "10.1.2.3")]).is_ok());
+        for bad in ["0s", "25h", "soon"] {
+            let e = cfg(&[("HATCH_SSH_CERT_TTL", bad)]).unwrap_err();
+            assert!(e.contains("HATCH_SSH_CERT_TTL"), "{bad}: {e}");
+        }
+        assert!(cfg(&[("HATCH_SSH_HOST", "a b")])
+            .unwrap_err()
+            .contains("HATCH_SSH_HOST"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod manager;
 pub mod net;
 pub mod proxy;
 pub mod snapshot;
+pub mod ssh;
 pub mod store;
 pub mod telemetry;
 pub mod vmm;

@@ -371,6 +371,13 @@ async fn serve() -> anyhow::Result<()> {
     let cfg = config()?;
     let store = open_store(&cfg).await?;
     let _lock = lock_data_dir(&cfg)?;
+    // Before make_private below, which would quietly make an exposed CA key
+    // 0600: one others could read must stop the start instead.
+    let ca_dir = cfg.data_dir.join("ssh");
+    let (ca, made) = tokio::task::spawn_blocking(move || hatch::ssh::Ca::load_or_create(&ca_dir))
+        .await?
+        .context("the SSH CA (src/ssh)")?;
+    tracing::info!(public_key = %ca.public_key(), new = made, "SSH CA");
     let data_dir = cfg.data_dir.clone();
     tokio::task::spawn_blocking(move || hatch::vmm::confine::make_private(&data_dir))
         .await?
@@ -383,6 +390,8 @@ async fn serve() -> anyhow::Result<()> {
     let auth = api::Authenticator::new(&cfg.auth).map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!(keys = %auth.describe(), "API keys");
     let manager = Manager::new(store, objects, backends, cfg);
+    // Before recovery: VMs it boots again get seeds that carry the CA.
+    manager.set_ssh_ca(Arc::new(ca));
     manager.recover().await?;
     manager.init_network().await;
     manager.seed_default_image().await?;

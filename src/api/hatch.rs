@@ -39,6 +39,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/vms/{vm_id}/snapshot", post(snapshot_vm))
         .route("/vms/{vm_id}/restore", post(restore_vm))
         .route("/vms/{vm_id}/snapshots", get(list_vm_snapshots))
+        .route("/vms/{vm_id}/connect", post(super::ssh::connect))
         .route(
             "/images",
             // Uploads stream whole images: the manager enforces

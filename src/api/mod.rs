@@ -10,6 +10,7 @@ mod hypeman;
 mod json;
 mod listener;
 mod paging;
+mod ssh;
 mod views;
 
 pub use auth::{hash_key, new_key, Authenticator};

@@ -1,7 +1,9 @@
 //! The cloud-init NoCloud seed of a VM: `meta-data`, `user-data` and
 //! `network-config` on an iso9660 volume labelled `cidata`, attached as a
-//! read-only disk. Any image with cloud-init reads it on first boot; the
-//! built-in busybox image applies a subset (hostname, SSH keys, scripts).
+//! read-only disk, plus a `vendor-data` script of the daemon's own that
+//! makes the guest trust its SSH CA (src/ssh). Any image with cloud-init
+//! reads it on first boot; the built-in busybox image applies a subset
+//! (hostname, SSH keys, scripts) and runs the vendor-data script.
 
 use std::path::{Path, PathBuf};
 use tokio::process::Command;
@@ -48,12 +50,77 @@ pub fn network_config(n: &SeedNet) -> String {
     )
 }
 
-/// Writes the seed files and the `seed.iso` volume into `work_dir`.
+/// Where the guest keeps what `vendor_data` writes.
+pub const GUEST_CA_FILE: &str = "/etc/ssh/hatch/user_ca.pub";
+pub const GUEST_PRINCIPALS_DIR: &str = "/etc/ssh/hatch/principals";
+
+/// `'text'` for sh, whatever `text` holds.
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r#"'\''"#))
+}
+
+/// The `vendor-data` script: trust `ca_public_key` for user `agent` with
+/// principal `vm_id`, and make that user. A script (not cloud-config) so that
+/// the user's own `user-data` never replaces it (cloud-init lets user data
+/// override vendor cloud-config key by key); cloud-init runs it once per
+/// instance in its final stage, the busybox image on every boot before its
+/// sshd starts. Running it again changes nothing.
+pub fn vendor_data(ca_public_key: &str, vm_id: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+# Written by hatch: lets certificates from its SSH CA (POST /vms/ID/connect)
+# log in as `{user}`, and only those whose principal is this VM's id.
+ca={ca}
+principal={principal}
+user={user}
+mkdir -p /etc/ssh/sshd_config.d {principals_dir}
+printf '%s\n' "$ca" >{ca_file}
+# One file per user (%u): a certificate for this VM logs in as $user only.
+printf '%s\n' "$principal" >{principals_dir}/$user
+chmod 755 /etc/ssh/hatch {principals_dir}
+chmod 644 {ca_file} {principals_dir}/$user
+printf '%s\n' 'TrustedUserCAKeys {ca_file}' \
+    'AuthorizedPrincipalsFile {principals_dir}/%u' >/etc/ssh/sshd_config.d/50-hatch-ca.conf
+grep -qsi '^[[:space:]]*Include[[:space:]].*sshd_config\.d' /etc/ssh/sshd_config ||
+    echo "hatch: warning: /etc/ssh/sshd_config does not include sshd_config.d; copy /etc/ssh/sshd_config.d/50-hatch-ca.conf into it" >&2
+if ! id "$user" >/dev/null 2>&1; then
+    shell=/bin/sh
+    [ -x /bin/bash ] && shell=/bin/bash
+    if command -v useradd >/dev/null 2>&1; then
+        useradd --create-home --shell "$shell" --comment "hatch agent" "$user"
+    else
+        adduser -D -s "$shell" -g "hatch agent" "$user"
+    fi
+    # No password, but not locked: sshd without PAM refuses a locked ("!") account.
+    if command -v usermod >/dev/null 2>&1; then usermod -p '*' "$user"; fi
+    if [ -d /etc/sudoers.d ]; then
+        echo "$user ALL=(ALL) NOPASSWD:ALL" >"/etc/sudoers.d/90-hatch-$user"
+        chmod 440 "/etc/sudoers.d/90-hatch-$user"
+    fi
+fi
+# A running sshd reads its configuration again (cloud-init runs this after it started).
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    systemctl try-reload-or-restart ssh.service sshd.service 2>/dev/null || true
+elif [ -s /run/sshd.pid ]; then
+    kill -HUP "$(cat /run/sshd.pid)" 2>/dev/null || true
+fi
+"#,
+        user = crate::ssh::GUEST_USER,
+        ca = sh_quote(ca_public_key),
+        principal = sh_quote(vm_id),
+        ca_file = GUEST_CA_FILE,
+        principals_dir = GUEST_PRINCIPALS_DIR,
+    )
+}
+
+/// Writes the seed files and the `seed.iso` volume into `work_dir`;
+/// `ssh_ca` (the CA's public key line) adds the `vendor-data` script.
 pub async fn write(
     work_dir: &Path,
     vm_id: &str,
     user_data: Option<&str>,
     net: Option<&SeedNet>,
+    ssh_ca: Option<&str>,
 ) -> Result<PathBuf, String> {
     let dir = work_dir.join("seed");
     tokio::fs::create_dir_all(&dir)
@@ -70,6 +137,9 @@ pub async fn write(
     ];
     if let Some(n) = net {
         files.push(("network-config", network_config(n)));
+    }
+    if let Some(ca) = ssh_ca {
+        files.push(("vendor-data", vendor_data(ca, vm_id)));
     }
     for (name, text) in &files {
         tokio::fs::write(dir.join(name), text)
@@ -115,5 +185,17 @@ mod tests {
         // cloud-init 22.4 (Debian 12) rejects `routes: - to: default`; gateway4 works.
         assert!(n.contains("    gateway4: 172.16.0.1\n"));
         assert!(n.contains("    nameservers:\n      addresses: [172.16.0.1]\n"));
+    }
+
+    #[test]
+    fn vendor_data_trusts_the_ca_for_agent_and_this_vm() {
+        let v = vendor_data("ssh-ed25519 AAAAC3Nza hatch-user-ca", "vm_ab12");
+        assert!(v.starts_with("#!/bin/sh\n"));
+        assert!(v.contains("ca='ssh-ed25519 AAAAC3Nza hatch-user-ca'\n"));
+        assert!(v.contains("principal='vm_ab12'\n"));
+        assert!(v.contains("user=agent\n"));
+        assert!(v.contains("'TrustedUserCAKeys /etc/ssh/hatch/user_ca.pub'"));
+        assert!(v.contains("'AuthorizedPrincipalsFile /etc/ssh/hatch/principals/%u'"));
+        assert_eq!(sh_quote("it's"), r#"'it'\''s'"#);
     }
 }

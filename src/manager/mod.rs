@@ -25,6 +25,7 @@ pub mod requests;
 mod restore;
 mod routes;
 mod snapshots;
+mod ssh;
 pub mod state;
 mod supervision;
 mod templates;
@@ -100,6 +101,9 @@ pub struct Manager {
     telemetry: Telemetry,
     /// Sleeping VMs' guest RAM kept in host memory for their wake (hot.rs).
     hot: hot::HotCopies,
+    /// The daemon's SSH CA (src/ssh), set once at start-up before any VM
+    /// boots: every seed written after it makes the guest trust it.
+    ssh_ca: OnceLock<Arc<crate::ssh::Ca>>,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -136,6 +140,7 @@ impl Manager {
             collect_asked: Mutex::new(Some(collect_asked)),
             telemetry,
             hot: Default::default(),
+            ssh_ca: OnceLock::new(),
         })
     }
 

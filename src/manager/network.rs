@@ -214,7 +214,8 @@ impl Manager {
     /// networking, its address) into `work_dir`.
     pub(super) async fn write_seed(&self, vm: &Vm, work_dir: &Path) -> Result<PathBuf> {
         let net = self.seed_net(vm);
-        seed::write(work_dir, &vm.id, vm.user_data.as_deref(), net.as_ref())
+        let ca = self.ssh_ca.get().map(|ca| ca.public_key());
+        seed::write(work_dir, &vm.id, vm.user_data.as_deref(), net.as_ref(), ca)
             .await
             .map_err(ManagerError::Host)
             .context(|| "creating the cloud-init seed".into())

@@ -7,25 +7,26 @@
 //! - `initrd.img`: an uncompressed newc cpio with static busybox, `/init` and the
 //!   virtio + power-button modules that kernel builds as `=m`.
 //! - `rootfs.ext4`: a 256 MiB sparse ext4 (label `hatch-root`) with busybox init,
-//!   DHCP, a minimal cloud-init NoCloud reader and dropbear (`dropbear-bin`
-//!   and its libraries, fetched like the kernel; its libc is the host's).
+//!   DHCP, a minimal cloud-init NoCloud reader and OpenSSH's sshd
+//!   (`openssh-server` and its libraries, fetched like the kernel; its libc
+//!   is the host's).
 //!
 //! Host tools: apt-get/apt-cache/dpkg-deb, `busybox-static` (`/bin/busybox`),
 //! `e2fsprogs` (`mkfs.ext4`, and `debugfs` when not building as root), `ldd`.
 //!
 //! This file runs the steps in order; each concern has its own file: `apt`
 //! (the .deb cache), `kernel` (the kernel package and its module order),
-//! `elf`, `busybox`, `dropbear`, `cpio` (the archive format), `initramfs`
+//! `elf`, `busybox`, `openssh`, `cpio` (the archive format), `initramfs`
 //! and `rootfs` (what goes into each image file), `vmlinux` (the ELF kernel
 //! out of the bzImage).
 
 mod apt;
 mod busybox;
 mod cpio;
-mod dropbear;
 mod elf;
 mod initramfs;
 mod kernel;
+mod openssh;
 mod rootfs;
 mod vmlinux;
 
@@ -35,9 +36,9 @@ pub(super) use rootfs::make_ext4;
 use anyhow::{bail, Context, Result};
 use apt::kernel_deb;
 use busybox::{busybox_applets, check_busybox};
-use dropbear::Dropbear;
 use initramfs::initramfs;
 use kernel::Kernel;
+use openssh::OpenSsh;
 use rootfs::{stage_rootfs, ROOTFS_BYTES};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -73,11 +74,11 @@ pub fn build(out: &Path) -> Result<()> {
     ));
 
     let applets = busybox_applets(&busybox)?;
-    let dropbear = Dropbear::fetch(&cache, &work.path().join("dropbear"))?;
+    let openssh = OpenSsh::fetch(&cache, &work.path().join("openssh"))?;
     step(&format!(
-        "dropbear {}: {}",
-        dropbear.version,
-        dropbear
+        "openssh {}: {}",
+        openssh.version,
+        openssh
             .files
             .iter()
             .map(|(guest, _)| format!("/{}", guest.display()))
@@ -99,7 +100,7 @@ pub fn build(out: &Path) -> Result<()> {
 
     let rootfs = work.path().join("rootfs.ext4");
     let stage = work.path().join("rootfs");
-    stage_rootfs(&stage, &busybox, &applets, &dropbear)?;
+    stage_rootfs(&stage, &busybox, &applets, &openssh)?;
     make_ext4(&mkfs, &stage, &rootfs, ROOTFS_BYTES)?;
 
     for (src, name) in [

@@ -1,6 +1,6 @@
 //! `rootfs.ext4`: the busybox guest staged as a tree, then made an ext4 by `mkfs.ext4 -d`.
 
-use super::dropbear::{Dropbear, GUEST_LIB_DIR};
+use super::openssh::{OpenSsh, GUEST_LIB_DIR};
 use super::{find_tool, run};
 use anyhow::{Context, Result};
 use std::fs;
@@ -19,14 +19,25 @@ const ACPI_POWER: &str = include_str!("../guest/acpi-power");
 const PROFILE: &str = include_str!("../guest/profile");
 const CIDATA: &str = include_str!("../guest/cidata");
 const UDHCPC_SCRIPT: &str = include_str!("../guest/udhcpc.script");
-/// Dropbear resolves root through glibc's NSS; spelled out so no default matters.
+const SSHD_CONFIG: &str = include_str!("../guest/sshd_config");
+/// sshd resolves users through glibc's NSS; spelled out so no default matters.
 const NSSWITCH: &str = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n";
+
+const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
+    sshd:x:100:65534:sshd privilege separation:/run/sshd:/bin/false\n\
+    agent:x:1000:1000:hatch agent:/home/agent:/bin/sh\n";
+const GROUP: &str = "root:x:0:\ntty:x:5:\nagent:x:1000:\nnogroup:x:65534:\n";
+const SHADOW: &str = "root:*:19000:0:99999:7:::\n\
+    sshd:*:19000:0:99999:7:::\n\
+    agent:*:19000:0:99999:7:::\n";
+/// `agent`'s uid and gid in PASSWD and GROUP.
+const AGENT_ID: u32 = 1000;
 
 pub(super) fn stage_rootfs(
     stage: &Path,
     busybox: &Path,
     applets: &[String],
-    dropbear: &Dropbear,
+    openssh: &OpenSsh,
 ) -> Result<()> {
     let dirs: &[(&str, u32)] = &[
         ("", 0o755),
@@ -37,8 +48,12 @@ pub(super) fn stage_rootfs(
         ("etc/init.d", 0o755),
         ("etc/acpi/PWRF", 0o755),
         ("etc/hatch", 0o755),
-        // Host keys, made by dropbear -R on the first connection.
-        ("etc/dropbear", 0o700),
+        // The host key is made on the first boot (rcS); the daemon's CA
+        // trust goes to sshd_config.d (the seed's vendor-data).
+        ("etc/ssh", 0o755),
+        ("etc/ssh/sshd_config.d", 0o755),
+        ("home", 0o755),
+        ("home/agent", 0o700),
         (GUEST_LIB_DIR, 0o755),
         ("lib64", 0o755),
         ("usr/lib/hatch", 0o755),
@@ -77,11 +92,7 @@ pub(super) fn stage_rootfs(
         std::os::unix::fs::symlink("/bin/busybox", stage.join(applet))
             .with_context(|| format!("linking applet {applet}"))?;
     }
-    let sbin_dropbear = stage.join("usr/sbin/dropbear");
-    fs::copy(&dropbear.binary, &sbin_dropbear)
-        .with_context(|| format!("copying {}", dropbear.binary.display()))?;
-    fs::set_permissions(&sbin_dropbear, fs::Permissions::from_mode(0o755))?;
-    for (guest, source) in &dropbear.files {
+    for (guest, source) in &openssh.files {
         let path = stage.join(guest);
         // fs::copy follows symlinks: the guest gets real files under the sonames.
         fs::copy(source, &path).with_context(|| format!("copying {}", source.display()))?;
@@ -98,11 +109,15 @@ pub(super) fn stage_rootfs(
         ("etc/profile", 0o644, PROFILE),
         ("etc/hostname", 0o644, "hatch\n"),
         ("etc/hosts", 0o644, "127.0.0.1\tlocalhost\n::1\tlocalhost\n"),
-        ("etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\n"),
-        ("etc/group", 0o644, "root:x:0:\ntty:x:5:\n"),
-        // Locked password: the serial console needs none and nothing else
+        // `sshd`: its privilege-separated child; `agent`: who the daemon's
+        // certificates log in as (src/ssh).
+        ("etc/passwd", 0o644, PASSWD),
+        ("etc/group", 0o644, GROUP),
+        // No password (`*`, not locked: sshd without PAM refuses a locked
+        // account): the serial console needs none and nothing else
         // should accept an empty one.
-        ("etc/shadow", 0o600, "root:*:19000:0:99999:7:::\n"),
+        ("etc/shadow", 0o600, SHADOW),
+        ("etc/ssh/sshd_config", 0o644, SSHD_CONFIG),
         ("etc/shells", 0o644, "/bin/sh\n/bin/ash\n"),
         ("etc/nsswitch.conf", 0o644, NSSWITCH),
         ("usr/lib/hatch/cidata", 0o755, CIDATA),
@@ -113,6 +128,13 @@ pub(super) fn stage_rootfs(
         let path = stage.join(name);
         fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(*mode))?;
+    }
+    // Only root can give the home away here; rcS does it on boot anyway (a
+    // build as another user makes every owner root).
+    let home = stage.join("home/agent");
+    if fs::metadata(stage)?.uid() == 0 {
+        std::os::unix::fs::chown(&home, Some(AGENT_ID), Some(AGENT_ID))
+            .with_context(|| format!("chown {}", home.display()))?;
     }
     Ok(())
 }

@@ -1,0 +1,11 @@
+//! The daemon's SSH certificate authority: one ed25519 key in the data dir
+//! that signs short-lived OpenSSH user certificates scoped to one VM.
+
+mod ca;
+mod keys;
+
+pub use ca::{Ca, CaError, SignedCert, CA_FILE, CA_PUB_FILE};
+pub use keys::{parse_user_key, KeyError, MAX_PUBLIC_KEY_LEN};
+
+/// The guest user a certificate logs in as (the Hatch product's name).
+pub const GUEST_USER: &str = "agent";
