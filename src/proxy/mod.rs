@@ -30,15 +30,44 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a client may take to send a request's headers (the first one
 /// counted from the connection's start).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Connects to guests like `HttpConnector`, then sets a zero linger on the
+/// socket, so that the proxy's close is a reset and leaves no TIME_WAIT: a
+/// guest that closes after each answer otherwise fills the ephemeral port
+/// range, and every connect() then scans it (README: "Closing connections to
+/// guests"). The proxy closes only once it read the response or gave up on it.
+#[derive(Clone)]
+struct GuestConnector(HttpConnector);
+
+impl tower_service::Service<Uri> for GuestConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, guest: Uri) -> Self::Future {
+        let connecting = self.0.call(guest);
+        Box::pin(async move {
+            let io = connecting.await?;
+            io.inner().set_zero_linger()?;
+            Ok(io)
+        })
+    }
+}
+
 struct Proxy {
     manager: Arc<Manager>,
     cfg: ProxyConfig,
-    client: Client<HttpConnector, Passed>,
+    client: Client<GuestConnector, Passed>,
     access_log: Option<Arc<AccessLog>>,
 }
 
@@ -65,7 +94,7 @@ async fn serve_with(
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_timer(TokioTimer::new())
-        .build(connector);
+        .build(GuestConnector(connector));
     let proxy = Arc::new(Proxy {
         manager,
         cfg,
@@ -153,15 +182,16 @@ pub fn subdomain_of<'a>(host: &'a str, base: &str) -> Option<&'a str> {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// Names, not text: removing by `&str` parsed each name on every request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
 
 /// Removes hop-by-hop headers, those `Connection` names included. `Upgrade`
@@ -178,7 +208,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for n in named {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP {
+    for h in &HOP_BY_HOP {
         headers.remove(h);
     }
     if keep_upgrade {

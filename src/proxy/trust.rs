@@ -91,15 +91,16 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: IpAddr, host: &str,
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
         v4 => v4,
     };
-    let node = match peer {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
+    // The peer's address is formatted once: this runs on every request.
+    let peer_text = peer.to_string();
+    let ours = match peer {
+        IpAddr::V4(_) => format!("for={peer_text};host=\"{host}\";proto=http"),
+        IpAddr::V6(_) => format!("for=\"[{peer_text}]\";host=\"{host}\";proto=http"),
     };
-    let ours = format!("for={node};host=\"{host}\";proto=http");
     let (xff, forwarded) = if trusted {
         let xff = match joined(headers, &X_FORWARDED_FOR) {
-            Some(prev) => format!("{prev}, {peer}"),
-            None => peer.to_string(),
+            Some(prev) => format!("{prev}, {peer_text}"),
+            None => peer_text.clone(),
         };
         let fwd = match joined(headers, &FORWARDED) {
             Some(prev) => format!("{prev}, {ours}"),
@@ -110,9 +111,8 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: IpAddr, host: &str,
         for h in [&X_FORWARDED_HOST, &X_FORWARDED_PROTO, &X_REAL_IP] {
             headers.remove(h);
         }
-        (peer.to_string(), ours)
+        (peer_text.clone(), ours)
     };
-    let peer_text = peer.to_string();
     let mut values = vec![
         (X_FORWARDED_FOR, xff.as_str()),
         (FORWARDED, forwarded.as_str()),
