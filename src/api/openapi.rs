@@ -643,7 +643,7 @@ mod tests {
 
     fn host() -> Host {
         Host {
-            hypervisors: vec!["qemu"],
+            hypervisors: vec![crate::vmm::HYPERVISORS[0]],
             net: BridgeNet::parse("172.16.0.1/24").unwrap(),
             metrics: true,
         }
