@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 # Debian packages hatch needs at run time and for its tests and benches.
-HATCH_APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs iproute2 curl procps coreutils nftables dnsmasq-base genisoimage openssh-client dropbear-bin wrk sqlite3 python3-prometheus-client)
+HATCH_APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static e2fsprogs iproute2 curl procps coreutils nftables dnsmasq-base genisoimage openssh-client dropbear-bin wrk sqlite3 python3-prometheus-client python3-venv)
 
 # Every command the daemon, the image builder, the tests and the benches run, as `command:package`.
 # Checked after the install: a package can be installed and still miss a command (another package
@@ -172,4 +172,21 @@ require_better_auth() {
         (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
         echo "$lock" >"$stamp"
     fi
+}
+
+# schemathesis (PyPI) fuzzes the live daemon from its OpenAPI document (tests/openapi.rs). A pinned
+# version in a venv under the cargo target dir (Debian's python3 may not pip-install system-wide),
+# made once and reused while it holds that version; its `st` is exported as HATCH_TEST_SCHEMATHESIS.
+SCHEMATHESIS_VERSION=4.32.5
+
+require_schemathesis() {
+    local venv="${CARGO_TARGET_DIR:-$PWD/target}/schemathesis"
+    local st="$venv/bin/st"
+    if [ "$("$st" --version 2>/dev/null)" != "st, version $SCHEMATHESIS_VERSION" ]; then
+        echo "hatch: installing schemathesis $SCHEMATHESIS_VERSION in $venv for the OpenAPI test" >&2
+        rm -rf "$venv"
+        /usr/bin/python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+    fi
+    export HATCH_TEST_SCHEMATHESIS="$st"
 }

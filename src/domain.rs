@@ -96,7 +96,8 @@ macro_rules! text_enum {
 }
 
 /// A VM's state (Hatch API); src/manager/README.md, "Why a state table?", explains the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum VmState {
     Starting,
     Running,
@@ -181,7 +182,8 @@ impl SnapshotStatus {
 
 /// Where background compression of a snapshot's memory is (the Hypeman API's
 /// `compression_state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum CompressionState {
     /// Not asked for (or a Stopped snapshot, which has no memory).
     None,
@@ -217,7 +219,7 @@ impl CompressionState {
 }
 
 /// The Hypeman API's snapshot kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
 pub enum SnapshotKind {
     /// Memory, CPU/device state and disk; the instance goes to standby.
     Standby,

@@ -56,6 +56,11 @@ pub fn routes() -> Router<Arc<AppState>> {
 
 // ---- vms ----
 
+#[utoipa::path(get, path = "/vms", tag = "vms", operation_id = "listVms",
+    params(super::openapi::Paging),
+    responses((status = 200, description = "The owner's VMs, oldest first (a page of them with `limit` or `cursor`)",
+        body = Vec<VmView>, headers(("X-Next-Cursor" = String, description = "The next page's cursor (only when one follows)"), ("Link" = String, description = "`<...>; rel=\"next\"` to the next page (only when one follows)"))),
+        (status = 400, description = "A bad `limit`, `cursor` or an unknown query parameter", body = super::openapi::ErrorBody)))]
 /// `GET /vms`: every VM of the owner, or a page of them (docs/API.md, "Paging").
 pub async fn list_vms(
     State(s): St,
@@ -74,6 +79,14 @@ pub async fn list_vms(
     ))
 }
 
+#[utoipa::path(post, path = "/vms", tag = "vms", operation_id = "createVm",
+    request_body(content = CreateVm, description = "An empty body or `{}` boots the default image with defaults"),
+    responses((status = 201, description = "Created and booting", body = VmView),
+        (status = 400, description = "An invalid field", body = super::openapi::ErrorBody),
+        (status = 403, description = "Over the owner's quota", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such image or template", body = super::openapi::ErrorBody),
+        (status = 409, description = "The name, address or MAC is taken", body = super::openapi::ErrorBody),
+        (status = 503, description = "The host has no memory left for it", body = super::openapi::ErrorBody)))]
 pub async fn create_vm(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -83,6 +96,8 @@ pub async fn create_vm(
     Ok((StatusCode::CREATED, Json(vm.into())))
 }
 
+#[utoipa::path(get, path = "/vms/{vm_id}", tag = "vms", operation_id = "getVm", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "The VM", body = VmView)))]
 pub async fn get_vm(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -91,6 +106,10 @@ pub async fn get_vm(
     Ok(Json(s.manager.get_vm(&o, &id).await?.into()))
 }
 
+#[utoipa::path(patch, path = "/vms/{vm_id}", tag = "vms", operation_id = "updateVm", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    request_body = UpdateVm,
+    responses((status = 200, description = "The VM with its new settings", body = VmView),
+        (status = 400, description = "An invalid field, or nothing to change", body = super::openapi::ErrorBody)))]
 pub async fn update_vm(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -102,6 +121,11 @@ pub async fn update_vm(
 
 // ---- proxy routes ----
 
+#[utoipa::path(post, path = "/vms/{vm_id}/routes", tag = "routes", operation_id = "createRoute", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    request_body = CreateRoute,
+    responses((status = 201, description = "The route", body = RouteView),
+        (status = 400, description = "An invalid field", body = super::openapi::ErrorBody),
+        (status = 409, description = "The subdomain is taken", body = super::openapi::ErrorBody)))]
 pub async fn create_route(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -115,6 +139,8 @@ pub async fn create_route(
     ))
 }
 
+#[utoipa::path(get, path = "/vms/{vm_id}/routes", tag = "routes", operation_id = "listRoutes", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "The VM's routes", body = Vec<RouteView>)))]
 pub async fn list_routes(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -127,6 +153,9 @@ pub async fn list_routes(
     ))
 }
 
+#[utoipa::path(delete, path = "/vms/{vm_id}/routes/{route_id}", tag = "routes", operation_id = "deleteVmRoute",
+    params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)"), ("route_id" = String, Path, description = "A route id (`rt_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "Deleted", body = super::openapi::Deleted)))]
 pub async fn delete_route(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -136,6 +165,9 @@ pub async fn delete_route(
     Ok(Json(json!({ "status": "deleted" })))
 }
 
+#[utoipa::path(delete, path = "/routes/{route_id}", tag = "routes", operation_id = "deleteRoute",
+    params(("route_id" = String, Path, description = "A route id (`rt_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "Deleted", body = super::openapi::Deleted)))]
 /// `DELETE /routes/{route_id}`: the Hatch product's path for a route delete,
 /// beside `DELETE /vms/{vm_id}/routes/{route_id}`; the same answers.
 pub async fn delete_route_by_id(
@@ -147,6 +179,9 @@ pub async fn delete_route_by_id(
     Ok(Json(json!({ "status": "deleted" })))
 }
 
+#[utoipa::path(post, path = "/vms/{vm_id}/stop", tag = "vms", operation_id = "stopVm", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "Stopped", body = VmView),
+        (status = 409, description = "Not in a state that stops", body = super::openapi::ErrorBody)))]
 pub async fn stop_vm(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -155,6 +190,11 @@ pub async fn stop_vm(
     Ok(Json(s.manager.stop_vm(&o, &id).await?.into()))
 }
 
+#[utoipa::path(post, path = "/vms/{vm_id}/start", tag = "vms", operation_id = "startVm", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "Booting", body = VmView),
+        (status = 403, description = "Over the owner's quota", body = super::openapi::ErrorBody),
+        (status = 409, description = "Not in a state that starts", body = super::openapi::ErrorBody),
+        (status = 503, description = "The host has no memory left for it", body = super::openapi::ErrorBody)))]
 pub async fn start_vm(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -163,6 +203,9 @@ pub async fn start_vm(
     Ok(Json(s.manager.start_vm(&o, &id).await?.into()))
 }
 
+#[utoipa::path(delete, path = "/vms/{vm_id}", tag = "vms", operation_id = "deleteVm", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "Deleted (stopped first if it ran)", body = super::openapi::Deleted),
+        (status = 409, description = "Busy with another operation", body = super::openapi::ErrorBody)))]
 pub async fn delete_vm(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -174,10 +217,12 @@ pub async fn delete_vm(
 
 /// `GET /vms/{id}/metrics`: the Hatch API's metrics shape, extended
 /// (docs/API.md, "Metrics"). Network directions are the guest's.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = VmMetrics)]
 pub struct MetricsView {
     vm_id: String,
     state: crate::domain::VmState,
+    #[schema(value_type = super::openapi::Hypervisor)]
     hypervisor: String,
     vcpu_count: i64,
     mem_mib: i64,
@@ -186,16 +231,19 @@ pub struct MetricsView {
     block: crate::vmm::metrics::BlockCounters,
     vcpu: VcpuView,
     memory: MemoryView,
+    /// The backend's own counters, as it reports them.
     raw: serde_json::Value,
 }
 
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = VmMetricsVcpu)]
 struct VcpuView {
     cpu_time_micros: u64,
     utilization_percent: f64,
 }
 
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = VmMetricsMemory)]
 struct MemoryView {
     vmm_rss_bytes: u64,
 }
@@ -223,6 +271,9 @@ impl From<crate::manager::metrics::VmMetrics> for MetricsView {
     }
 }
 
+#[utoipa::path(get, path = "/vms/{vm_id}/metrics", tag = "vms", operation_id = "getVmMetrics", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "The running VM's counters", body = MetricsView),
+        (status = 409, description = "Not running", body = super::openapi::ErrorBody)))]
 /// A running VM's counters; 409 in any other state (there is no VMM to ask).
 pub async fn vm_metrics(
     State(s): St,
@@ -258,6 +309,10 @@ fn parse_follow(query: Option<&str>) -> ApiResult<bool> {
     Ok(follow)
 }
 
+#[utoipa::path(get, path = "/vms/{vm_id}/logs", tag = "vms", operation_id = "getVmLogs",
+    params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)"), ("follow" = Option<bool>, Query, description = "Keep streaming until the VM's VMM exits")),
+    responses((status = 200, description = "The serial console's text", content_type = "text/plain; charset=utf-8", body = String),
+        (status = 400, description = "A bad `follow` or an unknown query parameter", body = super::openapi::ErrorBody)))]
 /// The guest's serial console. With `follow=true` the response stays open and
 /// streams new output until the VM's VMM exits or the client goes away.
 pub async fn vm_logs(
@@ -354,6 +409,11 @@ pub async fn vm_logs(
 
 // ---- snapshots: one VM's, newest restored ----
 
+#[utoipa::path(post, path = "/vms/{vm_id}/snapshot", tag = "snapshots", operation_id = "snapshotVm", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    responses((status = 201, description = "The snapshot (the VM is now snapshotted)", body = HatchSnapshotView),
+        (status = 403, description = "Over the owner's quota", body = super::openapi::ErrorBody),
+        (status = 409, description = "Not running", body = super::openapi::ErrorBody),
+        (status = 503, description = "The object store cannot be reached", body = super::openapi::ErrorBody)))]
 pub async fn snapshot_vm(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -365,6 +425,10 @@ pub async fn snapshot_vm(
     Ok((StatusCode::CREATED, Json(snap.into())))
 }
 
+#[utoipa::path(post, path = "/vms/{vm_id}/restore", tag = "snapshots", operation_id = "restoreVm", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "Running again from its newest snapshot", body = VmView),
+        (status = 409, description = "Not snapshotted", body = super::openapi::ErrorBody),
+        (status = 503, description = "The object store or the host's memory is short", body = super::openapi::ErrorBody)))]
 pub async fn restore_vm(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -373,6 +437,8 @@ pub async fn restore_vm(
     Ok(Json(s.manager.restore_vm(&o, &id).await?.into()))
 }
 
+#[utoipa::path(get, path = "/vms/{vm_id}/snapshots", tag = "snapshots", operation_id = "listVmSnapshots", params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "The VM's snapshots, newest first", body = Vec<HatchSnapshotView>)))]
 pub async fn list_vm_snapshots(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -386,6 +452,11 @@ pub async fn list_vm_snapshots(
 
 // ---- images ----
 
+#[utoipa::path(get, path = "/images", tag = "images", operation_id = "listImages",
+    params(super::openapi::Paging),
+    responses((status = 200, description = "The default image and the owner's, oldest first (a page of them with `limit` or `cursor`)",
+        body = Vec<ImageView>, headers(("X-Next-Cursor" = String, description = "The next page's cursor (only when one follows)"), ("Link" = String, description = "`<...>; rel=\"next\"` to the next page (only when one follows)"))),
+        (status = 400, description = "A bad `limit`, `cursor` or an unknown query parameter", body = super::openapi::ErrorBody)))]
 pub async fn list_images(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -411,6 +482,14 @@ const MULTIPART_OVERHEAD: u64 = 1 << 20;
 /// The longest text field (`name`, `boot_args`) an upload may carry.
 const UPLOAD_TEXT_LIMIT: usize = 8 << 10;
 
+#[utoipa::path(post, path = "/images", tag = "images", operation_id = "createImage",
+    request_body(description = "A JSON path import (paths inside HATCH_IMAGE_IMPORT_DIRS), or the files themselves as `multipart/form-data`",
+        content((CreateImage = "application/json"), (super::openapi::ImageUpload = "multipart/form-data"))),
+    responses((status = 201, description = "The image", body = ImageView),
+        (status = 400, description = "An invalid field or file", body = super::openapi::ErrorBody),
+        (status = 403, description = "Path imports are off, the path is outside HATCH_IMAGE_IMPORT_DIRS, or over the owner's quota", body = super::openapi::ErrorBody),
+        (status = 404, description = "A named file does not exist", body = super::openapi::ErrorBody),
+        (status = 413, description = "Larger than HATCH_IMAGE_MAX_BYTES", body = super::openapi::ErrorBody)))]
 /// `POST /images`: a `multipart/form-data` body uploads the files (parts
 /// `kernel`, `rootfs`, optional `initrd`, text parts `name`, `boot_args`);
 /// any other body is JSON naming files inside HATCH_IMAGE_IMPORT_DIRS.
@@ -510,6 +589,9 @@ async fn upload_image(s: &AppState, o: &Owner, req: Request) -> ApiResult<crate:
         .await?)
 }
 
+#[utoipa::path(get, path = "/images/{image_id}", tag = "images", operation_id = "getImage",
+    params(("image_id" = String, Path, description = "An image id (`img_` and 12 of `[a-z0-9]`, or `img_default`)")),
+    responses((status = 200, description = "The image", body = ImageView)))]
 pub async fn get_image(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -518,6 +600,11 @@ pub async fn get_image(
     Ok(Json(s.manager.get_image(&o, &id).await?.into()))
 }
 
+#[utoipa::path(delete, path = "/images/{image_id}", tag = "images", operation_id = "deleteImage",
+    params(("image_id" = String, Path, description = "An image id (`img_` and 12 of `[a-z0-9]`, or `img_default`)")),
+    responses((status = 200, description = "Deleted", body = super::openapi::Deleted),
+        (status = 403, description = "The default image is the operator's", body = super::openapi::ErrorBody),
+        (status = 409, description = "A VM or template still uses it", body = super::openapi::ErrorBody)))]
 pub async fn delete_image(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -529,6 +616,11 @@ pub async fn delete_image(
 
 // ---- templates ----
 
+#[utoipa::path(get, path = "/templates", tag = "templates", operation_id = "listTemplates",
+    params(super::openapi::Paging),
+    responses((status = 200, description = "The owner's templates, oldest first (a page of them with `limit` or `cursor`)",
+        body = Vec<TemplateView>, headers(("X-Next-Cursor" = String, description = "The next page's cursor (only when one follows)"), ("Link" = String, description = "`<...>; rel=\"next\"` to the next page (only when one follows)"))),
+        (status = 400, description = "A bad `limit`, `cursor` or an unknown query parameter", body = super::openapi::ErrorBody)))]
 pub async fn list_templates(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -546,6 +638,12 @@ pub async fn list_templates(
     ))
 }
 
+#[utoipa::path(post, path = "/templates", tag = "templates", operation_id = "createTemplate",
+    request_body = CreateTemplate,
+    responses((status = 201, description = "The template", body = TemplateView),
+        (status = 400, description = "An invalid field", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such image", body = super::openapi::ErrorBody),
+        (status = 409, description = "The name is taken", body = super::openapi::ErrorBody)))]
 pub async fn create_template(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -555,6 +653,9 @@ pub async fn create_template(
     Ok((StatusCode::CREATED, Json(t.into())))
 }
 
+#[utoipa::path(get, path = "/templates/{template_id}", tag = "templates", operation_id = "getTemplate",
+    params(("template_id" = String, Path, description = "A template id (`tpl_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "The template", body = TemplateView)))]
 pub async fn get_template(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -563,6 +664,9 @@ pub async fn get_template(
     Ok(Json(s.manager.get_template(&o, &id).await?.into()))
 }
 
+#[utoipa::path(delete, path = "/templates/{template_id}", tag = "templates", operation_id = "deleteTemplate",
+    params(("template_id" = String, Path, description = "A template id (`tpl_` and 12 of `[a-z0-9]`)")),
+    responses((status = 200, description = "Deleted", body = super::openapi::Deleted)))]
 pub async fn delete_template(
     State(s): St,
     Extension(o): Extension<Owner>,

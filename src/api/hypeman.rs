@@ -39,6 +39,11 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
 }
 
+#[utoipa::path(get, path = "/snapshots", tag = "hypeman", operation_id = "listSnapshots",
+    params(super::openapi::SnapshotFilters, super::openapi::Paging),
+    responses((status = 200, description = "The owner's snapshots that pass every filter, newest first (a page of them with `limit` or `cursor`)",
+        body = Vec<SnapshotView>, headers(("X-Next-Cursor" = String, description = "The next page's cursor (only when one follows)"), ("Link" = String, description = "`<...>; rel=\"next\"` to the next page, filters kept (only when one follows)"))),
+        (status = 400, description = "A bad filter, `limit`, `cursor` or an unknown query parameter", body = super::openapi::ErrorBody)))]
 /// `GET /snapshots`: the owner's snapshots that pass the filters, all or a
 /// page (docs/API.md, "Paging"); the next page's link keeps the filters.
 pub async fn list_snapshots(
@@ -59,6 +64,13 @@ pub async fn list_snapshots(
     ))
 }
 
+#[utoipa::path(post, path = "/instances/{vm_id}/snapshots", tag = "hypeman", operation_id = "createInstanceSnapshot",
+    params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")), request_body = CreateSnapshot,
+    responses((status = 201, description = "The snapshot", body = SnapshotView),
+        (status = 400, description = "An invalid field", body = super::openapi::ErrorBody),
+        (status = 403, description = "Over the owner's quota", body = super::openapi::ErrorBody),
+        (status = 409, description = "Not in a state to snapshot, or the name is taken", body = super::openapi::ErrorBody),
+        (status = 503, description = "The object store cannot be reached", body = super::openapi::ErrorBody)))]
 pub async fn create_instance_snapshot(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -71,6 +83,12 @@ pub async fn create_instance_snapshot(
     Ok((StatusCode::CREATED, Json(snap.into())))
 }
 
+#[utoipa::path(post, path = "/instances/{vm_id}/snapshots/{snapshot_id}/restore", tag = "hypeman", operation_id = "restoreInstanceSnapshot",
+    params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)"), ("snapshot_id" = String, Path, description = "A snapshot id (`snap_` and 12 of `[a-z0-9]`)")), request_body = FromSnapshot,
+    responses((status = 200, description = "The instance, in its target state", body = VmView),
+        (status = 400, description = "An invalid field, or a target the snapshot cannot give", body = super::openapi::ErrorBody),
+        (status = 409, description = "Not in a state to restore, or the snapshot is another instance's", body = super::openapi::ErrorBody),
+        (status = 503, description = "The object store or the host's memory is short", body = super::openapi::ErrorBody)))]
 pub async fn restore_instance_snapshot(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -85,6 +103,13 @@ pub async fn restore_instance_snapshot(
     ))
 }
 
+#[utoipa::path(post, path = "/snapshots/{snapshot_id}/fork", tag = "hypeman", operation_id = "forkSnapshot",
+    params(("snapshot_id" = String, Path, description = "A snapshot id (`snap_` and 12 of `[a-z0-9]`)")), request_body = FromSnapshot,
+    responses((status = 201, description = "The new instance", body = VmView),
+        (status = 400, description = "An invalid field, or a target the snapshot cannot give", body = super::openapi::ErrorBody),
+        (status = 403, description = "Over the owner's quota", body = super::openapi::ErrorBody),
+        (status = 409, description = "The name is taken", body = super::openapi::ErrorBody),
+        (status = 503, description = "The object store or the host's memory is short", body = super::openapi::ErrorBody)))]
 pub async fn fork_snapshot(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -95,6 +120,8 @@ pub async fn fork_snapshot(
     Ok((StatusCode::CREATED, Json(vm.into())))
 }
 
+#[utoipa::path(get, path = "/snapshots/{snapshot_id}", tag = "hypeman", operation_id = "getSnapshot",
+    params(("snapshot_id" = String, Path, description = "A snapshot id (`snap_` and 12 of `[a-z0-9]`)")), responses((status = 200, description = "The snapshot", body = SnapshotView)))]
 pub async fn get_snapshot(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -103,6 +130,9 @@ pub async fn get_snapshot(
     Ok(Json(s.manager.get_snapshot(&o, &id).await?.into()))
 }
 
+#[utoipa::path(delete, path = "/snapshots/{snapshot_id}", tag = "hypeman", operation_id = "deleteSnapshot",
+    params(("snapshot_id" = String, Path, description = "A snapshot id (`snap_` and 12 of `[a-z0-9]`)")), responses((status = 200, description = "Deleted", body = super::openapi::Deleted),
+        (status = 409, description = "In use (being restored or forked)", body = super::openapi::ErrorBody)))]
 pub async fn delete_snapshot(
     State(s): St,
     Extension(o): Extension<Owner>,
@@ -114,12 +144,14 @@ pub async fn delete_snapshot(
 
 /// A snapshot as the Hypeman API shows it (docs/API.md, "The snapshot model"). An instance created
 /// without a name is named by its id in `source_instance_name`.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Snapshot)]
 pub struct SnapshotView {
     pub id: String,
     pub created_at: String,
     pub kind: SnapshotKind,
     pub size_bytes: i64,
+    #[schema(value_type = super::openapi::Hypervisor)]
     pub source_hypervisor: String,
     pub source_instance_id: String,
     pub source_instance_name: String,
@@ -132,6 +164,7 @@ pub struct SnapshotView {
     pub compression_state: CompressionState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[schema(value_type = super::openapi::Tags)]
     pub tags: Tags,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uncompressed_size_bytes: Option<i64>,

@@ -9,6 +9,7 @@ mod hatch;
 mod hypeman;
 mod json;
 mod listener;
+pub(crate) mod openapi;
 mod paging;
 mod ssh;
 mod views;
@@ -49,7 +50,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key,
         ));
-    let mut open = Router::new().route("/health", get(health));
+    // Serialized once here; each request clones a reference-counted buffer.
+    let doc = openapi::json(&openapi::Host::of(&state.manager));
+    let mut open = Router::new().route("/health", get(health)).route(
+        "/openapi.json",
+        get(move || async move { openapi::openapi_json(doc) }),
+    );
     if state.manager.telemetry().enabled() {
         // Its own bearer token (HATCH_METRICS_TOKEN), not an API key: it is
         // host-wide. Without the setting there is no such route at all.
@@ -82,6 +88,13 @@ async fn count_request(State(s): St, req: Request, next: Next) -> Response {
 
 /// `GET /metrics`: Prometheus text for the holder of HATCH_METRICS_TOKEN;
 /// without that setting it does not exist (404, like any unknown path).
+#[utoipa::path(get, path = "/metrics", tag = "daemon", operation_id = "getDaemonMetrics",
+    description = "Its own bearer token (HATCH_METRICS_TOKEN), not an API key; the route exists only when that is set.",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String),
+        (status = 401, description = "No or the wrong HATCH_METRICS_TOKEN", body = openapi::ErrorBody),
+        (status = 404, description = "HATCH_METRICS_TOKEN is not set", body = openapi::ErrorBody),
+        (status = 500, description = "The store could not be read", body = openapi::ErrorBody)))]
 async fn metrics(State(s): St, headers: HeaderMap) -> ApiResult<Response> {
     let t = s.manager.telemetry();
     let bearer = headers
@@ -114,6 +127,8 @@ async fn metrics(State(s): St, headers: HeaderMap) -> ApiResult<Response> {
     }
 }
 
+#[utoipa::path(get, path = "/health", tag = "daemon", operation_id = "getHealth",
+    responses((status = 200, description = "The daemon answers", body = openapi::Health)))]
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }

@@ -6,8 +6,11 @@ use crate::snapshot::CompressionConfig;
 use crate::store::{Image, Route, Snapshot, Template, Vm};
 use serde::Serialize;
 use std::net::Ipv4Addr;
+use utoipa::ToSchema;
 
-#[derive(Serialize)]
+/// A VM (the Hypeman API's instance).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Vm)]
 pub struct VmView {
     pub id: String,
     /// Hypeman's instance name (null when none was given).
@@ -19,11 +22,13 @@ pub struct VmView {
     pub vcpu_count: i64,
     pub mem_mib: i64,
     pub boot_args: String,
+    #[schema(value_type = Option<String>, format = Ipv4)]
     pub guest_ip: Option<Ipv4Addr>,
     pub guest_mac: Option<MacAddr>,
     pub tap_name: Option<String>,
     pub ssh_port: Option<i64>,
     pub enable_network: bool,
+    #[schema(value_type = super::openapi::Hypervisor)]
     pub hypervisor: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -70,7 +75,9 @@ impl From<Vm> for VmView {
     }
 }
 
-#[derive(Serialize)]
+/// A proxy route: `{subdomain}.{HATCH_PROXY_BASE_DOMAIN}` to a port of a VM.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Route)]
 pub struct RouteView {
     pub id: String,
     pub vm_id: String,
@@ -105,7 +112,8 @@ impl RouteView {
 
 /// An image as its users see it: what it is and how it boots, never the host
 /// paths it came from.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Image)]
 pub struct ImageView {
     pub id: String,
     pub name: Option<String>,
@@ -115,6 +123,7 @@ pub struct ImageView {
     pub size_bytes: i64,
     pub has_initrd: bool,
     /// The kernel formats it carries (`bzImage`, `elf`), read from its files.
+    #[schema(value_type = Vec<String>)]
     pub kernels: Vec<&'static str>,
     pub boot_args: Option<String>,
     pub created_at: String,
@@ -141,7 +150,9 @@ impl From<Image> for ImageView {
     }
 }
 
-#[derive(Serialize)]
+/// Defaults for new VMs (`template_id` of `POST /vms`).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Template)]
 pub struct TemplateView {
     pub id: String,
     pub name: String,
@@ -171,7 +182,8 @@ impl From<Template> for TemplateView {
 }
 
 /// A snapshot as the Hatch API shows it (docs/API.md, "Hatch snapshots").
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = HatchSnapshot)]
 pub struct HatchSnapshotView {
     pub id: String,
     pub vm_id: String,

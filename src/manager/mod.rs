@@ -165,6 +165,16 @@ impl Manager {
         self.backends.default_backend().name()
     }
 
+    /// The hypervisors this daemon has a backend for (what a request may name).
+    pub fn hypervisor_names(&self) -> Vec<&'static str> {
+        self.backends.names()
+    }
+
+    /// The guests' network (HATCH_BRIDGE_CIDR): where a requested guest_ip must be.
+    pub fn guest_network(&self) -> crate::net::ipam::BridgeNet {
+        self.config.net.net
+    }
+
     /// Takes the VM's lock. Callers acting for an API user take it through
     /// `lock_visible_vm`, so an id they do not own makes no entry at all.
     async fn lock_vm(&self, id: &str) -> locks::VmGuard {

@@ -4,6 +4,7 @@ use crate::snapshot::CompressionConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+use utoipa::ToSchema;
 
 pub const VCPU_RANGE: (i64, i64) = (1, 32);
 pub const MEM_RANGE: (i64, i64) = (128, 65536);
@@ -19,19 +20,31 @@ const MAX_TAGS: usize = 50;
 const MAX_TAG_KEY: usize = 128;
 const MAX_TAG_VALUE: usize = 256;
 
-#[derive(Debug, Default, Deserialize)]
+/// `POST /vms`: every field may be left out (an empty body boots the default image).
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     pub image_id: Option<String>,
     pub template_id: Option<String>,
+    #[schema(minimum = 1, maximum = 32)]
     pub vcpu_count: Option<i64>,
+    #[schema(minimum = 128, maximum = 65536)]
     pub mem_mib: Option<i64>,
+    /// The kernel command line: one line, at most 4096 bytes.
+    #[schema(max_length = 4096, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$")]
     pub boot_args: Option<String>,
     pub enable_network: Option<bool>,
+    /// An address inside the bridge's network (only with networking on).
+    #[schema(format = Ipv4)]
     pub guest_ip: Option<String>,
+    /// A unicast, non-zero MAC (only with networking on).
+    #[schema(pattern = "^(?!00(:00){5}$)[0-9A-Fa-f][02468AaCcEe](:[0-9A-Fa-f]{2}){5}$")]
     pub guest_mac: Option<String>,
+    /// cloud-init user data, at most 256 KiB.
+    #[schema(max_length = 262144)]
     pub user_data: Option<String>,
     /// Hypeman's instance name: lowercase letters, digits and dashes, unique per owner.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)]
     pub name: Option<String>,
     /// This VM's default compression for its snapshots (overrides the server's).
     pub snapshot_compression: Option<CompressionConfig>,
@@ -39,9 +52,11 @@ pub struct CreateVm {
     pub auto_sleep: Option<bool>,
     /// This VM's own idle timeout, in seconds (also turns idle sleep on for it
     /// when the server has none).
+    #[schema(minimum = 1, maximum = 2592000)]
     pub idle_timeout_seconds: Option<i64>,
     /// The backend it runs on (one of `vmm::HYPERVISORS`, and one this daemon
     /// has); the server's default when absent.
+    #[schema(value_type = Option<crate::api::openapi::Hypervisor>)]
     pub hypervisor: Option<String>,
 }
 
@@ -54,14 +69,31 @@ fn check_idle_timeout(t: i64) -> Result<(), String> {
 
 /// `PATCH /vms/{id}`: the settings that can change on an existing VM. An
 /// absent field is left alone; `null` clears a nullable one.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct UpdateVm {
+    /// Cannot be cleared: `null` is refused rather than read as "leave alone".
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(nullable = false)]
     pub auto_sleep: Option<bool>,
+    /// `null` goes back to the server's HATCH_IDLE_TIMEOUT.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 2592000)]
     pub idle_timeout_seconds: Option<Option<i64>>,
+    /// `null` goes back to the server's default.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<CompressionConfig>)]
     pub snapshot_compression: Option<Option<CompressionConfig>>,
+}
+
+/// A field that may be absent but not `null`.
+fn not_null<'de, T, D>(d: D) -> Result<Option<T>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// Tells `"field": null` (Some(None)) apart from an absent field (None).
@@ -96,10 +128,13 @@ impl UpdateVm {
 }
 
 /// `POST /vms/{id}/routes`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRoute {
+    #[schema(value_type = i64, minimum = 1, maximum = 65535)]
     pub target_port: Option<i64>,
+    /// One DNS label, not a reserved name (`admin`, `api`, `www`, ...); random when absent.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)]
     pub subdomain: Option<String>,
     pub auto_wake: Option<bool>,
 }
@@ -152,12 +187,17 @@ impl CreateRoute {
 pub use crate::domain::SnapshotKind;
 
 /// `POST /instances/{id}/snapshots` (Hypeman API).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
+    #[schema(value_type = SnapshotKind)]
     pub kind: Option<String>,
+    /// Only for a Standby snapshot (a Stopped one has no memory).
     pub compression: Option<CompressionConfig>,
+    /// Unique per source instance.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)]
     pub name: Option<String>,
+    #[schema(value_type = Option<crate::api::openapi::Tags>)]
     pub tags: Option<BTreeMap<String, String>>,
 }
 
@@ -187,7 +227,7 @@ impl CreateSnapshot {
 }
 
 /// What a restored or forked instance becomes (the Hypeman API's `target_state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
 pub enum TargetState {
     Stopped,
     Standby,
@@ -196,11 +236,17 @@ pub enum TargetState {
 
 /// The body of a restore (`POST /instances/{id}/snapshots/{sid}/restore`) and
 /// of a fork (`POST /snapshots/{id}/fork`, which also names the new instance).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FromSnapshot {
+    /// The new instance's name (fork only; a restore keeps the instance's).
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length = 63)]
     pub name: Option<String>,
+    /// `Running` by default for a Standby snapshot, `Stopped` for a Stopped one.
+    #[schema(value_type = Option<TargetState>)]
     pub target_state: Option<String>,
+    /// Only for a Stopped snapshot.
+    #[schema(value_type = Option<crate::api::openapi::Hypervisor>)]
     pub target_hypervisor: Option<String>,
 }
 
@@ -307,26 +353,35 @@ fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
 }
 
 /// `POST /images` with a JSON body: a path import (uploads are multipart).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateImage {
+    #[schema(min_length = 1, max_length = 128)]
     pub name: Option<String>,
+    #[schema(value_type = String)]
     pub kernel_path: Option<String>,
     /// An ELF `vmlinux` beside a bzImage `kernel_path`.
     pub kernel_elf_path: Option<String>,
+    #[schema(value_type = String)]
     pub rootfs_path: Option<String>,
     pub initrd_path: Option<String>,
+    #[schema(max_length = 4096, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$")]
     pub boot_args: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
+    #[schema(value_type = String, min_length = 1, max_length = 128)]
     pub name: Option<String>,
+    #[schema(max_length = 4096)]
     pub description: Option<String>,
     pub image_id: Option<String>,
+    #[schema(max_length = 262144)]
     pub user_data: Option<String>,
+    #[schema(minimum = 1, maximum = 32)]
     pub vcpu_count: Option<i64>,
+    #[schema(minimum = 128, maximum = 65536)]
     pub mem_mib: Option<i64>,
 }
 
@@ -714,6 +769,20 @@ mod tests {
             "a=1 console=ttyS0"
         );
         assert!(check_boot_args("a\nb").is_err());
+    }
+
+    #[test]
+    fn auto_sleep_cannot_be_null() {
+        let u = |j: &str| serde_json::from_str::<UpdateVm>(j);
+        assert!(u(r#"{"auto_sleep": null, "idle_timeout_seconds": 1}"#).is_err());
+        assert_eq!(
+            u(r#"{"auto_sleep": false}"#).unwrap().auto_sleep,
+            Some(false)
+        );
+        assert_eq!(
+            u(r#"{"idle_timeout_seconds": null}"#).unwrap().auto_sleep,
+            None
+        );
     }
 
     #[test]

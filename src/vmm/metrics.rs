@@ -8,7 +8,7 @@
 use serde::Serialize;
 
 /// Block device counters, summed over the VM's disks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct BlockCounters {
     pub read_bytes: u64,
     pub write_bytes: u64,
@@ -17,7 +17,7 @@ pub struct BlockCounters {
 }
 
 /// Network counters of the VM's NIC, as the guest sees them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct NetCounters {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
