@@ -247,6 +247,7 @@ pub struct ImageUpload {
         hatch::start_vm,
         hatch::vm_logs,
         hatch::vm_metrics,
+        super::ssh::connect,
         hatch::create_route,
         hatch::list_routes,
         hatch::delete_route,
@@ -274,7 +275,7 @@ pub struct ImageUpload {
         HatchSnapshotView, SnapshotView, MetricsView, VmState, SnapshotKind,
         CompressionState, TargetState, Hypervisor, Tags, MacAddr, CompressionConfig,
         CreateVm, UpdateVm, CreateRoute, CreateSnapshot, FromSnapshot, CreateImage,
-        ImageUpload, CreateTemplate,
+        ImageUpload, CreateTemplate, super::ssh::ConnectRequest, super::ssh::ConnectView,
     )),
     modifiers(&Security),
     tags(

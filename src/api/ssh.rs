@@ -10,24 +10,39 @@ use axum::http::{header, HeaderMap, Uri};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectRequest {
-    /// One OpenSSH public key line (`ssh-ed25519 AAAA... comment`).
+    /// One OpenSSH public key line (`ssh-ed25519 AAAA... comment`): ed25519,
+    /// ecdsa, RSA of at least 1024 bits or a `sk-` key; at most 8 KiB.
+    #[schema(max_length = 8192)]
     pub public_key: String,
 }
 
 /// The Hatch product's answer: `ssh -i KEY -o CertificateFile=CERT -p PORT USERNAME@HOST`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ConnectView {
+    /// The OpenSSH user certificate (a `-cert.pub` line), principal = the VM id.
     pub certificate: String,
+    /// Where the VM's SSH forward is reached.
     pub host: String,
+    /// The VM's `ssh_port`.
     pub port: u16,
+    /// Always `agent`.
+    #[schema(value_type = String)]
     pub username: &'static str,
-    /// Unix seconds.
+    /// Unix seconds after which the certificate no longer logs in.
     pub valid_until: u64,
 }
 
+#[utoipa::path(post, path = "/vms/{vm_id}/connect", tag = "vms", operation_id = "connectVm",
+    params(("vm_id" = String, Path, description = "A VM id (`vm_` and 12 of `[a-z0-9]`)")),
+    request_body = ConnectRequest,
+    responses((status = 200, description = "A short-lived SSH certificate for this VM, and where to use it", body = ConnectView),
+        (status = 400, description = "A missing, malformed, oversized, DSA or too small RSA key", body = super::openapi::ErrorBody),
+        (status = 409, description = "The VM has no networking, or is stopped, starting, stopping or in error", body = super::openapi::ErrorBody),
+        (status = 503, description = "The daemon has no SSH CA, or the host has no memory left to wake the VM", body = super::openapi::ErrorBody)))]
+/// `POST /vms/{vm_id}/connect`: the caller's key signed for this VM (docs/API.md, "Connect over SSH").
 pub async fn connect(
     State(s): St,
     Extension(o): Extension<Owner>,
