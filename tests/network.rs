@@ -295,3 +295,35 @@ fn allocations_survive_a_daemon_restart() {
     assert!(d.links("ht").is_empty());
     assert!(!d.nft_table().contains("dnat"));
 }
+
+/// A guest whose SSH host key was lost (as a VMM killed right after the
+/// first boot can leave it: an empty file) makes a new one at its next boot,
+/// so SSH works again instead of being refused for good.
+#[test]
+fn a_guest_whose_host_key_was_lost_makes_a_new_one_at_boot() {
+    let d = Daemon::start();
+    let (key, public) = keypair(&d.data_dir);
+    let vm = create_with_key(&d, &public, json!({}));
+    let id = vm["id"].as_str().unwrap();
+    let port = port_of(&vm);
+    let before = d.ssh_ok(
+        None,
+        &key,
+        "root@127.0.0.1",
+        port,
+        "cat /etc/ssh/ssh_host_ed25519_key.pub; : > /etc/ssh/ssh_host_ed25519_key; sync",
+    );
+    assert!(before.starts_with("ssh-ed25519 "), "{before}");
+    assert_eq!(d.req("POST", &format!("/vms/{id}/stop"), None).status, 200);
+    assert_eq!(d.req("POST", &format!("/vms/{id}/start"), None).status, 200);
+    let after = d.ssh_ok(
+        None,
+        &key,
+        "root@127.0.0.1",
+        port,
+        "cat /etc/ssh/ssh_host_ed25519_key.pub",
+    );
+    assert!(after.starts_with("ssh-ed25519 "), "{after}");
+    assert_ne!(before.trim(), after.trim(), "a new host key");
+    assert!(!d.logs(id).contains("could not make the host key"));
+}
