@@ -421,6 +421,10 @@ fn metrics_follow_a_vm_through_its_life_and_name_no_one() {
     wait_until("the idle VM to sleep", Duration::from_secs(120), || {
         state(&d, &vm) == "snapshotted"
     });
+    // The VM shows `snapshotted` as its sleep ends; the sleep is counted just after.
+    wait_until("the sleep counted", Duration::from_secs(30), || {
+        scrape(&d).get("hatch_idle_sleeps_total", &[("result", "ok")]) >= 1.0
+    });
     let asleep = scrape(&d);
     assert_eq!(
         asleep.get("hatch_idle_sleeps_total", &[("result", "ok")]),
