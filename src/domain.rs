@@ -86,10 +86,16 @@ macro_rules! text_enum {
             }
         }
 
+        impl $ty {
+            /// The value a stored name stands for (unknown text reads as the fallback).
+            pub fn from_stored(text: &str) -> Self {
+                text.parse().unwrap_or(<Self as TextState>::FALLBACK)
+            }
+        }
+
         impl<'r> Decode<'r, Sqlite> for $ty {
             fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
-                let text = <&str as Decode<Sqlite>>::decode(value)?;
-                Ok(text.parse().unwrap_or(<Self as TextState>::FALLBACK))
+                Ok(Self::from_stored(<&str as Decode<Sqlite>>::decode(value)?))
             }
         }
     };

@@ -75,7 +75,7 @@ impl Manager {
     pub(super) async fn reservations(&self) -> Result<Vec<Reservation>> {
         Ok(self
             .store
-            .all_vms()
+            .networked_vms()
             .await?
             .into_iter()
             .filter_map(|v| {
@@ -117,7 +117,7 @@ impl Manager {
         };
         let vms = self
             .store
-            .all_vms()
+            .networked_vms()
             .await
             .context(|| "reading VMs for the firewall".into())?;
         let forwards = vms

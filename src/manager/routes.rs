@@ -57,7 +57,7 @@ impl Manager {
     pub(super) async fn refresh_routes(&self) -> Result<()> {
         let vms: HashMap<String, Vm> = self
             .store
-            .all_vms()
+            .networked_vms()
             .await?
             .into_iter()
             .map(|v| (v.id.clone(), v))

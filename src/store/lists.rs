@@ -6,7 +6,7 @@
 //! strictly below a position (the last row of the page before) and is one
 //! range scan of an `(owner_id, created_at)` index, which ends in the rowid.
 
-use super::{Image, Result, Snapshot, Store, Template, Vm};
+use super::{Image, Result, Snapshot, Store, Template};
 use crate::domain::{Json, SnapshotKind, SnapshotStatus};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{FromRow, Row};
@@ -35,7 +35,7 @@ impl Page {
     /// The values bound for the position and the limit: above every real
     /// row when there is no position ('~' sorts after any timestamp's
     /// digits), and SQLite's "no limit" (-1) when there is no limit.
-    fn bounds(&self) -> (&str, i64, i64) {
+    pub(super) fn bounds(&self) -> (&str, i64, i64) {
         let (at, seq) = match &self.after {
             Some(p) => (p.created_at.as_str(), p.seq),
             None => ("~", i64::MAX),
@@ -74,21 +74,6 @@ pub struct SnapshotMatch<'a> {
 }
 
 impl Store {
-    pub async fn list_vms_page(&self, owner_id: &str, page: &Page) -> Result<Vec<Listed<Vm>>> {
-        let (at, seq, limit) = page.bounds();
-        Ok(sqlx::query_as(
-            "SELECT rowid AS list_seq, * FROM vms
-             WHERE owner_id = ? AND (created_at, rowid) < (?, ?)
-             ORDER BY created_at DESC, rowid DESC LIMIT ?",
-        )
-        .bind(owner_id)
-        .bind(at)
-        .bind(seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
     pub async fn list_templates_page(
         &self,
         owner_id: &str,
@@ -184,7 +169,7 @@ mod tests {
     use super::*;
     use crate::domain::{SnapshotKind, Tags, VmConfig};
     use crate::manager::requests::SnapshotFilter;
-    use crate::store::{NewVm, Owner};
+    use crate::store::{NewVm, Owner, Vm};
 
     /// A real SQLite file in a fresh directory, removed afterwards.
     struct Temp {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 mod chunks;
 mod lists;
+mod packed;
 pub use chunks::{unix_now, ChunkedSizes, CHUNKED, DISK, MEMORY};
 pub use lists::{ListPos, Listed, Page, SnapshotMatch};
 
@@ -112,6 +113,8 @@ pub struct Vm {
     pub mem_mib: i64,
     pub boot_args: String,
     pub enable_network: bool,
+    /// None in VMs read by a list (`list_vms_page`, `all_vms`, ...: see
+    /// src/store/packed.rs); `get_vm` reads it.
     pub user_data: Option<String>,
     #[sqlx(try_from = "StoredIp")]
     pub guest_ip: Option<Ipv4Addr>,
@@ -813,12 +816,6 @@ impl Store {
     pub async fn list_vms(&self, owner_id: &str) -> Result<Vec<Vm>> {
         let all = self.list_vms_page(owner_id, &Page::all()).await?;
         Ok(all.into_iter().map(|l| l.row).collect())
-    }
-
-    pub async fn all_vms(&self) -> Result<Vec<Vm>> {
-        Ok(sqlx::query_as("SELECT * FROM vms ORDER BY rowid")
-            .fetch_all(&self.pool)
-            .await?)
     }
 
     // ---- snapshots ----
