@@ -326,6 +326,15 @@ pub struct IdleConfig {
     /// HATCH_HOT_MEMORY_MAX (default: no limit but the host's): the most
     /// guest RAM all hot copies together may hold; the oldest go first.
     pub hot_max_bytes: Option<u64>,
+    /// HATCH_HOT_MIN_AVAILABLE (a size; default a tenth of MemTotal, at
+    /// least 256 MiB): while the host's MemAvailable is below it, hot copies
+    /// are dropped, oldest first, until it is not (memory pressure from
+    /// anything on the host, not only hatch's own VMs).
+    pub hot_min_available: Option<u64>,
+    /// HATCH_HOT_PRESSURE_PSI (a percentage, default 10; `off`): while the
+    /// host's memory pressure (/proc/pressure/memory, `some avg10`) is above
+    /// it, one hot copy is dropped per check, oldest first.
+    pub hot_max_psi: Option<f64>,
 }
 
 /// Who decides whether an API key is good: the built-in `hatch keys` keys
@@ -537,6 +546,22 @@ impl Config {
             hot_max_bytes: match get("HATCH_HOT_MEMORY_MAX") {
                 None => None,
                 Some(v) => Some(parse_size(&v).map_err(|e| format!("HATCH_HOT_MEMORY_MAX: {e}"))?),
+            },
+            hot_min_available: match get("HATCH_HOT_MIN_AVAILABLE") {
+                None => None,
+                Some(v) => Some(parse_size(&v).map_err(|e| format!("HATCH_HOT_MIN_AVAILABLE: {e}"))?),
+            },
+            hot_max_psi: match get("HATCH_HOT_PRESSURE_PSI").as_deref().map(str::trim) {
+                None => Some(10.0),
+                Some("off") => None,
+                Some(v) => Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|p| (0.0..=100.0).contains(p))
+                        .ok_or_else(|| {
+                            format!("HATCH_HOT_PRESSURE_PSI: {v:?} is not a percentage from 0 to 100, or off")
+                        })?,
+                ),
             },
         };
         if idle.check_interval < Duration::from_millis(100) {

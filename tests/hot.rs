@@ -225,6 +225,32 @@ fn the_host_takes_back_hot_memory_before_refusing_a_vm() {
     assert_eq!(restores(&d, "hot"), 0.0);
 }
 
+/// Memory pressure from outside hatch: while the host's MemAvailable is
+/// below `HATCH_HOT_MIN_AVAILABLE` (here above all the host has, so always),
+/// deep sleep drops hot copies long before `HATCH_HOT_SLEEP_SECONDS`, and
+/// the wake comes from the store.
+#[test]
+fn memory_pressure_on_the_host_drops_hot_copies() {
+    let d = Daemon::start_with(&[
+        ("HATCH_HOT_SLEEP_SECONDS", "600"),
+        ("HATCH_METRICS_TOKEN", TOKEN),
+        ("HATCH_HOT_MIN_AVAILABLE", "64T"),
+    ]);
+    let id = ticking_guest(&d);
+    let (_, frozen) = sleep(&d, &id);
+    wait_until("deep sleep under pressure", Duration::from_secs(30), || {
+        hot_bytes(&d) == 0
+    });
+    assert!(
+        d.daemon_log().contains("the host is short of memory"),
+        "the daemon says why"
+    );
+    restore(&d, &id);
+    counts_on_from(&d, &id, frozen, 1);
+    assert_eq!(restores(&d, "store"), 1.0);
+    assert_eq!(restores(&d, "hot"), 0.0);
+}
+
 /// Every file under `dir` (path and size), the logs left out.
 fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
     let mut out = vec![];

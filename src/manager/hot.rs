@@ -15,7 +15,10 @@
 //! Hot copies live only in this process: a daemon that exits or crashes
 //! leaves no file behind, and its VMs wake from the store. Deep sleep drops
 //! one after `HATCH_HOT_SLEEP_SECONDS`, when all of them would exceed
-//! `HATCH_HOT_MEMORY_MAX`, or when the host needs the memory for a VM.
+//! `HATCH_HOT_MEMORY_MAX`, when the host needs the memory for a VM, and
+//! under memory pressure from anything on the host: MemAvailable below
+//! `HATCH_HOT_MIN_AVAILABLE`, or the kernel's pressure stall figure above
+//! `HATCH_HOT_PRESSURE_PSI`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -137,15 +140,100 @@ impl HotCopies {
     }
 }
 
+/// How often deep sleep looks at the host's memory while hot copies exist.
+const PRESSURE_CHECK: Duration = Duration::from_secs(1);
+
+/// The host's memory as the kernel reports it now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct HostMemory {
+    pub total: u64,
+    pub available: u64,
+    /// `some avg10` of /proc/pressure/memory: the share of the last 10 s in
+    /// which some task waited for memory (None without PSI).
+    pub stall_pct: Option<f64>,
+}
+
+impl HostMemory {
+    pub fn read() -> Option<HostMemory> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let psi = std::fs::read_to_string("/proc/pressure/memory").ok();
+        HostMemory::parse(&meminfo, psi.as_deref())
+    }
+
+    fn parse(meminfo: &str, psi: Option<&str>) -> Option<HostMemory> {
+        let kib = |key: &str| -> Option<u64> {
+            let line = meminfo.lines().find(|l| l.starts_with(key))?;
+            line[key.len()..]
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        };
+        let stall_pct = psi.and_then(|text| {
+            let some = text.lines().find(|l| l.starts_with("some "))?;
+            some.split_whitespace()
+                .find_map(|f| f.strip_prefix("avg10="))?
+                .parse()
+                .ok()
+        });
+        Some(HostMemory {
+            total: kib("MemTotal:")? * 1024,
+            available: kib("MemAvailable:")? * 1024,
+            stall_pct,
+        })
+    }
+
+    /// The floor of MemAvailable: the configured one, else a tenth of the
+    /// host's memory and at least 256 MiB.
+    pub fn floor(&self, configured: Option<u64>) -> u64 {
+        configured.unwrap_or((self.total / 10).max(256 << 20))
+    }
+}
+
+/// What deep sleep should drop now, given the host's memory and the hot
+/// copies' sizes, oldest first: enough to bring MemAvailable back to its
+/// floor (dropping a copy frees its bytes), or one copy while the stall
+/// figure is above its limit.
+pub(super) fn to_drop_under_pressure(
+    mem: &HostMemory,
+    min_available: Option<u64>,
+    max_stall_pct: Option<f64>,
+    oldest_first: &[u64],
+) -> usize {
+    let floor = mem.floor(min_available);
+    let mut available = mem.available;
+    let mut n = 0;
+    while available < floor && n < oldest_first.len() {
+        available += oldest_first[n];
+        n += 1;
+    }
+    let stalled = matches!((mem.stall_pct, max_stall_pct), (Some(s), Some(max)) if s > max);
+    if stalled && n == 0 && !oldest_first.is_empty() {
+        n = 1;
+    }
+    n
+}
+
+impl HotCopies {
+    /// The hot copies' sizes, oldest first.
+    fn sizes_oldest_first(&self) -> Vec<u64> {
+        let map = self.by_vm.lock().unwrap();
+        let mut v: Vec<(Instant, u64)> = map.values().map(|c| (c.since, c.bytes)).collect();
+        v.sort();
+        v.into_iter().map(|(_, b)| b).collect()
+    }
+}
+
 impl super::Manager {
-    /// Deep sleep on a timer: hot copies older than `HATCH_HOT_SLEEP_SECONDS`
-    /// go, so VMs that sleep long hold no host memory.
+    /// Deep sleep: hot copies older than `HATCH_HOT_SLEEP_SECONDS` go, so
+    /// VMs that sleep long hold no host memory, and under memory pressure
+    /// the oldest go first (checked every second while any exists).
     pub(super) fn spawn_deep_sleep(self: &std::sync::Arc<Self>) {
         let ttl = self.config.idle.hot_sleep;
         if ttl.is_zero() {
             return;
         }
-        let every = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let every = (ttl / 4).clamp(Duration::from_millis(100), PRESSURE_CHECK);
         let mgr = std::sync::Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -158,8 +246,39 @@ impl super::Manager {
                     mgr.telemetry.hot_copies(mgr.hot.total());
                     tracing::info!(vms = ?gone, "deep sleep: hot copies past HATCH_HOT_SLEEP_SECONDS dropped");
                 }
+                mgr.relieve_memory_pressure();
             }
         });
+    }
+
+    /// Drops hot copies, oldest first, while the host is short of memory.
+    fn relieve_memory_pressure(&self) {
+        let sizes = self.hot.sizes_oldest_first();
+        if sizes.is_empty() {
+            return;
+        }
+        let Some(mem) = HostMemory::read() else {
+            return;
+        };
+        let idle = &self.config.idle;
+        let n = to_drop_under_pressure(&mem, idle.hot_min_available, idle.hot_max_psi, &sizes);
+        let mut gone = vec![];
+        for _ in 0..n {
+            match self.hot.evict_oldest_except("") {
+                Some(id) => gone.push(id),
+                None => break,
+            }
+        }
+        if !gone.is_empty() {
+            self.telemetry.hot_copies(self.hot.total());
+            tracing::info!(
+                vms = ?gone,
+                available_mib = mem.available >> 20,
+                floor_mib = mem.floor(idle.hot_min_available) >> 20,
+                stall_pct = ?mem.stall_pct,
+                "deep sleep: the host is short of memory; hot copies dropped"
+            );
+        }
     }
 }
 
@@ -228,5 +347,69 @@ mod tests {
         assert_ne!(DiskStamp::of(&path), Some(before), "same size, new bytes");
         std::fs::remove_file(&path).unwrap();
         assert_eq!(DiskStamp::of(&path), None);
+    }
+
+    const MEMINFO: &str = "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:    4096000 kB\nBuffers:  1 kB\n";
+    const PSI: &str = "some avg10=12.50 avg60=3.00 avg300=0.50 total=1234\nfull avg10=1.00 avg60=0.00 avg300=0.00 total=5\n";
+
+    #[test]
+    fn host_memory_reads_meminfo_and_psi() {
+        let m = HostMemory::parse(MEMINFO, Some(PSI)).unwrap();
+        assert_eq!(m.total, 24576000 * 1024);
+        assert_eq!(m.available, 4096000 * 1024);
+        assert_eq!(m.stall_pct, Some(12.5));
+        assert_eq!(HostMemory::parse(MEMINFO, None).unwrap().stall_pct, None);
+        assert!(HostMemory::parse("MemTotal: 1 kB\n", None).is_none());
+        // A tenth of MemTotal, at least 256 MiB, unless configured.
+        assert_eq!(m.floor(None), 24576000 * 1024 / 10);
+        let small = HostMemory {
+            total: 1 << 30,
+            available: 0,
+            stall_pct: None,
+        };
+        assert_eq!(small.floor(None), 256 << 20);
+        assert_eq!(m.floor(Some(5)), 5);
+    }
+
+    #[test]
+    fn pressure_drops_the_oldest_until_available_is_back_or_one_per_stall() {
+        let gib = 1u64 << 30;
+        let mem = |available: u64, stall: Option<f64>| HostMemory {
+            total: 16 * gib,
+            available,
+            stall_pct: stall,
+        };
+        let sizes = [gib / 2, gib, 2 * gib];
+        // Floor 1.6 GiB (a tenth): 1 GiB available needs the first (0.5) and second (1).
+        assert_eq!(
+            to_drop_under_pressure(&mem(gib, None), None, Some(10.0), &sizes),
+            2
+        );
+        assert_eq!(
+            to_drop_under_pressure(&mem(8 * gib, None), None, Some(10.0), &sizes),
+            0
+        );
+        // Not enough hot copies to get there: all of them.
+        assert_eq!(
+            to_drop_under_pressure(&mem(0, None), Some(100 * gib), None, &sizes),
+            3
+        );
+        // Stalls above the limit: one per check; below or off: none.
+        assert_eq!(
+            to_drop_under_pressure(&mem(8 * gib, Some(12.5)), None, Some(10.0), &sizes),
+            1
+        );
+        assert_eq!(
+            to_drop_under_pressure(&mem(8 * gib, Some(9.0)), None, Some(10.0), &sizes),
+            0
+        );
+        assert_eq!(
+            to_drop_under_pressure(&mem(8 * gib, Some(99.0)), None, None, &sizes),
+            0
+        );
+        assert_eq!(
+            to_drop_under_pressure(&mem(0, Some(99.0)), None, Some(1.0), &[]),
+            0
+        );
     }
 }
