@@ -569,6 +569,102 @@ fn stopped_snapshots_move_between_qemu_and_firecracker() {
     assert!(d.vmm_pids().is_empty());
 }
 
+/// The kept memory files (`hot-memory-<snapshot>`) in a VM's work dir.
+fn hot_files(d: &Daemon, id: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(d.work_dir(id))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("hot-memory-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Firecracker's hot copy: its snapshot's memory file stays in the VM's
+/// work directory and the wake moves it into the new VMM's jail instead of
+/// fetching it from the store. Deep sleep, a delete and a killed daemon's
+/// restart each remove it.
+#[test]
+fn a_firecracker_wake_maps_its_kept_memory_file() {
+    let Some(fc) = firecracker_dir("a_firecracker_wake_maps_its_kept_memory_file") else {
+        return;
+    };
+    let mut d = daemon(&fc, &[("HATCH_HOT_SLEEP_SECONDS", "600")]);
+    let id = id_of(&fc_vm(&d, 128));
+    let snap = |d: &Daemon| {
+        let r = d.req("POST", &format!("/vms/{id}/snapshot"), None);
+        assert_eq!(r.status, 201, "{}", r.text);
+        id_of(&r.body)
+    };
+    let sid = snap(&d);
+    assert_eq!(hot_files(&d, &id), vec![format!("hot-memory-{sid}")]);
+    let kept = d.work_dir(&id).join(format!("hot-memory-{sid}"));
+    assert_eq!(std::fs::metadata(&kept).unwrap().len(), 128 << 20);
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(
+        (r.status, r.body["state"].clone()),
+        (200, json!("running")),
+        "{}",
+        r.text
+    );
+    fc_pid(&d, &id);
+    assert!(
+        d.daemon_log().contains("restoring from the hot copy"),
+        "the wake used the kept file"
+    );
+    assert!(hot_files(&d, &id).is_empty(), "the restore took the file");
+
+    // A daemon killed with one: the next daemon removes the file, and the
+    // wake comes from the store.
+    let sid2 = snap(&d);
+    assert_eq!(hot_files(&d, &id), vec![format!("hot-memory-{sid2}")]);
+    d.kill9();
+    d.set_env("HATCH_HOT_SLEEP_SECONDS", Some("2"));
+    d.restart();
+    assert!(hot_files(&d, &id).is_empty(), "left by the killed daemon");
+    let from_hot = d
+        .daemon_log()
+        .matches("restoring from the hot copy")
+        .count();
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(
+        (r.status, r.body["state"].clone()),
+        (200, json!("running")),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        d.daemon_log()
+            .matches("restoring from the hot copy")
+            .count(),
+        from_hot,
+        "a new daemon has no hot copy"
+    );
+
+    // Deep sleep after 2 s removes the file; a delete removes a fresh one.
+    snap(&d);
+    wait_until("deep sleep", Duration::from_secs(30), || {
+        hot_files(&d, &id).is_empty()
+    });
+    let r = d.req("POST", &format!("/vms/{id}/restore"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    d.terminate();
+    d.set_env("HATCH_HOT_SLEEP_SECONDS", Some("600"));
+    d.restart();
+    let st = d.vm(&id)["state"].as_str().unwrap().to_string();
+    if st != "running" {
+        let r = d.req("POST", &format!("/vms/{id}/start"), None);
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    snap(&d);
+    assert_eq!(hot_files(&d, &id).len(), 1);
+    assert_eq!(d.req("DELETE", &format!("/vms/{id}"), None).status, 200);
+    assert_nothing_left(&d, &[id]);
+}
+
 /// A daemon killed with -9 leaves jailed VMMs; the next one kills them and
 /// removes their chroots and cgroups, and reports the VMs truthfully.
 #[test]

@@ -15,7 +15,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// A capture's guest RAM (open) and device state: a hot copy to be.
-pub(super) type HotParts = (std::fs::File, Vec<u8>);
+/// What a capture keeps for a hot copy: the guest's RAM open, where a
+/// backend that maps its memory file privately keeps that file (None: the
+/// RAM is the VMM's shared memory), and the saved device state.
+pub(super) type HotParts = ((std::fs::File, Option<super::hot::HotFile>), Vec<u8>);
 
 impl Manager {
     /// Hatch's `POST /vms/{id}/snapshot`: a Standby snapshot with the VM's
@@ -181,7 +184,7 @@ impl Manager {
         // A guest that goes to sleep leaves its RAM as a hot copy for its wake.
         let keep_hot = then == super::checkpoint::AfterCapture::Standby
             && !self.config.idle.hot_sleep.is_zero()
-            && backend.capabilities().shared_ram;
+            && backend.capabilities().memory == crate::vmm::MemoryTransport::MappedFile;
         let captured = self.capture(backend, &spec, &dir, snap, keep_hot).await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let captured =
@@ -224,8 +227,9 @@ impl Manager {
         vm.standby_snapshot_id = Some(snap.id.clone());
         let pid = self.vmm_pid(&vm.id);
         self.end_vmm(vm, false).await;
-        if let Some((ram, state)) = hot {
-            self.keep_hot(vm, backend, snap, pid, ram, state).await;
+        if let Some(((ram, file), state)) = hot {
+            self.keep_hot(vm, backend, snap, pid, (ram, file), state)
+                .await;
         }
         self.transition(vm, VmState::Snapshotted, None).await?;
         self.refresh_forwards().await;
@@ -240,7 +244,7 @@ impl Manager {
         backend: &dyn Vmm,
         snap: &Snapshot,
         pid: Option<u32>,
-        ram: std::fs::File,
+        (ram, file): (std::fs::File, Option<super::hot::HotFile>),
         state: Vec<u8>,
     ) {
         let gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
@@ -255,6 +259,7 @@ impl Manager {
             super::hot::HotCopy {
                 snapshot_id: snap.id.clone(),
                 ram,
+                file,
                 state,
                 disk,
                 bytes,
@@ -316,10 +321,20 @@ impl Manager {
                 }
                 SavedMemory::File => {
                     backend.snapshot(spec, &files).await?;
-                    if keep_hot {
-                        hot = Some(std::fs::File::open(&files.memory)?);
+                    let shared = backend.capabilities().shared_ram;
+                    if keep_hot && shared {
+                        hot = Some((std::fs::File::open(&files.memory)?, None));
                     }
-                    self.chunk_file(&mut cap, &files.memory).await?
+                    let chunked = self.chunk_file(&mut cap, &files.memory).await?;
+                    if keep_hot && !shared {
+                        // A VMM that maps its memory file privately restores
+                        // from a file: this one stays, beside the VM's files,
+                        // out of the capture directory that goes.
+                        let kept =
+                            super::hot::HotFile::keep(&files.memory, &spec.work_dir, &snap.id)?;
+                        hot = Some((std::fs::File::open(kept.path())?, Some(kept)));
+                    }
+                    chunked
                 }
             };
             let memory_done = started.elapsed();
@@ -353,6 +368,7 @@ impl Manager {
         match stored {
             Ok(state) => Ok((cap, hot.zip(state))),
             Err(e) => {
+                // A kept memory file goes with `hot`.
                 self.abandon_chunked(cap).await;
                 Err(e)
             }

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -30,14 +30,73 @@ use std::time::{Duration, Instant};
 pub(super) struct HotCopy {
     /// The snapshot whose memory and device state this is.
     pub snapshot_id: String,
-    /// Guest RAM (a memfd only this process holds).
+    /// Guest RAM (a memfd only this process holds), or the kept memory file
+    /// (`file`) open.
     pub ram: File,
+    /// For a backend that maps its memory file privately (Firecracker):
+    /// that file, kept in the VM's work directory, which the restore moves
+    /// into place. None: `ram` is shared memory the VMM maps as its RAM.
+    pub file: Option<HotFile>,
     /// The device state the VMM saved with it.
     pub state: Vec<u8>,
     /// The VM's disk file as it was when its VMM had exited.
     pub disk: Option<DiskStamp>,
     pub bytes: u64,
     pub since: Instant,
+}
+
+/// A memory file kept as a hot copy (`hot-memory-<snapshot id>` in the VM's
+/// work directory), removed when dropped unless a restore moved it away.
+/// Files of a daemon that crashed are removed at its next start
+/// (`remove_stale_files`). They live on the data dir's filesystem, so
+/// they take page cache, not RAM: they do not count in the host's memory.
+pub(super) struct HotFile(Option<PathBuf>);
+
+/// The prefix of a kept memory file's name.
+const HOT_FILE_PREFIX: &str = "hot-memory-";
+
+impl HotFile {
+    /// Moves the memory file `from` (a capture's) to its kept name in `work_dir`.
+    pub fn keep(from: &Path, work_dir: &Path, snapshot_id: &str) -> std::io::Result<HotFile> {
+        let to = work_dir.join(format!("{HOT_FILE_PREFIX}{snapshot_id}"));
+        std::fs::rename(from, &to)?;
+        Ok(HotFile(Some(to)))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0
+            .as_deref()
+            .expect("a HotFile has its path until moved")
+    }
+
+    /// Moves the file to `dest` (a restore's memory file); it is the
+    /// restore's from then on.
+    pub fn move_to(mut self, dest: &Path) -> std::io::Result<()> {
+        let from = self.0.take().expect("a HotFile has its path until moved");
+        std::fs::rename(&from, dest).inspect_err(|_| {
+            let _ = std::fs::remove_file(&from);
+        })
+    }
+
+    /// Removes the kept memory files in `work_dir` (a daemon that stopped
+    /// or crashed holds no hot copy); how many went.
+    pub fn remove_stale(work_dir: &Path) -> usize {
+        let Ok(dir) = std::fs::read_dir(work_dir) else {
+            return 0;
+        };
+        dir.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(HOT_FILE_PREFIX))
+            .filter(|e| std::fs::remove_file(e.path()).is_ok())
+            .count()
+    }
+}
+
+impl Drop for HotFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// What tells a file unchanged: the same inode, size and times. Any write,
@@ -99,26 +158,27 @@ impl HotCopies {
         map.get(vm_id).map(|c| c.snapshot_id.clone())
     }
 
-    /// Bytes held by all hot copies.
+    /// Bytes held by all hot copies (in RAM or kept files).
     pub fn total(&self) -> u64 {
         self.by_vm.lock().unwrap().values().map(|c| c.bytes).sum()
     }
 
-    /// Bytes held by every hot copy but `vm_id`'s.
+    /// Bytes of host RAM held by every hot copy but `vm_id`'s (kept files
+    /// are page cache, which the kernel reclaims by itself).
     pub fn bytes_except(&self, vm_id: &str) -> u64 {
         let map = self.by_vm.lock().unwrap();
         map.iter()
-            .filter(|(id, _)| id.as_str() != vm_id)
+            .filter(|(id, c)| id.as_str() != vm_id && c.file.is_none())
             .map(|(_, c)| c.bytes)
             .sum()
     }
 
-    /// Drops the oldest hot copy that is not `vm_id`'s; its VM id, if any.
+    /// Drops the oldest hot copy in RAM that is not `vm_id`'s; its VM id, if any.
     pub fn evict_oldest_except(&self, vm_id: &str) -> Option<String> {
         let mut map = self.by_vm.lock().unwrap();
         let oldest = map
             .iter()
-            .filter(|(id, _)| id.as_str() != vm_id)
+            .filter(|(id, c)| id.as_str() != vm_id && c.file.is_none())
             .min_by_key(|(_, c)| c.since)
             .map(|(id, _)| id.clone())?;
         map.remove(&oldest);
@@ -215,10 +275,14 @@ pub(super) fn to_drop_under_pressure(
 }
 
 impl HotCopies {
-    /// The hot copies' sizes, oldest first.
+    /// The sizes of the hot copies in RAM, oldest first.
     fn sizes_oldest_first(&self) -> Vec<u64> {
         let map = self.by_vm.lock().unwrap();
-        let mut v: Vec<(Instant, u64)> = map.values().map(|c| (c.since, c.bytes)).collect();
+        let mut v: Vec<(Instant, u64)> = map
+            .values()
+            .filter(|c| c.file.is_none())
+            .map(|c| (c.since, c.bytes))
+            .collect();
         v.sort();
         v.into_iter().map(|(_, b)| b).collect()
     }
@@ -290,6 +354,7 @@ mod tests {
         HotCopy {
             snapshot_id: snapshot.into(),
             ram: crate::vmm::ram::create(bytes).unwrap(),
+            file: None,
             state: vec![],
             disk: None,
             bytes,

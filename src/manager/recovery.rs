@@ -30,6 +30,11 @@ impl Manager {
             tracing::warn!(snapshot = %s.id, vm = %s.vm_id, "removed a snapshot left unfinished");
         }
         for vm in self.store.all_vms().await? {
+            // Hot copies were this daemon's; a new one holds none.
+            let stale = super::hot::HotFile::remove_stale(&self.work_dir(&vm.id));
+            if stale > 0 {
+                tracing::info!(vm = %vm.id, "removed a hot copy's memory file left by the daemon before");
+            }
             let st = vm.state;
             let standby = match &vm.standby_snapshot_id {
                 Some(s) => self.store.get_snapshot(s).await?.is_some(),

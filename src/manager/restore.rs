@@ -290,15 +290,21 @@ impl Manager {
             let hot = self
                 .hot
                 .take(&vm.id, &snap.id)
-                .filter(|_| memory == SavedMemory::File && backend.capabilities().shared_ram);
+                .filter(|_| memory == SavedMemory::File);
             self.telemetry.restoring(hot.is_some());
             self.telemetry.hot_copies(self.hot.total());
             let swap = match hot {
                 Some(hot) => {
                     tokio::fs::create_dir_all(&dir).await?;
                     tokio::fs::write(&files.state, &hot.state).await?;
-                    files.memory = crate::vmm::ram::path_of(&hot.ram);
-                    _ram = Some(hot.ram);
+                    match hot.file {
+                        // Mapped privately: the file itself is what the VMM loads.
+                        Some(file) => file.move_to(&files.memory)?,
+                        None => {
+                            files.memory = crate::vmm::ram::path_of(&hot.ram);
+                            _ram = Some(hot.ram);
+                        }
+                    }
                     let disk = backend.disk_path(&work_dir);
                     let in_place = hot.disk.is_some() && super::hot::DiskStamp::of(&disk) == hot.disk;
                     tracing::info!(vm = %vm.id, snapshot = %snap.id, disk_in_place = in_place, "restoring from the hot copy");
