@@ -267,7 +267,7 @@ impl Manager {
             },
         );
         if let Some(max) = self.config.idle.hot_max_bytes {
-            while self.hot.total() > max {
+            while self.hot.bytes_except("") > max {
                 match self.hot.evict_oldest_except("") {
                     Some(id) => {
                         tracing::info!(vm = %id, "deep sleep: hot copies over HATCH_HOT_MEMORY_MAX")
