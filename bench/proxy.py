@@ -358,7 +358,8 @@ class Bench:
         self.hatchd.start("bench-proxy")
 
     def create_vm(self):
-        self.vm = self.api("POST", "/vms", {"user_data": USER_DATA, "auto_sleep": False}, expect=(201,))
+        self.vm = self.api("POST", "/vms", {"user_data": USER_DATA, "auto_sleep": False,
+                                            "mem_mib": self.args.mem_mib}, expect=(201,))
         self.vm_id = self.vm["id"]
         self.hatchd.live_vms.add(self.vm_id)
         self.ip = self.vm.get("guest_ip")
@@ -615,6 +616,9 @@ class Bench:
              "daemon_ms": self.woke_ms(text), "log": self.log_events(text, wall0), "daemon_cpu": d1 - d0,
              "opens": opens,
              "size": snap.get("size_bytes")}
+        # The same request to the VM now running: what the wake added.
+        self.settle()
+        r["running"] = http_get(PROXY_HOST, PROXY_PORT, VHOST)[0]
         self.after(snap)
         return r
 
@@ -774,7 +778,7 @@ def render(meta, b, markdown):
         f"their start or end, at most {b.others_max} at once  ")
     add(f"hatch: release build of {meta['source']}  ")
     add(f"QEMU: {meta['qemu']}, accelerator `{arg_after(cmd, '-accel')}`, machine `{arg_after(cmd, '-M')}`, "
-        f"{arg_after(cmd, '-smp')} vCPU, {arg_after(cmd, '-m')} MiB (hatch's defaults), virtio-net on a TAP in the "
+        f"{arg_after(cmd, '-smp')} vCPU, {arg_after(cmd, '-m')} MiB (`--mem-mib`), virtio-net on a TAP in the "
         f"daemon's bridge `hatch0` (MTU {f['mtu_hatch0']}; `lo` MTU {f['mtu_lo']})  ")
     add(f"Guest: the default image, user data `{USER_DATA.strip().splitlines()[-1]}`, so its rcS starts busybox "
         f"`httpd -p 80 -h /srv/www`; `GET {PATH}` answers `{f['guest_status']}` with a {len(BODY)}-byte body and "
@@ -904,12 +908,15 @@ def render(meta, b, markdown):
                  f"{ms(single['proxy']['p99'] - single['direct']['p99']):+.2f} ms", "-", "-", "-"])
     table(["path", "p50", "p99", "max", "connect() p50", "first byte p50"], rows)
 
-    head("First request to a snapshotted VM: wake on request vs restore + GET")
+    head(f"First request to a snapshotted {args.mem_mib} MiB VM: wake on request vs restore + GET")
     add(f"Each run starts with `POST /vms/{{id}}/snapshot` (201, the VM `snapshotted`, its QEMU gone; "
         f"{fmt_s([s['secs'] for s in b.snaps])}, {fmt([s['size'] / 2**20 for s in b.snaps if s['size']], '{:.0f}', ' MiB')} "
         f"stored), then `sync` and 0.5 s of quiet. wake: one GET through the proxy, from connect() to the last "
         f"byte of the 200. plain: `POST /vms/{{id}}/restore` (on a fresh API connection, returns once the VM "
-        f"runs), then the same GET straight to the guest, from the restore request to the last byte.")
+        f"runs), then the same GET straight to the guest, from the restore request to the last byte. "
+        f"running: after each wake, `sync`, 0.5 s, and the same GET through the proxy again. The daemon runs "
+        f"with its defaults, so hot copies are on: each wake and restore maps the RAM the snapshot left "
+        f"(README, \"Hot copies\").")
     add("")
     wt = [r["total"] for r in b.wake]
     pt = [r["total"] for r in b.plain]
@@ -923,6 +930,10 @@ def render(meta, b, markdown):
          fmt_ms([r["total"] - r["daemon_ms"] for r in b.wake if r["daemon_ms"] is not None])],
         ["  TCP connects made (ActiveOpens): client -> proxy, then the daemon's to the guest",
          fmt([r["opens"] for r in b.wake], "{:.0f}")],
+        ["**running**: the same GET through the proxy right after, the VM running",
+         fmt_ms([r["running"] for r in b.wake])],
+        ["wake - running (medians): what a user waits for the wake",
+         f"{ms(med(wt) - med([r['running'] for r in b.wake])):+.0f} ms"],
         ["**plain**: `POST /vms/{id}/restore` + direct GET -> 200", fmt_s(pt)],
         ["  of which `POST /vms/{id}/restore` (200)", fmt_s([r["restore"] for r in b.plain])],
         ["  of which the GET after it", fmt_ms([r["get"] for r in b.plain])],
@@ -1063,6 +1074,8 @@ def render(meta, b, markdown):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
+    ap.add_argument("--mem-mib", type=int, default=1024,
+                    help="the bench VM's memory, which each wake restores (default 1024)")
     ap.add_argument("--duration", type=int, default=10, help="seconds of each wrk run (default 10)")
     ap.add_argument("--connections", type=int, default=16,
                     help="wrk connections of the main load (default 16, 2 threads); a 1-connection load runs too")
