@@ -10,7 +10,7 @@ use crate::net::dhcp::Reservation;
 use crate::net::firewall::{Forward, Guest};
 use crate::net::{ipam, Network};
 use crate::store::{NetworkAllocations, Vm};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -115,11 +115,19 @@ impl Manager {
         let Some(net) = self.network.get() else {
             return Ok(());
         };
+        let _one = self.gateway_sync_lock().await;
         let vms = self
             .store
             .all_vms()
             .await
             .context(|| "reading VMs for the firewall".into())?;
+        // A sleeping VM's port is answered by the daemon before its forward
+        // goes, and until the forward of the running VM is in (below).
+        for v in vms.iter().filter(|v| v.state == VmState::Snapshotted) {
+            self.listen_while_asleep(v);
+        }
+        let states: HashMap<String, VmState> =
+            vms.iter().map(|v| (v.id.clone(), v.state)).collect();
         let forwards = vms
             .iter()
             .filter(|v| v.state == VmState::Running)
@@ -146,7 +154,9 @@ impl Manager {
             .collect();
         net.sync_firewall(forwards, guests)
             .await
-            .map_err(ManagerError::Host)
+            .map_err(ManagerError::Host)?;
+        self.settle_ssh_gateway(&states).await;
+        Ok(())
     }
 
     /// Chooses `vm`'s address, MAC, TAP and SSH port. Called with `alloc_lock`
