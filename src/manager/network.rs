@@ -121,16 +121,23 @@ impl Manager {
             .all_vms()
             .await
             .context(|| "reading VMs for the firewall".into())?;
-        // A sleeping VM's port is answered by the daemon before its forward
-        // goes, and until the forward of the running VM is in (below).
-        for v in vms.iter().filter(|v| v.state == VmState::Snapshotted) {
-            self.listen_while_asleep(v);
+        // A sleeping VM's port (or one being paused to sleep) is answered by
+        // the daemon before its forward goes, until the forward is back (below).
+        let mut pausing = HashSet::new();
+        for v in vms.iter() {
+            let paused = v.state == VmState::Running && self.activity.is_pausing(&v.id);
+            if v.state == VmState::Snapshotted || paused {
+                // A paused VM's forward goes only if the daemon answers instead.
+                if self.listen_while_asleep(v) && paused {
+                    pausing.insert(v.id.clone());
+                }
+            }
         }
         let states: HashMap<String, VmState> =
             vms.iter().map(|v| (v.id.clone(), v.state)).collect();
         let forwards = vms
             .iter()
-            .filter(|v| v.state == VmState::Running)
+            .filter(|v| v.state == VmState::Running && !pausing.contains(&v.id))
             .filter_map(|v| {
                 Some(Forward {
                     host_port: u16::try_from(v.ssh_port?).ok()?,
@@ -155,7 +162,7 @@ impl Manager {
         net.sync_firewall(forwards, guests)
             .await
             .map_err(ManagerError::Host)?;
-        self.settle_ssh_gateway(&states).await;
+        self.settle_ssh_gateway(&states, &pausing).await;
         Ok(())
     }
 

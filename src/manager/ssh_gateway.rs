@@ -168,6 +168,11 @@ impl SshGateway {
         }
     }
 
+    fn is_listening(&self, vm_id: &str) -> bool {
+        let gates = self.gates.lock().unwrap();
+        gates.get(vm_id).is_some_and(|g| g.listening.is_some())
+    }
+
     /// The ports listened on now, by VM (for tests of the bookkeeping).
     #[cfg(test)]
     fn listening(&self) -> Vec<(String, u16)> {
@@ -303,13 +308,15 @@ async fn connect_guest(addr: SocketAddr) -> Result<TcpStream, Closed> {
 impl Manager {
     /// `vm` went to sleep: the daemon answers its SSH port from now on
     /// (before its forward goes, so some one always answers).
-    pub(super) fn listen_while_asleep(&self, vm: &Vm) {
+    /// Returns whether the daemon listens for it now.
+    pub(super) fn listen_while_asleep(&self, vm: &Vm) -> bool {
         if self.network.get().is_none() || !vm.enable_network || vm.guest_ip.is_none() {
-            return;
+            return false;
         }
         if let Some(port) = vm.ssh_port.and_then(|p| u16::try_from(p).ok()) {
             self.ssh_gateway.listen(&vm.id, port);
         }
+        self.ssh_gateway.is_listening(&vm.id)
     }
 
     /// Taken by `sync_firewall` for the whole of its read and apply.
@@ -317,11 +324,41 @@ impl Manager {
         self.ssh_gateway.sync.lock().await
     }
 
+    /// A running VM is about to be paused for a capture: the daemon answers
+    /// its port from now on (a connection waits for the capture, then wakes
+    /// the VM or finds it running), instead of a forward to a guest that
+    /// may never answer again. Given back when the last `Pausing` ends.
+    pub(super) async fn gateway_take_over(&self, vm: &Vm) {
+        if self.listen_while_asleep(vm) {
+            self.refresh_forwards().await;
+        }
+    }
+
+    /// At start-up: gives a VM's port back to its forward whenever a
+    /// capture ends with the VM still running (refused, failed, a checkpoint).
+    pub(super) fn spawn_ssh_gateway(self: &Arc<Self>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        self.activity.on_pause_end(tx);
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(vm_id) = rx.recv().await {
+                let Some(mgr) = me.upgrade() else { return };
+                if mgr.ssh_gateway.is_listening(&vm_id) {
+                    mgr.refresh_forwards().await;
+                }
+            }
+        });
+    }
+
     /// After the firewall matches `states`: a VM that runs has its forward
     /// now, so its listener goes (spliced connections go on); one that is
     /// gone, stopped or in error loses its connections too. A VM starting
-    /// from its sleep keeps its listener until its forward is in.
-    pub(super) async fn settle_ssh_gateway(&self, states: &HashMap<String, VmState>) {
+    /// from its sleep, or `pausing` for a capture, keeps its listener.
+    pub(super) async fn settle_ssh_gateway(
+        &self,
+        states: &HashMap<String, VmState>,
+        pausing: &std::collections::HashSet<String>,
+    ) {
         let ids: Vec<String> = self
             .ssh_gateway
             .gates
@@ -331,6 +368,9 @@ impl Manager {
             .cloned()
             .collect();
         for id in ids {
+            if pausing.contains(&id) {
+                continue;
+            }
             match states.get(&id) {
                 None | Some(VmState::Stopped | VmState::Error) => {
                     self.ssh_gateway.close(&id, true).await
