@@ -353,6 +353,23 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=172.16.0.1 dst=172.16.0.14 sport=41
     }
 
     #[test]
+    fn the_end_of_the_last_pause_is_told_once() {
+        let t = Arc::new(ActivityTable::default());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        t.on_pause_end(tx);
+        // A checkpoint's pause around its capture's own.
+        let outer = t.pause("vm_a");
+        let inner = t.pause("vm_a");
+        assert!(t.is_pausing("vm_a") && !t.is_pausing("vm_b"));
+        drop(inner);
+        assert!(rx.try_recv().is_err(), "still paused");
+        drop(outer);
+        assert_eq!(rx.try_recv().ok().as_deref(), Some("vm_a"));
+        assert!(rx.try_recv().is_err());
+        assert!(!t.is_pausing("vm_a"));
+    }
+
+    #[test]
     fn a_request_keeps_a_vm_awake_and_a_pause_turns_requests_away() {
         let t = Arc::new(ActivityTable::default());
         let busy = t.enter("vm_a").unwrap();
