@@ -329,7 +329,7 @@ impl Telemetry {
         let wakes = Family::<ResultLabels, Counter>::default();
         registry.register(
             "wakes",
-            "Sleeping VMs woken by a proxied request, by outcome",
+            "Sleeping VMs woken by a proxied request or an SSH connection, by outcome",
             wakes.clone(),
         );
         let memory_loads = Family::<MemoryLabels, Counter>::default();

@@ -179,6 +179,8 @@ impl Manager {
     ) -> Result<()> {
         // Proxied requests wait for a wake instead of reaching a guest about to pause.
         let _pausing = self.activity.pause(&vm.id);
+        // SSH too: its port is the daemon's from before the guest pauses.
+        self.gateway_take_over(vm).await;
         let spec = self.spec_for(vm, backend);
         let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
         // A guest that goes to sleep leaves its RAM as a hot copy for its wake.

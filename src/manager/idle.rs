@@ -48,6 +48,9 @@ impl VmActivity {
 #[derive(Debug, Default)]
 pub struct ActivityTable {
     vms: Mutex<HashMap<String, VmActivity>>,
+    /// Told the id of a VM whose last `Pausing` ended (the SSH gateway
+    /// gives its port back to the forward if the VM runs on).
+    pause_ended: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 /// An open proxied request; the VM counts as busy until it is dropped.
@@ -77,6 +80,11 @@ impl Drop for Pausing {
         let mut vms = self.table.vms.lock().unwrap();
         if let Some(a) = vms.get_mut(&self.vm_id) {
             a.pausing = a.pausing.saturating_sub(1);
+            if a.pausing == 0 {
+                if let Some(tx) = self.table.pause_ended.get() {
+                    let _ = tx.send(self.vm_id.clone());
+                }
+            }
         }
     }
 }
@@ -141,6 +149,17 @@ impl ActivityTable {
         } else {
             a.last.elapsed()
         }
+    }
+
+    /// Is the VM being paused for a capture now?
+    pub fn is_pausing(&self, vm_id: &str) -> bool {
+        let vms = self.vms.lock().unwrap();
+        vms.get(vm_id).is_some_and(|a| a.pausing > 0)
+    }
+
+    /// Where to say that a VM's last `Pausing` ended (set once).
+    pub fn on_pause_end(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+        let _ = self.pause_ended.set(tx);
     }
 
     pub fn forget(&self, vm_id: &str) {
@@ -331,6 +350,23 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=172.16.0.1 dst=172.16.0.14 sport=41
             Some(Duration::from_secs(5))
         );
         assert_eq!(idle_timeout_of(false, Some(5), server), None);
+    }
+
+    #[test]
+    fn the_end_of_the_last_pause_is_told_once() {
+        let t = Arc::new(ActivityTable::default());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        t.on_pause_end(tx);
+        // A checkpoint's pause around its capture's own.
+        let outer = t.pause("vm_a");
+        let inner = t.pause("vm_a");
+        assert!(t.is_pausing("vm_a") && !t.is_pausing("vm_b"));
+        drop(inner);
+        assert!(rx.try_recv().is_err(), "still paused");
+        drop(outer);
+        assert_eq!(rx.try_recv().ok().as_deref(), Some("vm_a"));
+        assert!(rx.try_recv().is_err());
+        assert!(!t.is_pausing("vm_a"));
     }
 
     #[test]

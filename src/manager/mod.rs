@@ -26,6 +26,7 @@ mod restore;
 mod routes;
 mod snapshots;
 mod ssh;
+mod ssh_gateway;
 pub mod state;
 mod supervision;
 mod templates;
@@ -104,6 +105,8 @@ pub struct Manager {
     /// The daemon's SSH CA (src/ssh), set once at start-up before any VM
     /// boots: every seed written after it makes the guest trust it.
     ssh_ca: OnceLock<Arc<crate::ssh::Ca>>,
+    /// Sleeping VMs' SSH ports, answered by the daemon until they wake.
+    ssh_gateway: ssh_gateway::SshGateway,
 }
 
 fn not_found(kind: &str, id: &str) -> ManagerError {
@@ -119,7 +122,7 @@ impl Manager {
     ) -> Arc<Manager> {
         let (collect_now, collect_asked) = tokio::sync::mpsc::unbounded_channel();
         let telemetry = Telemetry::new(&config.metrics, objects.transfer());
-        Arc::new(Manager {
+        Arc::new_cyclic(|me| Manager {
             store,
             objects,
             backends,
@@ -141,6 +144,7 @@ impl Manager {
             telemetry,
             hot: Default::default(),
             ssh_ca: OnceLock::new(),
+            ssh_gateway: ssh_gateway::SshGateway::new(me.clone()),
         })
     }
 
@@ -256,6 +260,10 @@ impl Manager {
         if to == VmState::Running {
             // The idle clock starts when the guest runs (boot, start, restore).
             self.activity.touch(&vm.id);
+        }
+        if to == VmState::Snapshotted {
+            // Asleep: its SSH port is the daemon's until it wakes.
+            self.listen_while_asleep(vm);
         }
         tracing::info!(vm = %vm.id, %from, %to, error = last_error.unwrap_or(""), "state change");
         Ok(())

@@ -10,7 +10,7 @@ use crate::net::dhcp::Reservation;
 use crate::net::firewall::{Forward, Guest};
 use crate::net::{ipam, Network};
 use crate::store::{NetworkAllocations, Vm};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -115,14 +115,29 @@ impl Manager {
         let Some(net) = self.network.get() else {
             return Ok(());
         };
+        let _one = self.gateway_sync_lock().await;
         let vms = self
             .store
             .networked_vms()
             .await
             .context(|| "reading VMs for the firewall".into())?;
+        // A sleeping VM's port (or one being paused to sleep) is answered by
+        // the daemon before its forward goes, until the forward is back (below).
+        let mut pausing = HashSet::new();
+        for v in vms.iter() {
+            let paused = v.state == VmState::Running && self.activity.is_pausing(&v.id);
+            if v.state == VmState::Snapshotted || paused {
+                // A paused VM's forward goes only if the daemon answers instead.
+                if self.listen_while_asleep(v) && paused {
+                    pausing.insert(v.id.clone());
+                }
+            }
+        }
+        let states: HashMap<String, VmState> =
+            vms.iter().map(|v| (v.id.clone(), v.state)).collect();
         let forwards = vms
             .iter()
-            .filter(|v| v.state == VmState::Running)
+            .filter(|v| v.state == VmState::Running && !pausing.contains(&v.id))
             .filter_map(|v| {
                 Some(Forward {
                     host_port: u16::try_from(v.ssh_port?).ok()?,
@@ -146,7 +161,9 @@ impl Manager {
             .collect();
         net.sync_firewall(forwards, guests)
             .await
-            .map_err(ManagerError::Host)
+            .map_err(ManagerError::Host)?;
+        self.settle_ssh_gateway(&states, &pausing).await;
+        Ok(())
     }
 
     /// Chooses `vm`'s address, MAC, TAP and SSH port. Called with `alloc_lock`

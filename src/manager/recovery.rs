@@ -65,6 +65,7 @@ impl Manager {
         self.spawn_conversions().await?;
         self.spawn_chunk_collector();
         self.spawn_deep_sleep();
+        self.spawn_ssh_gateway();
         Ok(())
     }
 }
