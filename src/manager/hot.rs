@@ -33,7 +33,7 @@ pub(super) struct HotCopy {
     /// Guest RAM (a memfd only this process holds), or the kept memory file
     /// (`file`) open.
     pub ram: File,
-    /// For a backend that maps its memory file privately (Firecracker):
+    /// For a backend that maps its memory file privately (MappedFile without shared_ram):
     /// that file, kept in the VM's work directory, which the restore moves
     /// into place. None: `ram` is shared memory the VMM maps as its RAM.
     pub file: Option<HotFile>,

@@ -333,7 +333,7 @@ mod tests {
             boot_args: "console=ttyS0 a=\"b\"\nnewline".into(),
             enable_network: true,
             user_data: Some("#cloud-config\nruncmd: [\"echo\"]\n\u{1}".into()),
-            hypervisor: "qemu".into(),
+            hypervisor: "test".into(),
             name: Some("n-1".into()),
             snapshot_compression: Some(Json(
                 serde_json::from_str(r#"{"enabled": true, "algorithm": "zstd", "level": 3}"#)
@@ -415,7 +415,7 @@ mod tests {
             boot_args: String::new(),
             enable_network: false,
             user_data: None,
-            hypervisor: "qemu".into(),
+            hypervisor: "test".into(),
             name: None,
             snapshot_compression: None,
             auto_sleep: true,
@@ -458,7 +458,7 @@ mod tests {
                 boot_args: String::new(),
                 enable_network: i % 2 == 0,
                 user_data: None,
-                hypervisor: "qemu".into(),
+                hypervisor: "test".into(),
                 name: None,
                 snapshot_compression: None,
                 auto_sleep: true,
