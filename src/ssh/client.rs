@@ -249,6 +249,14 @@ impl GuestSession {
         })
     }
 
+    /// Opens a channel running the guest's `sftp` subsystem and hands back
+    /// its byte stream, for an SFTP client (`russh_sftp`) to speak over.
+    pub async fn sftp(&self) -> Result<russh::ChannelStream<Msg>, ClientError> {
+        let channel = self.handle.channel_open_session().await?;
+        channel.request_subsystem(true, "sftp").await?;
+        Ok(channel.into_stream())
+    }
+
     /// Ends the connection politely (the guest's sshd logs a normal logout).
     pub async fn close(self) {
         let _ = self
