@@ -128,7 +128,7 @@ pub enum Download {
         /// The size the guest reported, when it is a regular file (files
         /// under /proc say 0 and have content: no size for those).
         size: Option<u64>,
-        body: GuestFileStream,
+        body: Box<GuestFileStream>,
     },
     Dir(Vec<DirEntry>),
 }
@@ -337,10 +337,10 @@ impl Manager {
         tracing::info!(vm = id, path = p, size, "file download");
         Ok(Download::File {
             size,
-            body: GuestFileStream {
+            body: Box::new(GuestFileStream {
                 inner: ReaderStream::with_capacity(file.take(limit), 64 * 1024),
                 _files: files,
-            },
+            }),
         })
     }
 
@@ -459,7 +459,9 @@ impl GuestFiles {
                     permissions: Some(mode),
                     ..FileAttributes::empty()
                 };
-                file.set_metadata(attrs)
+                // By path: shutting the file down closed its handle.
+                self.sftp
+                    .set_metadata(temp.as_str(), attrs)
                     .await
                     .map_err(|e| sftp_error(id, &format!("setting the mode of {p}"), e))?;
             }
