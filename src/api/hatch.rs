@@ -41,6 +41,12 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/vms/{vm_id}/snapshots", get(list_vm_snapshots))
         .route("/vms/{vm_id}/connect", post(super::ssh::connect))
         .route(
+            "/vms/{vm_id}/files",
+            // Files stream both ways; the guest's disk is their only limit.
+            get(super::files::download)
+                .put(super::files::upload.layer(DefaultBodyLimit::disable())),
+        )
+        .route(
             "/images",
             // Uploads stream whole images: the manager enforces
             // HATCH_IMAGE_MAX_BYTES instead of the API's body limit.

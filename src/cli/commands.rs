@@ -99,6 +99,7 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
                 out.deleted(&a, &id);
             }
         }
+        VmCmd::Cp { src, dst } => copy(client, out, &src, &dst).await?,
         VmCmd::Logs { vm, follow } => {
             let id = resolve::vm(client, &vm).await?;
             let path = if follow {
@@ -124,6 +125,122 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `VM:/path` split into the VM and the path; None for a local path. Like
+/// scp, a colon after a slash is part of a local name (`./a:b`).
+fn remote_of(arg: &str) -> Option<(&str, &str)> {
+    let (vm, path) = arg.split_once(':')?;
+    (!vm.is_empty() && !vm.contains('/')).then_some((vm, path))
+}
+
+/// A query string with each value form-encoded (a guest path may hold any byte).
+fn encode_query(pairs: &[(&str, &str)]) -> String {
+    let mut url = reqwest::Url::parse("http://query.invalid/").expect("a fixed URL");
+    url.query_pairs_mut().extend_pairs(pairs);
+    url.query().unwrap_or_default().to_string()
+}
+
+/// `vm cp`: one side local, the other `VM:/path`; the bytes stream both ways.
+async fn copy(client: &Client, out: Out, src: &str, dst: &str) -> Result<(), CliError> {
+    use tokio::io::AsyncWriteExt;
+    let usage = || {
+        CliError::Other(format!(
+            "vm cp copies between a local file and VM:/path; got {src:?} and {dst:?}"
+        ))
+    };
+    match (remote_of(src), remote_of(dst)) {
+        (None, Some((vm, path))) => {
+            let id = resolve::vm(client, vm).await?;
+            let file = tokio::fs::File::open(src)
+                .await
+                .map_err(|e| CliError::Other(format!("opening {src}: {e}")))?;
+            let meta = file
+                .metadata()
+                .await
+                .map_err(|e| CliError::Other(format!("reading {src}: {e}")))?;
+            if !meta.is_file() {
+                return Err(CliError::Other(format!("{src} is not a file")));
+            }
+            // The guest file gets the local permission bits (scp gives a new file those).
+            let mode = format!(
+                "{:04o}",
+                std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777
+            );
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            let query = encode_query(&[("path", path), ("mode", &mode)]);
+            let req = client
+                .request(Method::PUT, &format!("/vms/{id}/files?{query}"))
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_LENGTH, meta.len())
+                .body(body);
+            let a = client.send(req).await?;
+            if out.json {
+                println!("{}", a.text);
+            }
+        }
+        (Some((vm, path)), None) => {
+            let id = resolve::vm(client, vm).await?;
+            let query = encode_query(&[("path", path)]);
+            let req = client.request(Method::GET, &format!("/vms/{id}/files?{query}"));
+            let mut resp = client.start(req).await?;
+            let is_listing = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+            if is_listing {
+                return Err(CliError::Other(format!(
+                    "{src} is a directory; vm cp copies files"
+                )));
+            }
+            // Into a directory: under the remote file's name, as cp does.
+            let mut target = std::path::PathBuf::from(dst);
+            if target.is_dir() {
+                let name = path
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default();
+                target.push(name);
+            }
+            // Written beside the target and renamed: a cut copy leaves no half file.
+            let temp = target.with_file_name(format!(
+                ".{}.hatch-cp-{}",
+                target
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("file"),
+                std::process::id()
+            ));
+            let mut file = tokio::fs::File::create(&temp)
+                .await
+                .map_err(|e| CliError::Other(format!("creating {}: {e}", temp.display())))?;
+            let copied = async {
+                while let Some(chunk) = resp
+                    .chunk()
+                    .await
+                    .map_err(|e| CliError::Transport(format!("reading {src}: {e}")))?
+                {
+                    file.write_all(&chunk)
+                        .await
+                        .map_err(|e| CliError::Other(format!("writing {}: {e}", temp.display())))?;
+                }
+                file.flush()
+                    .await
+                    .map_err(|e| CliError::Other(format!("writing {}: {e}", temp.display())))?;
+                tokio::fs::rename(&temp, &target).await.map_err(|e| {
+                    CliError::Other(format!("renaming into {}: {e}", target.display()))
+                })
+            }
+            .await;
+            if copied.is_err() {
+                let _ = tokio::fs::remove_file(&temp).await;
+            }
+            copied?;
+        }
+        _ => return Err(usage()),
     }
     Ok(())
 }

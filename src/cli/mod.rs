@@ -63,6 +63,14 @@ pub enum VmCmd {
         #[arg(required = true)]
         vms: Vec<String>,
     },
+    /// Copy a file into or out of a VM (over SFTP, as the guest user
+    /// `agent`): `hatch vm cp LOCAL VM:/path` or `hatch vm cp VM:/path LOCAL`.
+    Cp {
+        /// A local file, or `VM:/absolute/path` (VM name or id).
+        src: String,
+        /// A local file or directory, or `VM:/absolute/path`.
+        dst: String,
+    },
     /// Print a VM's serial console.
     Logs {
         /// VM name or id.

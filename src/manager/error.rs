@@ -16,6 +16,8 @@ pub enum ErrorKind {
     TooLarge,
     /// The host cannot take it now (its memory is fully given out).
     Unavailable,
+    /// Something the daemon talks to for the caller failed (a guest's SSH server).
+    BadGateway,
     Internal,
 }
 
@@ -36,6 +38,9 @@ pub enum ManagerError {
     /// The host cannot take it now (its memory is fully given out).
     #[error("{0}")]
     Unavailable(String),
+    /// Something the daemon talks to for the caller failed (a guest's SSH server).
+    #[error("{0}")]
+    BadGateway(String),
     #[error("{0}")]
     Internal(String),
     #[error(transparent)]
@@ -75,6 +80,7 @@ impl ManagerError {
             Forbidden(_) => ErrorKind::Forbidden,
             TooLarge(_) => ErrorKind::TooLarge,
             Unavailable(_) => ErrorKind::Unavailable,
+            BadGateway(_) => ErrorKind::BadGateway,
             Internal(_)
             | Store(_)
             | Objects(_)

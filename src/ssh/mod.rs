@@ -1,7 +1,8 @@
-//! The daemon's SSH certificate authority: one ed25519 key in the data dir
-//! that signs short-lived OpenSSH user certificates scoped to one VM.
+//! The daemon's SSH certificate authority (one ed25519 key in the data dir
+//! that signs short-lived user certificates scoped to one VM) and its client.
 
 mod ca;
+pub mod client;
 mod keys;
 
 pub use ca::{Ca, CaError, SignedCert, CA_FILE, CA_PUB_FILE};

@@ -6,7 +6,9 @@ the caller has; a `cursor` must be one the list handed out; a restore or fork
 may ask only for a target its snapshot's kind can give; a route needs a VM
 with networking; `connect` signs only an OpenSSH public key; an uploaded
 kernel and rootfs must be a kernel and a disk; `logs?follow=true` on a
-running VM never ends (it streams until the VM stops).
+running VM never ends (it streams until the VM stops); the files API needs a
+path that exists (or whose directory does) in the guest, and a guest whose
+sshd is up (until then it answers 502, as documented).
 The document says each of these answers (400 with a reason), but a JSON
 Schema cannot say which values pass, so schemathesis' schema-valid data would
 break them at random. Here, only in cases meant to be valid, such values are
@@ -15,6 +17,7 @@ be invalid, and every other field, stay as generated.
 """
 
 import os
+import time
 
 import requests
 import schemathesis
@@ -58,6 +61,18 @@ def cursor(path):
     return text.encode().hex()
 
 
+def guest_answers(vm_id):
+    """Waits (up to 3 minutes) until the files API of `vm_id` reaches its
+    guest's sshd, or says why it cannot (no such VM, not running: a 4xx).
+    A VM the fuzzer just booted runs before its sshd does."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        r = requests.get(f"{BASE}/vms/{vm_id}/files", params={"path": "/"}, headers=HEADERS, timeout=120)
+        if r.status_code != 502:
+            return
+        time.sleep(1)
+
+
 def positive(case):
     return case.meta is not None and case.meta.generation.mode.is_positive
 
@@ -85,6 +100,11 @@ def map_case(context, case):
         body["rootfs"] = ROOTFS
         # A second, ELF kernel must match the first; the test has none to give.
         body.pop("kernel_elf", None)
+    if path == "/vms/{vm_id}/files" and isinstance(case.query, dict):
+        # Any absolute path fits the schema; these exist (or their directory
+        # does) in every guest, and agent may read and write them.
+        case.query["path"] = "/" if method == "GET" else "/tmp/schemathesis-upload"
+        guest_answers(case.path_parameters.get("vm_id"))
     if method == "POST" and path == "/vms/{vm_id}/connect" and isinstance(body, dict):
         # Any string fits the schema; only an OpenSSH public key line is one.
         body["public_key"] = PUBLIC_KEY
