@@ -5,6 +5,7 @@ mod auth;
 mod better_auth;
 mod edge;
 mod error;
+mod exec;
 mod hatch;
 mod hypeman;
 mod json;

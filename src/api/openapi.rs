@@ -248,6 +248,8 @@ pub struct ImageUpload {
         hatch::vm_logs,
         hatch::vm_metrics,
         super::ssh::connect,
+        super::exec::exec_vm,
+        super::exec::exec_ws,
         hatch::create_route,
         hatch::list_routes,
         hatch::delete_route,
@@ -276,6 +278,7 @@ pub struct ImageUpload {
         CompressionState, TargetState, Hypervisor, Tags, MacAddr, CompressionConfig,
         CreateVm, UpdateVm, CreateRoute, CreateSnapshot, FromSnapshot, CreateImage,
         ImageUpload, CreateTemplate, super::ssh::ConnectRequest, super::ssh::ConnectView,
+        super::exec::ExecRequest, super::exec::CommandField, super::exec::ExecView,
     )),
     modifiers(&Security),
     tags(

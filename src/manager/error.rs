@@ -16,6 +16,8 @@ pub enum ErrorKind {
     TooLarge,
     /// The host cannot take it now (its memory is fully given out).
     Unavailable,
+    /// The guest's own service (its SSH server) failed the daemon.
+    BadGateway,
     Internal,
 }
 
@@ -38,6 +40,9 @@ pub enum ManagerError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// The guest's SSH server could not be reached or failed the session.
+    #[error("{0}")]
+    Guest(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -75,6 +80,7 @@ impl ManagerError {
             Forbidden(_) => ErrorKind::Forbidden,
             TooLarge(_) => ErrorKind::TooLarge,
             Unavailable(_) => ErrorKind::Unavailable,
+            Guest(_) => ErrorKind::BadGateway,
             Internal(_)
             | Store(_)
             | Objects(_)

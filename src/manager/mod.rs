@@ -11,6 +11,7 @@ mod chunks;
 mod compression;
 pub mod console;
 mod error;
+pub mod exec;
 mod fork;
 mod hot;
 mod idle;
