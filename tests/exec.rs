@@ -303,6 +303,27 @@ fn exec_runs_commands_for_their_owner_only() {
     assert_ne!(r["exit_code"], 0);
     assert!(r["stderr"].as_str().unwrap().contains("/no/such"), "{r}");
 
+    // The CLI: `hatch vm exec VM -- argv...` prints stdout and stderr apart
+    // and exits with the command's code; -i sends its stdin.
+    let mut cli = std::process::Command::new("ip")
+        .args(["netns", "exec", &d.ns])
+        .arg(bin())
+        .args(["vm", "exec", id, "-e", "WHO=cli", "-i", "--"])
+        .args(["sh", "-c", "read l; echo \"$l $WHO\"; echo e >&2; exit 6"])
+        .env("HATCH_URL", BASE)
+        .env("HATCH_API_KEY", &d.key)
+        .env("HOME", &d.data_dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut cli.stdin.take().unwrap(), b"piped\n").unwrap();
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "piped cli\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "e\n");
+    assert_eq!(out.status.code(), Some(6));
+
     // Bad input is a 400 that names the problem, before the guest is reached.
     for (body, says) in [
         (json!({ "command": "" }), "command"),
@@ -687,4 +708,114 @@ fn exec_wakes_a_sleeping_vm_and_an_open_stream_holds_off_idle_sleep() {
         Duration::from_secs(120),
         || state(&d) == "snapshotted",
     );
+}
+
+// ------------------------------------------------------------ Debian
+
+/// The Debian cloud-init image: HATCH_TEST_DEBIAN_IMAGE_DIR, else
+/// target/hatch-image-debian when it was built; None skips the test.
+fn debian_image_dir() -> Option<std::path::PathBuf> {
+    let dir = match std::env::var_os("HATCH_TEST_DEBIAN_IMAGE_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => {
+            let d = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("target/hatch-image-debian");
+            if !d.join("rootfs.ext4").exists() {
+                eprintln!("skipped: no Debian test image (set HATCH_TEST_DEBIAN_IMAGE_DIR)");
+                return None;
+            }
+            d
+        }
+    };
+    assert!(
+        dir.join("rootfs.ext4").exists(),
+        "Debian test image missing in {}",
+        dir.display()
+    );
+    Some(dir)
+}
+
+/// exec on the Debian image (OpenSSH and the CA's trust from cloud-init's
+/// vendor-data, bash as agent's shell): output, stdin, env, root through
+/// sudo, a timeout that kills, a TTY over the WebSocket.
+#[test]
+fn exec_on_the_debian_cloud_init_image() {
+    use serde_json::json;
+    let Some(img) = debian_image_dir() else {
+        return;
+    };
+    let d = Daemon::start_with(&[("HATCH_IMAGE_IMPORT_DIRS", img.to_str().unwrap())]);
+    let r = d.req(
+        "POST",
+        "/images",
+        Some(
+            &json!({
+                "name": "debian",
+                "kernel_path": img.join("vmlinuz"),
+                "initrd_path": img.join("initrd.img"),
+                "rootfs_path": img.join("rootfs.ext4"),
+            })
+            .to_string(),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    let vm = d.create_vm(&json!({"image_id": r.body["id"], "mem_mib": 1024}).to_string());
+    let id = vm["id"].as_str().unwrap().to_string();
+    // A Debian boot under TCG takes minutes, and cloud-init installs the
+    // CA's trust in its last stage: until then the guest refuses (502).
+    let deadline = std::time::Instant::now() + Duration::from_secs(900);
+    let first = loop {
+        let r = exec(&d, &d.key, &id, json!({ "command": "id -un; echo $0" }));
+        if r.status == 200 {
+            break r.body;
+        }
+        assert_eq!(r.status, 502, "while the guest boots: {}", r.text);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exec never worked: {}",
+            r.text
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    assert_eq!(
+        first["stdout"].as_str().unwrap().lines().next(),
+        Some("agent")
+    );
+    let r = exec_ok(&d, &id, json!({ "command": ["sudo", "-n", "id", "-u"] }));
+    assert_eq!(r["stdout"], "0\n", "root through sudo: {r}");
+    let r = exec_ok(
+        &d,
+        &id,
+        json!({ "command": "read a; echo \"$a $V\" >&2; exit 4", "stdin": "in\n", "env": {"V": "v"} }),
+    );
+    assert_eq!(r["stderr"], "in v\n");
+    assert_eq!(r["exit_code"], 4);
+    let r = exec_ok(
+        &d,
+        &id,
+        json!({ "command": "sleep 100 & sleep 101", "timeout_seconds": 2 }),
+    );
+    assert_eq!(r["timed_out"], true, "{r}");
+    let r = exec_ok(
+        &d,
+        &id,
+        json!({ "command": "pgrep -c -f 'sleep 10[01]' || true" }),
+    );
+    assert_eq!(r["stdout"], "0\n", "the timed-out commands are gone: {r}");
+    let key = d.key.clone();
+    in_daemon_ns(&d, move || {
+        Box::pin(async move {
+            let mut ws = ws_open(
+                &key,
+                &id,
+                "tty=true&cols=90&rows=30&command=tty%3B%20stty%20size",
+            )
+            .await
+            .unwrap();
+            let got = ws_to_end(&mut ws).await;
+            assert!(got.text().contains("/dev/pts/"), "{}", got.text());
+            assert!(got.text().contains("30 90"), "{}", got.text());
+            assert_eq!(got.exit.unwrap()["exit_code"], 0);
+        })
+    });
 }

@@ -6,7 +6,9 @@ the caller has; a `cursor` must be one the list handed out; a restore or fork
 may ask only for a target its snapshot's kind can give; a route needs a VM
 with networking; `connect` signs only an OpenSSH public key; an uploaded
 kernel and rootfs must be a kernel and a disk; `logs?follow=true` on a
-running VM never ends (it streams until the VM stops).
+running VM never ends (it streams until the VM stops); `exec` runs what it is
+given in a real guest (a fuzzed command line could run for its whole
+timeout, and env names must be shell names).
 The document says each of these answers (400 with a reason), but a JSON
 Schema cannot say which values pass, so schemathesis' schema-valid data would
 break them at random. Here, only in cases meant to be valid, such values are
@@ -15,6 +17,7 @@ be invalid, and every other field, stay as generated.
 """
 
 import os
+import re
 
 import requests
 import schemathesis
@@ -88,6 +91,18 @@ def map_case(context, case):
     if method == "POST" and path == "/vms/{vm_id}/connect" and isinstance(body, dict):
         # Any string fits the schema; only an OpenSSH public key line is one.
         body["public_key"] = PUBLIC_KEY
+    if method == "POST" and path == "/vms/{vm_id}/exec" and isinstance(body, dict):
+        # A command that ends at once, in a directory that exists, with env
+        # names a shell takes; timeout, stdin and the rest stay as generated.
+        body["command"] = ["true"] if isinstance(body.get("command"), list) else "true"
+        if isinstance(body.get("env"), dict):
+            body["env"] = {
+                k: v.replace("\0", "")
+                for k, v in body["env"].items()
+                if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,255}", k) and isinstance(v, str)
+            }
+        if isinstance(body.get("cwd"), str):
+            body["cwd"] = "/"
     if method == "POST" and path.endswith(("/restore", "/fork")) and isinstance(body, dict):
         snapshot = get(f"/snapshots/{case.path_parameters.get('snapshot_id')}")
         if snapshot is not None and snapshot["kind"] == "Standby":
