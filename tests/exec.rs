@@ -264,6 +264,13 @@ fn exec_runs_commands_for_their_owner_only() {
     let id = vm["id"].as_str().unwrap();
     let offline = d.create_vm(r#"{"enable_network": false}"#);
     let offline_id = offline["id"].as_str().unwrap();
+    // A guest that no longer accepts the daemon's certificate: its user data
+    // (run as root after the seed's vendor-data) names another principal.
+    let refusing = d.create_vm(
+        &json!({ "user_data": "#!/bin/sh\necho vm_someoneelse > /etc/ssh/hatch/principals/agent\necho principals-replaced\n" })
+            .to_string(),
+    );
+    let refusing_id = refusing["id"].as_str().unwrap();
 
     // The Hatch shape: a shell line, its stdout, stderr and exit code, as agent.
     let r = exec_ok(
@@ -378,6 +385,16 @@ fn exec_runs_commands_for_their_owner_only() {
     let r = exec(&d, &d.key, offline_id, json!({ "command": "true" }));
     assert_eq!(r.status, 409, "{}", r.text);
     assert!(r.error().contains("no network"), "{}", r.text);
+
+    // A guest whose SSH refuses the daemon: 502 that says so.
+    d.wait_console(refusing_id, "principals-replaced");
+    let r = exec(&d, &d.key, refusing_id, json!({ "command": "true" }));
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert!(
+        r.error().contains("refused the daemon's certificate"),
+        "{}",
+        r.text
+    );
 
     // A timeout kills the command (and what it started) and says so.
     let started = std::time::Instant::now();

@@ -22,8 +22,9 @@ pub const MAX_EXEC_TIMEOUT_SECS: u64 = 3600;
 /// The most of stdout, and of stderr, an exec answer carries; the rest is
 /// read and dropped.
 pub const EXEC_OUTPUT_CAP: usize = 1024 * 1024;
-/// After a timeout kill, how long the exit status may take to arrive.
-const KILL_GRACE: Duration = Duration::from_secs(5);
+/// After a timeout kill, how long the kill itself and then the exit status
+/// may take (a loaded TCG guest is slow to fork).
+const KILL_GRACE: Duration = Duration::from_secs(15);
 
 /// What to run: a shell command line or an argv, and how.
 #[derive(Debug, Clone)]
@@ -79,33 +80,38 @@ impl ExecSpec {
         Ok(())
     }
 
-    /// The line the guest's login shell runs. It starts with a marker
-    /// comment (`: hatch-exec-TOKEN`) so `kill_line` can find the session
-    /// leader, and ends in `exit $?` so no shell execs the last command
-    /// (which would replace the leader's command line and lose the marker).
+    /// The line the guest's login shell runs. It first writes its own pid
+    /// (sshd made it a session and group leader, so that is also the group
+    /// of everything the command starts) to a file named by `token`, which
+    /// `kill_line` reads; the file goes when the command ends.
     fn line(&self, token: &str) -> String {
-        let mut line = format!(": {MARKER}{token}; ");
-        if let Some(cwd) = &self.cwd {
-            line.push_str(&format!("cd -- {} || exit 1; ", quote(cwd)));
-        }
+        let file = pid_file(token);
+        let mut cmd = String::new();
         for (name, value) in &self.env {
-            line.push_str(&format!("{name}={} ", quote(value)));
+            cmd.push_str(&format!("{name}={} ", quote(value)));
         }
         match &self.command {
             Command::Shell(s) => {
-                line.push_str(&format!("\"${{SHELL:-/bin/sh}}\" -c {}", quote(s)));
+                cmd.push_str(&format!("\"${{SHELL:-/bin/sh}}\" -c {}", quote(s)));
             }
             Command::Argv(words) => {
                 let quoted: Vec<String> = words.iter().map(|w| quote(w)).collect();
-                line.push_str(&quoted.join(" "));
+                cmd.push_str(&quoted.join(" "));
             }
         }
-        line.push_str("; exit $?");
-        line
+        let run = match &self.cwd {
+            // A missing directory: the shell says why on stderr, and 1.
+            Some(cwd) => format!("if cd -- {}; then {cmd}; else false; fi", quote(cwd)),
+            None => cmd,
+        };
+        format!("echo $$ > {file} 2>/dev/null; {run}; r=$?; rm -f {file}; exit $r")
     }
 }
 
-const MARKER: &str = "hatch-exec-";
+/// Where an exec's leader writes its pid: /tmp, named by the exec's random token.
+fn pid_file(token: &str) -> String {
+    format!("/tmp/.hatch-exec-{token}.pid")
+}
 
 /// A shell variable name, as POSIX has it (and not absurdly long).
 pub fn valid_env_name(name: &str) -> bool {
@@ -121,14 +127,14 @@ pub fn quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
 }
 
-/// A line that SIGKILLs the process group of the exec marked `token`: the
-/// login shell sshd started is a session (and group) leader, and what the
-/// command started stays in its group unless it made its own. The marker
-/// is spelt in two quoted halves so this line's own shell does not match.
+/// A line that SIGKILLs the process group of the exec `token` names (its
+/// leader's pid file), then removes the file. `kill -9 -PGID` is the one
+/// spelling dash, bash and busybox all take (dash refuses `-KILL --`,
+/// busybox `-s KILL --`).
 fn kill_line(token: &str) -> String {
+    let file = pid_file(token);
     format!(
-        "pat='{MARKER}''{token}'; for d in /proc/[0-9]*; do p=${{d#/proc/}}; [ \"$p\" = \"$$\" ] && continue; \
-         case \"$(tr '\\000' ' ' < \"$d/cmdline\" 2>/dev/null)\" in *\"$pat\"*) kill -KILL -- \"-$p\" \"$p\" 2>/dev/null;; esac; done; exit 0"
+        "p=$(cat {file} 2>/dev/null); if [ -n \"$p\" ]; then kill -9 -\"$p\" 2>/dev/null; kill -9 \"$p\" 2>/dev/null; fi; rm -f {file}; exit 0"
     )
 }
 
@@ -386,13 +392,21 @@ async fn run_exec(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut killed_at: Option<Instant> = None;
     loop {
+        // After a kill, waiting for the channel to close is bounded too: a
+        // process the kill missed (it left the group) may hold the pipes open.
+        let given_up =
+            tokio::time::Instant::from_std(killed_at.map_or_else(Instant::now, |t| t + KILL_GRACE));
         let next = tokio::select! {
             o = output.next() => o,
+            _ = tokio::time::sleep_until(given_up), if killed_at.is_some() => {
+                tracing::warn!(vm = %link.vm_id, "exec: the channel stayed open after the kill; closing the session");
+                break;
+            }
             _ = tokio::time::sleep_until(deadline), if killed_at.is_none() => {
                 out.timed_out = true;
                 killed_at = Some(Instant::now());
+                // The channel stays open: its exit status (KILL) comes next.
                 link.kill(&token).await;
-                let _ = input.close().await;
                 continue;
             }
             _ = &mut gone, if killed_at.is_none() => {
@@ -408,9 +422,6 @@ async fn run_exec(
             Some(Output::Stderr(b)) => se.push(&b),
             Some(Output::Exit(status)) => out.record_exit(status),
             None => break,
-        }
-        if killed_at.is_some_and(|t| t.elapsed() > KILL_GRACE) {
-            break;
         }
     }
     feeder.abort();
@@ -513,12 +524,60 @@ mod tests {
     }
 
     #[test]
-    fn the_kill_line_does_not_match_itself() {
-        let line = kill_line("abc");
-        assert!(!line.contains("hatch-exec-abc"), "{line}");
-        assert!(spec(Command::Shell("x".into()))
-            .line("abc")
-            .starts_with(": hatch-exec-abc;"));
+    fn the_pid_file_is_the_exec_s_own_and_goes_when_it_ends() {
+        let token = new_token();
+        let line = spec(Command::Shell("exit 3".into())).line(&token);
+        assert!(line.starts_with(&format!("echo $$ > {}", pid_file(&token))));
+        assert_eq!(sh(&line).1, 3);
+        assert!(!std::path::Path::new(&pid_file(&token)).exists());
+    }
+
+    /// The kill line, run by the host's /bin/sh as a guest's would be,
+    /// SIGKILLs a marked exec's leader and what it started in the background.
+    #[test]
+    fn the_kill_line_kills_the_marked_process_group() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let token = new_token();
+        let s = spec(Command::Shell("sleep 1000 & sleep 1001".into()));
+        // A group of its own, as sshd's setsid gives every session.
+        let mut leader = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(s.line(&token))
+            .env("SHELL", "/bin/sh")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let pgid = leader.id() as i32;
+        // SAFETY: kill(2) with signal 0 only checks that the group exists.
+        assert_eq!(unsafe { libc::kill(-pgid, 0) }, 0, "the group runs");
+        let (_, code) = sh(&kill_line(&token));
+        assert_eq!(code, 0);
+        let status = leader.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        // Killed members linger as zombies until init reaps them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // SAFETY: as above.
+        while unsafe { libc::kill(-pgid, 0) } == 0 {
+            assert!(Instant::now() < deadline, "a process of the group survived");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Another marked group is not touched.
+        let mut other = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(spec(Command::Shell("sleep 1000".into())).line(&new_token()))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        sh(&kill_line(&token));
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "another exec was killed"
+        );
+        // SAFETY: SIGKILL to the test's own child's group.
+        unsafe { libc::kill(-(other.id() as i32), libc::SIGKILL) };
+        other.wait().unwrap();
     }
 
     #[test]
