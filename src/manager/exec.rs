@@ -549,6 +549,15 @@ mod tests {
             .unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let pgid = leader.id() as i32;
+        /// Kills the test's own process group when the test ends, failed or not.
+        struct Reap(i32);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                // SAFETY: SIGKILL to a process group this test made.
+                unsafe { libc::kill(-self.0, libc::SIGKILL) };
+            }
+        }
+        let _reap = Reap(pgid);
         // SAFETY: kill(2) with signal 0 only checks that the group exists.
         assert_eq!(unsafe { libc::kill(-pgid, 0) }, 0, "the group runs");
         let (_, code) = sh(&kill_line(&token));
@@ -569,6 +578,7 @@ mod tests {
             .process_group(0)
             .spawn()
             .unwrap();
+        let _reap_other = Reap(other.id() as i32);
         std::thread::sleep(Duration::from_millis(200));
         sh(&kill_line(&token));
         assert!(
