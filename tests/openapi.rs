@@ -131,6 +131,23 @@ generation = { max-examples = 4 }
 include-path = "/images"
 include-method = "POST"
 generation = { max-examples = 4 }
+
+# A WebSocket: schemathesis sends plain GETs, which the route refuses (400,
+# documented) even when the query is valid, so positive data cannot be
+# accepted here; every other check still runs. tests/exec.rs drives it
+# with a real WebSocket client.
+[[operations]]
+include-path = "/vms/{vm_id}/exec/ws"
+include-method = "GET"
+checks = { positive_data_acceptance = { enabled = false }, not_a_server_error = { expected-statuses = ["2XX", "3XX", "4XX", "502"] } }
+
+# 502 is exec's documented answer when the guest's SSH refuses the daemon:
+# a fork's guest does (its memory still names the source VM as the
+# principal: src/ssh/README.md, "Forks"), and the fuzzer makes forks.
+[[operations]]
+include-path = "/vms/{vm_id}/exec"
+include-method = "POST"
+checks = { not_a_server_error = { expected-statuses = ["2XX", "3XX", "4XX", "502"] } }
 "#,
     )
     .unwrap();
@@ -186,9 +203,13 @@ generation = { max-examples = 4 }
         .filter(|name| *name != "Stateful tests")
         .map(str::to_string)
         .collect();
-    // schemathesis leaves out the operation that serves the document it
-    // loaded; the_document_is_served_without_a_key covers that one.
+    // schemathesis usually leaves out the operation that serves the document
+    // it loaded, but not always (with per-operation check settings in the
+    // config it reported it too); the_document_is_served_without_a_key
+    // covers that one either way.
     let mut expected = documented;
     assert!(expected.remove("GET /openapi.json"));
+    let mut tested = tested;
+    tested.remove("GET /openapi.json");
     assert_eq!(tested, expected, "operations tested, and in the document");
 }

@@ -40,6 +40,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/vms/{vm_id}/restore", post(restore_vm))
         .route("/vms/{vm_id}/snapshots", get(list_vm_snapshots))
         .route("/vms/{vm_id}/connect", post(super::ssh::connect))
+        .route("/vms/{vm_id}/exec", post(super::exec::exec_vm))
+        .route("/vms/{vm_id}/exec/ws", get(super::exec::exec_ws))
         .route(
             "/vms/{vm_id}/files",
             // Files stream both ways; the guest's disk is their only limit.

@@ -5,6 +5,7 @@ mod auth;
 mod better_auth;
 mod edge;
 mod error;
+mod exec;
 mod files;
 mod hatch;
 mod hypeman;

@@ -250,6 +250,8 @@ pub struct ImageUpload {
         super::ssh::connect,
         super::files::download,
         super::files::upload,
+        super::exec::exec_vm,
+        super::exec::exec_ws,
         hatch::create_route,
         hatch::list_routes,
         hatch::delete_route,
@@ -279,6 +281,7 @@ pub struct ImageUpload {
         CreateVm, UpdateVm, CreateRoute, CreateSnapshot, FromSnapshot, CreateImage,
         ImageUpload, CreateTemplate, super::ssh::ConnectRequest, super::ssh::ConnectView,
         super::files::FileEntryView, super::files::FileWrittenView,
+        super::exec::ExecRequest, super::exec::CommandField, super::exec::ExecView,
     )),
     modifiers(&Security),
     tags(

@@ -100,6 +100,61 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
             }
         }
         VmCmd::Cp { src, dst } => copy(client, out, &src, &dst).await?,
+        VmCmd::Exec {
+            vm,
+            timeout,
+            env,
+            cwd,
+            stdin,
+            command,
+        } => {
+            let id = resolve::vm(client, &vm).await?;
+            let mut body = json!({ "command": command });
+            if let Some(t) = timeout {
+                body["timeout_seconds"] = json!(t);
+            }
+            if !env.is_empty() {
+                body["env"] = Value::Object(
+                    env.into_iter()
+                        .map(|(k, v)| (k, Value::String(v)))
+                        .collect(),
+                );
+            }
+            if let Some(c) = cwd {
+                body["cwd"] = json!(c);
+            }
+            if stdin {
+                let mut input = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
+                    .map_err(|e| CliError::Other(format!("reading standard input: {e}")))?;
+                body["stdin"] = json!(input);
+            }
+            let a = client.post(&format!("/vms/{id}/exec"), &body).await?;
+            if out.json {
+                println!("{}", a.text);
+                return Ok(());
+            }
+            let text = |k: &str| a.json[k].as_str().unwrap_or("").to_string();
+            let _ = std::io::stdout().write_all(text("stdout").as_bytes());
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().write_all(text("stderr").as_bytes());
+            for (flag, what) in [
+                ("stdout_truncated", "stdout"),
+                ("stderr_truncated", "stderr"),
+            ] {
+                if a.json[flag] == true {
+                    eprintln!("hatch: {what} was cut at the server's cap");
+                }
+            }
+            if a.json["timed_out"] == true {
+                eprintln!("hatch: the command timed out and was killed");
+            }
+            // The command's own exit code is this program's, as with ssh.
+            let code = a.json["exit_code"].as_i64().unwrap_or(255);
+            if code != 0 {
+                std::process::exit(code.clamp(0, 255) as i32);
+            }
+        }
         VmCmd::Logs { vm, follow } => {
             let id = resolve::vm(client, &vm).await?;
             let path = if follow {

@@ -71,6 +71,27 @@ pub enum VmCmd {
         /// A local file or directory, or `VM:/absolute/path`.
         dst: String,
     },
+    /// Run a command in a VM as `agent` and print its output; exits with
+    /// its exit code (`hatch vm exec web -- ls -l /`).
+    Exec {
+        /// VM name or id.
+        vm: String,
+        /// Seconds before the command is killed (server default 60, at most 3600).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// NAME=VALUE for the command's environment; repeat for several.
+        #[arg(long = "env", short = 'e', value_parser = parse_tag)]
+        env: Vec<(String, String)>,
+        /// The directory to run in.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Send this program's standard input to the command (up to about 900 KiB).
+        #[arg(long, short = 'i')]
+        stdin: bool,
+        /// The command and its arguments, run as given (`-- sh -c '...'` for a shell line).
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
     /// Print a VM's serial console.
     Logs {
         /// VM name or id.

@@ -11,6 +11,7 @@ mod chunks;
 mod compression;
 pub mod console;
 mod error;
+pub mod exec;
 pub mod files;
 mod fork;
 mod hot;

@@ -8,7 +8,9 @@ with networking; `connect` signs only an OpenSSH public key; an uploaded
 kernel and rootfs must be a kernel and a disk; `logs?follow=true` on a
 running VM never ends (it streams until the VM stops); the files API needs a
 path that exists (or whose directory does) in the guest, and a guest whose
-sshd is up (until then it answers 502, as documented).
+sshd is up (until then it answers 502, as documented); `exec` runs what it
+is given in a real guest (a fuzzed command line could run for its whole
+timeout, and env names must be shell names).
 The document says each of these answers (400 with a reason), but a JSON
 Schema cannot say which values pass, so schemathesis' schema-valid data would
 break them at random. Here, only in cases meant to be valid, such values are
@@ -17,6 +19,7 @@ be invalid, and every other field, stay as generated.
 """
 
 import os
+import re
 import time
 
 import requests
@@ -100,6 +103,10 @@ def map_case(context, case):
         body["rootfs"] = ROOTFS
         # A second, ELF kernel must match the first; the test has none to give.
         body.pop("kernel_elf", None)
+        # boot_args is one line without control characters (the JSON form's
+        # schema says so with a pattern; a form field's cannot).
+        if isinstance(body.get("boot_args"), str):
+            body["boot_args"] = re.sub(r"[\x00-\x1f\x7f-\x9f]", "", body["boot_args"])
     if path == "/vms/{vm_id}/files" and isinstance(case.query, dict):
         # Any absolute path fits the schema; these exist (or their directory
         # does) in every guest, and agent may read and write them.
@@ -108,6 +115,18 @@ def map_case(context, case):
     if method == "POST" and path == "/vms/{vm_id}/connect" and isinstance(body, dict):
         # Any string fits the schema; only an OpenSSH public key line is one.
         body["public_key"] = PUBLIC_KEY
+    if method == "POST" and path == "/vms/{vm_id}/exec" and isinstance(body, dict):
+        # A command that ends at once, in a directory that exists, with env
+        # names a shell takes; timeout, stdin and the rest stay as generated.
+        body["command"] = ["true"] if isinstance(body.get("command"), list) else "true"
+        if isinstance(body.get("env"), dict):
+            body["env"] = {
+                k: v.replace("\0", "")
+                for k, v in body["env"].items()
+                if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,255}", k) and isinstance(v, str)
+            }
+        if isinstance(body.get("cwd"), str):
+            body["cwd"] = "/"
     if method == "POST" and path.endswith(("/restore", "/fork")) and isinstance(body, dict):
         snapshot = get(f"/snapshots/{case.path_parameters.get('snapshot_id')}")
         if snapshot is not None and snapshot["kind"] == "Standby":
