@@ -2,8 +2,6 @@
 //! capped output) and the session a streaming exec drives.
 
 use super::idle::Busy;
-use super::routes::WakeError;
-use super::state::VmState;
 use super::{Manager, ManagerError, Result};
 use crate::ssh::client::{ChannelSpec, ClientError, ExitStatus, GuestSession, Output, PtySize};
 use crate::store::Owner;
@@ -277,48 +275,7 @@ impl Manager {
     /// error), a sleeping VM woken first (as `connect` does), 502 when the
     /// guest's SSH fails. The VM counts as busy while the link is held.
     pub async fn guest_link(self: &Arc<Self>, owner: &Owner, id: &str) -> Result<GuestLink> {
-        let mut vm = self.visible_vm(owner, id).await?;
-        if !vm.enable_network {
-            return Err(ManagerError::Conflict(format!(
-                "vm {id} has no network (enable_network is false), so the daemon cannot reach it over SSH"
-            )));
-        }
-        let ca = self
-            .ssh_ca()
-            .cloned()
-            .ok_or_else(|| ManagerError::Unavailable("the SSH CA is not set up".into()))?;
-        // The VM must be running with its activity counted; idle sleep may
-        // take it between a wake and the count, so try a few times.
-        let mut busy = None;
-        for _ in 0..3 {
-            match vm.state {
-                VmState::Running => {}
-                VmState::Snapshotted => {
-                    self.wake(id).await.map_err(|e| match e {
-                        WakeError::NotAsleep(why) => ManagerError::Conflict(why),
-                        WakeError::Failed(e) => {
-                            ManagerError::Internal(format!("waking vm {id} for exec: {e}"))
-                        }
-                    })?;
-                }
-                other => {
-                    return Err(ManagerError::Conflict(format!(
-                        "vm {id} is {other}; exec needs it running (start it with POST /vms/{id}/start)"
-                    )))
-                }
-            }
-            if let Some(b) = self.enter_vm(id) {
-                busy = Some(b);
-                break;
-            }
-            vm = self.visible_vm(owner, id).await?;
-        }
-        let busy = busy.ok_or_else(|| {
-            ManagerError::Conflict(format!(
-                "vm {id} kept going to sleep while exec tried to reach it; try again"
-            ))
-        })?;
-        let vm = self.visible_vm(owner, id).await?;
+        let (vm, ca, busy) = self.busy_for_ssh(owner, id, "exec").await?;
         let ip = vm
             .guest_ip
             .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no guest address")))?;

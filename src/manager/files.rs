@@ -2,8 +2,6 @@
 //! renamed), streamed downloads and directory listings, as user `agent`.
 
 use super::idle::Busy;
-use super::routes::WakeError;
-use super::state::VmState;
 use super::{Manager, ManagerError, Result};
 use crate::ssh::client::{ClientError, GuestSession};
 use bytes::Bytes;
@@ -233,37 +231,10 @@ impl Manager {
         owner: &crate::store::Owner,
         id: &str,
     ) -> Result<GuestFiles> {
-        let vm = self.visible_vm(owner, id).await?;
-        let ip = vm.guest_ip.filter(|_| vm.enable_network).ok_or_else(|| {
-            ManagerError::Conflict(format!(
-                "vm {id} has no network (enable_network is false), so its files cannot be reached"
-            ))
-        })?;
-        let ca = self
-            .ssh_ca()
-            .cloned()
-            .ok_or_else(|| ManagerError::Unavailable("the SSH CA is not set up".into()))?;
-        match vm.state {
-            VmState::Running => {}
-            VmState::Snapshotted => {
-                self.wake(id).await.map_err(|e| match e {
-                    WakeError::NotAsleep(why) => ManagerError::Conflict(why),
-                    WakeError::Failed(e) => {
-                        ManagerError::Internal(format!("waking vm {id} for a file transfer: {e}"))
-                    }
-                })?;
-            }
-            other => {
-                return Err(ManagerError::Conflict(format!(
-                    "vm {id} is {other}; its files need it running (start it with POST /vms/{id}/start)"
-                )))
-            }
-        }
-        let busy = self.activity.enter(id).ok_or_else(|| {
-            ManagerError::Conflict(format!(
-                "vm {id} is going to sleep right now; try again (the request will wake it)"
-            ))
-        })?;
+        let (vm, ca, busy) = self.busy_for_ssh(owner, id, "a file transfer").await?;
+        let ip = vm
+            .guest_ip
+            .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no guest address")))?;
         let addr = SocketAddr::new(ip.into(), 22);
         let session = GuestSession::connect(&ca, id, addr, LOGIN_TIMEOUT)
             .await
