@@ -68,9 +68,11 @@ impl Manager {
                     }
                 })?;
             }
-            other => return Err(ManagerError::Conflict(format!(
+            other => {
+                return Err(ManagerError::Conflict(format!(
                 "vm {id} is {other}; {what} needs it running (start it with POST /vms/{id}/start)"
-            ))),
+            )))
+            }
         }
         Ok((vm, ca))
     }
