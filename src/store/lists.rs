@@ -165,20 +165,20 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::domain::{SnapshotKind, Tags, VmConfig};
     use crate::manager::requests::SnapshotFilter;
     use crate::store::{NewVm, Owner, Vm};
 
     /// A real SQLite file in a fresh directory, removed afterwards.
-    struct Temp {
+    pub(in crate::store) struct Temp {
         dir: std::path::PathBuf,
-        store: Store,
+        pub store: Store,
     }
 
     impl Temp {
-        async fn new() -> Temp {
+        pub async fn new() -> Temp {
             let dir = std::env::temp_dir().join(format!(
                 "hatch-lists-test-{}-{}",
                 std::process::id(),
@@ -196,7 +196,8 @@ mod tests {
         }
     }
 
-    fn vm(owner: &Owner, created_at: &str) -> Vm {
+    /// A test VM of `owner` made at `created_at` (not inserted).
+    pub(in crate::store) fn vm(owner: &Owner, created_at: &str) -> Vm {
         let mut vm = Vm::new(NewVm {
             owner_id: owner.id.clone(),
             image_id: "img_default".into(),

@@ -268,37 +268,13 @@ impl Store {
 mod tests {
     use super::*;
     use crate::domain::VmState;
+    use crate::store::lists::tests::{vm as test_vm, Temp};
     use crate::store::{NewVm, Owner};
-
-    async fn temp() -> (tempdir::Dir, Store) {
-        let dir = tempdir::Dir::new();
-        let store = Store::open(&dir.0.join("hatch.db")).await.unwrap();
-        (dir, store)
-    }
-
-    mod tempdir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Dir {
-                let d = std::env::temp_dir().join(format!(
-                    "hatch-packed-test-{}-{}",
-                    std::process::id(),
-                    crate::ids::random_string(8)
-                ));
-                std::fs::create_dir_all(&d).unwrap();
-                Dir(d)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-    }
 
     #[tokio::test]
     async fn the_column_list_is_the_table() {
-        let (_d, store) = temp().await;
+        let t = Temp::new().await;
+        let store = &t.store;
         let cols: Vec<(String,)> = sqlx::query_as("SELECT name FROM pragma_table_info('vms')")
             .fetch_all(&store.pool)
             .await
@@ -321,7 +297,8 @@ mod tests {
     /// and the row decoder give the same VM, field by field.
     #[tokio::test]
     async fn a_packed_row_reads_as_the_row_decoder_reads_it() {
-        let (_d, store) = temp().await;
+        let t = Temp::new().await;
+        let store = &t.store;
         let owner: Owner = store.create_owner("own_p", "p").await.unwrap();
         let mut vm = Vm::new(NewVm {
             owner_id: owner.id.clone(),
@@ -398,29 +375,15 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_list_and_a_bad_row() {
-        let (_d, store) = temp().await;
+        let t = Temp::new().await;
+        let store = &t.store;
         let owner = store.create_owner("own_q", "q").await.unwrap();
         assert!(store
             .list_vms_page(&owner.id, &Page::all())
             .await
             .unwrap()
             .is_empty());
-        let vm = Vm::new(NewVm {
-            owner_id: owner.id.clone(),
-            image_id: "img_x".into(),
-            image_dir: "/x".into(),
-            template_id: None,
-            vcpu_count: 1,
-            mem_mib: 128,
-            boot_args: String::new(),
-            enable_network: false,
-            user_data: None,
-            hypervisor: "test".into(),
-            name: None,
-            snapshot_compression: None,
-            auto_sleep: true,
-            idle_timeout_seconds: None,
-        });
+        let vm = test_vm(&owner, "2026-12-01T00:00:00Z");
         store.insert_vm(&vm).await.unwrap();
         sqlx::query("UPDATE vms SET guest_ip = 'not an ip', state = 'from-the-future'")
             .execute(&store.pool)
@@ -444,28 +407,14 @@ mod tests {
     }
     #[tokio::test]
     async fn all_and_networked_vms_in_insertion_order() {
-        let (_d, store) = temp().await;
+        let t = Temp::new().await;
+        let store = &t.store;
         let owner = store.create_owner("own_r", "r").await.unwrap();
         let mut ids = vec![];
         for i in 0..5 {
-            let mut vm = Vm::new(NewVm {
-                owner_id: owner.id.clone(),
-                image_id: "img_x".into(),
-                image_dir: "/x".into(),
-                template_id: None,
-                vcpu_count: 1,
-                mem_mib: 128,
-                boot_args: String::new(),
-                enable_network: i % 2 == 0,
-                user_data: None,
-                hypervisor: "test".into(),
-                name: None,
-                snapshot_compression: None,
-                auto_sleep: true,
-                idle_timeout_seconds: None,
-            });
             // Newer rows made "earlier": the order is the insertion's, not the clock's.
-            vm.created_at = format!("2026-12-01T00:00:0{}Z", 9 - i);
+            let mut vm = test_vm(&owner, &format!("2026-12-01T00:00:0{}Z", 9 - i));
+            vm.enable_network = i % 2 == 0;
             store.insert_vm(&vm).await.unwrap();
             if i % 2 == 0 {
                 sqlx::query("UPDATE vms SET guest_ip = ? WHERE id = ?")
