@@ -19,18 +19,8 @@ const MEM_MIB: u64 = 256;
 /// One sample of `GET /metrics`: `series` is the name with its labels, as
 /// the text has it (`hatch_hot_copy_bytes`, `hatch_standby_restores_total{memory="hot"}`).
 fn metric(d: &Daemon, series: &str) -> f64 {
-    let r = d.curl(
-        "GET",
-        "/metrics",
-        &[format!("Authorization: Bearer {TOKEN}")],
-        None,
-    );
-    assert_eq!(r.status, 200, "{}", r.text);
-    r.text
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{series} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in:\n{}", r.text))
+    d.metric_sample(TOKEN, series)
+        .unwrap_or_else(|| panic!("no {series} in GET /metrics"))
 }
 
 fn restores(d: &Daemon, memory: &str) -> f64 {

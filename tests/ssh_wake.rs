@@ -29,18 +29,7 @@ fn daemon(extra: &[(&str, &str)]) -> Daemon {
 
 /// One sample of `GET /metrics`, 0 when the series is not there yet.
 fn metric(d: &Daemon, series: &str) -> f64 {
-    let r = d.curl(
-        "GET",
-        "/metrics",
-        &[format!("Authorization: Bearer {TOKEN}")],
-        None,
-    );
-    assert_eq!(r.status, 200, "{}", r.text);
-    r.text
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{series} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    d.metric_sample(TOKEN, series).unwrap_or(0.0)
 }
 
 fn wakes(d: &Daemon) -> f64 {

@@ -614,6 +614,23 @@ impl Daemon {
     }
 
     /// A request as alice.
+    /// One sample of `GET /metrics` read with `token`: `series` is the name
+    /// with its labels as the text has it (`hatch_wakes_total{result="ok"}`);
+    /// None when the series is not there.
+    pub fn metric_sample(&self, token: &str, series: &str) -> Option<f64> {
+        let r = self.curl(
+            "GET",
+            "/metrics",
+            &[format!("Authorization: Bearer {token}")],
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{series} ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> Response {
         self.as_key(&self.key, method, path, body)
     }
