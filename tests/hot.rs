@@ -140,6 +140,63 @@ fn a_wake_maps_its_hot_copy_only_for_its_own_snapshot() {
     assert_eq!(hot_bytes(&d), 0);
 }
 
+/// A checkpoint (Hypeman's Standby of a running instance) keeps its own copy
+/// of the guest's RAM, made while the guest was paused: the guest runs on
+/// and writes to its RAM, and a later restore to the checkpoint maps that
+/// copy and counts on from the checkpoint's moment, not from where the guest
+/// had run to. A second checkpoint replaces it; deleting that snapshot frees it.
+#[test]
+fn a_checkpoint_keeps_its_own_copy_while_its_guest_runs_on() {
+    let d = Daemon::start_with(&[
+        ("HATCH_HOT_SLEEP_SECONDS", "600"),
+        ("HATCH_METRICS_TOKEN", TOKEN),
+    ]);
+    let id = ticking_guest(&d);
+    let checkpoint = |d: &Daemon| -> String {
+        let r = d.req(
+            "POST",
+            &format!("/instances/{id}/snapshots"),
+            Some(r#"{"kind": "Standby"}"#),
+        );
+        assert_eq!(r.status, 201, "{}", r.text);
+        assert_eq!(
+            d.vm(&id)["state"],
+            "running",
+            "a checkpoint leaves it running"
+        );
+        r.body["id"].as_str().unwrap().to_string()
+    };
+    let snap = checkpoint(&d);
+    // Read once the guest runs again: at most a tick past the checkpoint's.
+    let frozen = last_tick(&d.logs(&id));
+    assert_eq!(hot_bytes(&d), MEM_MIB << 20, "the checkpoint's copy");
+    wait_until("the guest runs on", Duration::from_secs(60), || {
+        last_tick(&d.logs(&id)) >= frozen + 3
+    });
+    assert_eq!(d.req("POST", &format!("/vms/{id}/stop"), None).status, 200);
+    assert_eq!(hot_bytes(&d), MEM_MIB << 20, "a stop keeps it");
+    let r = d.req(
+        "POST",
+        &format!("/instances/{id}/snapshots/{snap}/restore"),
+        Some(r#"{"target_state": "Running"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    counts_on_from(&d, &id, frozen, 2);
+    assert_eq!(restores(&d, "hot"), 1.0, "the copy was mapped");
+    assert_eq!(restores(&d, "store"), 0.0);
+    assert_eq!(hot_bytes(&d), 0, "the restore took it");
+
+    let first = checkpoint(&d);
+    let second = checkpoint(&d);
+    assert_eq!(hot_bytes(&d), MEM_MIB << 20, "one copy per VM: the latest");
+    let r = d.req("DELETE", &format!("/snapshots/{first}"), None);
+    assert!(r.status < 300, "{}", r.text);
+    assert_eq!(hot_bytes(&d), MEM_MIB << 20, "not the first's any more");
+    let r = d.req("DELETE", &format!("/snapshots/{second}"), None);
+    assert!(r.status < 300, "{}", r.text);
+    assert_eq!(hot_bytes(&d), 0, "deleting its snapshot frees it");
+}
+
 /// A daemon killed with a hot copy leaves nothing behind and its VM wakes
 /// from the store; after `HATCH_HOT_SLEEP_SECONDS` the copy is dropped (deep
 /// sleep) and the wake comes from the store too.

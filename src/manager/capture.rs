@@ -14,11 +14,22 @@ use crate::vmm::{fifo::MemoryPipe, VmSpec, Vmm};
 use std::path::Path;
 use std::sync::Arc;
 
-/// A capture's guest RAM (open) and device state: a hot copy to be.
 /// What a capture keeps for a hot copy: the guest's RAM open, where a
 /// backend that maps its memory file privately keeps that file (None: the
 /// RAM is the VMM's shared memory), and the saved device state.
 pub(super) type HotParts = ((std::fs::File, Option<super::hot::HotFile>), Vec<u8>);
+
+/// What a Standby capture keeps of the guest's memory as a hot copy (hot.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum KeepHot {
+    No,
+    /// The VMM ends after the capture: its RAM itself (or its memory file).
+    Own,
+    /// The guest runs on (a checkpoint): a copy of its RAM made while it is
+    /// paused, so that its later writes never reach the copy. A VMM that
+    /// saves its memory to a file of its own needs no copy: that file is it.
+    Copy,
+}
 
 impl Manager {
     /// Hatch's `POST /vms/{id}/snapshot`: a Standby snapshot with the VM's
@@ -183,11 +194,19 @@ impl Manager {
         self.gateway_take_over(vm).await;
         let spec = self.spec_for(vm, backend);
         let dir = self.work_dir(&vm.id).join(format!("capture-{}", snap.id));
-        // A guest that goes to sleep leaves its RAM as a hot copy for its wake.
-        let keep_hot = then == super::checkpoint::AfterCapture::Standby
-            && !self.config.idle.hot_sleep.is_zero()
-            && backend.capabilities().memory == crate::vmm::MemoryTransport::MappedFile;
-        let captured = self.capture(backend, &spec, &dir, snap, keep_hot).await;
+        // A guest that goes to sleep leaves its RAM as a hot copy for its
+        // wake; a checkpoint keeps a copy of it for a restore to that moment.
+        let keep = match then {
+            _ if self.config.idle.hot_sleep.is_zero()
+                || backend.capabilities().memory != crate::vmm::MemoryTransport::MappedFile =>
+            {
+                KeepHot::No
+            }
+            super::checkpoint::AfterCapture::Standby => KeepHot::Own,
+            super::checkpoint::AfterCapture::Resume if self.room_for_copy(vm) => KeepHot::Copy,
+            super::checkpoint::AfterCapture::Resume => KeepHot::No,
+        };
+        let captured = self.capture(backend, &spec, &dir, snap, keep).await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let captured =
             captured.context(|| format!("snapshot of vm {} failed, the VM keeps running", vm.id));
@@ -223,6 +242,12 @@ impl Manager {
         // Recorded before the VMM ends: a crash from here on recovers as snapshotted.
         // (A checkpoint records nothing and keeps its VMM: the caller resumes it.)
         if then == super::checkpoint::AfterCapture::Resume {
+            if let Some(((ram, file), state)) = hot {
+                let bytes = ram.metadata().map(|m| m.len()).unwrap_or(0);
+                // No disk stamp: the guest resumes and writes to its disk
+                // at once, maybe within one tick of the file clock.
+                self.hold_hot(vm, snap, (ram, file), state, bytes, None);
+            }
             return Ok(());
         }
         self.store.set_vm_standby(&vm.id, Some(&snap.id)).await?;
@@ -256,6 +281,35 @@ impl Manager {
             return;
         }
         let disk = super::hot::DiskStamp::of(&backend.disk_path(&self.work_dir(&vm.id)));
+        self.hold_hot(vm, snap, (ram, file), state, bytes, disk);
+    }
+
+    /// Whether the host has room for a copy of `vm`'s RAM beside its floor
+    /// of available memory (`HATCH_HOT_MIN_AVAILABLE`): a checkpoint's copy
+    /// is made only then, never pushing the host into pressure.
+    fn room_for_copy(&self, vm: &Vm) -> bool {
+        let bytes = (vm.mem_mib.max(0) as u64) << 20;
+        let Some(mem) = super::hot::HostMemory::read() else {
+            return false;
+        };
+        let room = mem.available >= mem.floor(self.config.idle.hot_min_available) + bytes;
+        if !room {
+            tracing::info!(vm = %vm.id, available_mib = mem.available >> 20, "no hot copy for this checkpoint: the host is short of memory");
+        }
+        room
+    }
+
+    /// Keeps `ram` and `state` as `vm`'s hot copy of `snap` (any it had
+    /// goes), then drops the oldest while all of them exceed `HATCH_HOT_MEMORY_MAX`.
+    fn hold_hot(
+        &self,
+        vm: &Vm,
+        snap: &Snapshot,
+        (ram, file): (std::fs::File, Option<super::hot::HotFile>),
+        state: Vec<u8>,
+        bytes: u64,
+        disk: Option<super::hot::DiskStamp>,
+    ) {
         self.hot.keep(
             &vm.id,
             super::hot::HotCopy {
@@ -289,7 +343,7 @@ impl Manager {
     /// disk upload only the chunks the owner lacks; the device state is one
     /// small object. `snap.size_bytes` is what this capture added to the
     /// store until the commit sets the snapshot's own. The caller removes
-    /// `dir`, and commits or abandons what is returned. With `keep_hot`
+    /// `dir`, and commits or abandons what is returned. With `keep`
     /// (a backend with `shared_ram`), also the guest's RAM, open, and the
     /// device state's bytes: the parts of a hot copy (hot.rs).
     pub(super) async fn capture(
@@ -298,7 +352,7 @@ impl Manager {
         spec: &VmSpec,
         dir: &Path,
         snap: &mut Snapshot,
-        keep_hot: bool,
+        keep: KeepHot,
     ) -> Result<(ChunkedCapture, Option<HotParts>)> {
         let saved = Self::check_standby_support(backend).map_err(ManagerError::BadRequest)?;
         tokio::fs::create_dir_all(dir).await?;
@@ -324,11 +378,34 @@ impl Manager {
                 SavedMemory::File => {
                     backend.snapshot(spec, &files).await?;
                     let shared = backend.capabilities().shared_ram;
-                    if keep_hot && shared {
-                        hot = Some((std::fs::File::open(&files.memory)?, None));
-                    }
-                    let chunked = self.chunk_file(&mut cap, &files.memory).await?;
-                    if keep_hot && !shared {
+                    let chunked = match keep {
+                        KeepHot::Own if shared => {
+                            hot = Some((std::fs::File::open(&files.memory)?, None));
+                            self.chunk_file(&mut cap, &files.memory).await?
+                        }
+                        KeepHot::Copy if shared => {
+                            // Copied in the kernel while it is chunked: the
+                            // guest stays paused no longer than the chunking.
+                            let ram = std::fs::File::open(&files.memory)?;
+                            let copying = tokio::task::spawn_blocking(move || {
+                                crate::vmm::ram::duplicate(&ram)
+                            });
+                            let (chunked, copy) =
+                                tokio::join!(self.chunk_file(&mut cap, &files.memory), copying);
+                            match copy {
+                                Ok(Ok(copy)) => hot = Some((copy, None)),
+                                Ok(Err(e)) => {
+                                    tracing::warn!(snapshot = %snap.id, "no hot copy: copying the guest's RAM: {e}")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(snapshot = %snap.id, "no hot copy: copying the guest's RAM: {e}")
+                                }
+                            }
+                            chunked?
+                        }
+                        _ => self.chunk_file(&mut cap, &files.memory).await?,
+                    };
+                    if keep != KeepHot::No && !shared {
                         // A VMM that maps its memory file privately restores
                         // from a file: this one stays, beside the VM's files,
                         // out of the capture directory that goes.

@@ -12,6 +12,9 @@
 //! VM drops it (stale). The durable copy in the store is written before the
 //! snapshot is reported stored, as without a hot copy.
 //!
+//! A checkpoint (the guest runs on) keeps a copy of the RAM made while the
+//! guest was paused instead (capture.rs, `KeepHot::Copy`), with no disk stamp.
+//!
 //! Hot copies live only in this process: a daemon that exits or crashes
 //! leaves no file behind, and its VMs wake from the store. Deep sleep drops
 //! one after `HATCH_HOT_SLEEP_SECONDS`, when all of them would exceed
@@ -145,6 +148,14 @@ impl HotCopies {
         }
         tracing::info!(vm = %vm_id, hot = %copy.snapshot_id, wanted = %snapshot_id, "stale hot copy dropped");
         None
+    }
+
+    /// Drops the hot copy of `snapshot_id` (a deleted snapshot), if any; true if there was one.
+    pub fn drop_snapshot(&self, snapshot_id: &str) -> bool {
+        let mut map = self.by_vm.lock().unwrap();
+        let before = map.len();
+        map.retain(|_, c| c.snapshot_id != snapshot_id);
+        map.len() != before
     }
 
     /// Drops `vm_id`'s hot copy, if any; true if there was one.

@@ -216,6 +216,10 @@ impl Manager {
         // Its chunks that no other snapshot shares are orphaned, collected later.
         self.store.delete_snapshot(id).await?;
         self.snap_locks.lock().unwrap().remove(id);
+        // A checkpoint's hot copy is of no use once its snapshot is gone.
+        if self.hot.drop_snapshot(id) {
+            self.telemetry.hot_copies(self.hot.total());
+        }
         self.collect_after_delete();
         Ok(())
     }
