@@ -65,6 +65,9 @@ from benchlib import (  # noqa: E402
 
 PROXY_HOST = "127.0.0.1"
 PROXY_PORT = 8081
+# The reference proxy (HAProxy) listens here, beside the daemon's proxy.
+REF_PORT = 8082
+REF_START_TIMEOUT_S = 15.0
 BASE_DOMAIN = "localhost"
 SUBDOMAIN = "bench"
 VHOST = f"{SUBDOMAIN}.{BASE_DOMAIN}"
@@ -140,9 +143,10 @@ def time_wait_to(ip, port):
     return n
 
 
-def per_request_us(r):
-    """The daemon's CPU time over a wrk run / the requests wrk completed, in microseconds."""
-    return r["daemon_s"] / r["requests"] * 1e6 if r["requests"] and r["daemon_s"] is not None else None
+def per_request_us(r, cpu="daemon_s"):
+    """The daemon's (or with cpu="ref_s", HAProxy's) CPU time over a wrk run / the requests wrk completed, in
+    microseconds."""
+    return r[cpu] / r["requests"] * 1e6 if r["requests"] and r.get(cpu) is not None else None
 
 
 def thread_cpu(pid):
@@ -173,15 +177,16 @@ def children_cpu():
 
 
 class Meter:
-    """CPU over an interval, in cores: the host, the daemon, QEMU (busiest thread, all), reaped children."""
+    """CPU over an interval, in cores: the host, the daemon, HAProxy, QEMU (busiest thread, all), reaped children."""
 
-    def __init__(self, daemon_pid, qemu_pid, guest):
-        self.dpid, self.qpid, self.guest = daemon_pid, qemu_pid, guest
+    def __init__(self, daemon_pid, qemu_pid, guest, ref_pid=None):
+        self.dpid, self.qpid, self.guest, self.rpid = daemon_pid, qemu_pid, guest, ref_pid
 
     def start(self):
         self.busy = CpuBusy().start()
         self.t0 = now()
         self.d0 = cpu_split(self.dpid)
+        self.r0 = cpu_split(self.rpid) if self.rpid else None
         self.q0 = thread_cpu(self.qpid)
         self.c0 = children_cpu()
         self.n0 = tcp_ext(*SYN_COUNTERS)
@@ -194,6 +199,8 @@ class Meter:
         self.busy.stop()
         dt = now() - self.t0
         d1, q1, c1 = cpu_split(self.dpid), thread_cpu(self.qpid), children_cpu()
+        r1 = cpu_split(self.rpid) if self.rpid else None
+        ref = sum(r1) - sum(self.r0) if r1 is not None and self.r0 is not None else None
         n1 = tcp_ext(*SYN_COUNTERS)
         opens = active_opens() - self.o0
         s1 = steal_jiffies()
@@ -208,6 +215,11 @@ class Meter:
             "daemon": (sum(d1) - sum(self.d0)) / dt if ok else None,
             "daemon_user": (d1[0] - self.d0[0]) / dt if ok else None,
             "daemon_sys": (d1[1] - self.d0[1]) / dt if ok else None,
+            # The reference proxy (HAProxy, all its threads), when one runs.
+            "ref_s": ref,
+            "ref": ref / dt if ref is not None else None,
+            "ref_user": (r1[0] - self.r0[0]) / dt if ref is not None else None,
+            "ref_sys": (r1[1] - self.r0[1]) / dt if ref is not None else None,
             "net": {k: (n1[k] - self.n0[k]) if n1[k] is not None and self.n0[k] is not None else None
                     for k in SYN_COUNTERS},
             "vcpu": max(used) / dt if used else None,
@@ -284,6 +296,7 @@ class Bench:
         self.ns = os.environ.get("HATCH_BENCH_NS", "")
         self.hatchd = Daemon(self.tmp, os.environ["HATCH_BENCH_BIN"], os.environ["HATCH_BENCH_IMAGE"])
         self.procs = []
+        self.ref = None  # HAProxy's Popen while it runs
         self.vm = None
         self.vm_id = None
         self.ip = None
@@ -477,12 +490,83 @@ class Bench:
         if waited >= 1:
             log(f"waited {waited:.0f}s for other QEMUs to finish" + (f"; still {len(others)}" if others else ""))
 
+    # ------------------------------------------------------------ the reference proxy
+
+    def haproxy_config(self):
+        """HAProxy in HTTP mode on its own loopback port, forwarding to the guest as hatch's proxy does."""
+        threads = self.args.haproxy_threads or os.cpu_count() or 1
+        # The guest's httpd closes after every answer: keep-alive towards it would never be reused, so
+        # the choice only decides whether HAProxy itself asks for the close or waits for the guest's.
+        server_side = "http-server-close" if self.args.haproxy_mode == "server-close" else "http-keep-alive"
+        self.facts["haproxy_threads"] = threads
+        self.facts["haproxy_option"] = server_side
+        return "\n".join([
+            "global",
+            f"    nbthread {threads}",
+            "    maxconn 4096",
+            "",
+            "defaults",
+            "    mode http",
+            f"    option {server_side}",
+            "    timeout connect 5s",
+            "    timeout client 30s",
+            "    timeout server 30s",
+            "",
+            "frontend bench",
+            f"    bind {PROXY_HOST}:{REF_PORT}",
+            "    default_backend guest",
+            "",
+            "backend guest",
+            f"    server guest {self.ip}:{GUEST_PORT}",
+            "",
+        ])
+
+    def start_haproxy(self):
+        """Runs the haproxy binary in the foreground (`-db`) with a config in the temp dir: no service."""
+        v = subprocess.run(["haproxy", "-v"], capture_output=True, text=True)
+        self.facts["haproxy"] = (v.stdout.splitlines() or ["?"])[0].split(" - ")[0]
+        cfg = self.tmp / "haproxy.cfg"
+        cfg.write_text(self.haproxy_config())
+        check = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise BenchError(f"haproxy -c -f {cfg}: {check.stdout}{check.stderr}")
+        self.ref_log = self.tmp / "haproxy.log"
+        with open(self.ref_log, "wb") as out:
+            self.ref = self.spawn(["haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
+        deadline = now() + REF_START_TIMEOUT_S
+        while True:
+            if self.ref.poll() is not None:
+                raise BenchError(f"haproxy exited {self.ref.returncode}: {self.ref_log.read_text(errors='replace')}")
+            try:
+                self.facts["haproxy_status"] = http_get(PROXY_HOST, REF_PORT, VHOST, timeout=5)[2]
+                break
+            except (OSError, BenchError) as e:
+                if now() > deadline:
+                    raise BenchError(f"haproxy on {PROXY_HOST}:{REF_PORT} does not answer: {e}\n"
+                                     f"{self.ref_log.read_text(errors='replace')}")
+                time.sleep(0.1)
+        log(f"HAProxy (pid {self.ref.pid}, nbthread {self.facts['haproxy_threads']}, "
+            f"option {self.facts['haproxy_option']}) on {PROXY_HOST}:{REF_PORT} -> {self.ip}:{GUEST_PORT} answers")
+
+    def stop_haproxy(self):
+        """Once the wrk runs are done: the later steps run without it, as before."""
+        if self.ref is None:
+            return
+        self.ref.terminate()
+        self.reap(self.ref, 10)
+        self.ref = None
+
     # ------------------------------------------------------------ 1. wrk
 
     def paths(self):
-        return [Target("direct", f"direct `{self.ip}:{GUEST_PORT}`", f"http://{self.ip}:{GUEST_PORT}{PATH}", None),
-                Target("proxy", f"proxy `{PROXY_HOST}:{PROXY_PORT}`, Host `{VHOST}`",
-                      f"http://{PROXY_HOST}:{PROXY_PORT}{PATH}", VHOST)]
+        paths = [Target("direct", f"direct `{self.ip}:{GUEST_PORT}`", f"http://{self.ip}:{GUEST_PORT}{PATH}", None),
+                 Target("proxy", f"proxy `{PROXY_HOST}:{PROXY_PORT}`, Host `{VHOST}`",
+                        f"http://{PROXY_HOST}:{PROXY_PORT}{PATH}", VHOST)]
+        if self.ref is not None:
+            # The same command line as through hatch's proxy, Host header included.
+            paths.append(Target("haproxy", f"HAProxy `{PROXY_HOST}:{REF_PORT}`, Host `{VHOST}`",
+                                f"http://{PROXY_HOST}:{REF_PORT}{PATH}", VHOST))
+        return paths
 
     def wrk_once(self, load, path, seconds):
         argv = ["wrk", f"-t{load.threads}", f"-c{load.conns}", f"-d{seconds}s", "--timeout", "5s", "--latency"]
@@ -492,7 +576,8 @@ class Bench:
             argv += ["-H", "Connection: close"]
         argv.append(path.url)
         others = other_qemu_pids(self.tmp)
-        meter = Meter(self.hatchd.proc.pid, self.qemu_pid, (self.ip, GUEST_PORT)).start()
+        meter = Meter(self.hatchd.proc.pid, self.qemu_pid, (self.ip, GUEST_PORT),
+                      self.ref.pid if self.ref is not None else None).start()
         p = self.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         text = self.reap(p, seconds + 60).decode(errors="replace")
         cpu = meter.stop()
@@ -521,11 +606,14 @@ class Bench:
                     r = self.wrk_once(load, p, self.args.duration)
                     self.wrk.setdefault((load.key, p.key), []).append(r)
                     log(f"run {i + 1}/{self.args.runs} -c{load.conns}{' close' if load.close else ''} "
-                        f"{p.key:6}: {r['rps']:7.1f} req/s, p50 {r['lat'].get('50%', float('nan')):.2f} ms, "
+                        f"{p.key:7}: {r['rps']:7.1f} req/s, p50 {r['lat'].get('50%', float('nan')):.2f} ms, "
                         f"p99 {r['lat'].get('99%', float('nan')):.2f} ms, errors {r['errors']}, non-2xx "
                         f"{r['non2xx']}; daemon {fnum(per_request_us(r), '{:.0f}')} us CPU per request, "
-                        f"{r['time_wait']} TIME_WAIT to the guest; cores: daemon {r['daemon'] or 0:.2f}, vCPU {r['vcpu'] or 0:.2f}, "
-                        f"wrk {r['client']:.2f}, host {r['host'] or 0:.2f}, steal {r['steal'] or 0:.2f}, other QEMUs {r['others']}")
+                        + (f"HAProxy {fnum(per_request_us(r, 'ref_s'), '{:.0f}')} us, " if p.key == "haproxy" else "")
+                        + f"{r['time_wait']} TIME_WAIT to the guest; cores: daemon {r['daemon'] or 0:.2f}, "
+                        + (f"HAProxy {r['ref'] or 0:.2f}, " if r["ref"] is not None else "")
+                        + f"vCPU {r['vcpu'] or 0:.2f}, wrk {r['client']:.2f}, host {r['host'] or 0:.2f}, "
+                        f"steal {r['steal'] or 0:.2f}, other QEMUs {r['others']}")
 
     # ------------------------------------------------------------ 2. single GETs on an idle guest
 
@@ -677,14 +765,18 @@ class Bench:
         self.start_daemon()
         self.create_vm()
         self.create_route()
+        if not self.args.no_reference:
+            self.start_haproxy()
         self.gather_facts()
         self.wait_quiet()
         self.sample_others()
         self.load_before = os.getloadavg()[0]
         t0 = now()
         busy = CpuBusy().start()
-        log(f"wrk: {len(self.loads)} loads x direct/proxy, {self.args.runs} runs of {self.args.duration}s")
+        log(f"wrk: {len(self.loads)} loads x {'/'.join(p.key for p in self.paths())}, "
+            f"{self.args.runs} runs of {self.args.duration}s")
         self.wrk_runs()
+        self.stop_haproxy()
         log(f"single GETs on an idle guest: {self.args.requests} per path")
         self.single_gets()
         log(f"first wake vs restore + GET: {self.args.runs} runs each")
@@ -743,6 +835,12 @@ def fmt_ms(xs):
 
 
 
+def load_words(load):
+    """A load in a sentence."""
+    return ("with `Connection: close`" if load.close
+            else f"with {load.conns} connections" if load.conns > 1 else "with one connection")
+
+
 def connects_per_request(rs):
     """TCP connects made in the namespace during the runs / requests wrk completed in them."""
     done = sum(r["requests"] for r in rs)
@@ -761,6 +859,7 @@ def render(meta, b, markdown):
         add_heading(add, markdown, text)
 
     f, q = b.facts, b.quiet
+    has_ref = any(k == "haproxy" for _, k in b.wrk)
     affected = sum(1 for rs in b.wrk.values() for r in rs if r["others"])
     total_runs = sum(len(rs) for rs in b.wrk.values())
     cmd = b.cmdline
@@ -785,14 +884,26 @@ def render(meta, b, markdown):
         f"`Connection: {f['guest_connection']}`; ready line `{f['ready']}`  ")
     add(f"Proxy: the daemon's, on `{PROXY_HOST}:{PROXY_PORT}` (`HATCH_PROXY_ADDR`), base domain `{BASE_DOMAIN}`; "
         f"route `{SUBDOMAIN}` -> port {GUEST_PORT} (`POST /vms/{{id}}/routes`), the VM `auto_sleep: false`  ")
+    if has_ref:
+        add(f"Reference: {f['haproxy']} (Debian's `haproxy`, not the system service: the binary in the foreground "
+            f"in the bench's namespace, `haproxy -db -f` a config in the temp dir), on `{PROXY_HOST}:{REF_PORT}`, "
+            f"`mode http`, `option {f['haproxy_option']}`, `nbthread {f['haproxy_threads']}`, one server "
+            f"`GUEST_IP:{GUEST_PORT}` (no health checks); it answers `{f['haproxy_status']}`; it runs only during "
+            f"the wrk runs  ")
     add(f"Client: {f['wrk']}, `--timeout 5s --latency`, on the same host; all traffic stays in the bench's "
         f"namespace (`lo` and `hatch0`)  ")
-    add(f"Runs: {meta['runs']} of each measurement (median, min-max), direct and proxy interleaved, alternating "
-        f"which goes first; wrk runs of {args.duration} s after an uncounted 2 s warm-up per path and load, "
+    add(f"Runs: {meta['runs']} of each measurement (median, min-max), "
+        + ("direct, proxy and HAProxy interleaved in the wrk runs, rotating which goes first (direct and proxy "
+           "alternating in the others)" if has_ref else "direct and proxy interleaved, alternating which goes first")
+        + f"; wrk runs of {args.duration} s after an uncounted 2 s warm-up per path and load, "
         f"1 s idle before each")
     add("")
 
     paths = [("direct", f"direct `GUEST_IP:{GUEST_PORT}`"), ("proxy", f"proxy `127.0.0.1:{PROXY_PORT}`")]
+    # The single GETs and the wake compare direct and proxy only; the wrk tables add the reference.
+    single_paths = list(paths)
+    if has_ref:
+        paths.append(("haproxy", f"HAProxy `127.0.0.1:{REF_PORT}`"))
 
     def runs(load, path):
         return b.wrk[(load.key, path)]
@@ -802,8 +913,9 @@ def render(meta, b, markdown):
 
     head("Throughput and latency: through the proxy vs straight to the guest")
     add(f"The same wrk command line on both paths; through the proxy with `-H \"Host: {VHOST}\"`. "
-        f"requests/s, and the p50 / p99 wrk reports for each run (median of the runs, min-max). "
-        f"errors = wrk's socket errors (connect, read, write, timeout) + non-2xx responses, summed over the runs.")
+        + ("Through HAProxy (the reference) the same command line, Host header included. " if has_ref else "")
+        + "requests/s, and the p50 / p99 wrk reports for each run (median of the runs, min-max). "
+        "errors = wrk's socket errors (connect, read, write, timeout) + non-2xx responses, summed over the runs.")
     add("")
     rows = []
     for load in b.loads:
@@ -852,30 +964,68 @@ def render(meta, b, markdown):
     table(["load", "proxy / direct requests/s", f">= {RPS_TARGET}", "wrk p50 added", "wrk p99 added",
            f"< {P99_TARGET_MS:g} ms", "mean time per request, direct / proxy", "added"], rows)
 
+    ref = {}
+    if has_ref:
+        add(f"The reference: HAProxy against direct, and hatch's proxy against HAProxy, computed as above "
+            f"(pooled requests/s, in brackets the per-run ranges; runs i of the three paths belong together). "
+            f"HAProxy / direct is what a proxy that is not hatch's reaches on this host and guest: the distance "
+            f"from it to {RPS_TARGET} is not hatch's code. hatch / HAProxy is hatch's proxy against that "
+            f"reference (1 = as fast), and the last column hatch's p99 minus HAProxy's.")
+        add("")
+        rows = []
+        for load in b.loads:
+            d, p, h = runs(load, "direct"), runs(load, "proxy"), runs(load, "haproxy")
+            h_ratio, hp_ratio = pooled_rps(h) / pooled_rps(d), pooled_rps(p) / pooled_rps(h)
+            pair_h = [hh["rps"] / dd["rps"] for dd, hh in zip(d, h)]
+            pair_hp = [pp["rps"] / hh["rps"] for hh, pp in zip(h, p)]
+            h50 = med(lat(h, "50%")) - med(lat(d, "50%"))
+            h99 = med(lat(h, "99%")) - med(lat(d, "99%"))
+            pair50 = [hh["lat"]["50%"] - dd["lat"]["50%"] for dd, hh in zip(d, h)]
+            pair99 = [hh["lat"]["99%"] - dd["lat"]["99%"] for dd, hh in zip(d, h)]
+            hp99 = med(lat(p, "99%")) - med(lat(h, "99%"))
+            ref[load.key] = {"ratio": h_ratio, "hatch": hp_ratio, "add50": h50, "add99": h99}
+            rows.append([load.label(args.duration), f"{h_ratio:.3f} {rng(pair_h, '{:.3f}')}",
+                         "met" if h_ratio >= RPS_TARGET else "MISSED",
+                         f"{h50:+.2f} ms {rng(pair50, '{:+.2f}')}", f"{h99:+.2f} ms {rng(pair99, '{:+.2f}')}",
+                         f"{hp_ratio:.3f} {rng(pair_hp, '{:.3f}')}", f"{hp99:+.2f} ms"])
+        table(["load", "HAProxy / direct requests/s", f">= {RPS_TARGET}", "wrk p50 added", "wrk p99 added",
+               "hatch / HAProxy requests/s", "hatch p99 - HAProxy p99"], rows)
+
     head("CPU during the wrk runs")
     add("Cores (CPU seconds per second of the run, median of the runs) from /proc: the daemon (`hatch serve`, "
         "all threads: the proxy is in it), QEMU's busiest thread (with one vCPU under TCG, the vCPU), all of "
         "QEMU, wrk, and the whole host (/proc/stat); everything else = host - the daemon, QEMU and wrk (other users' builds and "
         "tests, this script, the kernel's softirq work not charged to a process); steal = CPU time the hypervisor "
         "under this (virtual) machine gave to others (/proc/stat). Daemon per request = its CPU time / requests "
-        "served.")
+        "served."
+        + (" HAProxy: the reference's process (all threads, /proc/PID/stat) the same way, and HAProxy per "
+           "request its CPU time / the requests it served; everything else leaves it out too." if has_ref else ""))
     add("")
     rows = []
     for load in b.loads:
         for key, label in paths:
             rs = runs(load, key)
             per_req = [per_request_us(r) for r in rs]
+            ref_cols = []
+            if has_ref:
+                ref_cols = ([fmt([r["ref"] for r in rs]),
+                             f"{med([r['ref_user'] for r in rs]):.2f} / {med([r['ref_sys'] for r in rs]):.2f}",
+                             fmt([per_request_us(r, "ref_s") for r in rs], "{:.0f}", " us")]
+                            if key == "haproxy" else ["-", "-", "-"])
             rows.append([load.label(args.duration), label, fmt([r["daemon"] for r in rs]),
                          f"{med([r['daemon_user'] for r in rs]):.2f} / {med([r['daemon_sys'] for r in rs]):.2f}",
-                         fmt(per_req, "{:.0f}", " us") if key == "proxy" else "-",
+                         fmt(per_req, "{:.0f}", " us") if key == "proxy" else "-", *ref_cols,
                          fmt([r["vcpu"] for r in rs]), fmt([r["qemu"] for r in rs]),
                          fmt([r["client"] for r in rs]), fmt([r["host"] for r in rs]),
-                         fmt([max(0.0, r["host"] - (r["daemon"] or 0) - (r["qemu"] or 0) - r["client"])
+                         fmt([max(0.0, r["host"] - (r["daemon"] or 0) - (r.get("ref") or 0) - (r["qemu"] or 0)
+                                  - r["client"])
                               if r["host"] is not None else None for r in rs]),
                          fmt([r["steal"] for r in rs]),
                          f"{sum(r['net']['TCPSynRetrans'] or 0 for r in rs)}",
                          f"{connects_per_request(rs):.2f}", fmt([r["time_wait"] for r in rs], "{:.0f}")])
-    table(["load", "path", "daemon", "daemon user / sys", "daemon per request", "QEMU vCPU thread", "QEMU all",
+    ref_heads = ["HAProxy", "HAProxy user / sys", "HAProxy per request"] if has_ref else []
+    table(["load", "path", "daemon", "daemon user / sys", "daemon per request", *ref_heads, "QEMU vCPU thread",
+           "QEMU all",
            "wrk", "host busy", "everything else", "steal", "SYN retransmits (all runs)",
            "TCP connects per request", "TIME_WAIT to the guest after a run"], rows)
     add("SYN retransmits: `TCPSynRetrans` of the namespace (/proc/net/netstat) over the runs: connects from "
@@ -897,7 +1047,7 @@ def render(meta, b, markdown):
     add("")
     rows = []
     single = {}
-    for key, label in paths:
+    for key, label in single_paths:
         xs = b.single[key]
         st = stats([t for t, _, _ in xs])
         single[key] = st
@@ -1004,6 +1154,21 @@ def render(meta, b, markdown):
            f"a load, so single run pairs are noisy and the pooled ratios are the better figure."
            if spread and max(spread) >= SPREAD_NOISY_PCT else ""))
     add("")
+    if ref:
+        def each(key, f):
+            return ", ".join(f"{f.format(ref[load.key][key])} {load_words(load)}" for load in b.loads)
+
+        missed = [load_words(load) for load in b.loads if ref[load.key]["ratio"] < RPS_TARGET]
+        cpu_h = {load.key: med([per_request_us(r, "ref_s") for r in runs(load, "haproxy")]) for load in b.loads}
+        cpu_p = {load.key: med([per_request_us(r) for r in runs(load, "proxy")]) for load in b.loads}
+        add(f"Against the direct requests/s the reference, HAProxy, serves {each('ratio', '{:.2f}x')}: "
+            + (f"below {RPS_TARGET} {' and '.join(missed)}, so there a proxy that is not hatch's misses the "
+               f"target on this host too" if missed else f"at least {RPS_TARGET} for every load")
+            + f". Against HAProxy's, hatch's proxy serves {each('hatch', '{:.2f}x')}. CPU per request, "
+            + "; ".join(f"{load_words(load)}: HAProxy {fnum(cpu_h[load.key], '{:.0f}')} us, the daemon "
+                        f"{fnum(cpu_p[load.key], '{:.0f}')} us" for load in b.loads)
+            + ".")
+        add("")
     if syn_d or syn_p:
         req_d, req_p = sum(r["requests"] for r in dm), sum(r["requests"] for r in pm)
         share_d, share_p = syn_d / max(req_d, 1), syn_p / max(req_p, 1)
@@ -1081,6 +1246,13 @@ def main():
                     help="wrk connections of the main load (default 16, 2 threads); a 1-connection load runs too")
     ap.add_argument("--no-close", action="store_true",
                     help="skip the 1-connection load with `Connection: close`")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the reference proxy (HAProxy) beside hatch's in the wrk runs")
+    ap.add_argument("--haproxy-threads", type=int, default=1,
+                    help="the reference HAProxy's nbthread (default 1; 0: one per core)")
+    ap.add_argument("--haproxy-mode", choices=("keep-alive", "server-close"), default="keep-alive",
+                    help="the reference HAProxy's connection mode towards the guest: `option http-keep-alive` "
+                         "(default) or `option http-server-close`")
     ap.add_argument("--requests", type=int, default=200,
                     help="single GETs per path on an idle guest (default 200)")
     ap.add_argument("--wait-quiet", type=int, default=600,
@@ -1095,7 +1267,7 @@ def main():
     args = ap.parse_args()
     for name, lo, hi in (("runs", 1, 100), ("duration", 1, 600), ("connections", 1, 1000),
                          ("requests", 1, 10000), ("wait_quiet", 0, 3600),
-                         ("pair_wait", 0, 3600)):
+                         ("pair_wait", 0, 3600), ("haproxy_threads", 0, 64)):
         if not lo <= getattr(args, name) <= hi:
             ap.error(f"--{name.replace('_', '-')} must be between {lo} and {hi}")
     if "HATCH_BENCH_TMP" not in os.environ:
