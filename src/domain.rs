@@ -414,6 +414,11 @@ pub struct VmConfig {
     pub enable_network: Option<bool>,
     pub guest_ip: Option<Ipv4Addr>,
     pub guest_mac: Option<MacAddr>,
+    /// The SSH principal the guest's memory trusts (its VM's id, or for a
+    /// fork not yet told its own, the id it was forked from). Left out when
+    /// absent, so older rows read and write back as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_principal: Option<String>,
     pub image_id: Option<String>,
     /// The address in the guest's memory (differs from guest_ip for a fork).
     pub inner_ip: Option<Ipv4Addr>,

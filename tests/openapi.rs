@@ -140,14 +140,6 @@ generation = { max-examples = 4 }
 include-path = "/vms/{vm_id}/exec/ws"
 include-method = "GET"
 checks = { positive_data_acceptance = { enabled = false }, not_a_server_error = { expected-statuses = ["2XX", "3XX", "4XX", "502"] } }
-
-# 502 is exec's documented answer when the guest's SSH refuses the daemon:
-# a fork's guest does (its memory still names the source VM as the
-# principal: src/ssh/README.md, "Forks"), and the fuzzer makes forks.
-[[operations]]
-include-path = "/vms/{vm_id}/exec"
-include-method = "POST"
-checks = { not_a_server_error = { expected-statuses = ["2XX", "3XX", "4XX", "502"] } }
 "#,
     )
     .unwrap();

@@ -53,6 +53,9 @@ pub fn network_config(n: &SeedNet) -> String {
 /// Where the guest keeps what `vendor_data` writes.
 pub const GUEST_CA_FILE: &str = "/etc/ssh/hatch/user_ca.pub";
 pub const GUEST_PRINCIPALS_DIR: &str = "/etc/ssh/hatch/principals";
+/// The directory `agent` owns, holding its principals file (the file
+/// sshd reads is a symlink to it): see `vendor_data`.
+pub const GUEST_OWN_DIR: &str = "/etc/ssh/hatch/agent";
 
 /// `'text'` for sh, whatever `text` holds.
 fn sh_quote(text: &str) -> String {
@@ -75,10 +78,8 @@ principal={principal}
 user={user}
 mkdir -p /etc/ssh/sshd_config.d {principals_dir}
 printf '%s\n' "$ca" >{ca_file}
-# One file per user (%u): a certificate for this VM logs in as $user only.
-printf '%s\n' "$principal" >{principals_dir}/$user
 chmod 755 /etc/ssh/hatch {principals_dir}
-chmod 644 {ca_file} {principals_dir}/$user
+chmod 644 {ca_file}
 printf '%s\n' 'TrustedUserCAKeys {ca_file}' \
     'AuthorizedPrincipalsFile {principals_dir}/%u' >/etc/ssh/sshd_config.d/50-hatch-ca.conf
 grep -qsi '^[[:space:]]*Include[[:space:]].*sshd_config\.d' /etc/ssh/sshd_config ||
@@ -98,6 +99,20 @@ if ! id "$user" >/dev/null 2>&1; then
         chmod 440 "/etc/sudoers.d/90-hatch-$user"
     fi
 fi
+# One file per user (%u): a certificate for this VM logs in as $user only.
+# The file sits in a directory $user owns, behind a symlink from the path sshd
+# reads, so the daemon logged in as $user can tell a fork its own id (it
+# replaces the file); the principals directory stays root's, so $user cannot
+# add a file for another user. sshd checks the resolved path: file and
+# directories owned by root or $user, none writable by group or others.
+own={own_dir}
+mkdir -p "$own"
+printf '%s\n' "$principal" >"$own/principals.new"
+chown "$user" "$own" "$own/principals.new"
+chmod 755 "$own"
+chmod 644 "$own/principals.new"
+mv -f "$own/principals.new" "$own/principals"
+ln -sfn "$own/principals" {principals_dir}/$user
 # A running sshd reads its configuration again (cloud-init runs this after it started).
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     systemctl try-reload-or-restart ssh.service sshd.service 2>/dev/null || true
@@ -110,6 +125,20 @@ fi
         principal = sh_quote(vm_id),
         ca_file = GUEST_CA_FILE,
         principals_dir = GUEST_PRINCIPALS_DIR,
+        own_dir = GUEST_OWN_DIR,
+    )
+}
+
+/// The command the daemon runs in a guest as `agent` to make it trust
+/// certificates for `vm_id` (a fork still naming its source): the file
+/// `vendor_data` gave `agent` is replaced in one rename, so sshd never reads
+/// half of it.
+pub fn own_principal_command(vm_id: &str) -> String {
+    format!(
+        "set -e; umask 022; f={own_dir}/principals; \
+         printf '%s\\n' {principal} >\"$f.$$\"; mv -f \"$f.$$\" \"$f\"",
+        own_dir = GUEST_OWN_DIR,
+        principal = sh_quote(vm_id),
     )
 }
 
@@ -197,5 +226,33 @@ mod tests {
         assert!(v.contains("'TrustedUserCAKeys /etc/ssh/hatch/user_ca.pub'"));
         assert!(v.contains("'AuthorizedPrincipalsFile /etc/ssh/hatch/principals/%u'"));
         assert_eq!(sh_quote("it's"), r#"'it'\''s'"#);
+        // agent owns the file sshd reads (through a symlink), not the directory of every user's.
+        assert!(v.contains("ln -sfn \"$own/principals\" /etc/ssh/hatch/principals/$user\n"));
+        assert!(v.contains("chown \"$user\" \"$own\" \"$own/principals.new\"\n"));
+        assert!(!v.contains("chown \"$user\" /etc/ssh/hatch/principals"));
+    }
+
+    /// The command, run by a real shell against a directory of ours: the
+    /// file ends up holding the new id and nothing else, with no temporary
+    /// left beside it.
+    #[test]
+    fn own_principal_command_replaces_the_file() {
+        let dir = std::env::temp_dir().join(format!("hatch-seed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("principals"), "vm_source\n").unwrap();
+        let line = own_principal_command("vm_fork'1").replace(GUEST_OWN_DIR, dir.to_str().unwrap());
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&line)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("principals")).unwrap(),
+            "vm_fork'1\n"
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -280,7 +280,7 @@ impl Manager {
             .guest_ip
             .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no guest address")))?;
         let addr = SocketAddr::new(ip.into(), 22);
-        let session = connect_retrying(&ca, id, addr).await?;
+        let session = connect_retrying(&ca, id, Self::trusted_principal(&vm), addr).await?;
         Ok(GuestLink {
             session,
             vm_id: id.to_string(),
@@ -393,11 +393,17 @@ async fn run_exec(
 /// Connects, retrying a refused or unreachable connection (sshd starting
 /// after a boot or a wake) until `SSH_CONNECT_TIMEOUT`; any other failure
 /// (a refused certificate, a broken handshake) is final.
-async fn connect_retrying(ca: &crate::ssh::Ca, id: &str, addr: SocketAddr) -> Result<GuestSession> {
+async fn connect_retrying(
+    ca: &crate::ssh::Ca,
+    id: &str,
+    principal: &str,
+    addr: SocketAddr,
+) -> Result<GuestSession> {
     let started = Instant::now();
     loop {
         let left = SSH_CONNECT_TIMEOUT.saturating_sub(started.elapsed());
-        match GuestSession::connect(ca, id, addr, left.max(Duration::from_secs(1))).await {
+        let timeout = left.max(Duration::from_secs(1));
+        match GuestSession::connect_as(ca, id, principal, addr, timeout).await {
             Ok(s) => return Ok(s),
             Err(ClientError::Connect { .. }) if started.elapsed() < SSH_CONNECT_TIMEOUT => {
                 tokio::time::sleep(Duration::from_millis(250)).await;

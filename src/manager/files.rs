@@ -236,7 +236,8 @@ impl Manager {
             .guest_ip
             .ok_or_else(|| ManagerError::Conflict(format!("vm {id} has no guest address")))?;
         let addr = SocketAddr::new(ip.into(), 22);
-        let session = GuestSession::connect(&ca, id, addr, LOGIN_TIMEOUT)
+        let principal = Self::trusted_principal(&vm);
+        let session = GuestSession::connect_as(&ca, id, principal, addr, LOGIN_TIMEOUT)
             .await
             .map_err(|e| guest_failed(format!("vm {id}: {e}")))?;
         let stream = session

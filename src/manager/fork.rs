@@ -150,9 +150,12 @@ impl Manager {
                 let (_r, snap) = self.read_locked(snap).await?;
                 let snap = &snap;
                 self.adopt_memory_address(vm, snap).await?;
+                self.adopt_memory_principal(vm, snap).await?;
                 self.load_standby(vm, snap).await?;
                 self.transition(vm, VmState::Running, None).await?;
                 self.refresh_forwards().await;
+                // Its guest still trusts the source's id: tell it its own.
+                self.tell_guest_its_id(vm).await;
                 Ok(())
             }
             (_, target) => {
@@ -200,6 +203,11 @@ impl Manager {
             snap.vm_config.0.clone(),
         );
         own.source_instance_name = vm.name.clone();
+        // The copy belongs to `vm`, but its memory still trusts what the
+        // original's did (an older row records nothing: its own VM's id).
+        if own.vm_config.guest_principal.is_none() {
+            own.vm_config.guest_principal = Some(snap.vm_id.clone());
+        }
         own.compression = snap.compression.clone();
         own.name = copy_as.name;
         own.tags = Json(copy_as.tags);

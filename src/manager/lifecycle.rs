@@ -236,6 +236,7 @@ impl Manager {
             vm.inner_ip = None;
             vm.inner_mac = None;
         }
+        self.forget_memory_principal(vm).await?;
         let boot_timer = self.telemetry.timer(Operation::Boot);
         match self.boot(vm).await {
             Ok(()) => {

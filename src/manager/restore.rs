@@ -58,6 +58,7 @@ impl Manager {
             vm.standby_snapshot_id.clone(),
             vm.inner_ip,
             vm.inner_mac,
+            vm.guest_principal.clone(),
         );
         {
             // The host must hold its memory; refused, nothing has changed.
@@ -69,6 +70,7 @@ impl Manager {
                 vm.standby_snapshot_id = Some(snap.id.clone());
             }
             self.adopt_memory_address(vm, snap).await?;
+            self.adopt_memory_principal(vm, snap).await?;
             self.transition(vm, VmState::Starting, None).await?;
         }
         match self.load_standby(vm, snap).await {
@@ -78,11 +80,17 @@ impl Manager {
                 self.transition(vm, VmState::Running, None).await?;
                 self.refresh_forwards().await;
                 tracing::info!(vm = %id, snapshot = %snap.id, "restored");
+                // A fork's first wake: its guest learns its own id.
+                self.tell_guest_its_id(vm).await;
                 Ok(())
             }
             Err(e) => {
-                let (state, standby, ip, mac) = before;
+                let (state, standby, ip, mac, principal) = before;
                 self.store.set_vm_standby(&id, standby.as_deref()).await?;
+                self.store
+                    .set_vm_guest_principal(&id, principal.as_deref())
+                    .await?;
+                vm.guest_principal = principal;
                 vm.standby_snapshot_id = standby;
                 self.store.set_vm_inner_address(&id, ip, mac).await?;
                 vm.inner_ip = ip;

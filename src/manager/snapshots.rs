@@ -117,6 +117,9 @@ impl Manager {
             inner_mac: vm.inner_mac.or(vm.guest_mac),
             user_data: vm.user_data.clone(),
             name: vm.name.clone(),
+            // What the guest's memory trusts at capture, so a fork of it (and
+            // a fork of that fork) knows which principal logs in.
+            guest_principal: Some(Self::trusted_principal(vm).to_string()),
         }
     }
 

@@ -182,8 +182,23 @@ impl GuestSession {
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<GuestSession, ClientError> {
+        Self::connect_as(ca, vm_id, vm_id, addr, timeout).await
+    }
+
+    /// As [`GuestSession::connect`], with the certificate signed for
+    /// `principal`: the principal the guest of `vm_id` trusts, which for a
+    /// fork not yet told its own id is the id it was forked from (see
+    /// "Forks" in src/ssh/README.md). Only the daemon's own sessions use
+    /// this; a caller's key is never signed for another VM's id.
+    pub async fn connect_as(
+        ca: &Ca,
+        vm_id: &str,
+        principal: &str,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<GuestSession, ClientError> {
         let (public, private) = session_key()?;
-        let signed = ca.sign(&public, vm_id, SESSION_CERT_TTL)?;
+        let signed = ca.sign(&public, principal, SESSION_CERT_TTL)?;
         let cert = Certificate::from_openssh(&signed.openssh)
             .map_err(|e| ClientError::Key(format!("reading our own certificate: {e}")))?;
         let config = Arc::new(client::Config {

@@ -142,6 +142,10 @@ pub struct Vm {
     pub idle_timeout_seconds: Option<i64>,
     pub last_sleep_at: Option<String>,
     pub last_wake_at: Option<String>,
+    /// The SSH principal the guest trusts when it is not this VM's id (a
+    /// fork resumed from another VM's memory, until the daemon rewrites the
+    /// guest's principals file); None: the VM's own id.
+    pub guest_principal: Option<String>,
 }
 
 /// What a new VM is made of. Everything else about it starts out empty:
@@ -198,6 +202,7 @@ impl Vm {
             idle_timeout_seconds: new.idle_timeout_seconds,
             last_sleep_at: None,
             last_wake_at: None,
+            guest_principal: None,
         }
     }
 }
@@ -767,6 +772,16 @@ impl Store {
         sqlx::query("UPDATE vms SET inner_ip = ?, inner_mac = ? WHERE id = ?")
             .bind(ip_text(ip))
             .bind(mac)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records the SSH principal the guest trusts (None: the VM's own id).
+    pub async fn set_vm_guest_principal(&self, id: &str, principal: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE vms SET guest_principal = ? WHERE id = ?")
+            .bind(principal)
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -1453,6 +1468,7 @@ mod tests {
             inner_mac: vm.guest_mac,
             user_data: None,
             name: Some("web".into()),
+            guest_principal: None,
         };
         let mut snap = crate::snapshot::capturing_record(
             "snap_1",

@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 const LEFT_OUT: [&str; 1] = ["user_data"];
 
 /// Every other column of `vms`, in `PackedVm`'s order (after the list position).
-const VM_COLUMNS: [&str; 27] = [
+const VM_COLUMNS: [&str; 28] = [
     "id",
     "owner_id",
     "image_id",
@@ -58,6 +58,7 @@ const VM_COLUMNS: [&str; 27] = [
     "idle_timeout_seconds",
     "last_sleep_at",
     "last_wake_at",
+    "guest_principal",
 ];
 
 /// One packed row, as SQLite's `json_array` writes it: TEXT as strings,
@@ -94,6 +95,7 @@ struct PackedVm(
     Option<i64>,    // idle_timeout_seconds
     Option<String>, // last_sleep_at
     Option<String>, // last_wake_at
+    Option<String>, // guest_principal
 );
 
 /// `SELECT rowid AS list_seq, * FROM vms ...` (`inner`) folded into one
@@ -187,6 +189,7 @@ impl PackedVm {
             idle_timeout_seconds,
             last_sleep_at,
             last_wake_at,
+            guest_principal,
         ) = self;
         let snapshot_compression = snapshot_compression
             .map(|t| serde_json::from_str(&t).map(Json))
@@ -225,6 +228,7 @@ impl PackedVm {
                 idle_timeout_seconds,
                 last_sleep_at,
                 last_wake_at,
+                guest_principal,
                 id,
             },
         })
@@ -330,12 +334,13 @@ mod tests {
         vm.inner_mac = Some("02:fc:0a:00:00:09".parse().unwrap());
         vm.last_sleep_at = Some("2026-12-01T00:00:01Z".into());
         vm.last_wake_at = Some("2026-12-01T00:00:02Z".into());
+        vm.guest_principal = Some("vm_source \"quoted\"".into());
         store.insert_vm(&vm).await.unwrap();
         // Columns the insert leaves to later writes.
         sqlx::query(
             "UPDATE vms SET guest_ip = ?, guest_mac = ?, tap_name = ?, ssh_port = ?, last_error = ?,
                  standby_snapshot_id = ?, inner_ip = ?, inner_mac = ?, last_sleep_at = ?,
-                 last_wake_at = ?, state = ? WHERE id = ?",
+                 last_wake_at = ?, state = ?, guest_principal = ? WHERE id = ?",
         )
         .bind("10.0.0.7")
         .bind("02:fc:0a:00:00:07")
@@ -348,6 +353,7 @@ mod tests {
         .bind("2026-12-01T00:00:01Z")
         .bind("2026-12-01T00:00:02Z")
         .bind("snapshotted")
+        .bind(&vm.guest_principal)
         .bind(&vm.id)
         .execute(&store.pool)
         .await

@@ -1,0 +1,250 @@
+//! exec and connect on forks, against real busybox guests: a fork resumed
+//! from a Standby snapshot starts out trusting its source's id (its memory
+//! is the source's), and the daemon tells it its own before the fork or its
+//! first wake returns. Then exec runs in the fork (its own machine), stock
+//! OpenSSH logs in with a `connect` certificate for the fork, and each of
+//! the fork and its source refuses the other's certificate. Also for a fork
+//! kept in Standby and woken by exec, and for a fork of a fork.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn id_of(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// `POST /vms/{vm}/exec` of a shell line; asserts the 200 and answers
+/// (stdout, exit code).
+fn exec(d: &Daemon, vm: &str, command: &str) -> (String, i64) {
+    let r = d.req(
+        "POST",
+        &format!("/vms/{vm}/exec"),
+        Some(&json!({ "command": command }).to_string()),
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "exec {command:?} on {vm}: {}\n{}",
+        r.text,
+        d.daemon_log()
+    );
+    (
+        r.body["stdout"].as_str().unwrap().to_string(),
+        r.body["exit_code"].as_i64().unwrap(),
+    )
+}
+
+/// A Standby snapshot of `vm` (which keeps running).
+fn standby(d: &Daemon, vm: &str) -> String {
+    let r = d.req(
+        "POST",
+        &format!("/instances/{vm}/snapshots"),
+        Some(r#"{"kind": "Standby"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    id_of(&r.body)
+}
+
+/// Hypeman's fork of `snap`, named `name`, to `target` (Running or Standby).
+fn fork(d: &Daemon, snap: &str, name: &str, target: &str) -> Value {
+    let r = d.req(
+        "POST",
+        &format!("/snapshots/{snap}/fork"),
+        Some(&json!({ "name": name, "target_state": target }).to_string()),
+    );
+    assert_eq!(r.status, 201, "fork {snap}: {}\n{}", r.text, d.daemon_log());
+    r.body
+}
+
+/// A `connect` certificate for `vm`, written where `ssh` can read it.
+fn certificate(d: &Daemon, vm: &str, key: &Path, public: &str) -> PathBuf {
+    let r = d.req(
+        "POST",
+        &format!("/vms/{vm}/connect"),
+        Some(&json!({ "public_key": public }).to_string()),
+    );
+    assert_eq!(r.status, 200, "connect {vm}: {}", r.text);
+    let path = key.with_file_name(format!("{vm}-cert.pub"));
+    std::fs::write(
+        &path,
+        format!("{}\n", r.body["certificate"].as_str().unwrap()),
+    )
+    .unwrap();
+    path
+}
+
+/// Stock OpenSSH with `key` and `cert` to the VM's forwarded SSH port, from
+/// the daemon's namespace. Answers (success, stdout + stderr).
+fn ssh_cert(d: &Daemon, key: &Path, cert: &Path, vm: &Value, cmd: &str) -> (bool, String) {
+    let port = vm["ssh_port"].as_u64().unwrap().to_string();
+    let out = d.in_ns(
+        None,
+        &[
+            "ssh",
+            "-i",
+            key.to_str().unwrap(),
+            "-o",
+            &format!("CertificateFile={}", cert.display()),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            "-p",
+            &port,
+            "agent@127.0.0.1",
+            cmd,
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The VM's guest answers `cmd` over OpenSSH with `cert` (a few tries: a
+/// forward may be a moment behind the VM).
+fn logs_in(d: &Daemon, key: &Path, cert: &Path, vm: &Value, cmd: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..20 {
+        let (ok, text) = ssh_cert(d, key, cert, vm, cmd);
+        if ok {
+            return text;
+        }
+        last = text;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!(
+        "{} refused {}: {last}\n{}",
+        vm["id"],
+        cert.display(),
+        d.daemon_log()
+    );
+}
+
+/// The VM's guest refuses `cert` (sshd's "Permission denied", not a network error).
+fn refuses(d: &Daemon, key: &Path, cert: &Path, vm: &Value, why: &str) {
+    let (ok, text) = ssh_cert(d, key, cert, vm, "echo logged-in");
+    assert!(
+        !ok && !text.contains("logged-in"),
+        "{why}: logged in: {text}"
+    );
+    assert!(text.contains("Permission denied"), "{why}: {text}");
+}
+
+/// A running, networked busybox VM whose guest is up, marked `source` on disk.
+fn source(d: &Daemon) -> Value {
+    let vm = d.create_vm("{}");
+    let id = id_of(&vm);
+    d.wait_console(&id, "hatch-guest: ready");
+    assert_eq!(exec(d, &id, "echo source > /tmp/who").1, 0);
+    vm
+}
+
+/// What a fork of `src` must show: exec runs in it (it has the snapshot's
+/// `/tmp/who`, holding `who`), as a machine of its own (what it writes is
+/// not in `src`); its guest names only its own id; a certificate for it logs
+/// in with OpenSSH; `src` and the fork each refuse the other's.
+fn check_fork(d: &Daemon, key: &Path, public: &str, fork: &Value, src: &Value, who: &str) {
+    let (fid, sid) = (id_of(fork), id_of(src));
+    let (out, code) = exec(d, &fid, "cat /tmp/who; id -un");
+    assert_eq!(
+        (out, code),
+        (format!("{who}\nagent\n"), 0),
+        "the snapshot's disk and memory"
+    );
+    let marker = format!("/tmp/made-in-{fid}");
+    assert_eq!(exec(d, &fid, &format!("touch {marker}")).1, 0);
+    assert_eq!(exec(d, &fid, &format!("test -e {marker}")).1, 0);
+    assert_eq!(
+        exec(d, &sid, &format!("test -e {marker}")).1,
+        1,
+        "what the fork wrote is in its source"
+    );
+    let (principals, _) = exec(d, &fid, "cat /etc/ssh/hatch/principals/agent");
+    assert_eq!(
+        principals,
+        format!("{fid}\n"),
+        "the fork's guest still trusts another id"
+    );
+
+    let fork_cert = certificate(d, &fid, key, public);
+    let src_cert = certificate(d, &sid, key, public);
+    let out = logs_in(
+        d,
+        key,
+        &fork_cert,
+        fork,
+        &format!("id -un; test -e {marker} && echo fork"),
+    );
+    assert_eq!(out, "agent\nfork\n");
+    refuses(
+        d,
+        key,
+        &src_cert,
+        fork,
+        "the source's certificate on the fork",
+    );
+    refuses(
+        d,
+        key,
+        &fork_cert,
+        src,
+        "the fork's certificate on its source",
+    );
+    // The source is untouched: its own certificate still logs in there.
+    assert_eq!(
+        logs_in(d, key, &src_cert, src, "cat /tmp/who"),
+        format!("{who}\n")
+    );
+}
+
+#[test]
+fn a_running_fork_and_a_fork_of_it_answer_exec_and_connect_as_themselves() {
+    let d = Daemon::start();
+    let (key, public) = keypair(&d.data_dir);
+    let src = source(&d);
+    let snap = standby(&d, &id_of(&src));
+
+    let first = fork(&d, &snap, "first", "Running");
+    assert_eq!(first["state"], "running");
+    check_fork(&d, &key, &public, &first, &src, "source");
+
+    // A fork of the fork: its memory trusts the first fork's id by now.
+    let fid = id_of(&first);
+    assert_eq!(exec(&d, &fid, "echo first > /tmp/who").1, 0);
+    let snap2 = standby(&d, &fid);
+    let second = fork(&d, &snap2, "second", "Running");
+    let (out, _) = exec(&d, &id_of(&second), "cat /tmp/who");
+    assert_eq!(out, "first\n");
+    check_fork(&d, &key, &public, &second, &first, "first");
+}
+
+#[test]
+fn a_fork_kept_in_standby_learns_its_id_when_exec_wakes_it() {
+    let d = Daemon::start();
+    let (key, public) = keypair(&d.data_dir);
+    let src = source(&d);
+    let snap = standby(&d, &id_of(&src));
+
+    let sleeper = fork(&d, &snap, "sleeper", "Standby");
+    assert_eq!(sleeper["state"], "snapshotted");
+    let sid = id_of(&sleeper);
+    // The first exec wakes it (and it answers from the source's memory).
+    let (out, code) = exec(&d, &sid, "cat /tmp/who");
+    assert_eq!((out.as_str(), code), ("source\n", 0));
+    assert_eq!(d.vm(&sid)["state"], "running");
+    check_fork(&d, &key, &public, &d.vm(&sid), &src, "source");
+}
