@@ -757,7 +757,73 @@ fn exec_t_ssh_and_streamed_stdin_on_a_real_guest() {
         format!("{}  -\n", hex::encode(sha2::Sha256::digest(&big)))
     );
 
-    // Another owner's key: the API's 404 message, exit 3, for both.
+    // --openssh: the user's own ssh with a throw-away certified key, the
+    // VM's host key pinned in hatch's file under the VM id, never in the
+    // user's known_hosts; the key is gone afterwards.
+    let h = home(&d, "openssh");
+    let tmp = h.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp_s = tmp.to_str().unwrap().to_string();
+    let openssh = |args: &[&str]| {
+        let env = [
+            ("HATCH_URL", BASE),
+            ("HATCH_API_KEY", d.key.as_str()),
+            ("TMPDIR", tmp_s.as_str()),
+        ];
+        let mut all = vec!["vm", "ssh", "--openssh", "term"];
+        all.extend_from_slice(args);
+        Run::of(hatch_cmd(&d, &h, &env, &all).output().unwrap())
+    };
+    let r = openssh(&["--", "uname -s; exit 5"]);
+    assert_eq!(r.code, 5, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout, "Linux\n");
+    assert!(r.stderr.contains("Permanently added"), "{}", r.stderr);
+    let pinned = h.join(".config/hatch/known_hosts");
+    let known = std::fs::read_to_string(&pinned).unwrap();
+    // ssh may hash the names (Debian's HashKnownHosts): ask ssh-keygen.
+    let found = Command::new("ssh-keygen")
+        .args(["-F", &id, "-f"])
+        .arg(&pinned)
+        .output()
+        .unwrap();
+    assert!(found.status.success(), "{id} not in {known}");
+    assert!(
+        String::from_utf8_lossy(&found.stdout).contains("ssh-ed25519"),
+        "{known}"
+    );
+    assert!(!h.join(".ssh/known_hosts").exists());
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the key is removed"
+    );
+    // Known now: no new entry, no question; extra ssh arguments pass through.
+    let r = openssh(&["--ssh-arg=-oLogLevel=ERROR", "--", "id -un"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "agent\n"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(&pinned).unwrap(), known);
+    // A changed host key is refused, not trusted.
+    let other =
+        ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+            .unwrap()
+            .public_key()
+            .to_openssh()
+            .unwrap();
+    std::fs::write(&pinned, format!("{id} {other}\n")).unwrap();
+    let r = openssh(&["--", "echo in"]);
+    assert_eq!(r.code, 255, "{}{}", r.stdout, r.stderr);
+    assert!(!r.stdout.contains("in"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("Host key verification failed"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the key is removed"
+    );
+
+    // Another owner's key: the API's 404 message, exit 3, for all three.
     let bob = d.create_key(&["--name", "bob"]);
     let api = d.as_key(
         &bob,
@@ -770,6 +836,7 @@ fn exec_t_ssh_and_streamed_stdin_on_a_real_guest() {
     for args in [
         &["vm", "exec", "-i", &id, "--", "true"][..],
         &["vm", "ssh", &id, "--", "true"][..],
+        &["vm", "ssh", "--openssh", &id, "--", "true"][..],
     ] {
         let r = hatch_as(&d, &bob, args);
         assert_eq!(r.code, 3, "{args:?}: {}{}", r.stdout, r.stderr);

@@ -3,7 +3,7 @@
 use super::client::{Answer, CliError, Client};
 use super::output::{bytes, col, fields, s, table, Column};
 use super::progress::Spinner;
-use super::{resolve, stream, Command, Global, Settings};
+use super::{openssh, resolve, stream, Command, Global, Settings};
 use super::{ImageCmd, RouteCmd, SnapshotCmd, SnapshotKind, TemplateCmd, VmCmd, VmCreate, Wait};
 use reqwest::Method;
 use serde_json::{json, Map, Value};
@@ -185,6 +185,27 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
             vm,
             tty,
             no_tty,
+            openssh: true,
+            ssh_args,
+            command,
+        } => {
+            let id = resolve::vm(client, &vm).await?;
+            let tty_flag = match (no_tty, tty) {
+                (true, _) => Some("-T"),
+                (false, 0) => None,
+                (false, 1) => Some("-t"),
+                (false, _) => Some("-tt"),
+            };
+            let code = openssh::run(client, &id, tty_flag, &ssh_args, &command).await?;
+            let _ = std::io::stdout().flush();
+            std::process::exit(code);
+        }
+        VmCmd::Ssh {
+            vm,
+            tty,
+            no_tty,
+            openssh: false,
+            ssh_args: _,
             command,
         } => {
             if out.json {

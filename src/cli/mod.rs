@@ -3,6 +3,7 @@
 mod client;
 mod commands;
 mod config;
+mod openssh;
 mod output;
 mod progress;
 mod resolve;
@@ -116,6 +117,15 @@ pub enum VmCmd {
         /// No terminal in the VM, even for the login shell (as ssh -T).
         #[arg(short = 'T', conflicts_with = "tty")]
         no_tty: bool,
+        /// Log in with your own OpenSSH client (`ssh`) instead, with a
+        /// throw-away key and a short-lived certificate from the API: its
+        /// forwarding, agent and config work. Needs the VM's SSH port reachable.
+        #[arg(long)]
+        openssh: bool,
+        /// With --openssh: one more argument for ssh, placed before the
+        /// host (`--ssh-arg=-L8080:localhost:80`); repeat for several.
+        #[arg(long = "ssh-arg", requires = "openssh", allow_hyphen_values = true)]
+        ssh_args: Vec<String>,
         /// A shell line to run instead of the login shell.
         #[arg(last = true)]
         command: Vec<String>,
