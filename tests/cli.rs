@@ -564,3 +564,282 @@ fn images_upload_show_and_delete_by_name() {
     assert_eq!(r.code, 1);
     assert_eq!(r.stderr.trim(), format!("error: {}", api.error()));
 }
+
+/// `hatch ARGS` on a terminal of its own: `script` (util-linux) runs a shell
+/// on a new pseudo-terminal, which first gets a known size and a saved
+/// `stty -g`, then runs hatch, then prints `[rc=N]` and the `stty -g` after.
+/// The test types into the terminal through `script`'s stdin, each string
+/// once the output so far holds its cue.
+struct OnTerminal {
+    out: String,
+    before: String,
+    after: String,
+}
+
+fn on_terminal(d: &Daemon, args: &[&str], keys: &[(&str, &str)]) -> OnTerminal {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    let dir = home(d, "tty");
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let (before, after) = (dir.join("stty-before"), dir.join("stty-after"));
+    let line = format!(
+        "stty rows 30 cols 100; stty -g > {}; {} {}; echo \"[rc=$?]\"; stty -g > {}",
+        before.display(),
+        bin().display(),
+        quoted.join(" "),
+        after.display()
+    );
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &d.ns, "script", "-qec", &line, "/dev/null"])
+        .env_remove("HATCH_CONFIG")
+        .env("HOME", &dir)
+        .env("XDG_CONFIG_HOME", dir.join(".config"))
+        .env("HATCH_URL", BASE)
+        .env("HATCH_API_KEY", &d.key)
+        .env("SHELL", "/bin/sh")
+        .env("TERM", "xterm")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut proc = cmd.spawn().expect("run script");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut stdout = proc.stdout.take().unwrap();
+    let sink = seen.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let text = |s: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&s.lock().unwrap()).into_owned();
+    let mut stdin = proc.stdin.take().unwrap();
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    for (cue, typed) in keys {
+        while !text(&seen).contains(cue) {
+            if Instant::now() > deadline || proc.try_wait().unwrap().is_some() {
+                let _ = proc.kill();
+                let _ = proc.wait();
+                panic!("no {cue:?} on the terminal:\n{}", text(&seen));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stdin.write_all(typed.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+    let status = wait_exit(&mut proc, "hatch on a terminal");
+    drop(stdin);
+    reader.join().unwrap();
+    let out = text(&seen);
+    assert!(status.success(), "script failed ({status}):\n{out}");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    OnTerminal {
+        out,
+        before: read(&before),
+        after: read(&after),
+    }
+}
+
+#[test]
+fn exec_t_ssh_and_streamed_stdin_on_a_real_guest() {
+    let d = Daemon::start();
+    let vm = d.create_vm(r#"{"name": "term"}"#);
+    let id = vm["id"].as_str().unwrap().to_string();
+    d.wait_console(&id, "hatch-guest: ready");
+
+    // -t: a terminal in the guest of this terminal's size; a typed line
+    // reaches cat and comes back, Ctrl-D (a byte, in raw mode) ends cat, the
+    // exit code is the CLI's, and the terminal is as it was before.
+    let t = on_terminal(
+        &d,
+        &[
+            "vm",
+            "exec",
+            "-t",
+            "term",
+            "--",
+            "sh",
+            "-c",
+            "tty; stty size; echo ready; cat; echo cat-done; exit 7",
+        ],
+        &[
+            ("ready", "hello there\n"),
+            ("hello there\r\nhello there", "\x04"),
+        ],
+    );
+    assert!(t.out.contains("/dev/pts/"), "tty in the guest:\n{}", t.out);
+    assert!(
+        t.out.contains("30 100"),
+        "stty size in the guest:\n{}",
+        t.out
+    );
+    assert!(t.out.contains("cat-done"), "{}", t.out);
+    assert!(t.out.contains("[rc=7]"), "the exit code:\n{}", t.out);
+    assert!(!t.before.is_empty(), "{}", t.out);
+    assert_eq!(t.before, t.after, "the terminal is restored:\n{}", t.out);
+
+    // Ctrl-C goes to the guest as a byte: it interrupts the remote command
+    // (128 + SIGINT), and the CLI lives to report it.
+    let t = on_terminal(
+        &d,
+        &[
+            "vm",
+            "exec",
+            "-t",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 1000",
+        ],
+        &[("ready", "\x03")],
+    );
+    assert!(t.out.contains("[rc=130]"), "Ctrl-C:\n{}", t.out);
+    assert_eq!(t.before, t.after, "the terminal is restored:\n{}", t.out);
+
+    // ssh without a command: a login shell on a terminal, typed into.
+    let t = on_terminal(
+        &d,
+        &["vm", "ssh", "term"],
+        &[("", "tty; echo \"user=$(id -un)\"; exit 3\n")],
+    );
+    assert!(t.out.contains("/dev/pts/"), "{}", t.out);
+    assert!(t.out.contains("user=agent"), "{}", t.out);
+    assert!(t.out.contains("[rc=3]"), "{}", t.out);
+    assert_eq!(t.before, t.after, "the terminal is restored:\n{}", t.out);
+
+    // ssh with a command, no terminal: like ssh, no pty; the code comes back.
+    let r = hatch(
+        &d,
+        &["vm", "ssh", "term", "--", "uname", "-s;", "exit", "4"],
+    );
+    assert_eq!(r.code, 4, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout, "Linux\n");
+
+    // -t with no terminal here is refused, before anything runs; -tt forces it.
+    let r = hatch(&d, &["vm", "exec", "-t", "term", "--", "true"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("-tt"), "{}", r.stderr);
+    let r = hatch(&d, &["vm", "exec", "-tt", "term", "--", "tty"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.starts_with("/dev/pts/"), "{}", r.stdout);
+
+    // -i streams: 8 MiB in, the guest's sha256 of what it read is ours.
+    use sha2::Digest;
+    let mut big = vec![0u8; 8 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in big.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let file = d.data_dir.join("big.bin");
+    std::fs::write(&file, &big).unwrap();
+    let out = hatch_cmd(
+        &d,
+        &home(&d, "cli"),
+        &[("HATCH_URL", BASE), ("HATCH_API_KEY", &d.key)],
+        &["vm", "exec", "-i", "term", "--", "sha256sum"],
+    )
+    .stdin(std::fs::File::open(&file).unwrap())
+    .output()
+    .unwrap();
+    let r = Run::of(out);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(
+        r.stdout,
+        format!("{}  -\n", hex::encode(sha2::Sha256::digest(&big)))
+    );
+
+    // --openssh: the user's own ssh with a throw-away certified key, the
+    // VM's host key pinned in hatch's file under the VM id, never in the
+    // user's known_hosts; the key is gone afterwards.
+    let h = home(&d, "openssh");
+    let tmp = h.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp_s = tmp.to_str().unwrap().to_string();
+    let openssh = |args: &[&str]| {
+        let env = [
+            ("HATCH_URL", BASE),
+            ("HATCH_API_KEY", d.key.as_str()),
+            ("TMPDIR", tmp_s.as_str()),
+        ];
+        let mut all = vec!["vm", "ssh", "--openssh", "term"];
+        all.extend_from_slice(args);
+        Run::of(hatch_cmd(&d, &h, &env, &all).output().unwrap())
+    };
+    let r = openssh(&["--", "uname -s; exit 5"]);
+    assert_eq!(r.code, 5, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout, "Linux\n");
+    assert!(r.stderr.contains("Permanently added"), "{}", r.stderr);
+    let pinned = h.join(".config/hatch/known_hosts");
+    let known = std::fs::read_to_string(&pinned).unwrap();
+    // ssh may hash the names (Debian's HashKnownHosts): ask ssh-keygen.
+    let found = Command::new("ssh-keygen")
+        .args(["-F", &id, "-f"])
+        .arg(&pinned)
+        .output()
+        .unwrap();
+    assert!(found.status.success(), "{id} not in {known}");
+    assert!(
+        String::from_utf8_lossy(&found.stdout).contains("ssh-ed25519"),
+        "{known}"
+    );
+    assert!(!h.join(".ssh/known_hosts").exists());
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the key is removed"
+    );
+    // Known now: no new entry, no question; extra ssh arguments pass through.
+    let r = openssh(&["--ssh-arg=-oLogLevel=ERROR", "--", "id -un"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "agent\n"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(&pinned).unwrap(), known);
+    // A changed host key is refused, not trusted.
+    let other =
+        ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+            .unwrap()
+            .public_key()
+            .to_openssh()
+            .unwrap();
+    std::fs::write(&pinned, format!("{id} {other}\n")).unwrap();
+    let r = openssh(&["--", "echo in"]);
+    assert_eq!(r.code, 255, "{}{}", r.stdout, r.stderr);
+    assert!(!r.stdout.contains("in"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("Host key verification failed"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the key is removed"
+    );
+
+    // Another owner's key: the API's 404 message, exit 3, for all three.
+    let bob = d.create_key(&["--name", "bob"]);
+    let api = d.as_key(
+        &bob,
+        "POST",
+        &format!("/vms/{id}/exec"),
+        Some(r#"{"command": "true"}"#),
+    );
+    assert_eq!(api.status, 404);
+    let says = api.body["error"].as_str().unwrap().to_string();
+    for args in [
+        &["vm", "exec", "-i", &id, "--", "true"][..],
+        &["vm", "ssh", &id, "--", "true"][..],
+        &["vm", "ssh", "--openssh", &id, "--", "true"][..],
+    ] {
+        let r = hatch_as(&d, &bob, args);
+        assert_eq!(r.code, 3, "{args:?}: {}{}", r.stdout, r.stderr);
+        assert_eq!(r.stderr.trim(), format!("error: {says}"), "{args:?}");
+    }
+}

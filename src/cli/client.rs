@@ -93,12 +93,72 @@ impl Client {
         }
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
-        match api_error(status, &body) {
-            CliError::Api { status: 401, message } if self.key.is_none() => Err(CliError::Api {
+        Err(self.refusal(status, &body))
+    }
+
+    /// A non-2xx answer as the error the user sees.
+    fn refusal(&self, status: StatusCode, body: &str) -> CliError {
+        match api_error(status, body) {
+            CliError::Api { status: 401, message } if self.key.is_none() => CliError::Api {
                 status: 401,
                 message: format!("{message} (no key given: set HATCH_API_KEY, --api-key or api_key in the config file)"),
-            }),
-            e => Err(e),
+            },
+            e => e,
+        }
+    }
+
+    /// Opens a WebSocket on `path` (the base's `http` becomes `ws`, `https`
+    /// `wss`), with the key in the handshake. A refused handshake is the
+    /// API's error, as for any other call.
+    pub async fn websocket(
+        &self,
+        path: &str,
+        query: &[(String, String)],
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        CliError,
+    > {
+        use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::header, Error};
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))
+            .map_err(|e| CliError::Other(format!("the API address {}: {e}", self.base)))?;
+        url.query_pairs_mut().extend_pairs(query);
+        let scheme = match url.scheme() {
+            "http" => "ws",
+            "https" => "wss",
+            other => {
+                return Err(CliError::Other(format!(
+                    "the API address {} is {other}:, not http: or https:",
+                    self.base
+                )))
+            }
+        };
+        url.set_scheme(scheme)
+            .map_err(|()| CliError::Other(format!("the API address {}", self.base)))?;
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| CliError::Other(format!("the WebSocket request: {e}")))?;
+        if let Some(k) = &self.key {
+            let value = format!("Bearer {k}")
+                .parse()
+                .map_err(|_| CliError::Other("the API key is not a valid header value".into()))?;
+            req.headers_mut().insert(header::AUTHORIZATION, value);
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(Error::Http(resp)) => {
+                let status =
+                    StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                let body = resp.body().as_deref().map(String::from_utf8_lossy);
+                Err(self.refusal(status, body.as_deref().unwrap_or_default()))
+            }
+            Err(e) => Err(CliError::Transport(format!(
+                "cannot reach the hatch API at {}: {}",
+                self.base,
+                error_chain(&e)
+            ))),
         }
     }
 

@@ -3,11 +3,11 @@
 use super::client::{Answer, CliError, Client};
 use super::output::{bytes, col, fields, s, table, Column};
 use super::progress::Spinner;
-use super::{resolve, Command, Global, Settings};
+use super::{openssh, resolve, stream, Command, Global, Settings};
 use super::{ImageCmd, RouteCmd, SnapshotCmd, SnapshotKind, TemplateCmd, VmCmd, VmCreate, Wait};
 use reqwest::Method;
 use serde_json::{json, Map, Value};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -106,6 +106,38 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
             env,
             cwd,
             stdin,
+            tty,
+            command,
+        } if stdin || tty > 0 => {
+            if out.json {
+                return Err(CliError::Other(
+                    "--json is for the one-shot exec: -i and -t stream the output as it comes"
+                        .into(),
+                ));
+            }
+            let tty = tty_asked(tty)?.unwrap_or(false);
+            let id = resolve::vm(client, &vm).await?;
+            let mut query: Vec<(String, String)> =
+                command.into_iter().map(|w| ("argv".into(), w)).collect();
+            query.extend(
+                env.into_iter()
+                    .map(|(k, v)| ("env".into(), format!("{k}={v}"))),
+            );
+            query.extend(cwd.map(|c| ("cwd".into(), c)));
+            let spec = stream::Spec {
+                query,
+                tty,
+                timeout: timeout.map(Duration::from_secs),
+            };
+            finish(stream::run(client, &id, spec).await?);
+        }
+        VmCmd::Exec {
+            vm,
+            timeout,
+            env,
+            cwd,
+            stdin: _,
+            tty: _,
             command,
         } => {
             let id = resolve::vm(client, &vm).await?;
@@ -122,12 +154,6 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
             }
             if let Some(c) = cwd {
                 body["cwd"] = json!(c);
-            }
-            if stdin {
-                let mut input = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
-                    .map_err(|e| CliError::Other(format!("reading standard input: {e}")))?;
-                body["stdin"] = json!(input);
             }
             let a = client.post(&format!("/vms/{id}/exec"), &body).await?;
             if out.json {
@@ -154,6 +180,58 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
             if code != 0 {
                 std::process::exit(code.clamp(0, 255) as i32);
             }
+        }
+        VmCmd::Ssh {
+            vm,
+            tty,
+            no_tty,
+            openssh: true,
+            ssh_args,
+            command,
+        } => {
+            let id = resolve::vm(client, &vm).await?;
+            let tty_flag = match (no_tty, tty) {
+                (true, _) => Some("-T"),
+                (false, 0) => None,
+                (false, 1) => Some("-t"),
+                (false, _) => Some("-tt"),
+            };
+            let code = openssh::run(client, &id, tty_flag, &ssh_args, &command).await?;
+            let _ = std::io::stdout().flush();
+            std::process::exit(code);
+        }
+        VmCmd::Ssh {
+            vm,
+            tty,
+            no_tty,
+            openssh: false,
+            ssh_args: _,
+            command,
+        } => {
+            if out.json {
+                return Err(CliError::Other(
+                    "--json is not for ssh: the output is streamed as it comes".into(),
+                ));
+            }
+            // As ssh: a terminal for the login shell when this is one, none
+            // for a command, -t / -tt / -T to say otherwise.
+            let tty = match tty_asked(tty)? {
+                _ if no_tty => false,
+                Some(t) => t,
+                None => command.is_empty() && std::io::stdin().is_terminal(),
+            };
+            let line = if command.is_empty() {
+                LOGIN_SHELL.to_string()
+            } else {
+                command.join(" ")
+            };
+            let id = resolve::vm(client, &vm).await?;
+            let spec = stream::Spec {
+                query: vec![("command".into(), line)],
+                tty,
+                timeout: None,
+            };
+            finish(stream::run(client, &id, spec).await?);
         }
         VmCmd::Logs { vm, follow } => {
             let id = resolve::vm(client, &vm).await?;
@@ -182,6 +260,37 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// What `vm ssh` runs without a command: the user's shell as a login shell
+/// (the exec API runs a line with `$SHELL -c`, which is not one).
+const LOGIN_SHELL: &str = r#"exec "${SHELL:-/bin/sh}" -l"#;
+
+/// `-t` given `count` times: None when not given, Some(true) when a terminal
+/// is to be made in the VM. Once needs one here (stdin) to mirror, which is
+/// refused otherwise rather than making a terminal nobody types into; twice
+/// forces it, as `ssh -tt` does.
+fn tty_asked(count: u8) -> Result<Option<bool>, CliError> {
+    match count {
+        0 => Ok(None),
+        1 if !std::io::stdin().is_terminal() => Err(CliError::Other(
+            "-t needs a terminal on standard input, and this one is not; \
+             use -tt to force a terminal in the VM anyway, or -i to stream a pipe"
+                .into(),
+        )),
+        _ => Ok(Some(true)),
+    }
+}
+
+/// Exits with a streamed command's status, after saying what there is to say.
+fn finish(ending: stream::Ending) -> ! {
+    if let Some(note) = ending.note {
+        eprintln!("hatch: {note}");
+    }
+    let _ = std::io::stdout().flush();
+    // Not a return: the thread reading stdin may be blocked in read(2), and
+    // only the process's exit ends it.
+    std::process::exit(ending.code)
 }
 
 /// `VM:/path` split into the VM and the path; None for a local path. Like

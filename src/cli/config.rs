@@ -67,11 +67,16 @@ fn merge(c: &Connection, file: File) -> Settings {
 
 /// `$XDG_CONFIG_HOME/hatch/config.toml`, else `$HOME/.config/hatch/config.toml`.
 fn default_path() -> Option<PathBuf> {
+    Some(dir()?.join("config.toml"))
+}
+
+/// The CLI's own directory: `$XDG_CONFIG_HOME/hatch`, else `$HOME/.config/hatch`.
+pub fn dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-    Some(base.join("hatch").join("config.toml"))
+    Some(base.join("hatch"))
 }
 
 /// A missing default file is no error; a missing file named by `--config` is.

@@ -3,9 +3,12 @@
 mod client;
 mod commands;
 mod config;
+mod openssh;
 mod output;
 mod progress;
 mod resolve;
+mod stream;
+mod term;
 
 pub use client::{CliError, Client};
 pub use config::{Connection, Settings};
@@ -72,7 +75,10 @@ pub enum VmCmd {
         dst: String,
     },
     /// Run a command in a VM as `agent` and print its output; exits with
-    /// its exit code (`hatch vm exec web -- ls -l /`).
+    /// its exit code (`hatch vm exec web -- ls -l /`). With `-i` or `-t`
+    /// it streams: stdin goes to the command as it is read, output comes
+    /// back as it is written (`tar c . | hatch vm exec -i web -- tar x`,
+    /// `hatch vm exec -t web -- top`).
     Exec {
         /// VM name or id.
         vm: String,
@@ -85,11 +91,43 @@ pub enum VmCmd {
         /// The directory to run in.
         #[arg(long)]
         cwd: Option<String>,
-        /// Send this program's standard input to the command (up to about 900 KiB).
+        /// Stream this program's standard input to the command, any size.
         #[arg(long, short = 'i')]
         stdin: bool,
+        /// Run the command on a terminal in the VM, with this terminal in
+        /// raw mode (keys, Ctrl-C included, go to the command); implies
+        /// -i. Needs a terminal on stdin; `-tt` forces one in the VM anyway.
+        #[arg(long, short = 't', action = clap::ArgAction::Count)]
+        tty: u8,
         /// The command and its arguments, run as given (`-- sh -c '...'` for a shell line).
         #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// A login shell in a VM as `agent` on a terminal, over the API (as
+    /// `vm exec -t`; no SSH key or port needed); with COMMAND, that shell
+    /// line instead (words joined by spaces, as ssh does). Exits with the
+    /// remote exit code.
+    Ssh {
+        /// VM name or id.
+        vm: String,
+        /// A terminal in the VM even with COMMAND (as ssh -t); `-tt` even
+        /// when stdin is not a terminal.
+        #[arg(short = 't', action = clap::ArgAction::Count)]
+        tty: u8,
+        /// No terminal in the VM, even for the login shell (as ssh -T).
+        #[arg(short = 'T', conflicts_with = "tty")]
+        no_tty: bool,
+        /// Log in with your own OpenSSH client (`ssh`) instead, with a
+        /// throw-away key and a short-lived certificate from the API: its
+        /// forwarding, agent and config work. Needs the VM's SSH port reachable.
+        #[arg(long)]
+        openssh: bool,
+        /// With --openssh: one more argument for ssh, placed before the
+        /// host (`--ssh-arg=-L8080:localhost:80`); repeat for several.
+        #[arg(long = "ssh-arg", requires = "openssh", allow_hyphen_values = true)]
+        ssh_args: Vec<String>,
+        /// A shell line to run instead of the login shell.
+        #[arg(last = true)]
         command: Vec<String>,
     },
     /// Print a VM's serial console.
