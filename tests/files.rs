@@ -7,6 +7,7 @@
 //! checked from the guest itself, over stock OpenSSH as root.
 
 mod common;
+use common::ssh::*;
 use common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -87,34 +88,6 @@ fn sha256(file: &Path) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-/// The daemon's process: the one `hatch serve` whose HATCH_DATA_DIR is ours.
-fn daemon_pid(d: &Daemon) -> u32 {
-    let want = format!("HATCH_DATA_DIR={}", d.data_dir.display());
-    let mut found = vec![];
-    for pid in pids_mentioning("serve") {
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "hatch" && env.split(|b| *b == 0).any(|v| v == want.as_bytes()) {
-            found.push(pid);
-        }
-    }
-    assert_eq!(found.len(), 1, "daemon processes for {want}: {found:?}");
-    found[0]
-}
-
-/// A field of /proc/PID/status in KiB (`VmHWM`, `VmRSS`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// `hatch ARGS` (the CLI) as alice, in the daemon's namespace: (success, stdout + stderr).
