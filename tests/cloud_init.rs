@@ -5,44 +5,14 @@
 //! VM's forwarded port with the OpenSSH client.
 
 mod common;
+use common::ssh::*;
 use common::*;
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::Duration;
-
-fn debian_image_dir() -> PathBuf {
-    let dir = std::env::var_os("HATCH_TEST_DEBIAN_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/hatch-image-debian")
-        });
-    assert!(
-        dir.join("rootfs.ext4").exists(),
-        "Debian test image missing in {}: run `hatch image build --kind debian --out {0}` (scripts/test does)",
-        dir.display()
-    );
-    dir
-}
 
 #[test]
 fn a_debian_guest_applies_cloud_init_user_data() {
-    let img = debian_image_dir();
-    let d = Daemon::start_with(&[("HATCH_IMAGE_IMPORT_DIRS", img.to_str().unwrap())]);
-    let r = d.req(
-        "POST",
-        "/images",
-        Some(
-            &json!({
-                "name": "debian",
-                "kernel_path": img.join("vmlinuz"),
-                "initrd_path": img.join("initrd.img"),
-                "rootfs_path": img.join("rootfs.ext4"),
-            })
-            .to_string(),
-        ),
-    );
-    assert_eq!(r.status, 201, "{}", r.text);
-    let image_id = r.body["id"].as_str().unwrap().to_string();
+    let (d, image_id) = debian_daemon(&debian_image_dir());
 
     let (key, public) = keypair(&d.data_dir);
     let user_data = format!(

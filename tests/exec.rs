@@ -3,6 +3,7 @@
 //! streaming exec over WebSocket.
 
 mod common;
+use common::ssh::*;
 use common::*;
 use hatch::ssh::client::{
     ChannelSpec, ClientError, ExitStatus, GuestSession, Output, PtySize, Signal,
@@ -11,12 +12,6 @@ use hatch::ssh::Ca;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
-
-fn ready_vm(d: &Daemon) -> serde_json::Value {
-    let vm = d.create_vm("{}");
-    d.wait_console(vm["id"].as_str().unwrap(), "hatch-guest: ready");
-    vm
-}
 
 /// Runs `f` on a fresh thread that joined the daemon's network namespace
 /// (where the guests' bridge is), with a runtime of its own.
@@ -214,33 +209,6 @@ fn exec_ok(d: &Daemon, vm: &str, body: serde_json::Value) -> serde_json::Value {
     let r = exec(d, &d.key, vm, body.clone());
     assert_eq!(r.status, 200, "exec {body}: {}", r.text);
     r.body
-}
-
-/// The daemon's pid: the `hatch serve` whose network namespace is its own.
-fn daemon_pid(d: &Daemon) -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    let ns = std::fs::metadata(format!("/var/run/netns/{}", d.ns))
-        .unwrap()
-        .ino();
-    let pids: Vec<u32> = pids_mentioning(" serve")
-        .into_iter()
-        .filter(|p| {
-            std::fs::metadata(format!("/proc/{p}/ns/net")).is_ok_and(|m| m.ino() == ns)
-                && std::fs::read_link(format!("/proc/{p}/exe"))
-                    .is_ok_and(|e| e.to_string_lossy().ends_with("/hatch"))
-        })
-        .collect();
-    assert_eq!(pids.len(), 1, "one daemon in {}: {pids:?}", d.ns);
-    pids[0]
-}
-
-/// A line of /proc/PID/status in KiB (`VmHWM`: the peak resident set).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
 /// How many processes in the guest run `needle` (counted by an exec).
@@ -729,71 +697,24 @@ fn exec_wakes_a_sleeping_vm_and_an_open_stream_holds_off_idle_sleep() {
 
 // ------------------------------------------------------------ Debian
 
-/// The Debian cloud-init image: HATCH_TEST_DEBIAN_IMAGE_DIR, else
-/// target/hatch-image-debian when it was built; None skips the test.
-fn debian_image_dir() -> Option<std::path::PathBuf> {
-    let dir = match std::env::var_os("HATCH_TEST_DEBIAN_IMAGE_DIR") {
-        Some(d) => std::path::PathBuf::from(d),
-        None => {
-            let d = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("target/hatch-image-debian");
-            if !d.join("rootfs.ext4").exists() {
-                eprintln!("skipped: no Debian test image (set HATCH_TEST_DEBIAN_IMAGE_DIR)");
-                return None;
-            }
-            d
-        }
-    };
-    assert!(
-        dir.join("rootfs.ext4").exists(),
-        "Debian test image missing in {}",
-        dir.display()
-    );
-    Some(dir)
-}
-
 /// exec on the Debian image (OpenSSH and the CA's trust from cloud-init's
 /// vendor-data, bash as agent's shell): output, stdin, env, root through
 /// sudo, a timeout that kills, a TTY over the WebSocket.
 #[test]
 fn exec_on_the_debian_cloud_init_image() {
     use serde_json::json;
-    let Some(img) = debian_image_dir() else {
+    let Some(img) = debian_image_dir_if_built() else {
         return;
     };
-    let d = Daemon::start_with(&[("HATCH_IMAGE_IMPORT_DIRS", img.to_str().unwrap())]);
-    let r = d.req(
-        "POST",
-        "/images",
-        Some(
-            &json!({
-                "name": "debian",
-                "kernel_path": img.join("vmlinuz"),
-                "initrd_path": img.join("initrd.img"),
-                "rootfs_path": img.join("rootfs.ext4"),
-            })
-            .to_string(),
-        ),
-    );
-    assert_eq!(r.status, 201, "{}", r.text);
-    let vm = d.create_vm(&json!({"image_id": r.body["id"], "mem_mib": 1024}).to_string());
+    let (d, image) = debian_daemon(&img);
+    let vm = d.create_vm(&json!({"image_id": image, "mem_mib": 1024}).to_string());
     let id = vm["id"].as_str().unwrap().to_string();
     // A Debian boot under TCG takes minutes, and cloud-init installs the
     // CA's trust in its last stage: until then the guest refuses (502).
-    let deadline = std::time::Instant::now() + Duration::from_secs(900);
-    let first = loop {
-        let r = exec(&d, &d.key, &id, json!({ "command": "id -un; echo $0" }));
-        if r.status == 200 {
-            break r.body;
-        }
-        assert_eq!(r.status, 502, "while the guest boots: {}", r.text);
-        assert!(
-            std::time::Instant::now() < deadline,
-            "exec never worked: {}",
-            r.text
-        );
-        std::thread::sleep(Duration::from_secs(3));
-    };
+    let first = until_guest_ssh(Duration::from_secs(900), || {
+        exec(&d, &d.key, &id, json!({ "command": "id -un; echo $0" }))
+    })
+    .body;
     assert_eq!(
         first["stdout"].as_str().unwrap().lines().next(),
         Some("agent")

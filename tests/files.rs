@@ -7,6 +7,7 @@
 //! checked from the guest itself, over stock OpenSSH as root.
 
 mod common;
+use common::ssh::*;
 use common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -87,34 +88,6 @@ fn sha256(file: &Path) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-/// The daemon's process: the one `hatch serve` whose HATCH_DATA_DIR is ours.
-fn daemon_pid(d: &Daemon) -> u32 {
-    let want = format!("HATCH_DATA_DIR={}", d.data_dir.display());
-    let mut found = vec![];
-    for pid in pids_mentioning("serve") {
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "hatch" && env.split(|b| *b == 0).any(|v| v == want.as_bytes()) {
-            found.push(pid);
-        }
-    }
-    assert_eq!(found.len(), 1, "daemon processes for {want}: {found:?}");
-    found[0]
-}
-
-/// A field of /proc/PID/status in KiB (`VmHWM`, `VmRSS`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// `hatch ARGS` (the CLI) as alice, in the daemon's namespace: (success, stdout + stderr).
@@ -447,4 +420,102 @@ fn a_cut_upload_leaves_the_old_file_and_no_temp_file() {
     let r = get(&d, &d.key, id, "/home/agent/target");
     assert_eq!((r.status, r.text.as_str()), (200, "old\n"));
     d.terminate();
+}
+
+/// An exec that must answer 200 (the guest is up by then); its stdout.
+fn exec_stdout(d: &Daemon, vm: &str, command: &str) -> String {
+    let r = d.req(
+        "POST",
+        &format!("/vms/{vm}/exec"),
+        Some(&json!({ "command": command }).to_string()),
+    );
+    assert_eq!(r.status, 200, "exec {command}: {}", r.text);
+    assert_eq!(r.body["exit_code"], 0, "exec {command}: {}", r.text);
+    r.body["stdout"].as_str().unwrap().to_string()
+}
+
+/// The files API on the Debian cloud-init image (OpenSSH's own sftp-server,
+/// the CA's trust from cloud-init's vendor-data): a file up and down checked
+/// by sha256 on both sides, its mode on upload, a listing, 404 and 403.
+#[test]
+fn files_on_the_debian_cloud_init_image() {
+    let Some(img) = debian_image_dir_if_built() else {
+        return;
+    };
+    let (d, image) = debian_daemon(&img);
+    let vm = d.create_vm(&json!({"image_id": image, "mem_mib": 1024}).to_string());
+    let id = vm["id"].as_str().unwrap().to_string();
+    // A Debian boot under TCG takes minutes, and cloud-init installs the
+    // CA's trust in its last stage: until then the guest refuses (502).
+    let home = until_guest_ssh(Duration::from_secs(900), || {
+        get(&d, &d.key, &id, "/home/agent")
+    });
+    assert!(
+        home.body.is_array(),
+        "a listing of agent's home: {}",
+        home.text
+    );
+
+    let file = d.data_dir.join("debian.bin");
+    let out = Command::new("head")
+        .args(["-c", "4194304", "/dev/urandom"])
+        .output()
+        .unwrap();
+    std::fs::write(&file, &out.stdout).unwrap();
+    let want = sha256(&file);
+    let r = put_file(&d, &d.key, &id, "/home/agent/up.bin", "&mode=0640", &file);
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["size"], 4194304, "{}", r.text);
+    assert_eq!(r.body["mode"], "0640", "{}", r.text);
+    // What the guest itself holds.
+    let seen = exec_stdout(
+        &d,
+        &id,
+        "stat -c '%a %U %s' /home/agent/up.bin; sha256sum /home/agent/up.bin",
+    );
+    assert_eq!(
+        seen,
+        format!("640 agent 4194304\n{want}  /home/agent/up.bin\n")
+    );
+    let back = d.data_dir.join("debian.back");
+    let (status, headers) = get_to(&d, &id, "/home/agent/up.bin", &back);
+    assert_eq!(status, 200, "{headers}");
+    assert!(headers.contains("content-length: 4194304"), "{headers}");
+    assert_eq!(sha256(&back), want, "the download differs from the upload");
+
+    // A listing: names sorted, types, sizes, modes.
+    exec_stdout(
+        &d,
+        &id,
+        "mkdir -p /home/agent/d/sub && printf abc >/home/agent/d/f && chmod 604 /home/agent/d/f \
+         && ln -s f /home/agent/d/link",
+    );
+    let r = get(&d, &d.key, &id, "/home/agent/d");
+    assert_eq!(r.status, 200, "{}", r.text);
+    let entries = r.body.as_array().expect("a JSON listing");
+    let listed: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        listed,
+        [("f", "file"), ("link", "symlink"), ("sub", "dir")],
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        (entries[0]["size"].as_u64(), entries[0]["mode"].as_str()),
+        (Some(3), Some("0604")),
+        "{}",
+        r.text
+    );
+
+    // Missing: 404; a file only root reads and a directory agent cannot
+    // write: 403.
+    let r = get(&d, &d.key, &id, "/home/agent/no-such-file");
+    assert_eq!(r.status, 404, "{}", r.text);
+    let r = get(&d, &d.key, &id, "/etc/shadow");
+    assert_eq!(r.status, 403, "{}", r.text);
+    let r = put_bytes(&d, &d.key, &id, "/etc/hatch-was-here", "", b"x");
+    assert_eq!(r.status, 403, "{}", r.text);
 }

@@ -6,126 +6,21 @@
 //! owner gets 404; the CA key is 0600 and outlives a restart.
 
 mod common;
+use common::ssh::*;
 use common::*;
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// `POST /vms/{id}/connect` with `public_key`, as the holder of `key`.
-fn connect(d: &Daemon, key: &str, vm: &str, public: &str) -> Response {
-    d.as_key(
-        key,
-        "POST",
-        &format!("/vms/{vm}/connect"),
-        Some(&json!({ "public_key": public }).to_string()),
-    )
-}
-
-/// Connects as alice and writes the certificate where `ssh` finds it by
-/// name; checks the answer's shape. Returns (cert file, answer).
-fn certify(d: &Daemon, vm: &serde_json::Value, key: &Path, public: &str) -> (PathBuf, Response) {
-    let id = vm["id"].as_str().unwrap();
-    let before = now();
-    let r = connect(d, &d.key, id, public);
-    assert_eq!(r.status, 200, "connect {id}: {}", r.text);
-    let cert = r.body["certificate"].as_str().expect("certificate");
-    assert!(
-        cert.starts_with("ssh-ed25519-cert-v01@openssh.com "),
-        "{cert}"
-    );
-    assert_eq!(r.body["username"], "agent");
-    assert_eq!(r.body["host"], "127.0.0.1", "the host the client used");
-    assert_eq!(r.body["port"], vm["ssh_port"]);
-    let until = r.body["valid_until"].as_u64().expect("valid_until");
-    assert!(until > before, "{until} is not after {before}");
-    let path = key.with_file_name(format!("{id}-cert.pub"));
-    std::fs::write(&path, format!("{cert}\n")).unwrap();
-    (path, r)
-}
-
-/// Stock OpenSSH with the key and the certificate, from the daemon's
-/// namespace (a client of the host). Returns (success, stdout + stderr).
-fn ssh_cert(d: &Daemon, key: &Path, cert: &Path, port: u64, cmd: &str) -> (bool, String) {
-    let out = d.in_ns(
-        None,
-        &[
-            "ssh",
-            "-i",
-            key.to_str().unwrap(),
-            "-o",
-            &format!("CertificateFile={}", cert.display()),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-p",
-            &port.to_string(),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=10",
-            "-o",
-            "LogLevel=ERROR",
-            "agent@127.0.0.1",
-            cmd,
-        ],
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// Retries a login that must work (sshd may still be starting).
-fn ssh_cert_ok(
-    d: &Daemon,
-    key: &Path,
-    cert: &Path,
-    port: u64,
-    cmd: &str,
-    within: Duration,
-) -> String {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        let (ok, text) = ssh_cert(d, key, cert, port, cmd);
-        if ok {
-            return text;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ssh agent@127.0.0.1 -p {port} {cmd:?} with {} never worked: {text}",
-            cert.display()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
+use std::path::Path;
+use std::time::Duration;
 
 /// A login that must be refused by the guest's sshd (not a network error).
 fn assert_refused(d: &Daemon, key: &Path, cert: &Path, port: u64, why: &str) {
-    let (ok, text) = ssh_cert(d, key, cert, port, "echo logged-in");
+    let (ok, text) = d.ssh_cert(None, (key, cert), "agent@127.0.0.1", port, "echo logged-in");
     assert!(
         !ok && !text.contains("logged-in"),
         "{why}: logged in: {text}"
     );
     assert!(text.contains("Permission denied"), "{why}: {text}");
-}
-
-fn ready_vm(d: &Daemon) -> serde_json::Value {
-    let vm = d.create_vm("{}");
-    d.wait_console(vm["id"].as_str().unwrap(), "hatch-guest: ready");
-    vm
 }
 
 #[test]
@@ -142,46 +37,25 @@ fn connect_logs_in_to_that_vm_only_for_its_owner() {
     );
 
     let (a_cert, r) = certify(&d, &a, &key, &public);
-    let ttl = r.body["valid_until"].as_u64().unwrap() - now();
+    let ttl = r.body["valid_until"].as_u64().unwrap() - unix_now();
     assert!(
         (250..=300).contains(&ttl),
         "the default TTL is 5 minutes, got {ttl}s"
     );
-    let out = ssh_cert_ok(&d, &key, &a_cert, a_port, "id -un; hostname", BOOT_TIMEOUT);
+    let out = d.ssh_cert_ok((&key, &a_cert), a_port, "id -un; hostname", BOOT_TIMEOUT);
     assert_eq!(out, format!("agent\n{}\n", a_id.replace('_', "-")));
 
     // The key alone is nobody's: the certificate is what logs in.
     let plain = key.with_file_name("no-such-cert.pub");
-    let (ok, text) = ssh_cert(&d, &key, &plain, a_port, "true");
+    let (ok, text) = d.ssh_cert(None, (&key, &plain), "agent@127.0.0.1", a_port, "true");
     assert!(!ok && text.contains("Permission denied"), "{text}");
     // Signed for a, so b refuses it; b's own certificate works there.
     assert_refused(&d, &key, &a_cert, b_port, "a's certificate on b");
     let (b_cert, _) = certify(&d, &b, &key, &public);
-    ssh_cert_ok(&d, &key, &b_cert, b_port, "true", BOOT_TIMEOUT);
+    d.ssh_cert_ok((&key, &b_cert), b_port, "true", BOOT_TIMEOUT);
     // Root is not the certificate's user either.
-    let out = d.in_ns(
-        None,
-        &[
-            "ssh",
-            "-i",
-            key.to_str().unwrap(),
-            "-o",
-            &format!("CertificateFile={}", a_cert.display()),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-p",
-            &a_port.to_string(),
-            "root@127.0.0.1",
-            "true",
-        ],
-    );
-    assert!(!out.status.success(), "a certificate logged in as root");
+    let (ok, _) = d.ssh_cert(None, (&key, &a_cert), "root@127.0.0.1", a_port, "true");
+    assert!(!ok, "a certificate logged in as root");
 
     // Another owner: 404 and no certificate, as for a VM that does not exist.
     let r = connect(&d, &bob, a_id, &public);
@@ -280,7 +154,7 @@ fn connect_logs_in_to_that_vm_only_for_its_owner() {
     let r = d.req("POST", &format!("/vms/{a_id}/start"), None);
     assert_eq!(r.status, 200, "{}", r.text);
     d.wait_console(a_id, "hatch-guest: ready boot=2");
-    let out = ssh_cert_ok(&d, &key, &a_cert, a_port, "id -un", BOOT_TIMEOUT);
+    let out = d.ssh_cert_ok((&key, &a_cert), a_port, "id -un", BOOT_TIMEOUT);
     assert_eq!(out, "agent\n");
     let _ = b_id;
 }
@@ -297,17 +171,17 @@ fn an_expired_certificate_is_refused_and_connect_wakes_a_sleeping_vm() {
     let (cert, r) = certify(&d, &vm, &key, &public);
     let until = r.body["valid_until"].as_u64().unwrap();
     assert!(
-        until <= now() + 60,
+        until <= unix_now() + 60,
         "valid_until {until} is past the 60s TTL"
     );
     // The guest's clock decides expiry: read it while the certificate works.
-    let out = ssh_cert_ok(&d, &key, &cert, port, "date +%s", Duration::from_secs(50));
+    let out = d.ssh_cert_ok((&key, &cert), port, "date +%s", Duration::from_secs(50));
     let guest_now: i64 = out.trim().parse().unwrap();
-    let lag = (now() as i64 - guest_now).max(0) as u64;
+    let lag = (unix_now() as i64 - guest_now).max(0) as u64;
     wait_until(
         "the certificate to expire on the guest's clock",
         Duration::from_secs(120),
-        || now() > until + lag + 1,
+        || unix_now() > until + lag + 1,
     );
     assert_refused(&d, &key, &cert, port, "an expired certificate");
 
@@ -318,47 +192,18 @@ fn an_expired_certificate_is_refused_and_connect_wakes_a_sleeping_vm() {
     assert_eq!(d.vm(id)["state"], "snapshotted");
     let (cert, _) = certify(&d, &vm, &key, &public);
     assert_eq!(d.vm(id)["state"], "running");
-    let out = ssh_cert_ok(&d, &key, &cert, port, "id -un", Duration::from_secs(50));
+    let out = d.ssh_cert_ok((&key, &cert), port, "id -un", Duration::from_secs(50));
     assert_eq!(out, "agent\n");
-}
-
-fn debian_image_dir() -> PathBuf {
-    let dir = std::env::var_os("HATCH_TEST_DEBIAN_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/hatch-image-debian")
-        });
-    assert!(
-        dir.join("rootfs.ext4").exists(),
-        "Debian test image missing in {}: run `hatch image build --kind debian --out {0}` (scripts/test does)",
-        dir.display()
-    );
-    dir
 }
 
 #[test]
 fn a_debian_guest_trusts_the_ca_through_cloud_init() {
-    let img = debian_image_dir();
-    let d = Daemon::start_with(&[("HATCH_IMAGE_IMPORT_DIRS", img.to_str().unwrap())]);
-    let r = d.req(
-        "POST",
-        "/images",
-        Some(
-            &json!({
-                "name": "debian",
-                "kernel_path": img.join("vmlinuz"),
-                "initrd_path": img.join("initrd.img"),
-                "rootfs_path": img.join("rootfs.ext4"),
-            })
-            .to_string(),
-        ),
-    );
-    assert_eq!(r.status, 201, "{}", r.text);
+    let (d, image) = debian_daemon(&debian_image_dir());
     // The user's own user data stays theirs: the CA comes as vendor-data.
     let user_data =
         "#cloud-config\nwrite_files:\n  - path: /etc/hatch-test/mine.txt\n    content: mine\n";
     let vm = d.create_vm(
-        &json!({"image_id": r.body["id"], "mem_mib": 1024, "user_data": user_data}).to_string(),
+        &json!({"image_id": image, "mem_mib": 1024, "user_data": user_data}).to_string(),
     );
     let other = ready_vm(&d);
     let (key, public) = keypair(&d.data_dir);
@@ -369,10 +214,10 @@ fn a_debian_guest_trusts_the_ca_through_cloud_init() {
     let deadline = std::time::Instant::now() + Duration::from_secs(900);
     let mut cert = cert;
     let out = loop {
-        let (ok, text) = ssh_cert(
-            &d,
-            &key,
-            &cert,
+        let (ok, text) = d.ssh_cert(
+            None,
+            (&key, &cert),
+            "agent@127.0.0.1",
             port,
             "id -un; sudo -n true && echo sudo-ok; cat /etc/hatch-test/mine.txt",
         );

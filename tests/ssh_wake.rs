@@ -6,9 +6,9 @@
 //! `hatch_wakes_total{result="ok"}` (GET /metrics) and its log.
 
 mod common;
+use common::ssh::*;
 use common::*;
 use serde_json::json;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -60,100 +60,11 @@ fn forwarded(d: &Daemon, vm: &serde_json::Value) -> bool {
         .contains(&format!("dport {} dnat to", vm["ssh_port"]))
 }
 
-/// A running, booted VM, its id and SSH port.
-fn ready_vm(d: &Daemon, key: &str, body: serde_json::Value) -> (serde_json::Value, String, u64) {
-    let r = d.as_key(key, "POST", "/vms", Some(&body.to_string()));
-    assert_eq!(r.status, 201, "{}", r.text);
-    let id = r.body["id"].as_str().unwrap().to_string();
-    let logs = format!("/vms/{id}/logs");
-    wait_until("the guest's ready line", BOOT_TIMEOUT, || {
-        d.as_key(key, "GET", &logs, None)
-            .text
-            .contains("hatch-guest: ready")
-    });
-    let port = r.body["ssh_port"].as_u64().unwrap();
-    (r.body, id, port)
-}
-
-/// A certificate from `connect` for alice's running VM `id`, in a file.
-fn certify(d: &Daemon, id: &str, key: &Path, public: &str) -> PathBuf {
-    let r = d.req(
-        "POST",
-        &format!("/vms/{id}/connect"),
-        Some(&json!({ "public_key": public }).to_string()),
-    );
-    assert_eq!(r.status, 200, "connect {id}: {}", r.text);
-    let path = key.with_file_name(format!("{id}-cert.pub"));
-    std::fs::write(
-        &path,
-        format!("{}\n", r.body["certificate"].as_str().unwrap()),
+fn id_and_port(vm: &serde_json::Value) -> (String, u64) {
+    (
+        vm["id"].as_str().unwrap().to_string(),
+        vm["ssh_port"].as_u64().unwrap(),
     )
-    .unwrap();
-    path
-}
-
-/// Stock OpenSSH as `agent@HOST -p PORT` with the key and certificate, from
-/// namespace `ns` (the daemon's host when None).
-fn ssh_args(key: &Path, cert: &Path, host: &str, port: u64, cmd: &str) -> Vec<String> {
-    [
-        "ssh",
-        "-i",
-        key.to_str().unwrap(),
-        "-o",
-        &format!("CertificateFile={}", cert.display()),
-        "-o",
-        "IdentitiesOnly=yes",
-        "-p",
-        &port.to_string(),
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "BatchMode=yes",
-        // A wake happens inside the connection: give it the proxy's room.
-        "-o",
-        "ConnectTimeout=60",
-        "-o",
-        "LogLevel=ERROR",
-        &format!("agent@{host}"),
-        cmd,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn ssh(
-    d: &Daemon,
-    ns: Option<&str>,
-    (key, cert): (&Path, &Path),
-    host: &str,
-    port: u64,
-    cmd: &str,
-) -> (bool, String) {
-    let args = ssh_args(key, cert, host, port, cmd);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = d.in_ns(ns, &args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// Retries a login while the running guest's sshd may still be starting.
-fn ssh_ok(d: &Daemon, creds: (&Path, &Path), port: u64, cmd: &str) -> String {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    loop {
-        let (ok, text) = ssh(d, None, creds, "127.0.0.1", port, cmd);
-        if ok {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "ssh -p {port} {cmd:?}: {text}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 fn snapshot(d: &Daemon, id: &str) {
@@ -166,11 +77,15 @@ fn snapshot(d: &Daemon, id: &str) {
 fn parallel_logins_wake_a_sleeping_vm_once_and_its_port_follows_its_sleep() {
     let mut d = daemon(&[]);
     let (key, public) = keypair(&d.data_dir);
-    let (vm, id, port) = ready_vm(&d, &d.key, json!({}));
-    let cert = certify(&d, &id, &key, &public);
+    let vm = ready_vm(&d);
+    let (id, port) = id_and_port(&vm);
+    let cert = certify(&d, &vm, &key, &public).0;
     let creds = (key.as_path(), cert.as_path());
     let hostname = id.replace('_', "-");
-    assert_eq!(ssh_ok(&d, creds, port, "hostname").trim(), hostname);
+    assert_eq!(
+        d.ssh_cert_ok(creds, port, "hostname", BOOT_TIMEOUT).trim(),
+        hostname
+    );
     // Running: the forward answers, the daemon does not listen.
     assert!(forwarded(&d, &vm) && !listening(&d, port));
 
@@ -182,7 +97,7 @@ fn parallel_logins_wake_a_sleeping_vm_once_and_its_port_follows_its_sleep() {
     // 8 logins at once: one wake, every one of them reaches the guest.
     let logins: Vec<_> = (0..8)
         .map(|_| {
-            let args = ssh_args(&key, &cert, "127.0.0.1", port, "echo $(hostname)");
+            let args = ssh_cert_args(&key, &cert, "agent@127.0.0.1", port, "echo $(hostname)");
             let ns = d.ns.clone();
             std::thread::spawn(move || {
                 Command::new("ip")
@@ -209,7 +124,10 @@ fn parallel_logins_wake_a_sleeping_vm_once_and_its_port_follows_its_sleep() {
     // Awake: the forward is back and the daemon's listener gone.
     assert!(forwarded(&d, &vm), "{}", d.nft_table());
     assert!(!listening(&d, port), "the listener outlived the wake");
-    assert_eq!(ssh_ok(&d, creds, port, "hostname").trim(), hostname);
+    assert_eq!(
+        d.ssh_cert_ok(creds, port, "hostname", BOOT_TIMEOUT).trim(),
+        hostname
+    );
     assert_eq!(wakes(&d), 1.0, "a login to a running VM wakes nothing");
 
     // Asleep again across a daemon restart: the listener is back at start
@@ -220,7 +138,7 @@ fn parallel_logins_wake_a_sleeping_vm_once_and_its_port_follows_its_sleep() {
     d.restart();
     assert_eq!(state(&d, &id), "snapshotted");
     assert!(listening(&d, port), "no listener after the restart");
-    let (ok, text) = ssh(&d, None, creds, "127.0.0.1", port, "hostname");
+    let (ok, text) = d.ssh_cert(None, creds, "agent@127.0.0.1", port, "hostname");
     assert!(ok, "{text}");
     assert_eq!(text.trim(), hostname);
     assert_eq!(state(&d, &id), "running");
@@ -233,7 +151,7 @@ fn parallel_logins_wake_a_sleeping_vm_once_and_its_port_follows_its_sleep() {
     let r = d.req("DELETE", &format!("/vms/{id}"), None);
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(!listening(&d, port), "the deleted VM's port is still open");
-    let (ok, text) = ssh(&d, None, creds, "127.0.0.1", port, "true");
+    let (ok, text) = d.ssh_cert(None, creds, "agent@127.0.0.1", port, "true");
     assert!(!ok && text.contains("Connection refused"), "{text}");
 }
 
@@ -241,10 +159,11 @@ fn parallel_logins_wake_a_sleeping_vm_once_and_its_port_follows_its_sleep() {
 fn an_ssh_session_spliced_by_the_daemon_keeps_idle_sleep_off() {
     let d = daemon(&[("HATCH_IDLE_CHECK_INTERVAL", "1s")]);
     let (key, public) = keypair(&d.data_dir);
-    let (_, id, port) = ready_vm(&d, &d.key, json!({}));
-    let cert = certify(&d, &id, &key, &public);
+    let vm = ready_vm(&d);
+    let (id, port) = id_and_port(&vm);
+    let cert = certify(&d, &vm, &key, &public).0;
     let creds = (key.as_path(), cert.as_path());
-    ssh_ok(&d, creds, port, "true");
+    d.ssh_cert_ok(creds, port, "true", BOOT_TIMEOUT);
     // Booting takes longer than a short timeout under TCG: set it now.
     let timeout = 8;
     let r = d.req(
@@ -259,10 +178,10 @@ fn an_ssh_session_spliced_by_the_daemon_keeps_idle_sleep_off() {
     assert!(listening(&d, port));
 
     // A session opened on the sleeping VM: the daemon wakes it and splices.
-    let args = ssh_args(
+    let args = ssh_cert_args(
         &key,
         &cert,
-        "127.0.0.1",
+        "agent@127.0.0.1",
         port,
         "echo open; sleep 45; echo done",
     );
@@ -316,8 +235,9 @@ fn only_allowed_sources_and_no_guest_reach_a_sleeping_vms_port() {
     let client = d.add_client();
     let bob = d.create_key(&["--name", "bob"]);
     let (key, public) = keypair(&d.data_dir);
-    let (_, id, port) = ready_vm(&d, &d.key, json!({}));
-    let cert = certify(&d, &id, &key, &public);
+    let vm = ready_vm(&d);
+    let (id, port) = id_and_port(&vm);
+    let cert = certify(&d, &vm, &key, &public).0;
     let creds = (key.as_path(), cert.as_path());
     let hostname = id.replace('_', "-");
     // Guests of alice (the sleeper's owner) and of bob, which root may
@@ -328,13 +248,13 @@ fn only_allowed_sources_and_no_guest_reach_a_sleeping_vms_port() {
     let guests: Vec<String> = [&d.key, &bob]
         .iter()
         .map(|k| {
-            let (vm, _, _) = ready_vm(&d, k, json!({ "user_data": script }));
+            let vm = ready_vm_as(&d, k, json!({ "user_data": script }));
             vm["guest_ip"].as_str().unwrap().to_string()
         })
         .collect();
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let out = loop {
-        let (ok, text) = ssh(&d, Some(&client), creds, "10.77.0.1", port, "hostname");
+        let (ok, text) = d.ssh_cert(Some(&client), creds, "agent@10.77.0.1", port, "hostname");
         if ok || Instant::now() > deadline {
             break text;
         }
@@ -377,14 +297,14 @@ fn only_allowed_sources_and_no_guest_reach_a_sleeping_vms_port() {
     );
 
     // The host's loopback is outside the allowed range: refused, no wake.
-    let (ok, text) = ssh(&d, None, creds, "127.0.0.1", port, "hostname");
+    let (ok, text) = d.ssh_cert(None, creds, "agent@127.0.0.1", port, "hostname");
     assert!(!ok && !text.contains(&hostname), "{text}");
     assert_eq!(state(&d, &id), "snapshotted");
     assert_eq!(wakes(&d), 0.0);
     assert_eq!(log_count(&d, &id, "SSH gateway refused a connection"), 1);
 
     // The allowed client wakes it.
-    let (ok, text) = ssh(&d, Some(&client), creds, "10.77.0.1", port, "hostname");
+    let (ok, text) = d.ssh_cert(Some(&client), creds, "agent@10.77.0.1", port, "hostname");
     assert!(ok, "{text}");
     assert_eq!(text.trim(), hostname);
     assert_eq!(wakes(&d), 1.0);

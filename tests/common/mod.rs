@@ -7,6 +7,7 @@ pub mod confine;
 pub mod hardening;
 pub mod images;
 pub mod safety;
+pub mod ssh;
 pub mod web;
 
 use serde_json::Value;
