@@ -7,6 +7,7 @@
 //! kept in Standby and woken by exec, and for a fork of a fork.
 
 mod common;
+use common::ssh::certify;
 use common::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -60,78 +61,22 @@ fn fork(d: &Daemon, snap: &str, name: &str, target: &str) -> Value {
 }
 
 /// A `connect` certificate for `vm`, written where `ssh` can read it.
-fn certificate(d: &Daemon, vm: &str, key: &Path, public: &str) -> PathBuf {
-    let r = d.req(
-        "POST",
-        &format!("/vms/{vm}/connect"),
-        Some(&json!({ "public_key": public }).to_string()),
-    );
-    assert_eq!(r.status, 200, "connect {vm}: {}", r.text);
-    let path = key.with_file_name(format!("{vm}-cert.pub"));
-    std::fs::write(
-        &path,
-        format!("{}\n", r.body["certificate"].as_str().unwrap()),
-    )
-    .unwrap();
-    path
+fn certificate(d: &Daemon, vm: &Value, key: &Path, public: &str) -> PathBuf {
+    certify(d, vm, key, public).0
 }
 
 /// Stock OpenSSH with `key` and `cert` to the VM's forwarded SSH port, from
 /// the daemon's namespace. Answers (success, stdout + stderr).
 fn ssh_cert(d: &Daemon, key: &Path, cert: &Path, vm: &Value, cmd: &str) -> (bool, String) {
-    let port = vm["ssh_port"].as_u64().unwrap().to_string();
-    let out = d.in_ns(
-        None,
-        &[
-            "ssh",
-            "-i",
-            key.to_str().unwrap(),
-            "-o",
-            &format!("CertificateFile={}", cert.display()),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=10",
-            "-o",
-            "LogLevel=ERROR",
-            "-p",
-            &port,
-            "agent@127.0.0.1",
-            cmd,
-        ],
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let port = vm["ssh_port"].as_u64().unwrap();
+    d.ssh_cert(None, (key, cert), "agent@127.0.0.1", port, cmd)
 }
 
-/// The VM's guest answers `cmd` over OpenSSH with `cert` (a few tries: a
+/// The VM's guest answers `cmd` over OpenSSH with `cert` (retried: a
 /// forward may be a moment behind the VM).
 fn logs_in(d: &Daemon, key: &Path, cert: &Path, vm: &Value, cmd: &str) -> String {
-    let mut last = String::new();
-    for _ in 0..20 {
-        let (ok, text) = ssh_cert(d, key, cert, vm, cmd);
-        if ok {
-            return text;
-        }
-        last = text;
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    panic!(
-        "{} refused {}: {last}\n{}",
-        vm["id"],
-        cert.display(),
-        d.daemon_log()
-    );
+    let port = vm["ssh_port"].as_u64().unwrap();
+    d.ssh_cert_ok((key, cert), port, cmd, Duration::from_secs(10))
 }
 
 /// The VM's guest refuses `cert` (sshd's "Permission denied", not a network error).
@@ -180,8 +125,8 @@ fn check_fork(d: &Daemon, key: &Path, public: &str, fork: &Value, src: &Value, w
         "the fork's guest still trusts another id"
     );
 
-    let fork_cert = certificate(d, &fid, key, public);
-    let src_cert = certificate(d, &sid, key, public);
+    let fork_cert = certificate(d, fork, key, public);
+    let src_cert = certificate(d, src, key, public);
     let out = logs_in(
         d,
         key,
