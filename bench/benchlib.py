@@ -177,6 +177,27 @@ def one_request(key, method, path, body=None, timeout=300):
         h.close()
 
 
+class DaemonBench:
+    """What a bench that drives one `Daemon` (`self.hatchd`) shares: its key,
+    API calls that must succeed, and a count of other QEMUs on the host
+    (`self.tmp`, `self.others_seen`, `self.others_max`)."""
+
+    @property
+    def key(self):
+        return self.hatchd.key
+
+    def api(self, method, path, body=None, expect=(200,), timeout=300):
+        status, raw = one_request(self.key, method, path, body, timeout=timeout)
+        if status not in expect:
+            raise BenchError(f"{method} {path}: {status} {raw[:500]!r}\n{self.hatchd.tail()}")
+        return json.loads(raw) if raw else None
+
+    def sample_others(self):
+        pids = other_qemu_pids(self.tmp)
+        self.others_seen |= pids
+        self.others_max = max(self.others_max, len(pids))
+
+
 # ---------------------------------------------------------------- the daemon
 
 
@@ -406,9 +427,9 @@ How this page is kept:
   printed, with the command and the date of that run above it. No figure,
   ratio or conclusion is typed by hand; the prose between blocks only says
   where a block comes from.
-- A full run rewrites its script's `##` section itself (`bench/boot` and
-  `bench/net` unless `--no-docs`; `bench/snapshot` and `bench/proxy` with
-  `--markdown`). A partial run (`bench/net --filter-only`, `bench/snapshot
+- A full run rewrites its script's `##` section itself (`bench/boot`,
+  `bench/net` and `bench/exec` unless `--no-docs`; `bench/snapshot`,
+  `bench/proxy` and `bench/firecracker` with `--markdown`). A partial run (`bench/net --filter-only`, `bench/snapshot
   --confine-only`) prints its block with its command and date, to be pasted
   under its section.
 - When the code that measures or prints a block changes, the block gives way

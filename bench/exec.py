@@ -59,8 +59,9 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
+    DaemonBench,
     DOCS, READY, BenchError, CpuBusy, Daemon, Http, add_heading, add_table, arg_after, cpu_model,
-    git_state, kill_leftovers, kill_namespace_leftovers, log, ms, nearest_rank, one_request,
+    git_state, kill_leftovers, kill_namespace_leftovers, log, ms, nearest_rank,
     other_qemu_pids, proc_cmdline, qemu_version, run_guarded, stats, write_docs,
 )
 
@@ -132,7 +133,7 @@ class Cpu:
                 for k in t1}
 
 
-class Bench:
+class Bench(DaemonBench):
     def __init__(self, args):
         self.args = args
         self.tmp = Path(os.environ["HATCH_BENCH_TMP"])
@@ -160,21 +161,6 @@ class Bench:
         self.load_before = None
         self.busy = None
         self.measure_s = None
-
-    @property
-    def key(self):
-        return self.hatchd.key
-
-    def api(self, method, path, body=None, expect=(200,), timeout=300):
-        status, raw = one_request(self.key, method, path, body, timeout=timeout)
-        if status not in expect:
-            raise BenchError(f"{method} {path}: {status} {raw[:500]!r}\n{self.hatchd.tail()}")
-        return json.loads(raw) if raw else None
-
-    def sample_others(self):
-        pids = other_qemu_pids(self.tmp)
-        self.others_seen |= pids
-        self.others_max = max(self.others_max, len(pids))
 
     def run_client(self, argv, what):
         """Runs a client process to its end (bounded); returns (seconds, stdout+stderr text)."""

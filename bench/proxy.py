@@ -51,7 +51,6 @@ docs/BENCHMARKS.md instead, also written there unless --no-docs.
 
 import argparse
 import datetime
-import json
 import os
 import re
 import resource
@@ -64,6 +63,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
+    DaemonBench,
     git_state, kill_namespace_leftovers, parse_wrk,
     add_heading, add_table, DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
     ms, one_request, other_qemu_pids, proc_cmdline, qemu_version, run_guarded,
@@ -296,7 +296,7 @@ class Target:
 # ---------------------------------------------------------------- the benchmark
 
 
-class Bench:
+class Bench(DaemonBench):
     def __init__(self, args):
         self.args = args
         self.tmp = Path(os.environ["HATCH_BENCH_TMP"])
@@ -326,21 +326,6 @@ class Bench:
         self.load_before = None
         self.busy = None
         self.measure_s = None
-
-    @property
-    def key(self):
-        return self.hatchd.key
-
-    def api(self, method, path, body=None, expect=(200,), timeout=300):
-        status, raw = one_request(self.key, method, path, body, timeout=timeout)
-        if status not in expect:
-            raise BenchError(f"{method} {path}: {status} {raw[:500]!r}\n{self.hatchd.tail()}")
-        return json.loads(raw) if raw else None
-
-    def sample_others(self):
-        pids = other_qemu_pids(self.tmp)
-        self.others_seen |= pids
-        self.others_max = max(self.others_max, len(pids))
 
     def spawn(self, argv, **kw):
         kw.setdefault("stdin", subprocess.DEVNULL)

@@ -79,6 +79,16 @@ fn restore(d: &Daemon, id: &str) -> Value {
     r.body
 }
 
+/// Hypeman's restore of the instance to `snap`, to Running.
+fn restore_to(d: &Daemon, id: &str, snap: &str) {
+    let r = d.req(
+        "POST",
+        &format!("/instances/{id}/snapshots/{snap}/restore"),
+        Some(r#"{"target_state": "Running"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
 /// The wake maps the hot copy (nothing from the store), a disk written
 /// while asleep comes from the store instead of being used, a restore of
 /// another snapshot never takes the hot copy, and deleting a sleeping VM
@@ -122,12 +132,7 @@ fn a_wake_maps_its_hot_copy_only_for_its_own_snapshot() {
     // guest counts on from the first's moment.
     sleep(&d, &id);
     assert_eq!(hot_bytes(&d), MEM_MIB << 20);
-    let r = d.req(
-        "POST",
-        &format!("/instances/{id}/snapshots/{first}/restore"),
-        Some(r#"{"target_state": "Running"}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.text);
+    restore_to(&d, &id, &first);
     counts_on_from(&d, &id, frozen1, 2);
     assert_eq!(restores(&d, "store"), 1.0, "another snapshot's memory");
     assert_eq!(restores(&d, "hot"), 2.0);
@@ -175,12 +180,7 @@ fn a_checkpoint_keeps_its_own_copy_while_its_guest_runs_on() {
     });
     assert_eq!(d.req("POST", &format!("/vms/{id}/stop"), None).status, 200);
     assert_eq!(hot_bytes(&d), MEM_MIB << 20, "a stop keeps it");
-    let r = d.req(
-        "POST",
-        &format!("/instances/{id}/snapshots/{snap}/restore"),
-        Some(r#"{"target_state": "Running"}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.text);
+    restore_to(&d, &id, &snap);
     counts_on_from(&d, &id, frozen, 2);
     assert_eq!(restores(&d, "hot"), 1.0, "the copy was mapped");
     assert_eq!(restores(&d, "store"), 0.0);

@@ -24,16 +24,8 @@ fn page_user_data(public: &str, page: &str) -> String {
 /// Creates a VM serving `page` as the owner of `key` and waits until its
 /// user-data script has run.
 fn page_vm(d: &Daemon, key: &str, public: &str, page: &str) -> Value {
-    let body = json!({ "user_data": page_user_data(public, page) }).to_string();
-    let r = d.as_key(key, "POST", "/vms", Some(&body));
-    assert_eq!(r.status, 201, "{}", r.text);
-    let logs = format!("/vms/{}/logs", r.body["id"].as_str().unwrap());
-    wait_until("the guest's ready line", BOOT_TIMEOUT, || {
-        d.as_key(key, "GET", &logs, None)
-            .text
-            .contains("hatch-guest: ready")
-    });
-    r.body
+    let body = json!({ "user_data": page_user_data(public, page) });
+    common::ssh::ready_vm_as(d, key, body)
 }
 
 fn ip_of(vm: &Value) -> String {

@@ -36,20 +36,8 @@ fn ssh_piped(d: &Daemon, key: &std::path::Path, ip: &str, cmd: &str, stdin: Stdi
     let out = Command::new("ip")
         .args(["netns", "exec", &d.ns, "ssh", "-i"])
         .arg(key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=5",
-            "-o",
-            "LogLevel=ERROR",
-            &format!("root@{ip}"),
-            cmd,
-        ])
+        .args(ssh_options(5))
+        .args([&format!("root@{ip}"), cmd])
         .stdin(stdin)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

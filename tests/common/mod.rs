@@ -825,7 +825,41 @@ pub fn ssh_user_data(user: &str, public: &str) -> String {
     format!("#cloud-config\nusers:\n  - name: {user}\n    ssh_authorized_keys:\n      - {public}\n")
 }
 
+/// The OpenSSH client options of every test login: no host key question,
+/// nothing read from or written to the host's known hosts, no prompt, a
+/// bounded connect, only errors printed.
+pub fn ssh_options(connect_timeout_secs: u64) -> Vec<String> {
+    [
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        &format!("ConnectTimeout={connect_timeout_secs}"),
+        "-o",
+        "LogLevel=ERROR",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 impl Daemon {
+    /// Runs `args` (an `ssh ...` command line) in namespace `ns` (the
+    /// daemon's host when None). Returns (success, stdout + stderr).
+    pub fn run_ssh(&self, ns: Option<&str>, args: &[String]) -> (bool, String) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.in_ns(ns, &args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     /// `ssh -p PORT USER@HOST CMD` with the OpenSSH client, from namespace `ns`
     /// (the daemon's host when None). Returns (success, stdout + stderr).
     pub fn ssh(
@@ -836,36 +870,19 @@ impl Daemon {
         port: u16,
         cmd: &str,
     ) -> (bool, String) {
-        let port = port.to_string();
-        let key = key.display().to_string();
-        let out = self.in_ns(
-            ns,
-            &[
-                "ssh",
-                "-i",
-                &key,
-                "-p",
-                &port,
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ConnectTimeout=5",
-                "-o",
-                "LogLevel=ERROR",
-                target,
-                cmd,
-            ],
-        );
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        let mut args: Vec<String> = [
+            "ssh",
+            "-i",
+            &key.display().to_string(),
+            "-p",
+            &port.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(ssh_options(5));
+        args.extend([target.to_string(), cmd.to_string()]);
+        self.run_ssh(ns, &args)
     }
 
     /// Retries `ssh` until it succeeds (the guest may still be booting).

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long stock ssh may take to connect: a wake happens inside the
 /// connection to a sleeping VM, so give it the proxy's room.
-const SSH_CONNECT_TIMEOUT_SECS: &str = "60";
+const SSH_CONNECT_TIMEOUT_SECS: u64 = 60;
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -74,7 +74,7 @@ pub fn certify(d: &Daemon, vm: &Value, key: &Path, public: &str) -> (PathBuf, Re
 /// Stock OpenSSH's command line: `ssh -i KEY -o CertificateFile=CERT -p PORT
 /// TARGET CMD`, with nothing taken from the host's own keys or known hosts.
 pub fn ssh_cert_args(key: &Path, cert: &Path, target: &str, port: u64, cmd: &str) -> Vec<String> {
-    [
+    let mut args: Vec<String> = [
         "ssh",
         "-i",
         key.to_str().unwrap(),
@@ -84,22 +84,13 @@ pub fn ssh_cert_args(key: &Path, cert: &Path, target: &str, port: u64, cmd: &str
         "IdentitiesOnly=yes",
         "-p",
         &port.to_string(),
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        &format!("ConnectTimeout={SSH_CONNECT_TIMEOUT_SECS}"),
-        "-o",
-        "LogLevel=ERROR",
-        target,
-        cmd,
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    args.extend(super::ssh_options(SSH_CONNECT_TIMEOUT_SECS));
+    args.extend([target.to_string(), cmd.to_string()]);
+    args
 }
 
 impl Daemon {
@@ -113,15 +104,7 @@ impl Daemon {
         port: u64,
         cmd: &str,
     ) -> (bool, String) {
-        let args = ssh_cert_args(key, cert, target, port, cmd);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.in_ns(ns, &args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        self.run_ssh(ns, &ssh_cert_args(key, cert, target, port, cmd))
     }
 
     /// `agent@127.0.0.1 -p PORT` from the daemon's host, retried for up to
