@@ -5,6 +5,7 @@ wrapper made and talk to the daemon on 127.0.0.1; every process they start
 is stopped again by them (and, as a last resort, by the wrapper).
 """
 
+import datetime
 import http.client
 import json
 import math
@@ -175,6 +176,29 @@ def one_request(key, method, path, body=None, timeout=300):
         return h.request(method, path, body)
     finally:
         h.close()
+
+
+def check_ranges(ap, args, ranges):
+    """`ap.error` unless each `(name, lo, hi)` of `ranges` has lo <= args.name <= hi."""
+    for name, lo, hi in ranges:
+        if not lo <= getattr(args, name) <= hi:
+            ap.error(f"--{name.replace('_', '-')} must be between {lo} and {hi}")
+
+
+def run_meta(default_command, runs):
+    """What every report says about its run: the command, date, host and source."""
+    meta = {
+        "command": os.environ.get("HATCH_BENCH_COMMAND", default_command),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
+        "kernel": os.uname().release,
+        "runs": runs,
+        "source": git_state(),
+    }
+    if os.environ.get("SUDO_USER"):
+        meta["command"] = "sudo " + meta["command"]
+    return meta
 
 
 class DaemonBench:

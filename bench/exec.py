@@ -46,7 +46,6 @@ section of docs/BENCHMARKS.md is rewritten unless --no-docs.
 """
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -59,9 +58,9 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    DaemonBench,
-    DOCS, READY, BenchError, CpuBusy, Daemon, Http, add_heading, add_table, arg_after, cpu_model,
-    git_state, kill_leftovers, kill_namespace_leftovers, log, ms, nearest_rank,
+    DaemonBench, check_ranges, run_meta,
+    DOCS, READY, BenchError, CpuBusy, Daemon, Http, add_heading, add_table, arg_after,
+    kill_leftovers, kill_namespace_leftovers, log, ms, nearest_rank,
     other_qemu_pids, proc_cmdline, qemu_version, run_guarded, stats, write_docs,
 )
 
@@ -597,27 +596,15 @@ def main():
     ap.add_argument("--no-docs", action="store_true",
                     help=f"do not write the `## {DOC_SECTION}` section into docs/BENCHMARKS.md")
     args = ap.parse_args()
-    for name, lo, hi in (("runs", 1, 100), ("execs", 1, 10000), ("mib", 1, 4096), ("mem_mib", 256, 65536),
-                         ("wait_quiet", 0, 3600)):
-        if not lo <= getattr(args, name) <= hi:
-            ap.error(f"--{name.replace('_', '-')} must be between {lo} and {hi}")
+    check_ranges(ap, args, (("runs", 1, 100), ("execs", 1, 10000), ("mib", 1, 4096), ("mem_mib", 256, 65536),
+                         ("wait_quiet", 0, 3600)))
     if 2 * args.mib + 128 > args.mem_mib:
         ap.error("--mem-mib must hold two copies of the file in the guest's /tmp plus 128 MiB")
     if "HATCH_BENCH_TMP" not in os.environ:
         ap.error("run this through bench/exec (it makes the namespace and the temp dir)")
 
     bench = Bench(args)
-    meta = {
-        "command": os.environ.get("HATCH_BENCH_COMMAND", "bench/exec"),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpus": os.cpu_count(),
-        "cpu": cpu_model(),
-        "kernel": os.uname().release,
-        "runs": args.runs,
-        "source": git_state(),
-    }
-    if os.environ.get("SUDO_USER"):
-        meta["command"] = "sudo " + meta["command"]
+    meta = run_meta("bench/exec", args.runs)
     status, _ = run_guarded(bench.run, bench.cleanup)
     if status != 0:
         return status

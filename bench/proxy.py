@@ -63,9 +63,9 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    DaemonBench,
-    git_state, kill_namespace_leftovers, parse_wrk,
-    add_heading, add_table, DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
+    DaemonBench, check_ranges, run_meta,
+    kill_namespace_leftovers, parse_wrk,
+    add_heading, add_table, DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, kill_leftovers, log,
     ms, one_request, other_qemu_pids, proc_cmdline, qemu_version, run_guarded,
     stats, write_docs,
 )
@@ -1260,26 +1260,14 @@ def main():
                          "and write it there (unless --no-docs)")
     ap.add_argument("--no-docs", action="store_true", help="with --markdown: only print, do not update the docs")
     args = ap.parse_args()
-    for name, lo, hi in (("runs", 1, 100), ("duration", 1, 600), ("connections", 1, 1000),
+    check_ranges(ap, args, (("runs", 1, 100), ("duration", 1, 600), ("connections", 1, 1000),
                          ("requests", 1, 10000), ("wait_quiet", 0, 3600),
-                         ("pair_wait", 0, 3600), ("haproxy_threads", 0, 64)):
-        if not lo <= getattr(args, name) <= hi:
-            ap.error(f"--{name.replace('_', '-')} must be between {lo} and {hi}")
+                         ("pair_wait", 0, 3600), ("haproxy_threads", 0, 64)))
     if "HATCH_BENCH_TMP" not in os.environ:
         ap.error("run this through bench/proxy (it makes the namespace and the temp dir)")
 
     bench = Bench(args)
-    meta = {
-        "command": os.environ.get("HATCH_BENCH_COMMAND", "bench/proxy"),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpus": os.cpu_count(),
-        "cpu": cpu_model(),
-        "kernel": os.uname().release,
-        "runs": args.runs,
-        "source": git_state(),
-    }
-    if os.environ.get("SUDO_USER"):
-        meta["command"] = "sudo " + meta["command"]
+    meta = run_meta("bench/proxy", args.runs)
     status, _ = run_guarded(bench.run, bench.cleanup)
     if status != 0:
         return status
