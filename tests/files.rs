@@ -176,6 +176,43 @@ fn files_go_both_ways_whole_with_their_mode_and_clear_errors() {
     assert_eq!((r.status, r.text.as_str()), (200, "hello\n"));
     let seen = g.root(&d, "stat -c '%a %U %s' /home/agent/hello.txt");
     assert_eq!(seen.trim(), "640 agent 6");
+
+    // Owner and group on upload, as far as the guest lets `agent` go: a
+    // group it is in, yes; root as owner, a clear 403 that leaves nothing.
+    let ids = g.root(
+        &d,
+        "addgroup -S hatchtest >/dev/null 2>&1 || groupadd -r hatchtest; \
+         addgroup agent hatchtest >/dev/null 2>&1 || usermod -aG hatchtest agent; \
+         echo $(id -u agent) $(grep '^hatchtest:' /etc/group | cut -d: -f3)",
+    );
+    let (agent_uid, group) = ids.trim().split_once(' ').expect("uid and gid");
+    let r = put_bytes(
+        &d,
+        &d.key,
+        id,
+        "/home/agent/grouped.txt",
+        &format!("&mode=0640&gid={group}"),
+        b"shared\n",
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["gid"].to_string(), group, "{}", r.text);
+    assert_eq!(r.body["uid"].to_string(), agent_uid, "{}", r.text);
+    let seen = g.root(&d, "stat -c '%a %U %G' /home/agent/grouped.txt");
+    assert_eq!(seen.trim(), "640 agent hatchtest");
+    let r = put_bytes(&d, &d.key, id, "/home/agent/rooted.txt", "&uid=0", b"x");
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("owner 0"),
+        "{}",
+        r.text
+    );
+    let left = g.root(&d, "ls -a /home/agent");
+    assert!(
+        !left.contains("rooted.txt"),
+        "a refused owner leaves no file: {left}"
+    );
+    let r = put_bytes(&d, &d.key, id, "/home/agent/x.txt", "&uid=-1", b"x");
+    assert_eq!(r.status, 400, "{}", r.text);
     // Replacing it keeps its mode when none is given.
     let r = put_bytes(
         &d,

@@ -3,7 +3,7 @@
 
 use super::paging::{pairs_of, ListQuery};
 use super::{ApiError, ApiResult, St};
-use crate::manager::files::{parse_mode, Download, GuestPath, UploadOptions};
+use crate::manager::files::{parse_id, parse_mode, Download, GuestPath, UploadOptions};
 use crate::store::Owner;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -36,6 +36,9 @@ pub struct FileWrittenView {
     pub size: u64,
     /// The file's permission bits in octal, like `0644`.
     pub mode: String,
+    /// Its numeric owner and group in the guest.
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// `GET`'s query, for the document (the handler reads the pairs itself, so
@@ -60,23 +63,35 @@ pub struct UploadParams {
     /// Permission bits, one to four octal digits (`0644`); by default those of the file replaced, or the guest's default for a new one.
     #[param(pattern = "^[0-7]{1,4}$")]
     mode: Option<String>,
+    /// Numeric owner; by default `agent`, the session's user. The guest decides: `agent` may give a file only its own uid (else 403).
+    uid: Option<u32>,
+    /// Numeric group; by default `agent`'s. `agent` may give a file only a group it is in (else 403).
+    gid: Option<u32>,
 }
 
-/// The parameters of both routes: `path`, and `mode` on upload.
+/// The parameters of both routes: `path`, and `mode`, `uid`, `gid` on upload.
 struct FilesQuery {
     path: GuestPath,
     mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
 }
 
 fn files_query(query: ListQuery, upload: bool) -> ApiResult<FilesQuery> {
     let mut path = None;
-    let mut mode = None;
+    let (mut mode, mut uid, mut gid) = (None, None, None);
     for (k, v) in pairs_of(query)? {
         match k.as_str() {
             "path" => path = Some(GuestPath::parse(&v)?),
             "mode" if upload => mode = Some(parse_mode(&v)?),
+            "uid" if upload => uid = Some(parse_id("uid", &v)?),
+            "gid" if upload => gid = Some(parse_id("gid", &v)?),
             other => {
-                let takes = if upload { "path and mode" } else { "path" };
+                let takes = if upload {
+                    "path, mode, uid and gid"
+                } else {
+                    "path"
+                };
                 return Err(ApiError::BadRequest(format!(
                     "unknown query parameter {other:?} (this route takes {takes})"
                 )));
@@ -86,7 +101,12 @@ fn files_query(query: ListQuery, upload: bool) -> ApiResult<FilesQuery> {
     let path = path.ok_or_else(|| {
         ApiError::BadRequest("the query needs path=/absolute/path/in/the/guest".into())
     })?;
-    Ok(FilesQuery { path, mode })
+    Ok(FilesQuery {
+        path,
+        mode,
+        uid,
+        gid,
+    })
 }
 
 #[utoipa::path(get, path = "/vms/{vm_id}/files", tag = "vms", operation_id = "getVmFile",
@@ -164,7 +184,11 @@ pub async fn upload(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let body = req.into_body().into_data_stream();
-    let options = UploadOptions { mode: q.mode };
+    let options = UploadOptions {
+        mode: q.mode,
+        uid: q.uid,
+        gid: q.gid,
+    };
     let done = s
         .manager
         .upload(&o, &id, &q.path, options, content_length, body)
@@ -173,6 +197,8 @@ pub async fn upload(
         path: done.path,
         size: done.size,
         mode: format!("{:04o}", done.mode),
+        uid: done.uid,
+        gid: done.gid,
     };
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }

@@ -86,6 +86,21 @@ pub struct UploadOptions {
     /// Permission bits; None keeps those of the file it replaces, or the
     /// guest's default (0666 less its umask) for a new file.
     pub mode: Option<u32>,
+    /// Numeric owner and group; None keeps `agent`'s (the session's user).
+    /// The guest decides: `agent` may give a file its own uid and a group
+    /// it is in, nothing else (403).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Parses a numeric uid or gid.
+pub fn parse_id(name: &str, text: &str) -> Result<u32> {
+    match text.parse::<u32>() {
+        Ok(id) if text.bytes().all(|b| b.is_ascii_digit()) && id != u32::MAX => Ok(id),
+        _ => Err(ManagerError::BadRequest(format!(
+            "{name} must be a number (a uid or gid in the guest), got {text:?}"
+        ))),
+    }
 }
 
 /// What kind of entry a listing shows.
@@ -137,6 +152,8 @@ pub struct Uploaded {
     pub path: String,
     pub size: u64,
     pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// An open SFTP session to one guest, with what keeps it alive and counts
@@ -426,6 +443,10 @@ impl GuestFiles {
             if let Err(e) = file.shutdown().await {
                 return Err(self.write_failed(dir, p, e).await);
             }
+            // The owner first: a chown by anyone but root clears set-id bits.
+            if options.uid.is_some() || options.gid.is_some() {
+                self.set_owner(&temp, p, options.uid, options.gid).await?;
+            }
             if let Some(mode) = mode {
                 let attrs = FileAttributes {
                     permissions: Some(mode),
@@ -456,26 +477,62 @@ impl GuestFiles {
             self.remove_temp(&temp).await;
             return Err(e);
         }
-        let mode = match mode {
-            Some(m) => m,
-            None => self
-                .sftp
-                .metadata(p)
-                .await
-                .map(|a| permissions(&a))
-                .unwrap_or(0),
-        };
+        // What the file is now, as the guest says.
+        let now = self.sftp.metadata(p).await.ok();
+        let mode = mode.or_else(|| now.as_ref().map(permissions)).unwrap_or(0);
+        let (uid, gid) = now
+            .as_ref()
+            .map(|a| (a.uid.unwrap_or(0), a.gid.unwrap_or(0)))
+            .unwrap_or((0, 0));
         tracing::info!(
             vm = id,
             path = p,
             bytes = written,
             mode = format!("{mode:04o}"),
+            uid,
+            gid,
             "file uploaded"
         );
         Ok(Uploaded {
             path: p.to_string(),
             size: written,
             mode,
+            uid,
+            gid,
+        })
+    }
+
+    /// Gives the temp file `temp` (to become `p`) owner `uid` and group
+    /// `gid`; one left out stays as it is (SFTP sets both at once).
+    async fn set_owner(
+        &self,
+        temp: &str,
+        p: &str,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<()> {
+        let id = &self.vm_id;
+        let now = self
+            .sftp
+            .metadata(temp)
+            .await
+            .map_err(|e| sftp_error(id, &format!("looking at {p}"), e))?;
+        let attrs = FileAttributes {
+            uid: uid.or(now.uid),
+            gid: gid.or(now.gid),
+            ..FileAttributes::empty()
+        };
+        self.sftp.set_metadata(temp, attrs).await.map_err(|e| {
+            if is_status(&e, StatusCode::PermissionDenied) {
+                ManagerError::Forbidden(format!(
+                    "giving {p} in vm {id} owner {} and group {}: permission denied (the daemon acts as user agent, \
+                     which may give a file only its own uid and a group it is in)",
+                    uid.map_or("unchanged".into(), |u| u.to_string()),
+                    gid.map_or("unchanged".into(), |g| g.to_string()),
+                ))
+            } else {
+                sftp_error(id, &format!("setting the owner of {p}"), e)
+            }
         })
     }
 
@@ -566,6 +623,24 @@ mod tests {
             Some(("/a", "b"))
         );
         assert_eq!(GuestPath::parse("/").unwrap().split(), None);
+    }
+
+    #[test]
+    fn ids_are_plain_numbers() {
+        assert_eq!(parse_id("uid", "0").unwrap(), 0);
+        assert_eq!(parse_id("gid", "1000").unwrap(), 1000);
+        for bad in [
+            "",
+            "-1",
+            "+5",
+            "1e3",
+            "agent",
+            "4294967295",
+            "99999999999",
+            " 1",
+        ] {
+            assert!(parse_id("uid", bad).is_err(), "{bad:?} was taken");
+        }
     }
 
     #[test]
