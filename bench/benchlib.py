@@ -221,6 +221,34 @@ class DaemonBench:
         self.others_seen |= pids
         self.others_max = max(self.others_max, len(pids))
 
+    def wait_ready(self, vm_id, timeout):
+        """Polls the VM's console.log until the guest's ready line; (its text, seconds waited)."""
+        con = self.hatchd.vms_dir / vm_id / "console.log"
+        t0 = time.monotonic()
+        while True:
+            try:
+                text = con.read_bytes()
+            except FileNotFoundError:
+                text = b""
+            if READY in text:
+                return text, time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise BenchError(f"no ready line within {timeout:.0f}s:\n"
+                                 f"{text[-1500:].decode(errors='replace')}")
+            if time.monotonic() - t0 > 5 and self.hatchd.vmm_pid(vm_id) is None:
+                raise BenchError(f"the VM's QEMU is gone:\n{text[-1500:].decode(errors='replace')}")
+            time.sleep(0.1)
+
+
+def check_own_namespace(ns, bench):
+    """The sweep at the end kills every process in namespace `ns`: make sure it
+    is the one `bench/<bench>` made, and that this process runs in it."""
+    if not ns.startswith(f"hatch-bench{bench}-"):
+        raise BenchError(f"HATCH_BENCH_NS={ns!r} is not a bench/{bench} namespace")
+    mine, named = os.stat("/proc/self/ns/net"), os.stat(f"/run/netns/{ns}")
+    if (mine.st_dev, mine.st_ino) != (named.st_dev, named.st_ino):
+        raise BenchError(f"not running inside the network namespace {ns}")
+
 
 # ---------------------------------------------------------------- the daemon
 

@@ -56,6 +56,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
+    check_own_namespace,
     kill_namespace_leftovers, parse_wrk,
     DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
     ms, one_request, other_qemu_pids, pid_alive, proc_cmdline, qemu_version,
@@ -263,12 +264,7 @@ class Net:
     # ------------------------------------------------------------ setup
 
     def check_namespace(self):
-        """The sweep at the end kills every process in this namespace: make sure it is the one made for us."""
-        if not self.ns.startswith("hatch-benchnet-"):
-            raise BenchError(f"HATCH_BENCH_NS={self.ns!r} is not a bench/net namespace")
-        mine, named = os.stat("/proc/self/ns/net"), os.stat(f"/run/netns/{self.ns}")
-        if (mine.st_dev, mine.st_ino) != (named.st_dev, named.st_ino):
-            raise BenchError(f"not running inside the network namespace {self.ns}")
+        check_own_namespace(self.ns, "net")
 
     def make_key(self):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hatch-bench-net", "-f",

@@ -63,6 +63,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
+    check_own_namespace,
     DaemonBench, check_ranges, run_meta,
     kill_namespace_leftovers, parse_wrk,
     add_heading, add_table, DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, kill_leftovers, log,
@@ -346,12 +347,7 @@ class Bench(DaemonBench):
     # ------------------------------------------------------------ setup
 
     def check_namespace(self):
-        """The sweep at the end kills every process in this namespace: make sure it is the one made for us."""
-        if not self.ns.startswith("hatch-benchproxy-"):
-            raise BenchError(f"HATCH_BENCH_NS={self.ns!r} is not a bench/proxy namespace")
-        mine, named = os.stat("/proc/self/ns/net"), os.stat(f"/run/netns/{self.ns}")
-        if (mine.st_dev, mine.st_ino) != (named.st_dev, named.st_ino):
-            raise BenchError(f"not running inside the network namespace {self.ns}")
+        check_own_namespace(self.ns, "proxy")
 
     def start_daemon(self):
         # Daemon.start passes our environment on: pin the proxy settings this script relies on,
@@ -371,28 +367,14 @@ class Bench(DaemonBench):
         if not self.ip:
             raise BenchError(f"the VM has no guest_ip: {self.vm}")
         log(f"VM {self.vm_id}: guest_ip {self.ip}")
-        con = self.hatchd.vms_dir / self.vm_id / "console.log"
-        t0 = now()
-        while True:
-            try:
-                text = con.read_bytes()
-            except FileNotFoundError:
-                text = b""
-            if READY in text:
-                break
-            if now() - t0 > BOOT_TIMEOUT_S:
-                raise BenchError(f"no ready line within {BOOT_TIMEOUT_S:.0f}s:\n"
-                                 f"{text[-1500:].decode(errors='replace')}")
-            if now() - t0 > 5 and self.hatchd.vmm_pid(self.vm_id) is None:
-                raise BenchError(f"the VM's QEMU is gone:\n{text[-1500:].decode(errors='replace')}")
-            time.sleep(0.1)
+        text, waited = self.wait_ready(self.vm_id, BOOT_TIMEOUT_S)
         ready = next((line for line in text.decode(errors="replace").splitlines()
                       if READY.decode() in line), "").strip()
         if "warning" in text.decode(errors="replace"):
             self.facts["warnings"] = [line.strip() for line in text.decode(errors="replace").splitlines()
                                       if "hatch-guest: warning" in line]
         self.facts["ready"] = ready
-        log(f"guest ready after {now() - t0:.1f}s")
+        log(f"guest ready after {waited:.1f}s")
         self.refresh_qemu()
         deadline = now() + 30
         while True:
