@@ -29,12 +29,13 @@ const APT_UPDATE_HINT: &str =
 /// The kernel .deb in the cache, downloaded with `apt-get download` if needed.
 pub(super) fn kernel_deb(cache: &Path) -> Result<PathBuf> {
     let is_kernel = |name: &str| name.starts_with("linux-image-") && name.contains("-cloud-amd64_");
-    let resolved = resolve_kernel_package().and_then(|package| {
+    let resolve = || {
+        let package = resolve_kernel_package()?;
         let (version, file) = resolve_package(&package)?;
         Ok((package, version, file))
-    });
-    match resolved {
-        Ok((package, version, file)) => download_deb(cache, &package, &version, &file),
+    };
+    match resolve() {
+        Ok(found) => download_current(cache, found, resolve),
         Err(err) => offline_deb(cache, KERNEL_METAPACKAGE, err, is_kernel),
     }
 }
@@ -42,10 +43,49 @@ pub(super) fn kernel_deb(cache: &Path) -> Result<PathBuf> {
 /// `package`'s candidate .deb in the cache, downloaded if needed.
 pub(super) fn package_deb(cache: &Path, package: &str) -> Result<PathBuf> {
     let prefix = format!("{package}_");
-    match resolve_package(package) {
-        Ok((version, file)) => download_deb(cache, package, &version, &file),
+    let resolve = || {
+        let (version, file) = resolve_package(package)?;
+        Ok((package.to_string(), version, file))
+    };
+    match resolve() {
+        Ok(found) => download_current(cache, found, resolve),
         Err(err) => offline_deb(cache, package, err, |name| name.starts_with(&prefix)),
     }
+}
+
+/// Downloads `found` (package, version, pool file). Lists that are old name
+/// versions the archive no longer has (a security update replaced them); so
+/// when the download fails, the lists are refreshed once (as root) and the
+/// package resolved and downloaded again.
+fn download_current(
+    cache: &Path,
+    found: (String, String, String),
+    resolve: impl Fn() -> Result<(String, String, String)>,
+) -> Result<PathBuf> {
+    let (package, version, file) = found;
+    match download_deb(cache, &package, &version, &file) {
+        Ok(deb) => Ok(deb),
+        Err(err) if refresh_lists() => {
+            let (package, version, file) = resolve().context(format!("{err:#}"))?;
+            download_deb(cache, &package, &version, &file)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// `apt-get update`, at most once per process and only as root; true when
+/// it ran and succeeded.
+fn refresh_lists() -> bool {
+    static TRIED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if TRIED.swap(true, std::sync::atomic::Ordering::SeqCst) || unsafe { libc::geteuid() } != 0 {
+        return false;
+    }
+    step("a package did not download: refreshing the package lists (apt-get update)");
+    Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Offline with an empty apt state but a warm cache: still buildable.
