@@ -25,6 +25,13 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 const SFTP_REQUEST_TIMEOUT_SECS: u64 = 120;
 /// Longest guest path taken (Linux's PATH_MAX).
 const MAX_PATH_LEN: usize = 4096;
+/// Bytes per SFTP write on upload: what OpenSSH's sftp-server takes in one
+/// request (256 KiB less 1 KiB, its `limits@openssh.com` answer), as scp
+/// sends. HTTP body chunks are gathered up to this, so the guest handles
+/// one request and one `pwrite` per 255 KiB rather than per body chunk.
+const UPLOAD_WRITE_LEN: usize = 255 * 1024;
+/// SFTP requests larger than this are refused by OpenSSH's sftp-server.
+const SFTP_MAX_PACKET: u32 = 256 * 1024;
 /// The SFTP extension that renames over an existing file (rename(2));
 /// plain SFTP rename refuses an existing target.
 const POSIX_RENAME: &str = "posix-rename@openssh.com";
@@ -263,6 +270,9 @@ impl Manager {
             .map_err(|e: ClientError| guest_failed(format!("vm {id}: starting SFTP: {e}")))?;
         let config = russh_sftp::client::Config {
             request_timeout_secs: SFTP_REQUEST_TIMEOUT_SECS,
+            // Large writes, as scp makes them; the server's own limit, when
+            // it states one, still caps each.
+            max_write_packet_len: SFTP_MAX_PACKET,
             ..Default::default()
         };
         let sftp = SftpSession::new_with_config(stream, config)
@@ -402,7 +412,7 @@ impl GuestFiles {
             self.check_space(dir, len).await?;
         }
         let temp = temp_name(dir, name)?;
-        let mut file = self
+        let file = self
             .sftp
             .open_with_flags_and_attributes(
                 temp.as_str(),
@@ -420,6 +430,7 @@ impl GuestFiles {
                 )),
                 e => sftp_error(id, &format!("writing {p}"), e),
             })?;
+        let mut file = tokio::io::BufWriter::with_capacity(UPLOAD_WRITE_LEN, file);
         let mut written: u64 = 0;
         let copied: Result<()> = async {
             while let Some(chunk) = body.next().await {
@@ -472,7 +483,7 @@ impl GuestFiles {
             self.remove_temp(&temp).await;
             return Err(e);
         }
-        let _ = file.close().await;
+        let _ = file.into_inner().close().await;
         if let Err(e) = self.rename_over(&temp, p).await {
             self.remove_temp(&temp).await;
             return Err(e);
