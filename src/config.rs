@@ -289,6 +289,10 @@ pub struct ProxyConfig {
     /// HATCH_PROXY_ACCESS_LOG: where the proxy writes one JSON line per
     /// request; None (the default) writes none.
     pub access_log: Option<AccessLogTarget>,
+    /// HATCH_PROXY_THREADS: threads serving the proxy, each with its own
+    /// listening socket on the address (SO_REUSEPORT) and its own
+    /// connections; by default one per CPU.
+    pub threads: usize,
 }
 
 /// Where the proxy's access log goes.
@@ -510,6 +514,19 @@ impl Config {
             )
             .map_err(|e| format!("HATCH_PROXY_TRUSTED_PROXIES: {e}"))?,
             access_log: AccessLogTarget::parse(get("HATCH_PROXY_ACCESS_LOG").as_deref())?,
+            threads: match get("HATCH_PROXY_THREADS") {
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=256).contains(n))
+                    .ok_or_else(|| {
+                        format!("HATCH_PROXY_THREADS must be a number from 1 to 256, not {v:?}")
+                    })?,
+                None => std::thread::available_parallelism()
+                    .map(|n| n.get().min(256))
+                    .unwrap_or(1),
+            },
         };
         let api = ApiConfig {
             header_timeout: duration("HATCH_API_HEADER_TIMEOUT", Duration::from_secs(30))?,
@@ -913,11 +930,19 @@ mod tests {
             (idle.hot_sleep, idle.hot_max_bytes),
             (Duration::ZERO, Some(2 << 30))
         );
+        assert_eq!(
+            cfg(&[("HATCH_PROXY_THREADS", "3")]).unwrap().proxy.threads,
+            3
+        );
+        assert!(cfg(&[]).unwrap().proxy.threads >= 1);
         for (k, v) in [
             ("HATCH_PROXY_ADDR", "8081"),
             ("HATCH_PROXY_BASE_DOMAIN", "a..b"),
             ("HATCH_PROXY_BASE_DOMAIN", "bad_domain"),
             ("HATCH_PROXY_TIMEOUT", "x"),
+            ("HATCH_PROXY_THREADS", "0"),
+            ("HATCH_PROXY_THREADS", "257"),
+            ("HATCH_PROXY_THREADS", "two"),
             ("HATCH_IDLE_TIMEOUT", "soon"),
             ("HATCH_IDLE_CHECK_INTERVAL", "10ms"),
             ("HATCH_HOT_SLEEP_SECONDS", "10m"),

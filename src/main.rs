@@ -402,16 +402,15 @@ async fn serve() -> anyhow::Result<()> {
     tracing::info!(%addr, "hatch API listening");
     let proxy_cfg = manager.proxy_config().clone();
     if let Some(paddr) = proxy_cfg.addr {
-        let proxy_listener = tokio::net::TcpListener::bind(paddr)
-            .await
-            .with_context(|| {
-                format!("listening on {paddr} (HATCH_PROXY_ADDR; `off` disables the proxy)")
-            })?;
-        tracing::info!(addr = %paddr, base_domain = %proxy_cfg.base_domain, "hatch proxy listening");
-        tokio::spawn(
-            hatch::proxy::serve(proxy_listener, manager.clone(), proxy_cfg)
-                .context("opening the proxy's access log (HATCH_PROXY_ACCESS_LOG)")?,
-        );
+        let base_domain = proxy_cfg.base_domain.clone();
+        let threads = proxy_cfg.threads;
+        let bound = hatch::proxy::start(paddr, manager.clone(), proxy_cfg).with_context(|| {
+            format!(
+                "starting the proxy on {paddr} (HATCH_PROXY_ADDR; `off` disables the proxy; \
+                 HATCH_PROXY_ACCESS_LOG names its access log)"
+            )
+        })?;
+        tracing::info!(addr = %bound, %base_domain, threads, "hatch proxy listening");
     }
     match manager.idle_timeout() {
         Some(t) => tracing::info!(timeout_secs = t.as_secs_f64(), "idle sleep on (HATCH_IDLE_TIMEOUT)"),

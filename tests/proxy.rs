@@ -1036,3 +1036,68 @@ fn the_access_log_has_one_json_line_per_request_with_its_outcome() {
     assert_eq!(lines[4]["host"], "site.localhost:8081");
     assert_eq!(lines[5]["woke"], false);
 }
+
+/// `conn PID request N` from the keep-alive server: (PID, N).
+fn keepalive_answer(d: &Daemon, host: &str) -> (String, u32) {
+    let (status, body) = via_proxy(d, host, "/", &[]);
+    assert_eq!(status, 200, "{body}");
+    let words: Vec<&str> = body.split_whitespace().collect();
+    match words[..] {
+        ["conn", pid, "request", n] => (pid.to_string(), n.parse().unwrap()),
+        _ => panic!("not the keep-alive server's answer: {body:?}"),
+    }
+}
+
+#[test]
+fn connections_to_a_guest_are_kept_for_its_next_requests_and_never_outlive_its_run() {
+    // Each proxy thread keeps its own connections, and each curl below is a
+    // new client connection, which the kernel may give to any thread: one
+    // thread, so that every request can find the kept connection.
+    let d = Daemon::start_with(&[("HATCH_PROXY_THREADS", "1")]);
+    let vm = web_vm(&d, json!({}));
+    add_route(
+        &d,
+        &vm,
+        json!({"target_port": KEEPALIVE_PORT, "subdomain": "ka"}),
+    );
+    let host = "ka.localhost";
+    // Each curl is a new client connection; the proxy's connection to the
+    // guest outlives it and carries the next request.
+    let (conn, n) = keepalive_answer(&d, host);
+    assert_eq!(n, 1);
+    for want in 2..=4 {
+        assert_eq!(
+            keepalive_answer(&d, host),
+            (conn.clone(), want),
+            "request {want} was not sent on the guest connection kept from the first"
+        );
+    }
+    // The guest closes it once idle: the next request notices and goes on a
+    // new one, with no error for the client.
+    std::thread::sleep(Duration::from_secs(KEEPALIVE_IDLE_SECS + 2));
+    let (second, n) = keepalive_answer(&d, host);
+    assert_eq!(n, 1, "a closed connection was used");
+    assert_ne!(second, conn);
+    assert_eq!(keepalive_answer(&d, host), (second.clone(), 2));
+    // A VMM that dies under its guest sends no FIN, so the proxy's kept
+    // connection still looks open. The next run of the VM is a new guest,
+    // which would answer a request on it with a reset: it is not used.
+    let pids = d.vmm_pids_of(&vm);
+    assert_eq!(pids.len(), 1);
+    let killed = Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_state(&d, &vm, "error", Duration::from_secs(30));
+    let r = d.req("POST", &format!("/vms/{vm}/start"), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    d.wait_console(&vm, "hatch-guest: ready boot=2");
+    wait_until(
+        "the web guest ready again",
+        Duration::from_secs(120),
+        || d.logs(&vm).matches(READY_LINE).count() >= 2,
+    );
+    let (_, n) = keepalive_answer(&d, host);
+    assert_eq!(n, 1, "the connection to the guest's previous run was used");
+}

@@ -194,10 +194,15 @@ impl Manager {
     /// Counts a request for `vm_id` if its guest is running now; None when it
     /// is not (snapshotted, stopped, or being snapshotted).
     pub fn enter_vm(&self, vm_id: &str) -> Option<Busy> {
-        if !self.is_running(vm_id) {
-            return None;
-        }
-        self.activity.enter(vm_id)
+        self.enter_vm_boot(vm_id).map(|(busy, _)| busy)
+    }
+
+    /// As `enter_vm`, with the id of the VMM run the request reaches (new
+    /// at every boot, restore and wake): a connection to the guest made in
+    /// one run is no use in the next, whose guest knows nothing of it.
+    pub fn enter_vm_boot(&self, vm_id: &str) -> Option<(Busy, u64)> {
+        let boot = self.running.lock().unwrap().get(vm_id)?.boot_id;
+        Some((self.activity.enter(vm_id)?, boot))
     }
 
     /// Wakes `vm_id` for a request: a snapshotted (sleeping) VM is restored.

@@ -2,11 +2,12 @@
 //! `guest_ip:target_port`, waking the VM first when it sleeps.
 //!
 //! Clients speak HTTP/1.1 or HTTP/2 (cleartext, prior knowledge); the guest is
-//! spoken to in HTTP/1.1 over pooled keep-alive connections. Bodies stream
+//! spoken to in HTTP/1.1 over keep-alive connections kept per VM (`guest.rs`). Bodies stream
 //! both ways with back-pressure, and HTTP/1.1 upgrades (WebSocket) become a
 //! byte pipe between the client and the guest.
 
 mod access_log;
+mod guest;
 mod trust;
 
 pub use trust::Cidr;
@@ -20,7 +21,6 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -30,56 +30,97 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a client may take to send a request's headers (the first one
 /// counted from the connection's start).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Connects to guests like `HttpConnector`, then sets a zero linger on the
-/// socket, so that the proxy's close is a reset and leaves no TIME_WAIT: a
-/// guest that closes after each answer otherwise fills the ephemeral port
-/// range, and every connect() then scans it (README: "Closing connections to
-/// guests"). The proxy closes only once it read the response or gave up on it.
-#[derive(Clone)]
-struct GuestConnector(HttpConnector);
-
-impl tower_service::Service<Uri> for GuestConnector {
-    type Response = TokioIo<tokio::net::TcpStream>;
-    type Error = BoxError;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, guest: Uri) -> Self::Future {
-        let connecting = self.0.call(guest);
-        Box::pin(async move {
-            let io = connecting.await?;
-            io.inner().set_zero_linger()?;
-            Ok(io)
-        })
-    }
-}
-
 struct Proxy {
     manager: Arc<Manager>,
     cfg: ProxyConfig,
-    client: Client<GuestConnector, Passed>,
+    guests: Arc<guest::Pool>,
     access_log: Option<Arc<AccessLog>>,
+    /// The daemon's main runtime, where wakes run: a restore's work does not
+    /// hold up the proxy thread that asked for it.
+    main: tokio::runtime::Handle,
 }
 
-/// The proxy on `listener`, serving until the process ends; an error when
-/// its access log (HATCH_PROXY_ACCESS_LOG) cannot be opened.
-pub fn serve(
-    listener: TcpListener,
+/// Starts the proxy on `cfg.addr`: `cfg.threads` threads, each with a
+/// single-threaded runtime of its own and its own listening socket on the
+/// address (SO_REUSEPORT; the kernel spreads connections over them). A
+/// connection, and the guest connections its requests use, stay on one
+/// thread: no request hands work to another thread, which under load costs
+/// more than the proxying (src/proxy/README.md, "Threads"). Wakes run on the
+/// caller's runtime. Returns the address bound (a port 0 becomes the port
+/// chosen); an error when the address cannot be bound or the access log
+/// (HATCH_PROXY_ACCESS_LOG) cannot be opened. The threads serve until the
+/// process ends.
+pub fn start(
+    addr: SocketAddr,
     manager: Arc<Manager>,
     cfg: ProxyConfig,
-) -> std::io::Result<impl std::future::Future<Output = ()>> {
+) -> std::io::Result<SocketAddr> {
     let access_log = cfg.access_log.as_ref().map(AccessLog::open).transpose()?;
-    Ok(serve_with(listener, manager, cfg, access_log))
+    let listeners = bind(addr, cfg.threads.max(1))?;
+    let bound = listeners[0].local_addr()?;
+    let main = tokio::runtime::Handle::current();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (manager, cfg, access_log, main) = (
+            Arc::clone(&manager),
+            cfg.clone(),
+            access_log.clone(),
+            main.clone(),
+        );
+        std::thread::Builder::new()
+            .name(format!("hatch-proxy-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => serve_with(l, manager, cfg, access_log, main).await,
+                        Err(e) => tracing::error!("proxy thread {i}: {e}"),
+                    }
+                })
+            })?;
+    }
+    Ok(bound)
+}
+
+/// `n` listening sockets on `addr`, all with SO_REUSEPORT; a port 0 is
+/// chosen by the first and used by the rest.
+///
+/// A socket without SO_REUSEPORT is bound first and let go: it fails when
+/// anything listens there already, so a second daemon (or another
+/// program of the same user that uses SO_REUSEPORT) is refused instead of
+/// quietly sharing the port's connections.
+fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let socket = |at: SocketAddr| {
+        let s = if at.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std and tokio bind: a restart finds the port's TIME_WAITs.
+        s.set_reuseaddr(true)?;
+        std::io::Result::Ok(s)
+    };
+    let mut at = {
+        let probe = socket(addr)?;
+        probe.bind(addr)?;
+        probe.local_addr()?
+    };
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = socket(at)?;
+        socket.set_reuseport(true)?;
+        socket.bind(at)?;
+        at = socket.local_addr()?;
+        let listener = socket.listen(1024)?.into_std()?;
+        out.push(listener);
+    }
+    Ok(out)
 }
 
 async fn serve_with(
@@ -87,19 +128,16 @@ async fn serve_with(
     manager: Arc<Manager>,
     cfg: ProxyConfig,
     access_log: Option<Arc<AccessLog>>,
+    main: tokio::runtime::Handle,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.request_timeout.min(Duration::from_secs(10))));
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_timer(TokioTimer::new())
-        .build(GuestConnector(connector));
+    let guests = guest::Pool::new(cfg.request_timeout.min(Duration::from_secs(10)));
+    guests.sweep_in_background();
     let proxy = Arc::new(Proxy {
         manager,
         cfg,
-        client,
+        guests,
         access_log,
+        main,
     });
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -231,13 +269,11 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// A body passed through the proxy (either way). It tells `sent` when it
-/// has been read whole, or dropped (an empty body may never be read), and
-/// keeps `_busy` (its VM counted busy) as long as it lives.
+/// A client's request body on its way to the guest. It tells `sent` when it
+/// has been read whole, or dropped (an empty body may never be read).
 struct Passed {
     inner: Incoming,
     sent: Option<tokio::sync::oneshot::Sender<()>>,
-    _busy: Option<Busy>,
 }
 
 impl Drop for Passed {
@@ -320,20 +356,20 @@ impl Proxy {
             return no_route();
         };
         seen.vm(&target.vm_id);
-        let busy = match self.reach(&target, &mut seen.woke).await {
+        let (busy, boot) = match self.reach(&target, &mut seen.woke).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
-        self.forward(req, peer, host, &target, busy).await
+        self.forward(req, peer, host, &target, busy, boot).await
     }
 
     /// Counts the request on the route's VM, waking the VM first if it
-    /// sleeps (then `woke` is set).
+    /// sleeps (then `woke` is set); with the id of the VMM run it reached.
     async fn reach(
         &self,
         target: &RouteTarget,
         woke: &mut bool,
-    ) -> Result<Busy, Response<ProxyBody>> {
+    ) -> Result<(Busy, u64), Response<ProxyBody>> {
         let vm = &target.vm_id;
         let deadline = tokio::time::Instant::now() + self.cfg.wake_timeout;
         let late = || {
@@ -347,8 +383,8 @@ impl Proxy {
         };
         // A second try covers a VM put to sleep again right after it woke.
         for _ in 0..2 {
-            if let Some(busy) = self.manager.enter_vm(vm) {
-                return Ok(busy);
+            if let Some(entered) = self.manager.enter_vm_boot(vm) {
+                return Ok(entered);
             }
             if !target.auto_wake {
                 return Err(error(
@@ -359,7 +395,20 @@ impl Proxy {
                     ),
                 ));
             }
-            match tokio::time::timeout_at(deadline, self.manager.wake(vm)).await {
+            let manager = Arc::clone(&self.manager);
+            let id = vm.clone();
+            let waking = self.main.spawn(async move { manager.wake(&id).await });
+            let woken = match tokio::time::timeout_at(deadline, waking).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => {
+                    return Err(error(
+                        StatusCode::BAD_GATEWAY,
+                        format!("waking vm {vm} failed: {e}"),
+                    ))
+                }
+                Err(e) => Err(e),
+            };
+            match woken {
                 // Shared: every request that waited for this restore counts it.
                 Ok(Ok(Woke::Restored)) => *woke = true,
                 Ok(Ok(Woke::AlreadyRunning)) => {}
@@ -389,6 +438,7 @@ impl Proxy {
         host: String,
         target: &RouteTarget,
         busy: Busy,
+        boot: u64,
     ) -> Response<ProxyBody> {
         let vm = &target.vm_id;
         let Some(ip) = target.guest_ip else {
@@ -406,7 +456,8 @@ impl Proxy {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        parts.uri = match Uri::try_from(format!("http://{ip}:{}{path}", target.port)) {
+        // Origin form: the guest is spoken to directly, not as a proxy.
+        parts.uri = match Uri::try_from(path) {
             Ok(u) => u,
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request target: {e}")),
         };
@@ -434,20 +485,30 @@ impl Proxy {
         let body = Passed {
             inner: body,
             sent: sent_tx,
-            _busy: None,
         };
-        let response = self.client.request(Request::from_parts(parts, body));
+        let to = guest::Target {
+            vm: vm.clone(),
+            boot,
+            addr: SocketAddr::new(ip.into(), target.port),
+        };
+        let req = Request::from_parts(parts, body);
+        let response = async {
+            if upgrade {
+                let resp = self.guests.send_upgrade(&to, req).await?;
+                Ok((resp, None))
+            } else {
+                let (resp, conn) = self.guests.send(&to, req).await?;
+                Ok::<_, guest::SendError>((resp, Some(conn)))
+            }
+        };
         tokio::pin!(response);
         let sent = tokio::select! {
             r = &mut response => Ok(r),
             _ = sent_rx => tokio::time::timeout(self.cfg.request_timeout, &mut response).await,
         };
-        let mut resp = match sent {
+        let (mut resp, conn) = match sent {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                let why = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string());
+            Ok(Err(why)) => {
                 return error(
                     StatusCode::BAD_GATEWAY,
                     format!("vm {vm} did not answer on {ip}:{}: {why}", target.port),
@@ -486,11 +547,7 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         parts.version = client_version;
-        let body = Passed {
-            inner: body,
-            sent: None,
-            _busy: Some(busy),
-        };
+        let body = guest::GuestBody::new(body, conn, Arc::clone(&self.guests), to.clone(), busy);
         Response::from_parts(parts, body.boxed())
     }
 }
@@ -498,6 +555,31 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A runtime: a listening tokio socket is registered with one.
+    #[tokio::test]
+    async fn the_proxy_binds_one_socket_per_thread_and_never_shares_a_port_in_use() {
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        let ours = bind(local, 3).unwrap();
+        let port = ours[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        for l in &ours {
+            assert_eq!(l.local_addr().unwrap().port(), port);
+        }
+        // Anything on the port already: a second daemon, our own sockets
+        // included (they have SO_REUSEPORT, the probe does not).
+        let taken = SocketAddr::from(([127, 0, 0, 1], port));
+        let e = bind(taken, 2).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        let other = std::net::TcpListener::bind(local).unwrap();
+        let e = bind(other.local_addr().unwrap(), 1).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        // Connections reach the group.
+        drop(other);
+        for _ in 0..4 {
+            std::net::TcpStream::connect(taken).unwrap();
+        }
+    }
 
     #[test]
     fn subdomains_under_the_base_domain() {

@@ -65,6 +65,10 @@ pub const WS_PORT: u16 = 8765;
 pub const HEADERS_PORT: u16 = 80;
 /// The headers endpoint's path.
 pub const HEADERS_PATH: &str = "/cgi-bin/headers";
+/// The keep-alive server's port (HTTP/1.1 that keeps connections open).
+pub const KEEPALIVE_PORT: u16 = 8766;
+/// How long the keep-alive server keeps an idle connection, in seconds.
+pub const KEEPALIVE_IDLE_SECS: u64 = 4;
 /// Printed on the guest's console once every endpoint listens.
 pub const READY_LINE: &str = "web-guest: ready";
 /// How long [`ws_echo`] may take in all.
@@ -101,6 +105,28 @@ env | sort | awk '
         print name ": " substr($0, eq + 1)
     }'
 "#;
+
+/// One HTTP/1.1 connection on stdin/stdout (nc -e) kept open: every
+/// request (headers only) is answered `conn PID request N`, PID naming the
+/// connection (this shell) and N counting requests on it, until the client
+/// closes or sends nothing for KEEPALIVE_IDLE_SECS.
+fn keepalive_sh() -> String {
+    format!(
+        r#"#!/bin/sh
+cr=$(printf '\r')
+n=0
+while IFS= read -r -t {KEEPALIVE_IDLE_SECS} line; do
+    while IFS= read -r -t {KEEPALIVE_IDLE_SECS} h; do
+        h=${{h%"$cr"}}
+        [ -n "$h" ] || break
+    done
+    n=$((n + 1))
+    body="conn $$ request $n"
+    printf 'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s' "${{#body}}" "$body"
+done
+"#
+    )
+}
 
 /// One WebSocket connection on stdin/stdout (nc -e). Bytes are read with
 /// `dd bs=1` (one read() each, so nothing past a frame is consumed), turned
@@ -213,12 +239,13 @@ if [ ! -s /srv/www/big.sha256 ]; then
         mv /srv/www/big.sha256.new /srv/www/big.sha256 && sync
 fi
 (while true; do nc -ll -p {WS_PORT} -e /usr/local/bin/ws-echo; sleep 1; done) </dev/null >/dev/null 2>&1 &
+(while true; do nc -ll -p {KEEPALIVE_PORT} -e /usr/local/bin/keepalive; sleep 1; done) </dev/null >/dev/null 2>&1 &
 listening() {{ netstat -ltn 2>/dev/null | grep -q ":$1 "; }}
 i=0
-while ! listening 80 || ! listening {WS_PORT}; do
+while ! listening 80 || ! listening {WS_PORT} || ! listening {KEEPALIVE_PORT}; do
     i=$((i + 1))
     if [ "$i" -gt 300 ]; then
-        echo "web-guest: error: ports 80 and {WS_PORT} not listening" >/dev/console
+        echo "web-guest: error: ports 80, {WS_PORT} and {KEEPALIVE_PORT} not listening" >/dev/console
         exit 1
     fi
     usleep 100000
@@ -254,6 +281,7 @@ pub fn web_user_data(ssh_public_key: Option<&str>) -> String {
         ("/srv/www/cgi-bin/slow", CGI_SLOW.to_string()),
         ("/srv/www/cgi-bin/headers", CGI_HEADERS.to_string()),
         ("/usr/local/bin/ws-echo", WS_ECHO_SH.to_string()),
+        ("/usr/local/bin/keepalive", keepalive_sh()),
         ("/etc/hatch/rc.local", rc_local()),
     ] {
         assert!(!body.contains("\nHATCH_WEB_EOF\n"));
