@@ -217,6 +217,10 @@ impl GuestSession {
             let stream = tokio::net::TcpStream::connect(addr)
                 .await
                 .map_err(|source| ClientError::Connect { addr, source })?;
+            // russh applies `nodelay` only to sockets it opens itself.
+            stream
+                .set_nodelay(true)
+                .map_err(|source| ClientError::Connect { addr, source })?;
             let mut handle = client::connect_stream(config, stream, handler)
                 .await
                 .map_err(|source| ClientError::Handshake { addr, source })?;
