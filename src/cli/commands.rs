@@ -38,8 +38,8 @@ impl Out {
         if self.json {
             println!("{}", a.text);
         } else {
-            let rows = a.json.as_array().cloned().unwrap_or_default();
-            print!("{}", table(columns, &rows));
+            let rows = a.json().as_array().map(Vec::as_slice).unwrap_or_default();
+            print!("{}", table(columns, rows));
         }
     }
 
@@ -48,7 +48,7 @@ impl Out {
         if self.json {
             println!("{}", a.text);
         } else {
-            print!("{}", fields(&a.json));
+            print!("{}", fields(a.json()));
         }
     }
 
@@ -160,7 +160,7 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
                 println!("{}", a.text);
                 return Ok(());
             }
-            let text = |k: &str| a.json[k].as_str().unwrap_or("").to_string();
+            let text = |k: &str| a.json()[k].as_str().unwrap_or("").to_string();
             let _ = std::io::stdout().write_all(text("stdout").as_bytes());
             let _ = std::io::stdout().flush();
             let _ = std::io::stderr().write_all(text("stderr").as_bytes());
@@ -168,15 +168,15 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
                 ("stdout_truncated", "stdout"),
                 ("stderr_truncated", "stderr"),
             ] {
-                if a.json[flag] == true {
+                if a.json()[flag] == true {
                     eprintln!("hatch: {what} was cut at the server's cap");
                 }
             }
-            if a.json["timed_out"] == true {
+            if a.json()["timed_out"] == true {
                 eprintln!("hatch: the command timed out and was killed");
             }
             // The command's own exit code is this program's, as with ssh.
-            let code = a.json["exit_code"].as_i64().unwrap_or(255);
+            let code = a.json()["exit_code"].as_i64().unwrap_or(255);
             if code != 0 {
                 std::process::exit(code.clamp(0, 255) as i32);
             }
@@ -495,15 +495,15 @@ async fn settle_vm(
     if !wait.wait {
         return Ok(a);
     }
-    let id = s(&a.json, "id");
+    let id = s(a.json(), "id");
     loop {
-        let state = s(&a.json, "state");
+        let state = s(a.json(), "state");
         match state.as_str() {
             "starting" | "stopping" => spinner.set_message(&format!("{id} is {state}")),
             "error" => {
                 return Err(CliError::Other(format!(
                     "VM {id} is in error: {}",
-                    s(&a.json, "last_error")
+                    s(a.json(), "last_error")
                 )))
             }
             _ => return Ok(a),
@@ -726,16 +726,16 @@ async fn settle_snapshot(
     if !wait.wait {
         return Ok(a);
     }
-    let id = s(&a.json, "id");
-    while s(&a.json, "compression_state") == "compressing" {
+    let id = s(a.json(), "id");
+    while s(a.json(), "compression_state") == "compressing" {
         spinner.set_message(&format!("compressing {id}"));
         tokio::time::sleep(POLL).await;
         a = client.get(&format!("/snapshots/{id}")).await?;
     }
-    if s(&a.json, "compression_state") == "error" {
+    if s(a.json(), "compression_state") == "error" {
         eprintln!(
             "warning: {id} was not compressed ({}); it restores from its raw memory",
-            s(&a.json, "compression_error")
+            s(a.json(), "compression_error")
         );
     }
     Ok(a)

@@ -65,10 +65,10 @@ pub async fn run(
         )
         .await?;
     let field = |k: &str| {
-        a.json[k]
+        a.json()[k]
             .as_str()
             .map(str::to_string)
-            .or_else(|| a.json[k].as_i64().map(|n| n.to_string()))
+            .or_else(|| a.json()[k].as_i64().map(|n| n.to_string()))
             .ok_or_else(|| CliError::Transport(format!("the connect answer has no {k}")))
     };
     let (cert, host, port, user) = (

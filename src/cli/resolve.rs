@@ -115,8 +115,12 @@ pub async fn resolve(
         return Ok(arg.to_string());
     }
     let answer = client.get(list_path).await?;
-    let items = answer.json.as_array().cloned().unwrap_or_default();
-    pick(kind, arg, &items)
+    let items = answer
+        .json()
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    pick(kind, arg, items)
 }
 
 pub async fn vm(client: &Client, arg: &str) -> Result<String, CliError> {
