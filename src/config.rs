@@ -491,6 +491,16 @@ impl Config {
             Some(v) => parse_duration(&v).map_err(|e| format!("{name}: {e}")),
             None => Ok(default),
         };
+        // A whole number from 1 to `max`.
+        let count = |name: &str, max: usize, default: usize| match get(name) {
+            Some(v) => v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| format!("{name} must be a number from 1 to {max}, not {v:?}")),
+            None => Ok(default),
+        };
         let proxy = ProxyConfig {
             addr: match get("HATCH_PROXY_ADDR").as_deref() {
                 Some("off") => None,
@@ -514,35 +524,15 @@ impl Config {
             )
             .map_err(|e| format!("HATCH_PROXY_TRUSTED_PROXIES: {e}"))?,
             access_log: AccessLogTarget::parse(get("HATCH_PROXY_ACCESS_LOG").as_deref())?,
-            threads: match get("HATCH_PROXY_THREADS") {
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=256).contains(n))
-                    .ok_or_else(|| {
-                        format!("HATCH_PROXY_THREADS must be a number from 1 to 256, not {v:?}")
-                    })?,
-                None => std::thread::available_parallelism()
-                    .map(|n| n.get().min(256))
-                    .unwrap_or(1),
-            },
+            threads: count(
+                "HATCH_PROXY_THREADS",
+                256,
+                std::thread::available_parallelism().map_or(1, |n| n.get().min(256)),
+            )?,
         };
         let api = ApiConfig {
             header_timeout: duration("HATCH_API_HEADER_TIMEOUT", Duration::from_secs(30))?,
-            max_connections: match get("HATCH_API_MAX_CONNECTIONS") {
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=65536).contains(n))
-                    .ok_or_else(|| {
-                        format!(
-                            "HATCH_API_MAX_CONNECTIONS must be a number from 1 to 65536, not {v:?}"
-                        )
-                    })?,
-                None => 512,
-            },
+            max_connections: count("HATCH_API_MAX_CONNECTIONS", 65536, 512)?,
         };
         if api.header_timeout.is_zero() {
             return Err("HATCH_API_HEADER_TIMEOUT must be more than zero".into());

@@ -218,13 +218,7 @@ fn the_vm_state_follows_what_happens_to_the_guest() {
     let vm2 = d.create_vm("{}");
     let id2 = vm2["id"].as_str().unwrap().to_string();
     d.wait_console(&id2, "hatch-guest: ready");
-    let pids = d.vmm_pids_of(&id2);
-    assert_eq!(pids.len(), 1);
-    let killed = Command::new("kill")
-        .args(["-KILL", &pids[0].to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    d.kill_vmm(&id2);
     wait_until("VMM crash recorded", Duration::from_secs(30), || {
         d.vm(&id2)["state"] == "error"
     });

@@ -1082,13 +1082,7 @@ fn connections_to_a_guest_are_kept_for_its_next_requests_and_never_outlive_its_r
     // A VMM that dies under its guest sends no FIN, so the proxy's kept
     // connection still looks open. The next run of the VM is a new guest,
     // which would answer a request on it with a reset: it is not used.
-    let pids = d.vmm_pids_of(&vm);
-    assert_eq!(pids.len(), 1);
-    let killed = Command::new("kill")
-        .args(["-KILL", &pids[0].to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    d.kill_vmm(&vm);
     wait_state(&d, &vm, "error", Duration::from_secs(30));
     let r = d.req("POST", &format!("/vms/{vm}/start"), None);
     assert_eq!(r.status, 200, "{}", r.text);

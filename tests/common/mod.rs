@@ -688,6 +688,18 @@ impl Daemon {
         pids_mentioning(&format!("{}/", self.work_dir(vm_id).display()))
     }
 
+    /// Kills the VM's one VMM process with SIGKILL, as a crash would: its
+    /// guest gets no chance to close anything.
+    pub fn kill_vmm(&self, vm_id: &str) {
+        let pids = self.vmm_pids_of(vm_id);
+        assert_eq!(pids.len(), 1, "VMM processes of {vm_id}: {pids:?}");
+        let killed = Command::new("kill")
+            .args(["-KILL", &pids[0].to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             // `ip netns exec` execs the daemon, so this pid is the daemon itself.
