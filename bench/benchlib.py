@@ -223,21 +223,28 @@ class DaemonBench:
 
     def wait_ready(self, vm_id, timeout):
         """Polls the VM's console.log until the guest's ready line; (its text, seconds waited)."""
-        con = self.hatchd.vms_dir / vm_id / "console.log"
-        t0 = time.monotonic()
-        while True:
-            try:
-                text = con.read_bytes()
-            except FileNotFoundError:
-                text = b""
-            if READY in text:
-                return text, time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                raise BenchError(f"no ready line within {timeout:.0f}s:\n"
-                                 f"{text[-1500:].decode(errors='replace')}")
-            if time.monotonic() - t0 > 5 and self.hatchd.vmm_pid(vm_id) is None:
-                raise BenchError(f"the VM's QEMU is gone:\n{text[-1500:].decode(errors='replace')}")
-            time.sleep(0.1)
+        return wait_ready(self.hatchd, vm_id, timeout)
+
+
+def wait_ready(hatchd, vm_id, timeout):
+    """Polls `vm_id`'s console.log under daemon `hatchd` until the guest's ready
+    line; (its text, seconds waited). A BenchError after `timeout` seconds, or
+    once the VM's QEMU is gone."""
+    con = hatchd.vms_dir / vm_id / "console.log"
+    t0 = time.monotonic()
+    while True:
+        try:
+            text = con.read_bytes()
+        except FileNotFoundError:
+            text = b""
+        if READY in text:
+            return text, time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise BenchError(f"no ready line within {timeout:.0f}s:\n"
+                             f"{text[-1500:].decode(errors='replace')}")
+        if time.monotonic() - t0 > 5 and hatchd.vmm_pid(vm_id) is None:
+            raise BenchError(f"the VM's QEMU is gone:\n{text[-1500:].decode(errors='replace')}")
+        time.sleep(0.1)
 
 
 def check_own_namespace(ns, bench):

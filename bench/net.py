@@ -46,7 +46,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -58,9 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     check_own_namespace,
     kill_namespace_leftovers, parse_wrk,
-    DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
-    ms, one_request, other_qemu_pids, pid_alive, proc_cmdline, qemu_version,
-    run_guarded, stats, write_docs,
+    DOCS, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
+    ms, one_request, other_qemu_pids, proc_cmdline, qemu_version,
+    run_guarded, stats, wait_ready, write_docs,
 )
 
 SINK_PORT = 5001
@@ -285,21 +284,8 @@ class Net:
         log(f"VM {self.vm_id}: guest_ip {self.vm['guest_ip']}, ssh_port {self.vm['ssh_port']}")
 
     def wait_ready(self):
-        con = self.hatchd.vms_dir / self.vm_id / "console.log"
-        t0 = time.monotonic()
-        while True:
-            try:
-                text = con.read_bytes()
-            except FileNotFoundError:
-                text = b""
-            if READY in text:
-                break
-            if time.monotonic() - t0 > BOOT_TIMEOUT_S:
-                raise BenchError(f"no ready line within {BOOT_TIMEOUT_S:.0f}s:\n{text[-1500:].decode(errors='replace')}")
-            if time.monotonic() - t0 > 5 and self.hatchd.vmm_pid(self.vm_id) is None:
-                raise BenchError(f"the VM's QEMU is gone:\n{text[-1500:].decode(errors='replace')}")
-            time.sleep(0.1)
-        log(f"guest ready after {time.monotonic() - t0:.1f}s")
+        _, waited = wait_ready(self.hatchd, self.vm_id, BOOT_TIMEOUT_S)
+        log(f"guest ready after {waited:.1f}s")
         self.qemu_pid = self.hatchd.vmm_pid(self.vm_id)
         self.cmdline = proc_cmdline(self.qemu_pid) if self.qemu_pid else None
         if not self.cmdline:
