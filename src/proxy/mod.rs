@@ -15,7 +15,7 @@ pub use trust::Cidr;
 use access_log::{AccessLog, Pending, Seen};
 
 use crate::config::ProxyConfig;
-use crate::manager::{Busy, Manager, RouteTarget, WakeError, Woke};
+use crate::manager::{Busy, Manager, ManagerError, RouteTarget, WakeError, Woke};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -45,7 +45,7 @@ struct Proxy {
     main: tokio::runtime::Handle,
 }
 
-/// Starts the proxy on `cfg.addr`: `cfg.threads` threads, each with a
+/// Starts the proxy on `addr`: `cfg.threads` threads, each with a
 /// single-threaded runtime of its own and its own listening socket on the
 /// address (SO_REUSEPORT; the kernel spreads connections over them). A
 /// connection, and the guest connections its requests use, stay on one
@@ -398,17 +398,15 @@ impl Proxy {
             let manager = Arc::clone(&self.manager);
             let id = vm.clone();
             let waking = self.main.spawn(async move { manager.wake(&id).await });
-            let woken = match tokio::time::timeout_at(deadline, waking).await {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(e)) => {
-                    return Err(error(
-                        StatusCode::BAD_GATEWAY,
-                        format!("waking vm {vm} failed: {e}"),
-                    ))
-                }
-                Err(e) => Err(e),
+            // A wake task that panicked is a failed wake.
+            let waking = async {
+                waking.await.unwrap_or_else(|e| {
+                    Err(WakeError::Failed(Arc::new(ManagerError::Internal(
+                        format!("the wake ended: {e}"),
+                    ))))
+                })
             };
-            match woken {
+            match tokio::time::timeout_at(deadline, waking).await {
                 // Shared: every request that waited for this restore counts it.
                 Ok(Ok(Woke::Restored)) => *woke = true,
                 Ok(Ok(Woke::AlreadyRunning)) => {}
