@@ -253,4 +253,45 @@ mod tests {
         let e = api_error(StatusCode::BAD_GATEWAY, "<html>");
         assert_eq!(e.to_string(), "the API answered 502 Bad Gateway");
     }
+
+    /// A server on loopback that answers every connection with `200` and `body`.
+    async fn answering(body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_is_not_json_is_an_error_and_json_is_kept_as_sent() {
+        let client = |url: String| Client::new(Settings { url, api_key: None }).unwrap();
+        let e = client(answering("hello, not JSON").await)
+            .get("/vms")
+            .await
+            .err()
+            .expect("a body that is not JSON is refused");
+        assert!(e.to_string().contains("did not answer with JSON"), "{e}");
+        // Truncated JSON is not JSON either.
+        let e = client(answering(r#"[{"id": "vm_1""#).await)
+            .get("/vms")
+            .await
+            .err()
+            .expect("truncated JSON is refused");
+        assert!(e.to_string().contains("did not answer with JSON"), "{e}");
+        let sent = r#"[ {"id": "vm_1", "state": "running"} ]"#;
+        let a = client(answering(sent).await).get("/vms").await.unwrap();
+        assert_eq!(a.text, sent, "--json prints the answer as sent");
+        assert_eq!(a.json()[0]["state"], "running");
+    }
 }
