@@ -193,3 +193,56 @@ fn a_fork_kept_in_standby_learns_its_id_when_exec_wakes_it() {
     assert_eq!(d.vm(&sid)["state"], "running");
     check_fork(&d, &key, &public, &d.vm(&sid), &src, "source");
 }
+
+/// A Standby snapshot taken right after create holds a guest that has not
+/// yet asked DHCP for its address nor read its seed. Its fork finishes that
+/// boot behind its isolation: it must get the address its memory belongs to
+/// (the source's, translated to the fork's own outside) and trust the
+/// principal the daemon signs for, then learn its own id like any fork.
+#[test]
+fn a_fork_of_a_vm_snapshotted_while_it_booted_finishes_its_boot_reachable() {
+    let d = Daemon::start();
+    let (key, public) = keypair(&d.data_dir);
+    let src = d.create_vm("{}");
+    let sid = id_of(&src);
+    let snap = standby(&d, &sid);
+    d.wait_console(&sid, "hatch-guest: ready");
+
+    let early = fork(&d, &snap, "early", "Running");
+    let fid = id_of(&early);
+    let console = d.wait_console(&fid, "hatch-guest: ready");
+    // The fork's guest, not its source's, read the seed and asked DHCP: the
+    // snapshot was taken before either happened.
+    assert!(
+        console.contains(&format!("cidata applied instance-id={fid}.resumed")),
+        "the fork's guest read its seed after the restore:\n{console}"
+    );
+    assert!(
+        console.contains(&format!("ip={}", src["guest_ip"].as_str().unwrap())),
+        "the fork's guest has the address its memory belongs to:\n{console}"
+    );
+    // The snapshot has no /tmp/who: both write the one check_fork reads.
+    assert_eq!(exec(&d, &fid, "echo early > /tmp/who").1, 0);
+    assert_eq!(exec(&d, &sid, "echo early > /tmp/who").1, 0);
+    check_fork(&d, &key, &public, &d.vm(&fid), &src, "early");
+
+    // A fresh boot of the fork reads a seed that says who it is: its own
+    // instance (cloud-init applies it in full), address and principal.
+    for step in ["stop", "start"] {
+        let r = d.req("POST", &format!("/vms/{fid}/{step}"), None);
+        assert_eq!(r.status, 200, "{step}: {}", r.text);
+    }
+    let console = d.wait_console(&fid, "hatch-guest: ready boot=2");
+    let own_ip = early["guest_ip"].as_str().unwrap();
+    assert!(
+        console
+            .lines()
+            .any(|l| l.trim_end() == format!("hatch-guest: cidata applied instance-id={fid}"))
+            && console.contains(&format!("ip={own_ip}")),
+        "the fork's fresh boot:\n{console}"
+    );
+    let (principals, _) = exec(&d, &fid, "cat /etc/ssh/hatch/principals/agent");
+    assert_eq!(principals, format!("{fid}\n"));
+    let fork_cert = certificate(&d, &early, &key, &public);
+    assert_eq!(logs_in(&d, &key, &fork_cert, &early, "id -un"), "agent\n");
+}

@@ -23,10 +23,34 @@ pub fn hostname_for(vm_id: &str) -> String {
     vm_id.replace('_', "-")
 }
 
-pub fn meta_data(vm_id: &str) -> String {
+/// Who a seed tells its guest it is.
+#[derive(Debug, Clone, Copy)]
+pub struct SeedIdentity<'a> {
+    /// The VM: its hostname.
+    pub vm_id: &'a str,
+    /// cloud-init's instance-id (a new one makes cloud-init apply the seed
+    /// again): the VM id, except in a seed written for another VM's memory.
+    pub instance_id: &'a str,
+    /// The principal the vendor-data script has `agent` trust.
+    pub principal: &'a str,
+}
+
+impl<'a> SeedIdentity<'a> {
+    /// A VM that is itself: the usual seed.
+    pub fn own(vm_id: &'a str) -> SeedIdentity<'a> {
+        SeedIdentity {
+            vm_id,
+            instance_id: vm_id,
+            principal: vm_id,
+        }
+    }
+}
+
+pub fn meta_data(who: &SeedIdentity) -> String {
     format!(
-        "instance-id: {vm_id}\nlocal-hostname: {}\n",
-        hostname_for(vm_id)
+        "instance-id: {}\nlocal-hostname: {}\n",
+        who.instance_id,
+        hostname_for(who.vm_id)
     )
 }
 
@@ -146,7 +170,7 @@ pub fn own_principal_command(vm_id: &str) -> String {
 /// `ssh_ca` (the CA's public key line) adds the `vendor-data` script.
 pub async fn write(
     work_dir: &Path,
-    vm_id: &str,
+    who: &SeedIdentity<'_>,
     user_data: Option<&str>,
     net: Option<&SeedNet>,
     ssh_ca: Option<&str>,
@@ -156,7 +180,7 @@ pub async fn write(
         .await
         .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let mut files = vec![
-        ("meta-data", meta_data(vm_id)),
+        ("meta-data", meta_data(who)),
         (
             "user-data",
             user_data
@@ -168,7 +192,7 @@ pub async fn write(
         files.push(("network-config", network_config(n)));
     }
     if let Some(ca) = ssh_ca {
-        files.push(("vendor-data", vendor_data(ca, vm_id)));
+        files.push(("vendor-data", vendor_data(ca, who.principal)));
     }
     for (name, text) in &files {
         tokio::fs::write(dir.join(name), text)
@@ -199,7 +223,7 @@ mod tests {
     #[test]
     fn meta_and_network_config() {
         assert_eq!(
-            meta_data("vm_ab12"),
+            meta_data(&SeedIdentity::own("vm_ab12")),
             "instance-id: vm_ab12\nlocal-hostname: vm-ab12\n"
         );
         let n = network_config(&SeedNet {

@@ -135,9 +135,11 @@ impl Manager {
             .await
             .context(|| "creating work directory".into())?;
         // A restored guest needs the devices it was saved with: the seed disk
-        // is attached when the source had one (its content is the fork's own).
+        // is attached when the source had one. A fresh boot reads the fork's
+        // own; a memory, what it believes (see `write_seed_for`).
         if self.work_dir(&source.id).join("seed.iso").exists() || kind == SnapshotKind::Stopped {
-            self.write_seed(vm, &work_dir).await?;
+            let memory = (kind == SnapshotKind::Standby).then_some(snap);
+            self.write_seed_for(vm, &work_dir, memory).await?;
         }
         match (kind, target) {
             (SnapshotKind::Standby, TargetState::Standby) => {

@@ -231,10 +231,20 @@ impl Manager {
         }
         self.end_vmm(vm, false).await;
         // A fresh boot asks DHCP for the VM's own address: no isolation any more.
-        if vm.inner_ip.is_some() || vm.inner_mac.is_some() {
+        let resumed_another = vm.inner_ip.is_some() || vm.inner_mac.is_some();
+        if resumed_another {
             self.store.set_vm_inner_address(&id, None, None).await?;
             vm.inner_ip = None;
             vm.inner_mac = None;
+        }
+        if resumed_another || vm.guest_principal.is_some() {
+            // Its seed may still say what that memory believed.
+            if let Err(e) = self.own_seed(vm).await {
+                let e = e.context(format!("failed to start vm {id}"));
+                self.transition(vm, VmState::Error, Some(&e.to_string()))
+                    .await?;
+                return Err(e);
+            }
         }
         self.forget_memory_principal(vm).await?;
         let boot_timer = self.telemetry.timer(Operation::Boot);

@@ -9,7 +9,7 @@ use crate::image::seed;
 use crate::net::dhcp::Reservation;
 use crate::net::firewall::{Forward, Guest};
 use crate::net::{ipam, Network};
-use crate::store::{NetworkAllocations, Vm};
+use crate::store::{NetworkAllocations, Snapshot, Vm};
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -230,12 +230,66 @@ impl Manager {
     /// Writes the VM's cloud-init NoCloud seed (its user data and, with
     /// networking, its address) into `work_dir`.
     pub(super) async fn write_seed(&self, vm: &Vm, work_dir: &Path) -> Result<PathBuf> {
-        let net = self.seed_net(vm);
+        self.write_seed_for(vm, work_dir, None).await
+    }
+
+    /// The seed of `vm`, which resumes the memory of `memory` when that is
+    /// given (a fork of a Standby snapshot). Such a guest may not have read
+    /// its seed yet (a snapshot taken while its source booted): it reads it
+    /// after the restore, so the seed must say what the memory believes, the
+    /// source's address and MAC (the NIC it has) and the principal the
+    /// daemon signs for (`adopt_memory_principal`), or the guest would come
+    /// up unreachable behind its isolation. Its own instance-id then has a
+    /// suffix, so that the fresh seed `start` writes (`own_seed`) is a new
+    /// instance to cloud-init and is applied in full.
+    pub(super) async fn write_seed_for(
+        &self,
+        vm: &Vm,
+        work_dir: &Path,
+        memory: Option<&Snapshot>,
+    ) -> Result<PathBuf> {
+        let mut net = self.seed_net(vm);
+        let instance_id;
+        let who = match memory {
+            None => seed::SeedIdentity::own(&vm.id),
+            Some(snap) => {
+                let principal = snap
+                    .vm_config
+                    .guest_principal
+                    .as_deref()
+                    .unwrap_or(&snap.vm_id);
+                if let (Some(n), (Some(ip), Some(mac))) =
+                    (net.as_mut(), snap.vm_config.memory_address())
+                {
+                    n.ip = ip.to_string();
+                    n.mac = mac.to_string();
+                }
+                instance_id = format!("{}.resumed", vm.id);
+                seed::SeedIdentity {
+                    vm_id: &vm.id,
+                    instance_id: &instance_id,
+                    principal,
+                }
+            }
+        };
         let ca = self.ssh_ca.get().map(|ca| ca.public_key());
-        seed::write(work_dir, &vm.id, vm.user_data.as_deref(), net.as_ref(), ca)
+        seed::write(work_dir, &who, vm.user_data.as_deref(), net.as_ref(), ca)
             .await
             .map_err(ManagerError::Host)
             .context(|| "creating the cloud-init seed".into())
+    }
+
+    /// Before a fresh boot of a VM that ran from another VM's memory: its
+    /// seed goes back to saying who it is (see `write_seed_for`).
+    pub(super) async fn own_seed(&self, vm: &Vm) -> Result<()> {
+        let work_dir = self.work_dir(&vm.id);
+        if tokio::fs::try_exists(work_dir.join("seed.iso"))
+            .await
+            .unwrap_or(false)
+        {
+            self.write_seed(vm, &work_dir).await?;
+        }
+        Ok(())
     }
 
     pub(super) fn seed_net(&self, vm: &Vm) -> Option<seed::SeedNet> {

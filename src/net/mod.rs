@@ -4,11 +4,14 @@
 //! a VM whose guest believes it has another VM's address (a fork; see
 //! `isolate`). See README.md for the layout.
 //!
-//! This module holds no per-VM state: the manager computes what should exist
-//! from the store and hands it over (`sync_*`), so a restart rebuilds it all.
+//! This module holds no per-VM state but the DHCP servers of isolated forks
+//! (`fork_dhcp`), which live and die with their namespaces: the manager
+//! computes what should exist from the store and hands it over (`sync_*`),
+//! so a restart rebuilds it all.
 
 pub mod dhcp;
 pub mod firewall;
+pub mod fork_dhcp;
 pub mod ipam;
 pub mod isolate;
 pub mod link;
@@ -17,7 +20,7 @@ use dhcp::{Dnsmasq, Reservation};
 use firewall::{Desired, Forward, Guest, GuestToGuest};
 use ipam::BridgeNet;
 use isolate::Isolation;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 #[derive(Debug, Clone)]
@@ -37,6 +40,18 @@ pub struct Network {
     dnsmasq: Dnsmasq,
     /// Firewall syncs are serialized so the last one always wins with the latest state.
     fw_lock: tokio::sync::Mutex<()>,
+    /// The DHCP server of each isolation, by namespace name (aborted when
+    /// dropped: its socket would otherwise keep the namespace alive).
+    fork_dhcp: std::sync::Mutex<HashMap<String, AbortOnDrop>>,
+}
+
+/// A spawned task that ends with its handle.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Network {
@@ -61,6 +76,7 @@ impl Network {
             bridge_index,
             dnsmasq,
             fw_lock: tokio::sync::Mutex::new(()),
+            fork_dhcp: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -113,7 +129,24 @@ impl Network {
         blocking(move || isolate::create(&i)).await?;
         self.nl.set_up(&iso.veth, Some(self.bridge_index)).await?;
         let (i, net) = (iso.clone(), self.cfg.net);
-        blocking(move || isolate::in_netns(&i.netns, || isolate::configure_inside(&i, &net))).await
+        let socket = blocking(move || {
+            isolate::in_netns(&i.netns, || {
+                isolate::configure_inside(&i, &net)?;
+                fork_dhcp::bind(&i.tap)
+            })
+        })
+        .await?;
+        let lease = fork_dhcp::Lease {
+            ip: iso.inner_ip,
+            prefix: self.cfg.net.prefix,
+            gateway: self.cfg.net.bridge_ip,
+        };
+        let task = tokio::spawn(fork_dhcp::serve(socket, lease, iso.netns.clone()));
+        self.fork_dhcp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(iso.netns.clone(), AbortOnDrop(task));
+        Ok(())
     }
 
     /// Removes the isolation whose namespace is `netns` (a name `isolate::
@@ -130,6 +163,12 @@ impl Network {
     }
 
     async fn remove_isolation_parts(&self, netns: &str, veth: &str) -> Result<(), String> {
+        let server = self
+            .fork_dhcp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(netns);
+        drop(server);
         self.nl.delete(veth).await?;
         let ns = netns.to_string();
         blocking(move || isolate::delete_netns(&ns)).await

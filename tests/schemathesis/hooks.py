@@ -10,7 +10,7 @@ running VM never ends (it streams until the VM stops); the files API needs a
 path that exists (or whose directory does) in the guest, and a guest whose
 sshd is up (until then it answers 502, as documented); `exec` runs what it
 is given in a real guest (a fuzzed command line could run for its whole
-timeout, and env names must be shell names).
+timeout, and env names must be shell names), and needs that sshd up too.
 The document says each of these answers (400 with a reason), but a JSON
 Schema cannot say which values pass, so schemathesis' schema-valid data would
 break them at random. Here, only in cases meant to be valid, such values are
@@ -127,6 +127,7 @@ def map_case(context, case):
             }
         if isinstance(body.get("cwd"), str):
             body["cwd"] = "/"
+        guest_answers(case.path_parameters.get("vm_id"))
     if method == "POST" and path.endswith(("/restore", "/fork")) and isinstance(body, dict):
         snapshot = get(f"/snapshots/{case.path_parameters.get('snapshot_id')}")
         if snapshot is not None and snapshot["kind"] == "Standby":
