@@ -151,6 +151,17 @@ def time_wait_to(ip, port):
     return n
 
 
+def tap_packets(tap):
+    """Frames through `tap` so far, received plus sent (/sys/class/net), or None."""
+    if not tap:
+        return None
+    try:
+        base = Path("/sys/class/net") / tap / "statistics"
+        return int((base / "rx_packets").read_text()) + int((base / "tx_packets").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def per_request_us(r, cpu="daemon_s"):
     """The daemon's (or with cpu="ref_s", HAProxy's) CPU time over a wrk run / the requests wrk completed, in
     microseconds."""
@@ -187,8 +198,8 @@ def children_cpu():
 class Meter:
     """CPU over an interval, in cores: the host, the daemon, HAProxy, QEMU (busiest thread, all), reaped children."""
 
-    def __init__(self, daemon_pid, qemu_pid, guest, ref_pid=None):
-        self.dpid, self.qpid, self.guest, self.rpid = daemon_pid, qemu_pid, guest, ref_pid
+    def __init__(self, daemon_pid, qemu_pid, guest, ref_pid=None, tap=None):
+        self.dpid, self.qpid, self.guest, self.rpid, self.tap = daemon_pid, qemu_pid, guest, ref_pid, tap
 
     def start(self):
         self.busy = CpuBusy().start()
@@ -200,6 +211,7 @@ class Meter:
         self.n0 = tcp_ext(*SYN_COUNTERS)
         self.o0 = active_opens()
         self.s0 = steal_jiffies()
+        self.p0 = tap_packets(self.tap)
         return self
 
     def stop(self):
@@ -212,6 +224,8 @@ class Meter:
         n1 = tcp_ext(*SYN_COUNTERS)
         opens = active_opens() - self.o0
         s1 = steal_jiffies()
+        p1 = tap_packets(self.tap)
+        packets = p1 - self.p0 if p1 is not None and self.p0 is not None else None
         steal = (s1[0] - self.s0[0]) / (s1[1] - self.s0[1]) * (os.cpu_count() or 1) if s1[1] > self.s0[1] else None
         used = [sec - self.q0.get(tid, 0.0) for tid, sec in q1.items()]
         ok = d1 is not None and self.d0 is not None
@@ -234,6 +248,8 @@ class Meter:
             "qemu": sum(used) / dt if used else None,
             "client": (c1 - self.c0) / dt,
             "opens": opens,
+            # Frames through the guest's TAP, both ways: what the guest's own network stack handled.
+            "tap_packets": packets,
             # Each one holds a local port towards the guest for 60 s: enough of them and every
             # connect() the proxy makes scans the ephemeral range for a free port.
             "time_wait": time_wait_to(*self.guest),
@@ -553,7 +569,7 @@ class Bench(DaemonBench):
         argv.append(path.url)
         others = other_qemu_pids(self.tmp)
         meter = Meter(self.hatchd.proc.pid, self.qemu_pid, (self.ip, GUEST_PORT),
-                      self.ref.pid if self.ref is not None else None).start()
+                      self.ref.pid if self.ref is not None else None, self.vm.get("tap_name")).start()
         p = self.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         text = self.reap(p, seconds + 60).decode(errors="replace")
         cpu = meter.stop()
@@ -586,7 +602,9 @@ class Bench(DaemonBench):
                         f"p99 {r['lat'].get('99%', float('nan')):.2f} ms, errors {r['errors']}, non-2xx "
                         f"{r['non2xx']}; daemon {fnum(per_request_us(r), '{:.0f}')} us CPU per request, "
                         + (f"HAProxy {fnum(per_request_us(r, 'ref_s'), '{:.0f}')} us, " if p.key == "haproxy" else "")
-                        + f"{r['time_wait']} TIME_WAIT to the guest; cores: daemon {r['daemon'] or 0:.2f}, "
+                        + f"{r['time_wait']} TIME_WAIT to the guest, "
+                        + f"{fnum(r['tap_packets'] / r['requests'] if r['tap_packets'] is not None and r['requests'] else None, '{:.1f}')} "
+                        + f"guest TAP frames per request; cores: daemon {r['daemon'] or 0:.2f}, "
                         + (f"HAProxy {r['ref'] or 0:.2f}, " if r["ref"] is not None else "")
                         + f"vCPU {r['vcpu'] or 0:.2f}, wrk {r['client']:.2f}, host {r['host'] or 0:.2f}, "
                         f"steal {r['steal'] or 0:.2f}, other QEMUs {r['others']}")
@@ -817,6 +835,13 @@ def load_words(load):
             else f"with {load.conns} connections" if load.conns > 1 else "with one connection")
 
 
+def tap_packets_per_request(rs):
+    """Frames through the guest's TAP during the runs / requests wrk completed in them."""
+    done = sum(r["requests"] for r in rs)
+    counted = [r["tap_packets"] for r in rs if r.get("tap_packets") is not None]
+    return sum(counted) / done if done and len(counted) == len(rs) else float("nan")
+
+
 def connects_per_request(rs):
     """TCP connects made in the namespace during the runs / requests wrk completed in them."""
     done = sum(r["requests"] for r in rs)
@@ -998,18 +1023,22 @@ def render(meta, b, markdown):
                               if r["host"] is not None else None for r in rs]),
                          fmt([r["steal"] for r in rs]),
                          f"{sum(r['net']['TCPSynRetrans'] or 0 for r in rs)}",
-                         f"{connects_per_request(rs):.2f}", fmt([r["time_wait"] for r in rs], "{:.0f}")])
+                         f"{connects_per_request(rs):.2f}", f"{tap_packets_per_request(rs):.1f}",
+                         fmt([r["time_wait"] for r in rs], "{:.0f}")])
     ref_heads = ["HAProxy", "HAProxy user / sys", "HAProxy per request"] if has_ref else []
     table(["load", "path", "daemon", "daemon user / sys", "daemon per request", *ref_heads, "QEMU vCPU thread",
            "QEMU all",
            "wrk", "host busy", "everything else", "steal", "SYN retransmits (all runs)",
-           "TCP connects per request", "TIME_WAIT to the guest after a run"], rows)
+           "TCP connects per request", "guest TAP frames per request", "TIME_WAIT to the guest after a run"],
+          rows)
     add("SYN retransmits: `TCPSynRetrans` of the namespace (/proc/net/netstat) over the runs: connects from "
         "wrk or from the proxy that got no SYN-ACK within 1 s (Linux's initial RTO), so each one is a request "
         "that took over a second; the host-side `ListenOverflows` (the proxy's own accept queue) stayed at "
         f"{sum((r['net']['ListenOverflows'] or 0) for rs in b.wrk.values() for r in rs)}. TCP connects per "
         "request: connections opened in the namespace (`ActiveOpens`, /proc/net/snmp: wrk's and the proxy's) "
-        "over the runs / requests wrk completed. TIME_WAIT to the guest: sockets of the namespace in TIME_WAIT "
+        "over the runs / requests wrk completed. Guest TAP frames per request: frames through the VM's TAP, "
+        "both ways (its rx_packets + tx_packets), over the runs / requests wrk completed: the packets the "
+        "guest's own network stack handled for each request. TIME_WAIT to the guest: sockets of the namespace in TIME_WAIT "
         f"towards `GUEST_IP:{GUEST_PORT}` when the run ended (/proc/net/tcp), wrk's of this and earlier runs "
         "and the proxy's together; each holds a local port towards the guest for 60 s, and once they fill "
         "much of the ephemeral range every connect() to the guest scans it for a free port.")

@@ -26,7 +26,64 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
-type Io = TokioIo<TcpStream>;
+type Io = TokioIo<GuestStream>;
+
+/// The socket of a connection to a guest. hyper shuts its write side down
+/// before it lets a connection go; for a plain HTTP exchange that FIN only
+/// gives the guest one more packet to take in and one to acknowledge, right
+/// before the reset the zero-linger close sends anyway (README, "Closing
+/// connections to guests"). So such a connection's shutdown does nothing
+/// and its close is the reset alone. A connection that asks for an upgrade
+/// (WebSocket, any protocol after a 101) keeps real half-closes: the bytes
+/// after the upgrade are the guest's protocol, whose end of input may matter.
+struct GuestStream {
+    tcp: TcpStream,
+    half_close: bool,
+}
+
+impl tokio::io::AsyncRead for GuestStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.half_close {
+            Pin::new(&mut self.tcp).poll_shutdown(cx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+}
 
 /// How long an unused connection to a guest is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -187,7 +244,9 @@ impl Pool {
         None
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<GuestConn, SendError> {
+    /// A new connection to `addr`; `upgrade` when it is for a request that
+    /// asks for one (see `GuestStream`).
+    async fn connect(&self, addr: SocketAddr, upgrade: bool) -> Result<GuestConn, SendError> {
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => s,
@@ -207,6 +266,10 @@ impl Pool {
         // "Closing connections to guests"). It closes only once it read the
         // response or gave up on it.
         stream.set_zero_linger().map_err(SendError::Connect)?;
+        let stream = GuestStream {
+            tcp: stream,
+            half_close: upgrade,
+        };
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;
@@ -229,7 +292,7 @@ impl Pool {
         loop {
             let (mut c, kept) = match self.checkout(target).await {
                 Some(c) => (c, true),
-                None => (self.connect(target.addr).await?, false),
+                None => (self.connect(target.addr, false).await?, false),
             };
             let mut response = std::pin::pin!(c.sender.try_send_request(req));
             let result = std::future::poll_fn(|cx| {
@@ -257,7 +320,7 @@ impl Pool {
     ) -> Result<Response<Incoming>, SendError> {
         let GuestConn {
             mut sender, conn, ..
-        } = self.connect(target.addr).await?;
+        } = self.connect(target.addr, true).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!("proxy: upgrade connection to a guest: {e}");
