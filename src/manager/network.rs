@@ -253,11 +253,7 @@ impl Manager {
         let who = match memory {
             None => seed::SeedIdentity::own(&vm.id),
             Some(snap) => {
-                let principal = snap
-                    .vm_config
-                    .guest_principal
-                    .as_deref()
-                    .unwrap_or(&snap.vm_id);
+                let principal = Self::memory_principal(snap);
                 if let (Some(n), (Some(ip), Some(mac))) =
                     (net.as_mut(), snap.vm_config.memory_address())
                 {

@@ -103,16 +103,21 @@ impl Manager {
         vm.guest_principal.as_deref().unwrap_or(&vm.id)
     }
 
+    /// The principal the guest in `snap`'s memory trusts: the one recorded
+    /// with it, or (rows from before it was recorded) the snapshot's VM id.
+    pub(super) fn memory_principal(snap: &Snapshot) -> &str {
+        snap.vm_config
+            .guest_principal
+            .as_deref()
+            .unwrap_or(&snap.vm_id)
+    }
+
     /// A VM whose memory comes from `snap` trusts the principal the
     /// snapshot's guest trusted (`vm_config.guest_principal`; rows from
     /// before it was recorded: the snapshot's VM). When that is not its own
     /// id (a fork), it is recorded until the guest is told otherwise.
     pub(super) async fn adopt_memory_principal(&self, vm: &mut Vm, snap: &Snapshot) -> Result<()> {
-        let trusted = snap
-            .vm_config
-            .guest_principal
-            .as_deref()
-            .unwrap_or(&snap.vm_id);
+        let trusted = Self::memory_principal(snap);
         let principal = (trusted != vm.id).then(|| trusted.to_string());
         if principal == vm.guest_principal {
             return Ok(());

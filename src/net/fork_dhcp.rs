@@ -17,6 +17,7 @@
 //! (the socket is bound to that device before it is bound to port 67, so a
 //! DHCP broadcast from the bridge side never reaches it).
 
+use super::ipam::BridgeNet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// What the guest is told.
@@ -24,10 +25,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 pub struct Lease {
     /// The guest's (inner) address.
     pub ip: Ipv4Addr,
-    pub prefix: u8,
-    /// The bridge's address: router, DNS server and server identifier, as
-    /// the bridge's dnsmasq would say.
-    pub gateway: Ipv4Addr,
+    /// The bridge's network: its mask, and its address as router, DNS
+    /// server and server identifier, as the bridge's dnsmasq would say.
+    pub net: BridgeNet,
 }
 
 const BOOTREQUEST: u8 = 1;
@@ -95,13 +95,6 @@ fn options(mut rest: &[u8]) -> Option<Asked> {
     Some(asked)
 }
 
-fn mask(prefix: u8) -> Ipv4Addr {
-    let bits = u32::MAX
-        .checked_shl(32 - u32::from(prefix.min(32)))
-        .unwrap_or(0);
-    Ipv4Addr::from(bits)
-}
-
 /// The reply to one datagram from the guest, or `None` when there is none
 /// to give (not a DHCP request, a release, a request meant for another
 /// server, malformed).
@@ -120,7 +113,7 @@ pub fn answer(request: &[u8], lease: &Lease) -> Option<Answer> {
         DISCOVER => (OFFER, lease.ip),
         REQUEST => {
             // A REQUEST answering another server's offer is not ours to take.
-            if asked.server_id.is_some_and(|s| s != lease.gateway) {
+            if asked.server_id.is_some_and(|s| s != lease.net.bridge_ip) {
                 return None;
             }
             let wanted = asked
@@ -155,17 +148,18 @@ pub fn answer(request: &[u8], lease: &Lease) -> Option<Answer> {
     p.extend_from_slice(&request[28..44]); // chaddr
     p.resize(HEADER, 0); // sname, file
     p.extend_from_slice(&COOKIE);
+    let gateway = lease.net.bridge_ip.octets();
     p.extend_from_slice(&[OPT_MESSAGE_TYPE, 1, kind]);
     p.extend_from_slice(&[OPT_SERVER_ID, 4]);
-    p.extend_from_slice(&lease.gateway.octets());
+    p.extend_from_slice(&gateway);
     if kind != NAK {
         p.extend_from_slice(&[OPT_LEASE_TIME, 4, 0xff, 0xff, 0xff, 0xff]);
         p.extend_from_slice(&[OPT_SUBNET_MASK, 4]);
-        p.extend_from_slice(&mask(lease.prefix).octets());
+        p.extend_from_slice(&lease.net.netmask().octets());
         p.extend_from_slice(&[OPT_ROUTER, 4]);
-        p.extend_from_slice(&lease.gateway.octets());
+        p.extend_from_slice(&gateway);
         p.extend_from_slice(&[OPT_DNS, 4]);
-        p.extend_from_slice(&lease.gateway.octets());
+        p.extend_from_slice(&gateway);
     }
     p.push(OPT_END);
     // The BOOTP minimum, which some clients insist on.
@@ -238,8 +232,10 @@ mod tests {
 
     const LEASE: Lease = Lease {
         ip: Ipv4Addr::new(172, 16, 0, 10),
-        prefix: 24,
-        gateway: Ipv4Addr::new(172, 16, 0, 1),
+        net: BridgeNet {
+            bridge_ip: Ipv4Addr::new(172, 16, 0, 1),
+            prefix: 24,
+        },
     };
     const MAC: [u8; 6] = [0x02, 0xfc, 0xac, 0x10, 0x00, 0x0a];
 
@@ -443,14 +439,5 @@ mod tests {
             ],
         );
         assert_eq!(read(&answer(&padded, &LEASE).unwrap()).0, OFFER);
-    }
-
-    #[test]
-    fn masks() {
-        assert_eq!(mask(24), Ipv4Addr::new(255, 255, 255, 0));
-        assert_eq!(mask(16), Ipv4Addr::new(255, 255, 0, 0));
-        assert_eq!(mask(30), Ipv4Addr::new(255, 255, 255, 252));
-        assert_eq!(mask(32), Ipv4Addr::BROADCAST);
-        assert_eq!(mask(0), Ipv4Addr::UNSPECIFIED);
     }
 }

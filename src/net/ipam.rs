@@ -215,6 +215,9 @@ mod tests {
         assert_eq!(n.network(), Ipv4Addr::new(172, 16, 0, 0));
         assert_eq!(n.broadcast(), Ipv4Addr::new(172, 16, 0, 255));
         assert_eq!(n.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        let netmask = |cidr: &str| BridgeNet::parse(cidr).unwrap().netmask();
+        assert_eq!(netmask("10.1.0.1/16"), Ipv4Addr::new(255, 255, 0, 0));
+        assert_eq!(netmask("10.1.0.1/30"), Ipv4Addr::new(255, 255, 255, 252));
         assert_eq!(n.cidr(), "172.16.0.0/24");
         // The network address given: the bridge takes .1.
         assert_eq!(

@@ -22,6 +22,7 @@ use ipam::BridgeNet;
 use isolate::Isolation;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use tokio_util::task::AbortOnDropHandle;
 
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -42,16 +43,7 @@ pub struct Network {
     fw_lock: tokio::sync::Mutex<()>,
     /// The DHCP server of each isolation, by namespace name (aborted when
     /// dropped: its socket would otherwise keep the namespace alive).
-    fork_dhcp: std::sync::Mutex<HashMap<String, AbortOnDrop>>,
-}
-
-/// A spawned task that ends with its handle.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    fork_dhcp: std::sync::Mutex<HashMap<String, AbortOnDropHandle<()>>>,
 }
 
 impl Network {
@@ -138,14 +130,13 @@ impl Network {
         .await?;
         let lease = fork_dhcp::Lease {
             ip: iso.inner_ip,
-            prefix: self.cfg.net.prefix,
-            gateway: self.cfg.net.bridge_ip,
+            net: self.cfg.net,
         };
         let task = tokio::spawn(fork_dhcp::serve(socket, lease, iso.netns.clone()));
         self.fork_dhcp
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(iso.netns.clone(), AbortOnDrop(task));
+            .insert(iso.netns.clone(), AbortOnDropHandle::new(task));
         Ok(())
     }
 
@@ -163,12 +154,11 @@ impl Network {
     }
 
     async fn remove_isolation_parts(&self, netns: &str, veth: &str) -> Result<(), String> {
-        let server = self
-            .fork_dhcp
+        // Dropped at the end of the statement: the server is aborted.
+        self.fork_dhcp
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(netns);
-        drop(server);
         self.nl.delete(veth).await?;
         let ns = netns.to_string();
         blocking(move || isolate::delete_netns(&ns)).await
