@@ -12,7 +12,6 @@
 
 use super::ipam::BridgeNet;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -257,7 +256,7 @@ pub fn release_packet(r: &Reservation, server: Ipv4Addr) -> Result<Vec<u8>, Stri
     p[2] = 6;
     p[12..16].copy_from_slice(&ip.octets());
     p[28..34].copy_from_slice(&mac);
-    p.extend_from_slice(&[0x63, 0x82, 0x53, 0x63]); // magic cookie
+    p.extend_from_slice(&super::fork_dhcp::COOKIE);
     p.extend_from_slice(&[53, 1, 7]); // message type: DHCPRELEASE
     p.push(54); // server identifier
     p.push(4);
@@ -273,26 +272,14 @@ pub fn release_packet(r: &Reservation, server: Ipv4Addr) -> Result<Vec<u8>, Stri
 /// the only interface dnsmasq serves.
 fn release(bridge: &str, server: Ipv4Addr, r: &Reservation) -> Result<(), String> {
     let packet = release_packet(r, server)?;
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("UDP socket: {e}"))?;
-    let name = bridge.as_bytes();
-    // SAFETY: SO_BINDTODEVICE reads `optlen` bytes of an interface name from
-    // a live slice; the fd is the socket's.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "binding to {bridge}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    sock.send_to(&packet, (server, 67))
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|e| format!("UDP socket: {e}"))?;
+    sock.bind_device(Some(bridge.as_bytes()))
+        .map_err(|e| format!("binding to {bridge}: {e}"))?;
+    sock.bind(&std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into())
+        .map_err(|e| format!("UDP socket: {e}"))?;
+    sock.send_to(&packet, &std::net::SocketAddrV4::new(server, 67).into())
         .map_err(|e| format!("sending DHCPRELEASE: {e}"))?;
     Ok(())
 }

@@ -35,7 +35,8 @@ const BOOTREPLY: u8 = 2;
 const HTYPE_ETHERNET: u8 = 1;
 /// op .. file: the fixed BOOTP header before the magic cookie.
 const HEADER: usize = 236;
-const COOKIE: [u8; 4] = [0x63, 0x82, 0x53, 0x63];
+/// The DHCP magic cookie, between the BOOTP header and the options.
+pub(super) const COOKIE: [u8; 4] = [0x63, 0x82, 0x53, 0x63];
 
 const OPT_PAD: u8 = 0;
 const OPT_SUBNET_MASK: u8 = 1;
