@@ -51,8 +51,10 @@ docs/BENCHMARKS.md instead, also written there unless --no-docs.
 
 import argparse
 import datetime
+import json
 import os
 import re
+import shutil
 import resource
 import socket
 import subprocess
@@ -785,9 +787,70 @@ class Bench(DaemonBench):
             if p.poll() is None:
                 p.kill()
             self.reap(p, 10)
+        self.keep_evidence()
         self.hatchd.stop()
         kill_leftovers(self.tmp)
         kill_namespace_leftovers(self.check_namespace)
+
+
+    def keep_evidence(self):
+        """Copies what explains a failed run into TMP/kept before the daemon deletes the VMs:
+        each guest's console.log and the namespace's links (TAP counters) and neighbours (did the
+        guest still answer ARP). bench/proxy keeps that directory when the run failed; the temp
+        dir goes either way."""
+        kept = self.tmp / "kept"
+        try:
+            kept.mkdir(exist_ok=True)
+            for con in self.hatchd.vms_dir.glob("*/console.log"):
+                shutil.copyfile(con, kept / f"{con.parent.name}-console.log")
+            for sock in self.hatchd.vms_dir.glob("*/vmm.sock"):
+                with open(kept / f"{sock.parent.name}-qemu.txt", "w") as out:
+                    out.write(qemu_state(sock))
+            with open(kept / "net.txt", "w") as out:
+                for cmd in (["ip", "-s", "link"], ["ip", "neigh"], ["ss", "-s"]):
+                    out.write(f"$ {' '.join(cmd)}\n")
+                    out.flush()
+                    subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError) as e:
+            log(f"cleanup: keeping the logs: {e}")
+
+
+def qemu_state(sock_path):
+    """What a running QEMU says of its vCPU and its virtio devices' queues, over its QMP socket
+    (hatch connects per command, so the socket is free): whether a guest that stopped answering
+    is halted, and whether its network device's rings are empty (the guest gave no buffers) or
+    full (QEMU stopped taking them)."""
+    lines = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(sock_path))
+            f = s.makefile("rw")
+            f.readline()  # the greeting
+
+            def qmp(cmd, **args):
+                f.write(json.dumps({"execute": cmd, "arguments": args} if args else {"execute": cmd}) + "\n")
+                f.flush()
+                while True:
+                    msg = json.loads(f.readline())
+                    if "event" not in msg:
+                        return msg
+
+            qmp("qmp_capabilities")
+            for hmp in ("info status", "info registers", "info network", "info irq"):
+                lines.append(f"$ {hmp}\n{qmp('human-monitor-command', **{'command-line': hmp}).get('return', '')}")
+            devices = qmp("x-query-virtio").get("return", [])
+            for dev in devices:
+                path = dev.get("path")
+                lines.append(f"$ x-query-virtio-status {path}\n{json.dumps(qmp('x-query-virtio-status', path=path), indent=1)}")
+                for q in range(3):
+                    st = qmp("x-query-virtio-queue-status", path=path, queue=q)
+                    if "error" in st:
+                        break
+                    lines.append(f"$ x-query-virtio-queue-status {path} {q}\n{json.dumps(st, indent=1)}")
+    except (OSError, ValueError) as e:
+        lines.append(f"QMP: {e}")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- report
