@@ -361,6 +361,57 @@ fn files_go_both_ways_whole_with_their_mode_and_clear_errors() {
         "stat -c %a /home/agent/script.sh; /home/agent/script.sh",
     );
     assert_eq!(seen, "750\nfrom the cli\n");
+    // --mode and --gid instead of the local bits and agent's group; --uid
+    // of root refused by the guest, with the API's message and no file.
+    let (ok, text) = cli(
+        &d,
+        &[
+            "vm",
+            "cp",
+            "--mode",
+            "0604",
+            "--gid",
+            group,
+            local.to_str().unwrap(),
+            &format!("{id}:/home/agent/script2.sh"),
+        ],
+    );
+    assert!(ok, "vm cp --mode --gid: {text}");
+    let seen = g.root(&d, "stat -c '%a %U %G' /home/agent/script2.sh");
+    assert_eq!(seen.trim(), "604 agent hatchtest");
+    let (ok, text) = cli(
+        &d,
+        &[
+            "vm",
+            "cp",
+            "--uid",
+            "0",
+            local.to_str().unwrap(),
+            &format!("{id}:/home/agent/rooted2.sh"),
+        ],
+    );
+    assert!(!ok && text.contains("owner 0"), "vm cp --uid 0: {text}");
+    let left = g.root(&d, "ls -a /home/agent");
+    assert!(
+        !left.contains("rooted2"),
+        "a refused owner left a file: {left}"
+    );
+    // A bad mode is refused before anything is sent; the options are for uploads.
+    let (ok, text) = cli(
+        &d,
+        &[
+            "vm",
+            "cp",
+            "--mode",
+            "0999",
+            local.to_str().unwrap(),
+            &format!("{id}:/home/agent/bad-mode.sh"),
+        ],
+    );
+    assert!(
+        !ok && text.contains("not a mode"),
+        "vm cp --mode 0999: {text}"
+    );
     let into = d.data_dir.join("cli-down");
     std::fs::create_dir_all(&into).unwrap();
     let (ok, text) = cli(
@@ -384,6 +435,21 @@ fn files_go_both_ways_whole_with_their_mode_and_clear_errors() {
         ],
     );
     assert!(!ok && text.contains("no such file"), "{text}");
+    let (ok, text) = cli(
+        &d,
+        &[
+            "vm",
+            "cp",
+            "--mode",
+            "0600",
+            &format!("{id}:/home/agent/big.bin"),
+            into.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && text.contains("uploaded file"),
+        "vm cp --mode down: {text}"
+    );
     let left: Vec<_> = std::fs::read_dir(&into)
         .unwrap()
         .flatten()

@@ -99,7 +99,13 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
                 out.deleted(&a, &id);
             }
         }
-        VmCmd::Cp { src, dst } => copy(client, out, &src, &dst).await?,
+        VmCmd::Cp {
+            src,
+            dst,
+            mode,
+            uid,
+            gid,
+        } => copy(client, out, &src, &dst, Upload { mode, uid, gid }).await?,
         VmCmd::Exec {
             vm,
             timeout,
@@ -308,7 +314,21 @@ fn encode_query(pairs: &[(&str, &str)]) -> String {
 }
 
 /// `vm cp`: one side local, the other `VM:/path`; the bytes stream both ways.
-async fn copy(client: &Client, out: Out, src: &str, dst: &str) -> Result<(), CliError> {
+/// What `vm cp` sets on a file it uploads, beyond its bytes.
+struct Upload {
+    /// Octal permission bits; by default the local file's.
+    mode: Option<String>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+async fn copy(
+    client: &Client,
+    out: Out,
+    src: &str,
+    dst: &str,
+    upload: Upload,
+) -> Result<(), CliError> {
     use tokio::io::AsyncWriteExt;
     let usage = || {
         CliError::Other(format!(
@@ -328,13 +348,23 @@ async fn copy(client: &Client, out: Out, src: &str, dst: &str) -> Result<(), Cli
             if !meta.is_file() {
                 return Err(CliError::Other(format!("{src} is not a file")));
             }
-            // The guest file gets the local permission bits (scp gives a new file those).
-            let mode = format!(
-                "{:04o}",
-                std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777
+            // Unless told otherwise, the guest file gets the local permission
+            // bits (scp gives a new file those).
+            let mode = upload.mode.unwrap_or_else(|| {
+                format!(
+                    "{:04o}",
+                    std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777
+                )
+            });
+            let (uid, gid) = (
+                upload.uid.map(|u| u.to_string()),
+                upload.gid.map(|g| g.to_string()),
             );
+            let mut params = vec![("path", path), ("mode", mode.as_str())];
+            params.extend(uid.as_deref().map(|u| ("uid", u)));
+            params.extend(gid.as_deref().map(|g| ("gid", g)));
             let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-            let query = encode_query(&[("path", path), ("mode", &mode)]);
+            let query = encode_query(&params);
             let req = client
                 .request(Method::PUT, &format!("/vms/{id}/files?{query}"))
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -346,6 +376,11 @@ async fn copy(client: &Client, out: Out, src: &str, dst: &str) -> Result<(), Cli
             }
         }
         (Some((vm, path)), None) => {
+            if upload.mode.is_some() || upload.uid.is_some() || upload.gid.is_some() {
+                return Err(CliError::Other(
+                    "--mode, --uid and --gid set an uploaded file's; a download keeps the local defaults".into(),
+                ));
+            }
             let id = resolve::vm(client, vm).await?;
             let query = encode_query(&[("path", path)]);
             let req = client.request(Method::GET, &format!("/vms/{id}/files?{query}"));

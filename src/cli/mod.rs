@@ -73,6 +73,18 @@ pub enum VmCmd {
         src: String,
         /// A local file or directory, or `VM:/absolute/path`.
         dst: String,
+        /// Upload only: the guest file's permission bits, in octal (`0600`);
+        /// by default the local file's.
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<String>,
+        /// Upload only: the guest file's numeric owner; by default `agent`.
+        /// The guest decides: `agent` may give a file only its own uid.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Upload only: the guest file's numeric group; by default
+        /// `agent`'s. `agent` may give a file only a group it is in.
+        #[arg(long)]
+        gid: Option<u32>,
     },
     /// Run a command in a VM as `agent` and print its output; exits with
     /// its exit code (`hatch vm exec web -- ls -l /`). With `-i` or `-t`
@@ -413,6 +425,17 @@ pub enum RouteCmd {
         /// Route id or subdomain.
         route: String,
     },
+}
+
+/// Permission bits as the files API takes them: one to four octal digits.
+fn parse_mode(s: &str) -> Result<String, String> {
+    if (1..=4).contains(&s.len()) && s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a mode: one to four octal digits, such as 0644"
+        ))
+    }
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
