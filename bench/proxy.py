@@ -806,6 +806,9 @@ class Bench(DaemonBench):
             for sock in self.hatchd.vms_dir.glob("*/vmm.sock"):
                 with open(kept / f"{sock.parent.name}-qemu.txt", "w") as out:
                     out.write(qemu_state(sock))
+                    ip = getattr(self, "ip", None)
+                    if ip:
+                        out.write(relink_probe(sock, ip))
             with open(kept / "net.txt", "w") as out:
                 for cmd in (["ip", "-s", "link"], ["ip", "neigh"], ["ss", "-s"]):
                     out.write(f"$ {' '.join(cmd)}\n")
@@ -813,6 +816,49 @@ class Bench(DaemonBench):
                     subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=10, check=False)
         except (OSError, subprocess.SubprocessError) as e:
             log(f"cleanup: keeping the logs: {e}")
+
+
+def guest_answers(ip, timeout=3.0):
+    """Does the guest's port 80 accept a connection within `timeout`?"""
+    try:
+        with socket.create_connection((ip, 80), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def relink_probe(sock_path, ip):
+    """Whether a guest that stopped answering answers again after its NIC's link goes down and up
+    (QMP `set_link`), which makes QEMU drop the packets queued for the device and take the TAP's
+    again: a guest that answers only after it had a stuck receive path in QEMU, not in the guest."""
+    before = guest_answers(ip)
+    if before:
+        return f"$ relink probe\nthe guest answered on {ip}:80 before any set_link\n"
+    lines = [f"$ relink probe\nno answer from {ip}:80 before set_link"]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(sock_path))
+            # Closed with the socket: an open makefile keeps the connection, and QEMU takes one at a time.
+            with s.makefile("rw") as f:
+                f.readline()
+                for cmd in ({"execute": "qmp_capabilities"},
+                            {"execute": "set_link", "arguments": {"name": "net0", "up": False}},
+                            {"execute": "set_link", "arguments": {"name": "net0", "up": True}}):
+                    f.write(json.dumps(cmd) + "\n")
+                    f.flush()
+                    while True:
+                        msg = json.loads(f.readline())
+                        if "event" not in msg:
+                            lines.append(f"{cmd['execute']} {cmd.get('arguments', '')}: {msg}")
+                            break
+    except (OSError, ValueError) as e:
+        lines.append(f"QMP: {e}")
+        return "\n".join(lines) + "\n"
+    after = guest_answers(ip, timeout=10.0)
+    lines.append(f"after set_link off/on: {'the guest answered' if after else 'still no answer'} on {ip}:80")
+    lines.append(qemu_state(sock_path))
+    return "\n".join(lines) + "\n"
 
 
 def qemu_state(sock_path):
@@ -825,29 +871,30 @@ def qemu_state(sock_path):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(str(sock_path))
-            f = s.makefile("rw")
-            f.readline()  # the greeting
+            # Closed with the socket: an open makefile keeps the connection, and QEMU takes one at a time.
+            with s.makefile("rw") as f:
+                f.readline()  # the greeting
 
-            def qmp(cmd, **args):
-                f.write(json.dumps({"execute": cmd, "arguments": args} if args else {"execute": cmd}) + "\n")
-                f.flush()
-                while True:
-                    msg = json.loads(f.readline())
-                    if "event" not in msg:
-                        return msg
+                def qmp(cmd, **args):
+                    f.write(json.dumps({"execute": cmd, "arguments": args} if args else {"execute": cmd}) + "\n")
+                    f.flush()
+                    while True:
+                        msg = json.loads(f.readline())
+                        if "event" not in msg:
+                            return msg
 
-            qmp("qmp_capabilities")
-            for hmp in ("info status", "info registers", "info network", "info irq"):
-                lines.append(f"$ {hmp}\n{qmp('human-monitor-command', **{'command-line': hmp}).get('return', '')}")
-            devices = qmp("x-query-virtio").get("return", [])
-            for dev in devices:
-                path = dev.get("path")
-                lines.append(f"$ x-query-virtio-status {path}\n{json.dumps(qmp('x-query-virtio-status', path=path), indent=1)}")
-                for q in range(3):
-                    st = qmp("x-query-virtio-queue-status", path=path, queue=q)
-                    if "error" in st:
-                        break
-                    lines.append(f"$ x-query-virtio-queue-status {path} {q}\n{json.dumps(st, indent=1)}")
+                qmp("qmp_capabilities")
+                for hmp in ("info status", "info registers", "info network", "info irq"):
+                    lines.append(f"$ {hmp}\n{qmp('human-monitor-command', **{'command-line': hmp}).get('return', '')}")
+                devices = qmp("x-query-virtio").get("return", [])
+                for dev in devices:
+                    path = dev.get("path")
+                    lines.append(f"$ x-query-virtio-status {path}\n{json.dumps(qmp('x-query-virtio-status', path=path), indent=1)}")
+                    for q in range(3):
+                        st = qmp("x-query-virtio-queue-status", path=path, queue=q)
+                        if "error" in st:
+                            break
+                        lines.append(f"$ x-query-virtio-queue-status {path} {q}\n{json.dumps(st, indent=1)}")
     except (OSError, ValueError) as e:
         lines.append(f"QMP: {e}")
     return "\n".join(lines) + "\n"
