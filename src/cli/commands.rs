@@ -313,7 +313,6 @@ fn encode_query(pairs: &[(&str, &str)]) -> String {
     url.query().unwrap_or_default().to_string()
 }
 
-/// `vm cp`: one side local, the other `VM:/path`; the bytes stream both ways.
 /// What `vm cp` sets on a file it uploads, beyond its bytes.
 struct Upload {
     /// Octal permission bits; by default the local file's.
@@ -322,6 +321,7 @@ struct Upload {
     gid: Option<u32>,
 }
 
+/// `vm cp`: one side local, the other `VM:/path`; the bytes stream both ways.
 async fn copy(
     client: &Client,
     out: Out,

@@ -427,15 +427,12 @@ pub enum RouteCmd {
     },
 }
 
-/// Permission bits as the files API takes them: one to four octal digits.
+/// Permission bits as the files API takes them (the daemon's own check):
+/// one to four octal digits.
 fn parse_mode(s: &str) -> Result<String, String> {
-    if (1..=4).contains(&s.len()) && s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "{s:?} is not a mode: one to four octal digits, such as 0644"
-        ))
-    }
+    crate::manager::files::parse_mode(s)
+        .map(|_| s.to_string())
+        .map_err(|_| format!("{s:?} is not a mode: one to four octal digits, such as 0644"))
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
