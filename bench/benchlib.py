@@ -12,6 +12,7 @@ import math
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,47 @@ DOCS = REPO / "docs" / "BENCHMARKS.md"
 
 class BenchError(Exception):
     pass
+
+
+class Qmp:
+    """A minimal QMP client on a Unix socket; events are skipped."""
+
+    def __init__(self, path, timeout):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+            self.buf = b""
+            self.recv_msg()  # greeting
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def recv_msg(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise BenchError("QMP connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, command, arguments=None):
+        msg = {"execute": command}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            r = self.recv_msg()
+            if "event" in r:
+                continue
+            if "error" in r:
+                raise BenchError(f"QMP {command}: {r['error']}")
+            return r.get("return")
+
+    def close(self):
+        self.sock.close()
 
 
 def log(msg):

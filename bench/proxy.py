@@ -66,7 +66,7 @@ sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     check_own_namespace,
-    DaemonBench, check_ranges, run_meta,
+    DaemonBench, Qmp, check_ranges, run_meta,
     kill_namespace_leftovers, parse_wrk,
     add_heading, add_table, DOCS, READY, BenchError, CpuBusy, Daemon, arg_after, kill_leftovers, log,
     ms, one_request, other_qemu_pids, proc_cmdline, qemu_version, run_guarded,
@@ -79,6 +79,8 @@ PROXY_PORT = 8081
 REF_PORT = 8082
 REF_START_TIMEOUT_S = 15.0
 BASE_DOMAIN = "localhost"
+# A failed run's QMP questions to its guest's QEMU.
+QMP_TIMEOUT_S = 5.0
 SUBDOMAIN = "bench"
 VHOST = f"{SUBDOMAIN}.{BASE_DOMAIN}"
 GUEST_PORT = 80
@@ -322,6 +324,8 @@ class Bench(DaemonBench):
         self.ns = os.environ.get("HATCH_BENCH_NS", "")
         self.hatchd = Daemon(self.tmp, os.environ["HATCH_BENCH_BIN"], os.environ["HATCH_BENCH_IMAGE"])
         self.procs = []
+        # Set once every measurement is done: a run that ends before keeps its evidence.
+        self.finished = False
         self.ref = None  # HAProxy's Popen while it runs
         self.vm = None
         self.vm_id = None
@@ -781,23 +785,24 @@ class Bench(DaemonBench):
         self.busy = busy.cores
         self.sample_others()
         self.measure_s = now() - t0
+        self.finished = True
 
     def cleanup(self):
         for p in list(self.procs):
             if p.poll() is None:
                 p.kill()
             self.reap(p, 10)
-        self.keep_evidence()
+        if not self.finished:
+            self.keep_evidence()
         self.hatchd.stop()
         kill_leftovers(self.tmp)
         kill_namespace_leftovers(self.check_namespace)
 
-
     def keep_evidence(self):
         """Copies what explains a failed run into TMP/kept before the daemon deletes the VMs:
-        each guest's console.log and the namespace's links (TAP counters) and neighbours (did the
-        guest still answer ARP). bench/proxy keeps that directory when the run failed; the temp
-        dir goes either way."""
+        each guest's console.log, what its QEMU says (and whether a relink revives it), and the
+        namespace's links (TAP counters), neighbours (did the guest still answer ARP) and sockets.
+        bench/proxy keeps that directory; the temp dir goes either way."""
         kept = self.tmp / "kept"
         try:
             kept.mkdir(exist_ok=True)
@@ -831,28 +836,19 @@ def relink_probe(sock_path, ip):
     """Whether a guest that stopped answering answers again after its NIC's link goes down and up
     (QMP `set_link`), which makes QEMU drop the packets queued for the device and take the TAP's
     again: a guest that answers only after it had a stuck receive path in QEMU, not in the guest."""
-    before = guest_answers(ip)
-    if before:
+    if guest_answers(ip):
         return f"$ relink probe\nthe guest answered on {ip}:80 before any set_link\n"
     lines = [f"$ relink probe\nno answer from {ip}:80 before set_link"]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(sock_path))
-            # Closed with the socket: an open makefile keeps the connection, and QEMU takes one at a time.
-            with s.makefile("rw") as f:
-                f.readline()
-                for cmd in ({"execute": "qmp_capabilities"},
-                            {"execute": "set_link", "arguments": {"name": "net0", "up": False}},
-                            {"execute": "set_link", "arguments": {"name": "net0", "up": True}}):
-                    f.write(json.dumps(cmd) + "\n")
-                    f.flush()
-                    while True:
-                        msg = json.loads(f.readline())
-                        if "event" not in msg:
-                            lines.append(f"{cmd['execute']} {cmd.get('arguments', '')}: {msg}")
-                            break
-    except (OSError, ValueError) as e:
+        # Closed before qemu_state opens its own: QEMU takes one QMP connection at a time.
+        qmp = Qmp(sock_path, QMP_TIMEOUT_S)
+        try:
+            for up in (False, True):
+                qmp.execute("set_link", {"name": "net0", "up": up})
+                lines.append(f"set_link net0 up={up}: done")
+        finally:
+            qmp.close()
+    except (OSError, ValueError, BenchError) as e:
         lines.append(f"QMP: {e}")
         return "\n".join(lines) + "\n"
     after = guest_answers(ip, timeout=10.0)
@@ -868,34 +864,23 @@ def qemu_state(sock_path):
     full (QEMU stopped taking them)."""
     lines = []
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(sock_path))
-            # Closed with the socket: an open makefile keeps the connection, and QEMU takes one at a time.
-            with s.makefile("rw") as f:
-                f.readline()  # the greeting
-
-                def qmp(cmd, **args):
-                    f.write(json.dumps({"execute": cmd, "arguments": args} if args else {"execute": cmd}) + "\n")
-                    f.flush()
-                    while True:
-                        msg = json.loads(f.readline())
-                        if "event" not in msg:
-                            return msg
-
-                qmp("qmp_capabilities")
-                for hmp in ("info status", "info registers", "info network", "info irq"):
-                    lines.append(f"$ {hmp}\n{qmp('human-monitor-command', **{'command-line': hmp}).get('return', '')}")
-                devices = qmp("x-query-virtio").get("return", [])
-                for dev in devices:
-                    path = dev.get("path")
-                    lines.append(f"$ x-query-virtio-status {path}\n{json.dumps(qmp('x-query-virtio-status', path=path), indent=1)}")
-                    for q in range(3):
-                        st = qmp("x-query-virtio-queue-status", path=path, queue=q)
-                        if "error" in st:
-                            break
-                        lines.append(f"$ x-query-virtio-queue-status {path} {q}\n{json.dumps(st, indent=1)}")
-    except (OSError, ValueError) as e:
+        qmp = Qmp(sock_path, QMP_TIMEOUT_S)
+        try:
+            for hmp in ("info status", "info registers", "info network", "info irq"):
+                lines.append(f"$ {hmp}\n{qmp.execute('human-monitor-command', {'command-line': hmp})}")
+            for dev in qmp.execute("x-query-virtio"):
+                path = dev.get("path")
+                status = qmp.execute("x-query-virtio-status", {"path": path})
+                lines.append(f"$ x-query-virtio-status {path}\n{json.dumps(status, indent=1)}")
+                for q in range(3):
+                    try:
+                        st = qmp.execute("x-query-virtio-queue-status", {"path": path, "queue": q})
+                    except BenchError:
+                        break  # no such queue
+                    lines.append(f"$ x-query-virtio-queue-status {path} {q}\n{json.dumps(st, indent=1)}")
+        finally:
+            qmp.close()
+    except (OSError, ValueError, BenchError) as e:
         lines.append(f"QMP: {e}")
     return "\n".join(lines) + "\n"
 

@@ -96,7 +96,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -109,7 +108,8 @@ sys.dont_write_bytecode = True  # no bench/__pycache__ in the work tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     git_state,
-    add_heading, add_table, DOCS, READY, REPO, BenchError, CpuBusy, Daemon, arg_after, cpu_model, kill_leftovers, log,
+    add_heading, add_table, DOCS, READY, REPO, BenchError, CpuBusy, Daemon, Qmp, arg_after, cpu_model, kill_leftovers,
+    log,
     ms, one_request, other_qemu_pids, pid_alive, qemu_version, run_guarded,
     stats, write_docs,
 )
@@ -412,47 +412,6 @@ def log_size(path):
         return os.stat(path).st_size
     except OSError:
         return 0
-
-
-class Qmp:
-    """A minimal QMP client on a Unix socket; events are skipped."""
-
-    def __init__(self, path, timeout=OP_TIMEOUT_S):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(path))
-            self.buf = b""
-            self.recv_msg()  # greeting
-            self.execute("qmp_capabilities")
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def recv_msg(self):
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise BenchError("QMP connection closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def execute(self, command, arguments=None):
-        msg = {"execute": command}
-        if arguments is not None:
-            msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            r = self.recv_msg()
-            if "event" in r:
-                continue
-            if "error" in r:
-                raise BenchError(f"QMP {command}: {r['error']}")
-            return r.get("return")
-
-    def close(self):
-        self.sock.close()
 
 
 class Console:
@@ -781,7 +740,7 @@ class Bench:
             self.raw_alive(g)
             if sock.exists():
                 try:
-                    return Qmp(sock)
+                    return Qmp(sock, OP_TIMEOUT_S)
                 except (OSError, BenchError):
                     pass
             if now() > deadline:
