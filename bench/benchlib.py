@@ -71,6 +71,12 @@ class Qmp:
     def close(self):
         self.sock.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def log(msg):
     print(f"[bench] {msg}", file=sys.stderr, flush=True)

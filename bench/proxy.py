@@ -841,13 +841,10 @@ def relink_probe(sock_path, ip):
     lines = [f"$ relink probe\nno answer from {ip}:80 before set_link"]
     try:
         # Closed before qemu_state opens its own: QEMU takes one QMP connection at a time.
-        qmp = Qmp(sock_path, QMP_TIMEOUT_S)
-        try:
+        with Qmp(sock_path, QMP_TIMEOUT_S) as qmp:
             for up in (False, True):
                 qmp.execute("set_link", {"name": "net0", "up": up})
                 lines.append(f"set_link net0 up={up}: done")
-        finally:
-            qmp.close()
     except (OSError, ValueError, BenchError) as e:
         lines.append(f"QMP: {e}")
         return "\n".join(lines) + "\n"
@@ -864,8 +861,7 @@ def qemu_state(sock_path):
     full (QEMU stopped taking them)."""
     lines = []
     try:
-        qmp = Qmp(sock_path, QMP_TIMEOUT_S)
-        try:
+        with Qmp(sock_path, QMP_TIMEOUT_S) as qmp:
             for hmp in ("info status", "info registers", "info network", "info irq"):
                 lines.append(f"$ {hmp}\n{qmp.execute('human-monitor-command', {'command-line': hmp})}")
             for dev in qmp.execute("x-query-virtio"):
@@ -878,8 +874,6 @@ def qemu_state(sock_path):
                     except BenchError:
                         break  # no such queue
                     lines.append(f"$ x-query-virtio-queue-status {path} {q}\n{json.dumps(st, indent=1)}")
-        finally:
-            qmp.close()
     except (OSError, ValueError, BenchError) as e:
         lines.append(f"QMP: {e}")
     return "\n".join(lines) + "\n"
