@@ -191,8 +191,8 @@ impl Manager {
     /// A capture that failed: the chunks it uploaded are recorded as
     /// orphans, collected now unless a manifest committed meanwhile shares them.
     /// Those of a stream that failed part way are found in the store (raw,
-    /// as a capture uploads them); one whose write ends after that listing
-    /// is left to the next start-up sweep.
+    /// as a capture uploads them): a failed chunking call returns only once
+    /// none of its uploads is still writing, so the listing sees them all.
     pub(super) async fn abandon_chunked(&self, cap: ChunkedCapture) {
         let ChunkedCapture {
             _gc,

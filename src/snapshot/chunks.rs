@@ -452,9 +452,10 @@ impl Objects {
     /// Splits `body` into content-defined chunks and uploads each chunk that
     /// `known` lacks and this call has not uploaded yet, raw (encoding None)
     /// or encoded with `encoding`. Returns the manifest. On error, chunks
-    /// already uploaded stay (a sweep finds them): nothing is half-written
-    /// under a chunk's final key. Chunks are not durable on the local store
-    /// until `sync_chunks`.
+    /// already uploaded stay (a sweep finds them), but no upload is still
+    /// running: nothing is half-written under a chunk's final key, and a
+    /// listing made after the error shows them all. Chunks are not durable
+    /// on the local store until `sync_chunks`.
     pub async fn put_chunked(
         &self,
         owner: &str,
@@ -562,7 +563,13 @@ impl Objects {
             .buffered(BLOCKS_QUEUED);
         let store = self.store_hashed(owner, hashed, known, encoding);
 
-        let ((), (entries, new, raw_size)) = tokio::try_join!(read, store)?;
+        // Both sides run to their end even when one fails (a failed side
+        // closes its channel, which ends the other), so no upload is still
+        // writing when this returns: a caller that lists the store after an
+        // error sees every chunk this call stored.
+        let (read, stored) = tokio::join!(read, store);
+        let (entries, new, raw_size) = stored?;
+        read?;
         let total = cutter.await.map_err(join_err)?;
         let sha256 = match hasher {
             Some(hasher) => Some(hasher.await.map_err(join_err)?),
@@ -585,7 +592,8 @@ impl Objects {
     /// and hands each one `known` lacks and this call has not scheduled yet
     /// to an upload task (encoding on the blocking pool), at most
     /// `CHUNKS_IN_FLIGHT` at once. Returns the manifest, the chunks
-    /// uploaded and the bytes seen.
+    /// uploaded and the bytes seen. On error it first waits for the uploads
+    /// still running: when it returns, nothing it started is still writing.
     async fn store_hashed(
         &self,
         owner: &str,
@@ -597,38 +605,41 @@ impl Objects {
         let mut new = vec![];
         let mut raw_size = 0u64;
         let mut scheduled = HashSet::new();
-        // Dropped on error, which aborts the uploads still running (a
-        // chunk file being written on the blocking pool is finished and
-        // renamed first: whole, unreferenced, the collector's).
         let mut uploads = tokio::task::JoinSet::new();
-        while let Some(batch) = hashed.next().await {
-            for (hash, raw) in batch? {
-                entries.push(ChunkRef {
-                    hash,
-                    raw_size: raw.len() as u32,
-                });
-                raw_size += raw.len() as u64;
-                if known(&hash) || !scheduled.insert(hash) {
-                    continue;
+        let scheduling = async {
+            while let Some(batch) = hashed.next().await {
+                for (hash, raw) in batch? {
+                    entries.push(ChunkRef {
+                        hash,
+                        raw_size: raw.len() as u32,
+                    });
+                    raw_size += raw.len() as u64;
+                    if known(&hash) || !scheduled.insert(hash) {
+                        continue;
+                    }
+                    while uploads.len() >= CHUNKS_IN_FLIGHT {
+                        let done = uploads.join_next().await.expect("not empty");
+                        new.push(done.map_err(join_err)??);
+                    }
+                    let key = Objects::chunk_key(owner, &hash, encoding.map(|e| e.0))?;
+                    // A copy, so an upload holds its own chunk and not the
+                    // whole read block the chunk is a slice of.
+                    let raw = Bytes::copy_from_slice(&raw);
+                    uploads.spawn(self.clone().store_chunk(key, hash, raw, encoding, false));
                 }
-                while uploads.len() >= CHUNKS_IN_FLIGHT {
-                    new.push(
-                        uploads
-                            .join_next()
-                            .await
-                            .expect("not empty")
-                            .map_err(join_err)??,
-                    );
-                }
-                let key = Objects::chunk_key(owner, &hash, encoding.map(|e| e.0))?;
-                // A copy, so an upload holds its own chunk and not the
-                // whole read block the chunk is a slice of.
-                let raw = Bytes::copy_from_slice(&raw);
-                uploads.spawn(self.clone().store_chunk(key, hash, raw, encoding, false));
             }
+            while let Some(done) = uploads.join_next().await {
+                new.push(done.map_err(join_err)??);
+            }
+            Ok::<_, ObjectError>(())
         }
-        while let Some(done) = uploads.join_next().await {
-            new.push(done.map_err(join_err)??);
+        .await;
+        if let Err(e) = scheduling {
+            // Not aborted: an aborted task would leave its chunk file to be
+            // written on the blocking pool after this returns. Each one ends
+            // whole under its key or not at all.
+            while uploads.join_next().await.is_some() {}
+            return Err(e);
         }
         Ok((entries, new, raw_size))
     }
@@ -2145,5 +2156,82 @@ mod tests {
         });
         let (listed, chunked) = spawned.await.unwrap().unwrap();
         assert_eq!(listed.len(), chunked.new.len());
+    }
+
+    /// Every file under `dir`, read on this thread (not the blocking pool,
+    /// where it would queue behind uploads still running).
+    fn files_now(dir: &Path) -> Vec<PathBuf> {
+        let mut out = vec![];
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    todo.push(e.path());
+                } else {
+                    out.push(e.path());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A chunking call that fails part way returns only once none of its
+    /// uploads is still writing: the store right after the error is the
+    /// store for good, so the chunks a failed capture left can all be found
+    /// and removed. One blocking thread beside the stream's cutter queues
+    /// the uploads behind each other, so most are still to run when the
+    /// first chunk's fails (its fan-out directory is a plain file).
+    #[test]
+    fn a_failed_chunking_leaves_nothing_writing_when_it_returns() {
+        for stream in [false, true] {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .max_blocking_threads(if stream { 2 } else { 1 })
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let dir = TempDir::new("chunks-cut-short");
+                let root = dir.path().join("store");
+                let objects = Objects::local(&root).unwrap();
+                let data = random(13, 4 << 20);
+                let first = if stream {
+                    let len = fastcdc::v2020::FastCDC::new(
+                        &data,
+                        SIZES.min as usize,
+                        SIZES.avg as usize,
+                        SIZES.max as usize,
+                    )
+                    .next()
+                    .unwrap()
+                    .length;
+                    ChunkHash::of(&data[..len])
+                } else {
+                    ChunkHash::of(&data[..FILE_CHUNK as usize])
+                };
+                let key = Objects::chunk_key("own_x", &first, None).unwrap();
+                let fan = root.join(key).parent().unwrap().to_path_buf();
+                std::fs::create_dir_all(fan.parent().unwrap()).unwrap();
+                std::fs::write(&fan, b"in the way").unwrap();
+                let failed = if stream {
+                    objects
+                        .put_chunked("own_x", &data[..], &|_| false, None)
+                        .await
+                } else {
+                    let file = dir.path().join("memory");
+                    std::fs::write(&file, &data).unwrap();
+                    objects.put_file_chunked("own_x", &file, &|_| false).await
+                };
+                assert!(failed.is_err(), "stream {stream}: the upload did not fail");
+                let right_after = files_now(&root);
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                assert_eq!(
+                    files_now(&root),
+                    right_after,
+                    "stream {stream}: files were written after the call returned"
+                );
+            });
+        }
     }
 }
