@@ -1,7 +1,7 @@
 //! Each client subcommand: the API calls it makes and what it prints.
 
 use super::client::{Answer, CliError, Client};
-use super::output::{bytes, col, fields, s, table, Column};
+use super::output::{col, fields, rows, s, size, table, text, Column};
 use super::progress::Spinner;
 use super::{openssh, resolve, stream, Command, Global, Settings};
 use super::{ImageCmd, RouteCmd, SnapshotCmd, SnapshotKind, TemplateCmd, VmCmd, VmCreate, Wait};
@@ -34,13 +34,14 @@ struct Out {
 
 impl Out {
     /// A list: the JSON array as sent, or a table.
-    fn list(self, a: &Answer, columns: &[Column]) {
+    fn list(self, a: &Answer, columns: &[Column]) -> Result<(), CliError> {
         if self.json {
             println!("{}", a.text);
         } else {
-            let rows = a.json().as_array().map(Vec::as_slice).unwrap_or_default();
-            print!("{}", table(columns, rows));
+            let rows = rows(&a.text, columns).map_err(CliError::Transport)?;
+            print!("{}", table(columns, &rows));
         }
+        Ok(())
     }
 
     /// One object: its JSON as sent, or `field  value` lines.
@@ -63,15 +64,15 @@ impl Out {
 }
 
 const VM_COLUMNS: &[Column] = &[
-    col("ID", |v| s(v, "id")),
-    col("NAME", |v| s(v, "name")),
-    col("STATE", |v| s(v, "state")),
-    col("IMAGE", |v| s(v, "image_id")),
-    col("VCPUS", |v| s(v, "vcpu_count")),
-    col("MEM_MIB", |v| s(v, "mem_mib")),
-    col("IP", |v| s(v, "guest_ip")),
-    col("SSH_PORT", |v| s(v, "ssh_port")),
-    col("CREATED", |v| s(v, "created_at")),
+    col("ID", "id", text),
+    col("NAME", "name", text),
+    col("STATE", "state", text),
+    col("IMAGE", "image_id", text),
+    col("VCPUS", "vcpu_count", text),
+    col("MEM_MIB", "mem_mib", text),
+    col("IP", "guest_ip", text),
+    col("SSH_PORT", "ssh_port", text),
+    col("CREATED", "created_at", text),
 ];
 
 async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
@@ -85,7 +86,7 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
             spinner.finish();
             out.one(&a);
         }
-        VmCmd::Ls => out.list(&client.get("/vms").await?, VM_COLUMNS),
+        VmCmd::Ls => out.list(&client.get("/vms").await?, VM_COLUMNS)?,
         VmCmd::Show { vm } => {
             let id = resolve::vm(client, &vm).await?;
             out.one(&client.get(&format!("/vms/{id}")).await?);
@@ -166,10 +167,10 @@ async fn vm(client: &Client, out: Out, cmd: VmCmd) -> Result<(), CliError> {
                 println!("{}", a.text);
                 return Ok(());
             }
-            let text = |k: &str| a.json()[k].as_str().unwrap_or("").to_string();
-            let _ = std::io::stdout().write_all(text("stdout").as_bytes());
+            let stream = |k: &str| a.json()[k].as_str().unwrap_or("").to_string();
+            let _ = std::io::stdout().write_all(stream("stdout").as_bytes());
             let _ = std::io::stdout().flush();
-            let _ = std::io::stderr().write_all(text("stderr").as_bytes());
+            let _ = std::io::stderr().write_all(stream("stderr").as_bytes());
             for (flag, what) in [
                 ("stdout_truncated", "stdout"),
                 ("stderr_truncated", "stderr"),
@@ -549,13 +550,13 @@ async fn settle_vm(
 }
 
 const SNAPSHOT_COLUMNS: &[Column] = &[
-    col("ID", |v| s(v, "id")),
-    col("NAME", |v| s(v, "name")),
-    col("KIND", |v| s(v, "kind")),
-    col("VM", |v| s(v, "source_instance_id")),
-    col("SIZE", |v| bytes(v, "size_bytes")),
-    col("COMPRESSION", |v| s(v, "compression_state")),
-    col("CREATED", |v| s(v, "created_at")),
+    col("ID", "id", text),
+    col("NAME", "name", text),
+    col("KIND", "kind", text),
+    col("VM", "source_instance_id", text),
+    col("SIZE", "size_bytes", size),
+    col("COMPRESSION", "compression_state", text),
+    col("CREATED", "created_at", text),
 ];
 
 async fn snapshot(client: &Client, out: Out, cmd: SnapshotCmd) -> Result<(), CliError> {
@@ -633,7 +634,7 @@ async fn snapshot(client: &Client, out: Out, cmd: SnapshotCmd) -> Result<(), Cli
                 query.push((format!("tags[{k}]"), v));
             }
             let a = client.get_query("/snapshots", &query).await?;
-            out.list(&a, SNAPSHOT_COLUMNS);
+            out.list(&a, SNAPSHOT_COLUMNS)?;
         }
         SnapshotCmd::Show { snapshot } => {
             let id = resolve::snapshot(client, &snapshot).await?;
@@ -777,13 +778,12 @@ async fn settle_snapshot(
 }
 
 const IMAGE_COLUMNS: &[Column] = &[
-    col("ID", |v| s(v, "id")),
-    col("NAME", |v| s(v, "name")),
-    col("SOURCE", |v| s(v, "source")),
-    col("SIZE", |v| bytes(v, "size_bytes")),
-    col("KERNELS", |v| {
-        v["kernels"]
-            .as_array()
+    col("ID", "id", text),
+    col("NAME", "name", text),
+    col("SOURCE", "source", text),
+    col("SIZE", "size_bytes", size),
+    col("KERNELS", "kernels", |v| {
+        v.as_array()
             .map(|k| {
                 k.iter()
                     .filter_map(Value::as_str)
@@ -792,14 +792,14 @@ const IMAGE_COLUMNS: &[Column] = &[
             })
             .unwrap_or_else(|| "-".into())
     }),
-    col("INITRD", |v| s(v, "has_initrd")),
-    col("CREATED", |v| s(v, "created_at")),
+    col("INITRD", "has_initrd", text),
+    col("CREATED", "created_at", text),
 ];
 
 async fn image(client: &Client, out: Out, cmd: ImageCmd) -> Result<(), CliError> {
     match cmd {
         ImageCmd::Build { .. } => unreachable!("`image build` is local: main runs it"),
-        ImageCmd::Ls => out.list(&client.get("/images").await?, IMAGE_COLUMNS),
+        ImageCmd::Ls => out.list(&client.get("/images").await?, IMAGE_COLUMNS)?,
         ImageCmd::Show { image } => {
             let id = resolve::image(client, &image).await?;
             out.one(&client.get(&format!("/images/{id}")).await?);
@@ -875,12 +875,12 @@ async fn image(client: &Client, out: Out, cmd: ImageCmd) -> Result<(), CliError>
 }
 
 const TEMPLATE_COLUMNS: &[Column] = &[
-    col("ID", |v| s(v, "id")),
-    col("NAME", |v| s(v, "name")),
-    col("IMAGE", |v| s(v, "image_id")),
-    col("VCPUS", |v| s(v, "vcpu_count")),
-    col("MEM_MIB", |v| s(v, "mem_mib")),
-    col("CREATED", |v| s(v, "created_at")),
+    col("ID", "id", text),
+    col("NAME", "name", text),
+    col("IMAGE", "image_id", text),
+    col("VCPUS", "vcpu_count", text),
+    col("MEM_MIB", "mem_mib", text),
+    col("CREATED", "created_at", text),
 ];
 
 async fn template(client: &Client, out: Out, cmd: TemplateCmd) -> Result<(), CliError> {
@@ -913,7 +913,7 @@ async fn template(client: &Client, out: Out, cmd: TemplateCmd) -> Result<(), Cli
             }
             out.one(&client.post("/templates", &Value::Object(body)).await?);
         }
-        TemplateCmd::Ls => out.list(&client.get("/templates").await?, TEMPLATE_COLUMNS),
+        TemplateCmd::Ls => out.list(&client.get("/templates").await?, TEMPLATE_COLUMNS)?,
         TemplateCmd::Show { template } => {
             let id = resolve::template(client, &template).await?;
             out.one(&client.get(&format!("/templates/{id}")).await?);
@@ -930,11 +930,11 @@ async fn template(client: &Client, out: Out, cmd: TemplateCmd) -> Result<(), Cli
 }
 
 const ROUTE_COLUMNS: &[Column] = &[
-    col("ID", |v| s(v, "id")),
-    col("SUBDOMAIN", |v| s(v, "subdomain")),
-    col("PORT", |v| s(v, "target_port")),
-    col("AUTO_WAKE", |v| s(v, "auto_wake")),
-    col("URL", |v| s(v, "url")),
+    col("ID", "id", text),
+    col("SUBDOMAIN", "subdomain", text),
+    col("PORT", "target_port", text),
+    col("AUTO_WAKE", "auto_wake", text),
+    col("URL", "url", text),
 ];
 
 async fn route(client: &Client, out: Out, cmd: RouteCmd) -> Result<(), CliError> {
@@ -944,7 +944,7 @@ async fn route(client: &Client, out: Out, cmd: RouteCmd) -> Result<(), CliError>
             out.list(
                 &client.get(&format!("/vms/{id}/routes")).await?,
                 ROUTE_COLUMNS,
-            );
+            )?;
         }
         RouteCmd::Add {
             vm,
