@@ -263,6 +263,14 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+        // Deep nesting: skipped without recursion in a field no column shows,
+        // refused past serde_json's depth limit in one a column shows; never
+        // a stack overflow.
+        let nest = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let skipped = format!(r#"[{{"id": "vm_1", "x": {}}}]"#, nest(100_000));
+        assert_eq!(rows(&skipped, &cols).unwrap()[0][0], json!("vm_1"));
+        let shown = format!(r#"[{{"id": {}}}]"#, nest(100_000));
+        assert!(rows(&shown, &cols).is_err());
     }
 
     #[test]
